@@ -1,0 +1,49 @@
+"""The backend contract: what tools hand a backend and what they get back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from deft_mine.events import Events
+from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
+
+
+@dataclass
+class BackendEmbed:
+    """Facts about one finished embedding step (the output parquet is already written)."""
+
+    input_rows: int
+    rows: int
+    columns: list[str]
+    skipped_by_reason: dict[str, int]
+    skipped_examples: list[str]
+    identity: dict[str, Any]
+    dim: int
+    device: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BackendMine:
+    """Facts about one finished mining step (mined parquet and summary already written)."""
+
+    summary: dict[str, int]
+    label_filter: str
+    label_missing: list[str]
+    pool_rows: int
+    searched_rows: int
+    target_in_pool: int
+    dim: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    name: str
+
+    def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
+              events: Events) -> BackendEmbed: ...
+
+    def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
+             summary_path: Path, events: Events) -> BackendMine: ...

@@ -1,0 +1,78 @@
+"""The in-process backend: Pillow + transformers/torch for embeddings, FAISS for k-NN."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from deft_mine.backends.base import BackendEmbed, BackendMine
+from deft_mine.engine import store
+from deft_mine.engine.embedding import embed_file
+from deft_mine.engine.encoders import Encoder, build_encoder
+from deft_mine.engine.mining import mine_files
+from deft_mine.events import Events
+from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
+
+
+class LocalBackend:
+    name = "local"
+    _shared: "LocalBackend | None" = None
+
+    def __init__(self) -> None:
+        # A run embeds targets and pool with one encoder: load its weights once per process.
+        self._encoders: dict[tuple[str, str | None, str], Encoder] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> "LocalBackend":
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
+    def encoder(self, spec: EmbeddingSpec, events: Events) -> Encoder:
+        model_path = None if spec.model == "thumbnail" else spec.model_path
+        key = (spec.model, model_path, spec.device)
+        with self._lock:
+            if key not in self._encoders:
+                events.log("info", f"loading encoder {spec.model}" + (f" from {model_path}" if model_path else ""))
+                t0 = time.perf_counter()
+                self._encoders[key] = build_encoder(spec.model, model_path, spec.device)
+                events.log("info", f"encoder ready on {self._encoders[key].device} "
+                                   f"in {time.perf_counter() - t0:.1f}s")
+            return self._encoders[key]
+
+    def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
+              events: Events) -> BackendEmbed:
+        t0 = time.perf_counter()
+        encoder = self.encoder(spec, events)
+        load_seconds = time.perf_counter() - t0
+        stats = embed_file(input_path, output_path, encoder, batch_size=spec.batch_size,
+                           image_root=image_root, events=events)
+        return BackendEmbed(
+            input_rows=stats.rows_in, rows=stats.rows_out, columns=stats.columns,
+            skipped_by_reason=dict(stats.skipped_by_reason), skipped_examples=stats.skipped_examples,
+            identity=encoder.identity, dim=encoder.dim, device=encoder.device,
+            timings={"load_encoder": load_seconds, **stats.timings},
+        )
+
+    def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
+             summary_path: Path, events: Events) -> BackendMine:
+        outcome = mine_files(
+            source_path, target_path, topn=spec.topn, metric=spec.knn_metric,
+            filter_by_label=spec.filter_by_label, source_column=spec.source_embed_column_name,
+            target_column=spec.target_embed_column_name, exclude_targets=spec.exclude_targets,
+            block_rows=spec.block_rows, events=events,
+        )
+        t0 = time.perf_counter()
+        store.write_table_atomic(output_path, outcome.mined)
+        lines = [f"{k}: {v}" for k, v in outcome.summary.items()]
+        lines.append(f"label_filter: {outcome.label_filter}")
+        store.write_text_atomic(summary_path, "\n".join(lines) + "\n")
+        outcome.timings["write"] = time.perf_counter() - t0
+        return BackendMine(
+            summary=outcome.summary, label_filter=outcome.label_filter,
+            label_missing=outcome.label_missing, pool_rows=outcome.pool_rows,
+            searched_rows=outcome.searched_rows, target_in_pool=outcome.target_in_pool,
+            dim=outcome.dim, timings=outcome.timings,
+        )

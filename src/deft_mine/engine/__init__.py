@@ -1,0 +1,1 @@
+"""The engine: encoders, image loading, exact k-NN, parquet store, mining semantics."""

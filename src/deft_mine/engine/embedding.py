@@ -1,0 +1,147 @@
+"""The embedding loop: read rows → decode images → encode → write parquet, with stage timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from deft_mine.engine import store
+from deft_mine.engine.encoders import Encoder
+from deft_mine.engine.images import LoadFailure, load_rgb
+from deft_mine.events import Events
+
+EMBEDDING_COLUMN = "embedding"
+_PREFETCH = 2  # batches decoded ahead of the encoder
+_SKIPPED_EXAMPLES = 5
+
+
+@dataclass
+class EmbedStats:
+    rows_in: int = 0
+    rows_out: int = 0
+    skipped_by_reason: Counter = field(default_factory=Counter)
+    skipped_examples: list[str] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("read", "decode", "encode", "write", "total"), 0.0))
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skipped_by_reason.values())
+
+
+@dataclass
+class _Prepared:
+    batch: pa.RecordBatch
+    keep: np.ndarray
+    pixels: Any
+    failures: list[LoadFailure]
+    seconds: float
+
+
+def embed_file(
+    input_path: Path,
+    output_path: Path,
+    encoder: Encoder,
+    *,
+    batch_size: int,
+    image_root: Path,
+    events: Events,
+    workers: int | None = None,
+) -> EmbedStats:
+    """Embed every row's image of `input_path` into `output_path` (written atomically).
+
+    Rows whose image cannot be read are left out of the output and counted by reason.
+    """
+    started = time.perf_counter()
+    stats = EmbedStats()
+    schema = store.schema_of(input_path)
+    store.require_columns(input_path, schema, ["filepath"], "input_parquet")
+    total = store.num_rows(input_path)
+    out_schema = _output_schema(schema, encoder.identity)
+    stats.columns = list(out_schema.names)
+    workers = workers or min(8, (os.cpu_count() or 2))
+    events.progress("embed", 0, total)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as decoders, \
+            ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer, \
+            store.atomic_output(output_path) as tmp, \
+            pq.ParquetWriter(tmp, out_schema) as writer:
+
+        def prepare(batch: pa.RecordBatch) -> _Prepared:
+            t0 = time.perf_counter()
+            paths = batch.column("filepath").to_pylist()
+            loaded = list(decoders.map(lambda p: load_rgb(str(p), image_root)
+                                       if p is not None else LoadFailure("<null>", "null filepath"), paths))
+            keep = np.array([not isinstance(x, LoadFailure) for x in loaded], dtype=bool)
+            images = [x for x in loaded if not isinstance(x, LoadFailure)]
+            pixels = encoder.preprocess(images) if images else None
+            failures = [x for x in loaded if isinstance(x, LoadFailure)]
+            return _Prepared(batch, keep, pixels, failures, time.perf_counter() - t0)
+
+        pending: deque[Future[_Prepared]] = deque()
+        batches = _timed(store.iter_batches(input_path, batch_size), stats.timings)
+        for batch in batches:
+            pending.append(preparer.submit(prepare, batch))
+            if len(pending) > _PREFETCH:
+                _finish(pending.popleft().result(), encoder, writer, out_schema, stats, events, total)
+        while pending:
+            _finish(pending.popleft().result(), encoder, writer, out_schema, stats, events, total)
+
+    stats.timings["total"] = time.perf_counter() - started
+    return stats
+
+
+def _timed(batches: Iterator[pa.RecordBatch], timings: dict[str, float]) -> Iterator[pa.RecordBatch]:
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        timings["read"] += time.perf_counter() - t0
+        if batch is None:
+            return
+        yield batch
+
+
+def _finish(prep: _Prepared, encoder: Encoder, writer: pq.ParquetWriter, schema: pa.Schema,
+            stats: EmbedStats, events: Events, total: int) -> None:
+    stats.timings["decode"] += prep.seconds
+    stats.rows_in += prep.batch.num_rows
+    for failure in prep.failures:
+        stats.skipped_by_reason[failure.reason.split(" (")[0]] += 1
+        if len(stats.skipped_examples) < _SKIPPED_EXAMPLES:
+            stats.skipped_examples.append(f"{failure.filepath}: {failure.reason}")
+    if prep.failures:
+        events.log("warning", f"skipped {len(prep.failures)} unreadable image(s), e.g. "
+                              f"{prep.failures[0].filepath}: {prep.failures[0].reason}")
+    t0 = time.perf_counter()
+    vectors = encoder.encode(prep.pixels) if prep.pixels is not None else np.zeros((0, encoder.dim), np.float32)
+    stats.timings["encode"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kept = prep.batch.filter(pa.array(prep.keep)) if not prep.keep.all() else prep.batch
+    columns = {name: kept.column(name) for name in kept.schema.names}
+    columns[EMBEDDING_COLUMN] = store.vector_array(vectors)
+    writer.write_batch(pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema))
+    stats.timings["write"] += time.perf_counter() - t0
+    stats.rows_out += kept.num_rows
+    events.progress("embed", stats.rows_in, total)
+
+
+def _output_schema(schema: pa.Schema, identity: dict[str, Any]) -> pa.Schema:
+    """Input columns unchanged and in order, `embedding` appended (or replaced in place)."""
+    vector = pa.field(EMBEDDING_COLUMN, pa.list_(pa.float32()))
+    fields = [vector if f.name == EMBEDDING_COLUMN else f for f in schema]
+    if EMBEDDING_COLUMN not in schema.names:
+        fields.append(vector)
+    metadata = {k: v for k, v in (schema.metadata or {}).items() if k != b"pandas"}
+    metadata[store.IDENTITY_KEY] = json.dumps(identity, sort_keys=True).encode()
+    return pa.schema(fields, metadata=metadata)

@@ -1,0 +1,171 @@
+"""Exact k-nearest-neighbour search over a pool streamed in blocks, with a running top-k.
+
+FAISS (BLAS, float32) proposes each block's candidates; we rescore them in float64, one pair
+at a time, so a pair's score never depends on where it sat in a block, and apply the tie rule
+(equal scores go to the lower pool row) on those exact scores. Candidates are widened until
+the float32 error bound proves nothing outside them can beat or tie the k-th.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import faiss
+import numpy as np
+
+from deft_mine.engine.metric import Metric
+
+
+_FAISS_METRIC = {
+    Metric.cosine: faiss.METRIC_INNER_PRODUCT,
+    Metric.euclidean: faiss.METRIC_L2,
+    Metric.manhattan: faiss.METRIC_L1,
+}
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    """Unit-length float32 rows; an all-zero row stays zero (its cosine to anything is 0)."""
+    out = np.array(vectors, dtype=np.float32, order="C", copy=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", out, out))
+    np.maximum(norms, np.finfo(np.float32).tiny, out=norms)
+    out /= norms[:, None]
+    return out
+
+
+@dataclass
+class Neighbours:
+    """Per query, up to k pool rows nearest first; `scores` use the metric's own scale."""
+
+    indices: np.ndarray  # (queries, k) int64, -1 where the pool had fewer than k rows
+    scores: np.ndarray  # (queries, k) float64: cosine similarity, L2 or L1 distance
+
+
+# Candidates asked of FAISS beyond k: enough that the error bound almost never forces a retry.
+_EXTRA = 16
+_RESCORE_BYTES = 64 << 20
+
+
+class RunningTopK:
+    """Feed pool blocks in order with `add`; `result` gives the exact top-k over all of them."""
+
+    def __init__(self, queries: np.ndarray, k: int, metric: Metric) -> None:
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        self.metric = metric
+        self.k = k
+        self.queries = _prepare(queries, metric)
+        n = len(self.queries)
+        # Keys are "smaller is nearer" everywhere inside: negated similarity for cosine,
+        # squared distance for euclidean.
+        self._keys = np.full((n, 0), np.inf, dtype=np.float64)
+        self._ids = np.full((n, 0), -1, dtype=np.int64)
+        self.seen = 0
+
+    def add(self, block: np.ndarray, ids: np.ndarray | None = None) -> None:
+        """Add the next pool rows; `ids` are their pool row numbers (default: the next ones),
+        which must keep increasing from block to block for the tie rule to hold."""
+        if ids is None:
+            ids = np.arange(self.seen, self.seen + len(block), dtype=np.int64)
+        block = _prepare(block, self.metric)
+        if len(block) and len(self.queries):
+            keys, local = _block_topk(self.queries, block, self.k, self.metric)
+            self._merge(keys, ids[local])
+        self.seen += len(block)
+
+    def _merge(self, keys: np.ndarray, ids: np.ndarray) -> None:
+        keys = np.concatenate([self._keys, keys], axis=1)
+        ids = np.concatenate([self._ids, ids], axis=1)
+        order = np.lexsort((ids, keys), axis=1)[:, : self.k]
+        self._keys = np.take_along_axis(keys, order, axis=1)
+        self._ids = np.take_along_axis(ids, order, axis=1)
+
+    def result(self) -> Neighbours:
+        keys = self._keys
+        if self.metric is Metric.cosine:
+            scores = -keys
+        elif self.metric is Metric.euclidean:
+            scores = np.sqrt(keys)
+        else:
+            scores = keys.copy()
+        return Neighbours(indices=self._ids, scores=scores)
+
+
+def search(
+    queries: np.ndarray, pool_blocks: Iterable[np.ndarray], k: int, metric: Metric
+) -> Neighbours:
+    """Exact top-k of every query over the concatenation of `pool_blocks`."""
+    top = RunningTopK(queries, k, metric)
+    for block in pool_blocks:
+        top.add(block)
+    return top.result()
+
+
+def _prepare(vectors: np.ndarray, metric: Metric) -> np.ndarray:
+    if metric is Metric.cosine:
+        return l2_normalise(vectors)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _block_topk(queries: np.ndarray, block: np.ndarray, k: int, metric: Metric):
+    """Exact top-k (float64 keys, ties to the lower row) of every query within one block."""
+    k = min(k, len(block))
+    keys = np.empty((len(queries), k), dtype=np.float64)
+    ids = np.empty((len(queries), k), dtype=np.int64)
+    error = _ErrorBound(queries, block, metric)
+    rows = np.arange(len(queries))
+    want = k + _EXTRA
+    while len(rows):
+        want = min(want, len(block))
+        approx, cand = faiss.knn(queries[rows], block, want, metric=_FAISS_METRIC[metric])
+        approx = approx.astype(np.float64)
+        if metric is Metric.cosine:
+            approx = -approx
+        # Anything FAISS scored above `limit` is provably worse than its k first candidates.
+        limit = approx[:, k - 1] + 2.0 * error(rows, approx[:, -1])
+        done = np.full(len(rows), want == len(block)) | (approx[:, -1] > limit)
+        if done.any():
+            width = int((approx[done] <= limit[done, None]).sum(axis=1).max())
+            near = cand[done, :width].astype(np.int64)
+            exact = _exact_keys(queries[rows[done]], block, near, metric)
+            order = np.lexsort((near, exact), axis=1)[:, :k]
+            keys[rows[done]] = np.take_along_axis(exact, order, axis=1)
+            ids[rows[done]] = np.take_along_axis(near, order, axis=1)
+        rows = rows[~done]
+        want *= 4
+    return keys, ids
+
+
+def _exact_keys(queries: np.ndarray, block: np.ndarray, cand: np.ndarray, metric: Metric):
+    """Float64 keys of each (query, candidate) pair, computed the same way for every pair."""
+    out = np.empty(cand.shape, dtype=np.float64)
+    step = max(1, _RESCORE_BYTES // max(1, cand.shape[1] * block.shape[1] * 8))
+    for start in range(0, len(queries), step):
+        q = queries[start : start + step].astype(np.float64)[:, None, :]
+        x = block[cand[start : start + step]].astype(np.float64)
+        if metric is Metric.cosine:
+            out[start : start + step] = -(q * x).sum(axis=2)
+        elif metric is Metric.euclidean:
+            out[start : start + step] = np.square(q - x).sum(axis=2)
+        else:
+            out[start : start + step] = np.abs(q - x).sum(axis=2)
+    return out
+
+
+class _ErrorBound:
+    """A generous bound on |float32 key − exact key| for FAISS's scores against one block."""
+
+    def __init__(self, queries: np.ndarray, block: np.ndarray, metric: Metric) -> None:
+        self.metric = metric
+        self.gamma = 2.0 * block.shape[1] * float(np.finfo(np.float32).eps)
+        if metric is Metric.euclidean:
+            q_norm = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
+            x_norm = float(np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64).max()))
+            self.scale = np.square(q_norm + x_norm)
+
+    def __call__(self, rows: np.ndarray, largest_key: np.ndarray) -> np.ndarray:
+        if self.metric is Metric.cosine:  # unit vectors: |q·x| <= 1
+            return np.full(len(rows), self.gamma)
+        if self.metric is Metric.euclidean:
+            return self.gamma * self.scale[rows]
+        return self.gamma * np.abs(largest_key)

@@ -1,0 +1,200 @@
+"""Mining semantics: pool streamed in blocks through exact k-NN, label post-filter, de-duplication."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from deft_mine.engine import store
+from deft_mine.engine.knn import RunningTopK
+from deft_mine.engine.metric import Metric
+from deft_mine.errors import DeftError
+from deft_mine.events import Events
+
+
+@dataclass
+class MiningOutcome:
+    mined: pa.Table  # filepath first, then score, best_target, hits
+    summary: dict[str, int]
+    pool_rows: int  # rows of the pool file
+    searched_rows: int  # rows searched (pool less excluded targets)
+    target_in_pool: int
+    label_filter: str  # "off" | "applied" | "noop"
+    label_missing: list[str]  # sides ("source", "target") without a `label` column
+    dim: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def normalise_filepath(filepath: str) -> str:
+    return os.path.normpath(filepath)
+
+
+def mine_files(
+    source_path: Path,
+    target_path: Path,
+    *,
+    topn: int,
+    metric: Metric,
+    filter_by_label: bool,
+    source_column: str,
+    target_column: str,
+    exclude_targets: bool,
+    block_rows: int,
+    events: Events,
+) -> MiningOutcome:
+    """Find each target's `topn` nearest pool rows and turn the pairs into unique mined paths."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    src_schema = store.schema_of(source_path)
+    tgt_schema = store.schema_of(target_path)
+    store.require_columns(source_path, src_schema, ["filepath", source_column], "source_parquet")
+    store.require_columns(target_path, tgt_schema, ["filepath", target_column], "target_parquet")
+    label_missing = [side for side, sch in (("source", src_schema), ("target", tgt_schema))
+                     if "label" not in sch.names]
+    label_filter = "off" if not filter_by_label else ("noop" if label_missing else "applied")
+
+    tgt_cols = ["filepath", target_column] + (["label"] if label_filter == "applied" else [])
+    targets = store.read_columns(target_path, tgt_cols)
+    queries = store.vectors_from_column(targets.column(target_column), path=target_path,
+                                        name=target_column, first_row=0, dim=None)
+    dim = queries.shape[1] if len(queries) else None
+    target_paths = targets.column("filepath").to_pylist()
+    target_set = {normalise_filepath(str(p)) for p in target_paths}
+
+    # Pass 1: vectors only (plus filepath to spot targets in the pool), block by block.
+    t0 = time.perf_counter()
+    total = store.num_rows(source_path)
+    top = RunningTopK(queries, topn, metric) if len(queries) else None
+    seen = searched = in_pool = 0
+    events.progress("mine", 0, total)
+    for batch in store.iter_batches(source_path, block_rows, ["filepath", source_column]):
+        vectors = store.vectors_from_column(batch.column(source_column), path=source_path,
+                                            name=source_column, first_row=seen, dim=dim)
+        if dim is None and len(vectors):
+            dim = vectors.shape[1]
+        if len(queries) and vectors.shape[1] != queries.shape[1]:
+            raise DeftError(
+                "dimension_mismatch",
+                f"source_parquet {source_path} column '{source_column}' holds {vectors.shape[1]}-d "
+                f"vectors but target_parquet {target_path} column '{target_column}' holds "
+                f"{queries.shape[1]}-d ones",
+                fix="embed both files with the same encoder",
+            )
+        ids = np.arange(seen, seen + len(vectors), dtype=np.int64)
+        is_target = np.fromiter((normalise_filepath(str(p)) in target_set
+                                 for p in batch.column("filepath").to_pylist()), bool, len(ids))
+        in_pool += int(is_target.sum())
+        if exclude_targets:
+            vectors, ids = vectors[~is_target], ids[~is_target]
+        if top is not None:
+            top.add(vectors, ids)
+        searched += len(ids)
+        seen += batch.num_rows
+        events.progress("mine", seen, total)
+    timings["search"] = time.perf_counter() - t0
+
+    k = min(topn, searched)
+    if top is not None and k:
+        found = top.result()
+        indices, scores = found.indices[:, :k], found.scores[:, :k]
+    else:
+        indices = np.zeros((len(queries), 0), np.int64)
+        scores = np.zeros((len(queries), 0), np.float64)
+
+    # Pass 2: filepath (and label) of just the rows that were found.
+    t0 = time.perf_counter()
+    wanted = np.unique(indices)
+    src_cols = ["filepath"] + (["label"] if label_filter == "applied" else [])
+    picked = _take_rows(source_path, wanted, src_cols, block_rows)
+    position = np.searchsorted(wanted, indices)
+    src_paths = np.asarray(picked["filepath"], dtype=object)[position] if indices.size else \
+        np.zeros(indices.shape, dtype=object)
+
+    pairs = int(indices.size)
+    keep = np.ones(indices.shape, dtype=bool)
+    if label_filter == "applied":
+        tgt_labels = _labels_as_str(targets.column("label"))
+        src_labels = np.asarray(_labels_as_str(picked["label"]), dtype=object)[position] \
+            if indices.size else np.zeros(indices.shape, dtype=object)
+        tgt_col = np.asarray(tgt_labels, dtype=object)[:, None]
+        keep = (src_labels == tgt_col) & (src_labels != None) & (tgt_col != None)  # noqa: E711
+
+    mined = _dedupe(src_paths, scores, keep, target_paths, metric)
+    timings["collect"] = time.perf_counter() - t0
+    summary = {
+        "queries": len(queries),
+        "topn": topn,
+        "neighbours_requested": len(queries) * topn,
+        "pool": searched,
+        "pairs": pairs,
+    }
+    if label_filter == "applied":
+        summary["kept_pairs"] = int(keep.sum())
+        summary["dropped_pairs"] = pairs - int(keep.sum())
+    summary["duplicates_removed"] = int(keep.sum()) - mined.num_rows
+    summary["mined"] = mined.num_rows
+    summary["target_in_pool"] = in_pool
+    timings["total"] = time.perf_counter() - t_start
+    return MiningOutcome(mined=mined, summary=summary, pool_rows=total, searched_rows=searched,
+                         target_in_pool=in_pool, label_filter=label_filter,
+                         label_missing=label_missing, dim=dim or 0, timings=timings)
+
+
+def _take_rows(path: Path, rows: np.ndarray, columns: list[str], block_rows: int) -> dict[str, list]:
+    """The given (sorted, unique) row numbers of `columns`, in that order, read in blocks."""
+    out: dict[str, list] = {c: [] for c in columns}
+    start = 0
+    for batch in store.iter_batches(path, block_rows, columns):
+        end = start + batch.num_rows
+        lo, hi = np.searchsorted(rows, [start, end])
+        if hi > lo:
+            taken = batch.take(pa.array(rows[lo:hi] - start))
+            for c in columns:
+                out[c].extend(taken.column(c).to_pylist())
+        start = end
+        if hi == len(rows):
+            break
+    return out
+
+
+def _labels_as_str(labels: pa.ChunkedArray | pa.Array | list) -> list[str | None]:
+    """Labels compare as strings (3 and "3" agree); nulls stay None and match nothing."""
+    array = pa.array(labels) if isinstance(labels, list) else labels
+    if not pa.types.is_string(array.type) and not pa.types.is_large_string(array.type):
+        array = pc.cast(array, pa.string())
+    return array.to_pylist()
+
+
+def _dedupe(paths: np.ndarray, scores: np.ndarray, keep: np.ndarray, target_paths: list,
+            metric: Metric) -> pa.Table:
+    """Unique mined paths in order of first appearance (target order, then rank), with the
+    best score any target gave each, which target that was, and how many kept pairs hit it."""
+    order: dict[str, int] = {}
+    best_score: list[float] = []
+    best_target: list[str] = []
+    hits: list[int] = []
+    better = (lambda a, b: a > b) if metric.higher_is_nearer else (lambda a, b: a < b)
+    for t, r in zip(*np.nonzero(keep)):
+        path, score = paths[t, r], float(scores[t, r])
+        slot = order.get(path)
+        if slot is None:
+            order[path] = len(best_score)
+            best_score.append(score)
+            best_target.append(target_paths[t])
+            hits.append(1)
+        else:
+            hits[slot] += 1
+            if better(score, best_score[slot]):
+                best_score[slot], best_target[slot] = score, target_paths[t]
+    return pa.table({
+        "filepath": pa.array(list(order), pa.string()),
+        "score": pa.array(best_score, pa.float64()),
+        "best_target": pa.array([str(p) for p in best_target], pa.string()),
+        "hits": pa.array(hits, pa.int32()),
+    })

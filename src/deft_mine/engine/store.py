@@ -1,0 +1,201 @@
+"""Parquet/CSV reading in row batches, embedding columns as arrays, metadata, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from deft_mine.errors import DeftError
+
+IDENTITY_KEY = b"deft_mine.encoder"
+
+
+def is_csv(path: Path) -> bool:
+    return path.suffix.lower() in {".csv", ".tsv"}
+
+
+def require_file(path: Path, field: str) -> Path:
+    if not path.is_file():
+        raise DeftError(
+            "file_not_found",
+            f"{field}: {path} does not exist or is not a file",
+            fix=f"check the path given as {field}",
+            field=field,
+            path=str(path),
+        )
+    return path
+
+
+def read_csv(path: Path) -> pa.Table:
+    """A whole CSV as a table, column types inferred over the whole file (not per block)."""
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+    except pa.ArrowInvalid as exc:
+        raise DeftError(
+            "csv_invalid", f"{path}: cannot parse as CSV: {exc}", fix="fix the CSV", path=str(path)
+        ) from exc
+
+
+def _parquet(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DeftError(
+            "parquet_invalid",
+            f"{path}: not a readable parquet file ({exc})",
+            fix="point at a parquet file (or a .csv pool), or regenerate the file",
+            path=str(path),
+        ) from exc
+
+
+def schema_of(path: Path) -> pa.Schema:
+    if is_csv(path):
+        return read_csv(path).schema
+    return _parquet(path).schema_arrow
+
+
+def num_rows(path: Path) -> int:
+    if is_csv(path):
+        return read_csv(path).num_rows
+    return _parquet(path).metadata.num_rows
+
+
+def iter_batches(
+    path: Path, batch_rows: int, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Row batches of a parquet file (streamed from disk) or a CSV (read once, then sliced)."""
+    if is_csv(path):
+        table = read_csv(path)
+        if columns is not None:
+            table = table.select(columns)
+        yield from table.to_batches(max_chunksize=batch_rows)
+        return
+    yield from _parquet(path).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def read_columns(path: Path, columns: list[str]) -> pa.Table:
+    """Whole columns of a (small) file: the targets side."""
+    if is_csv(path):
+        return read_csv(path).select(columns)
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DeftError("parquet_invalid", f"{path}: not a readable parquet file ({exc})",
+                        fix="regenerate the file", path=str(path)) from exc
+
+
+def require_columns(path: Path, schema: pa.Schema, needed: list[str], field: str) -> None:
+    missing = [c for c in needed if c not in schema.names]
+    if missing:
+        raise DeftError(
+            "column_missing",
+            f"{field} {path} has no column {', '.join(repr(c) for c in missing)}; "
+            f"its columns are: {', '.join(schema.names) or '(none)'}",
+            fix="rename the column in the file, or name the right column in the spec",
+            path=str(path),
+            missing=missing,
+            columns=list(schema.names),
+        )
+
+
+def read_identity(path: Path) -> dict[str, Any] | None:
+    """The encoder identity recorded in an embedding parquet, or None if it has none."""
+    meta = _parquet(path).schema_arrow.metadata or {}
+    raw = meta.get(IDENTITY_KEY)
+    return json.loads(raw) if raw else None
+
+
+def vectors_from_column(column: pa.Array | pa.ChunkedArray, *, path: Path, name: str, first_row: int,
+                        dim: int | None) -> np.ndarray:
+    """A list/fixed-size-list column as a (rows, dim) float32 array, refusing ragged, null,
+    empty or NaN vectors with the file, column and first bad row named."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+
+    def bad(row: int, what: str) -> DeftError:
+        return DeftError(
+            "embedding_invalid",
+            f"{path}: column '{name}' row {first_row + row}: {what}",
+            fix="re-embed the file; every row needs one finite vector of the same length",
+            path=str(path),
+            column=name,
+            row=first_row + row,
+        )
+
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+            or pa.types.is_fixed_size_list(column.type)):
+        raise DeftError(
+            "embedding_invalid",
+            f"{path}: column '{name}' has type {column.type}, not a list of floats",
+            fix="name the embedding column with source_embed_column_name / target_embed_column_name",
+            path=str(path),
+            column=name,
+        )
+    if len(column) == 0:
+        return np.zeros((0, dim or 0), dtype=np.float32)
+    if column.null_count:
+        raise bad(int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0]), "null vector")
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    expected = dim if dim is not None else int(lengths[0])
+    wrong = np.flatnonzero(lengths != expected)
+    if len(wrong):
+        row = int(wrong[0])
+        raise bad(row, f"vector of length {lengths[row]}, expected {expected}")
+    if expected == 0:
+        raise bad(0, "empty vector")
+    values = column.flatten()
+    if values.null_count:
+        flat = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        raise bad(flat // expected, "null value inside the vector")
+    if not pa.types.is_floating(values.type) and not pa.types.is_integer(values.type):
+        raise bad(0, f"values of type {values.type}, expected floats")
+    array = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, expected)
+    finite = np.isfinite(array).all(axis=1)
+    if not finite.all():
+        raise bad(int(np.flatnonzero(~finite)[0]), "NaN or infinite value")
+    return array
+
+
+def vector_array(vectors: np.ndarray) -> pa.Array:
+    """A (rows, dim) float32 array as an Arrow list<float32> column."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    offsets = np.arange(0, vectors.size + 1, max(vectors.shape[1], 1), dtype=np.int32)
+    if vectors.shape[1] == 0:
+        offsets = np.zeros(len(vectors) + 1, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(vectors.reshape(-1)))
+
+
+@contextlib.contextmanager
+def atomic_output(final: Path) -> Iterator[Path]:
+    """Yield a temp path beside `final`; rename onto it only if the block finishes."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_table_atomic(path: Path, table: pa.Table) -> None:
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp)

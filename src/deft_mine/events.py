@@ -1,0 +1,51 @@
+"""The callback interface tools use to report progress and log lines to whichever face drives them."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Events(Protocol):
+    def progress(self, stage: str, done: int, total: int | None) -> None:
+        """`done` of `total` units finished in `stage` (total None when unknown)."""
+
+    def log(self, level: str, message: str) -> None:
+        """A log line: level is 'debug' | 'info' | 'warning' | 'error'."""
+
+
+class NullEvents:
+    """Drops everything: the default when nobody listens (pytest, library use)."""
+
+    def progress(self, stage: str, done: int, total: int | None) -> None:
+        pass
+
+    def log(self, level: str, message: str) -> None:
+        pass
+
+
+class RecordingEvents:
+    """Keeps every event in memory; handy for tests and for the run manifest."""
+
+    def __init__(self) -> None:
+        self.progress_events: list[tuple[str, int, int | None]] = []
+        self.logs: list[tuple[str, str]] = []
+
+    def progress(self, stage: str, done: int, total: int | None) -> None:
+        self.progress_events.append((stage, done, total))
+
+    def log(self, level: str, message: str) -> None:
+        self.logs.append((level, message))
+
+
+class StageEvents:
+    """Passes events on under another stage name (e.g. 'embed' → 'embed source')."""
+
+    def __init__(self, inner: Events, stage: str) -> None:
+        self.inner = inner
+        self.stage = stage
+
+    def progress(self, stage: str, done: int, total: int | None) -> None:
+        self.inner.progress(self.stage, done, total)
+
+    def log(self, level: str, message: str) -> None:
+        self.inner.log(level, f"[{self.stage}] {message}")

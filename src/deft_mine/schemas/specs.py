@@ -1,0 +1,217 @@
+"""EmbeddingSpec and MiningSpec, and loading them from a YAML file plus key=value overrides."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from deft_mine.engine.metric import Metric
+from deft_mine.errors import DeftError
+
+#: `model` values the local backend runs; anything else must be a TAO checkpoint.
+HF_MODELS = ("SigLIP", "CLIP")
+LOCAL_MODELS = (*HF_MODELS, "thumbnail")
+TAO_CHECKPOINT_SUFFIXES = (".pth", ".ckpt")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EmbeddingSpec(_Spec):
+    """How to embed images: the TAO `embedding image_embeddings` spec, plus per-run paths."""
+
+    model: str = Field("SigLIP", description="SigLIP | CLIP | thumbnail | a TAO checkpoint kind")
+    model_path: str = Field("google/siglip-base-patch16-224",
+                            description="hub id, local folder, or .pth/.ckpt (TAO)")
+    model_config_path: str | None = Field(None, description="required only for TAO checkpoints")
+    batch_size: int = Field(64, ge=1, le=65536)
+    input_parquet: str | None = None
+    output_parquet: str | None = None
+    image_root: str | None = Field(
+        None, description="folder relative filepaths resolve against (default: the input's folder)")
+    device: str = Field("auto", description="auto | cpu | cuda[:N]")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _canonical_model(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            for name in LOCAL_MODELS:
+                if value.lower() == name.lower():
+                    return name
+        return value
+
+    @model_validator(mode="after")
+    def _tao_needs_config(self) -> "EmbeddingSpec":
+        if self.model not in LOCAL_MODELS:
+            if not self.model_path.endswith(TAO_CHECKPOINT_SUFFIXES):
+                raise ValueError(
+                    f"model must be one of {', '.join(LOCAL_MODELS)} or a TAO checkpoint kind "
+                    f"with a .pth/.ckpt model_path; got model={self.model!r}")
+            if not self.model_config_path:
+                raise ValueError("model_config_path is required for a TAO checkpoint")
+        return self
+
+    @property
+    def is_tao_checkpoint(self) -> bool:
+        return self.model not in LOCAL_MODELS
+
+
+class MiningSpec(_Spec):
+    """How to mine: the TAO `tmm nearest_neighbors` spec, plus per-run paths."""
+
+    topn: int = Field(5, ge=1, le=100_000)
+    knn_metric: Metric = Metric.cosine
+    filter_by_label: bool = False
+    source_embed_column_name: str = "embedding"
+    target_embed_column_name: str = "embedding"
+    source_parquet: str | None = None
+    target_parquet: str | None = None
+    output_parquet: str | None = None
+    exclude_targets: bool = Field(False, description="drop pool rows that are also targets")
+    block_rows: int = Field(65536, ge=1, description="pool rows held in memory at a time")
+
+    @field_validator("filter_by_label", "exclude_targets", mode="before")
+    @classmethod
+    def _bool_from_string(cls, value: Any) -> Any:
+        # The container reads filter_by_label as a string; accept both spellings, nothing else.
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in ("true", "false"):
+                return lowered == "true"
+            raise ValueError(f"must be true or false, got {value!r}")
+        return value
+
+    @field_validator("knn_metric", mode="before")
+    @classmethod
+    def _metric_lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+SpecT = TypeVar("SpecT", bound=_Spec)
+SPEC_KINDS: dict[str, type[_Spec]] = {"embedding": EmbeddingSpec, "mining": MiningSpec}
+
+
+def load_spec(
+    cls: type[SpecT],
+    spec_path: str | Path | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] = (),
+) -> SpecT:
+    """The spec from a YAML file with overrides on top (a mapping, or `key=value` strings)."""
+    config = OmegaConf.create({})
+    if spec_path is not None:
+        config = _load_yaml(Path(spec_path))
+    try:
+        over = OmegaConf.from_dotlist(list(overrides)) if _is_dotlist(overrides) \
+            else OmegaConf.create(dict(overrides))
+    except OmegaConfBaseException as exc:
+        raise DeftError("spec_invalid", f"cannot parse overrides {list(overrides)}: {exc}",
+                        fix="write each override as key=value") from exc
+    merged = OmegaConf.merge(config, over)
+    where = f"{spec_path}" if spec_path else "overrides"
+    _check_keys(cls, [str(k) for k in merged.keys()], where)
+    for key in merged.keys():
+        if OmegaConf.is_missing(merged, key):
+            raise DeftError(
+                "spec_missing_value",
+                f"{where}: '{key}' is required but set to ??? (not set)",
+                fix=f"set it in the spec file or pass {key}=VALUE",
+                field=str(key),
+            )
+    values = OmegaConf.to_container(merged, resolve=True)
+    try:
+        return cls.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "spec"
+        message = first["msg"].removeprefix("Value error, ")
+        fix = "fix the value in the spec file or override it with key=value"
+        if field == "knn_metric":
+            message = f"knn_metric must be one of {', '.join(m.value for m in Metric)}; got {first.get('input')!r}"
+            fix = "set knn_metric to cosine, euclidean or manhattan"
+        raise DeftError("spec_invalid", f"{where}: {field}: {message}", fix=fix, field=field) from exc
+
+
+def spec_to_yaml(spec: _Spec) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(spec.model_dump(mode="json")))
+
+
+def _is_dotlist(overrides: Any) -> bool:
+    return not isinstance(overrides, Mapping)
+
+
+def _load_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise DeftError("file_not_found", f"spec file {path} does not exist",
+                        fix="check the -e/-m path", path=str(path))
+    try:
+        config = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends: any parse failure is the user's file
+        raise DeftError("spec_invalid", f"{path}: not valid YAML ({exc})", fix="fix the YAML",
+                        path=str(path)) from exc
+    if not OmegaConf.is_dict(config):
+        raise DeftError("spec_invalid", f"{path}: the spec must be a mapping of key: value",
+                        fix="write one key: value per line", path=str(path))
+    return config
+
+
+def _check_keys(cls: type[_Spec], keys: list[str], where: str) -> None:
+    valid = list(cls.model_fields)
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+            raise DeftError(
+                "spec_unknown_key",
+                f"{where}: unknown key '{key}' for {cls.__name__}; {hint}",
+                fix=f"use '{close[0]}'" if close else f"use one of {', '.join(valid)}",
+                field=key,
+                closest=close[0] if close else None,
+            )
+
+
+#: Per-run paths that `run` fills in itself; the specs' only shared key is among them.
+RUN_OWNED_KEYS = frozenset({"input_parquet", "output_parquet", "source_parquet", "target_parquet"})
+
+
+def spec_for_key(key: str) -> type[_Spec]:
+    """Which spec a run-level override belongs to (the two specs share no settable key)."""
+    if key in RUN_OWNED_KEYS:
+        raise DeftError("spec_invalid", f"'{key}' is set by run itself (inside the run folder)",
+                        fix="give --targets/--source and --output-dir/--run-dir instead", field=key)
+    if key in EmbeddingSpec.model_fields:
+        return EmbeddingSpec
+    if key in MiningSpec.model_fields:
+        return MiningSpec
+    valid = [k for k in (*EmbeddingSpec.model_fields, *MiningSpec.model_fields) if k not in RUN_OWNED_KEYS]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    raise DeftError(
+        "spec_unknown_key",
+        f"unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else ""),
+        fix=f"use '{close[0]}'" if close else f"use one of {', '.join(valid)}",
+        field=key, closest=close[0] if close else None,
+    )
+
+
+def split_overrides(
+    overrides: Mapping[str, Any] | Sequence[str],
+) -> tuple[dict[str, Any] | list[str], dict[str, Any] | list[str]]:
+    """Route run-level overrides (a mapping or `key=value` strings) to the embedding and the
+    mining spec."""
+    if isinstance(overrides, Mapping):
+        embedding = {k: v for k, v in overrides.items() if spec_for_key(k) is EmbeddingSpec}
+        return embedding, {k: v for k, v in overrides.items() if k not in embedding}
+    embedding_pairs: list[str] = []
+    mining_pairs: list[str] = []
+    for pair in overrides:
+        if "=" not in pair:
+            raise DeftError("spec_invalid", f"override {pair!r} is not key=value",
+                            fix="write overrides as key=value", field=pair)
+        side = spec_for_key(pair.split("=", 1)[0].strip())
+        (embedding_pairs if side is EmbeddingSpec else mining_pairs).append(pair)
+    return embedding_pairs, mining_pairs

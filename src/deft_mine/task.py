@@ -1,0 +1,73 @@
+"""`deft-mine-task`: the TAO data-services entrypoint contract (`<category> <action> -e SPEC k=v …`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from deft_mine.errors import DeftError
+from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec, spec_to_yaml
+
+TASKS = {("embedding", "image_embeddings"): EmbeddingSpec, ("tmm", "nearest_neighbors"): MiningSpec}
+
+
+class _PrintEvents:
+    """Container-style plain log lines on stdout (no terminal assumed)."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, int] = {}
+
+    def progress(self, stage: str, done: int, total: int | None) -> None:
+        step = max(1, (total or 1) // 10)
+        if done == total or done - self.last.get(stage, -step) >= step:
+            self.last[stage] = done
+            print(f"[{stage}] {done}/{total if total is not None else '?'}", flush=True)
+
+    def log(self, level: str, message: str) -> None:
+        print(f"{level.upper()}: {message}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deft-mine-task", description=(
+        "TAO-compatible entrypoint: `embedding image_embeddings -e spec.yaml key=value …` or "
+        "`tmm nearest_neighbors -e spec.yaml key=value …`"))
+    parser.add_argument("category", choices=sorted({c for c, _ in TASKS}))
+    parser.add_argument("action", choices=sorted({a for _, a in TASKS}))
+    parser.add_argument("-e", "--experiment_spec", dest="spec", help="spec YAML")
+    parser.add_argument("--cfg", choices=["job"], help="print the resolved spec and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    kind = TASKS.get((args.category, args.action))
+    if kind is None:
+        parser.error(f"unknown task {args.category} {args.action}; valid: "
+                     + ", ".join(" ".join(t) for t in TASKS))
+    events = _PrintEvents()
+    try:
+        if args.cfg == "job":
+            print(spec_to_yaml(load_spec(kind, args.spec, args.overrides)), end="")
+            return 0
+        if kind is EmbeddingSpec:
+            from deft_mine.tools.embed import embed
+
+            result = embed(spec_path=args.spec, overrides=args.overrides, events=events)
+            print(f"Embedded {result.rows} rows ({result.skipped} skipped); columns: "
+                  f"{', '.join(result.columns)}; wrote {result.output_parquet}")
+        else:
+            from deft_mine.tools.mine import mine
+
+            result = mine(spec_path=args.spec, overrides=args.overrides, events=events)
+            for key, value in result.summary.items():
+                print(f"{key}: {value}")
+            print(f"Wrote {result.output_parquet} and {result.summary_path}")
+        for w in result.warnings:
+            print(f"WARNING [{w.code}]: {w.message}", file=sys.stderr)
+    except DeftError as exc:
+        print(f"ERROR [{exc.code}]: {exc.message}" + (f"\n  fix: {exc.fix}" if exc.fix else ""),
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

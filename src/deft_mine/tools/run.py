@@ -1,0 +1,179 @@
+"""The run tool: embed targets and pool, mine, and leave an auditable run folder."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pyarrow.compute as pc
+
+from deft_mine import __version__
+from deft_mine.engine import store
+from deft_mine.errors import DeftError
+from deft_mine.events import Events, NullEvents, StageEvents
+from deft_mine.schemas.results import RunResult, ToolWarning
+from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec, spec_to_yaml, split_overrides
+from deft_mine.tools.embed import embed_spec
+from deft_mine.tools.mine import mine_spec
+
+RUNS_FOLDER = "mining_results"
+TIMESTAMP = "%Y-%m-%d_%H%M%S"
+
+
+def run(
+    targets: str | Path,
+    source: str | Path,
+    output_dir: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    embedding_spec_path: str | Path | None = None,
+    mining_spec_path: str | Path | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    backend: str = "local",
+    events: Events | None = None,
+) -> RunResult:
+    events = events or NullEvents()
+    started = time.perf_counter()
+    targets_path = _input(targets, "targets")
+    source_path = _input(source, "source")
+    embed_over, mine_over = split_overrides(overrides or ())
+    # Both specs are checked before any work, so a typo in the mining spec costs no embedding.
+    embedding = load_spec(EmbeddingSpec, embedding_spec_path, embed_over)
+    mining = load_spec(MiningSpec, mining_spec_path, mine_over)
+    folder = _make_run_dir(output_dir, run_dir)
+    events.log("info", f"run folder {folder}")
+
+    target_embed = folder / "target_embeddings.parquet"
+    source_embed = folder / "source_embeddings.parquet"
+    mined = folder / "mined.parquet"
+    target_spec = embedding.model_copy(update={"input_parquet": str(targets_path), "output_parquet": str(target_embed)})
+    source_spec = embedding.model_copy(update={"input_parquet": str(source_path), "output_parquet": str(source_embed)})
+    mining = mining.model_copy(update={"source_parquet": str(source_embed), "target_parquet": str(target_embed),
+                                       "output_parquet": str(mined)})
+    store.write_text_atomic(folder / "embedding_spec.yaml",
+                            spec_to_yaml(embedding.model_copy(update={"input_parquet": None, "output_parquet": None})))
+    store.write_text_atomic(folder / "mining_spec.yaml", spec_to_yaml(mining))
+
+    manifest: dict[str, Any] = {
+        "deft_mine_version": __version__,
+        "status": "running",
+        "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "backend": backend,
+        "run_dir": str(folder),
+        "inputs": {"targets": _describe_input(targets_path), "source": _describe_input(source_path)},
+        "embedding_spec": embedding.model_dump(mode="json", exclude={"input_parquet", "output_parquet"}),
+        "mining_spec": mining.model_dump(mode="json"),
+    }
+    try:
+        tgt = embed_spec(target_spec, backend, StageEvents(events, "embed targets"))
+        src = embed_spec(source_spec, backend, StageEvents(events, "embed source"))
+        mine_result = mine_spec(mining, backend, StageEvents(events, "mine"))
+    except Exception as exc:  # the folder says why it is incomplete, then the error goes on up
+        error = exc.to_dict() if isinstance(exc, DeftError) else {"code": "internal_error",
+                                                                     "message": repr(exc)}
+        manifest.update(status="failed", error=error)
+        _write_manifest(folder, manifest)
+        raise
+
+    warnings: list[ToolWarning] = [*_tag(tgt.warnings, "targets"), *_tag(src.warnings, "source"),
+                                   *mine_result.warnings]
+    timings = {"embed_targets": tgt.timings["total"], "embed_source": src.timings["total"],
+               "mine": mine_result.timings["total"], "total": time.perf_counter() - started}
+    manifest.update(
+        status="finished",
+        finished_at=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        encoder={"target": tgt.encoder.model_dump(), "source": src.encoder.model_dump(),
+                 "match": tgt.encoder == src.encoder, "fingerprint": tgt.encoder.fingerprint},
+        embeddings={"target": _embed_facts(tgt), "source": _embed_facts(src)},
+        mining={"summary": mine_result.summary, "label_filter": mine_result.label_filter,
+                "knn_metric": mine_result.knn_metric, "topn": mine_result.topn,
+                "filter_by_label": mine_result.filter_by_label,
+                "labels": _label_counts(target_embed, source_embed, mined)},
+        artifacts=sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) + ["run.json"],
+        warnings=[w.model_dump() for w in warnings],
+        timings=timings,
+    )
+    _write_manifest(folder, manifest)
+    return RunResult(run_dir=str(folder), mined=mine_result.mined, mined_parquet=str(mined),
+                     target_embed=tgt, source_embed=src, mine=mine_result, timings=timings,
+                     warnings=warnings)
+
+
+def _input(value: str | Path, field: str) -> Path:
+    path = Path(value).expanduser().absolute()
+    return store.require_file(path, field)
+
+
+def _make_run_dir(output_dir: str | Path | None, run_dir: str | Path | None) -> Path:
+    if (output_dir is None) == (run_dir is None):
+        raise DeftError("spec_invalid", "give exactly one of output_dir and run_dir",
+                        fix="--output-dir DIR (a new timestamped folder inside) or --run-dir DIR",
+                        field="output_dir")
+    if run_dir is not None:
+        folder = Path(run_dir).expanduser().absolute()
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise DeftError("run_dir_exists", f"run_dir {folder} already exists and is not empty; "
+                            "refusing to mix a new run into it", fix="choose a new run_dir, or use "
+                            "output_dir for a fresh timestamped folder", field="run_dir")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    parent = Path(output_dir).expanduser().absolute() / RUNS_FOLDER
+    parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(5):  # a second run within the same second waits for the next one
+        folder = parent / dt.datetime.now().strftime(TIMESTAMP)
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            time.sleep(1.0 - (time.time() % 1.0) + 0.01)
+    raise DeftError("run_dir_exists", f"could not create a fresh folder under {parent}",
+                    fix="retry in a second", field="output_dir")
+
+
+def _describe_input(path: Path) -> dict[str, Any]:
+    schema = store.schema_of(path)
+    return {"path": str(path), "format": "csv" if store.is_csv(path) else "parquet",
+            "rows": store.num_rows(path), "columns": list(schema.names),
+            "has_label": "label" in schema.names}
+
+
+def _embed_facts(result: Any) -> dict[str, Any]:
+    return {"rows": result.rows, "input_rows": result.input_rows, "skipped": result.skipped,
+            "skipped_by_reason": result.skipped_by_reason, "embedding_dim": result.embedding_dim,
+            "device": result.device, "timings": result.timings}
+
+
+def _label_counts(target_embed: Path, source_embed: Path, mined: Path) -> dict[str, Any] | None:
+    """Per-label counts of targets and of mined images (None when a side has no label)."""
+    if not all("label" in store.schema_of(p).names for p in (target_embed, source_embed)):
+        return None
+    targets = store.read_columns(target_embed, ["label"]).column("label")
+    mined_paths = store.read_columns(mined, ["filepath"]).column("filepath")
+    pool = store.read_columns(source_embed, ["filepath", "label"])
+    pool = pool.filter(pc.is_in(pool.column("filepath"), value_set=mined_paths.combine_chunks()))
+    label_of: dict[str, Any] = {}
+    for path, label in zip(pool.column("filepath").to_pylist(), pool.column("label").to_pylist()):
+        label_of.setdefault(path, label)  # a path listed twice in the pool counts once
+
+    def counts(labels: list[Any]) -> dict[str, int]:
+        tally: dict[str, int] = {}
+        for label in labels:
+            key = "(null)" if label is None else str(label)
+            tally[key] = tally.get(key, 0) + 1
+        return dict(sorted(tally.items()))
+
+    return {"targets": counts(targets.to_pylist()),
+            "mined": counts([label_of.get(p) for p in mined_paths.to_pylist()])}
+
+
+def _tag(warnings: list[ToolWarning], side: str) -> list[ToolWarning]:
+    return [w.model_copy(update={"details": {**w.details, "side": side},
+                                 "message": f"{side}: {w.message}"}) for w in warnings]
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    store.write_text_atomic(folder / "run.json", json.dumps(manifest, indent=2, default=str) + "\n")
