@@ -72,13 +72,14 @@ def mine_files(
     total = store.num_rows(source_path)
     top = RunningTopK(queries, topn, metric) if len(queries) else None
     seen = searched = in_pool = 0
+    src_dim: int | None = None
     events.progress("mine", 0, total)
     for batch in store.iter_batches(source_path, block_rows, ["filepath", source_column]):
         vectors = store.vectors_from_column(batch.column(source_column), path=source_path,
-                                            name=source_column, first_row=seen, dim=dim)
-        if dim is None and len(vectors):
-            dim = vectors.shape[1]
-        if len(queries) and vectors.shape[1] != queries.shape[1]:
+                                            name=source_column, first_row=seen, dim=src_dim)
+        if src_dim is None and len(vectors):
+            src_dim = vectors.shape[1]
+        if len(queries) and len(vectors) and vectors.shape[1] != queries.shape[1]:
             raise DeftError(
                 "dimension_mismatch",
                 f"source_parquet {source_path} column '{source_column}' holds {vectors.shape[1]}-d "
@@ -143,7 +144,7 @@ def mine_files(
     timings["total"] = time.perf_counter() - t_start
     return MiningOutcome(mined=mined, summary=summary, pool_rows=total, searched_rows=searched,
                          target_in_pool=in_pool, label_filter=label_filter,
-                         label_missing=label_missing, dim=dim or 0, timings=timings)
+                         label_missing=label_missing, dim=dim or src_dim or 0, timings=timings)
 
 
 def _take_rows(path: Path, rows: np.ndarray, columns: list[str], block_rows: int) -> dict[str, list]:
