@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-e", "--experiment_spec", dest="spec", help="spec YAML")
     parser.add_argument("--cfg", choices=["job"], help="print the resolved spec and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value may come before or after options
     kind = TASKS.get((args.category, args.action))
     if kind is None:
         parser.error(f"unknown task {args.category} {args.action}; valid: "
