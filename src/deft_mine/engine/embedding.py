@@ -76,7 +76,7 @@ def embed_file(
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as decoders, \
             ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer, \
             store.atomic_output(output_path) as tmp, \
-            pq.ParquetWriter(tmp, out_schema) as writer:
+            _RowGroupWriter(tmp, out_schema) as writer:
 
         def prepare(batch: pa.RecordBatch) -> _Prepared:
             t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def _timed(batches: Iterator[pa.RecordBatch], timings: dict[str, float]) -> Iter
         yield batch
 
 
-def _finish(prep: _Prepared, encoder: Encoder, writer: pq.ParquetWriter, schema: pa.Schema,
+def _finish(prep: _Prepared, encoder: Encoder, writer: "_RowGroupWriter", schema: pa.Schema,
             stats: EmbedStats, events: Events, total: int) -> None:
     stats.timings["decode"] += prep.seconds
     stats.rows_in += prep.batch.num_rows
@@ -130,10 +130,41 @@ def _finish(prep: _Prepared, encoder: Encoder, writer: pq.ParquetWriter, schema:
     kept = prep.batch.filter(pa.array(prep.keep)) if not prep.keep.all() else prep.batch
     columns = {name: kept.column(name) for name in kept.schema.names}
     columns[EMBEDDING_COLUMN] = store.vector_array(vectors)
-    writer.write_batch(pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema))
+    writer.write(pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema))
     stats.timings["write"] += time.perf_counter() - t0
     stats.rows_out += kept.num_rows
     events.progress("embed", stats.rows_in, total)
+
+
+class _RowGroupWriter:
+    """Buffers encoder-sized batches into large row groups, so readers stream efficiently."""
+
+    def __init__(self, path: Path, schema: pa.Schema, rows_per_group: int = 65536) -> None:
+        self._writer = pq.ParquetWriter(path, schema)
+        self._schema = schema
+        self._pending: list[pa.RecordBatch] = []
+        self._rows = 0
+        self._limit = rows_per_group
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._pending.append(batch)
+        self._rows += batch.num_rows
+        if self._rows >= self._limit:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.Table.from_batches(self._pending, self._schema),
+                                     row_group_size=max(self._rows, 1))
+        self._pending, self._rows = [], 0
+
+    def __enter__(self) -> "_RowGroupWriter":
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.flush()
+        self._writer.close()
 
 
 def _output_schema(schema: pa.Schema, identity: dict[str, Any]) -> pa.Schema:

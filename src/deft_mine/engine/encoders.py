@@ -64,6 +64,12 @@ class HuggingFaceEncoder:
     def __init__(self, model: str, model_path: str, device: str = "auto") -> None:
         import torch  # here, not at module import: mining and the thumbnail never need torch
         from transformers import AutoImageProcessor, AutoModel
+        from transformers.utils import logging as hf_logging
+
+        # Our own progress and errors speak for the load; transformers' bars and notices
+        # (e.g. the slow-processor fallback) would only drown them.
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
         self._torch = torch
         local = Path(model_path).expanduser()

@@ -88,8 +88,7 @@ def mine_files(
                 fix="embed both files with the same encoder",
             )
         ids = np.arange(seen, seen + len(vectors), dtype=np.int64)
-        is_target = np.fromiter((normalise_filepath(str(p)) in target_set
-                                 for p in batch.column("filepath").to_pylist()), bool, len(ids))
+        is_target = _in_targets(batch.column("filepath"), target_set)
         in_pool += int(is_target.sum())
         if exclude_targets:
             vectors, ids = vectors[~is_target], ids[~is_target]
@@ -145,6 +144,21 @@ def mine_files(
     return MiningOutcome(mined=mined, summary=summary, pool_rows=total, searched_rows=searched,
                          target_in_pool=in_pool, label_filter=label_filter,
                          label_missing=label_missing, dim=dim or src_dim or 0, timings=timings)
+
+
+# Paths that normpath would change: "./", "../", "//" segments or a trailing slash.
+_NOT_NORMAL = r"(^|/)\.{1,2}(/|$)|//|/$"
+
+
+def _in_targets(filepaths: pa.Array, target_set: set[str]) -> np.ndarray:
+    """Which pool rows name a target file; vectorised, normalising only odd-looking paths."""
+    paths = filepaths if pa.types.is_string(filepaths.type) else pc.cast(filepaths, pa.string())
+    hits = pc.is_in(paths, value_set=pa.array(sorted(target_set), pa.string()))
+    hits = hits.fill_null(False).to_numpy(zero_copy_only=False).copy()
+    odd = pc.match_substring_regex(paths, _NOT_NORMAL).fill_null(False).to_numpy(zero_copy_only=False)
+    for row in np.flatnonzero(odd):
+        hits[row] = normalise_filepath(str(paths[row].as_py())) in target_set
+    return hits
 
 
 def _take_rows(path: Path, rows: np.ndarray, columns: list[str], block_rows: int) -> dict[str, list]:

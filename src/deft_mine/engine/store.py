@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -38,12 +39,18 @@ def require_file(path: Path, field: str) -> Path:
 
 def read_csv(path: Path) -> pa.Table:
     """A whole CSV as a table, column types inferred over the whole file (not per block)."""
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    stat = path.stat()
+    return _read_csv_cached(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)  # schema, row count and rows of one CSV: parse it once
+def _read_csv_cached(path: str, mtime_ns: int, size: int) -> pa.Table:
+    delimiter = "\t" if path.lower().endswith(".tsv") else ","
     try:
         return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
     except pa.ArrowInvalid as exc:
         raise DeftError(
-            "csv_invalid", f"{path}: cannot parse as CSV: {exc}", fix="fix the CSV", path=str(path)
+            "csv_invalid", f"{path}: cannot parse as CSV: {exc}", fix="fix the CSV", path=path
         ) from exc
 
 

@@ -1,0 +1,72 @@
+"""The run tool called directly, as pytest and the MCP server will: folders, CSV pools, failures."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from deft_mine.errors import DeftError
+from deft_mine.tools.run import run
+
+
+def test_run_with_a_csv_pool_and_inline_overrides(image_set):
+    (image_set / "pool.csv").write_text("filepath,label,lot\n" + "".join(
+        f"imgs/{i}.png,{'ab'[i % 2]},L{i}\n" for i in range(2, 6)))
+    result = run(image_set / "targets.parquet", image_set / "pool.csv", run_dir=image_set / "r",
+                 overrides={"model": "thumbnail", "topn": 2, "knn_metric": "manhattan"})
+    source = pq.read_table(result.source_embed.output_parquet)
+    assert source.schema.names == ["filepath", "label", "lot", "embedding"]
+    manifest = json.loads((image_set / "r" / "run.json").read_text())
+    assert manifest["inputs"]["source"]["format"] == "csv"
+    assert manifest["mining_spec"]["knn_metric"] == "manhattan"
+    assert result.mine.summary["pairs"] == 4 and result.mined == pq.read_table(result.mined_parquet).num_rows
+
+
+def test_skipped_images_surface_in_the_run_result(image_set):
+    pq.write_table(pa.table({"filepath": ["imgs/2.png", "imgs/gone.png", "imgs/3.png"]}),
+                   image_set / "pool2.parquet")
+    result = run(image_set / "targets.parquet", image_set / "pool2.parquet", output_dir=image_set,
+                 overrides=["model=thumbnail", "topn=1"])
+    (warning,) = [w for w in result.warnings if w.code == "images_skipped"]
+    assert warning.details["side"] == "source" and warning.details["count"] == 1
+    assert warning.message.startswith("source: ")
+    manifest = json.loads(open(result.run_dir + "/run.json").read())
+    assert manifest["embeddings"]["source"]["skipped"] == 1
+    assert [w["code"] for w in manifest["warnings"]] == [w.code for w in result.warnings]
+
+
+def test_a_bad_mining_spec_is_refused_before_any_work(image_set):
+    with pytest.raises(DeftError) as exc:
+        run(image_set / "targets.parquet", image_set / "pool.parquet", output_dir=image_set / "out",
+            overrides={"model": "thumbnail", "knn_metric": "jaccard"})
+    assert exc.value.details["field"] == "knn_metric"
+    assert not (image_set / "out").exists()
+
+
+def test_a_failed_run_says_so_in_its_manifest(image_set):
+    pq.write_table(pa.table({"path": ["imgs/2.png"]}), image_set / "nofilepath.parquet")
+    with pytest.raises(DeftError) as exc:
+        run(image_set / "targets.parquet", image_set / "nofilepath.parquet", run_dir=image_set / "r",
+            overrides={"model": "thumbnail"})
+    assert exc.value.code == "column_missing"
+    manifest = json.loads((image_set / "r" / "run.json").read_text())
+    assert manifest["status"] == "failed" and manifest["error"]["code"] == "column_missing"
+    assert (image_set / "r" / "target_embeddings.parquet").exists()  # finished work is kept
+
+
+def test_exactly_one_of_output_dir_and_run_dir(image_set):
+    for kwargs in ({}, {"output_dir": image_set, "run_dir": image_set / "r"}):
+        with pytest.raises(DeftError) as exc:
+            run(image_set / "targets.parquet", image_set / "pool.parquet", **kwargs)
+        assert "exactly one" in exc.value.message
+
+
+def test_an_empty_target_list_is_a_valid_zero_row_run(image_set):
+    pq.write_table(pa.table({"filepath": pa.array([], pa.string())}), image_set / "none.parquet")
+    result = run(image_set / "none.parquet", image_set / "pool.parquet", run_dir=image_set / "r",
+                 overrides={"model": "thumbnail"})
+    assert result.mined == 0 and pq.read_table(result.mined_parquet).num_rows == 0
+    assert pq.read_table(result.target_embed.output_parquet).schema.names == ["filepath", "embedding"]
