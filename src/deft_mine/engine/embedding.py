@@ -78,14 +78,19 @@ def embed_file(
             store.atomic_output(output_path) as tmp, \
             _RowGroupWriter(tmp, out_schema) as writer:
 
+        def load_one(filepath: object) -> np.ndarray | LoadFailure:
+            if filepath is None:
+                return LoadFailure("<null>", "null filepath")
+            image = load_rgb(str(filepath), image_root)
+            # Preprocessing per image in the worker keeps every core busy, not just one.
+            return image if isinstance(image, LoadFailure) else encoder.preprocess([image])
+
         def prepare(batch: pa.RecordBatch) -> _Prepared:
             t0 = time.perf_counter()
-            paths = batch.column("filepath").to_pylist()
-            loaded = list(decoders.map(lambda p: load_rgb(str(p), image_root)
-                                       if p is not None else LoadFailure("<null>", "null filepath"), paths))
+            loaded = list(decoders.map(load_one, batch.column("filepath").to_pylist()))
             keep = np.array([not isinstance(x, LoadFailure) for x in loaded], dtype=bool)
-            images = [x for x in loaded if not isinstance(x, LoadFailure)]
-            pixels = encoder.preprocess(images) if images else None
+            parts = [x for x in loaded if not isinstance(x, LoadFailure)]
+            pixels = np.concatenate(parts) if parts else None
             failures = [x for x in loaded if isinstance(x, LoadFailure)]
             return _Prepared(batch, keep, pixels, failures, time.perf_counter() - t0)
 

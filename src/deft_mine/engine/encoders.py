@@ -24,10 +24,11 @@ class Encoder(Protocol):
     dim: int
     device: str
 
-    def preprocess(self, images: list[Image.Image]) -> Any:
-        """CPU work on decoded images (safe to run in a loader thread)."""
+    def preprocess(self, images: list[Image.Image]) -> np.ndarray:
+        """CPU work on decoded images, safe to run in loader threads; results of several
+        calls concatenate along axis 0 into one batch."""
 
-    def encode(self, batch: Any) -> np.ndarray:
+    def encode(self, batch: np.ndarray) -> np.ndarray:
         """(n, dim) float32 embeddings of a preprocessed batch."""
 
 
@@ -110,13 +111,14 @@ class HuggingFaceEncoder:
             probe = self.preprocess([Image.new("RGB", (8, 8))])
             self.dim = int(self.encode(probe).shape[1])
 
-    def preprocess(self, images: list[Image.Image]) -> Any:
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+    def preprocess(self, images: list[Image.Image]) -> np.ndarray:
+        return self.processor(images=images, return_tensors="np")["pixel_values"]
 
-    def encode(self, batch: Any) -> np.ndarray:
+    def encode(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            out = self.net.get_image_features(pixel_values=batch.to(self.device))
+            pixels = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+            out = self.net.get_image_features(pixel_values=pixels)
             # transformers 5 returns an output object (features in pooler_output), 4.x a tensor
             features = out if isinstance(out, torch.Tensor) else out.pooler_output
             features = torch.nn.functional.normalize(features.float(), dim=-1)
