@@ -283,10 +283,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topn", type=int, default=10, help="neighbours per target (default 10)")
     p.add_argument("--metric", nargs="+", choices=(*METRICS, "all"), default=["all"],
                    help="one or more metrics, or all (default)")
-    p.add_argument("--block-rows", type=int, default=65536,
-                   help="pool rows per block, ours and FAISS's add (default 65536, the spec default)")
-    p.add_argument("--row-group-rows", type=int, default=65536,
-                   help="parquet row-group size of the written files (default 65536)")
+    p.add_argument("--block-rows", type=int, default=32768,
+                   help="pool rows per block, ours and FAISS's add (default 32768, the spec default)")
+    p.add_argument("--row-group-rows", type=int, default=None,
+                   help="parquet row-group size of the written files (default: what embed_file "
+                        "writes for this dim)")
     p.add_argument("--repeat", type=int, default=1,
                    help="timed runs per side, best kept (default 1; peak RSS covers all of them)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir and print its path")
@@ -301,6 +302,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.w_mode:
         worker(args)
         return
+    if args.row_group_rows is None:
+        from deft_mine.engine.embedding import _rows_per_group
+
+        args.row_group_rows = _rows_per_group(args.dim)
     metrics = list(METRICS) if "all" in args.metric else list(dict.fromkeys(args.metric))
     n_targets = {m: args.targets or DEFAULT_TARGETS[m] for m in metrics}
 

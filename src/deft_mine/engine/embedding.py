@@ -23,6 +23,13 @@ from deft_mine.events import Events
 EMBEDDING_COLUMN = "embedding"
 _PREFETCH = 2  # batches decoded ahead of the encoder
 _SKIPPED_EXAMPLES = 5
+# Readers decode a whole row group at once (several times its size in Arrow memory), so row
+# groups are sized by bytes of vectors, not rows: ~10k rows of 768-d float32.
+_ROW_GROUP_BYTES = 32 << 20
+
+
+def _rows_per_group(dim: int) -> int:
+    return max(1024, _ROW_GROUP_BYTES // max(4 * dim, 1))
 
 
 @dataclass
@@ -76,7 +83,7 @@ def embed_file(
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as decoders, \
             ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer, \
             store.atomic_output(output_path) as tmp, \
-            _RowGroupWriter(tmp, out_schema) as writer:
+            _RowGroupWriter(tmp, out_schema, _rows_per_group(encoder.dim)) as writer:
 
         def load_one(filepath: object) -> np.ndarray | LoadFailure:
             if filepath is None:
@@ -144,7 +151,7 @@ def _finish(prep: _Prepared, encoder: Encoder, writer: "_RowGroupWriter", schema
 class _RowGroupWriter:
     """Buffers encoder-sized batches into large row groups, so readers stream efficiently."""
 
-    def __init__(self, path: Path, schema: pa.Schema, rows_per_group: int = 65536) -> None:
+    def __init__(self, path: Path, schema: pa.Schema, rows_per_group: int) -> None:
         self._writer = pq.ParquetWriter(path, schema)
         self._schema = schema
         self._pending: list[pa.RecordBatch] = []

@@ -6,6 +6,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -72,13 +73,9 @@ def mine_files(
     total = store.num_rows(source_path)
     top = RunningTopK(queries, topn, metric) if len(queries) else None
     seen = searched = in_pool = 0
-    src_dim: int | None = None
     events.progress("mine", 0, total)
-    for batch in store.iter_batches(source_path, block_rows, ["filepath", source_column]):
-        vectors = store.vectors_from_column(batch.column(source_column), path=source_path,
-                                            name=source_column, first_row=seen, dim=src_dim)
-        if src_dim is None and len(vectors):
-            src_dim = vectors.shape[1]
+    blocks = _pool_blocks(source_path, source_column, block_rows, target_set)
+    for vectors, is_target, rows in store.read_ahead(blocks):
         if len(queries) and len(vectors) and vectors.shape[1] != queries.shape[1]:
             raise DeftError(
                 "dimension_mismatch",
@@ -87,15 +84,15 @@ def mine_files(
                 f"{queries.shape[1]}-d ones",
                 fix="embed both files with the same encoder",
             )
-        ids = np.arange(seen, seen + len(vectors), dtype=np.int64)
-        is_target = _in_targets(batch.column("filepath"), target_set)
+        ids = np.arange(seen, seen + rows, dtype=np.int64)
         in_pool += int(is_target.sum())
         if exclude_targets:
             vectors, ids = vectors[~is_target], ids[~is_target]
         if top is not None:
             top.add(vectors, ids)
         searched += len(ids)
-        seen += batch.num_rows
+        seen += rows
+        dim = dim or (vectors.shape[1] if len(vectors) else None)
         events.progress("mine", seen, total)
     timings["search"] = time.perf_counter() - t0
 
@@ -143,7 +140,19 @@ def mine_files(
     timings["total"] = time.perf_counter() - t_start
     return MiningOutcome(mined=mined, summary=summary, pool_rows=total, searched_rows=searched,
                          target_in_pool=in_pool, label_filter=label_filter,
-                         label_missing=label_missing, dim=dim or src_dim or 0, timings=timings)
+                         label_missing=label_missing, dim=dim or 0, timings=timings)
+
+
+def _pool_blocks(path: Path, column: str, block_rows: int, target_set: set[str]
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """The pool's vectors block by block (validated), with which rows are targets."""
+    seen, dim = 0, None
+    for batch in store.iter_batches(path, block_rows, ["filepath", column]):
+        vectors = store.vectors_from_column(batch.column(column), path=path, name=column,
+                                            first_row=seen, dim=dim)
+        dim = dim or (vectors.shape[1] if len(vectors) else None)
+        yield vectors, _in_targets(batch.column("filepath"), target_set), batch.num_rows
+        seen += batch.num_rows
 
 
 # Paths that normpath would change: "./", "../", "//" segments or a trailing slash.

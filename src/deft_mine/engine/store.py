@@ -6,9 +6,11 @@ import contextlib
 import functools
 import json
 import os
+import queue
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +21,7 @@ import pyarrow.parquet as pq
 from deft_mine.errors import DeftError
 
 IDENTITY_KEY = b"deft_mine.encoder"
+T = TypeVar("T")
 
 
 def is_csv(path: Path) -> bool:
@@ -56,7 +59,9 @@ def _read_csv_cached(path: str, mtime_ns: int, size: int) -> pa.Table:
 
 def _parquet(path: Path) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        # pre_buffer would keep every row group read so far alive until the file is closed:
+        # memory would grow with the pool, not with the block being mined.
+        return pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DeftError(
             "parquet_invalid",
@@ -181,6 +186,47 @@ def vector_array(vectors: np.ndarray) -> pa.Array:
     if vectors.shape[1] == 0:
         offsets = np.zeros(len(vectors) + 1, dtype=np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(vectors.reshape(-1)))
+
+
+_END = object()
+
+
+def read_ahead(items: Iterator[T], depth: int = 1) -> Iterator[T]:
+    """Produce the next `depth` items in a background thread while the caller works on this
+    one (parquet decoding overlaps the search, which releases the GIL). Errors come through."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put((_END, exc))
+
+    worker = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 @contextlib.contextmanager

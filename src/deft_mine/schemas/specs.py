@@ -74,7 +74,7 @@ class MiningSpec(_Spec):
     target_parquet: str | None = None
     output_parquet: str | None = None
     exclude_targets: bool = Field(False, description="drop pool rows that are also targets")
-    block_rows: int = Field(65536, ge=1, description="pool rows held in memory at a time")
+    block_rows: int = Field(32768, ge=1, description="pool rows searched at a time (memory ~ 2-3 blocks)")
 
     @field_validator("filter_by_label", "exclude_targets", mode="before")
     @classmethod
