@@ -69,8 +69,11 @@ class RunningTopK:
             ids = np.arange(self.seen, self.seen + len(block), dtype=np.int64)
         block = _prepare(block, self.metric)
         if len(block) and len(self.queries):
-            keys, local = _block_topk(self.queries, block, self.k, self.metric)
-            self._merge(keys, ids[local])
+            # Rows already holding k neighbours only need block rows that could beat the k-th
+            # (ties go to the earlier, lower row); that spares most of the rescoring.
+            bound = self._keys[:, -1] if self._keys.shape[1] == self.k else None
+            keys, local = _block_topk(self.queries, block, self.k, self.metric, bound)
+            self._merge(keys, np.where(local >= 0, ids[np.maximum(local, 0)], -1))
         self.seen += len(block)
 
     def _merge(self, keys: np.ndarray, ids: np.ndarray) -> None:
@@ -107,11 +110,16 @@ def _prepare(vectors: np.ndarray, metric: Metric) -> np.ndarray:
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def _block_topk(queries: np.ndarray, block: np.ndarray, k: int, metric: Metric):
-    """Exact top-k (float64 keys, ties to the lower row) of every query within one block."""
+def _block_topk(queries: np.ndarray, block: np.ndarray, k: int, metric: Metric,
+                bound: np.ndarray | None = None):
+    """Exact top-k (float64 keys, ties to the lower row) of every query within one block.
+
+    With `bound` (each query's current k-th key), only rows that could beat it are kept;
+    the rest of a query's k slots hold key inf and row -1.
+    """
     k = min(k, len(block))
-    keys = np.empty((len(queries), k), dtype=np.float64)
-    ids = np.empty((len(queries), k), dtype=np.int64)
+    keys = np.full((len(queries), k), np.inf, dtype=np.float64)
+    ids = np.full((len(queries), k), -1, dtype=np.int64)
     error = _ErrorBound(queries, block, metric)
     rows = np.arange(len(queries))
     want = k + _EXTRA
@@ -121,34 +129,45 @@ def _block_topk(queries: np.ndarray, block: np.ndarray, k: int, metric: Metric):
         approx = approx.astype(np.float64)
         if metric is Metric.cosine:
             approx = -approx
-        # Anything FAISS scored above `limit` is provably worse than its k first candidates.
-        limit = approx[:, k - 1] + 2.0 * error(rows, approx[:, -1])
+        eps = error(rows, approx[:, -1])
+        # Rows FAISS scored above `limit` are provably worse than its k first candidates, or
+        # than the k neighbours the query already has.
+        limit = approx[:, k - 1] + 2.0 * eps
+        if bound is not None:
+            limit = np.minimum(limit, bound[rows] + eps)
         done = np.full(len(rows), want == len(block)) | (approx[:, -1] > limit)
         if done.any():
-            width = int((approx[done] <= limit[done, None]).sum(axis=1).max())
-            near = cand[done, :width].astype(np.int64)
-            exact = _exact_keys(queries[rows[done]], block, near, metric)
-            order = np.lexsort((near, exact), axis=1)[:, :k]
-            keys[rows[done]] = np.take_along_axis(exact, order, axis=1)
-            ids[rows[done]] = np.take_along_axis(near, order, axis=1)
+            near = approx[done] <= limit[done, None]
+            width = max(int(near.sum(axis=1).max()), 1)
+            near, cand_done = near[:, :width], cand[done, :width].astype(np.int64)
+            exact = np.full(near.shape, np.inf)
+            pair_rows, pair_cols = np.nonzero(near)
+            exact[pair_rows, pair_cols] = _exact_keys(
+                queries[rows[done]][pair_rows], block[cand_done[pair_rows, pair_cols]], metric)
+            cand_done[~near] = -1
+            order = np.lexsort((cand_done, exact), axis=1)[:, :k]
+            width = order.shape[1]
+            keys[rows[done], :width] = np.take_along_axis(exact, order, axis=1)
+            ids[rows[done], :width] = np.take_along_axis(cand_done, order, axis=1)
         rows = rows[~done]
         want *= 4
     return keys, ids
 
 
-def _exact_keys(queries: np.ndarray, block: np.ndarray, cand: np.ndarray, metric: Metric):
-    """Float64 keys of each (query, candidate) pair, computed the same way for every pair."""
-    out = np.empty(cand.shape, dtype=np.float64)
-    step = max(1, _RESCORE_BYTES // max(1, cand.shape[1] * block.shape[1] * 8))
+def _exact_keys(queries: np.ndarray, vectors: np.ndarray, metric: Metric) -> np.ndarray:
+    """Float64 key of each (query, vector) pair, row by row, computed the same way for every
+    pair so that equal vectors always get equal keys."""
+    out = np.empty(len(queries), dtype=np.float64)
+    step = max(1, _RESCORE_BYTES // max(1, queries.shape[1] * 16))
     for start in range(0, len(queries), step):
-        q = queries[start : start + step].astype(np.float64)[:, None, :]
-        x = block[cand[start : start + step]].astype(np.float64)
+        q = queries[start : start + step].astype(np.float64)
+        x = vectors[start : start + step].astype(np.float64)
         if metric is Metric.cosine:
-            out[start : start + step] = -(q * x).sum(axis=2)
+            out[start : start + step] = -(q * x).sum(axis=1)
         elif metric is Metric.euclidean:
-            out[start : start + step] = np.square(q - x).sum(axis=2)
+            out[start : start + step] = np.square(q - x).sum(axis=1)
         else:
-            out[start : start + step] = np.abs(q - x).sum(axis=2)
+            out[start : start + step] = np.abs(q - x).sum(axis=1)
     return out
 
 
