@@ -148,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="any key of either spec, e.g. model=thumbnail topn=10 filter_by_label=true")
 
+    p = sub.add_parser("serve", help="start the MCP server (stdio for Claude Code)",
+                       description="Start the MCP server. It reads and writes only under its roots.")
+    p.set_defaults(handler=None)
+    p.add_argument("--transport", choices=["stdio", "streamable-http"], default="stdio")
+    p.add_argument("--host", default="127.0.0.1", help="streamable-http: address to bind")
+    p.add_argument("--port", type=int, default=8765, help="streamable-http: port")
+    p.add_argument("--root", action="append", default=None,
+                   help="allowed root folder (repeatable; default: the working directory)")
+
     p = command("demo", _cmd_demo, "make a small AOI-like sample set and run the workflow offline")
     p.add_argument("--output-dir", default="deft_mine_demo", help="where the sample data and run go")
     return parser
@@ -162,6 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.command == "serve":
+        from deft_mine.server import serve
+
+        serve(args.transport, args.root, args.host, args.port)
+        return EXIT_OK
     try:
         with RichEvents(quiet=args.quiet or args.json) as events:
             result = args.handler(args, events)

@@ -8,6 +8,7 @@ from deft_mine.backends import get_backend
 from deft_mine.events import Events, NullEvents
 from deft_mine.schemas.results import EmbedResult, EncoderIdentity, ToolWarning
 from deft_mine.schemas.specs import EmbeddingSpec
+from deft_mine.tools.guards import EncoderLock, PathPolicy, check_paths
 from deft_mine.tools._common import Overrides, distinct_output, existing_input, required_path, spec_with_paths
 
 
@@ -18,19 +19,32 @@ def embed(
     overrides: Overrides = None,
     backend: str = "local",
     events: Events | None = None,
+    policy: PathPolicy | None = None,
+    lock: EncoderLock | None = None,
 ) -> EmbedResult:
+    """Embed the images a parquet/CSV lists. `policy` limits the paths it may touch; `lock`
+    (one per MCP session) refuses an encoder other than the session's first."""
+    check_paths(policy, spec_path=spec_path)
     spec = spec_with_paths(EmbeddingSpec, spec_path, overrides,
                            input_parquet=input_parquet, output_parquet=output_parquet)
-    return embed_spec(spec, backend=backend, events=events)
+    return embed_spec(spec, backend=backend, events=events, policy=policy, lock=lock)
 
 
-def embed_spec(spec: EmbeddingSpec, backend: str = "local", events: Events | None = None) -> EmbedResult:
+def embed_spec(spec: EmbeddingSpec, backend: str = "local", events: Events | None = None,
+               policy: PathPolicy | None = None, lock: EncoderLock | None = None) -> EmbedResult:
     """Embed with an already-resolved spec (what `run` calls for each side)."""
     events = events or NullEvents()
+    check_paths(policy, input_parquet=spec.input_parquet, output_parquet=spec.output_parquet,
+                image_root=spec.image_root)
+    if lock is not None:
+        lock.check(spec)
     source = existing_input(spec, "input_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source)
     image_root = Path(spec.image_root).expanduser().absolute() if spec.image_root else source.parent
     done = get_backend(backend).embed(spec, source, output, image_root, events)
+    encoder = EncoderIdentity(**done.identity)
+    if lock is not None:
+        lock.record(encoder)
     warnings = []
     if done.skipped_by_reason:
         skipped = sum(done.skipped_by_reason.values())
@@ -46,7 +60,7 @@ def embed_spec(spec: EmbeddingSpec, backend: str = "local", events: Events | Non
     return EmbedResult(
         output_parquet=str(output), rows=done.rows, input_rows=done.input_rows, columns=done.columns,
         skipped=done.input_rows - done.rows, skipped_by_reason=done.skipped_by_reason,
-        skipped_examples=done.skipped_examples, encoder=EncoderIdentity(**done.identity),
+        skipped_examples=done.skipped_examples, encoder=encoder,
         embedding_dim=done.dim, device=done.device, backend=backend, timings=done.timings,
         warnings=warnings,
     )

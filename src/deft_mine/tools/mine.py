@@ -10,6 +10,7 @@ from deft_mine.errors import DeftError
 from deft_mine.events import Events, NullEvents
 from deft_mine.schemas.results import EncoderIdentity, MineResult, ToolWarning
 from deft_mine.schemas.specs import MiningSpec
+from deft_mine.tools.guards import PathPolicy, check_paths
 from deft_mine.tools._common import Overrides, distinct_output, existing_input, required_path, spec_with_paths
 
 SUMMARY_NAME = "mining_summary.txt"
@@ -23,14 +24,20 @@ def mine(
     overrides: Overrides = None,
     backend: str = "local",
     events: Events | None = None,
+    policy: PathPolicy | None = None,
 ) -> MineResult:
+    """Mine the pool for each target's nearest images. `policy` limits the paths it may touch."""
+    check_paths(policy, spec_path=spec_path)
     spec = spec_with_paths(MiningSpec, spec_path, overrides, source_parquet=source_parquet,
                            target_parquet=target_parquet, output_parquet=output_parquet)
-    return mine_spec(spec, backend=backend, events=events)
+    return mine_spec(spec, backend=backend, events=events, policy=policy)
 
 
-def mine_spec(spec: MiningSpec, backend: str = "local", events: Events | None = None) -> MineResult:
+def mine_spec(spec: MiningSpec, backend: str = "local", events: Events | None = None,
+              policy: PathPolicy | None = None) -> MineResult:
     events = events or NullEvents()
+    check_paths(policy, source_parquet=spec.source_parquet, target_parquet=spec.target_parquet,
+                output_parquet=spec.output_parquet)
     source = existing_input(spec, "source_parquet")
     target = existing_input(spec, "target_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source, target)
@@ -38,6 +45,12 @@ def mine_spec(spec: MiningSpec, backend: str = "local", events: Events | None = 
     warnings: list[ToolWarning] = []
     identity = check_same_encoder(source, target, warnings)
 
+    if spec.filter_by_label:  # say it before the work, not only in the result
+        lacking = [side for side, path in (("source", source), ("target", target))
+                   if "label" not in store.schema_of(path).names]
+        if lacking:
+            events.log("warning", f"filter_by_label=true will do nothing: the {' and '.join(lacking)} "
+                                  "parquet has no 'label' column; mining unfiltered")
     done = get_backend(backend).mine(spec, source, target, output, summary_path, events)
 
     if done.label_filter == "noop":

@@ -18,6 +18,7 @@ from deft_mine.events import Events, NullEvents, StageEvents
 from deft_mine.schemas.results import RunResult, ToolWarning
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec, spec_to_yaml, split_overrides
 from deft_mine.tools.embed import embed_spec
+from deft_mine.tools.guards import EncoderLock, PathPolicy, check_paths
 from deft_mine.tools.mine import mine_spec
 
 RUNS_FOLDER = "mining_results"
@@ -34,15 +35,23 @@ def run(
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     backend: str = "local",
     events: Events | None = None,
+    policy: PathPolicy | None = None,
+    lock: EncoderLock | None = None,
 ) -> RunResult:
+    """The whole workflow into a new run folder; `policy` and `lock` as for `embed`."""
     events = events or NullEvents()
     started = time.perf_counter()
+    check_paths(policy, targets=targets, source=source, output_dir=output_dir, run_dir=run_dir,
+                embedding_spec_path=embedding_spec_path, mining_spec_path=mining_spec_path)
     targets_path = _input(targets, "targets")
     source_path = _input(source, "source")
     embed_over, mine_over = split_overrides(overrides or ())
     # Both specs are checked before any work, so a typo in the mining spec costs no embedding.
     embedding = load_spec(EmbeddingSpec, embedding_spec_path, embed_over)
     mining = load_spec(MiningSpec, mining_spec_path, mine_over)
+    check_paths(policy, image_root=embedding.image_root)
+    if lock is not None:
+        lock.check(embedding)
     folder = _make_run_dir(output_dir, run_dir)
     events.log("info", f"run folder {folder}")
 
@@ -69,9 +78,9 @@ def run(
         "mining_spec": mining.model_dump(mode="json"),
     }
     try:
-        tgt = embed_spec(target_spec, backend, StageEvents(events, "embed targets"))
-        src = embed_spec(source_spec, backend, StageEvents(events, "embed source"))
-        mine_result = mine_spec(mining, backend, StageEvents(events, "mine"))
+        tgt = embed_spec(target_spec, backend, StageEvents(events, "embed targets"), policy, lock)
+        src = embed_spec(source_spec, backend, StageEvents(events, "embed source"), policy, lock)
+        mine_result = mine_spec(mining, backend, StageEvents(events, "mine"), policy)
     except Exception as exc:  # the folder says why it is incomplete, then the error goes on up
         error = exc.to_dict() if isinstance(exc, DeftError) else {"code": "internal_error",
                                                                      "message": repr(exc)}
