@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+INSPECTOR := .tools/node_modules/.bin/mcp-inspector
+# The MCP Inspector CLI: a client we did not write, driving our server in the tests (needs npm).
+INSPECTOR_VERSION := 0.15.0
+
 .PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
@@ -14,9 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/deft-mine demo --output-dir demo_output
+	$(VENV)/bin/deft-mine demo --output-dir deft_mine_demo
 
-test: $(STAMP)
+$(INSPECTOR):
+	@if command -v npm >/dev/null; then \
+	  mkdir -p .tools && cd .tools && npm install --silent --no-audit --no-fund \
+	    @modelcontextprotocol/inspector@$(INSPECTOR_VERSION); \
+	else echo "npm not found: the MCP Inspector tests will be skipped"; fi
+
+test: $(STAMP) $(INSPECTOR)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
@@ -24,4 +34,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_embedding.py
 
 clean:
-	rm -rf $(VENV) demo_output
+	rm -rf $(VENV) .tools deft_mine_demo

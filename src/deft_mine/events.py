@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Protocol
 
 
+class Cancelled(Exception):
+    """Raised from `Events.progress` when whoever drives the work has cancelled it; the work
+    unwinds through its atomic writes, so nothing half-written is left."""
+
+
 class Events(Protocol):
     def progress(self, stage: str, done: int, total: int | None) -> None:
         """`done` of `total` units finished in `stage` (total None when unknown)."""

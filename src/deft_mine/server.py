@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from deft_mine import __version__
 from deft_mine.errors import DeftError
+from deft_mine.events import Cancelled
 from deft_mine.schemas.results import EmbedResult, MineResult, RunResult
 from deft_mine.tools.guards import EncoderLock, PathPolicy
 from deft_mine.tools.preflight import PreflightResult
@@ -39,10 +40,6 @@ pitfalls and the report."""
 Overrides = Annotated[dict[str, Any] | None, Field(
     description="spec keys as in the YAML, e.g. {\"model\": \"thumbnail\", \"topn\": 10}; they win over the spec file")]
 Backend = Annotated[Literal["local", "docker"], Field(description="where the work runs; local = in-process")]
-
-
-class Cancelled(Exception):
-    """Raised inside the worker thread when the client cancelled the call."""
 
 
 class _Session:

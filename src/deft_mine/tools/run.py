@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from deft_mine import __version__
 from deft_mine.engine import store
 from deft_mine.errors import DeftError
-from deft_mine.events import Events, NullEvents, StageEvents
+from deft_mine.events import Cancelled, Events, NullEvents, StageEvents
 from deft_mine.schemas.results import RunResult, ToolWarning
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec, spec_to_yaml, split_overrides
 from deft_mine.tools.embed import embed_spec
@@ -82,8 +82,11 @@ def run(
         src = embed_spec(source_spec, backend, StageEvents(events, "embed source"), policy, lock)
         mine_result = mine_spec(mining, backend, StageEvents(events, "mine"), policy)
     except Exception as exc:  # the folder says why it is incomplete, then the error goes on up
-        error = exc.to_dict() if isinstance(exc, DeftError) else {"code": "internal_error",
-                                                                     "message": repr(exc)}
+        if isinstance(exc, DeftError):
+            error = exc.to_dict()
+        else:
+            error = {"code": "cancelled" if isinstance(exc, Cancelled) else "internal_error",
+                     "message": str(exc) or repr(exc)}
         manifest.update(status="failed", error=error)
         _write_manifest(folder, manifest)
         raise
