@@ -115,7 +115,7 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
     server_roots = [Path(r).expanduser().resolve() for r in (roots or [Path.cwd()])]
     sessions: "weakref.WeakKeyDictionary[Any, _Session]" = weakref.WeakKeyDictionary()
     mcp = MCPServer(name="deft-mine", title="DEFT image mining", version=__version__,
-                    instructions=INSTRUCTIONS)
+                    instructions=INSTRUCTIONS, log_level="WARNING")
 
     def session_state(ctx: Context) -> _Session:
         key = ctx.session
