@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
 
+from deft_mine.engine import store
 from deft_mine.errors import DeftError
 from deft_mine.schemas.specs import _Spec, load_spec
 
@@ -31,11 +32,7 @@ def required_path(spec: _Spec, field: str) -> Path:
 
 
 def existing_input(spec: _Spec, field: str) -> Path:
-    path = required_path(spec, field)
-    if not path.is_file():
-        raise DeftError("file_not_found", f"{field}: {path} does not exist or is not a file",
-                        fix=f"check the path given as {field}", field=field, path=str(path))
-    return path
+    return store.require_file(required_path(spec, field), field)
 
 
 def distinct_output(output: Path, field: str, *inputs: Path) -> Path:

@@ -8,8 +8,8 @@ from deft_mine.backends import get_backend
 from deft_mine.events import Events, NullEvents
 from deft_mine.schemas.results import EmbedResult, EncoderIdentity, ToolWarning
 from deft_mine.schemas.specs import EmbeddingSpec
-from deft_mine.tools.guards import EncoderLock, PathPolicy, check_paths
 from deft_mine.tools._common import Overrides, distinct_output, existing_input, required_path, spec_with_paths
+from deft_mine.tools.guards import EncoderLock, PathPolicy, check_paths
 
 
 def embed(

@@ -10,8 +10,8 @@ from deft_mine.errors import DeftError
 from deft_mine.events import Events, NullEvents
 from deft_mine.schemas.results import EncoderIdentity, MineResult, ToolWarning
 from deft_mine.schemas.specs import MiningSpec
-from deft_mine.tools.guards import PathPolicy, check_paths
 from deft_mine.tools._common import Overrides, distinct_output, existing_input, required_path, spec_with_paths
+from deft_mine.tools.guards import PathPolicy, check_paths
 
 SUMMARY_NAME = "mining_summary.txt"
 
