@@ -24,7 +24,8 @@ def task(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 RUN_FILES = {"embedding_spec.yaml", "mining_spec.yaml", "target_embeddings.parquet",
-             "source_embeddings.parquet", "mined.parquet", "mining_summary.txt", "run.json"}
+             "source_embeddings.parquet", "mined.parquet", "mining_summary.txt", "run.json",
+             "mined_pairs.parquet"}
 
 
 def test_run_writes_a_timestamped_run_folder_and_prints_it_last(image_set):

@@ -70,3 +70,15 @@ def test_an_empty_target_list_is_a_valid_zero_row_run(image_set):
                  overrides={"model": "thumbnail"})
     assert result.mined == 0 and pq.read_table(result.mined_parquet).num_rows == 0
     assert pq.read_table(result.target_embed.output_parquet).schema.names == ["filepath", "embedding"]
+
+
+def test_the_run_records_every_pair_it_found(image_set):
+    result = run(image_set / "targets.parquet", image_set / "pool.parquet", run_dir=image_set / "r",
+                 overrides={"model": "thumbnail", "topn": 3, "filter_by_label": True})
+    pairs = pq.read_table(image_set / "r" / "mined_pairs.parquet").to_pylist()
+    assert len(pairs) == result.mine.summary["pairs"] == 6
+    assert sum(p["kept"] for p in pairs) == result.mine.summary["kept_pairs"]
+    assert all(p["kept"] == (p["target_label"] == p["source_label"]) for p in pairs)
+    assert [(p["target_row"], p["rank"]) for p in pairs] == [(t, r) for t in (0, 1) for r in (1, 2, 3)]
+    kept_paths = list(dict.fromkeys(p["filepath"] for p in pairs if p["kept"]))
+    assert pq.read_table(result.mined_parquet).column("filepath").to_pylist() == kept_paths

@@ -46,4 +46,5 @@ class Backend(Protocol):
               events: Events) -> BackendEmbed: ...
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
-             summary_path: Path, events: Events) -> BackendMine: ...
+             summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
+        """Write `output_path` and `summary_path` (and every pair found to `pairs_path`)."""

@@ -57,7 +57,7 @@ class LocalBackend:
         )
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
-             summary_path: Path, events: Events) -> BackendMine:
+             summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
         outcome = mine_files(
             source_path, target_path, topn=spec.topn, metric=spec.knn_metric,
             filter_by_label=spec.filter_by_label, source_column=spec.source_embed_column_name,
@@ -66,6 +66,8 @@ class LocalBackend:
         )
         t0 = time.perf_counter()
         store.write_table_atomic(output_path, outcome.mined)
+        if pairs_path is not None:
+            store.write_table_atomic(pairs_path, outcome.pairs)
         lines = [f"{k}: {v}" for k, v in outcome.summary.items()]
         lines.append(f"label_filter: {outcome.label_filter}")
         store.write_text_atomic(summary_path, "\n".join(lines) + "\n")

@@ -22,6 +22,7 @@ from deft_mine.events import Events
 @dataclass
 class MiningOutcome:
     mined: pa.Table  # filepath first, then score, best_target, hits
+    pairs: pa.Table  # every (target, neighbour) pair found, in target then rank order
     summary: dict[str, int]
     pool_rows: int  # rows of the pool file
     searched_rows: int  # rows searched (pool less excluded targets)
@@ -60,7 +61,8 @@ def mine_files(
                      if "label" not in sch.names]
     label_filter = "off" if not filter_by_label else ("noop" if label_missing else "applied")
 
-    tgt_cols = ["filepath", target_column] + (["label"] if label_filter == "applied" else [])
+    # Labels are read whenever a side has them: the pairs table records them for the report.
+    tgt_cols = ["filepath", target_column] + (["label"] if "target" not in label_missing else [])
     targets = store.read_columns(target_path, tgt_cols)
     queries = store.vectors_from_column(targets.column(target_column), path=target_path,
                                         name=target_column, first_row=0, dim=None)
@@ -107,7 +109,7 @@ def mine_files(
     # Pass 2: filepath (and label) of just the rows that were found.
     t0 = time.perf_counter()
     wanted = np.unique(indices)
-    src_cols = ["filepath"] + (["label"] if label_filter == "applied" else [])
+    src_cols = ["filepath"] + (["label"] if "source" not in label_missing else [])
     picked = _take_rows(source_path, wanted, src_cols, block_rows)
     position = np.searchsorted(wanted, indices)
     src_paths = np.asarray(picked["filepath"], dtype=object)[position] if indices.size else \
@@ -115,14 +117,17 @@ def mine_files(
 
     pairs = int(indices.size)
     keep = np.ones(indices.shape, dtype=bool)
-    if label_filter == "applied":
-        tgt_labels = _labels_as_str(targets.column("label"))
+    tgt_col = src_labels = None
+    if "target" not in label_missing:
+        tgt_col = np.asarray(_labels_as_str(targets.column("label")), dtype=object)[:, None]
+    if "source" not in label_missing:
         src_labels = np.asarray(_labels_as_str(picked["label"]), dtype=object)[position] \
             if indices.size else np.zeros(indices.shape, dtype=object)
-        tgt_col = np.asarray(tgt_labels, dtype=object)[:, None]
+    if label_filter == "applied":
         keep = (src_labels == tgt_col) & (src_labels != None) & (tgt_col != None)  # noqa: E711
 
     mined = _dedupe(src_paths, scores, keep, target_paths, metric)
+    pairs_table = _pairs_table(target_paths, indices, src_paths, scores, keep, tgt_col, src_labels)
     timings["collect"] = time.perf_counter() - t0
     summary = {
         "queries": len(queries),
@@ -138,9 +143,30 @@ def mine_files(
     summary["mined"] = mined.num_rows
     summary["target_in_pool"] = in_pool
     timings["total"] = time.perf_counter() - t_start
-    return MiningOutcome(mined=mined, summary=summary, pool_rows=total, searched_rows=searched,
+    return MiningOutcome(mined=mined, pairs=pairs_table, summary=summary, pool_rows=total, searched_rows=searched,
                          target_in_pool=in_pool, label_filter=label_filter,
                          label_missing=label_missing, dim=dim or 0, timings=timings)
+
+
+def _pairs_table(target_paths: list, indices: np.ndarray, src_paths: np.ndarray, scores: np.ndarray,
+                 keep: np.ndarray, tgt_labels: np.ndarray | None, src_labels: np.ndarray | None) -> pa.Table:
+    """One row per pair found: which target, its rank-th neighbour, the score, whether the
+    label filter kept it (and both labels when the files have them)."""
+    queries, k = indices.shape
+    columns = {
+        "target_filepath": pa.array(np.repeat(np.asarray(target_paths, dtype=object), k).tolist(), pa.string()),
+        "target_row": pa.array(np.repeat(np.arange(queries), k), pa.int64()),
+        "rank": pa.array(np.tile(np.arange(1, k + 1), queries), pa.int32()),
+        "filepath": pa.array(src_paths.reshape(-1).tolist(), pa.string()),
+        "source_row": pa.array(indices.reshape(-1), pa.int64()),
+        "score": pa.array(scores.reshape(-1), pa.float64()),
+        "kept": pa.array(keep.reshape(-1), pa.bool_()),
+    }
+    if tgt_labels is not None:
+        columns["target_label"] = pa.array(np.repeat(tgt_labels[:, 0], k).tolist(), pa.string())
+    if src_labels is not None:
+        columns["source_label"] = pa.array(src_labels.reshape(-1).tolist(), pa.string())
+    return pa.table(columns)
 
 
 def _pool_blocks(path: Path, column: str, block_rows: int, target_set: set[str]

@@ -34,7 +34,7 @@ def mine(
 
 
 def mine_spec(spec: MiningSpec, backend: str = "local", events: Events | None = None,
-              policy: PathPolicy | None = None) -> MineResult:
+              policy: PathPolicy | None = None, pairs_path: Path | None = None) -> MineResult:
     events = events or NullEvents()
     check_paths(policy, source_parquet=spec.source_parquet, target_parquet=spec.target_parquet,
                 output_parquet=spec.output_parquet)
@@ -51,7 +51,7 @@ def mine_spec(spec: MiningSpec, backend: str = "local", events: Events | None = 
         if lacking:
             events.log("warning", f"filter_by_label=true will do nothing: the {' and '.join(lacking)} "
                                   "parquet has no 'label' column; mining unfiltered")
-    done = get_backend(backend).mine(spec, source, target, output, summary_path, events)
+    done = get_backend(backend).mine(spec, source, target, output, summary_path, events, pairs_path)
 
     if done.label_filter == "noop":
         sides = " and ".join(done.label_missing)

@@ -23,6 +23,7 @@ from deft_mine.tools.mine import mine_spec
 
 RUNS_FOLDER = "mining_results"
 TIMESTAMP = "%Y-%m-%d_%H%M%S"
+PAIRS_NAME = "mined_pairs.parquet"  # every (target, neighbour) pair: what the report draws
 
 
 def run(
@@ -80,7 +81,8 @@ def run(
     try:
         tgt = embed_spec(target_spec, backend, StageEvents(events, "embed targets"), policy, lock)
         src = embed_spec(source_spec, backend, StageEvents(events, "embed source"), policy, lock)
-        mine_result = mine_spec(mining, backend, StageEvents(events, "mine"), policy)
+        mine_result = mine_spec(mining, backend, StageEvents(events, "mine"), policy,
+                                pairs_path=folder / PAIRS_NAME)
     except Exception as exc:  # the folder says why it is incomplete, then the error goes on up
         if isinstance(exc, DeftError):
             error = exc.to_dict()
