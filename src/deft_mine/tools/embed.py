@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from deft_mine.backends import get_backend
@@ -36,15 +37,14 @@ def embed_spec(spec: EmbeddingSpec, backend: str = "local", events: Events | Non
     events = events or NullEvents()
     check_paths(policy, input_parquet=spec.input_parquet, output_parquet=spec.output_parquet,
                 image_root=spec.image_root)
-    if lock is not None:
-        lock.check(spec)
     source = existing_input(spec, "input_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source)
     image_root = Path(spec.image_root).expanduser().absolute() if spec.image_root else source.parent
-    done = get_backend(backend).embed(spec, source, output, image_root, events)
-    encoder = EncoderIdentity(**done.identity)
-    if lock is not None:
-        lock.record(encoder)
+    with lock.bind(spec) if lock is not None else contextlib.nullcontext():
+        done = get_backend(backend).embed(spec, source, output, image_root, events)
+        encoder = EncoderIdentity(**done.identity)
+        if lock is not None:
+            lock.record(encoder)
     warnings = []
     if done.skipped_by_reason:
         skipped = sum(done.skipped_by_reason.values())

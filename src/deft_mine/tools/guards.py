@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from deft_mine.errors import DeftError
 from deft_mine.schemas.results import EncoderIdentity
@@ -48,30 +49,51 @@ def encoder_key(spec: EmbeddingSpec) -> dict[str, str | None]:
 
 
 class EncoderLock:
-    """One encoder per session: the first successful embed fixes it; a different one is refused."""
+    """One encoder per session: the first successful embed fixes it; a different one is refused.
+
+    An embed holds the lock (`with lock.bind(spec): ...`) while it works, so two concurrent
+    calls of one session cannot bind two different encoders.
+    """
 
     def __init__(self) -> None:
         self.identity: EncoderIdentity | None = None
+        self._claim: dict[str, str | None] | None = None  # an unfinished first embed's encoder
         self._mutex = threading.Lock()
 
-    def check(self, spec: EmbeddingSpec) -> None:
+    def _held(self) -> tuple[dict[str, str | None], dict[str, Any]] | None:
+        if self.identity is not None:
+            held = {k: getattr(self.identity, k) for k in ("model", "model_path", "model_config_path")}
+            return held, self.identity.model_dump()
+        if self._claim is not None:
+            return self._claim, dict(self._claim)
+        return None
+
+    @contextlib.contextmanager
+    def bind(self, spec: EmbeddingSpec) -> Iterator[None]:
+        wanted = encoder_key(spec)
         with self._mutex:
-            if self.identity is None:
-                return
-            locked = {k: getattr(self.identity, k) for k in ("model", "model_path", "model_config_path")}
-            wanted = encoder_key(spec)
-        if wanted != locked:
-            differing = [k for k in locked if locked[k] != wanted[k]]
+            held = self._held()
+            claimed = held is None
+            if claimed:
+                self._claim = wanted
+        if held is not None and held[0] != wanted:
+            key, shown = held
             raise DeftError(
                 "encoder_mismatch",
-                f"this session already embedded with {locked['model']} ({locked['model_path']}); "
+                f"this session already embeds with {key['model']} ({key['model_path']}); "
                 f"embedding with {wanted['model']} ({wanted['model_path']}) would make embeddings "
                 "that cannot be mined against each other",
                 fix="keep the session's encoder (batch_size may differ), or start a new session "
                     "for a different encoder",
-                locked_encoder=self.identity.model_dump(), requested_encoder=wanted,
-                differing=differing,
+                locked_encoder=shown, requested_encoder=wanted,
+                differing=[k for k in key if key[k] != wanted[k]],
             )
+        try:
+            yield
+        finally:
+            if claimed:
+                with self._mutex:
+                    self._claim = None
 
     def record(self, identity: EncoderIdentity) -> None:
         with self._mutex:

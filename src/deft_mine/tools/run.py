@@ -51,8 +51,9 @@ def run(
     embedding = load_spec(EmbeddingSpec, embedding_spec_path, embed_over)
     mining = load_spec(MiningSpec, mining_spec_path, mine_over)
     check_paths(policy, image_root=embedding.image_root)
-    if lock is not None:
-        lock.check(embedding)
+    if lock is not None:  # refuse a different encoder before making a run folder
+        with lock.bind(embedding):
+            pass
     folder = _make_run_dir(output_dir, run_dir)
     events.log("info", f"run folder {folder}")
 
