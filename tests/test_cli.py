@@ -23,7 +23,7 @@ def task(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-RUN_FILES = {"embedding_spec.yaml", "mining_spec.yaml", "target_embeddings.parquet",
+RUN_FILES = {"Mining_Report.md", "contact_sheet.png", "score_histogram.png", "labels.png", "embedding_spec.yaml", "mining_spec.yaml", "target_embeddings.parquet",
              "source_embeddings.parquet", "mined.parquet", "mining_summary.txt", "run.json",
              "mined_pairs.parquet"}
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel
@@ -94,8 +95,20 @@ def _cmd_run(args: argparse.Namespace, events: RichEvents) -> BaseModel:
                  overrides=args.overrides, backend=args.backend, events=events)
     if not args.json:
         out.print(_summary_table(result.mine.summary))
-        out.print(f"mined {result.mined} unique images in {result.timings['total']:.1f}s")
+        out.print(f"mined {result.mined} unique images in {result.timings['total']:.1f}s; "
+                  f"report: {result.report.verdict.upper()} ({Path(result.report.report_path).name})")
         print(result.run_dir)  # last line of stdout: scripts take the run folder from here
+    return result
+
+
+def _cmd_report(args: argparse.Namespace, events: RichEvents) -> BaseModel:
+    from deft_mine.tools.report import report
+
+    result = report(args.run_dir, events=events)
+    if not args.json:
+        out.print(f"{result.verdict.upper()}: {result.words} words → {result.report_path}")
+        if result.missing_facts:
+            out.print(f"facts unavailable: {', '.join(result.missing_facts)}")
     return result
 
 
@@ -156,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="streamable-http: port")
     p.add_argument("--root", action="append", default=None,
                    help="allowed root folder (repeatable; default: the working directory)")
+
+    p = command("report", _cmd_report, "write Mining_Report.md and its pictures for a run folder")
+    p.add_argument("run_dir", help="a run folder (with run.json, or one the TAO container filled)")
 
     p = command("demo", _cmd_demo, "make a small AOI-like sample set and run the workflow offline")
     p.add_argument("--output-dir", default="deft_mine_demo", help="where the sample data and run go")

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from deft_mine import __version__
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled
-from deft_mine.schemas.results import EmbedResult, MineResult, RunResult
+from deft_mine.schemas.results import EmbedResult, MineResult, ReportResult, RunResult
 from deft_mine.tools.guards import EncoderLock, PathPolicy
 from deft_mine.tools.preflight import PreflightResult
 
@@ -92,13 +92,17 @@ def _text(result: BaseModel) -> str:
     lines = []
     if isinstance(result, RunResult):
         lines.append(f"run folder {result.run_dir}: mined {result.mined} unique images "
-                     f"({result.mine.summary.get('pairs', 0)} pairs for {result.mine.summary.get('queries', 0)} targets)")
+                     f"({result.mine.summary.get('pairs', 0)} pairs for {result.mine.summary.get('queries', 0)} "
+                     f"targets); report {result.report.verdict.upper()}: {result.report.report_path}")
     elif isinstance(result, MineResult):
         lines.append(f"mined {result.mined} unique images → {result.output_parquet}; "
                      + ", ".join(f"{k}={v}" for k, v in result.summary.items()))
     elif isinstance(result, EmbedResult):
         lines.append(f"embedded {result.rows} of {result.input_rows} rows ({result.skipped} skipped) "
                      f"with {result.encoder.model} on {result.device} → {result.output_parquet}")
+    elif isinstance(result, ReportResult):
+        lines.append(f"{result.verdict.upper()}: {result.report_path} ({result.words} words; "
+                     f"pictures: {', '.join(result.pictures) or 'none'})")
     elif isinstance(result, PreflightResult):
         lines.append(("ready" if result.ok else "NOT ready") + f" ({result.backend}): "
                      + "; ".join(f"{c.name}: {c.detail}" for c in result.checks))
@@ -239,6 +243,20 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
         return await call(ctx, lambda ev, pol, lock: tool(
             targets, source, output_dir, run_dir, embedding_spec_path, mining_spec_path, overrides,
             backend, ev, pol, lock))
+
+    @tool("Write the mining report")
+    async def report(
+        ctx: Context,
+        run_dir: Annotated[str, Field(description="run folder (with run.json, or one the TAO container filled)")],
+    ) -> Annotated[CallToolResult, ReportResult]:
+        """Write Mining_Report.md (seven sections, every number from the run's recorded facts)
+        and its pictures (contact sheet, score histogram, per-label bars) into a run folder;
+        `run` already does this as its last step. Works on folders without run.json too and
+        says which facts were unavailable. Returns the report path, word count, verdict and
+        warnings."""
+        from deft_mine.tools.report import report as tool
+
+        return await call(ctx, lambda ev, pol, lock: tool(run_dir, ev, pol))
 
     for path in sorted(REFERENCES.glob("*.md")):
         mcp.add_resource(FileResource(

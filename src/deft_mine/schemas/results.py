@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -81,5 +81,21 @@ class RunResult(BaseModel):
     target_embed: EmbedResult
     source_embed: EmbedResult
     mine: MineResult
+    report: "ReportResult"
     timings: dict[str, float] = Field(default_factory=dict)
     warnings: list[ToolWarning] = Field(default_factory=list)
+
+
+class ReportResult(BaseModel):
+    """What `report` wrote: Mining_Report.md, its pictures, and what it could not state."""
+
+    report_path: str
+    words: int = Field(description="words in the report (tokens holding a letter or digit)")
+    verdict: Literal["ok", "attention", "failed"]
+    pictures: list[str] = Field(default_factory=list, description="PNG file names in the run folder")
+    missing_facts: list[str] = Field(default_factory=list,
+                                     description="facts the folder did not record (e.g. no run.json)")
+    warnings: list[ToolWarning] = Field(default_factory=list)
+
+
+RunResult.model_rebuild()

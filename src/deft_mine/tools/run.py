@@ -20,6 +20,7 @@ from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec, spec_t
 from deft_mine.tools.embed import embed_spec
 from deft_mine.tools.guards import EncoderLock, PathPolicy, check_paths
 from deft_mine.tools.mine import mine_spec
+from deft_mine.tools.report import report
 
 RUNS_FOLDER = "mining_results"
 TIMESTAMP = "%Y-%m-%d_%H%M%S"
@@ -113,9 +114,10 @@ def run(
         timings=timings,
     )
     _write_manifest(folder, manifest)
+    written = report(folder, StageEvents(events, "report"), policy)  # last: it reads the rest
     return RunResult(run_dir=str(folder), mined=mine_result.mined, mined_parquet=str(mined),
-                     target_embed=tgt, source_embed=src, mine=mine_result, timings=timings,
-                     warnings=warnings)
+                     target_embed=tgt, source_embed=src, mine=mine_result, report=written,
+                     timings=timings, warnings=warnings)
 
 
 def _input(value: str | Path, field: str) -> Path:

@@ -1,0 +1,749 @@
+"""Mining_Report.md from recorded facts: a pure function (no file access, no clock).
+
+`tools/report.py` gathers the facts of a run folder (run.json, or what a folder without one
+holds) into `ReportFacts`; `render` turns them into the markdown text and the verdict. Every
+number printed comes from those facts, so the same facts give the same text, word for word.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+REPORT_NAME = "Mining_Report.md"
+SECTIONS = ("Verdict", "Inputs", "Encoder Consistency", "Mining Run", "Per-Label Breakdown",
+            "Output Sanity", "Recommended Actions")
+MIN_WORDS, MAX_WORDS = 600, 1200
+MAX_LABELS = 20  # label rows shown at most
+SKIP_SENTENCE = "The per-label breakdown is skipped because the targets have no `label` column."
+NOT_RECORDED = "not recorded"
+IDENTITY_FIELDS = ("model", "model_path", "model_config_path", "weights_digest", "preprocessing")
+
+# What each mining_summary.txt count means (the Mining Run table explains its own numbers).
+SUMMARY_MEANING = {
+    "queries": "targets searched (embedded target rows)",
+    "topn": "neighbours asked for per target",
+    "neighbours_requested": "queries × topn",
+    "pool": "pool rows searched",
+    "pairs": "(target, neighbour) pairs found",
+    "kept_pairs": "pairs whose labels agree (kept by the filter)",
+    "dropped_pairs": "pairs whose labels differ (dropped)",
+    "duplicates_removed": "kept pairs that repeat an image already mined",
+    "mined": "unique images written to the mined parquet",
+    "target_in_pool": "pool rows whose filepath is also a target",
+}
+
+
+@dataclass
+class MinedCheck:
+    """What the mined parquet holds on disk, looked at by the report itself."""
+
+    name: str  # its file name in the run folder
+    columns: list[tuple[str, str]]  # (column, Arrow type), in file order
+    rows: int
+    duplicates: int  # rows whose filepath repeats an earlier row
+    checked: int  # paths looked up on disk
+    missing: int
+    missing_examples: list[str]  # the first missing paths, as listed in the file
+    root: str | None  # the folder relative paths were resolved against
+    root_guessed: bool  # True when no run.json said where the images live
+    encoding: dict[str, int]  # "non_utf8" | "control" | "backslash" -> paths with that trait
+    encoding_examples: dict[str, list[str]]
+
+
+@dataclass
+class PairStats:
+    """Neighbour scores and label agreement from mined_pairs.parquet."""
+
+    pairs: int
+    kept: int
+    score_min: float | None
+    score_median: float | None
+    score_max: float | None
+    kept_by_target_label: dict[str, int] | None  # kept pairs per target label (None: no label)
+
+
+@dataclass
+class ReportFacts:
+    folder: str  # the run folder, as given
+    manifest: dict[str, Any]  # run.json, or one rebuilt from the folder (unknown facts absent/None)
+    has_manifest: bool
+    missing_facts: list[str] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)  # the run's, then derived ones
+    files: dict[str, str | None] = field(default_factory=dict)  # role -> file name in the folder
+    mined: MinedCheck | None = None
+    pairs: PairStats | None = None
+    target_labels: dict[str, int] | None = None  # targets per label
+    mined_labels: dict[str, int] | None = None  # mined images per pool label
+    pictures: dict[str, str] = field(default_factory=dict)  # kind -> PNG file name
+    contact_targets: int = 0  # targets drawn on the contact sheet
+    contact_neighbours: int = 0  # neighbours drawn per target at most
+    contact_from: str = "pairs"  # "pairs" | "best_target"
+    histogram_from: str = "pairs"  # "pairs" | "mined"
+    image_roots: dict[str, str | None] = field(default_factory=dict)  # "targets"/"source" -> folder
+    fingerprints: dict[str, str | None] = field(default_factory=dict)  # "target"/"source" -> identity hash
+
+
+@dataclass
+class Finding:
+    code: str
+    severity: str  # "failed" | "attention"
+    reason: str
+    action: str | None = None
+
+
+@dataclass
+class Rendered:
+    text: str
+    words: int
+    verdict: str
+    findings: list[Finding]
+
+
+def count_words(text: str) -> int:
+    """Words as a reader counts them: whitespace-separated tokens holding a letter or digit
+    (table rules and pipes are not words)."""
+    return sum(1 for token in text.split() if any(ch.isalnum() for ch in token))
+
+
+def render(facts: ReportFacts) -> Rendered:
+    """The report at the least detail that reaches MIN_WORDS; a big run drops explanatory prose,
+    then shortens lists, to stay within MAX_WORDS."""
+    found = findings(facts)
+    verdict = _verdict(found)
+    cache: dict[tuple[int, bool], tuple[str, int]] = {}
+
+    def attempt(level: int, compact: bool) -> tuple[str, int]:
+        if (level, compact) not in cache:
+            text = _assemble(facts, found, verdict, level, compact)
+            cache[level, compact] = (text, count_words(text))
+        return cache[level, compact]
+
+    text, words = attempt(1, False)
+    if words < MIN_WORDS:
+        longer = attempt(2, False)
+        if longer[1] <= MAX_WORDS:
+            text, words = longer
+    for level, compact in ((1, True), (0, False), (0, True)):
+        if words <= MAX_WORDS:
+            break
+        text, words = attempt(level, compact)
+    return Rendered(text=text, words=words, verdict=verdict, findings=found)
+
+
+# ----------------------------------------------------------------------------- fact access
+
+def _get(data: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return NOT_RECORDED
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return _num(value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _num(value: float | None) -> str:
+    return NOT_RECORDED if value is None else f"{value:.4g}"
+
+
+def _flag(value: Any) -> str:
+    """A spec switch as the spec spells it."""
+    return NOT_RECORDED if value is None else str(value).lower()
+
+
+def _code(value: Any) -> str:
+    text = _fmt(value)
+    return text if value is None else "`" + text.replace("`", "'") + "`"
+
+
+def _secs(value: Any) -> str:
+    return f"{value:.2f} s" if isinstance(value, (int, float)) else NOT_RECORDED
+
+
+def _path_md(path: str, always_repr: bool = False) -> str:
+    """A path as inline code; escaped (Python repr) when it holds control characters or backticks."""
+    odd = always_repr or "`" in path or any(ord(ch) < 32 or ord(ch) == 127 for ch in path)
+    return "`" + (repr(path).replace("`", "'") if odd else path) + "`"
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole else "n/a"
+
+
+def _cell(value: Any) -> str:
+    return _fmt(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _short(text: str, words: int) -> str:
+    parts = text.split()
+    return text if len(parts) <= words else " ".join(parts[:words]) + " …"
+
+
+def _plural(n: int | None, one: str, many: str | None = None) -> str:
+    return f"{_fmt(n)} {one if n == 1 else (many or one + 's')}"
+
+
+class _View:
+    """Derived facts the sections share (each computed once, from the facts only)."""
+
+    def __init__(self, facts: ReportFacts) -> None:
+        m = facts.manifest
+        self.facts = facts
+        self.m = m
+        self.summary: dict[str, Any] = _get(m, "mining", "summary") or {}
+        self.status = m.get("status")
+        self.topn = _first(_get(m, "mining", "topn"), self.summary.get("topn"), _get(m, "mining_spec", "topn"))
+        self.metric = _first(_get(m, "mining", "knn_metric"), _get(m, "mining_spec", "knn_metric"))
+        self.filter_by_label = _first(_get(m, "mining", "filter_by_label"), _get(m, "mining_spec", "filter_by_label"))
+        self.label_filter = _get(m, "mining", "label_filter")
+        self.exclude_targets = _get(m, "mining_spec", "exclude_targets")
+        self.queries = self.summary.get("queries")
+        self.pool = _first(self.summary.get("pool"), _get(m, "embeddings", "source", "rows"))
+        self.mined_count = self.summary.get("mined")
+        if self.mined_count is None and facts.mined is not None:
+            self.mined_count = facts.mined.rows
+        self.targets_in = _first(_get(m, "inputs", "targets", "rows"), _get(m, "embeddings", "target", "rows"))
+        self.pool_in = _first(_get(m, "inputs", "source", "rows"), _get(m, "embeddings", "source", "rows"))
+        self.enc_t = _get(m, "encoder", "target")
+        self.enc_s = _get(m, "encoder", "source")
+        self.match = _get(m, "encoder", "match")
+        self.fingerprint = _first(_get(m, "encoder", "fingerprint"), facts.fingerprints.get("target"))
+        self.target_has_label = _get(m, "inputs", "targets", "has_label")
+        self.source_has_label = _get(m, "inputs", "source", "has_label")
+        self.mined_name = facts.files.get("mined") or "mined.parquet"
+        self.higher_is_nearer = self.metric == "cosine"
+        self.score_words = ("cosine similarity, higher is nearer" if self.metric == "cosine" else
+                            f"{self.metric} distance, lower is nearer" if self.metric else
+                            "in a metric that is not recorded")
+        self.no_label_sides = [side for side, has in (("source", self.source_has_label),
+                                                      ("target", self.target_has_label)) if has is False]
+
+    def exhausted(self) -> bool:
+        return bool(self.queries and self.topn and self.pool is not None and self.topn * self.queries > self.pool)
+
+    def skipped(self, side: str) -> int | None:
+        return _get(self.m, "embeddings", side, "skipped")
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+# ----------------------------------------------------------------------------- findings
+
+def findings(facts: ReportFacts) -> list[Finding]:
+    """What needs a person's attention (or makes the run unusable), each with its action."""
+    v = _View(facts)
+    out: list[Finding] = []
+    error = v.m.get("error") or {}
+    if facts.has_manifest and v.status != "finished":
+        what = f"{error.get('code')}: {_short(str(error.get('message', '')), 40)}" if error else "no error recorded"
+        out.append(Finding("run_failed", "failed", f"the run did not finish (status {_fmt(v.status)}; {what})",
+                           f"Fix the cause ({_short(str(error.get('fix') or 'see the error above'), 30)}) "
+                           "and run again; finished steps are kept in this folder, but nothing "
+                           "mined here is complete."))
+    if v.match is False:
+        differing = [k for k in IDENTITY_FIELDS if _get(v.enc_t, k) != _get(v.enc_s, k)]
+        out.append(Finding("encoder_mismatch", "failed",
+                           "the targets and the pool were embedded with different encoders "
+                           f"(they differ in {', '.join(differing) or 'their identity'}), so their "
+                           "vectors are not comparable",
+                           "Re-embed one side with the other side's embedding spec (same model, "
+                           "model_path, model_config_path and preprocessing), then mine again; do not "
+                           f"train on the current `{v.mined_name}`."))
+    elif v.match is None and v.status in (None, "finished"):
+        unknown = [side for side, ident in (("target", v.enc_t), ("source", v.enc_s)) if not ident]
+        out.append(Finding("provenance_unknown", "attention",
+                           f"the {' and '.join(unknown) or 'embedding'} side records no encoder identity, "
+                           "so the report cannot confirm both sides used the same encoder",
+                           "Embed with deft-mine (it records the encoder identity in each embedding "
+                           "parquet), or confirm that both container embedding steps used the same "
+                           "embedding_spec.yaml."))
+    if facts.mined is None and v.status in (None, "finished"):
+        out.append(Finding("mined_missing", "failed", "no mined parquet was found in the run folder",
+                           "Run the mining step again; without its output there is nothing to train on."))
+    if v.label_filter == "noop":
+        sides = " and ".join(v.no_label_sides) or "one"
+        out.append(Finding("filter_by_label_noop", "attention",
+                           f"filter_by_label=true did nothing: the {sides} parquet has no `label` "
+                           "column, so mining ran unfiltered",
+                           f"Give the {sides} side a `label` column (label its rows, then add the "
+                           f"column to its embedding parquet by joining on `filepath`; the vectors "
+                           "need no re-embedding) and re-run mining only: "
+                           + _mine_command(v, inline=True) + "."))
+    if v.exhausted():
+        out.append(Finding("pool_exhausted", "attention",
+                           f"topn × targets = {v.topn} × {v.queries} = {v.topn * v.queries} is more "
+                           f"than the {v.pool} pool rows searched",
+                           "Grow the pool with more unused images, or lower topn"
+                           + (f" to at most {v.pool // v.queries}" if v.pool // v.queries else "")
+                           + ", so each target can get neighbours of its own; this run mined "
+                           f"{_plural(v.mined_count, 'unique image')}."))
+    skipped = {side: v.skipped(side) for side in ("target", "source")}
+    if any(skipped.values()):
+        roots = ", ".join(f"{side} images from `{facts.image_roots.get(k)}`"
+                          for side, k in (("target", "targets"), ("source", "source"))
+                          if skipped[side] and facts.image_roots.get(k))
+        examples = [str(e) for w in facts.warnings if w.get("code") == "images_skipped"
+                    for e in (_get(w, "details", "examples") or [])[:2]][:3]
+        out.append(Finding("images_skipped", "attention",
+                           "images could not be read while embedding: "
+                           f"{_plural(skipped['target'] or 0, 'target')} and "
+                           f"{_plural(skipped['source'] or 0, 'pool row')} left out",
+                           "Fix the missing or unreadable image paths, or set `image_root` in the "
+                           "embedding spec to the folder relative paths resolve against"
+                           + (f" (this run read {roots})" if roots else "") + ", then run again"
+                           + (" (unreadable, e.g. " + ", ".join(f"`{e}`" for e in examples) + ")."
+                              if examples else ".")))
+    in_pool = v.summary.get("target_in_pool")
+    if in_pool and not v.exclude_targets:
+        out.append(Finding("target_in_pool", "attention",
+                           f"{in_pool} pool rows are target images themselves and were searched like "
+                           "any other pool row",
+                           "Set exclude_targets=true and mine again if the targets must not be mined "
+                           "back, or confirm that mining them back is wanted."))
+    mined = facts.mined
+    if mined is not None:
+        if mined.missing:
+            out.append(Finding("mined_paths_missing", "attention",
+                               f"{mined.missing} of {mined.checked} mined paths do not exist on disk",
+                               "Restore or mount the missing images (listed under Output Sanity) "
+                               "before training, or drop them from the queue."))
+        bad = sum(mined.encoding.values())
+        if bad:
+            out.append(Finding("path_encoding", "attention",
+                               f"{bad} mined paths have suspicious characters (non-UTF-8, control "
+                               "characters or backslashes)",
+                               "Normalise those paths (forward slashes, valid UTF-8, no control "
+                               "characters) so training jobs on other machines can open them."))
+        if not mined.columns or mined.columns[0][0] != "filepath" or mined.duplicates:
+            out.append(Finding("mined_schema", "attention",
+                               f"`{mined.name}` does not have unique `filepath`s as its first column",
+                               f"Regenerate `{mined.name}` with the mining step; the contract is "
+                               "`filepath` first, unique."))
+        if v.summary.get("mined") is not None and mined.rows != v.summary.get("mined"):
+            out.append(Finding("mined_count_differs", "attention",
+                               f"`{mined.name}` has {mined.rows} rows but the summary records "
+                               f"{v.summary.get('mined')} mined images",
+                               "The file changed after mining; mine again or restore it."))
+    if v.mined_count == 0 and v.queries:
+        out.append(Finding("nothing_mined", "attention", "the run mined no images at all",
+                           "Check that target and pool labels use the same spelling (the label "
+                           "filter drops pairs whose labels differ), and that the pool is not empty."))
+    if not facts.has_manifest:
+        out.append(Finding("facts_unavailable", "attention",
+                           f"the folder has no run.json, so {len(facts.missing_facts)} facts could not "
+                           "be stated",
+                           "For a fully audited run, run the workflow with `deft-mine run`, which "
+                           "records every fact in run.json."))
+    covered = {f.code for f in out}
+    for warning in facts.warnings:
+        code = str(warning.get("code"))
+        if code not in covered:
+            covered.add(code)
+            out.append(Finding(code, "attention", _short(str(warning.get("message", code)), 40)))
+    return out
+
+
+def _verdict(found: list[Finding]) -> str:
+    if any(f.severity == "failed" for f in found):
+        return "failed"
+    return "attention" if found else "ok"
+
+
+# ----------------------------------------------------------------------------- assembly
+
+def _assemble(facts: ReportFacts, found: list[Finding], verdict: str, level: int, compact: bool) -> str:
+    v = _View(facts)
+    run_name = (v.m.get("run_dir") or facts.folder).rstrip("/").rsplit("/", 1)[-1]
+    parts = [f"# Mining Report — `{run_name}`\n"]
+    builders: list[Callable[..., list[tuple[int, str]]]] = [
+        _verdict_section, _inputs_section, _encoder_section, _mining_section, _labels_section,
+        _sanity_section, _actions_section]
+    for title, build in zip(SECTIONS, builders):
+        blocks = build(v, found, verdict, compact)
+        body = "\n\n".join(text for need, text in blocks if need <= level and text)
+        parts.append(f"## {title}\n\n{body}\n")
+    return "\n".join(parts)
+
+
+def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+    facts = v.facts
+    headline = {
+        "ok": f"{_plural(v.queries, 'target')} mined {_plural(v.mined_count, 'unique pool image')} "
+              f"from {_plural(v.pool, 'pool row')} with one encoder on both sides; nothing needs attention.",
+        "attention": f"{_plural(v.queries, 'target')} mined {_plural(v.mined_count, 'unique pool image')} "
+                     f"from {_plural(v.pool, 'pool row')}, but {_plural(len(found), 'finding')} "
+                     f"{'needs' if len(found) == 1 else 'need'} a look before the images go to training.",
+        "failed": "the mined set must not be used: " + "; ".join(f.reason for f in found if f.severity == "failed") + ".",
+    }[verdict]
+    params = (f"topn={_fmt(v.topn)}, knn_metric={_fmt(v.metric)}, filter_by_label="
+              f"{_flag(v.filter_by_label)}"
+              + (f" ({v.label_filter})" if v.label_filter else ""))
+    encoder = (f"{_code(_get(v.enc_t, 'model'))} (fingerprint {_code(v.fingerprint)}), "
+               + {True: "the same on both sides", False: "DIFFERENT on the two sides",
+                  None: "match not recorded"}[v.match])
+    m = v.m
+    when = (f"{_fmt(m.get('status'))}, started {_fmt(m.get('started_at'))}, finished "
+            f"{_fmt(m.get('finished_at'))}, backend {_fmt(m.get('backend'))} on host {_fmt(m.get('host'))}, "
+            f"deft-mine {_fmt(m.get('deft_mine_version'))}") if facts.has_manifest else \
+        "no run.json in this folder: status, times and host are not recorded"
+    def embedded_only(side: str, key: str) -> str:
+        if _get(m, "inputs", side, "rows") is None and _get(m, "embeddings", key, "rows") is not None:
+            return " (rows of its embedding parquet; the input file's rows are not recorded)"
+        return ""
+
+    blocks = [
+        (0, f"**Verdict: {verdict.upper()}** — {headline}"),
+        (0, "\n".join([
+            f"- Targets in: **{_fmt(v.targets_in)}**" + embedded_only("targets", "target"),
+            f"- Pool in: **{_fmt(v.pool_in)}**" + embedded_only("source", "source"),
+            f"- Mined out: **{_fmt(v.mined_count)}** unique images → `{v.mined_name}`",
+            f"- Encoder: {encoder}",
+            f"- Parameters: {params}",
+            f"- Run: {when}",
+        ])),
+    ]
+    if found:
+        limit, words = (5, 15) if compact else (12, 40)
+        blocks.append((0, "Findings behind this verdict:\n\n" + "\n".join(
+            f"- **{f.code}** ({f.severity}): {_short(f.reason, words)}." for f in found[:limit])
+            + (f"\n- and {len(found) - limit} more (see the report tool's warnings)" if len(found) > limit else "")))
+    if facts.missing_facts:
+        blocks.append((0, "Facts this folder does not record, so the report cannot state them: "
+                       + ", ".join(f"`{x}`" for x in facts.missing_facts) + "."))
+    blocks.append((1, "An OK verdict means every recorded check passed: the run finished, both sides "
+                      "used one encoder, no image was skipped, no requested filter was silently "
+                      "ignored and every mined path exists. ATTENTION means the output is usable but "
+                      "a finding above deserves a decision first; FAILED means the mined set must not "
+                      "be used as it is."))
+    blocks.append((2, "Every number in this report is read from the run's recorded facts (run.json, "
+                      "the mining summary and the parquet files of this folder) and none is typed by "
+                      "hand, so regenerating the report from the same folder gives the same text."))
+    return blocks
+
+
+def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+    facts, m = v.facts, v.m
+    rows = ["| Side | Path | Rows | Embedded | Skipped | Has `label` | Converted from CSV |",
+            "|---|---|---|---|---|---|---|"]
+    for side, key, name in (("targets", "target", "Targets"), ("source", "source", "Pool")):
+        inp = _get(m, "inputs", side) or {}
+        fmt = inp.get("format")
+        rows.append(f"| {name} | {_code(inp.get('path'))} | {_fmt(inp.get('rows'))} | "
+                    f"{_fmt(_get(m, 'embeddings', key, 'rows'))} | {_fmt(_get(m, 'embeddings', key, 'skipped'))} | "
+                    f"{_fmt(inp.get('has_label'))} | {_fmt(None if fmt is None else fmt == 'csv')} |")
+    blocks = [(0, "\n".join(rows))]
+    limit = 6 if compact else 12
+    lines = []
+    for side, name in (("targets", "Targets"), ("source", "Pool")):
+        cols = _get(m, "inputs", side, "columns")
+        if cols:
+            shown = ", ".join(f"`{c}`" for c in cols[:limit]) + (f" and {len(cols) - limit} more" if len(cols) > limit else "")
+            lines.append(f"{name} columns ({len(cols)}): {shown}.")
+    for side, name in (("target", "targets"), ("source", "pool")):
+        reasons = _get(m, "embeddings", side, "skipped_by_reason")
+        if reasons:
+            lines.append(f"Skipped {name} images by reason: "
+                         + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) + ".")
+    dim = _first(_get(m, "embeddings", "target", "embedding_dim"), _get(m, "embeddings", "source", "embedding_dim"))
+    device = _get(m, "embeddings", "target", "device")
+    if dim is not None:
+        lines.append(f"Embedding vectors have {dim} dimensions" + (f" and were computed on `{device}`." if device else "."))
+    roots = [f"{name} images from `{facts.image_roots[k]}`" for k, name in (("targets", "target"), ("source", "pool"))
+             if facts.image_roots.get(k)]
+    if roots:
+        lines.append("Relative image paths resolve against: " + "; ".join(roots) + ".")
+    if lines:
+        blocks.append((0, " ".join(lines)))
+    blocks.append((1, "*Rows* is the length of each input file, *Embedded* the rows written to its "
+                      "embedding parquet, and *Skipped* the rows left out because their image could not "
+                      "be read. A `label` column on both sides is what makes the label filter and the "
+                      "per-label breakdown possible; a CSV pool is read as it is and its columns are "
+                      "carried into the embedding parquet."))
+    blocks.append((2, "The targets are the images the last DEFT round's gap analysis found the model "
+                      "weakest on; the pool is the large set of unused images searched for look-alikes. "
+                      "Every input column (such as `siamese_score` or `weakness`) travels with the "
+                      "embeddings, so later steps can still see it."))
+    return blocks
+
+
+def _encoder_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+    rows = ["| Field | Targets | Pool |", "|---|---|---|"]
+    for key in IDENTITY_FIELDS:
+        rows.append(f"| `{key}` | {_identity_cell(v.enc_t, key)} | {_identity_cell(v.enc_s, key)} |")
+    fps = [v.facts.fingerprints.get(side) for side in ("target", "source")]
+    if any(fps):
+        rows.append(f"| fingerprint | {_cell(fps[0])} | {_cell(fps[1])} |")
+    if v.match is True:
+        line = (f"**Encoder match: yes** — both sides were embedded with the same encoder identity "
+                f"(fingerprint `{_fmt(v.fingerprint)}`), so target and pool vectors are comparable.")
+    elif v.match is False:
+        differing = [k for k in IDENTITY_FIELDS if _get(v.enc_t, k) != _get(v.enc_s, k)]
+        line = (f"**Encoder match: NO** — the two sides differ in {', '.join(differing) or 'their identity'}; "
+                "distances between their vectors mean nothing, so the verdict is FAILED.")
+    elif v.facts.has_manifest and v.status != "finished":
+        line = ("**Encoder match: unknown** — the run stopped before both sides were embedded, so "
+                "there is no pair of identities to compare.")
+    else:
+        line = ("**Encoder match: unknown** — at least one side records no encoder identity "
+                "(for example an embedding parquet written by the TAO container), so the match "
+                "cannot be confirmed.")
+    blocks = [(0, "\n".join(rows)), (0, line)]
+    spec = _get(v.m, "embedding_spec") or {}
+    if _get(v.enc_t, "model") == "thumbnail" and spec.get("model_path"):
+        blocks.append((1, f"The spec's `model_path` ({_code(spec.get('model_path'))}) is ignored by the "
+                          "weight-free `thumbnail` encoder and is therefore no part of its identity."))
+    if spec.get("batch_size") is not None:
+        blocks.append((1, f"The batch size ({spec.get('batch_size')}) is not part of the identity: it "
+                          "changes speed and memory, never the vectors."))
+    blocks.append((1, "The identity is what makes two embeddings comparable: the model, where its "
+                      "weights came from (path and, for local weights, their digest) and the "
+                      "preprocessing applied to every image. Mining compares target vectors with "
+                      "pool vectors, so both sides must share it exactly."))
+    blocks.append((2, "Mixing encoders is the most common silent failure of this workflow: the run "
+                      "completes and the mined images simply look unrelated to the targets. deft-mine "
+                      "records the identity inside each embedding parquet and refuses to mine two "
+                      "files whose identities differ."))
+    return blocks
+
+
+def _identity_cell(identity: Any, key: str) -> str:
+    if not isinstance(identity, dict):
+        return NOT_RECORDED
+    return "none" if identity.get(key) is None else _cell(identity.get(key))
+
+
+def _mine_command(v: _View, inline: bool = False) -> str:
+    spec = _get(v.m, "mining_spec") or {}
+    files = v.facts.files
+    folder = v.m.get("run_dir") or v.facts.folder
+
+    def path(key: str, role: str, default: str) -> str:
+        return spec.get(key) or f"{folder.rstrip('/')}/{files.get(role) or default}"
+
+    parts = ["deft-mine mine"]
+    if files.get("mining_spec"):
+        parts.append(f"-e {folder.rstrip('/')}/{files['mining_spec']}")
+    parts += [f"source_parquet={path('source_parquet', 'source_embeddings', 'source_embeddings.parquet')}",
+              f"target_parquet={path('target_parquet', 'target_embeddings', 'target_embeddings.parquet')}",
+              f"output_parquet={path('output_parquet', 'mined', 'mined.parquet')}"]
+    for key, value in (("topn", v.topn), ("knn_metric", v.metric), ("filter_by_label", v.filter_by_label)):
+        if value is not None:
+            parts.append(f"{key}={str(value).lower()}")
+    command = " ".join(parts)
+    return f"`{command}`" if inline else f"```\n{command}\n```"
+
+
+def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+    facts = v.facts
+    blocks = [(0, "The command equivalent of this mining step (re-run it to mine again without "
+                  "re-embedding):\n\n" + _mine_command(v))]
+    blocks.append((0, f"Parameters: `topn` = {_fmt(v.topn)}, `knn_metric` = {_fmt(v.metric)} (scores are "
+                      f"{v.score_words}), `filter_by_label` = {_flag(v.filter_by_label)}, "
+                      f"`exclude_targets` = {_flag(v.exclude_targets)}."))
+    if v.summary:
+        rows = ["| Count | Value | Meaning |", "|---|---|---|"]
+        for key, value in v.summary.items():
+            rows.append(f"| `{key}` | {_cell(value)} | {SUMMARY_MEANING.get(key, '')} |")
+        blocks.append((0, f"Every count of `{facts.files.get('summary') or 'mining_summary.txt'}`:\n\n" + "\n".join(rows)))
+    else:
+        blocks.append((0, "No mining summary was recorded, so the counts of the mining step are not known."))
+    if v.label_filter == "applied":
+        kept, dropped = v.summary.get("kept_pairs"), v.summary.get("dropped_pairs")
+        line = (f"Label filter: applied. Of {_fmt(v.summary.get('pairs'))} pairs found, {_fmt(kept)} had "
+                f"matching labels and were kept, {_fmt(dropped)} were dropped; the filter no-op did not fire.")
+    elif v.label_filter == "noop":
+        line = (f"Label filter: **no-op**. `filter_by_label` was true, but the "
+                f"{' and '.join(v.no_label_sides) or 'one'} side has no `label` column, so every pair was "
+                "kept unfiltered (warning `filter_by_label_noop`).")
+    elif v.label_filter == "off":
+        line = "Label filter: off (`filter_by_label` = false), so every pair found was kept and the no-op cannot fire."
+    else:
+        line = "Label filter: whether it was applied is not recorded."
+    blocks.append((0, line))
+    if facts.pairs is not None and facts.pairs.pairs:
+        p = facts.pairs
+        blocks.append((0, f"Neighbour scores ({v.score_words}) of the {p.pairs} pairs range from "
+                          f"{_num(p.score_min)} to {_num(p.score_max)}, median {_num(p.score_median)}."))
+    if "score_histogram" in facts.pictures:
+        what = ("every pair found" + (", kept and dropped pairs stacked" if v.label_filter == "applied" else "")
+                if facts.histogram_from == "pairs" else "the best score of each mined image")
+        blocks.append((0, f"![Neighbour score histogram]({facts.pictures['score_histogram']})\n\n"
+                          f"The histogram shows {what}."))
+    elif facts.mined is not None:
+        blocks.append((0, "No score histogram: " + _no_picture(facts, "a `score` column in the mined parquet") + "."))
+    timings = _get(v.m, "timings") or {}
+    if timings:
+        blocks.append((1, f"Timings: embedding the targets took {_secs(timings.get('embed_targets'))}, the pool "
+                          f"{_secs(timings.get('embed_source'))}, mining {_secs(timings.get('mine'))}; "
+                          f"{_secs(timings.get('total'))} in all."))
+    blocks.append((1, "Mining takes, for every target in file order, the `topn` nearest pool rows "
+                      "(ties go to the lower pool row), optionally drops pairs whose labels differ, "
+                      "then merges the kept pairs across targets: an image several targets found is "
+                      "mined once, which is what `duplicates_removed` counts."))
+    blocks.append((2, "When `topn` × targets exceeds the pool, targets necessarily share neighbours and "
+                      "the mined count falls below the request; that is normal, and the report states "
+                      "the actual number rather than the requested one."))
+    return blocks
+
+
+def labels_shown(targets: dict[str, int], mined: dict[str, int] | None,
+                 limit: int = 20) -> tuple[list[str], list[str]]:
+    """The labels a table or chart shows (by name; the `limit` with most targets, then most
+    mined, when there are more) and the rest."""
+    labels = sorted(set(targets) | set(mined or {}))
+    if len(labels) <= limit:
+        return labels, []
+    ranked = sorted(labels, key=lambda x: (-targets.get(x, 0), -(mined or {}).get(x, 0), x))
+    return sorted(ranked[:limit]), sorted(ranked[limit:])
+
+
+def _labels_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+    facts = v.facts
+    if v.target_has_label is False or facts.target_labels is None:
+        return [(0, SKIP_SENTENCE)]
+    targets = facts.target_labels
+    mined = facts.mined_labels
+    kept = facts.pairs.kept_by_target_label if facts.pairs is not None else None
+    kept_total = sum(kept.values()) if kept else 0
+    shown, rest = labels_shown(targets, mined, 10 if compact else MAX_LABELS)
+    rows = ["| Label | Targets | Mined (pool label) | Kept pairs | Share of kept pairs |", "|---|---|---|---|---|"]
+    for label in shown:
+        mined_cell = "n/a" if mined is None else str(mined.get(label, 0))
+        kept_cell = "n/a" if kept is None else str(kept.get(label, 0))
+        share = "n/a" if kept is None else _pct(kept.get(label, 0), kept_total)
+        rows.append(f"| `{_cell(label)}` | {targets.get(label, 0)} | {mined_cell} | {kept_cell} | {share} |")
+    blocks = [(0, "\n".join(rows))]
+    defs = ("*Targets* counts the target rows with each label. *Mined (pool label)* counts the unique "
+            f"images in `{v.mined_name}` whose own pool `label` is that label"
+            + (" (n/a: the pool has no `label` column)" if mined is None else "")
+            + ". *Kept pairs* counts the kept (target, neighbour) pairs whose target has that label, and "
+              "the share is that count over all kept pairs"
+            + (" (n/a: no pairs file)" if kept is None else "") + ".")
+    blocks.append((0, defs))
+    if rest:
+        blocks.append((0, f"{len(rest)} more labels are not shown ({sum(targets.get(x, 0) for x in rest)} targets"
+                          + (f", {sum(mined.get(x, 0) for x in rest)} mined" if mined is not None else "") + ")."))
+    if "labels" in facts.pictures:
+        blocks.append((0, f"![Targets and mined images per label]({facts.pictures['labels']})"))
+    extra = [x for x in (mined or {}) if x not in targets]
+    if extra:
+        blocks.append((1, f"{len(extra)} mined labels belong to no target (rows with 0 targets): a "
+                          "neighbour from another defect class, which the label filter would drop."))
+    blocks.append((1, ("A label whose mined count is far below its target count has few look-alikes in "
+                       "the pool; one far above it is over-represented in the next round unless "
+                       "balanced. " if mined is not None else
+                       "A label with a small share of the kept pairs has few close look-alikes in the "
+                       "pool, whatever their own class. ")
+                      + ("With the label filter applied, every kept pair joins a target and a pool image "
+                         "of the same label." if v.label_filter == "applied" else
+                         "Without the label filter, a target's neighbours may carry other labels, which "
+                         "the contact sheet shows pair by pair.")))
+    return blocks
+
+
+def _sanity_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+    facts = v.facts
+    mined = facts.mined
+    blocks: list[tuple[int, str]] = []
+    if mined is None:
+        blocks.append((0, "No mined parquet exists in this folder, so its schema and paths cannot be checked."))
+    else:
+        schema = ", ".join(f"`{name}` ({kind})" for name, kind in mined.columns)
+        first = bool(mined.columns) and mined.columns[0][0] == "filepath"
+        agree = v.summary.get("mined")
+        blocks.append((0, f"Schema of `{mined.name}`: {schema}. `filepath` is the first column: "
+                          f"{_fmt(first)}. Rows: {mined.rows}"
+                          + (f" (the summary records {agree}: " + ("they agree" if agree == mined.rows else "they DIFFER") + ")"
+                             if agree is not None else "")
+                          + f". Repeated paths: {mined.duplicates}."))
+        where = (f" (relative paths resolved against `{mined.root}`"
+                 + (", guessed because no run.json names the image folder" if mined.root_guessed else "") + ")"
+                 if mined.root else "")
+        line = f"On disk: {mined.checked - mined.missing} of {mined.checked} mined paths exist{where}."
+        if mined.missing:
+            shown = mined.missing_examples[:5 if compact else 10]
+            line += (f" Missing ({mined.missing}" + (f", first {len(shown)} listed" if mined.missing > len(shown) else "")
+                     + "):\n\n" + "\n".join(f"- {_path_md(p)}" for p in shown))
+        blocks.append((0, line))
+        names = {"non_utf8": "non-UTF-8 characters", "control": "control characters", "backslash": "backslashes"}
+        if sum(mined.encoding.values()):
+            issues = "; ".join(f"{mined.encoding[k]} with {names[k]} (e.g. {_path_md(mined.encoding_examples[k][0], True)})"
+                               for k in names if mined.encoding.get(k))
+            blocks.append((0, f"Path encoding check: {issues}."))
+        else:
+            blocks.append((0, f"Path encoding check: none of the {mined.rows} paths holds non-UTF-8 "
+                              "characters, control characters or backslashes."))
+    in_pool = v.summary.get("target_in_pool")
+    if in_pool is None:
+        blocks.append((0, "Targets found in the pool: not recorded."))
+    else:
+        blocks.append((0, f"Targets found in the pool: {_plural(in_pool, 'pool row')} with a target's filepath"
+                          + (" (removed before the search, exclude_targets=true)." if v.exclude_targets else
+                             " (searched like any other row; exclude_targets=false)." if in_pool else ".")))
+    skipped = [v.skipped("target"), v.skipped("source")]
+    if skipped == [None, None]:
+        blocks.append((0, "Images skipped while embedding: not recorded."))
+    else:
+        blocks.append((0, f"Images skipped while embedding: {_plural(skipped[0], 'target')}, "
+                          f"{_plural(skipped[1], 'pool row')}."))
+    if not facts.has_manifest:
+        blocks.append((0, "Warnings recorded for this run: none could be, without run.json; the findings "
+                          "under Verdict are derived from the files themselves."))
+    elif facts.warnings:
+        codes = list(dict.fromkeys(str(w.get("code")) for w in facts.warnings))
+        blocks.append((0, f"Warnings recorded for this run ({len(facts.warnings)}, each explained under "
+                          "Verdict): " + ", ".join(f"`{c}`" for c in codes[:12])
+                          + (f" and {len(codes) - 12} more" if len(codes) > 12 else "") + "."))
+    else:
+        blocks.append((0, "Warnings recorded for this run: none."))
+    if "contact_sheet" in facts.pictures:
+        src = ("its nearest pool neighbours in rank order with their score and label; dropped pairs have a red "
+               "frame, kept ones a green frame" if facts.contact_from == "pairs" else
+               "the mined images it was the best target of, with their best score")
+        blocks.append((0, f"![Contact sheet]({facts.pictures['contact_sheet']})\n\n"
+                          f"The contact sheet shows the first {facts.contact_targets} targets; each row "
+                          f"is a target (blue frame) followed by up to {facts.contact_neighbours} of {src}. "
+                          "Unreadable images appear as grey tiles marked missing."))
+        blocks.append((1, "Look at the contact sheet before training: neighbours that do not resemble "
+                          "their target point at an encoder or path problem that no count can reveal."))
+    elif facts.mined is not None:
+        blocks.append((0, "No contact sheet: " + _no_picture(facts, "a `best_target` column in the mined parquet") + "."))
+    blocks.append((2, "These checks read the files as they are now, so restoring a missing image or "
+                      "fixing a path and regenerating the report updates this section."))
+    return blocks
+
+
+def _no_picture(facts: ReportFacts, fallback: str) -> str:
+    if facts.files.get("pairs") is None:
+        return f"the folder has no mined_pairs.parquet, nor {fallback} to draw from"
+    return "drawing it failed (the report tool's result names the error)"
+
+
+def _actions_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+    if verdict == "failed":
+        first = (f"Do not use `{v.mined_name}` as the next round's augmentation queue yet; once the "
+                 f"failure below is fixed and mining is re-run, the new `{v.mined_name}` is that queue.")
+    else:
+        first = (f"Use `{v.mined_name}` ({_plural(v.mined_count, 'image')}) as the next round's "
+                 "augmentation queue: label or review those images and add them to the training set"
+                 + (", after the decisions below." if found else "."))
+    actions = [first] + [f.action for f in found if f.action]
+    blocks = [(0, "\n".join(f"{i}. {a}" for i, a in enumerate(actions, 1)))]
+    blocks.append((1, "Keep this folder with the next round's training data: its recorded facts and "
+                      "embedding parquets let anyone re-check, re-mine or extend this selection "
+                      "without embedding the pool again."))
+    return blocks
