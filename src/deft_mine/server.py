@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import inspect
 import threading
 import time
@@ -39,6 +40,9 @@ pitfalls and the report."""
 
 Overrides = Annotated[dict[str, Any] | None, Field(
     description="spec keys as in the YAML, e.g. {\"model\": \"thumbnail\", \"topn\": 10}; they win over the spec file")]
+_SESSIONLESS_PROTOCOL = "2026-07-28"  # the protocol revision that dropped sessions
+ERROR_META_KEY = "io.github.deft-mine/error"
+
 Backend = Annotated[Literal["local", "docker"], Field(description="where the work runs; local = in-process")]
 
 
@@ -121,11 +125,23 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
     mcp = MCPServer(name="deft-mine", title="DEFT image mining", version=__version__,
                     instructions=INSTRUCTIONS, log_level="WARNING")
 
+    by_id: dict[str, _Session] = {}
+    process_wide = _Session()
+
     def session_state(ctx: Context) -> _Session:
-        key = ctx.session
-        if key not in sessions:
-            sessions[key] = _Session()
-        return sessions[key]
+        """The state of the client behind this request. mcp 2.x builds a new session object per
+        request; what lasts is the connection: an Mcp-Session-Id over streamable HTTP, the
+        connection object over stdio. The 2026-07-28 protocol has no sessions at all: its
+        clients share the process's state (over stdio that is one client per process)."""
+        connection = getattr(ctx.session, "_connection", None)
+        session_id = getattr(connection, "session_id", None)
+        if session_id:
+            return by_id.setdefault(session_id, _Session())
+        if connection is None or str(ctx.session.protocol_version) >= _SESSIONLESS_PROTOCOL:
+            return process_wide
+        if connection not in sessions:
+            sessions[connection] = _Session()
+        return sessions[connection]
 
     async def policy(ctx: Context) -> PathPolicy:
         extra: list[Path] = []
@@ -151,9 +167,11 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
             events.cancelled.set()  # the worker stops at its next progress report, cleaning up
             raise
         except DeftError as exc:
+            # The error as data rides in _meta: clients (the TypeScript SDK among them) check
+            # structuredContent against the tool's outputSchema even on errors.
             text = f"{exc.code}: {exc.message}" + (f"\nfix: {exc.fix}" if exc.fix else "")
-            return CallToolResult(content=[TextContent(type="text", text=text)],
-                                  structured_content=exc.to_dict(), is_error=True)
+            return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True,
+                                  meta={ERROR_META_KEY: json.loads(json.dumps(exc.to_dict(), default=str))})
         return CallToolResult(content=[TextContent(type="text", text=_text(result))],
                               structured_content=result.model_dump(mode="json"))
 

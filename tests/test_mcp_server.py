@@ -1,0 +1,440 @@
+"""The MCP server over stdio, as a client sees it: `deft-mine serve` is spawned as a subprocess
+and driven by the official SDK client (mcp 2.3). Every assertion is on what came over the wire.
+
+Most tests share one server (module scope; its encoder stays thumbnail throughout). Tests whose
+subject is per-session state or first-call behaviour start their own server.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import THUMB_ID, write_embeddings, write_image
+from mcp_helpers import (LEGACY, MODERN, REFERENCES, TOOL_NAMES, SyncClient, compare_snapshot, ok,
+                         refused, stdio_params, tool_snapshot, warning)
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """base/root is the server's only root (and its working directory); base/outside is not."""
+    folder = tmp_path_factory.mktemp("mcp_stdio")
+    (folder / "root").mkdir()
+    (folder / "outside").mkdir()
+    pq.write_table(pa.table({"filepath": ["x.png"]}), folder / "outside" / "targets.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def root(base: Path) -> Path:
+    return base / "root"
+
+
+@pytest.fixture(scope="module")
+def outside(base: Path) -> Path:
+    return base / "outside"
+
+
+@pytest.fixture(scope="module")
+def server(root: Path):
+    """One stdio server for the module, with the SDK's default client (negotiates 2026-07-28)."""
+    with SyncClient(stdio_params(root)) as client:
+        yield client
+
+
+@pytest.fixture
+def data(image_set: Path, root: Path, request: pytest.FixtureRequest) -> Path:
+    """conftest's image_set, copied under the server's root into a folder named after the test."""
+    folder = root / request.node.name.replace("[", "_").replace("]", "")
+    shutil.copytree(image_set, folder)
+    return folder
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# --------------------------------------------------------------------------- tools/list
+
+
+def test_tools_list_matches_snapshot(server: SyncClient) -> None:
+    """A schema change must be a deliberate diff of tests/snapshots/tools.json
+    (regenerate with DEFT_UPDATE_SNAPSHOTS=1)."""
+    assert server.protocol_version == MODERN
+    tools = server.run(server.client.list_tools).tools
+    assert sorted(t.name for t in tools) == TOOL_NAMES
+    snapshot = tool_snapshot(tools)
+    by_name = {t["name"]: t for t in snapshot}
+    # the contract in words, so a blind snapshot rewrite cannot hide these
+    assert by_name["preflight"]["annotations"]["readOnlyHint"] is True
+    assert by_name["run"]["annotations"]["idempotentHint"] is False
+    assert all(t["annotations"]["destructiveHint"] is False for t in snapshot)
+    assert by_name["run"]["inputSchema"]["required"] == ["targets", "source"]
+    assert {"run_dir", "mined", "mine", "warnings"} <= set(by_name["run"]["outputSchema"]["properties"])
+    assert {"code"} <= set(by_name["embed"]["outputSchema"]["$defs"]["ToolWarning"]["properties"])
+    compare_snapshot(snapshot)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def test_run_writes_a_run_folder(server: SyncClient, data: Path, root: Path) -> None:
+    rel = data.relative_to(root)  # relative paths resolve against the server's working directory
+    result = server.call("run", {"targets": f"{rel}/targets.parquet", "source": f"{rel}/pool.parquet",
+                                 "output_dir": f"{rel}/out", "overrides": {"model": "thumbnail", "topn": 2}})
+    sc = ok(result)
+    run_dir = Path(sc["run_dir"])
+    assert run_dir.parent == data / "out" / "mining_results"
+    assert sc["mined"] == 4
+    assert sc["mined_parquet"] == str(run_dir / "mined.parquet")
+    assert sc["mine"]["summary"]["queries"] == 2
+    assert sc["mine"]["summary"]["mined"] == 4
+    assert sc["mine"]["topn"] == 2
+    assert sc["target_embed"]["encoder"]["model"] == "thumbnail"
+    assert sc["target_embed"]["rows"] == 2 and sc["source_embed"]["rows"] == 4
+    assert sc["warnings"] == []
+    assert result.content[0].text.startswith(f"run folder {run_dir}: mined 4 unique images")
+    assert {"embedding_spec.yaml", "mining_spec.yaml", "target_embeddings.parquet",
+            "source_embeddings.parquet", "mined.parquet", "mining_summary.txt",
+            "run.json"} <= {p.name for p in run_dir.iterdir()}
+    mined = pq.read_table(run_dir / "mined.parquet")
+    assert mined.num_rows == 4
+    assert set(mined.column("filepath").to_pylist()) <= {f"imgs/{i}.png" for i in range(2, 6)}
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["status"] == "finished"
+    assert manifest["mining"]["summary"] == sc["mine"]["summary"]
+    assert sc["report"]["report_path"] == str(run_dir / "Mining_Report.md")
+    assert (run_dir / "Mining_Report.md").is_file()
+
+
+def test_report_rewrites_the_report_of_a_run_folder(server: SyncClient, data: Path) -> None:
+    run_dir = data / "run"
+    ok(server.call("run", {"targets": str(data / "targets.parquet"), "source": str(data / "pool.parquet"),
+                           "run_dir": str(run_dir), "overrides": {"model": "thumbnail", "topn": 2}}))
+    (run_dir / "Mining_Report.md").unlink()
+    sc = ok(server.call("report", {"run_dir": str(run_dir)}))
+    assert sc["report_path"] == str(run_dir / "Mining_Report.md")
+    text = (run_dir / "Mining_Report.md").read_text(encoding="utf-8")
+    assert sc["words"] > 0 and text.strip()
+    assert sc["verdict"] in ("ok", "attention", "failed")
+    assert all((run_dir / name).is_file() for name in sc["pictures"])
+    assert sc["missing_facts"] == []  # a run folder of ours records every fact
+
+
+# --------------------------------------------------------------------------- progress and logs
+
+
+class FifoImage:
+    """An image the server cannot read until the test lets it: a named pipe in place of a PNG.
+
+    The server's decode blocks opening it; a helper thread waits until `ready` is set (or
+    `timeout` runs out: `released_early`), then writes the PNG through the pipe. So whatever
+    the client saw before `ready`, it saw while the call was provably still running.
+    """
+
+    def __init__(self, path: Path, seed: int, timeout: float = 30.0) -> None:
+        png = write_image(path.with_suffix(".src.png"), seed=seed, size=(24, 16))
+        self.data = png.read_bytes()
+        png.unlink()
+        os.mkfifo(path)
+        self.path, self.timeout = path, timeout
+        self.ready = threading.Event()
+        self.released_early = False  # released because the wait ran out, not because `ready` was set
+        self._thread = threading.Thread(target=self._release, daemon=True)
+        self._thread.start()
+
+    def _release(self) -> None:
+        self.released_early = not self.ready.wait(self.timeout)
+        deadline = time.monotonic() + self.timeout
+        while True:  # a non-blocking open succeeds once the server has the pipe open for reading
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                    return
+                time.sleep(0.01)
+        os.set_blocking(fd, True)
+        try:
+            os.write(fd, self.data)
+        finally:
+            os.close(fd)
+
+    def join(self) -> None:
+        self._thread.join(self.timeout * 2 + 5)
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_progress_and_log_notifications_arrive_during_the_call(tmp_path: Path, mode: str) -> None:
+    """Progress (for the call's progressToken) and logging/message notifications reach the
+    client while the tool works, not with or after the result: the first image is a pipe the
+    server blocks on until the client has seen a progress and the "loading encoder" log."""
+    for i in range(1, 60):
+        write_image(tmp_path / "many" / f"{i}.png", seed=i, size=(24, 16))
+    gate = FifoImage(tmp_path / "many" / "0.png", seed=0)
+    pq.write_table(pa.table({"filepath": [f"many/{i}.png" for i in range(60)]}), tmp_path / "many.parquet")
+    out = tmp_path / "many_embeddings.parquet"
+    progress: list[tuple[float, float | None, str | None]] = []
+    logs: list[tuple[str, str | None, str]] = []
+
+    def note() -> None:
+        if progress and any(entry[2] == "loading encoder thumbnail" for entry in logs):
+            gate.ready.set()
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append((value, total, message))
+        note()
+
+    def on_log(params) -> None:
+        logs.append((params.level, params.logger, str(params.data)))
+        note()
+
+    # log_level="info": the 2026-07-28 per-request opt-in (no effect on the 2025 handshake era)
+    with SyncClient(stdio_params(tmp_path), mode=mode, log_level="info") as client:
+        assert client.protocol_version == (MODERN if mode == "auto" else LEGACY)
+        client.on_log = on_log
+        try:
+            sc = ok(client.call("embed", {"input_parquet": "many.parquet", "output_parquet": out.name,
+                                          "overrides": {"model": "thumbnail", "batch_size": 4}},
+                                progress=on_progress))
+        finally:
+            gate.ready.set()
+            gate.join()
+    assert not gate.released_early, (
+        "while the server waited for the first image the client saw no progress and no "
+        f"'loading encoder' log; they came only later: progress={progress}, logs={logs}")
+    assert sc["rows"] == 60 and sc["skipped"] == 0 and out.is_file()
+    assert len(progress) >= 2, progress
+    values = [p[0] for p in progress]
+    assert values == sorted(set(values)), f"progress must only grow: {values}"
+    assert values[0] < values[-1] == 60
+    assert all(p[1] == 60 for p in progress), progress
+    assert all(p[2].startswith("embed: ") for p in progress), progress
+    loading = [entry for entry in logs if entry[2] == "loading encoder thumbnail"]
+    assert loading[0][:2] == ("info", "deft-mine")
+
+
+# --------------------------------------------------------------------------- session lock
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])  # handshake-era and 2026-07-28 clients
+def test_session_lock_fixes_the_encoder(image_set: Path, mode: str) -> None:
+    clip_dir = image_set / "clip_checkpoint"  # a local folder: the lock refuses before loading anything
+    clip_dir.mkdir()
+    with SyncClient(stdio_params(image_set), mode=mode) as client:
+        assert ok(client.call("preflight"))["session_encoder"] is None
+        first = ok(client.call("embed", {"input_parquet": "pool.parquet", "output_parquet": "e1.parquet",
+                                         "overrides": {"model": "thumbnail"}}))
+        assert first["encoder"]["model"] == "thumbnail"
+
+        other = refused(client.call("embed", {"input_parquet": "pool.parquet", "output_parquet": "e2.parquet",
+                                              "overrides": {"model": "CLIP", "model_path": str(clip_dir)}}),
+                        "encoder_mismatch")
+        assert other["locked_encoder"]["model"] == "thumbnail"
+        assert other["locked_encoder"]["model_path"] is None
+        assert other["requested_encoder"] == {"model": "CLIP", "model_path": str(clip_dir.resolve()),
+                                              "model_config_path": None}
+        assert set(other["differing"]) == {"model", "model_path"}
+        assert not (image_set / "e2.parquet").exists()
+
+        again = ok(client.call("embed", {"input_parquet": "targets.parquet", "output_parquet": "e3.parquet",
+                                         "overrides": {"model": "thumbnail", "batch_size": 1}}))
+        assert again["encoder"] == first["encoder"]  # batch_size is not part of the identity
+
+        session = ok(client.call("preflight"))["session_encoder"]
+        assert session is not None and session["model"] == "thumbnail"
+        assert session == first["encoder"]
+
+
+# --------------------------------------------------------------------------- warnings as data
+
+
+def test_mine_warns_filter_by_label_noop(server: SyncClient, root: Path) -> None:
+    folder = root / "label_noop"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    source = write_embeddings(folder / "pool.parquet", rng.normal(size=(4, 8)), labels=["a", "b", "a", "b"],
+                              identity=THUMB_ID)
+    target = write_embeddings(folder / "targets.parquet", rng.normal(size=(2, 8)), identity=THUMB_ID)
+    out = folder / "mined.parquet"
+    sc = ok(server.call("mine", {"source_parquet": str(source), "target_parquet": str(target),
+                                 "output_parquet": str(out), "overrides": {"filter_by_label": True, "topn": 1}}))
+    assert [w["code"] for w in sc["warnings"]] == ["filter_by_label_noop"]
+    noop = warning(sc, "filter_by_label_noop")
+    assert noop["details"]["sides_without_label"] == ["target"]
+    assert sc["label_filter"] == "noop" and sc["filter_by_label"] is True
+    assert sc["encoder"]["model"] == "thumbnail"
+    assert out.is_file() and (folder / "mining_summary.txt").is_file()
+
+
+def test_mine_warns_provenance_unknown(server: SyncClient, root: Path) -> None:
+    folder = root / "provenance"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    source = write_embeddings(folder / "pool.parquet", rng.normal(size=(4, 8)), identity=THUMB_ID)
+    target = write_embeddings(folder / "targets.parquet", rng.normal(size=(2, 8)), identity=None)
+    sc = ok(server.call("mine", {"source_parquet": str(source), "target_parquet": str(target),
+                                 "output_parquet": str(folder / "mined.parquet"), "overrides": {"topn": 2}}))
+    assert warning(sc, "provenance_unknown")["details"] == {"sides": ["target"]}
+    assert sc["encoder"] is None
+    assert sc["mined"] == 4
+
+
+def test_embed_warns_images_skipped(server: SyncClient, data: Path) -> None:
+    pq.write_table(pa.table({"filepath": ["imgs/2.png", "imgs/gone.png", "imgs/3.png"]}), data / "holes.parquet")
+    sc = ok(server.call("embed", {"input_parquet": str(data / "holes.parquet"),
+                                  "output_parquet": str(data / "holes_emb.parquet"),
+                                  "overrides": {"model": "thumbnail"}}))
+    assert (sc["rows"], sc["input_rows"], sc["skipped"]) == (2, 3, 1)
+    skipped = warning(sc, "images_skipped")
+    assert skipped["details"]["count"] == 1
+    assert "imgs/gone.png" in " ".join(skipped["details"]["examples"])
+    assert pq.read_table(data / "holes_emb.parquet").num_rows == 2
+
+
+@pytest.fixture(scope="module")
+def risky_inputs(root: Path) -> tuple[Path, Path]:
+    """Inputs that trip every warning preflight predicts: the targets have no label and no
+    encoder identity and list a missing image; the pool holds one of the targets."""
+    folder = root / "risky"
+    for i in range(4):
+        write_image(folder / "imgs" / f"{i}.png", seed=i)
+    targets = write_embeddings(folder / "targets.parquet", [[1.0, 0.0], [0.0, 1.0]], identity=None,
+                               filepaths=["imgs/0.png", "imgs/missing.png"])
+    source = write_embeddings(folder / "pool.parquet", [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]],
+                              labels=["a", "b", "a"], identity=THUMB_ID,
+                              filepaths=["imgs/0.png", "imgs/2.png", "imgs/3.png"])
+    return targets, source
+
+
+@pytest.mark.parametrize("code, details", [
+    ("filter_by_label_noop", {"sides_without_label": ["targets"]}),
+    ("pool_exhausted", {"topn": 50, "queries": 2, "pool": 3}),
+    ("target_in_pool", {"count": 1}),
+    ("images_skipped", {"side": "targets", "count": 1, "checked": 2, "examples": ["imgs/missing.png"]}),
+    ("provenance_unknown", {"sides": ["targets"]}),
+])
+def test_preflight_predicts_warning(server: SyncClient, risky_inputs: tuple[Path, Path],
+                                    code: str, details: dict) -> None:
+    targets, source = risky_inputs
+    sc = ok(server.call("preflight", {"targets": str(targets), "source": str(source),
+                                      "overrides": {"filter_by_label": True, "topn": 50}}))
+    assert sc["ok"] is True and sc["backend"] == "local"
+    assert warning(sc, code)["details"] == details
+    assert len(sc["warnings"]) == 5
+
+
+def test_preflight_predicts_nothing_for_clean_inputs(server: SyncClient, data: Path) -> None:
+    sc = ok(server.call("preflight", {"targets": str(data / "targets.parquet"), "source": str(data / "pool.parquet"),
+                                      "overrides": {"filter_by_label": True, "topn": 2}}))
+    assert sc["warnings"] == []
+    assert {c["name"] for c in sc["checks"]} == {"torch", "thumbnail encoder"}
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_refuses_unknown_spec_key_naming_the_closest(server: SyncClient, data: Path) -> None:
+    error = refused(server.call("run", {"targets": str(data / "targets.parquet"), "source": str(data / "pool.parquet"),
+                                        "output_dir": str(data / "typo_out"),
+                                        "overrides": {"model": "thumbnail", "topm": 2}}), "spec_unknown_key")
+    assert (error["field"], error["closest"]) == ("topm", "topn")
+    assert not (data / "typo_out").exists()
+
+    error = refused(server.call("embed", {"input_parquet": str(data / "pool.parquet"),
+                                          "output_parquet": str(data / "typo.parquet"),
+                                          "overrides": {"model": "thumbnail", "batch_sise": 4}}), "spec_unknown_key")
+    assert (error["field"], error["closest"]) == ("batch_sise", "batch_size")
+    assert not (data / "typo.parquet").exists()
+
+
+def test_refuses_missing_column(server: SyncClient, data: Path) -> None:
+    pool = write_embeddings(data / "pool_emb.parquet", [[1.0, 0.0], [0.0, 1.0]], identity=THUMB_ID)
+    out = data / "never.parquet"
+    error = refused(server.call("mine", {"source_parquet": str(pool), "target_parquet": str(data / "targets.parquet"),
+                                         "output_parquet": str(out)}), "column_missing")
+    assert error["missing"] == ["embedding"]
+    assert error["columns"] == ["filepath", "label", "siamese_score"]
+    assert not out.exists() and not (data / "mining_summary.txt").exists()
+
+    pq.write_table(pa.table({"path": ["imgs/0.png"]}), data / "no_filepath.parquet")
+    error = refused(server.call("embed", {"input_parquet": str(data / "no_filepath.parquet"),
+                                          "output_parquet": str(out), "overrides": {"model": "thumbnail"}}),
+                    "column_missing")
+    assert error["missing"] == ["filepath"]
+    assert not out.exists()
+
+
+def _attack(server: SyncClient, base: Path, tool: str, field: str, arguments: dict, resolved: Path) -> None:
+    """Call a tool with one path aimed outside the root: refused, naming the field and where
+    the path really leads, and nothing written anywhere (inside the root or out of it)."""
+    before = listing(base)
+    existed = resolved.exists()
+    error = refused(server.call(tool, arguments), "path_outside_roots")
+    assert error["field"] == field
+    assert error["resolved"] == str(resolved)
+    assert error["roots"] == [str(base / "root")]
+    assert resolved.exists() == existed
+    assert listing(base) == before
+
+
+def test_roots_attack_dotdot_traversal_is_refused(server: SyncClient, data: Path, base: Path, outside: Path) -> None:
+    rel = data.relative_to(base / "root")
+    _attack(server, base, "embed", "output_parquet",
+            {"input_parquet": f"{rel}/pool.parquet", "output_parquet": "../outside/stolen.parquet",
+             "overrides": {"model": "thumbnail"}}, outside / "stolen.parquet")
+    _attack(server, base, "run", "output_dir",
+            {"targets": f"{rel}/targets.parquet", "source": f"{rel}/pool.parquet",
+             "output_dir": f"{rel}/../../outside/runs", "overrides": {"model": "thumbnail"}}, outside / "runs")
+    _attack(server, base, "run", "targets",  # reading is refused too
+            {"targets": "../outside/targets.parquet", "source": f"{rel}/pool.parquet",
+             "run_dir": f"{rel}/never", "overrides": {"model": "thumbnail"}}, outside / "targets.parquet")
+
+
+def test_roots_attack_absolute_path_outside_is_refused(server: SyncClient, data: Path, base: Path,
+                                                       outside: Path) -> None:
+    _attack(server, base, "embed", "output_parquet",
+            {"input_parquet": str(data / "pool.parquet"), "output_parquet": str(outside / "abs.parquet"),
+             "overrides": {"model": "thumbnail"}}, outside / "abs.parquet")
+    _attack(server, base, "run", "run_dir",
+            {"targets": str(data / "targets.parquet"), "source": str(data / "pool.parquet"),
+             "run_dir": str(outside / "abs_run"), "overrides": {"model": "thumbnail"}}, outside / "abs_run")
+
+
+def test_roots_attack_symlink_inside_root_pointing_outside_is_refused(server: SyncClient, data: Path, base: Path,
+                                                                      outside: Path) -> None:
+    (data / "escape").symlink_to(outside, target_is_directory=True)
+    _attack(server, base, "embed", "output_parquet",
+            {"input_parquet": str(data / "pool.parquet"), "output_parquet": str(data / "escape" / "sym.parquet"),
+             "overrides": {"model": "thumbnail"}}, outside / "sym.parquet")
+    _attack(server, base, "run", "output_dir",
+            {"targets": str(data / "targets.parquet"), "source": str(data / "pool.parquet"),
+             "output_dir": str(data / "escape" / "runs"), "overrides": {"model": "thumbnail"}}, outside / "runs")
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def test_references_are_listed_and_readable(server: SyncClient) -> None:
+    listed = server.run(server.client.list_resources).resources
+    names = ["invocation.md", "report-spec.md", "troubleshooting.md"]
+    assert sorted(str(r.uri) for r in listed) == [f"deft-mine://references/{n}" for n in names]
+    assert all(r.mime_type == "text/markdown" for r in listed)
+    for name in names:
+        uri = f"deft-mine://references/{name}"
+        contents = server.run(server.client.read_resource, uri).contents
+        assert len(contents) == 1
+        assert str(contents[0].uri) == uri and contents[0].mime_type == "text/markdown"
+        assert contents[0].text == (REFERENCES / name).read_text(encoding="utf-8")
+        assert contents[0].text.startswith("# ")
