@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from _machine import machine_lines
 from deft_mine.engine.embedding import embed_file
 from deft_mine.engine.encoders import build_encoder
 from deft_mine.engine.images import LoadFailure, load_rgb
@@ -26,34 +27,6 @@ GOAL = 0.9
 SEED = 20240601
 WIDTH, HEIGHT = 640, 480
 WARM_UP_ROWS = 4
-
-
-def machine_lines() -> list[str]:
-    lines = [
-        f"python {sys.version.split()[0]} on {sys.platform}; os.cpu_count={os.cpu_count()}, "
-        f"usable cpus={len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}",
-        f"torch {torch.__version__} threads={torch.get_num_threads()} "
-        f"interop={torch.get_num_interop_threads()} cuda={torch.cuda.is_available()}; "
-        f"numpy {np.__version__}; pyarrow {pa.__version__}",
-    ]
-    try:
-        from threadpoolctl import threadpool_info
-
-        pools = [f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)"
-                 for p in threadpool_info()]
-        lines.append("thread pools (threadpoolctl): " + "; ".join(pools))
-    except ImportError:
-        try:
-            blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-            lines.append(f"numpy BLAS: {blas.get('name')} {blas.get('version')} "
-                         "(threadpoolctl not installed: thread count not shown)")
-        except Exception:  # noqa: BLE001 - purely informational
-            lines.append("numpy BLAS: unknown (threadpoolctl not installed)")
-    if hasattr(os, "getloadavg"):
-        load = os.getloadavg()
-        lines.append(f"load average before start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
-                     "(other work on this machine skews the timings)")
-    return lines
 
 
 def save_random_siglip(folder: Path, layers: int) -> None:
@@ -148,7 +121,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     print("# bench_embedding: embed_file end to end vs encoder.encode forward only")
-    for line in machine_lines():
+    for line in machine_lines(
+            f"torch {torch.__version__} threads={torch.get_num_threads()} "
+            f"interop={torch.get_num_interop_threads()} cuda={torch.cuda.is_available()}; "
+            f"numpy {np.__version__}; pyarrow {pa.__version__}"):
         print("#", line)
     root = Path(tempfile.mkdtemp(prefix="deft_bench_embedding_"))
     try:

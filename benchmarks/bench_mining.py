@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from _machine import machine_lines
 from deft_mine.engine import knn, store
 from deft_mine.engine.metric import Metric
 from deft_mine.engine.mining import mine_files
@@ -34,29 +35,11 @@ SEED = 20240601
 
 # --------------------------------------------------------------------------- machine
 
-def machine_lines() -> list[str]:
+def torch_faiss_line() -> str:
     import torch
 
-    lines = [
-        f"python {sys.version.split()[0]} on {sys.platform}; os.cpu_count={os.cpu_count()}, "
-        f"usable cpus={len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}",
-        f"torch {torch.__version__} threads={torch.get_num_threads()}; faiss {faiss.__version__} "
-        f"omp threads={faiss.omp_get_max_threads()}; numpy {np.__version__}; pyarrow {pa.__version__}",
-    ]
-    try:
-        from threadpoolctl import threadpool_info
-
-        pools = [f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)"
-                 for p in threadpool_info()]
-        lines.append("thread pools (threadpoolctl): " + "; ".join(pools))
-    except ImportError:
-        try:
-            blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-            lines.append(f"numpy BLAS: {blas.get('name')} {blas.get('version')} "
-                         "(threadpoolctl not installed: thread count not shown)")
-        except Exception:  # noqa: BLE001 - purely informational
-            lines.append("numpy BLAS: unknown (threadpoolctl not installed)")
-    return lines
+    return (f"torch {torch.__version__} threads={torch.get_num_threads()}; faiss {faiss.__version__} "
+            f"omp threads={faiss.omp_get_max_threads()}; numpy {np.__version__}; pyarrow {pa.__version__}")
 
 
 def ru_maxrss_mib() -> float:
@@ -310,14 +293,10 @@ def main(argv: list[str] | None = None) -> None:
     n_targets = {m: args.targets or DEFAULT_TARGETS[m] for m in metrics}
 
     print("# bench_mining: deft_mine mine_files / knn.search vs FAISS IndexFlat")
-    for line in machine_lines():
+    for line in machine_lines(torch_faiss_line()):
         print("#", line)
     print(f"# pool={args.pool} x dim={args.dim} float32 random normal (seed {SEED}), topn={args.topn}, "
           f"block_rows={args.block_rows}, row_group_rows={args.row_group_rows}")
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    if load:
-        print(f"# load average before start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
-              "(other work on this machine skews the timings)")
     print(f"# timed runs per side: {args.repeat} (best kept); each worker warms up with one tiny "
           "search of the same kind first")
     print("# targets per metric: " + ", ".join(f"{m}={n_targets[m]}" for m in metrics)

@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -211,6 +211,15 @@ def _take_rows(path: Path, rows: np.ndarray, columns: list[str], block_rows: int
         if hi == len(rows):
             break
     return out
+
+
+def count_labels(labels: list[Any]) -> dict[str, int]:
+    """How many rows carry each label (as a string; nulls counted under "(null)"), sorted."""
+    tally: dict[str, int] = {}
+    for label in labels:
+        key = "(null)" if label is None else str(label)
+        tally[key] = tally.get(key, 0) + 1
+    return dict(sorted(tally.items()))
 
 
 def _labels_as_str(labels: pa.ChunkedArray | pa.Array | list) -> list[str | None]:

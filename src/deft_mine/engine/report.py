@@ -11,7 +11,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-REPORT_NAME = "Mining_Report.md"
 SECTIONS = ("Verdict", "Inputs", "Encoder Consistency", "Mining Run", "Per-Label Breakdown",
             "Output Sanity", "Recommended Actions")
 MIN_WORDS, MAX_WORDS = 600, 1200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deft_mine.schemas import artifacts
 from deft_mine.backends import get_backend
 from deft_mine.engine import store
 from deft_mine.errors import DeftError
@@ -13,7 +14,6 @@ from deft_mine.schemas.specs import MiningSpec
 from deft_mine.tools._common import Overrides, distinct_output, existing_input, required_path, spec_with_paths
 from deft_mine.tools.guards import PathPolicy, check_paths
 
-SUMMARY_NAME = "mining_summary.txt"
 
 
 def mine(
@@ -41,7 +41,7 @@ def mine_spec(spec: MiningSpec, backend: str = "local", events: Events | None = 
     source = existing_input(spec, "source_parquet")
     target = existing_input(spec, "target_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source, target)
-    summary_path = output.parent / SUMMARY_NAME
+    summary_path = output.parent / artifacts.SUMMARY
     warnings: list[ToolWarning] = []
     identity = check_same_encoder(source, target, warnings)
 

@@ -20,9 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from deft_mine.schemas import artifacts
 from deft_mine.engine import pictures, store
 from deft_mine.engine.images import resolve_image_path
-from deft_mine.engine.report import (REPORT_NAME, MinedCheck, PairStats, ReportFacts, labels_shown,
+from deft_mine.engine.mining import count_labels
+from deft_mine.engine.report import (MinedCheck, PairStats, ReportFacts, labels_shown,
                                      render)
 from deft_mine.errors import DeftError
 from deft_mine.events import Events, NullEvents
@@ -33,9 +35,6 @@ CONTACT_TARGETS = 8  # targets drawn on the contact sheet
 CONTACT_NEIGHBOURS = 8  # neighbours drawn per target at most
 PICTURE_NAMES = {"contact_sheet": "contact_sheet.png", "score_histogram": "score_histogram.png",
                  "labels": "labels.png"}
-MANIFEST_NAME = "run.json"
-SUMMARY_NAME = "mining_summary.txt"
-PAIRS_NAME = "mined_pairs.parquet"
 MISSING_LISTED = 10
 # Spellings of summary keys other tools may use, mapped to ours.
 SUMMARY_ALIASES = {"num_queries": "queries", "number_of_queries": "queries", "targets": "queries",
@@ -56,7 +55,7 @@ def report(run_dir: str | Path, events: Events | None = None, policy: PathPolicy
     manifest = _read_manifest(folder, missing)
     files = _locate(folder, manifest)
     if manifest is None and files.get("mined") is None:
-        raise DeftError("report_no_run", f"{folder} holds neither {MANIFEST_NAME} nor a mined parquet, "
+        raise DeftError("report_no_run", f"{folder} holds neither {artifacts.MANIFEST} nor a mined parquet, "
                         "so there is no run to report on",
                         fix="give the folder a run (or the TAO container's mining step) wrote its output to",
                         field="run_dir", path=str(folder))
@@ -66,7 +65,7 @@ def report(run_dir: str | Path, events: Events | None = None, policy: PathPolicy
     failures = _draw(facts, folder, files, events)
     events.progress("report", 3, 4)
     rendered = render(facts)
-    path = folder / REPORT_NAME
+    path = folder / artifacts.REPORT
     store.write_text_atomic(path, rendered.text)  # last: its presence means everything else is there
     events.progress("report", 4, 4)
     events.log("info", f"wrote {path} ({rendered.words} words, verdict {rendered.verdict})")
@@ -87,17 +86,17 @@ def report(run_dir: str | Path, events: Events | None = None, policy: PathPolicy
 # ----------------------------------------------------------------------------- finding the files
 
 def _read_manifest(folder: Path, missing: list[str]) -> dict[str, Any] | None:
-    path = folder / MANIFEST_NAME
+    path = folder / artifacts.MANIFEST
     if not path.is_file():
-        missing.append(MANIFEST_NAME)
+        missing.append(artifacts.MANIFEST)
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        missing.append(f"{MANIFEST_NAME} (unreadable)")
+        missing.append(f"{artifacts.MANIFEST} (unreadable)")
         return None
     if not isinstance(manifest, dict):
-        missing.append(f"{MANIFEST_NAME} (not an object)")
+        missing.append(f"{artifacts.MANIFEST} (not an object)")
         return None
     return manifest
 
@@ -115,15 +114,15 @@ def _recorded(folder: Path, value: Any, default: str) -> Path | None:
 def _locate(folder: Path, manifest: dict[str, Any] | None) -> dict[str, Path | None]:
     if manifest is not None:
         spec = manifest.get("mining_spec") or {}
-        mined = _recorded(folder, spec.get("output_parquet"), "mined.parquet")
+        mined = _recorded(folder, spec.get("output_parquet"), artifacts.MINED)
         return {
             "mined": mined,
-            "target_embeddings": _recorded(folder, spec.get("target_parquet"), "target_embeddings.parquet"),
-            "source_embeddings": _recorded(folder, spec.get("source_parquet"), "source_embeddings.parquet"),
-            "pairs": _first_file(folder / PAIRS_NAME),
-            "summary": _first_file(folder / SUMMARY_NAME),
-            "mining_spec": _first_file(folder / "mining_spec.yaml"),
-            "embedding_spec": _first_file(folder / "embedding_spec.yaml"),
+            "target_embeddings": _recorded(folder, spec.get("target_parquet"), artifacts.TARGET_EMBEDDINGS),
+            "source_embeddings": _recorded(folder, spec.get("source_parquet"), artifacts.SOURCE_EMBEDDINGS),
+            "pairs": _first_file(folder / artifacts.PAIRS),
+            "summary": _first_file(folder / artifacts.SUMMARY),
+            "mining_spec": _first_file(folder / artifacts.MINING_SPEC),
+            "embedding_spec": _first_file(folder / artifacts.EMBEDDING_SPEC),
         }
     return _scan(folder)
 
@@ -148,7 +147,7 @@ def _scan(folder: Path) -> dict[str, Path | None]:
             embeddings.append((path, rows))
         elif "filepath" in names:
             mined.append(path)
-    mined.sort(key=lambda p: (p.name != "mined.parquet", "mined" not in p.name or "candidate" in p.name,
+    mined.sort(key=lambda p: (p.name != artifacts.MINED, "mined" not in p.name or "candidate" in p.name,
                               "mined" not in p.name, p.name))
     target = next((p for p, _ in embeddings if "target" in p.name.lower()), None)
     source = next((p for p, _ in embeddings if any(w in p.name.lower() for w in ("source", "pool"))
@@ -159,15 +158,15 @@ def _scan(folder: Path) -> dict[str, Path | None]:
     if source is None and rest:
         source = rest.pop(-1)[2]
     yamls = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
-    summaries = [folder / SUMMARY_NAME] + sorted(p for p in folder.glob("*.txt") if "summary" in p.name.lower())
+    summaries = [folder / artifacts.SUMMARY] + sorted(p for p in folder.glob("*.txt") if "summary" in p.name.lower())
     return {
         "mined": mined[0] if mined else None,
         "target_embeddings": target,
         "source_embeddings": source,
         "pairs": pairs,
         "summary": _first_file(*summaries),
-        "mining_spec": _first_file(folder / "mining_spec.yaml", *[p for p in yamls if "min" in p.name.lower()]),
-        "embedding_spec": _first_file(folder / "embedding_spec.yaml", *[p for p in yamls if "embed" in p.name.lower()]),
+        "mining_spec": _first_file(folder / artifacts.MINING_SPEC, *[p for p in yamls if "min" in p.name.lower()]),
+        "embedding_spec": _first_file(folder / artifacts.EMBEDDING_SPEC, *[p for p in yamls if "embed" in p.name.lower()]),
     }
 
 
@@ -183,7 +182,7 @@ def _gather(folder: Path, manifest: dict[str, Any] | None, files: dict[str, Path
     if manifest is None:
         manifest = _rebuild(folder, files, missing)
     if files.get("pairs") is None and manifest.get("status", "finished") == "finished":
-        missing.append(PAIRS_NAME)
+        missing.append(artifacts.PAIRS)
     facts = ReportFacts(folder=str(folder), manifest=manifest, has_manifest=has_manifest,
                         missing_facts=missing,
                         warnings=[w for w in manifest.get("warnings") or [] if isinstance(w, dict)],
@@ -244,7 +243,7 @@ def _rebuild(folder: Path, files: dict[str, Path | None], missing: list[str]) ->
             mining_spec[key] = str(files[role])
     summary, label_filter = _read_summary(files.get("summary"))
     if files.get("summary") is None:
-        missing.append(SUMMARY_NAME)
+        missing.append(artifacts.SUMMARY)
     elif "queries" not in summary:
         missing.append("mining summary counts")
     filter_by_label = _bool(mining_spec.get("filter_by_label"))
@@ -382,15 +381,7 @@ def _labels(facts: ReportFacts, files: dict[str, Path | None]) -> None:
     path = files.get("target_embeddings")
     if has_label is False or path is None or "label" not in store.schema_of(path).names:
         return
-    facts.target_labels = _tally(store.read_columns(path, ["label"]).column("label").to_pylist())
-
-
-def _tally(values: list[Any]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        key = "(null)" if value is None else str(value)
-        counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))
+    facts.target_labels = count_labels(store.read_columns(path, ["label"]).column("label").to_pylist())
 
 
 def _pair_stats(facts: ReportFacts, files: dict[str, Path | None]) -> None:
@@ -403,7 +394,7 @@ def _pair_stats(facts: ReportFacts, files: dict[str, Path | None]) -> None:
     kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
     by_label = None
     if "target_label" in names:
-        by_label = _tally([label for label, k in zip(table.column("target_label").to_pylist(), kept) if k])
+        by_label = count_labels([label for label, k in zip(table.column("target_label").to_pylist(), kept) if k])
     facts.pairs = PairStats(
         pairs=len(scores), kept=int(kept.sum()),
         score_min=float(scores.min()) if len(scores) else None,

@@ -11,8 +11,10 @@ from typing import Any, Mapping, Sequence
 
 import pyarrow.compute as pc
 
+from deft_mine.schemas import artifacts
 from deft_mine import __version__
 from deft_mine.engine import store
+from deft_mine.engine.mining import count_labels
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled, Events, NullEvents, StageEvents
 from deft_mine.schemas.results import RunResult, ToolWarning
@@ -24,7 +26,6 @@ from deft_mine.tools.report import report
 
 RUNS_FOLDER = "mining_results"
 TIMESTAMP = "%Y-%m-%d_%H%M%S"
-PAIRS_NAME = "mined_pairs.parquet"  # every (target, neighbour) pair: what the report draws
 
 
 def run(
@@ -58,16 +59,16 @@ def run(
     folder = _make_run_dir(output_dir, run_dir)
     events.log("info", f"run folder {folder}")
 
-    target_embed = folder / "target_embeddings.parquet"
-    source_embed = folder / "source_embeddings.parquet"
-    mined = folder / "mined.parquet"
+    target_embed = folder / artifacts.TARGET_EMBEDDINGS
+    source_embed = folder / artifacts.SOURCE_EMBEDDINGS
+    mined = folder / artifacts.MINED
     target_spec = embedding.model_copy(update={"input_parquet": str(targets_path), "output_parquet": str(target_embed)})
     source_spec = embedding.model_copy(update={"input_parquet": str(source_path), "output_parquet": str(source_embed)})
     mining = mining.model_copy(update={"source_parquet": str(source_embed), "target_parquet": str(target_embed),
                                        "output_parquet": str(mined)})
-    store.write_text_atomic(folder / "embedding_spec.yaml",
+    store.write_text_atomic(folder / artifacts.EMBEDDING_SPEC,
                             spec_to_yaml(embedding.model_copy(update={"input_parquet": None, "output_parquet": None})))
-    store.write_text_atomic(folder / "mining_spec.yaml", spec_to_yaml(mining))
+    store.write_text_atomic(folder / artifacts.MINING_SPEC, spec_to_yaml(mining))
 
     manifest: dict[str, Any] = {
         "deft_mine_version": __version__,
@@ -84,7 +85,7 @@ def run(
         tgt = embed_spec(target_spec, backend, StageEvents(events, "embed targets"), policy, lock)
         src = embed_spec(source_spec, backend, StageEvents(events, "embed source"), policy, lock)
         mine_result = mine_spec(mining, backend, StageEvents(events, "mine"), policy,
-                                pairs_path=folder / PAIRS_NAME)
+                                pairs_path=folder / artifacts.PAIRS)
     except Exception as exc:  # the folder says why it is incomplete, then the error goes on up
         if isinstance(exc, DeftError):
             error = exc.to_dict()
@@ -109,7 +110,7 @@ def run(
                 "knn_metric": mine_result.knn_metric, "topn": mine_result.topn,
                 "filter_by_label": mine_result.filter_by_label,
                 "labels": _label_counts(target_embed, source_embed, mined)},
-        artifacts=sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) + ["run.json"],
+        artifacts=sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) + [artifacts.MANIFEST],
         warnings=[w.model_dump() for w in warnings],
         timings=timings,
     )
@@ -176,15 +177,8 @@ def _label_counts(target_embed: Path, source_embed: Path, mined: Path) -> dict[s
     for path, label in zip(pool.column("filepath").to_pylist(), pool.column("label").to_pylist()):
         label_of.setdefault(path, label)  # a path listed twice in the pool counts once
 
-    def counts(labels: list[Any]) -> dict[str, int]:
-        tally: dict[str, int] = {}
-        for label in labels:
-            key = "(null)" if label is None else str(label)
-            tally[key] = tally.get(key, 0) + 1
-        return dict(sorted(tally.items()))
-
-    return {"targets": counts(targets.to_pylist()),
-            "mined": counts([label_of.get(p) for p in mined_paths.to_pylist()])}
+    return {"targets": count_labels(targets.to_pylist()),
+            "mined": count_labels([label_of.get(p) for p in mined_paths.to_pylist()])}
 
 
 def _tag(warnings: list[ToolWarning], side: str) -> list[ToolWarning]:
@@ -193,4 +187,4 @@ def _tag(warnings: list[ToolWarning], side: str) -> list[ToolWarning]:
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    store.write_text_atomic(folder / "run.json", json.dumps(manifest, indent=2, default=str) + "\n")
+    store.write_text_atomic(folder / artifacts.MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")

@@ -1,0 +1,34 @@
+"""What the benchmarks print about the machine they ran on (their figures only compare as ratios)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+
+def machine_lines(*extra: str) -> list[str]:
+    lines = [
+        f"python {sys.version.split()[0]} on {sys.platform}; os.cpu_count={os.cpu_count()}, "
+        f"usable cpus={len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}",
+        *extra,
+    ]
+    try:
+        from threadpoolctl import threadpool_info
+
+        pools = [f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)"
+                 for p in threadpool_info()]
+        lines.append("thread pools (threadpoolctl): " + "; ".join(pools))
+    except ImportError:
+        try:
+            blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+            lines.append(f"numpy BLAS: {blas.get('name')} {blas.get('version')} "
+                         "(threadpoolctl not installed: thread count not shown)")
+        except Exception:  # noqa: BLE001 - purely informational
+            lines.append("numpy BLAS: unknown (threadpoolctl not installed)")
+    if hasattr(os, "getloadavg"):
+        load = os.getloadavg()
+        lines.append(f"load average before start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+                     "(other work on this machine skews the timings)")
+    return lines
