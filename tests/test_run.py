@@ -82,3 +82,23 @@ def test_the_run_records_every_pair_it_found(image_set):
     assert [(p["target_row"], p["rank"]) for p in pairs] == [(t, r) for t in (0, 1) for r in (1, 2, 3)]
     kept_paths = list(dict.fromkeys(p["filepath"] for p in pairs if p["kept"]))
     assert pq.read_table(result.mined_parquet).column("filepath").to_pylist() == kept_paths
+
+
+def test_runs_with_a_history_ledger_never_select_an_image_twice(image_set):
+    ledger = image_set / "ledger.json"
+    first = run(image_set / "targets.parquet", image_set / "pool.parquet", run_dir=image_set / "r1",
+                overrides={"model": "thumbnail", "topn": 1}, history=ledger)
+    second = run(image_set / "targets.parquet", image_set / "pool.parquet", run_dir=image_set / "r2",
+                 overrides={"model": "thumbnail", "topn": 3}, history=ledger)
+    assert (first.select.iteration, second.select.iteration) == (1, 2)
+    one = pq.read_table(image_set / "r1" / "mined.parquet").column("filepath").to_pylist()
+    two = pq.read_table(image_set / "r2" / "mined.parquet").column("filepath").to_pylist()
+    candidates = pq.read_table(image_set / "r2" / "mined_candidates.parquet").column("filepath").to_pylist()
+    assert not set(one) & set(two) and two == [p for p in candidates if p not in one]
+    assert second.mined == len(two) == second.select.newly_selected
+    assert second.select.previously_selected == len(set(one) & set(candidates))
+    manifest = json.loads((image_set / "r2" / "run.json").read_text())
+    assert [it["cumulative"] for it in manifest["history"]["iterations"]] == [len(one), len(one) + len(two)]
+    text = (image_set / "r2" / "Mining_Report.md").read_text()
+    assert "## History" in text and text.index("## History") < text.index("## Recommended Actions")
+    assert f"| 2 | {len(candidates)} | {second.select.previously_selected} | {len(two)} |" in text

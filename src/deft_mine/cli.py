@@ -92,12 +92,28 @@ def _cmd_run(args: argparse.Namespace, events: RichEvents) -> BaseModel:
 
     result = run(args.targets, args.source, output_dir=args.output_dir, run_dir=args.run_dir,
                  embedding_spec_path=args.embedding_spec, mining_spec_path=args.mining_spec,
-                 overrides=args.overrides, backend=args.backend, events=events)
+                 overrides=args.overrides, backend=args.backend, events=events, history=args.history)
     if not args.json:
         out.print(_summary_table(result.mine.summary))
+        if result.select is not None:
+            out.print(f"history: iteration {result.select.iteration}, {result.select.newly_selected} new of "
+                      f"{result.select.candidates} candidates ({result.select.previously_selected} selected before)")
         out.print(f"mined {result.mined} unique images in {result.timings['total']:.1f}s; "
                   f"report: {result.report.verdict.upper()} ({Path(result.report.report_path).name})")
         print(result.run_dir)  # last line of stdout: scripts take the run folder from here
+    return result
+
+
+def _cmd_select(args: argparse.Namespace, events: RichEvents) -> BaseModel:
+    from deft_mine.tools.select import select
+
+    result = select(args.candidates, args.ledger, args.iteration, args.output,
+                    image_root=args.image_root, events=events)
+    if not args.json:
+        out.print(f"iteration {result.iteration}{' (resumed)' if result.resumed else ''}: "
+                  f"{result.newly_selected} of {result.candidates} candidates selected, "
+                  f"{result.previously_selected} selected before, {result.duplicates_in_candidates} "
+                  f"repeated; {result.cumulative_selected} in all → {result.output}")
     return result
 
 
@@ -158,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--run-dir", help="the run goes exactly here (new or empty folder)")
     p.add_argument("-e", "--embedding-spec", help="embedding spec YAML")
     p.add_argument("-m", "--mining-spec", help="mining spec YAML")
+    p.add_argument("--history", help="history ledger JSON: mine to mined_candidates.parquet, then keep "
+                   "only images no earlier iteration selected in mined.parquet")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="any key of either spec, e.g. model=thumbnail topn=10 filter_by_label=true")
 
@@ -169,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="streamable-http: port")
     p.add_argument("--root", action="append", default=None,
                    help="allowed root folder (repeatable; default: the working directory)")
+
+    p = command("select", _cmd_select, "drop candidates earlier DEFT iterations selected; record this one")
+    p.add_argument("--candidates", required=True, help="mined candidates parquet (filepath first)")
+    p.add_argument("--ledger", required=True, help="history ledger JSON (created on iteration 1)")
+    p.add_argument("--iteration", required=True, type=int, help="this iteration: the ledger's last + 1 "
+                   "(or its last, to resume)")
+    p.add_argument("--output", required=True, help="selected rows (the next round's mined.parquet)")
+    p.add_argument("--image-root", help="where relative filepaths resolve (default: the candidates' folder)")
 
     p = command("report", _cmd_report, "write Mining_Report.md and its pictures for a run folder")
     p.add_argument("run_dir", help="a run folder (with run.json, or one the TAO container filled)")

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from deft_mine import __version__
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled
-from deft_mine.schemas.results import EmbedResult, MineResult, ReportResult, RunResult
+from deft_mine.schemas.results import EmbedResult, MineResult, ReportResult, RunResult, SelectResult
 from deft_mine.tools.guards import EncoderLock, PathPolicy
 from deft_mine.tools.preflight import PreflightResult
 
@@ -104,6 +104,10 @@ def _text(result: BaseModel) -> str:
     elif isinstance(result, EmbedResult):
         lines.append(f"embedded {result.rows} of {result.input_rows} rows ({result.skipped} skipped) "
                      f"with {result.encoder.model} on {result.device} → {result.output_parquet}")
+    elif isinstance(result, SelectResult):
+        lines.append(f"iteration {result.iteration}{' (resumed)' if result.resumed else ''}: "
+                     f"{result.newly_selected} of {result.candidates} candidates selected "
+                     f"({result.previously_selected} before); {result.cumulative_selected} in all → {result.output}")
     elif isinstance(result, ReportResult):
         lines.append(f"{result.verdict.upper()}: {result.report_path} ({result.words} words; "
                      f"pictures: {', '.join(result.pictures) or 'none'})")
@@ -251,16 +255,40 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
         mining_spec_path: Annotated[str | None, Field(description="mining spec YAML")] = None,
         overrides: Overrides = None,
         backend: Backend = "local",
+        history: Annotated[str | None, Field(
+            description="history ledger JSON: keep only images no earlier iteration selected")] = None,
     ) -> Annotated[CallToolResult, RunResult]:
         """Embed targets and pool with one encoder, mine, and write a new run folder
         (embedding_spec.yaml, mining_spec.yaml, both embedding parquets, mined.parquet,
         mining_summary.txt, run.json). Give exactly one of output_dir and run_dir; a run never
-        reuses a non-empty folder. Overrides go to whichever spec owns the key."""
+        reuses a non-empty folder. Overrides go to whichever spec owns the key. With `history`
+        (a ledger), mining writes mined_candidates.parquet and mined.parquet keeps only images no
+        earlier iteration selected (the next iteration number is taken from the ledger)."""
         from deft_mine.tools.run import run as tool
 
         return await call(ctx, lambda ev, pol, lock: tool(
             targets, source, output_dir, run_dir, embedding_spec_path, mining_spec_path, overrides,
-            backend, ev, pol, lock))
+            backend, ev, pol, lock, history))
+
+    @tool("Select across DEFT iterations")
+    async def select(
+        ctx: Context,
+        candidates: Annotated[str, Field(description="mined candidates parquet")],
+        ledger: Annotated[str, Field(description="history ledger JSON (created on iteration 1)")],
+        iteration: Annotated[int, Field(ge=1, description="the ledger's last iteration + 1, or its last to resume")],
+        output: Annotated[str, Field(description="parquet of the selected rows (the round's mined.parquet)")],
+        image_root: Annotated[str | None, Field(
+            description="where relative filepaths resolve (default: the candidates' folder)")] = None,
+    ) -> Annotated[CallToolResult, SelectResult]:
+        """Drop every candidate whose normalised filepath an earlier iteration selected (order
+        kept), write the rest, and record the iteration in the ledger with the SHA-256 of its
+        files. Refuses non-consecutive iterations (ledger_iteration_invalid), a resume whose
+        files changed (ledger_hash_mismatch), a damaged ledger (ledger_corrupt) and a ledger
+        another process is writing (ledger_busy); nothing is written then."""
+        from deft_mine.tools.select import select as tool
+
+        return await call(ctx, lambda ev, pol, lock: tool(
+            candidates, ledger, iteration, output, image_root, None, ev, pol))
 
     @tool("Write the mining report")
     async def report(

@@ -371,7 +371,11 @@ def _assemble(facts: ReportFacts, found: list[Finding], verdict: str, level: int
     builders: list[Callable[..., list[tuple[int, str]]]] = [
         _verdict_section, _inputs_section, _encoder_section, _mining_section, _labels_section,
         _sanity_section, _actions_section]
-    for title, build in zip(SECTIONS, builders):
+    titles = list(SECTIONS)
+    if v.m.get("history"):  # iterative runs: before the actions, what earlier rounds took
+        titles.insert(-1, "History")
+        builders.insert(-1, _history_section)
+    for title, build in zip(titles, builders):
         blocks = build(v, found, verdict, compact)
         body = "\n\n".join(text for need, text in blocks if need <= level and text)
         parts.append(f"## {title}\n\n{body}\n")
@@ -732,10 +736,36 @@ def _no_picture(facts: ReportFacts, fallback: str) -> str:
     return "drawing it failed (the report tool's result names the error)"
 
 
+def _history_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+    history = v.m["history"]
+    rows = ["| Iteration | Candidates | Previously selected | Newly selected | Cumulative total |",
+            "|---|---|---|---|---|"]
+    for it in history.get("iterations", []):
+        rows.append(f"| {it['iteration']} | {it['candidates']} | {it['previously_selected']} | "
+                    f"{it['newly_selected']} | {it['cumulative']} |")
+    return [
+        (0, f"This run is iteration {_fmt(history.get('iteration'))} of the ledger "
+            f"{_path_md(str(history.get('ledger')))}: of {_plural(history.get('candidates'), 'mined candidate')} "
+            f"in `mined_candidates.parquet`, {_fmt(history.get('previously_selected'))} were selected by "
+            f"earlier iterations and {_fmt(history.get('duplicates_in_candidates'))} repeated a candidate, "
+            f"so `mined.parquet` holds {_plural(history.get('newly_selected'), 'newly selected image')}."),
+        (0, "\n".join(rows)),
+        (1, "The ledger records, per iteration, the selected paths (absolute, normalised) and the "
+            "SHA-256 of its candidate, output and summary files; re-running an iteration re-checks "
+            "them, and no path is ever selected twice."),
+    ]
+
+
 def _actions_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+    history = v.m.get("history")
     if verdict == "failed":
         first = (f"Do not use `{v.mined_name}` as the next round's augmentation queue yet; once the "
                  f"failure below is fixed and mining is re-run, the new `{v.mined_name}` is that queue.")
+    elif history:
+        first = (f"Use `mined.parquet` ({_plural(history.get('newly_selected'), 'image')} no earlier "
+                 "iteration selected) as the next round's augmentation queue: label or review those "
+                 "images and add them to the training set"
+                 + (", after the decisions below." if found else "."))
     else:
         first = (f"Use `{v.mined_name}` ({_plural(v.mined_count, 'image')}) as the next round's "
                  "augmentation queue: label or review those images and add them to the training set"

@@ -5,6 +5,7 @@ MINING_SPEC = "mining_spec.yaml"
 TARGET_EMBEDDINGS = "target_embeddings.parquet"
 SOURCE_EMBEDDINGS = "source_embeddings.parquet"
 MINED = "mined.parquet"
+CANDIDATES = "mined_candidates.parquet"  # with a history ledger: mined before selection
 SUMMARY = "mining_summary.txt"
 # Ours:
 PAIRS = "mined_pairs.parquet"  # every (target, neighbour) pair: what the report draws

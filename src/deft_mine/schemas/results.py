@@ -81,6 +81,7 @@ class RunResult(BaseModel):
     target_embed: EmbedResult
     source_embed: EmbedResult
     mine: MineResult
+    select: "SelectResult | None" = Field(None, description="the history-aware selection (runs with a ledger)")
     report: "ReportResult"
     timings: dict[str, float] = Field(default_factory=dict)
     warnings: list[ToolWarning] = Field(default_factory=list)
@@ -98,4 +99,20 @@ class ReportResult(BaseModel):
     warnings: list[ToolWarning] = Field(default_factory=list)
 
 
-RunResult.model_rebuild()
+
+class SelectResult(BaseModel):
+    """One DEFT iteration's history-aware selection, as recorded in the ledger."""
+
+    output: str = Field(description="the selected rows (candidates' order and columns kept)")
+    ledger: str
+    iteration: int
+    candidates: int = Field(description="candidate rows read")
+    previously_selected: int = Field(description="candidates an earlier iteration already selected")
+    duplicates_in_candidates: int = Field(description="repeats of a path earlier in the candidates")
+    newly_selected: int = Field(description="rows written to output")
+    cumulative_selected: int = Field(description="paths selected over all iterations so far")
+    resumed: bool = Field(description="this iteration was already recorded: its files were re-verified")
+    warnings: list[ToolWarning] = Field(default_factory=list)
+
+
+RunResult.model_rebuild()  # it names ReportResult and SelectResult, defined after it

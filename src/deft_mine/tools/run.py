@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from deft_mine.schemas import artifacts
 from deft_mine import __version__
+from deft_mine.engine import ledger as ledgers
 from deft_mine.engine import store
 from deft_mine.engine.mining import count_labels
 from deft_mine.errors import DeftError
@@ -23,6 +24,7 @@ from deft_mine.tools.embed import embed_spec
 from deft_mine.tools.guards import EncoderLock, PathPolicy, check_paths
 from deft_mine.tools.mine import mine_spec
 from deft_mine.tools.report import report
+from deft_mine.tools.select import history_facts, select
 
 RUNS_FOLDER = "mining_results"
 TIMESTAMP = "%Y-%m-%d_%H%M%S"
@@ -40,12 +42,14 @@ def run(
     events: Events | None = None,
     policy: PathPolicy | None = None,
     lock: EncoderLock | None = None,
+    history: str | Path | None = None,
 ) -> RunResult:
     """The whole workflow into a new run folder; `policy` and `lock` as for `embed`."""
     events = events or NullEvents()
     started = time.perf_counter()
     check_paths(policy, targets=targets, source=source, output_dir=output_dir, run_dir=run_dir,
-                embedding_spec_path=embedding_spec_path, mining_spec_path=mining_spec_path)
+                embedding_spec_path=embedding_spec_path, mining_spec_path=mining_spec_path,
+                history=history)
     targets_path = _input(targets, "targets")
     source_path = _input(source, "source")
     embed_over, mine_over = split_overrides(overrides or ())
@@ -62,10 +66,12 @@ def run(
     target_embed = folder / artifacts.TARGET_EMBEDDINGS
     source_embed = folder / artifacts.SOURCE_EMBEDDINGS
     mined = folder / artifacts.MINED
+    # With a history ledger, mining writes the candidates and selection writes mined.parquet.
+    candidates = folder / artifacts.CANDIDATES if history is not None else mined
     target_spec = embedding.model_copy(update={"input_parquet": str(targets_path), "output_parquet": str(target_embed)})
     source_spec = embedding.model_copy(update={"input_parquet": str(source_path), "output_parquet": str(source_embed)})
     mining = mining.model_copy(update={"source_parquet": str(source_embed), "target_parquet": str(target_embed),
-                                       "output_parquet": str(mined)})
+                                       "output_parquet": str(candidates)})
     store.write_text_atomic(folder / artifacts.EMBEDDING_SPEC,
                             spec_to_yaml(embedding.model_copy(update={"input_parquet": None, "output_parquet": None})))
     store.write_text_atomic(folder / artifacts.MINING_SPEC, spec_to_yaml(mining))
@@ -86,6 +92,14 @@ def run(
         src = embed_spec(source_spec, backend, StageEvents(events, "embed source"), policy, lock)
         mine_result = mine_spec(mining, backend, StageEvents(events, "mine"), policy,
                                 pairs_path=folder / artifacts.PAIRS)
+        selected = None
+        if history is not None:
+            ledger_path = Path(history).expanduser().absolute()
+            iteration = ledgers.load(ledger_path).last_iteration + 1
+            image_root = Path(embedding.image_root).expanduser().absolute() if embedding.image_root \
+                else source_path.parent
+            selected = select(candidates, ledger_path, iteration, mined, image_root=image_root,
+                              topn=mining.topn, events=StageEvents(events, "select"), policy=policy)
     except Exception as exc:  # the folder says why it is incomplete, then the error goes on up
         if isinstance(exc, DeftError):
             error = exc.to_dict()
@@ -97,7 +111,7 @@ def run(
         raise
 
     warnings: list[ToolWarning] = [*_tag(tgt.warnings, "targets"), *_tag(src.warnings, "source"),
-                                   *mine_result.warnings]
+                                   *mine_result.warnings, *(selected.warnings if selected else [])]
     timings = {"embed_targets": tgt.timings["total"], "embed_source": src.timings["total"],
                "mine": mine_result.timings["total"], "total": time.perf_counter() - started}
     manifest.update(
@@ -110,15 +124,18 @@ def run(
                 "knn_metric": mine_result.knn_metric, "topn": mine_result.topn,
                 "filter_by_label": mine_result.filter_by_label,
                 "labels": _label_counts(target_embed, source_embed, mined)},
+        history=None if selected is None else {
+            **selected.model_dump(exclude={"warnings"}),
+            "iterations": history_facts(Path(selected.ledger))},
         artifacts=sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) + [artifacts.MANIFEST],
         warnings=[w.model_dump() for w in warnings],
         timings=timings,
     )
     _write_manifest(folder, manifest)
     written = report(folder, StageEvents(events, "report"), policy)  # last: it reads the rest
-    return RunResult(run_dir=str(folder), mined=mine_result.mined, mined_parquet=str(mined),
-                     target_embed=tgt, source_embed=src, mine=mine_result, report=written,
-                     timings=timings, warnings=warnings)
+    return RunResult(run_dir=str(folder), mined=selected.newly_selected if selected else mine_result.mined,
+                     mined_parquet=str(mined), target_embed=tgt, source_embed=src, mine=mine_result,
+                     select=selected, report=written, timings=timings, warnings=warnings)
 
 
 def _input(value: str | Path, field: str) -> Path:
