@@ -19,6 +19,7 @@ from deft_mine.errors import DeftError
 
 FORMAT = "deft-mine-ledger"
 VERSION = 1
+_COUNTS = ("candidates", "previously_selected", "duplicates_in_candidates", "newly_selected")
 
 
 def normalise_filepath(filepath: str, base: Path) -> str:
@@ -70,9 +71,21 @@ def load(path: Path) -> Ledger:
     numbers = [it.get("iteration") if isinstance(it, dict) else None for it in iterations]
     if numbers != list(range(1, len(numbers) + 1)):
         raise corrupt(f"iterations are {numbers}, not 1..{len(numbers)}")
-    recorded = {p for it in iterations for p in it.get("selected", [])}
-    if recorded != set(selected):
-        raise corrupt("'selected' does not match the paths the iterations recorded")
+    recorded: dict[str, int] = {}
+    for it in iterations:
+        paths = it.get("selected")
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise corrupt(f"iteration {it['iteration']}: 'selected' must be a list of paths")
+        if not isinstance(it.get("files"), dict) or not all(
+                isinstance(it.get(key), int) for key in _COUNTS):
+            raise corrupt(f"iteration {it['iteration']}: 'files' or its counts are missing")
+        for selected_path in paths:
+            if selected_path in recorded:
+                raise corrupt(f"{selected_path} is selected by iterations {recorded[selected_path]} "
+                              f"and {it['iteration']}")
+            recorded[selected_path] = it["iteration"]
+    if recorded != selected:
+        raise corrupt("'selected' does not match the paths (and iterations) the iterations recorded")
     return Ledger(path, selected=dict(selected), iterations=list(iterations))
 
 

@@ -130,7 +130,8 @@ def _resume(book: ledgers.Ledger, iteration: int, source: Path, target: Path, su
                     f"{iteration + 1}", field=role, path=str(path),
                 recorded_sha256=recorded["sha256"], current_sha256=current and current["sha256"])
     if not target.exists():  # the output was lost after the ledger recorded it: write it again
-        table, normal = _read(source, base)
+        # ...judging paths as they were judged then, whatever image_root this call passed
+        table, normal = _read(source, Path(entry.get("image_root") or base))
         wanted, keep = set(entry["selected"]), []
         for path in normal:
             keep.append(path in wanted)
