@@ -69,7 +69,8 @@ def _summary_table(summary: dict[str, int]) -> Table:
 def _cmd_embed(args: argparse.Namespace, events: RichEvents) -> BaseModel:
     from deft_mine.tools.embed import embed
 
-    result = embed(spec_path=args.spec, overrides=args.overrides, backend=args.backend, events=events)
+    result = embed(spec_path=args.spec, overrides=args.overrides, backend=args.backend, events=events,
+                   image=args.image, mounts=args.mount)
     if not args.json:
         out.print(f"embedded {result.rows} of {result.input_rows} rows ({result.skipped} skipped) "
                   f"with {result.encoder.model} on {result.device} → {result.output_parquet}")
@@ -80,7 +81,8 @@ def _cmd_embed(args: argparse.Namespace, events: RichEvents) -> BaseModel:
 def _cmd_mine(args: argparse.Namespace, events: RichEvents) -> BaseModel:
     from deft_mine.tools.mine import mine
 
-    result = mine(spec_path=args.spec, overrides=args.overrides, backend=args.backend, events=events)
+    result = mine(spec_path=args.spec, overrides=args.overrides, backend=args.backend, events=events,
+                  image=args.image, mounts=args.mount)
     if not args.json:
         out.print(_summary_table(result.summary))
         out.print(f"mined {result.mined} unique images → {result.output_parquet}")
@@ -92,7 +94,8 @@ def _cmd_run(args: argparse.Namespace, events: RichEvents) -> BaseModel:
 
     result = run(args.targets, args.source, output_dir=args.output_dir, run_dir=args.run_dir,
                  embedding_spec_path=args.embedding_spec, mining_spec_path=args.mining_spec,
-                 overrides=args.overrides, backend=args.backend, events=events, history=args.history)
+                 overrides=args.overrides, backend=args.backend, events=events, history=args.history,
+                 image=args.image, mounts=args.mount)
     if not args.json:
         out.print(_summary_table(result.mine.summary))
         if result.select is not None:
@@ -101,6 +104,21 @@ def _cmd_run(args: argparse.Namespace, events: RichEvents) -> BaseModel:
         out.print(f"mined {result.mined} unique images in {result.timings['total']:.1f}s; "
                   f"report: {result.report.verdict.upper()} ({Path(result.report.report_path).name})")
         print(result.run_dir)  # last line of stdout: scripts take the run folder from here
+    return result
+
+
+def _cmd_preflight(args: argparse.Namespace, events: RichEvents) -> BaseModel:
+    from deft_mine.tools.preflight import preflight
+
+    result = preflight(args.backend, args.image, args.targets, args.source, args.mining_spec,
+                       args.overrides, output_dir=args.output_dir)
+    if not args.json:
+        table = Table(show_header=False, box=None)
+        for check in result.checks:
+            style = {"ok": "green", "warn": "yellow", "fail": "red"}[check.status]
+            table.add_row(f"[{style}]{check.status}[/]", check.name, check.detail, check.fix or "")
+        out.print(table)
+        out.print(("ready" if result.ok else "NOT ready") + f" for backend {result.backend}")
     return result
 
 
@@ -151,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(handler=handler)
         p.add_argument("--backend", choices=BACKENDS, default="local")
+        p.add_argument("--image", help="docker backend: image URI (default: TAO versions.yaml under "
+                       "$TAO_SKILL_BANK_PATH, else deft-mine:latest)")
+        p.add_argument("--mount", action="append", default=None, metavar="PATH",
+                       help="docker backend: extra read-only bind mount at the identical path (repeatable)")
         p.add_argument("--json", action="store_true",
                        help="print exactly the structured result (as the MCP tool returns it) on stdout")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info lines")
@@ -187,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="streamable-http: port")
     p.add_argument("--root", action="append", default=None,
                    help="allowed root folder (repeatable; default: the working directory)")
+
+    p = command("preflight", _cmd_preflight, "check this machine for a backend; predict input warnings")
+    p.add_argument("--targets", help="target parquet, to predict warnings")
+    p.add_argument("--source", help="pool parquet/CSV, to predict warnings")
+    p.add_argument("-m", "--mining-spec", help="mining spec YAML")
+    p.add_argument("--output-dir", help="where outputs will go (disk space, writability)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
 
     p = command("select", _cmd_select, "drop candidates earlier DEFT iterations selected; record this one")
     p.add_argument("--candidates", required=True, help="mined candidates parquet (filepath first)")

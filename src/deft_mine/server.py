@@ -44,6 +44,8 @@ _SESSIONLESS_PROTOCOL = "2026-07-28"  # the protocol revision that dropped sessi
 ERROR_META_KEY = "io.github.deft-mine/error"
 
 Backend = Annotated[Literal["local", "docker"], Field(description="where the work runs; local = in-process")]
+Image = Annotated[str | None, Field(description="docker backend: image URI (default: TAO versions.yaml, else deft-mine:latest)")]
+Mounts = Annotated[list[str] | None, Field(description="docker backend: extra read-only mounts at identical paths")]
 
 
 class _Session:
@@ -214,6 +216,8 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
         spec_path: Annotated[str | None, Field(description="embedding spec YAML (TAO format)")] = None,
         overrides: Overrides = None,
         backend: Backend = "local",
+        image: Image = None,
+        mounts: Mounts = None,
     ) -> Annotated[CallToolResult, EmbedResult]:
         """Embed the images a parquet/CSV lists into an embedding parquet (filepath, embedding,
         every input column carried). The first embed of a session fixes its encoder; a
@@ -222,7 +226,7 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
         from deft_mine.tools.embed import embed as tool
 
         return await call(ctx, lambda ev, pol, lock: tool(
-            input_parquet, output_parquet, spec_path, overrides, backend, ev, pol, lock))
+            input_parquet, output_parquet, spec_path, overrides, backend, ev, pol, lock, image, mounts))
 
     @tool("Mine nearest images")
     async def mine(
@@ -233,6 +237,8 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
         spec_path: Annotated[str | None, Field(description="mining spec YAML (TAO format)")] = None,
         overrides: Overrides = None,
         backend: Backend = "local",
+        image: Image = None,
+        mounts: Mounts = None,
     ) -> Annotated[CallToolResult, MineResult]:
         """For each target take the topn nearest pool images (exact; cosine, euclidean or
         manhattan), optionally keep only label-agreeing pairs, de-duplicate, and write the
@@ -242,7 +248,8 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
         from deft_mine.tools.mine import mine as tool
 
         return await call(ctx, lambda ev, pol, lock: tool(
-            source_parquet, target_parquet, output_parquet, spec_path, overrides, backend, ev, pol))
+            source_parquet, target_parquet, output_parquet, spec_path, overrides, backend, ev, pol,
+            image, mounts))
 
     @tool("Run the whole workflow", idempotent=False)
     async def run(
@@ -257,6 +264,8 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
         backend: Backend = "local",
         history: Annotated[str | None, Field(
             description="history ledger JSON: keep only images no earlier iteration selected")] = None,
+        image: Image = None,
+        mounts: Mounts = None,
     ) -> Annotated[CallToolResult, RunResult]:
         """Embed targets and pool with one encoder, mine, and write a new run folder
         (embedding_spec.yaml, mining_spec.yaml, both embedding parquets, mined.parquet,
@@ -268,7 +277,7 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
 
         return await call(ctx, lambda ev, pol, lock: tool(
             targets, source, output_dir, run_dir, embedding_spec_path, mining_spec_path, overrides,
-            backend, ev, pol, lock, history))
+            backend, ev, pol, lock, history, image, mounts))
 
     @tool("Select across DEFT iterations")
     async def select(

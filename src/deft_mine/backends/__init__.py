@@ -8,14 +8,16 @@ from deft_mine.errors import DeftError
 BACKENDS = ("local", "docker")
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, image: str | None = None, mounts: list[str] | None = None) -> Backend:
+    """`image` and `mounts` (extra read-only bind mounts) matter only to the docker backend."""
     if name == "local":
         from deft_mine.backends.local import LocalBackend
 
         return LocalBackend.shared()
     if name == "docker":
-        raise DeftError("backend_unavailable", "the docker backend is not built yet",
-                        fix="use --backend local", field="backend")
+        from deft_mine.backends.docker import DockerBackend
+
+        return DockerBackend(image, mounts)
     raise DeftError("spec_invalid", f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}",
                     fix="use --backend local or docker", field="backend")
 

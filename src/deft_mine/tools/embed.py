@@ -22,26 +22,32 @@ def embed(
     events: Events | None = None,
     policy: PathPolicy | None = None,
     lock: EncoderLock | None = None,
+    image: str | None = None,
+    mounts: list[str] | None = None,
 ) -> EmbedResult:
     """Embed the images a parquet/CSV lists. `policy` limits the paths it may touch; `lock`
     (one per MCP session) refuses an encoder other than the session's first."""
     check_paths(policy, spec_path=spec_path)
     spec = spec_with_paths(EmbeddingSpec, spec_path, overrides,
                            input_parquet=input_parquet, output_parquet=output_parquet)
-    return embed_spec(spec, backend=backend, events=events, policy=policy, lock=lock)
+    return embed_spec(spec, backend=backend, events=events, policy=policy, lock=lock, image=image,
+                      mounts=mounts)
 
 
 def embed_spec(spec: EmbeddingSpec, backend: str = "local", events: Events | None = None,
-               policy: PathPolicy | None = None, lock: EncoderLock | None = None) -> EmbedResult:
+               policy: PathPolicy | None = None, lock: EncoderLock | None = None,
+               image: str | None = None, mounts: list[str] | None = None) -> EmbedResult:
     """Embed with an already-resolved spec (what `run` calls for each side)."""
     events = events or NullEvents()
     check_paths(policy, input_parquet=spec.input_parquet, output_parquet=spec.output_parquet,
                 image_root=spec.image_root)
+    for mount in mounts or []:
+        check_paths(policy, mounts=mount)
     source = existing_input(spec, "input_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source)
     image_root = Path(spec.image_root).expanduser().absolute() if spec.image_root else source.parent
     with lock.bind(spec) if lock is not None else contextlib.nullcontext():
-        done = get_backend(backend).embed(spec, source, output, image_root, events)
+        done = get_backend(backend, image, mounts).embed(spec, source, output, image_root, events)
         encoder = EncoderIdentity(**done.identity)
         if lock is not None:
             lock.record(encoder)

@@ -25,16 +25,19 @@ def mine(
     backend: str = "local",
     events: Events | None = None,
     policy: PathPolicy | None = None,
+    image: str | None = None,
+    mounts: list[str] | None = None,
 ) -> MineResult:
     """Mine the pool for each target's nearest images. `policy` limits the paths it may touch."""
     check_paths(policy, spec_path=spec_path)
     spec = spec_with_paths(MiningSpec, spec_path, overrides, source_parquet=source_parquet,
                            target_parquet=target_parquet, output_parquet=output_parquet)
-    return mine_spec(spec, backend=backend, events=events, policy=policy)
+    return mine_spec(spec, backend=backend, events=events, policy=policy, image=image, mounts=mounts)
 
 
 def mine_spec(spec: MiningSpec, backend: str = "local", events: Events | None = None,
-              policy: PathPolicy | None = None, pairs_path: Path | None = None) -> MineResult:
+              policy: PathPolicy | None = None, pairs_path: Path | None = None,
+              image: str | None = None, mounts: list[str] | None = None) -> MineResult:
     events = events or NullEvents()
     check_paths(policy, source_parquet=spec.source_parquet, target_parquet=spec.target_parquet,
                 output_parquet=spec.output_parquet)
@@ -51,7 +54,8 @@ def mine_spec(spec: MiningSpec, backend: str = "local", events: Events | None = 
         if lacking:
             events.log("warning", f"filter_by_label=true will do nothing: the {' and '.join(lacking)} "
                                   "parquet has no 'label' column; mining unfiltered")
-    done = get_backend(backend).mine(spec, source, target, output, summary_path, events, pairs_path)
+    done = get_backend(backend, image, mounts).mine(spec, source, target, output, summary_path, events,
+                                                    pairs_path)
 
     if done.label_filter == "noop":
         sides = " and ".join(done.label_missing)
@@ -62,7 +66,7 @@ def mine_spec(spec: MiningSpec, backend: str = "local", events: Events | None = 
             fields=["filter_by_label", "label"],
             details={"sides_without_label": done.label_missing},
         ))
-    queries, searched = done.summary["queries"], done.searched_rows
+    queries, searched = done.summary.get("queries", 0), done.searched_rows
     if queries and spec.topn * queries > searched:
         warnings.append(ToolWarning(
             code="pool_exhausted",

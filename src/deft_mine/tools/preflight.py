@@ -4,9 +4,10 @@ which warnings will the given inputs raise, all before any work."""
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, Field
 
@@ -24,8 +25,14 @@ _IMAGE_SAMPLE = 500  # rows per side whose image files are checked for existence
 
 class Check(BaseModel):
     name: str
-    ok: bool
-    detail: str
+    ok: bool = Field(description="false only for status fail")
+    status: Literal["ok", "warn", "fail"] = "ok"
+    detail: str = Field(description="what was found")
+    fix: str | None = Field(None, description="the exact fix, when not ok")
+
+
+def _check(name: str, status: str, detail: str, fix: str | None = None) -> Check:
+    return Check(name=name, ok=status != "fail", status=status, detail=detail, fix=fix)
 
 
 class PreflightResult(BaseModel):
@@ -49,6 +56,7 @@ def preflight(
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     policy: PathPolicy | None = None,
     lock: EncoderLock | None = None,
+    output_dir: str | Path | None = None,
 ) -> PreflightResult:
     if backend not in BACKENDS:
         raise DeftError("spec_invalid", f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}",
@@ -67,20 +75,64 @@ def preflight(
             import torch
 
             gpu = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            checks.append(Check(name="torch", ok=True, detail=f"torch {torch.__version__}; "
-                                + (f"CUDA: {', '.join(gpu)}" if gpu else "no CUDA GPU: encoders run on the CPU")))
+            checks.append(_check("torch", "ok" if gpu else "warn", f"torch {torch.__version__}; "
+                                 + (f"CUDA: {', '.join(gpu)}" if gpu else "no CUDA GPU: encoders run on the CPU"),
+                                 None if gpu else "fine for thumbnail and small pools; use a GPU machine "
+                                 "for SigLIP/CLIP on large pools"))
         except Exception as exc:  # a broken torch install is exactly what preflight is for
-            checks.append(Check(name="torch", ok=False, detail=f"cannot import torch: {exc}"))
-        checks.append(Check(name="thumbnail encoder", ok=True, detail="always available (no weights)"))
+            checks.append(_check("torch", "fail", f"cannot import torch: {exc}",
+                                 "pip install torch (CPU: torch==2.13.0 from the constraints file)"))
+        checks.append(_check("thumbnail encoder", "ok", "always available (no weights)"))
     else:
-        checks.append(Check(name="docker backend", ok=False,
-                            detail="the docker backend is not built yet; use backend=local"
-                            + (f" (image {image} not checked)" if image else "")))
+        checks.extend(_docker_checks(image, Path(output_dir) if output_dir else Path.cwd()))
     warnings = predict_warnings(targets, source, mining_spec_path, overrides)
     return PreflightResult(ok=all(c.ok for c in checks), backend=backend, checks=checks,
                            versions=versions, gpu=gpu,
                            session_encoder=lock.identity if lock is not None else None,
                            warnings=warnings)
+
+
+def _docker_checks(image: str | None, output_dir: Path) -> list[Check]:
+    """Daemon, NVIDIA runtime, GPU, image, disk and mountability — a few seconds at most."""
+    import shutil
+
+    from deft_mine.backends.docker import resolve_image
+
+    checks: list[Check] = []
+    wanted = resolve_image(image)
+    try:
+        import docker
+
+        client = docker.from_env(timeout=5)
+        info = client.info()
+    except Exception as exc:  # not installed, no socket, permission denied, stopped daemon
+        return [_check("docker daemon", "fail", f"cannot reach the Docker daemon: {exc}",
+                       "start it (`sudo systemctl start docker`, or `dockerd &`) and check that this "
+                       "user may use /var/run/docker.sock (e.g. the docker group); or use backend=local")]
+    checks.append(_check("docker daemon", "ok", f"Docker {info.get('ServerVersion')} reachable"))
+    runtimes = info.get("Runtimes") or {}
+    checks.append(_check("nvidia runtime", "ok" if "nvidia" in runtimes else "warn",
+                         f"runtimes: {', '.join(runtimes) or 'none'}",
+                         None if "nvidia" in runtimes else
+                         "install the NVIDIA Container Toolkit for GPU containers (CPU containers work without)"))
+    gpu = shutil.which("nvidia-smi")
+    checks.append(_check("gpu", "ok" if gpu else "warn", "nvidia-smi found" if gpu else "no nvidia-smi on this host",
+                         None if gpu else "TAO checkpoints need a GPU machine; SigLIP/CLIP/thumbnail run on CPU"))
+    try:
+        client.images.get(wanted)
+        checks.append(_check("image", "ok", f"{wanted} is present locally"))
+    except docker.errors.ImageNotFound:
+        checks.append(_check("image", "fail", f"{wanted} is not on this machine",
+                             f"docker pull {wanted} (or build docker/Dockerfile as {wanted}), or pass --image"))
+    folder = output_dir if output_dir.exists() else output_dir.parent
+    free = shutil.disk_usage(folder).free / 2**30
+    checks.append(_check("disk", "ok" if free >= 5 else "warn", f"{free:.1f} GiB free in {folder}",
+                         None if free >= 5 else "free space: embeddings of a large pool take GBs"))
+    writable = os.access(folder, os.W_OK)
+    checks.append(_check("workspace", "ok" if writable else "fail",
+                         f"{folder} is {'writable (bind-mounted at the same path)' if writable else 'not writable'}",
+                         None if writable else f"make {folder} writable by uid {os.getuid()}"))
+    return checks
 
 
 def predict_warnings(targets: str | Path | None, source: str | Path | None,

@@ -43,6 +43,8 @@ def run(
     policy: PathPolicy | None = None,
     lock: EncoderLock | None = None,
     history: str | Path | None = None,
+    image: str | None = None,
+    mounts: list[str] | None = None,
 ) -> RunResult:
     """The whole workflow into a new run folder; `policy` and `lock` as for `embed`."""
     events = events or NullEvents()
@@ -88,10 +90,12 @@ def run(
         "mining_spec": mining.model_dump(mode="json"),
     }
     try:
-        tgt = embed_spec(target_spec, backend, StageEvents(events, "embed targets"), policy, lock)
-        src = embed_spec(source_spec, backend, StageEvents(events, "embed source"), policy, lock)
+        tgt = embed_spec(target_spec, backend, StageEvents(events, "embed targets"), policy, lock,
+                         image, mounts)
+        src = embed_spec(source_spec, backend, StageEvents(events, "embed source"), policy, lock,
+                         image, mounts)
         mine_result = mine_spec(mining, backend, StageEvents(events, "mine"), policy,
-                                pairs_path=folder / artifacts.PAIRS)
+                                pairs_path=folder / artifacts.PAIRS, image=image, mounts=mounts)
         selected = None
         if history is not None:
             ledger_path = Path(history).expanduser().absolute()

@@ -1,0 +1,240 @@
+"""The docker backend: runs an image with the TAO entrypoint contract through the Docker SDK.
+
+The workspace (every input, output and image of the call) is bind-mounted at its own path, so
+paths mean the same inside and out; model files are mounted read-only; the container runs as the
+caller, without network unless asked, and is removed afterwards — also when the call is cancelled.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+from deft_mine.backends.base import BackendEmbed, BackendMine
+from deft_mine.engine import store
+from deft_mine.engine.images import resolve_image_path
+from deft_mine.errors import DeftError
+from deft_mine.events import Events
+from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, spec_to_yaml
+
+DEFAULT_IMAGE = "deft-mine:latest"
+SPEC_FOLDER = ".deft-mine"  # beside the outputs: the exact spec each container ran with
+_LOG_TAIL = 30
+_PROGRESS = re.compile(r"^\[(?P<stage>[^\]]+)\] (?P<done>\d+)/(?P<total>\d+|\?)$")
+# Our task prints "[filter_by_label_noop]"; the TAO image logs a sentence about missing labels.
+_NOOP = re.compile(r"filter_by_label_noop|filter_by_label.*(no|without|missing).*label", re.I)
+
+
+def resolve_image(image: str | None) -> str:
+    """--image, else TAO's versions.yaml under $TAO_SKILL_BANK_PATH, else our own image."""
+    if image:
+        return image
+    bank = os.environ.get("TAO_SKILL_BANK_PATH")
+    if bank:
+        versions = Path(bank) / "versions.yaml"
+        if versions.is_file():
+            from omegaconf import OmegaConf
+
+            found = OmegaConf.select(OmegaConf.load(versions), "images.tao_toolkit.data_services")
+            if found:
+                return str(found)
+    return DEFAULT_IMAGE
+
+
+def _client() -> Any:
+    import docker
+
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+        return client
+    except Exception as exc:  # DockerException, connection refused, permission denied
+        raise DeftError("docker_unavailable", f"cannot reach the Docker daemon ({exc})",
+                        fix="start it (e.g. `dockerd` or `systemctl start docker`) and make sure "
+                            "this user may use its socket; or use --backend local") from exc
+
+
+def _common_folder(paths: list[Path]) -> Path:
+    return Path(os.path.commonpath([str(p) for p in paths]))
+
+
+class DockerBackend:
+    name = "docker"
+
+    def __init__(self, image: str | None = None, mounts: list[str] | None = None,
+                 network: str = "none") -> None:
+        self.image = resolve_image(image)
+        self.mounts = [Path(m).expanduser().absolute() for m in (mounts or [])]
+        self.network = network
+
+    # ------------------------------------------------------------------ the two steps
+
+    def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
+              events: Events) -> BackendEmbed:
+        workspace = _common_folder([input_path.parent, output_path.parent, image_root])
+        self._check_images(input_path, image_root, workspace)
+        read_only = [p for p in (spec.model_path, spec.model_config_path)
+                     if p and Path(p).expanduser().exists()]
+        hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+        if hf_home.is_dir():
+            read_only.append(str(hf_home))
+        spec_file = self._write_spec(output_path, "embedding_spec.yaml",
+                                     spec.model_copy(update={"input_parquet": str(input_path),
+                                                             "output_parquet": str(output_path),
+                                                             "image_root": str(image_root)}))
+        t0 = time.perf_counter()
+        self._run(["embedding", "image_embeddings", "-e", str(spec_file)], workspace,
+                  [Path(p).expanduser().absolute() for p in read_only], events, outputs=[output_path])
+        rows_in = store.num_rows(input_path)
+        schema = store.schema_of(output_path)
+        identity = store.read_identity(output_path) or {
+            "model": spec.model, "model_path": spec.model_path,
+            "model_config_path": spec.model_config_path, "weights_digest": None,
+            "preprocessing": {"image": self.image}}
+        rows = store.num_rows(output_path)
+        dim = 0
+        if rows:
+            first = next(store.iter_batches(output_path, 1, ["embedding"]))
+            dim = len(first.column("embedding")[0].as_py())
+        skipped = rows_in - rows
+        return BackendEmbed(
+            input_rows=rows_in, rows=rows, columns=list(schema.names),
+            skipped_by_reason={"unreadable (in the container)": skipped} if skipped else {},
+            skipped_examples=[], identity=identity, dim=dim, device=f"docker:{self.image}",
+            timings={"container": time.perf_counter() - t0, "total": time.perf_counter() - t0})
+
+    def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
+             summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
+        workspace = _common_folder([source_path.parent, target_path.parent, output_path.parent])
+        spec_file = self._write_spec(output_path, "mining_spec.yaml", spec.model_copy(update={
+            "source_parquet": str(source_path), "target_parquet": str(target_path),
+            "output_parquet": str(output_path)}))
+        t0 = time.perf_counter()
+        lines = self._run(["tmm", "nearest_neighbors", "-e", str(spec_file)], workspace, [], events,
+                          outputs=[output_path, summary_path])
+        summary = _read_summary(summary_path)
+        # An image other than ours may name fewer counts: the files still tell these two.
+        summary.setdefault("queries", store.num_rows(target_path))
+        summary.setdefault("mined", store.num_rows(output_path))
+        label_missing = [side for side, path in (("source", source_path), ("target", target_path))
+                         if "label" not in store.schema_of(path).names]
+        noop = any(_NOOP.search(line) for line in lines)
+        label_filter = "off" if not spec.filter_by_label else (
+            "noop" if (noop or label_missing) else "applied")
+        pool_rows = store.num_rows(source_path)
+        return BackendMine(
+            summary=summary, label_filter=label_filter, label_missing=label_missing or
+            (["source", "target"] if label_filter == "noop" else []),
+            pool_rows=pool_rows, searched_rows=summary.get("pool", pool_rows),
+            target_in_pool=summary.get("target_in_pool", 0), dim=0,
+            timings={"container": time.perf_counter() - t0, "total": time.perf_counter() - t0})
+
+    # ------------------------------------------------------------------ the container
+
+    def _write_spec(self, output_path: Path, name: str, spec: Any) -> Path:
+        path = output_path.parent / SPEC_FOLDER / f"{output_path.stem}.{name}"
+        store.write_text_atomic(path, spec_to_yaml(spec))
+        return path
+
+    def _check_images(self, input_path: Path, image_root: Path, workspace: Path) -> None:
+        """Every image the container will open must be inside a mount; refuse before starting."""
+        allowed = [workspace, *self.mounts]
+        for batch in store.iter_batches(input_path, 65536, ["filepath"]):
+            for filepath in batch.column("filepath").to_pylist():
+                if filepath is None:
+                    continue
+                path = resolve_image_path(str(filepath), image_root).absolute()
+                if not any(path == root or path.is_relative_to(root) for root in allowed):
+                    raise DeftError(
+                        "path_outside_workspace",
+                        f"{input_path}: image {filepath} lies outside the workspace {workspace} "
+                        "mounted into the container",
+                        fix="move the images under the workspace, or add --mount for their folder",
+                        path=str(path), workspace=str(workspace))
+
+    def _run(self, command: list[str], workspace: Path, read_only: list[Path], events: Events,
+             outputs: list[Path]) -> list[str]:
+        """Run the container, forwarding its output line by line; the last lines go into the
+        error when it fails. Returns every line it printed."""
+        import docker
+
+        client = _client()
+        try:
+            client.images.get(self.image)
+        except docker.errors.ImageNotFound as exc:
+            raise DeftError("image_missing", f"docker image {self.image} is not on this machine",
+                            fix=f"docker pull {self.image} (or build docker/Dockerfile), or pass --image",
+                            image=self.image) from exc
+        volumes = {str(workspace): {"bind": str(workspace), "mode": "rw"}}
+        for path in [*read_only, *self.mounts]:
+            volumes.setdefault(str(path), {"bind": str(path), "mode": "ro"})
+        gpus = []
+        if "nvidia" in (client.info().get("Runtimes") or {}):
+            gpus = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+        events.log("info", f"docker run {self.image} {' '.join(command)} (workspace {workspace})")
+        container = client.containers.run(
+            self.image, command, detach=True, user=f"{os.getuid()}:{os.getgid()}", ipc_mode="host",
+            network_mode=self.network, volumes=volumes, working_dir=str(workspace),
+            device_requests=gpus, environment={"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+        lines: list[str] = []
+        tail: deque[str] = deque(maxlen=_LOG_TAIL)
+        try:
+            for line in _lines(container.logs(stream=True, follow=True)):
+                lines.append(line)
+                tail.append(line)
+                _forward(line, events)
+            status = container.wait()
+        finally:
+            try:
+                container.remove(force=True)  # also stops it when the call was cancelled
+            except docker.errors.APIError:
+                pass
+        code = status.get("StatusCode", 1)
+        if code != 0:
+            raise DeftError(
+                "container_failed",
+                f"{self.image} {' '.join(command[:2])} exited with {code}; last lines:\n" + "\n".join(tail),
+                fix="read the log lines above; the spec the container ran is in "
+                    f"{SPEC_FOLDER}/ beside the output", exit_code=code, log_tail=list(tail))
+        missing = [str(p) for p in outputs if not p.exists()]
+        if missing:
+            raise DeftError("container_failed", f"{self.image} finished but wrote no {', '.join(missing)}",
+                            fix="check that the image follows the TAO entrypoint contract",
+                            log_tail=list(tail))
+        return lines
+
+
+def _lines(chunks: Any) -> Any:
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for raw in complete:
+            yield raw.decode("utf-8", "replace").rstrip("\r")
+    if pending:
+        yield pending.decode("utf-8", "replace")
+
+
+def _forward(line: str, events: Events) -> None:
+    match = _PROGRESS.match(line.strip())
+    if match:
+        total = None if match["total"] == "?" else int(match["total"])
+        events.progress(match["stage"], int(match["done"]), total)  # raises when cancelled
+        return
+    level = "warning" if line.startswith(("WARNING", "WARN")) else "error" if line.startswith("ERROR") else "info"
+    events.log(level, line)
+
+
+def _read_summary(path: Path) -> dict[str, int]:
+    summary: dict[str, int] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        key, _, value = line.partition(":")
+        try:
+            summary[key.strip()] = int(value.strip())
+        except ValueError:
+            continue
+    return summary
