@@ -156,3 +156,15 @@ def test_preflight_names_a_missing_image_and_a_stopped_daemon(monkeypatch, docke
     stopped = preflight("docker", image=docker_image)
     (daemon,) = stopped.checks
     assert daemon.name == "docker daemon" and daemon.status == "fail" and "dockerd" in daemon.fix
+
+
+def test_the_image_comes_from_the_flag_then_tao_versions_then_ours(monkeypatch, tmp_path):
+    from deft_mine.backends.docker import DEFAULT_IMAGE, resolve_image
+
+    monkeypatch.delenv("TAO_SKILL_BANK_PATH", raising=False)
+    assert resolve_image(None) == DEFAULT_IMAGE == "deft-mine:latest"
+    (tmp_path / "versions.yaml").write_text(
+        "images:\n  tao_toolkit:\n    data_services: nvcr.io/nvidia/tao/tao-toolkit:6.0.0-data-services\n")
+    monkeypatch.setenv("TAO_SKILL_BANK_PATH", str(tmp_path))
+    assert resolve_image(None) == "nvcr.io/nvidia/tao/tao-toolkit:6.0.0-data-services"
+    assert resolve_image("mine:1") == "mine:1"
