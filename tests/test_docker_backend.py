@@ -168,3 +168,22 @@ def test_the_image_comes_from_the_flag_then_tao_versions_then_ours(monkeypatch, 
     monkeypatch.setenv("TAO_SKILL_BANK_PATH", str(tmp_path))
     assert resolve_image(None) == "nvcr.io/nvidia/tao/tao-toolkit:6.0.0-data-services"
     assert resolve_image("mine:1") == "mine:1"
+
+
+def test_cancelling_stops_and_removes_the_container(image_set, docker_image):
+    import docker
+
+    from deft_mine.events import Cancelled
+
+    class CancelOnFirstImage(RecordingEvents):
+        def progress(self, stage: str, done: int, total: int | None) -> None:
+            super().progress(stage, done, total)
+            if done >= 1:
+                raise Cancelled("cancelled by the test")
+
+    events = CancelOnFirstImage()
+    with pytest.raises(Cancelled):
+        embed(image_set / "pool.parquet", image_set / "o.parquet", overrides={**THUMB, "batch_size": 1},
+              events=events, **docker_args(docker_image))
+    assert events.progress_events[-1][1] >= 1
+    assert not [c for c in docker.from_env().containers.list(all=True) if c.image.tags == [docker_image]]
