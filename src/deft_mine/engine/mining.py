@@ -222,6 +222,22 @@ def count_labels(labels: list[Any]) -> dict[str, int]:
     return dict(sorted(tally.items()))
 
 
+def label_counts(target_embed: Path, source_embed: Path, mined: Path) -> dict[str, Any] | None:
+    """Per-label counts of targets and of mined images (None when a side has no label)."""
+    if not all("label" in store.schema_of(p).names for p in (target_embed, source_embed)):
+        return None
+    targets = store.read_columns(target_embed, ["label"]).column("label")
+    mined_paths = store.read_columns(mined, ["filepath"]).column("filepath")
+    pool = store.read_columns(source_embed, ["filepath", "label"])
+    pool = pool.filter(pc.is_in(pool.column("filepath"), value_set=mined_paths.combine_chunks()))
+    label_of: dict[str, Any] = {}
+    for path, label in zip(pool.column("filepath").to_pylist(), pool.column("label").to_pylist()):
+        label_of.setdefault(path, label)  # a path listed twice in the pool counts once
+
+    return {"targets": count_labels(targets.to_pylist()),
+            "mined": count_labels([label_of.get(p) for p in mined_paths.to_pylist()])}
+
+
 def _labels_as_str(labels: pa.ChunkedArray | pa.Array | list) -> list[str | None]:
     """Labels compare as strings (3 and "3" agree); nulls stay None and match nothing."""
     array = pa.array(labels) if isinstance(labels, list) else labels

@@ -15,6 +15,7 @@ from deft_mine import __version__
 from deft_mine.backends import BACKENDS
 from deft_mine.engine import store
 from deft_mine.engine.images import resolve_image_path
+from deft_mine.engine.mining import normalise_filepath
 from deft_mine.errors import DeftError
 from deft_mine.schemas.results import EncoderIdentity, ToolWarning
 from deft_mine.schemas.specs import MiningSpec, load_spec, split_overrides
@@ -147,6 +148,8 @@ def predict_warnings(targets: str | Path | None, source: str | Path | None,
     schemas = {name: store.schema_of(path) for name, path in sides.items()}
     for name, path in sides.items():
         store.require_columns(path, schemas[name], ["filepath"], name)
+    filepaths = {name: store.read_columns(path, ["filepath"]).column("filepath").to_pylist()
+                 for name, path in sides.items()}
     if mining.filter_by_label and len(sides) == 2:
         missing = [n for n in ("source", "targets") if "label" not in schemas[n].names]
         if missing:
@@ -163,9 +166,9 @@ def predict_warnings(targets: str | Path | None, source: str | Path | None,
                 message=f"topn × targets = {mining.topn * queries} exceeds the {pool} pool rows; "
                         "fewer unique images than that will be mined",
                 fields=["topn"], details={"topn": mining.topn, "queries": queries, "pool": pool}))
-        target_paths = set(store.read_columns(sides["targets"], ["filepath"]).column("filepath").to_pylist())
-        pool_paths = store.read_columns(sides["source"], ["filepath"]).column("filepath").to_pylist()
-        overlap = sum(p in target_paths for p in pool_paths)
+        # the same comparison mining makes (normpath of each side's filepath)
+        target_paths = {normalise_filepath(str(p)) for p in filepaths["targets"] if p is not None}
+        overlap = sum(p is not None and normalise_filepath(str(p)) in target_paths for p in filepaths["source"])
         if overlap:
             warnings.append(ToolWarning(
                 code="target_in_pool",
@@ -173,7 +176,7 @@ def predict_warnings(targets: str | Path | None, source: str | Path | None,
                         "row unless exclude_targets=true",
                 fields=["filepath", "exclude_targets"], details={"count": overlap}))
     for name, path in sides.items():
-        paths = store.read_columns(path, ["filepath"]).column("filepath").to_pylist()[:_IMAGE_SAMPLE]
+        paths = filepaths[name][:_IMAGE_SAMPLE]
         missing_images = [p for p in paths if p is None or not resolve_image_path(str(p), path.parent).is_file()]
         if missing_images:
             warnings.append(ToolWarning(

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from deft_mine.schemas import artifacts
 from deft_mine.engine import pictures, store
 from deft_mine.engine.images import resolve_image_path
-from deft_mine.engine.mining import count_labels
+from deft_mine.engine.mining import count_labels, label_counts
 from deft_mine.engine.report import (MinedCheck, PairStats, ReportFacts, labels_shown,
                                      render)
 from deft_mine.errors import DeftError
@@ -257,10 +257,8 @@ def _rebuild(folder: Path, files: dict[str, Path | None], missing: list[str]) ->
     labels = None
     paths = [files.get(r) for r in ("target_embeddings", "source_embeddings", "mined")]
     if all(p is not None for p in paths) and all(inputs[s].get("has_label") for s in ("targets", "source")):
-        from deft_mine.tools.run import _label_counts  # the same counting run.json records
-
         try:
-            labels = _label_counts(*paths)
+            labels = label_counts(*paths)
         except Exception:  # noqa: BLE001 - odd label columns: the breakdown says n/a
             missing.append("mining.labels")
     missing.extend(["status", "started_at", "host", "inputs.targets.path", "inputs.source.path",

@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import pyarrow.compute as pc
 
 from deft_mine.schemas import artifacts
 from deft_mine import __version__
 from deft_mine.engine import ledger as ledgers
 from deft_mine.engine import store
-from deft_mine.engine.mining import count_labels
+from deft_mine.engine.mining import label_counts
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled, Events, NullEvents, StageEvents
 from deft_mine.schemas.results import RunResult, ToolWarning
@@ -127,7 +126,7 @@ def run(
         mining={"summary": mine_result.summary, "label_filter": mine_result.label_filter,
                 "knn_metric": mine_result.knn_metric, "topn": mine_result.topn,
                 "filter_by_label": mine_result.filter_by_label,
-                "labels": _label_counts(target_embed, source_embed, mined)},
+                "labels": label_counts(target_embed, source_embed, mined)},
         history=None if selected is None else {
             **selected.model_dump(exclude={"warnings"}),
             "iterations": history_facts(Path(selected.ledger))},
@@ -184,22 +183,6 @@ def _embed_facts(result: Any) -> dict[str, Any]:
     return {"rows": result.rows, "input_rows": result.input_rows, "skipped": result.skipped,
             "skipped_by_reason": result.skipped_by_reason, "embedding_dim": result.embedding_dim,
             "device": result.device, "timings": result.timings}
-
-
-def _label_counts(target_embed: Path, source_embed: Path, mined: Path) -> dict[str, Any] | None:
-    """Per-label counts of targets and of mined images (None when a side has no label)."""
-    if not all("label" in store.schema_of(p).names for p in (target_embed, source_embed)):
-        return None
-    targets = store.read_columns(target_embed, ["label"]).column("label")
-    mined_paths = store.read_columns(mined, ["filepath"]).column("filepath")
-    pool = store.read_columns(source_embed, ["filepath", "label"])
-    pool = pool.filter(pc.is_in(pool.column("filepath"), value_set=mined_paths.combine_chunks()))
-    label_of: dict[str, Any] = {}
-    for path, label in zip(pool.column("filepath").to_pylist(), pool.column("label").to_pylist()):
-        label_of.setdefault(path, label)  # a path listed twice in the pool counts once
-
-    return {"targets": count_labels(targets.to_pylist()),
-            "mined": count_labels([label_of.get(p) for p in mined_paths.to_pylist()])}
 
 
 def _tag(warnings: list[ToolWarning], side: str) -> list[ToolWarning]:
