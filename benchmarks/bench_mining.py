@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from _machine import machine_lines
 from deft_mine.engine import knn, store
-from deft_mine.engine.metric import Metric
+from deft_mine.schemas.specs import Metric, MiningSpec
 from deft_mine.engine.mining import mine_files
 from deft_mine.events import NullEvents
 
@@ -188,11 +188,8 @@ def worker(args: argparse.Namespace) -> None:
         best_inner = None
         for _ in range(args.repeat):
             t0 = time.perf_counter()
-            outcome = mine_files(
-                pool_path(root), targets_path(root, n), topn=args.topn, metric=metric,
-                filter_by_label=False, source_column="embedding", target_column="embedding",
-                exclude_targets=False, block_rows=args.block_rows, events=NullEvents(),
-            )
+            spec = MiningSpec(topn=args.topn, knn_metric=metric, block_rows=args.block_rows)
+            outcome = mine_files(pool_path(root), targets_path(root, n), spec, NullEvents())
             times.append(time.perf_counter() - t0)
             if times[-1] == min(times):
                 best_inner = dict(outcome.timings)

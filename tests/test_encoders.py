@@ -33,11 +33,11 @@ def test_hf_encoders_run_real_forward_passes(request, model, fixture, dim):
 
 def test_identity_names_model_folder_weights_and_preprocessing(tiny_siglip):
     identity = build_encoder("SigLIP", str(tiny_siglip)).identity
-    assert identity["model"] == "SigLIP"
-    assert identity["model_path"] == str(tiny_siglip.resolve())
-    assert identity["weights_digest"].startswith("sha256:")
-    assert identity["preprocessing"]["size"] == {"height": 32, "width": 32}
-    assert list(identity["preprocessing"]["image_mean"]) == [0.5, 0.5, 0.5]
+    assert identity.model == "SigLIP"
+    assert identity.model_path == str(tiny_siglip.resolve())
+    assert identity.weights_digest.startswith("sha256:")
+    assert identity.preprocessing["size"] == {"height": 32, "width": 32}
+    assert list(identity.preprocessing["image_mean"]) == [0.5, 0.5, 0.5]
 
 
 def test_weights_digest_changes_with_the_weights(tmp_path, tiny_siglip):

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import THUMB_ID, write_embeddings, write_image
-from deft_mine.engine.report import MAX_LABELS, SECTIONS, SKIP_SENTENCE, count_words
+from deft_mine.report.render import MAX_LABELS, SECTIONS, SKIP_SENTENCE, count_words
 from deft_mine.errors import DeftError
 from deft_mine.tools.guards import PathPolicy
 from deft_mine.tools.report import report
@@ -320,22 +320,28 @@ def test_the_report_respects_the_allowed_roots(image_set, tmp_path_factory):
 def test_a_huge_run_is_cut_to_the_word_cap(image_set):
     """Facts of a run far bigger than the tests can make: 60 labels, 80 pool columns, a dozen long
     warnings, hundreds of missing and odd paths — the text still fits the 1200-word cap."""
-    from deft_mine.engine.report import MinedCheck, PairStats, ReportFacts, render
+    from deft_mine.report.facts import MinedCheck, PairStats, ReportFacts
+    from deft_mine.report.render import render
+    from deft_mine.schemas.manifest import LabelCounts, RunManifest
+    from typing import get_args
 
-    manifest = manifest_of(do_run(image_set, topn=2))
+    from deft_mine.schemas.warnings import ToolWarning, WarningCode
+
+    manifest = RunManifest.model_validate(manifest_of(do_run(image_set, topn=2)))
     labels = {f"defect_label_{i:02d}": i + 1 for i in range(60)}
-    manifest["mining"]["labels"] = {"targets": labels, "mined": {k: 3 * n for k, n in labels.items()}}
-    manifest["inputs"]["source"]["columns"] = [f"column_{i}" for i in range(80)]
-    manifest["warnings"] = [{"code": f"custom_{i}", "message": "word " * 80} for i in range(12)]
-    manifest["embeddings"]["source"]["skipped"] = 5
+    manifest.mining.labels = LabelCounts(targets=labels, mined={k: 3 * n for k, n in labels.items()})
+    manifest.inputs.source.columns = [f"column_{i}" for i in range(80)]
+    codes = [c for c in get_args(WarningCode) if c != "images_skipped"][:12]
+    manifest.warnings = [ToolWarning(code=code, message="word " * 80) for code in codes]
+    manifest.embeddings.source.skipped = 5
     mined = MinedCheck(name="mined.parquet", columns=[("filepath", "string")] + [(f"c{i}", "int64") for i in range(20)],
                        rows=5000, duplicates=0, checked=5000, missing=400,
                        missing_examples=[f"/data/pool/{i}.png" for i in range(10)], root="/data", root_guessed=False,
                        encoding={"non_utf8": 3, "control": 4, "backslash": 5},
                        encoding_examples={"non_utf8": ["a\ufffd"], "control": ["b\x01"], "backslash": ["c\\d"]})
-    facts = ReportFacts(folder="/data/run", manifest=manifest, has_manifest=True, warnings=manifest["warnings"],
+    facts = ReportFacts(folder="/data/run", manifest=manifest, has_manifest=True, warnings=manifest.warnings,
                         mined=mined, pairs=PairStats(10, 5, 0.1, 0.2, 0.3, {k: 3 for k in labels}),
-                        target_labels=labels, mined_labels=manifest["mining"]["labels"]["mined"],
+                        target_labels=labels, mined_labels=manifest.mining.labels.mined,
                         pictures={"contact_sheet": "contact_sheet.png", "labels": "labels.png"})
     rendered = render(facts)
     assert 600 <= rendered.words <= 1200 and rendered.verdict == "attention"

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from deft_mine.engine.ledger import normalise_filepath
+from deft_mine.engine.ledger import absolute_normal
 from deft_mine.errors import DeftError
 from deft_mine.events import RecordingEvents
 from deft_mine.tools.guards import PathPolicy
@@ -94,8 +94,8 @@ def first(tmp_path: Path) -> dict[str, Path]:
     ("/other/A.PNG/", "/other/A.PNG"),  # case kept
     ("../up.png", "/up.png"),
 ])
-def test_normalise_filepath(given: str, expected: str) -> None:
-    assert normalise_filepath(given, Path("/base")) == expected
+def test_absolute_normal(given: str, expected: str) -> None:
+    assert absolute_normal(given, Path("/base")) == expected
 
 
 # ---------------------------------------------------------------- 1. three iterations
@@ -443,6 +443,7 @@ DIE_ON_LEDGER_RENAME = """
 """
 
 
+@pytest.mark.e2e  # a real second Python process
 def test_kill_between_temp_write_and_rename(first: dict[str, Path]) -> None:
     root, ledger = first["root"], first["ledger"]
     old = ledger.read_bytes()
@@ -486,6 +487,7 @@ SELECT_AND_REPORT = """
 """
 
 
+@pytest.mark.e2e  # a real second Python process
 def test_held_lock_refuses_another_process(tmp_path: Path) -> None:
     cands = write_candidates(tmp_path / CANDIDATES, ["a.png", "b.png"])
     ledger, out = tmp_path / "LEDGER.json", tmp_path / "out.parquet"
@@ -504,6 +506,7 @@ def test_held_lock_refuses_another_process(tmp_path: Path) -> None:
     assert select(cands, ledger, 1, out).newly_selected == 2
 
 
+@pytest.mark.e2e  # a real second Python process
 def test_two_processes_selecting_at_once(tmp_path: Path) -> None:
     paths = [f"img/{i}.png" for i in range(3000)]
     paths += paths[:500]  # repeats, so the selection differs from the candidates

@@ -15,12 +15,5 @@ class DeftError(Exception):
         self.fix = fix
         self.details = details
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.fix:
-            out["fix"] = self.fix
-        out.update(self.details)
-        return out
-
     def __str__(self) -> str:
         return f"{self.code}: {self.message}" + (f"\n  fix: {self.fix}" if self.fix else "")

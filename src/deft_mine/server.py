@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import json
 import inspect
 import threading
 import time
 import warnings
 import weakref
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Awaitable, Callable
 from urllib.parse import unquote, urlparse
 
 import anyio
@@ -19,14 +18,15 @@ import anyio.to_thread
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.resources import FileResource
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WithJsonSchema
 
 from deft_mine import __version__
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled
-from deft_mine.schemas.results import EmbedResult, MineResult, ReportResult, RunResult, SelectResult
+from deft_mine.schemas.inputs import Internal
+from deft_mine.schemas.results import ErrorInfo
+from deft_mine.tools import TOOLS, Tool, ToolContext
 from deft_mine.tools.guards import EncoderLock, PathPolicy
-from deft_mine.tools.preflight import PreflightResult
 
 REFERENCES = Path(__file__).parent / "references"
 INSTRUCTIONS = """\
@@ -38,14 +38,9 @@ come back as data in every result (`warnings`); read them. Refusals come back as
 a stable `code` and a `fix`. The resources under deft-mine://references/ explain invocation,
 pitfalls and the report."""
 
-Overrides = Annotated[dict[str, Any] | None, Field(
-    description="spec keys as in the YAML, e.g. {\"model\": \"thumbnail\", \"topn\": 10}; they win over the spec file")]
 _SESSIONLESS_PROTOCOL = "2026-07-28"  # the protocol revision that dropped sessions
 ERROR_META_KEY = "io.github.deft-mine/error"
 
-Backend = Annotated[Literal["local", "docker"], Field(description="where the work runs; local = in-process")]
-Image = Annotated[str | None, Field(description="docker backend: image URI (default: TAO versions.yaml, else deft-mine:latest)")]
-Mounts = Annotated[list[str] | None, Field(description="docker backend: extra read-only mounts at identical paths")]
 
 
 class _Session:
@@ -94,33 +89,31 @@ class _ClientEvents:
 
 
 def _text(result: BaseModel) -> str:
-    """The short human text that goes with a structured result."""
-    lines = []
-    if isinstance(result, RunResult):
-        lines.append(f"run folder {result.run_dir}: mined {result.mined} unique images "
-                     f"({result.mine.summary.get('pairs', 0)} pairs for {result.mine.summary.get('queries', 0)} "
-                     f"targets); report {result.report.verdict.upper()}: {result.report.report_path}")
-    elif isinstance(result, MineResult):
-        lines.append(f"mined {result.mined} unique images → {result.output_parquet}; "
-                     + ", ".join(f"{k}={v}" for k, v in result.summary.items()))
-    elif isinstance(result, EmbedResult):
-        lines.append(f"embedded {result.rows} of {result.input_rows} rows ({result.skipped} skipped) "
-                     f"with {result.encoder.model} on {result.device} → {result.output_parquet}")
-    elif isinstance(result, SelectResult):
-        lines.append(f"iteration {result.iteration}{' (resumed)' if result.resumed else ''}: "
-                     f"{result.newly_selected} of {result.candidates} candidates selected "
-                     f"({result.previously_selected} before); {result.cumulative_selected} in all → {result.output}")
-    elif isinstance(result, ReportResult):
-        lines.append(f"{result.verdict.upper()}: {result.report_path} ({result.words} words; "
-                     f"pictures: {', '.join(result.pictures) or 'none'})")
-    elif isinstance(result, PreflightResult):
-        lines.append(("ready" if result.ok else "NOT ready") + f" ({result.backend}): "
-                     + "; ".join(f"{c.name}: {c.detail}" for c in result.checks))
-        if result.session_encoder:
-            lines.append(f"session encoder: {result.session_encoder.model} {result.session_encoder.model_path}")
-    for w in getattr(result, "warnings", []):
-        lines.append(f"warning {w.code}: {w.message}")
-    return "\n".join(lines)
+    """The result's text, then one line per warning."""
+    return "\n".join([result.text(), *(f"warning {w.code}: {w.message}" for w in result.warnings)])
+
+
+def _handler(tool: Tool[Any, Any], call: Callable[[Context, Tool[Any, Any], Any], Awaitable[CallToolResult]]
+             ) -> Callable[..., Awaitable[CallToolResult]]:
+    """An MCP tool function whose parameters are the input model's fields (the SDK reads the
+    signature for the input schema and the return annotation for the output schema)."""
+    async def handler(ctx: Context, **arguments: Any) -> CallToolResult:
+        return await call(ctx, tool, tool.input(**arguments))
+
+    params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context)]
+    for name, info in tool.input.model_fields.items():
+        if any(isinstance(m, Internal) for m in info.metadata):
+            continue
+        schema = [m for m in info.metadata if isinstance(m, WithJsonSchema)]
+        annotation = Annotated[(info.annotation, *schema, Field(description=info.description,
+                                                                 json_schema_extra=info.json_schema_extra))]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                        default=inspect.Parameter.empty if info.is_required() else info.default))
+    returns = Annotated[CallToolResult, tool.result]
+    handler.__signature__ = inspect.Signature(params, return_annotation=returns)  # type: ignore[attr-defined]
+    handler.__annotations__ = {p.name: p.annotation for p in params} | {"return": returns}
+    handler.__name__ = handler.__qualname__ = tool.name
+    return handler
 
 
 def build_server(roots: list[str | Path] | None = None) -> MCPServer:
@@ -162,156 +155,27 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
                 extra = []
         return PathPolicy([*server_roots, *extra])
 
-    async def call(ctx: Context, work: Callable[[_ClientEvents, PathPolicy, EncoderLock], BaseModel]) -> CallToolResult:
+    async def call(ctx: Context, tool: Tool[Any, Any], inputs: Any) -> CallToolResult:
         events = _ClientEvents(ctx)
-        state = session_state(ctx)
-        allowed = await policy(ctx)
+        tool_ctx = ToolContext(events, await policy(ctx), session_state(ctx).lock)
         try:
-            result = await anyio.to_thread.run_sync(lambda: work(events, allowed, state.lock),
-                                                    abandon_on_cancel=True)
+            result = await anyio.to_thread.run_sync(lambda: tool.invoke(inputs, tool_ctx), abandon_on_cancel=True)
         except anyio.get_cancelled_exc_class():
             events.cancelled.set()  # the worker stops at its next progress report, cleaning up
             raise
         except DeftError as exc:
             # The error as data rides in _meta: clients (the TypeScript SDK among them) check
             # structuredContent against the tool's outputSchema even on errors.
-            text = f"{exc.code}: {exc.message}" + (f"\nfix: {exc.fix}" if exc.fix else "")
-            return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True,
-                                  meta={ERROR_META_KEY: json.loads(json.dumps(exc.to_dict(), default=str))})
+            error = ErrorInfo.of(exc)
+            return CallToolResult(content=[TextContent(type="text", text=error.text())], is_error=True,
+                                  meta={ERROR_META_KEY: error.wire()})
         return CallToolResult(content=[TextContent(type="text", text=_text(result))],
                               structured_content=result.model_dump(mode="json"))
 
-    def tool(title: str, read_only: bool = False, idempotent: bool = True) -> Callable:
-        def register(fn: Callable) -> Callable:
-            description = " ".join(inspect.cleandoc(fn.__doc__ or "").split())
-            annotations = ToolAnnotations(title=title, read_only_hint=read_only, destructive_hint=False,
-                                          idempotent_hint=idempotent, open_world_hint=False)
-            return mcp.tool(description=description, annotations=annotations)(fn)
-        return register
-
-    @tool("Check before mining", read_only=True)
-    async def preflight(
-        ctx: Context,
-        backend: Backend = "local",
-        image: Annotated[str | None, Field(description="container image (docker backend)")] = None,
-        targets: Annotated[str | None, Field(description="target parquet, to predict warnings")] = None,
-        source: Annotated[str | None, Field(description="pool parquet/CSV, to predict warnings")] = None,
-        mining_spec_path: Annotated[str | None, Field(description="mining spec YAML")] = None,
-        overrides: Overrides = None,
-    ) -> Annotated[CallToolResult, PreflightResult]:
-        """Check that the backend can run here (torch, GPU), show the encoder this session is
-        bound to, and predict the warnings the given inputs will raise (filter_by_label_noop,
-        pool_exhausted, target_in_pool, images_skipped, provenance_unknown) before any work.
-        Reads only; refuses paths outside the allowed roots."""
-        from deft_mine.tools.preflight import preflight as tool
-
-        return await call(ctx, lambda ev, pol, lock: tool(
-            backend, image, targets, source, mining_spec_path, overrides, policy=pol, lock=lock))
-
-    @tool("Embed images")
-    async def embed(
-        ctx: Context,
-        input_parquet: Annotated[str, Field(description="parquet or CSV with a filepath column")],
-        output_parquet: Annotated[str, Field(description="embedding parquet to write (atomically)")],
-        spec_path: Annotated[str | None, Field(description="embedding spec YAML (TAO format)")] = None,
-        overrides: Overrides = None,
-        backend: Backend = "local",
-        image: Image = None,
-        mounts: Mounts = None,
-    ) -> Annotated[CallToolResult, EmbedResult]:
-        """Embed the images a parquet/CSV lists into an embedding parquet (filepath, embedding,
-        every input column carried). The first embed of a session fixes its encoder; a
-        different model/model_path/model_config_path later is refused (encoder_mismatch).
-        Unreadable images are skipped and reported (images_skipped). Streams progress."""
-        from deft_mine.tools.embed import embed as tool
-
-        return await call(ctx, lambda ev, pol, lock: tool(
-            input_parquet, output_parquet, spec_path, overrides, backend, ev, pol, lock, image, mounts))
-
-    @tool("Mine nearest images")
-    async def mine(
-        ctx: Context,
-        source_parquet: Annotated[str, Field(description="pool embedding parquet")],
-        target_parquet: Annotated[str, Field(description="target embedding parquet")],
-        output_parquet: Annotated[str, Field(description="mined parquet to write; mining_summary.txt goes beside it")],
-        spec_path: Annotated[str | None, Field(description="mining spec YAML (TAO format)")] = None,
-        overrides: Overrides = None,
-        backend: Backend = "local",
-        image: Image = None,
-        mounts: Mounts = None,
-    ) -> Annotated[CallToolResult, MineResult]:
-        """For each target take the topn nearest pool images (exact; cosine, euclidean or
-        manhattan), optionally keep only label-agreeing pairs, de-duplicate, and write the
-        unique mined filepaths plus mining_summary.txt. Refuses two parquets embedded with
-        different encoders (encoder_mismatch). Warnings: filter_by_label_noop,
-        provenance_unknown, pool_exhausted, target_in_pool."""
-        from deft_mine.tools.mine import mine as tool
-
-        return await call(ctx, lambda ev, pol, lock: tool(
-            source_parquet, target_parquet, output_parquet, spec_path, overrides, backend, ev, pol,
-            image, mounts))
-
-    @tool("Run the whole workflow", idempotent=False)
-    async def run(
-        ctx: Context,
-        targets: Annotated[str, Field(description="target parquet (filepath; optional label)")],
-        source: Annotated[str, Field(description="pool parquet or CSV")],
-        output_dir: Annotated[str | None, Field(description="run goes to output_dir/mining_results/<timestamp>/")] = None,
-        run_dir: Annotated[str | None, Field(description="or exactly here (new or empty folder)")] = None,
-        embedding_spec_path: Annotated[str | None, Field(description="embedding spec YAML")] = None,
-        mining_spec_path: Annotated[str | None, Field(description="mining spec YAML")] = None,
-        overrides: Overrides = None,
-        backend: Backend = "local",
-        history: Annotated[str | None, Field(
-            description="history ledger JSON: keep only images no earlier iteration selected")] = None,
-        image: Image = None,
-        mounts: Mounts = None,
-    ) -> Annotated[CallToolResult, RunResult]:
-        """Embed targets and pool with one encoder, mine, and write a new run folder
-        (embedding_spec.yaml, mining_spec.yaml, both embedding parquets, mined.parquet,
-        mining_summary.txt, run.json). Give exactly one of output_dir and run_dir; a run never
-        reuses a non-empty folder. Overrides go to whichever spec owns the key. With `history`
-        (a ledger), mining writes mined_candidates.parquet and mined.parquet keeps only images no
-        earlier iteration selected (the next iteration number is taken from the ledger)."""
-        from deft_mine.tools.run import run as tool
-
-        return await call(ctx, lambda ev, pol, lock: tool(
-            targets, source, output_dir, run_dir, embedding_spec_path, mining_spec_path, overrides,
-            backend, ev, pol, lock, history, image, mounts))
-
-    @tool("Select across DEFT iterations")
-    async def select(
-        ctx: Context,
-        candidates: Annotated[str, Field(description="mined candidates parquet")],
-        ledger: Annotated[str, Field(description="history ledger JSON (created on iteration 1)")],
-        iteration: Annotated[int, Field(ge=1, description="the ledger's last iteration + 1, or its last to resume")],
-        output: Annotated[str, Field(description="parquet of the selected rows (the round's mined.parquet)")],
-        image_root: Annotated[str | None, Field(
-            description="where relative filepaths resolve (default: the candidates' folder)")] = None,
-    ) -> Annotated[CallToolResult, SelectResult]:
-        """Drop every candidate whose normalised filepath an earlier iteration selected (order
-        kept), write the rest, and record the iteration in the ledger with the SHA-256 of its
-        files. Refuses non-consecutive iterations (ledger_iteration_invalid), a resume whose
-        files changed (ledger_hash_mismatch), a damaged ledger (ledger_corrupt) and a ledger
-        another process is writing (ledger_busy); nothing is written then."""
-        from deft_mine.tools.select import select as tool
-
-        return await call(ctx, lambda ev, pol, lock: tool(
-            candidates, ledger, iteration, output, image_root, None, ev, pol))
-
-    @tool("Write the mining report")
-    async def report(
-        ctx: Context,
-        run_dir: Annotated[str, Field(description="run folder (with run.json, or one the TAO container filled)")],
-    ) -> Annotated[CallToolResult, ReportResult]:
-        """Write Mining_Report.md (seven sections, every number from the run's recorded facts)
-        and its pictures (contact sheet, score histogram, per-label bars) into a run folder;
-        `run` already does this as its last step. Works on folders without run.json too and
-        says which facts were unavailable. Returns the report path, word count, verdict and
-        warnings."""
-        from deft_mine.tools.report import report as tool
-
-        return await call(ctx, lambda ev, pol, lock: tool(run_dir, ev, pol))
+    for tool in TOOLS.values():
+        annotations = ToolAnnotations(title=tool.title, read_only_hint=tool.read_only, destructive_hint=False,
+                                      idempotent_hint=tool.idempotent, open_world_hint=False)
+        mcp.tool(description=tool.description, annotations=annotations)(_handler(tool, call))
 
     for path in sorted(REFERENCES.glob("*.md")):
         mcp.add_resource(FileResource(

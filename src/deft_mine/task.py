@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
+from deft_mine.engine import store
 from deft_mine.errors import DeftError
+from deft_mine.schemas import artifacts
+from deft_mine.schemas.results import ErrorInfo
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec, spec_to_yaml
+from deft_mine.tools.registry import ToolContext
 
 TASKS = {("embedding", "image_embeddings"): EmbeddingSpec, ("tmm", "nearest_neighbors"): MiningSpec}
 
@@ -42,28 +47,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if kind is None:
         parser.error(f"unknown task {args.category} {args.action}; valid: "
                      + ", ".join(" ".join(t) for t in TASKS))
-    events = _PrintEvents()
     try:
         if args.cfg == "job":
             print(spec_to_yaml(load_spec(kind, args.spec, args.overrides)), end="")
             return 0
-        if kind is EmbeddingSpec:
-            from deft_mine.tools.embed import embed
+        from deft_mine.tools import embed, mine
 
-            result = embed(spec_path=args.spec, overrides=args.overrides, events=events)
-            print(f"Embedded {result.rows} rows ({result.skipped} skipped); columns: "
-                  f"{', '.join(result.columns)}; wrote {result.output_parquet}")
-        else:
-            from deft_mine.tools.mine import mine
-
-            result = mine(spec_path=args.spec, overrides=args.overrides, events=events)
-            for key, value in result.summary.items():
-                print(f"{key}: {value}")
-            print(f"Wrote {result.output_parquet} and {result.summary_path}")
+        tool = embed if kind is EmbeddingSpec else mine
+        result = tool.invoke(tool.input(spec_path=args.spec, overrides=args.overrides), ToolContext(_PrintEvents()))
+        print(result.text())
         for w in result.warnings:
             print(f"WARNING [{w.code}]: {w.message}", file=sys.stderr)
+        output = Path(result.output_parquet)
+        store.write_text_atomic(output.parent / artifacts.task_result(output.name), result.model_dump_json())
     except DeftError as exc:
-        print(f"ERROR [{exc.code}]: {exc.message}" + (f"\n  fix: {exc.fix}" if exc.fix else ""),
+        error = ErrorInfo.of(exc)
+        print(f"ERROR [{error.code}]: {error.message}" + (f"\n  fix: {error.fix}" if error.fix else ""),
               file=sys.stderr)
         return 2
     return 0

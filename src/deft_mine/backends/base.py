@@ -1,12 +1,13 @@
-"""The backend contract: what tools hand a backend and what they get back."""
+"""The backend contract: what tools hand a backend, what they get back, what it can do."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from deft_mine.events import Events
+from deft_mine.schemas.results import Check, EncoderIdentity
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
 
 
@@ -19,7 +20,7 @@ class BackendEmbed:
     columns: list[str]
     skipped_by_reason: dict[str, int]
     skipped_examples: list[str]
-    identity: dict[str, Any]
+    identity: EncoderIdentity
     dim: int
     device: str
     timings: dict[str, float] = field(default_factory=dict)
@@ -39,8 +40,18 @@ class BackendMine:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    writes_pairs: bool  # mine() fills `pairs_path` (the report's contact sheet and score histogram)
+    runs_tao_checkpoints: bool  # embeds model=<TAO kind> with a .pth/.ckpt model_path
+
+
 class Backend(Protocol):
     name: str
+    capabilities: Capabilities
+
+    def check(self, output_dir: Path) -> tuple[list[Check], list[str]]:
+        """Preflight: can this backend run here (its checks), and the GPUs it would use."""
 
     def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
               events: Events) -> BackendEmbed: ...

@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, TypeVar
 
-from deft_mine.backends.base import BackendEmbed, BackendMine
+from deft_mine.backends.base import BackendEmbed, BackendMine, Capabilities
 from deft_mine.engine import store
 from deft_mine.engine.images import resolve_image_path
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
+from deft_mine.schemas import artifacts
+from deft_mine.schemas.results import Check, EmbedResult, EncoderIdentity, MineResult
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, spec_to_yaml
+
+ResultT = TypeVar("ResultT", EmbedResult, MineResult)
 
 DEFAULT_IMAGE = "deft-mine:latest"
 SPEC_FOLDER = ".deft-mine"  # beside the outputs: the exact spec each container ran with
 _LOG_TAIL = 30
 _PROGRESS = re.compile(r"^\[(?P<stage>[^\]]+)\] (?P<done>\d+)/(?P<total>\d+|\?)$")
-# Our task prints "[filter_by_label_noop]"; the TAO image logs a sentence about missing labels.
+# NVIDIA's image records the filter no-op only as a log sentence about missing labels (ours
+# records it in its summary and result JSON).
 _NOOP = re.compile(r"filter_by_label_noop|filter_by_label.*(no|without|missing).*label", re.I)
 
 
@@ -64,12 +70,49 @@ def _common_folder(paths: list[Path]) -> Path:
 
 class DockerBackend:
     name = "docker"
+    capabilities = Capabilities(writes_pairs=False, runs_tao_checkpoints=True)
 
     def __init__(self, image: str | None = None, mounts: list[str] | None = None,
                  network: str = "none") -> None:
         self.image = resolve_image(image)
         self.mounts = [Path(m).expanduser().absolute() for m in (mounts or [])]
         self.network = network
+
+    def check(self, output_dir: Path) -> tuple[list[Check], list[str]]:
+        """Daemon, NVIDIA runtime, GPU, image, disk and mountability — a few seconds at most."""
+        import docker
+
+        try:
+            client = docker.from_env(timeout=5)
+            info = client.info()
+        except Exception as exc:  # not installed, no socket, permission denied, stopped daemon
+            return [Check.of("docker daemon", "fail", f"cannot reach the Docker daemon: {exc}",
+                             "start it (`sudo systemctl start docker`, or `dockerd &`) and check that this "
+                             "user may use /var/run/docker.sock (e.g. the docker group); or use backend=local")], []
+        runtimes = info.get("Runtimes") or {}
+        gpu = shutil.which("nvidia-smi")
+        checks = [Check.of("docker daemon", "ok", f"Docker {info.get('ServerVersion')} reachable"),
+                  Check.of("nvidia runtime", "ok" if "nvidia" in runtimes else "warn",
+                           f"runtimes: {', '.join(runtimes) or 'none'}", None if "nvidia" in runtimes else
+                           "install the NVIDIA Container Toolkit for GPU containers (CPU containers work without)"),
+                  Check.of("gpu", "ok" if gpu else "warn", "nvidia-smi found" if gpu else "no nvidia-smi on this host",
+                           None if gpu else "TAO checkpoints need a GPU machine; SigLIP/CLIP/thumbnail run on CPU")]
+        try:
+            client.images.get(self.image)
+            checks.append(Check.of("image", "ok", f"{self.image} is present locally"))
+        except docker.errors.ImageNotFound:
+            checks.append(Check.of("image", "fail", f"{self.image} is not on this machine",
+                                   f"docker pull {self.image} (or build docker/Dockerfile as {self.image}), "
+                                   "or pass --image"))
+        folder = output_dir if output_dir.exists() else output_dir.parent
+        free = shutil.disk_usage(folder).free / 2**30
+        writable = os.access(folder, os.W_OK)
+        checks += [Check.of("disk", "ok" if free >= 5 else "warn", f"{free:.1f} GiB free in {folder}",
+                            None if free >= 5 else "free space: embeddings of a large pool take GBs"),
+                   Check.of("workspace", "ok" if writable else "fail",
+                            f"{folder} is {'writable (bind-mounted at the same path)' if writable else 'not writable'}",
+                            None if writable else f"make {folder} writable by uid {os.getuid()}")]
+        return checks, []
 
     # ------------------------------------------------------------------ the two steps
 
@@ -89,23 +132,25 @@ class DockerBackend:
         t0 = time.perf_counter()
         self._run(["embedding", "image_embeddings", "-e", str(spec_file)], workspace,
                   [Path(p).expanduser().absolute() for p in read_only], events, outputs=[output_path])
-        rows_in = store.num_rows(input_path)
-        schema = store.schema_of(output_path)
-        identity = store.read_identity(output_path) or {
-            "model": spec.model, "model_path": spec.model_path,
-            "model_config_path": spec.model_config_path, "weights_digest": None,
-            "preprocessing": {"image": self.image}}
-        rows = store.num_rows(output_path)
+        timings = {"container": time.perf_counter() - t0, "total": time.perf_counter() - t0}
+        told = _task_result(output_path, EmbedResult)
+        if told is not None:  # our image says what it did
+            return BackendEmbed(input_rows=told.input_rows, rows=told.rows, columns=told.columns,
+                                skipped_by_reason=told.skipped_by_reason, skipped_examples=told.skipped_examples,
+                                identity=told.encoder, dim=told.embedding_dim,
+                                device=f"docker:{self.image}", timings=timings)
+        rows_in, rows = store.num_rows(input_path), store.num_rows(output_path)
         dim = 0
         if rows:
             first = next(store.iter_batches(output_path, 1, ["embedding"]))
             dim = len(first.column("embedding")[0].as_py())
-        skipped = rows_in - rows
         return BackendEmbed(
-            input_rows=rows_in, rows=rows, columns=list(schema.names),
-            skipped_by_reason={"unreadable (in the container)": skipped} if skipped else {},
-            skipped_examples=[], identity=identity, dim=dim, device=f"docker:{self.image}",
-            timings={"container": time.perf_counter() - t0, "total": time.perf_counter() - t0})
+            input_rows=rows_in, rows=rows, columns=list(store.schema_of(output_path).names),
+            skipped_by_reason={"unreadable (in the container)": rows_in - rows} if rows_in > rows else {},
+            skipped_examples=[], dim=dim, device=f"docker:{self.image}", timings=timings,
+            identity=store.read_identity(output_path) or EncoderIdentity(
+                model=spec.model, model_path=spec.model_path, model_config_path=spec.model_config_path,
+                preprocessing={"image": self.image}))
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
              summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
@@ -116,22 +161,25 @@ class DockerBackend:
         t0 = time.perf_counter()
         lines = self._run(["tmm", "nearest_neighbors", "-e", str(spec_file)], workspace, [], events,
                           outputs=[output_path, summary_path])
-        summary = _read_summary(summary_path)
+        timings = {"container": time.perf_counter() - t0, "total": time.perf_counter() - t0}
+        summary, label_filter = artifacts.parse_summary(summary_path.read_text(encoding="utf-8"))
+        told = _task_result(output_path, MineResult)
         # An image other than ours may name fewer counts: the files still tell these two.
         summary.setdefault("queries", store.num_rows(target_path))
         summary.setdefault("mined", store.num_rows(output_path))
         label_missing = [side for side, path in (("source", source_path), ("target", target_path))
                          if "label" not in store.schema_of(path).names]
-        noop = any(_NOOP.search(line) for line in lines)
-        label_filter = "off" if not spec.filter_by_label else (
-            "noop" if (noop or label_missing) else "applied")
+        if told is not None:
+            label_filter = told.label_filter
+        elif label_filter is None:  # NVIDIA's image: its log is all there is
+            label_filter = spec.label_filter(label_missing or
+                                             (["source", "target"] if any(map(_NOOP.search, lines)) else []))
         pool_rows = store.num_rows(source_path)
         return BackendMine(
             summary=summary, label_filter=label_filter, label_missing=label_missing or
             (["source", "target"] if label_filter == "noop" else []),
             pool_rows=pool_rows, searched_rows=summary.get("pool", pool_rows),
-            target_in_pool=summary.get("target_in_pool", 0), dim=0,
-            timings={"container": time.perf_counter() - t0, "total": time.perf_counter() - t0})
+            target_in_pool=summary.get("target_in_pool", 0), dim=0, timings=timings)
 
     # ------------------------------------------------------------------ the container
 
@@ -229,12 +277,15 @@ def _forward(line: str, events: Events) -> None:
     events.log(level, line)
 
 
-def _read_summary(path: Path) -> dict[str, int]:
-    summary: dict[str, int] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        key, _, value = line.partition(":")
-        try:
-            summary[key.strip()] = int(value.strip())
-        except ValueError:
-            continue
-    return summary
+def _task_result(output_path: Path, model: type[ResultT]) -> ResultT | None:
+    """What deft-mine-task recorded beside its output (then removed: the run folder stays as
+    the TAO contract has it); None from an image that records nothing."""
+    path = output_path.parent / artifacts.task_result(output_path.name)
+    if not path.is_file():
+        return None
+    try:
+        return model.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    finally:
+        path.unlink(missing_ok=True)

@@ -5,23 +5,27 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from deft_mine.backends.base import BackendEmbed, BackendMine
+from deft_mine.backends.base import BackendEmbed, BackendMine, Capabilities
 from deft_mine.engine import store
 from deft_mine.engine.embedding import embed_file
 from deft_mine.engine.encoders import Encoder, build_encoder
 from deft_mine.engine.mining import mine_files
 from deft_mine.events import Events
+from deft_mine.schemas import artifacts
+from deft_mine.schemas.results import Check
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
 
 
 class LocalBackend:
     name = "local"
+    capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=False)
     _shared: "LocalBackend | None" = None
 
     def __init__(self) -> None:
         # A run embeds targets and pool with one encoder: load its weights once per process.
-        self._encoders: dict[tuple[str, str | None, str], Encoder] = {}
+        self._encoders: dict[tuple[Any, ...], Encoder] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -30,11 +34,25 @@ class LocalBackend:
             cls._shared = cls()
         return cls._shared
 
+    def check(self, output_dir: Path) -> tuple[list[Check], list[str]]:
+        try:
+            import torch
+
+            gpu = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            checks = [Check.of("torch", "ok" if gpu else "warn", f"torch {torch.__version__}; "
+                               + (f"CUDA: {', '.join(gpu)}" if gpu else "no CUDA GPU: encoders run on the CPU"),
+                               None if gpu else "fine for thumbnail and small pools; use a GPU machine "
+                               "for SigLIP/CLIP on large pools")]
+        except Exception as exc:  # a broken torch install is exactly what preflight is for
+            gpu, checks = [], [Check.of("torch", "fail", f"cannot import torch: {exc}",
+                                        "pip install torch (CPU: torch==2.13.0 from the constraints file)")]
+        return [*checks, Check.of("thumbnail encoder", "ok", "always available (no weights)")], gpu
+
     def encoder(self, spec: EmbeddingSpec, events: Events) -> Encoder:
-        model_path = None if spec.model == "thumbnail" else spec.model_path
-        key = (spec.model, model_path, spec.device)
+        key = (*spec.encoder_key(), spec.device)
         with self._lock:
             if key not in self._encoders:
+                model_path = key[1]
                 events.log("info", f"loading encoder {spec.model}" + (f" from {model_path}" if model_path else ""))
                 t0 = time.perf_counter()
                 self._encoders[key] = build_encoder(spec.model, model_path, spec.device)
@@ -58,19 +76,12 @@ class LocalBackend:
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
              summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
-        outcome = mine_files(
-            source_path, target_path, topn=spec.topn, metric=spec.knn_metric,
-            filter_by_label=spec.filter_by_label, source_column=spec.source_embed_column_name,
-            target_column=spec.target_embed_column_name, exclude_targets=spec.exclude_targets,
-            block_rows=spec.block_rows, events=events,
-        )
+        outcome = mine_files(source_path, target_path, spec, events=events)
         t0 = time.perf_counter()
         store.write_table_atomic(output_path, outcome.mined)
         if pairs_path is not None:
             store.write_table_atomic(pairs_path, outcome.pairs)
-        lines = [f"{k}: {v}" for k, v in outcome.summary.items()]
-        lines.append(f"label_filter: {outcome.label_filter}")
-        store.write_text_atomic(summary_path, "\n".join(lines) + "\n")
+        store.write_text_atomic(summary_path, artifacts.summary_text(outcome.summary, outcome.label_filter))
         outcome.timings["write"] = time.perf_counter() - t0
         return BackendMine(
             summary=outcome.summary, label_filter=outcome.label_filter,

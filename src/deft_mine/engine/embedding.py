@@ -19,6 +19,7 @@ from deft_mine.engine import store
 from deft_mine.engine.encoders import Encoder
 from deft_mine.engine.images import LoadFailure, load_rgb
 from deft_mine.events import Events
+from deft_mine.schemas.results import EncoderIdentity
 
 EMBEDDING_COLUMN = "embedding"
 _PREFETCH = 2  # batches decoded ahead of the encoder
@@ -179,12 +180,12 @@ class _RowGroupWriter:
         self._writer.close()
 
 
-def _output_schema(schema: pa.Schema, identity: dict[str, Any]) -> pa.Schema:
+def _output_schema(schema: pa.Schema, identity: EncoderIdentity) -> pa.Schema:
     """Input columns unchanged and in order, `embedding` appended (or replaced in place)."""
     vector = pa.field(EMBEDDING_COLUMN, pa.list_(pa.float32()))
     fields = [vector if f.name == EMBEDDING_COLUMN else f for f in schema]
     if EMBEDDING_COLUMN not in schema.names:
         fields.append(vector)
     metadata = {k: v for k, v in (schema.metadata or {}).items() if k != b"pandas"}
-    metadata[store.IDENTITY_KEY] = json.dumps(identity, sort_keys=True).encode()
+    metadata[store.IDENTITY_KEY] = json.dumps(identity.model_dump(mode="json"), sort_keys=True).encode()
     return pa.schema(fields, metadata=metadata)

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from deft_mine.errors import DeftError
+from deft_mine.schemas.results import EncoderIdentity
 
 THUMBNAIL_SIDE = 16
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5"}
@@ -20,7 +21,7 @@ HF_MODEL_TYPES = {"SigLIP": {"siglip", "siglip2"}, "CLIP": {"clip"}}
 
 
 class Encoder(Protocol):
-    identity: dict[str, Any]
+    identity: EncoderIdentity
     dim: int
     device: str
 
@@ -39,13 +40,8 @@ class ThumbnailEncoder:
     dim = THUMBNAIL_SIDE * THUMBNAIL_SIDE * 3
 
     def __init__(self) -> None:
-        self.identity = {
-            "model": "thumbnail",
-            "model_path": None,
-            "model_config_path": None,
-            "weights_digest": None,
-            "preprocessing": {"side": THUMBNAIL_SIDE, "resample": "box", "standardise": True},
-        }
+        self.identity = EncoderIdentity(
+            model="thumbnail", preprocessing={"side": THUMBNAIL_SIDE, "resample": "box", "standardise": True})
 
     def preprocess(self, images: list[Image.Image]) -> np.ndarray:
         side = (THUMBNAIL_SIDE, THUMBNAIL_SIDE)
@@ -100,13 +96,8 @@ class HuggingFaceEncoder:
         preprocessing = _json_safe(self.processor.to_dict())
         for volatile in ("processor_class", "_processor_class", "image_processor_type"):
             preprocessing.pop(volatile, None)
-        self.identity = {
-            "model": model,
-            "model_path": source,
-            "model_config_path": None,
-            "weights_digest": weights_digest(local) if is_local else None,
-            "preprocessing": preprocessing,
-        }
+        self.identity = EncoderIdentity(model=model, model_path=source, preprocessing=preprocessing,
+                                        weights_digest=weights_digest(local) if is_local else None)
         with torch.inference_mode():
             probe = self.preprocess([Image.new("RGB", (8, 8))])
             self.dim = int(self.encode(probe).shape[1])
@@ -171,6 +162,6 @@ def build_encoder(model: str, model_path: str | None, device: str = "auto") -> E
     raise DeftError(
         "backend_unsupported",
         f"model={model} (a TAO checkpoint) runs only in the TAO container",
-        fix="use --backend docker for TAO checkpoints, or model=SigLIP|CLIP|thumbnail locally",
+        fix="use backend=docker for TAO checkpoints, or model=SigLIP|CLIP|thumbnail locally",
         field="model",
     )

@@ -14,7 +14,7 @@ from typing import Iterable
 import faiss
 import numpy as np
 
-from deft_mine.engine.metric import Metric
+from deft_mine.schemas.specs import Metric
 
 
 _FAISS_METRIC = {

@@ -22,7 +22,7 @@ VERSION = 1
 _COUNTS = ("candidates", "previously_selected", "duplicates_in_candidates", "newly_selected")
 
 
-def normalise_filepath(filepath: str, base: Path) -> str:
+def absolute_normal(filepath: str, base: Path) -> str:
     """Absolute (relative paths join `base`), `os.path.normpath`, no trailing slash, case kept."""
     path = filepath if os.path.isabs(filepath) else os.path.join(str(base), filepath)
     normal = os.path.normpath(path)
@@ -54,7 +54,7 @@ def load(path: Path) -> Ledger:
 
     def corrupt(why: str) -> DeftError:
         return DeftError("ledger_corrupt", f"ledger {path} is unreadable: {why}; it was left as it is",
-                         fix="restore the ledger from a backup, or point --ledger at the right file",
+                         fix="restore the ledger from a backup, or name the right ledger file",
                          path=str(path))
 
     try:

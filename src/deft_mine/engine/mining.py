@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from deft_mine.engine import store
 from deft_mine.engine.knn import RunningTopK
-from deft_mine.engine.metric import Metric
+from deft_mine.schemas.specs import Metric, MiningSpec
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 
@@ -33,24 +33,16 @@ class MiningOutcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def normalise_filepath(filepath: str) -> str:
+def lexically_normal(filepath: str) -> str:
+    """The path with `./`, `../`, `//` and a trailing slash resolved on paper (relative stays
+    relative): how a pool row and a target are judged to name the same file."""
     return os.path.normpath(filepath)
 
 
-def mine_files(
-    source_path: Path,
-    target_path: Path,
-    *,
-    topn: int,
-    metric: Metric,
-    filter_by_label: bool,
-    source_column: str,
-    target_column: str,
-    exclude_targets: bool,
-    block_rows: int,
-    events: Events,
-) -> MiningOutcome:
+def mine_files(source_path: Path, target_path: Path, spec: MiningSpec, events: Events) -> MiningOutcome:
     """Find each target's `topn` nearest pool rows and turn the pairs into unique mined paths."""
+    topn, metric, block_rows = spec.topn, spec.knn_metric, spec.block_rows
+    source_column, target_column = spec.source_embed_column_name, spec.target_embed_column_name
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     src_schema = store.schema_of(source_path)
@@ -59,7 +51,7 @@ def mine_files(
     store.require_columns(target_path, tgt_schema, ["filepath", target_column], "target_parquet")
     label_missing = [side for side, sch in (("source", src_schema), ("target", tgt_schema))
                      if "label" not in sch.names]
-    label_filter = "off" if not filter_by_label else ("noop" if label_missing else "applied")
+    label_filter = spec.label_filter(label_missing)
 
     # Labels are read whenever a side has them: the pairs table records them for the report.
     tgt_cols = ["filepath", target_column] + (["label"] if "target" not in label_missing else [])
@@ -68,7 +60,7 @@ def mine_files(
                                         name=target_column, first_row=0, dim=None)
     dim = queries.shape[1] if len(queries) else None
     target_paths = targets.column("filepath").to_pylist()
-    target_set = {normalise_filepath(str(p)) for p in target_paths}
+    target_set = {lexically_normal(str(p)) for p in target_paths}
 
     # Pass 1: vectors only (plus filepath to spot targets in the pool), block by block.
     t0 = time.perf_counter()
@@ -88,7 +80,7 @@ def mine_files(
             )
         ids = np.arange(seen, seen + rows, dtype=np.int64)
         in_pool += int(is_target.sum())
-        if exclude_targets:
+        if spec.exclude_targets:
             vectors, ids = vectors[~is_target], ids[~is_target]
         if top is not None:
             top.add(vectors, ids)
@@ -192,7 +184,7 @@ def _in_targets(filepaths: pa.Array, target_set: set[str]) -> np.ndarray:
     hits = hits.fill_null(False).to_numpy(zero_copy_only=False).copy()
     odd = pc.match_substring_regex(paths, _NOT_NORMAL).fill_null(False).to_numpy(zero_copy_only=False)
     for row in np.flatnonzero(odd):
-        hits[row] = normalise_filepath(str(paths[row].as_py())) in target_set
+        hits[row] = lexically_normal(str(paths[row].as_py())) in target_set
     return hits
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import os
 import queue
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from deft_mine.errors import DeftError
+from deft_mine.schemas.results import EncoderIdentity
 
 IDENTITY_KEY = b"deft_mine.encoder"
 T = TypeVar("T")
@@ -122,11 +122,14 @@ def require_columns(path: Path, schema: pa.Schema, needed: list[str], field: str
         )
 
 
-def read_identity(path: Path) -> dict[str, Any] | None:
-    """The encoder identity recorded in an embedding parquet, or None if it has none."""
-    meta = _parquet(path).schema_arrow.metadata or {}
-    raw = meta.get(IDENTITY_KEY)
-    return json.loads(raw) if raw else None
+def read_identity(path: Path) -> EncoderIdentity | None:
+    """The encoder identity recorded in an embedding parquet; None if it has none (or one that
+    another tool wrote in a shape of its own)."""
+    raw = (_parquet(path).schema_arrow.metadata or {}).get(IDENTITY_KEY)
+    try:
+        return EncoderIdentity.model_validate_json(raw) if raw else None
+    except ValueError:
+        return None
 
 
 def vectors_from_column(column: pa.Array | pa.ChunkedArray, *, path: Path, name: str, first_row: int,

@@ -1,16 +1,2 @@
-"""Pydantic models at the boundaries: specs, tool results, warnings, errors."""
-
-from deft_mine.schemas.results import (
-    EmbedResult,
-    EncoderIdentity,
-    ErrorInfo,
-    MineResult,
-    RunResult,
-    ToolWarning,
-)
-from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec
-
-__all__ = [
-    "EmbedResult", "EmbeddingSpec", "EncoderIdentity", "ErrorInfo", "MineResult", "MiningSpec",
-    "RunResult", "ToolWarning", "load_spec",
-]
+"""The ground floor, importing nothing of ours but errors: specs, tool inputs and results,
+warnings, the run manifest and the run folder's artifacts."""

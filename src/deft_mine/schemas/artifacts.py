@@ -1,4 +1,6 @@
-"""The file names of a run folder (the TAO contract's, plus ours): one place for all of them."""
+"""The run folder's files (the TAO contract's, plus ours) and the mining summary's format."""
+
+import re
 
 EMBEDDING_SPEC = "embedding_spec.yaml"
 MINING_SPEC = "mining_spec.yaml"
@@ -11,3 +13,40 @@ SUMMARY = "mining_summary.txt"
 PAIRS = "mined_pairs.parquet"  # every (target, neighbour) pair: what the report draws
 MANIFEST = "run.json"  # every fact the report states
 REPORT = "Mining_Report.md"
+
+
+
+def task_result(output_name: str) -> str:
+    """deft-mine-task's result JSON (an EmbedResult or MineResult), hidden beside its output: the
+    docker backend reads its facts from there instead of from the container's log."""
+    return f".{output_name}.result.json"
+
+
+# Spellings of summary keys other tools may use, mapped to ours.
+SUMMARY_ALIASES = {"num_queries": "queries", "number_of_queries": "queries", "targets": "queries",
+                   "neighbors_requested": "neighbours_requested", "duplicates": "duplicates_removed",
+                   "kept": "kept_pairs", "dropped": "dropped_pairs", "unique_mined": "mined"}
+
+
+def summary_text(summary: dict[str, int], label_filter: str) -> str:
+    """mining_summary.txt: one `key: value` per line, the label filter's outcome last."""
+    return "".join(f"{key}: {value}\n" for key, value in [*summary.items(), ("label_filter", label_filter)])
+
+
+def parse_summary(text: str) -> tuple[dict[str, int], str | None]:
+    """The counts and label filter of a mining summary, ours or another tool's (`key: value` or
+    `key = value`; other spellings of our keys are mapped to ours)."""
+    summary: dict[str, int] = {}
+    label_filter = None
+    for line in text.splitlines():
+        match = re.match(r"\s*([^:=]+?)\s*[:=]\s*(.+?)\s*$", line)
+        if not match:
+            continue
+        key = re.sub(r"[^a-z0-9]+", "_", match.group(1).lower()).strip("_")
+        key = SUMMARY_ALIASES.get(key, key)
+        value = match.group(2)
+        if key == "label_filter":
+            label_filter = value if value in ("off", "applied", "noop") else None
+        elif re.fullmatch(r"[+-]?\d+", value):
+            summary.setdefault(key, int(value))
+    return summary, label_filter

@@ -1,4 +1,4 @@
-"""What tools return: warnings, errors, encoder identity and one result model per tool."""
+"""What tools return: errors, encoder identity and one result model per tool, each with its text."""
 
 from __future__ import annotations
 
@@ -6,26 +6,36 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-
-class ToolWarning(BaseModel):
-    """A condition the caller must see: the run went on, but not quite as asked."""
-
-    code: str = Field(description="stable: filter_by_label_noop, provenance_unknown, pool_exhausted, "
-                      "images_skipped, target_in_pool, …")
-    message: str
-    fields: list[str] = Field(default_factory=list, description="spec fields / columns involved")
-    details: dict[str, Any] = Field(default_factory=dict)
+from deft_mine.errors import DeftError
+from deft_mine.schemas.warnings import ToolWarning
 
 
 class ErrorInfo(BaseModel):
-    """A refused request, as data."""
+    """A refused request, as data: `code`, `message`, `fix` and the details (the fields, paths,
+    rows involved) beside them. The MCP `_meta`, `--json` and deft-mine-task all carry this."""
+
+    model_config = ConfigDict(extra="allow")
 
     code: str
     message: str
     fix: str | None = None
-    details: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, exc: DeftError) -> "ErrorInfo":
+        details = json.loads(json.dumps(exc.details, default=str))
+        return cls(code=exc.code, message=exc.message, **({"fix": exc.fix} if exc.fix else {}), **details)
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"fix"} if self.fix is None else set())
+
+    def text(self) -> str:
+        return f"{self.code}: {self.message}" + (f"\nfix: {self.fix}" if self.fix else "")
 
 
 class EncoderIdentity(BaseModel):
@@ -42,8 +52,30 @@ class EncoderIdentity(BaseModel):
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
+    @property
+    def key(self) -> tuple[str, str | None, str | None]:
+        """The part a spec fixes before any weights are read (`EmbeddingSpec.encoder_key`)."""
+        return (self.model, self.model_path, self.model_config_path)
 
-class EmbedResult(BaseModel):
+    def differing(self, other: "EncoderIdentity") -> list[str]:
+        mine, theirs = self.model_dump(), other.model_dump()
+        return sorted(k for k in mine if mine[k] != theirs[k])
+
+    def short(self) -> str:
+        return f"{self.model}:{self.model_path}" + (
+            f"@{self.weights_digest[7:19]}" if self.weights_digest else "")
+
+
+class _Result(BaseModel):
+    warnings: list[ToolWarning] = Field(default_factory=list)
+
+    def text(self) -> str:
+        """What a person reads about this result (warnings apart): the CLI, the MCP text
+        content and deft-mine-task all print this."""
+        raise NotImplementedError
+
+
+class EmbedResult(_Result):
     output_parquet: str
     rows: int = Field(description="rows written (input rows less skipped images)")
     input_rows: int
@@ -56,10 +88,14 @@ class EmbedResult(BaseModel):
     device: str
     backend: str = "local"
     timings: dict[str, float] = Field(default_factory=dict)
-    warnings: list[ToolWarning] = Field(default_factory=list)
+
+    def text(self) -> str:
+        return (f"embedded {self.rows} of {self.input_rows} rows ({self.skipped} skipped) with "
+                f"{self.encoder.model} on {self.device} → {self.output_parquet}\n"
+                f"columns: {', '.join(self.columns)}")
 
 
-class MineResult(BaseModel):
+class MineResult(_Result):
     output_parquet: str
     summary_path: str
     mined: int
@@ -71,36 +107,13 @@ class MineResult(BaseModel):
     encoder: EncoderIdentity | None = Field(None, description="shared identity of both inputs, if recorded")
     backend: str = "local"
     timings: dict[str, float] = Field(default_factory=dict)
-    warnings: list[ToolWarning] = Field(default_factory=list)
+
+    def text(self) -> str:
+        return "\n".join([f"mined {self.mined} unique images → {self.output_parquet}",
+                          *(f"{key}: {value}" for key, value in self.summary.items())])
 
 
-class RunResult(BaseModel):
-    run_dir: str
-    mined: int
-    mined_parquet: str
-    target_embed: EmbedResult
-    source_embed: EmbedResult
-    mine: MineResult
-    select: "SelectResult | None" = Field(None, description="the history-aware selection (runs with a ledger)")
-    report: "ReportResult"
-    timings: dict[str, float] = Field(default_factory=dict)
-    warnings: list[ToolWarning] = Field(default_factory=list)
-
-
-class ReportResult(BaseModel):
-    """What `report` wrote: Mining_Report.md, its pictures, and what it could not state."""
-
-    report_path: str
-    words: int = Field(description="words in the report (tokens holding a letter or digit)")
-    verdict: Literal["ok", "attention", "failed"]
-    pictures: list[str] = Field(default_factory=list, description="PNG file names in the run folder")
-    missing_facts: list[str] = Field(default_factory=list,
-                                     description="facts the folder did not record (e.g. no run.json)")
-    warnings: list[ToolWarning] = Field(default_factory=list)
-
-
-
-class SelectResult(BaseModel):
+class SelectResult(_Result):
     """One DEFT iteration's history-aware selection, as recorded in the ledger."""
 
     output: str = Field(description="the selected rows (candidates' order and columns kept)")
@@ -112,7 +125,77 @@ class SelectResult(BaseModel):
     newly_selected: int = Field(description="rows written to output")
     cumulative_selected: int = Field(description="paths selected over all iterations so far")
     resumed: bool = Field(description="this iteration was already recorded: its files were re-verified")
-    warnings: list[ToolWarning] = Field(default_factory=list)
+
+    def text(self) -> str:
+        return (f"iteration {self.iteration}{' (resumed)' if self.resumed else ''}: {self.newly_selected} "
+                f"of {self.candidates} candidates selected, {self.previously_selected} selected before, "
+                f"{self.duplicates_in_candidates} repeated; {self.cumulative_selected} in all → {self.output}")
 
 
-RunResult.model_rebuild()  # it names ReportResult and SelectResult, defined after it
+class ReportResult(_Result):
+    """What `report` wrote: Mining_Report.md, its pictures, and what it could not state."""
+
+    report_path: str
+    words: int = Field(description="words in the report (tokens holding a letter or digit)")
+    verdict: Literal["ok", "attention", "failed"]
+    pictures: list[str] = Field(default_factory=list, description="PNG file names in the run folder")
+    missing_facts: list[str] = Field(default_factory=list,
+                                     description="facts the folder did not record (e.g. no run.json)")
+
+    def text(self) -> str:
+        return (f"{self.verdict.upper()}: {self.report_path} ({self.words} words; pictures: "
+                f"{', '.join(self.pictures) or 'none'})"
+                + (f"\nfacts unavailable: {', '.join(self.missing_facts)}" if self.missing_facts else ""))
+
+
+class RunResult(_Result):
+    run_dir: str
+    mined: int
+    mined_parquet: str
+    target_embed: EmbedResult
+    source_embed: EmbedResult
+    mine: MineResult
+    select: SelectResult | None = Field(None, description="the history-aware selection (runs with a ledger)")
+    report: ReportResult
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    def text(self) -> str:
+        summary = self.mine.summary
+        lines = [f"run folder {self.run_dir}: mined {self.mined} unique images ({summary.get('pairs', 0)} "
+                 f"pairs for {summary.get('queries', 0)} targets) in {self.timings.get('total', 0):.1f}s; "
+                 f"report {self.report.verdict.upper()}: {self.report.report_path}"]
+        if self.select is not None:
+            lines.append(f"history: {self.select.text()}")
+        return "\n".join(lines)
+
+
+class Check(BaseModel):
+    name: str
+    ok: bool = Field(description="false only for status fail")
+    status: Literal["ok", "warn", "fail"] = "ok"
+    detail: str = Field(description="what was found")
+    fix: str | None = Field(None, description="the exact fix, when not ok")
+
+    @classmethod
+    def of(cls, name: str, status: Literal["ok", "warn", "fail"], detail: str, fix: str | None = None) -> "Check":
+        return cls(name=name, ok=status != "fail", status=status, detail=detail, fix=fix)
+
+
+class PreflightResult(_Result):
+    ok: bool = Field(description="every check passed: the backend can run here")
+    backend: str
+    checks: list[Check]
+    versions: dict[str, str]
+    gpu: list[str] = Field(default_factory=list, description="CUDA devices torch sees")
+    session_encoder: EncoderIdentity | None = Field(
+        None, description="the encoder this session is bound to (set by its first embed or run)")
+    warnings: list[ToolWarning] = Field(default_factory=list,
+                                        description="warnings the given inputs will raise")
+
+    def text(self) -> str:
+        lines = [("ready" if self.ok else "NOT ready") + f" ({self.backend}): "
+                 + "; ".join(f"{c.name}: {c.detail}" for c in self.checks),
+                 *(f"{c.status} {c.name}: {c.fix}" for c in self.checks if c.fix)]
+        if self.session_encoder:
+            lines.append(f"session encoder: {self.session_encoder.model} {self.session_encoder.model_path}")
+        return "\n".join(lines)

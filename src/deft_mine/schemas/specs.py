@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import difflib
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar
+from typing import Annotated, Any, Literal, Mapping, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from deft_mine.engine.metric import Metric
 from deft_mine.errors import DeftError
+from deft_mine.schemas.inputs import PathField
 
 #: `model` values the local backend runs; anything else must be a TAO checkpoint.
 HF_MODELS = ("SigLIP", "CLIP")
 LOCAL_MODELS = (*HF_MODELS, "thumbnail")
 TAO_CHECKPOINT_SUFFIXES = (".pth", ".ckpt")
+
+
+class Metric(StrEnum):
+    """The k-NN metrics: cosine compares directions (higher is nearer), the others distances."""
+
+    cosine = "cosine"
+    euclidean = "euclidean"
+    manhattan = "manhattan"
+
+    @property
+    def higher_is_nearer(self) -> bool:
+        return self is Metric.cosine
 
 
 class _Spec(BaseModel):
@@ -31,9 +44,9 @@ class EmbeddingSpec(_Spec):
                             description="hub id, local folder, or .pth/.ckpt (TAO)")
     model_config_path: str | None = Field(None, description="required only for TAO checkpoints")
     batch_size: int = Field(64, ge=1, le=65536)
-    input_parquet: str | None = None
-    output_parquet: str | None = None
-    image_root: str | None = Field(
+    input_parquet: Annotated[str | None, PathField()] = None
+    output_parquet: Annotated[str | None, PathField()] = None
+    image_root: Annotated[str | None, PathField()] = Field(
         None, description="folder relative filepaths resolve against (default: the input's folder)")
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
 
@@ -61,6 +74,15 @@ class EmbeddingSpec(_Spec):
     def is_tao_checkpoint(self) -> bool:
         return self.model not in LOCAL_MODELS
 
+    def encoder_key(self) -> tuple[str, str | None, str | None]:
+        """(model, model_path, model_config_path) as the encoder's identity will record them,
+        known before any weights are read: the session lock and the encoder cache use it."""
+        if self.model == "thumbnail":
+            return ("thumbnail", None, None)
+        local = Path(self.model_path).expanduser()
+        return (self.model, str(local.resolve()) if local.exists() else self.model_path,
+                self.model_config_path)
+
 
 class MiningSpec(_Spec):
     """How to mine: the TAO `tmm nearest_neighbors` spec, plus per-run paths."""
@@ -70,9 +92,9 @@ class MiningSpec(_Spec):
     filter_by_label: bool = False
     source_embed_column_name: str = "embedding"
     target_embed_column_name: str = "embedding"
-    source_parquet: str | None = None
-    target_parquet: str | None = None
-    output_parquet: str | None = None
+    source_parquet: Annotated[str | None, PathField()] = None
+    target_parquet: Annotated[str | None, PathField()] = None
+    output_parquet: Annotated[str | None, PathField()] = None
     exclude_targets: bool = Field(False, description="drop pool rows that are also targets")
     block_rows: int = Field(32768, ge=1, description="pool rows searched at a time (memory ~ 2-3 blocks)")
 
@@ -92,9 +114,15 @@ class MiningSpec(_Spec):
     def _metric_lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
+    def label_filter(self, sides_without_label: Sequence[str]) -> Literal["off", "applied", "noop"]:
+        """What filter_by_label does given which sides lack a `label` column (the no-op rule,
+        judged here only)."""
+        if not self.filter_by_label:
+            return "off"
+        return "noop" if sides_without_label else "applied"
+
 
 SpecT = TypeVar("SpecT", bound=_Spec)
-SPEC_KINDS: dict[str, type[_Spec]] = {"embedding": EmbeddingSpec, "mining": MiningSpec}
 
 
 def load_spec(

@@ -1,10 +1,12 @@
-"""The tools: one module each; the MCP server, the CLI and pytest all call these."""
+"""The tools, one module each, registered in TOOLS in the order clients list them; the MCP
+server, the command line and pytest all drive these."""
 
 from deft_mine.tools.embed import embed
 from deft_mine.tools.mine import mine
 from deft_mine.tools.preflight import preflight
+from deft_mine.tools.registry import TOOLS, Tool, ToolContext
 from deft_mine.tools.report import report
 from deft_mine.tools.run import run
 from deft_mine.tools.select import select
 
-__all__ = ["embed", "mine", "preflight", "report", "run", "select"]
+__all__ = ["TOOLS", "Tool", "ToolContext", "embed", "mine", "preflight", "report", "run", "select"]

@@ -1,4 +1,4 @@
-"""Small pieces every tool needs: spec loading with explicit per-run paths, path checks."""
+"""Small pieces every tool needs: spec loading with explicit per-run paths, input/output checks."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from deft_mine.errors import DeftError
 from deft_mine.schemas.specs import _Spec, load_spec
 
 SpecT = TypeVar("SpecT", bound=_Spec)
-Overrides = Mapping[str, Any] | Sequence[str] | None
 
 
-def spec_with_paths(cls: type[SpecT], spec_path: str | Path | None, overrides: Overrides,
-                    **paths: str | Path | None) -> SpecT:
+def spec_with_paths(cls: type[SpecT], spec_path: str | Path | None,
+                    overrides: Mapping[str, Any] | Sequence[str] | None, **paths: str | Path | None) -> SpecT:
     """Load a spec; explicit path arguments win over the file and the overrides."""
     spec = load_spec(cls, spec_path, overrides or ())
     for key, value in paths.items():

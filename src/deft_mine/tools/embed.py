@@ -6,67 +6,45 @@ import contextlib
 from pathlib import Path
 
 from deft_mine.backends import get_backend
-from deft_mine.events import Events, NullEvents
-from deft_mine.schemas.results import EmbedResult, EncoderIdentity, ToolWarning
+from deft_mine.schemas import warnings
+from deft_mine.schemas.inputs import EmbedInput
+from deft_mine.schemas.results import EmbedResult
 from deft_mine.schemas.specs import EmbeddingSpec
-from deft_mine.tools._common import Overrides, distinct_output, existing_input, required_path, spec_with_paths
-from deft_mine.tools.guards import EncoderLock, PathPolicy, check_paths
+from deft_mine.tools._common import distinct_output, existing_input, required_path, spec_with_paths
+from deft_mine.tools.registry import Tool, ToolContext, register
 
 
-def embed(
-    input_parquet: str | Path | None = None,
-    output_parquet: str | Path | None = None,
-    spec_path: str | Path | None = None,
-    overrides: Overrides = None,
-    backend: str = "local",
-    events: Events | None = None,
-    policy: PathPolicy | None = None,
-    lock: EncoderLock | None = None,
-    image: str | None = None,
-    mounts: list[str] | None = None,
-) -> EmbedResult:
-    """Embed the images a parquet/CSV lists. `policy` limits the paths it may touch; `lock`
-    (one per MCP session) refuses an encoder other than the session's first."""
-    check_paths(policy, spec_path=spec_path)
-    spec = spec_with_paths(EmbeddingSpec, spec_path, overrides,
-                           input_parquet=input_parquet, output_parquet=output_parquet)
-    return embed_spec(spec, backend=backend, events=events, policy=policy, lock=lock, image=image,
-                      mounts=mounts)
+def embed_images(inputs: EmbedInput, ctx: ToolContext) -> EmbedResult:
+    """Embed the images a parquet/CSV lists into an embedding parquet (filepath, embedding,
+    every input column carried). The first embed of a session fixes its encoder; a
+    different model/model_path/model_config_path later is refused (encoder_mismatch).
+    Unreadable images are skipped and reported (images_skipped). Streams progress."""
+    spec = spec_with_paths(EmbeddingSpec, inputs.spec_path, inputs.overrides,
+                           input_parquet=inputs.input_parquet, output_parquet=inputs.output_parquet)
+    return embed_spec(spec, inputs, ctx)
 
 
-def embed_spec(spec: EmbeddingSpec, backend: str = "local", events: Events | None = None,
-               policy: PathPolicy | None = None, lock: EncoderLock | None = None,
-               image: str | None = None, mounts: list[str] | None = None) -> EmbedResult:
-    """Embed with an already-resolved spec (what `run` calls for each side)."""
-    events = events or NullEvents()
-    check_paths(policy, input_parquet=spec.input_parquet, output_parquet=spec.output_parquet,
-                image_root=spec.image_root)
-    for mount in mounts or []:
-        check_paths(policy, mounts=mount)
+def embed_spec(spec: EmbeddingSpec, inputs: EmbedInput, ctx: ToolContext) -> EmbedResult:
+    """Embed with an already-resolved spec (what `run` calls for each side); `inputs` gives
+    the backend and its options."""
+    ctx.check_paths(spec)
     source = existing_input(spec, "input_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source)
     image_root = Path(spec.image_root).expanduser().absolute() if spec.image_root else source.parent
-    with lock.bind(spec) if lock is not None else contextlib.nullcontext():
-        done = get_backend(backend, image, mounts).embed(spec, source, output, image_root, events)
-        encoder = EncoderIdentity(**done.identity)
-        if lock is not None:
-            lock.record(encoder)
-    warnings = []
-    if done.skipped_by_reason:
-        skipped = sum(done.skipped_by_reason.values())
-        by_reason = ", ".join(f"{n} {reason}" for reason, n in sorted(done.skipped_by_reason.items()))
-        warnings.append(ToolWarning(
-            code="images_skipped",
-            message=f"{skipped} of {done.input_rows} rows of {source} were left out because their "
-                    f"image could not be read ({by_reason}); e.g. {done.skipped_examples[0]}",
-            fields=["filepath"],
-            details={"count": skipped, "by_reason": done.skipped_by_reason,
-                     "examples": done.skipped_examples, "image_root": str(image_root)},
-        ))
+    with ctx.lock.bind(spec) if ctx.lock is not None else contextlib.nullcontext():
+        done = get_backend(inputs.backend, inputs.image, inputs.mounts).embed(
+            spec, source, output, image_root, ctx.events)
+        if ctx.lock is not None:
+            ctx.lock.record(done.identity)
+    found = [warnings.images_skipped(str(source), done.input_rows, done.skipped_by_reason,
+                                     done.skipped_examples, str(image_root))] if done.skipped_by_reason else []
     return EmbedResult(
         output_parquet=str(output), rows=done.rows, input_rows=done.input_rows, columns=done.columns,
         skipped=done.input_rows - done.rows, skipped_by_reason=done.skipped_by_reason,
-        skipped_examples=done.skipped_examples, encoder=encoder,
-        embedding_dim=done.dim, device=done.device, backend=backend, timings=done.timings,
-        warnings=warnings,
+        skipped_examples=done.skipped_examples, encoder=done.identity, embedding_dim=done.dim,
+        device=done.device, backend=inputs.backend, timings=done.timings, warnings=found,
     )
+
+
+embed = register(Tool("embed", "Embed images", "embed the images of a parquet/CSV into an embedding parquet",
+                      EmbedInput, EmbedResult, embed_images))

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
+
+from pydantic import BaseModel
 
 from deft_mine.errors import DeftError
+from deft_mine.schemas.inputs import PathField
 from deft_mine.schemas.results import EncoderIdentity
 from deft_mine.schemas.specs import EmbeddingSpec
 
@@ -32,20 +35,16 @@ class PathPolicy:
             )
         return resolved
 
+    def check_model(self, model: BaseModel) -> None:
+        """Every path field of a tool input or a spec (marked `PathField`), lists included."""
+        for name, info in type(model).model_fields.items():
+            if any(isinstance(m, PathField) for m in info.metadata):
+                value = getattr(model, name)
+                for path in value if isinstance(value, list) else [value]:
+                    self.check(path, name)
 
-def check_paths(policy: PathPolicy | None, **paths: Any) -> None:
-    if policy is not None:
-        for field, value in paths.items():
-            policy.check(value, field)
 
-
-def encoder_key(spec: EmbeddingSpec) -> dict[str, str | None]:
-    """The part of the identity a spec fixes before any weights are read."""
-    if spec.model == "thumbnail":
-        return {"model": "thumbnail", "model_path": None, "model_config_path": None}
-    local = Path(spec.model_path).expanduser()
-    model_path = str(local.resolve()) if local.exists() else spec.model_path
-    return {"model": spec.model, "model_path": model_path, "model_config_path": spec.model_config_path}
+_KEY_FIELDS = ("model", "model_path", "model_config_path")
 
 
 class EncoderLock:
@@ -57,36 +56,27 @@ class EncoderLock:
 
     def __init__(self) -> None:
         self.identity: EncoderIdentity | None = None
-        self._claim: dict[str, str | None] | None = None  # an unfinished first embed's encoder
+        self._claim: tuple[str, str | None, str | None] | None = None  # an unfinished first embed's
         self._mutex = threading.Lock()
-
-    def _held(self) -> tuple[dict[str, str | None], dict[str, Any]] | None:
-        if self.identity is not None:
-            held = {k: getattr(self.identity, k) for k in ("model", "model_path", "model_config_path")}
-            return held, self.identity.model_dump()
-        if self._claim is not None:
-            return self._claim, dict(self._claim)
-        return None
 
     @contextlib.contextmanager
     def bind(self, spec: EmbeddingSpec) -> Iterator[None]:
-        wanted = encoder_key(spec)
+        wanted = spec.encoder_key()
         with self._mutex:
-            held = self._held()
+            held = self.identity.key if self.identity is not None else self._claim
             claimed = held is None
             if claimed:
                 self._claim = wanted
-        if held is not None and held[0] != wanted:
-            key, shown = held
+        if held is not None and held != wanted:
+            shown = self.identity.model_dump() if self.identity is not None else dict(zip(_KEY_FIELDS, held))
             raise DeftError(
                 "encoder_mismatch",
-                f"this session already embeds with {key['model']} ({key['model_path']}); "
-                f"embedding with {wanted['model']} ({wanted['model_path']}) would make embeddings "
-                "that cannot be mined against each other",
+                f"this session already embeds with {held[0]} ({held[1]}); embedding with {wanted[0]} "
+                f"({wanted[1]}) would make embeddings that cannot be mined against each other",
                 fix="keep the session's encoder (batch_size may differ), or start a new session "
                     "for a different encoder",
-                locked_encoder=shown, requested_encoder=wanted,
-                differing=[k for k in key if key[k] != wanted[k]],
+                locked_encoder=shown, requested_encoder=dict(zip(_KEY_FIELDS, wanted)),
+                differing=[k for k, a, b in zip(_KEY_FIELDS, held, wanted) if a != b],
             )
         try:
             yield

@@ -4,50 +4,43 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 
 from deft_mine.engine import ledger as ledgers
 from deft_mine.engine import store
 from deft_mine.errors import DeftError
-from deft_mine.events import Events, NullEvents
-from deft_mine.schemas import artifacts
-from deft_mine.schemas.results import SelectResult, ToolWarning
+from deft_mine.schemas import artifacts, warnings
+from deft_mine.schemas.inputs import SelectInput
+from deft_mine.schemas.manifest import HistoryFacts, IterationFacts
+from deft_mine.schemas.results import SelectResult
 from deft_mine.tools._common import distinct_output
-from deft_mine.tools.guards import PathPolicy, check_paths
+from deft_mine.tools.registry import Tool, ToolContext, register
 
 
-def select(
-    candidates: str | Path,
-    ledger: str | Path,
-    iteration: int,
-    output: str | Path,
-    image_root: str | Path | None = None,
-    topn: int | None = None,
-    events: Events | None = None,
-    policy: PathPolicy | None = None,
-) -> SelectResult:
-    """Write the candidates no earlier iteration selected to `output` (order kept) and record
-    iteration `iteration` in the ledger. Relative filepaths are made absolute against
-    `image_root` (default: the candidates file's folder) before comparing."""
-    events = events or NullEvents()
-    check_paths(policy, candidates=candidates, ledger=ledger, output=output, image_root=image_root)
-    source = store.require_file(Path(candidates).expanduser().absolute(), "candidates")
-    ledger_path = Path(ledger).expanduser().absolute()
-    target = distinct_output(Path(output).expanduser().absolute(), "output", source, ledger_path)
-    base = Path(image_root).expanduser().absolute() if image_root else source.parent
+def select_new(inputs: SelectInput, ctx: ToolContext) -> SelectResult:
+    """Drop every candidate whose normalised filepath an earlier iteration selected (order
+    kept), write the rest, and record the iteration in the ledger with the SHA-256 of its
+    files. Refuses non-consecutive iterations (ledger_iteration_invalid), a resume whose
+    files changed (ledger_hash_mismatch), a damaged ledger (ledger_corrupt) and a ledger
+    another process is writing (ledger_busy); nothing is written then."""
+    source = store.require_file(Path(inputs.candidates).expanduser().absolute(), "candidates")
+    ledger_path = Path(inputs.ledger).expanduser().absolute()
+    target = distinct_output(Path(inputs.output).expanduser().absolute(), "output", source, ledger_path)
+    # Relative filepaths are made absolute against image_root (default: the candidates' folder).
+    base = Path(inputs.image_root).expanduser().absolute() if inputs.image_root else source.parent
     summary = source.parent / artifacts.SUMMARY
+    iteration = inputs.iteration
     if iteration < 1:
         raise DeftError("ledger_iteration_invalid", f"iteration {iteration}: iterations start at 1",
-                        fix="pass --iteration 1 for the first round", field="iteration")
+                        fix="pass iteration 1 for the first round", field="iteration")
     with ledgers.locked(ledger_path):
         book = ledgers.load(ledger_path)
         last = book.last_iteration
         if iteration == last:
             result = _resume(book, iteration, source, target, summary, base)
         elif iteration == last + 1:
-            result = _record(book, iteration, source, target, summary, base, topn)
+            result = _record(book, iteration, source, target, summary, base, inputs.topn)
         else:
             raise DeftError(
                 "ledger_iteration_invalid",
@@ -55,8 +48,8 @@ def select(
                 f"iteration is {last}: iterations are consecutive",
                 fix=f"pass iteration {last + 1} (or {last} to resume the last one)" if last
                 else "pass iteration 1", field="iteration", last_iteration=last)
-    events.log("info", f"iteration {iteration}: {result.newly_selected} of {result.candidates} "
-                       f"candidates selected ({result.previously_selected} selected before)")
+    ctx.events.log("info", f"iteration {iteration}: {result.newly_selected} of {result.candidates} "
+                           f"candidates selected ({result.previously_selected} selected before)")
     return result
 
 
@@ -67,7 +60,7 @@ def _read(source: Path, base: Path) -> tuple[pa.Table, list[str]]:
     if None in paths:
         raise DeftError("column_invalid", f"candidates {source}: filepath is null in row {paths.index(None)}",
                         fix="every candidate needs a filepath", path=str(source))
-    return table, [ledgers.normalise_filepath(str(p), base) for p in paths]
+    return table, [ledgers.absolute_normal(str(p), base) for p in paths]
 
 
 def _file_fact(path: Path) -> dict[str, str] | None:
@@ -143,29 +136,27 @@ def _resume(book: ledgers.Ledger, iteration: int, source: Path, target: Path, su
 def _result(book: ledgers.Ledger, iteration: int, target: Path, resumed: bool) -> SelectResult:
     entry = book.entry(iteration)
     assert entry is not None
-    warnings = []
-    if entry["newly_selected"] == 0:
-        warnings.append(ToolWarning(
-            code="selection_empty",
-            message=f"iteration {iteration} selected nothing new: all {entry['candidates']} candidates "
-                    "were selected before (or repeat one another); the output has zero rows",
-            fields=["filepath"], details={"candidates": entry["candidates"]}))
+    found = [warnings.selection_empty(iteration, entry["candidates"])] if entry["newly_selected"] == 0 else []
     return SelectResult(
         output=str(target), ledger=str(book.path), iteration=iteration,
         candidates=entry["candidates"], previously_selected=entry["previously_selected"],
         duplicates_in_candidates=entry["duplicates_in_candidates"],
         newly_selected=entry["newly_selected"],
         cumulative_selected=sum(1 for it in book.selected.values() if it <= iteration),
-        resumed=resumed, warnings=warnings)
+        resumed=resumed, warnings=found)
 
 
-def history_facts(ledger_path: Path) -> list[dict[str, Any]]:
-    """Per iteration: candidates, previously selected, newly selected, cumulative (for reports)."""
-    book = ledgers.load(ledger_path)
+def history_facts(selected: SelectResult) -> HistoryFacts:
+    """This selection and, per iteration of its ledger, the counts a report shows."""
     rows, total = [], 0
-    for it in book.iterations:
+    for it in ledgers.load(Path(selected.ledger)).iterations:
         total += it["newly_selected"]
-        rows.append({"iteration": it["iteration"], "candidates": it["candidates"],
-                     "previously_selected": it["previously_selected"],
-                     "newly_selected": it["newly_selected"], "cumulative": total})
-    return rows
+        rows.append(IterationFacts(iteration=it["iteration"], candidates=it["candidates"],
+                                   previously_selected=it["previously_selected"],
+                                   newly_selected=it["newly_selected"], cumulative=total))
+    return HistoryFacts(**selected.model_dump(exclude={"warnings"}), iterations=rows)
+
+
+select = register(Tool("select", "Select across DEFT iterations",
+                       "drop candidates earlier DEFT iterations selected; record this one",
+                       SelectInput, SelectResult, select_new))

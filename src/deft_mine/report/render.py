@@ -1,15 +1,15 @@
-"""Mining_Report.md from recorded facts: a pure function (no file access, no clock).
-
-`tools/report.py` gathers the facts of a run folder (run.json, or what a folder without one
-holds) into `ReportFacts`; `render` turns them into the markdown text and the verdict. Every
-number printed comes from those facts, so the same facts give the same text, word for word.
-"""
+"""Mining_Report.md's text from ReportFacts: a pure function (no file access, no clock)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
+
+from deft_mine.report.facts import ReportFacts
+from deft_mine.schemas.manifest import EmbedFacts, InputFacts
+from deft_mine.schemas.results import EncoderIdentity
+from deft_mine.schemas.warnings import WarningCode
 
 SECTIONS = ("Verdict", "Inputs", "Encoder Consistency", "Mining Run", "Per-Label Breakdown",
             "Output Sanity", "Recommended Actions")
@@ -35,58 +35,8 @@ SUMMARY_MEANING = {
 
 
 @dataclass
-class MinedCheck:
-    """What the mined parquet holds on disk, looked at by the report itself."""
-
-    name: str  # its file name in the run folder
-    columns: list[tuple[str, str]]  # (column, Arrow type), in file order
-    rows: int
-    duplicates: int  # rows whose filepath repeats an earlier row
-    checked: int  # paths looked up on disk
-    missing: int
-    missing_examples: list[str]  # the first missing paths, as listed in the file
-    root: str | None  # the folder relative paths were resolved against
-    root_guessed: bool  # True when no run.json said where the images live
-    encoding: dict[str, int]  # "non_utf8" | "control" | "backslash" -> paths with that trait
-    encoding_examples: dict[str, list[str]]
-
-
-@dataclass
-class PairStats:
-    """Neighbour scores and label agreement from mined_pairs.parquet."""
-
-    pairs: int
-    kept: int
-    score_min: float | None
-    score_median: float | None
-    score_max: float | None
-    kept_by_target_label: dict[str, int] | None  # kept pairs per target label (None: no label)
-
-
-@dataclass
-class ReportFacts:
-    folder: str  # the run folder, as given
-    manifest: dict[str, Any]  # run.json, or one rebuilt from the folder (unknown facts absent/None)
-    has_manifest: bool
-    missing_facts: list[str] = field(default_factory=list)
-    warnings: list[dict[str, Any]] = field(default_factory=list)  # the run's, then derived ones
-    files: dict[str, str | None] = field(default_factory=dict)  # role -> file name in the folder
-    mined: MinedCheck | None = None
-    pairs: PairStats | None = None
-    target_labels: dict[str, int] | None = None  # targets per label
-    mined_labels: dict[str, int] | None = None  # mined images per pool label
-    pictures: dict[str, str] = field(default_factory=dict)  # kind -> PNG file name
-    contact_targets: int = 0  # targets drawn on the contact sheet
-    contact_neighbours: int = 0  # neighbours drawn per target at most
-    contact_from: str = "pairs"  # "pairs" | "best_target"
-    histogram_from: str = "pairs"  # "pairs" | "mined"
-    image_roots: dict[str, str | None] = field(default_factory=dict)  # "targets"/"source" -> folder
-    fingerprints: dict[str, str | None] = field(default_factory=dict)  # "target"/"source" -> identity hash
-
-
-@dataclass
 class Finding:
-    code: str
+    code: WarningCode
     severity: str  # "failed" | "attention"
     reason: str
     action: str | None = None
@@ -132,14 +82,6 @@ def render(facts: ReportFacts) -> Rendered:
 
 
 # ----------------------------------------------------------------------------- fact access
-
-def _get(data: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
-    return data
-
 
 def _fmt(value: Any) -> str:
     if value is None:
@@ -198,31 +140,28 @@ class _View:
     """Derived facts the sections share (each computed once, from the facts only)."""
 
     def __init__(self, facts: ReportFacts) -> None:
-        m = facts.manifest
-        self.facts = facts
-        self.m = m
-        self.summary: dict[str, Any] = _get(m, "mining", "summary") or {}
-        self.status = m.get("status")
-        self.topn = _first(_get(m, "mining", "topn"), self.summary.get("topn"), _get(m, "mining_spec", "topn"))
-        self.metric = _first(_get(m, "mining", "knn_metric"), _get(m, "mining_spec", "knn_metric"))
-        self.filter_by_label = _first(_get(m, "mining", "filter_by_label"), _get(m, "mining_spec", "filter_by_label"))
-        self.label_filter = _get(m, "mining", "label_filter")
-        self.exclude_targets = _get(m, "mining_spec", "exclude_targets")
+        self.facts, self.m = facts, (m := facts.manifest)
+        self.spec: dict[str, Any] = m.mining_spec or {}
+        self.inputs: dict[str, InputFacts] = {"targets": m.inputs.targets, "source": m.inputs.source}
+        self.embedded: dict[str, EmbedFacts] = {"target": m.embeddings.target, "source": m.embeddings.source}
+        self.summary: dict[str, int] = m.mining.summary
+        self.status = m.status
+        self.topn = _first(m.mining.topn, self.summary.get("topn"), self.spec.get("topn"))
+        self.metric = _first(m.mining.knn_metric, self.spec.get("knn_metric"))
+        self.filter_by_label = _first(m.mining.filter_by_label, self.spec.get("filter_by_label"))
+        self.label_filter = m.mining.label_filter
+        self.exclude_targets = self.spec.get("exclude_targets")
         self.queries = self.summary.get("queries")
-        self.pool = _first(self.summary.get("pool"), _get(m, "embeddings", "source", "rows"))
-        self.mined_count = self.summary.get("mined")
-        if self.mined_count is None and facts.mined is not None:
-            self.mined_count = facts.mined.rows
-        self.targets_in = _first(_get(m, "inputs", "targets", "rows"), _get(m, "embeddings", "target", "rows"))
-        self.pool_in = _first(_get(m, "inputs", "source", "rows"), _get(m, "embeddings", "source", "rows"))
-        self.enc_t = _get(m, "encoder", "target")
-        self.enc_s = _get(m, "encoder", "source")
-        self.match = _get(m, "encoder", "match")
-        self.fingerprint = _first(_get(m, "encoder", "fingerprint"), facts.fingerprints.get("target"))
-        self.target_has_label = _get(m, "inputs", "targets", "has_label")
-        self.source_has_label = _get(m, "inputs", "source", "has_label")
+        self.pool = _first(self.summary.get("pool"), m.embeddings.source.rows)
+        self.mined_count = _first(self.summary.get("mined"), facts.mined.rows if facts.mined is not None else None)
+        self.targets_in = _first(m.inputs.targets.rows, m.embeddings.target.rows)
+        self.pool_in = _first(m.inputs.source.rows, m.embeddings.source.rows)
+        self.enc_t, self.enc_s, self.match = m.encoder.target, m.encoder.source, m.encoder.match
+        self.differing = [k for k in IDENTITY_FIELDS if getattr(self.enc_t, k, None) != getattr(self.enc_s, k, None)]
+        self.fingerprint = _first(m.encoder.fingerprint, facts.fingerprints.get("target"))
+        self.target_has_label, self.source_has_label = m.inputs.targets.has_label, m.inputs.source.has_label
+        self.skipped = {side: emb.skipped for side, emb in self.embedded.items()}
         self.mined_name = facts.files.get("mined") or "mined.parquet"
-        self.higher_is_nearer = self.metric == "cosine"
         self.score_words = ("cosine similarity, higher is nearer" if self.metric == "cosine" else
                             f"{self.metric} distance, lower is nearer" if self.metric else
                             "in a metric that is not recorded")
@@ -231,9 +170,6 @@ class _View:
 
     def exhausted(self) -> bool:
         return bool(self.queries and self.topn and self.pool is not None and self.topn * self.queries > self.pool)
-
-    def skipped(self, side: str) -> int | None:
-        return _get(self.m, "embeddings", side, "skipped")
 
 
 def _first(*values: Any) -> Any:
@@ -246,18 +182,18 @@ def findings(facts: ReportFacts) -> list[Finding]:
     """What needs a person's attention (or makes the run unusable), each with its action."""
     v = _View(facts)
     out: list[Finding] = []
-    error = v.m.get("error") or {}
+    error = v.m.error
     if facts.has_manifest and v.status != "finished":
-        what = f"{error.get('code')}: {_short(str(error.get('message', '')), 40)}" if error else "no error recorded"
+        what = f"{error.code}: {_short(error.message, 40)}" if error else "no error recorded"
+        fix = (error.fix if error else None) or "see the error above"
         out.append(Finding("run_failed", "failed", f"the run did not finish (status {_fmt(v.status)}; {what})",
-                           f"Fix the cause ({_short(str(error.get('fix') or 'see the error above'), 30)}) "
+                           f"Fix the cause ({_short(fix, 30)}) "
                            "and run again; finished steps are kept in this folder, but nothing "
                            "mined here is complete."))
     if v.match is False:
-        differing = [k for k in IDENTITY_FIELDS if _get(v.enc_t, k) != _get(v.enc_s, k)]
         out.append(Finding("encoder_mismatch", "failed",
                            "the targets and the pool were embedded with different encoders "
-                           f"(they differ in {', '.join(differing) or 'their identity'}), so their "
+                           f"(they differ in {', '.join(v.differing) or 'their identity'}), so their "
                            "vectors are not comparable",
                            "Re-embed one side with the other side's embedding spec (same model, "
                            "model_path, model_config_path and preprocessing), then mine again; do not "
@@ -290,13 +226,13 @@ def findings(facts: ReportFacts) -> list[Finding]:
                            + (f" to at most {v.pool // v.queries}" if v.pool // v.queries else "")
                            + ", so each target can get neighbours of its own; this run mined "
                            f"{_plural(v.mined_count, 'unique image')}."))
-    skipped = {side: v.skipped(side) for side in ("target", "source")}
+    skipped = v.skipped
     if any(skipped.values()):
         roots = ", ".join(f"{side} images from `{facts.image_roots.get(k)}`"
                           for side, k in (("target", "targets"), ("source", "source"))
                           if skipped[side] and facts.image_roots.get(k))
-        examples = [str(e) for w in facts.warnings if w.get("code") == "images_skipped"
-                    for e in (_get(w, "details", "examples") or [])[:2]][:3]
+        examples = [str(e) for w in facts.warnings if w.code == "images_skipped"
+                    for e in (w.details.get("examples") or [])[:2]][:3]
         out.append(Finding("images_skipped", "attention",
                            "images could not be read while embedding: "
                            f"{_plural(skipped['target'] or 0, 'target')} and "
@@ -349,10 +285,9 @@ def findings(facts: ReportFacts) -> list[Finding]:
                            "records every fact in run.json."))
     covered = {f.code for f in out}
     for warning in facts.warnings:
-        code = str(warning.get("code"))
-        if code not in covered:
-            covered.add(code)
-            out.append(Finding(code, "attention", _short(str(warning.get("message", code)), 40)))
+        if warning.code not in covered:
+            covered.add(warning.code)
+            out.append(Finding(warning.code, "attention", _short(warning.message, 40)))
     return out
 
 
@@ -366,13 +301,13 @@ def _verdict(found: list[Finding]) -> str:
 
 def _assemble(facts: ReportFacts, found: list[Finding], verdict: str, level: int, compact: bool) -> str:
     v = _View(facts)
-    run_name = (v.m.get("run_dir") or facts.folder).rstrip("/").rsplit("/", 1)[-1]
+    run_name = (v.m.run_dir or facts.folder).rstrip("/").rsplit("/", 1)[-1]
     parts = [f"# Mining Report — `{run_name}`\n"]
     builders: list[Callable[..., list[tuple[int, str]]]] = [
         _verdict_section, _inputs_section, _encoder_section, _mining_section, _labels_section,
         _sanity_section, _actions_section]
     titles = list(SECTIONS)
-    if v.m.get("history"):  # iterative runs: before the actions, what earlier rounds took
+    if v.m.history is not None:  # iterative runs: before the actions, what earlier rounds took
         titles.insert(-1, "History")
         builders.insert(-1, _history_section)
     for title, build in zip(titles, builders):
@@ -384,29 +319,28 @@ def _assemble(facts: ReportFacts, found: list[Finding], verdict: str, level: int
 
 def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
     facts = v.facts
+    mined = (f"{_plural(v.queries, 'target')} mined {_plural(v.mined_count, 'unique pool image')} "
+             f"from {_plural(v.pool, 'pool row')}")
     headline = {
-        "ok": f"{_plural(v.queries, 'target')} mined {_plural(v.mined_count, 'unique pool image')} "
-              f"from {_plural(v.pool, 'pool row')} with one encoder on both sides; nothing needs attention.",
-        "attention": f"{_plural(v.queries, 'target')} mined {_plural(v.mined_count, 'unique pool image')} "
-                     f"from {_plural(v.pool, 'pool row')}, but {_plural(len(found), 'finding')} "
+        "ok": f"{mined} with one encoder on both sides; nothing needs attention.",
+        "attention": f"{mined}, but {_plural(len(found), 'finding')} "
                      f"{'needs' if len(found) == 1 else 'need'} a look before the images go to training.",
         "failed": "the mined set must not be used: " + "; ".join(f.reason for f in found if f.severity == "failed") + ".",
     }[verdict]
     params = (f"topn={_fmt(v.topn)}, knn_metric={_fmt(v.metric)}, filter_by_label="
               f"{_flag(v.filter_by_label)}"
               + (f" ({v.label_filter})" if v.label_filter else ""))
-    encoder = (f"{_code(_get(v.enc_t, 'model'))} (fingerprint {_code(v.fingerprint)}), "
+    encoder = (f"{_code(getattr(v.enc_t, 'model', None))} (fingerprint {_code(v.fingerprint)}), "
                + {True: "the same on both sides", False: "DIFFERENT on the two sides",
                   None: "match not recorded"}[v.match])
     m = v.m
-    when = (f"{_fmt(m.get('status'))}, started {_fmt(m.get('started_at'))}, finished "
-            f"{_fmt(m.get('finished_at'))}, backend {_fmt(m.get('backend'))} on host {_fmt(m.get('host'))}, "
-            f"deft-mine {_fmt(m.get('deft_mine_version'))}") if facts.has_manifest else \
+    when = (f"{_fmt(m.status)}, started {_fmt(m.started_at)}, finished "
+            f"{_fmt(m.finished_at)}, backend {_fmt(m.backend)} on host {_fmt(m.host)}, "
+            f"deft-mine {_fmt(m.deft_mine_version)}") if facts.has_manifest else \
         "no run.json in this folder: status, times and host are not recorded"
     def embedded_only(side: str, key: str) -> str:
-        if _get(m, "inputs", side, "rows") is None and _get(m, "embeddings", key, "rows") is not None:
-            return " (rows of its embedding parquet; the input file's rows are not recorded)"
-        return ""
+        only = v.inputs[side].rows is None and v.embedded[key].rows is not None
+        return " (rows of its embedding parquet; the input file's rows are not recorded)" if only else ""
 
     blocks = [
         (0, f"**Verdict: {verdict.upper()}** — {headline}"),
@@ -439,30 +373,28 @@ def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool
 
 
 def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
-    facts, m = v.facts, v.m
+    facts = v.facts
     rows = ["| Side | Path | Rows | Embedded | Skipped | Has `label` | Converted from CSV |",
             "|---|---|---|---|---|---|---|"]
     for side, key, name in (("targets", "target", "Targets"), ("source", "source", "Pool")):
-        inp = _get(m, "inputs", side) or {}
-        fmt = inp.get("format")
-        rows.append(f"| {name} | {_code(inp.get('path'))} | {_fmt(inp.get('rows'))} | "
-                    f"{_fmt(_get(m, 'embeddings', key, 'rows'))} | {_fmt(_get(m, 'embeddings', key, 'skipped'))} | "
-                    f"{_fmt(inp.get('has_label'))} | {_fmt(None if fmt is None else fmt == 'csv')} |")
+        inp, emb = v.inputs[side], v.embedded[key]
+        rows.append(f"| {name} | {_code(inp.path)} | {_fmt(inp.rows)} | {_fmt(emb.rows)} | {_fmt(emb.skipped)} | "
+                    f"{_fmt(inp.has_label)} | {_fmt(None if inp.format is None else inp.format == 'csv')} |")
     blocks = [(0, "\n".join(rows))]
     limit = 6 if compact else 12
     lines = []
     for side, name in (("targets", "Targets"), ("source", "Pool")):
-        cols = _get(m, "inputs", side, "columns")
+        cols = v.inputs[side].columns
         if cols:
             shown = ", ".join(f"`{c}`" for c in cols[:limit]) + (f" and {len(cols) - limit} more" if len(cols) > limit else "")
             lines.append(f"{name} columns ({len(cols)}): {shown}.")
     for side, name in (("target", "targets"), ("source", "pool")):
-        reasons = _get(m, "embeddings", side, "skipped_by_reason")
+        reasons = v.embedded[side].skipped_by_reason
         if reasons:
             lines.append(f"Skipped {name} images by reason: "
                          + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) + ".")
-    dim = _first(_get(m, "embeddings", "target", "embedding_dim"), _get(m, "embeddings", "source", "embedding_dim"))
-    device = _get(m, "embeddings", "target", "device")
+    dim = _first(v.embedded["target"].embedding_dim, v.embedded["source"].embedding_dim)
+    device = v.embedded["target"].device
     if dim is not None:
         lines.append(f"Embedding vectors have {dim} dimensions" + (f" and were computed on `{device}`." if device else "."))
     roots = [f"{name} images from `{facts.image_roots[k]}`" for k, name in (("targets", "target"), ("source", "pool"))
@@ -494,8 +426,7 @@ def _encoder_section(v: _View, found: list[Finding], verdict: str, compact: bool
         line = (f"**Encoder match: yes** — both sides were embedded with the same encoder identity "
                 f"(fingerprint `{_fmt(v.fingerprint)}`), so target and pool vectors are comparable.")
     elif v.match is False:
-        differing = [k for k in IDENTITY_FIELDS if _get(v.enc_t, k) != _get(v.enc_s, k)]
-        line = (f"**Encoder match: NO** — the two sides differ in {', '.join(differing) or 'their identity'}; "
+        line = (f"**Encoder match: NO** — the two sides differ in {', '.join(v.differing) or 'their identity'}; "
                 "distances between their vectors mean nothing, so the verdict is FAILED.")
     elif v.facts.has_manifest and v.status != "finished":
         line = ("**Encoder match: unknown** — the run stopped before both sides were embedded, so "
@@ -505,8 +436,8 @@ def _encoder_section(v: _View, found: list[Finding], verdict: str, compact: bool
                 "(for example an embedding parquet written by the TAO container), so the match "
                 "cannot be confirmed.")
     blocks = [(0, "\n".join(rows)), (0, line)]
-    spec = _get(v.m, "embedding_spec") or {}
-    if _get(v.enc_t, "model") == "thumbnail" and spec.get("model_path"):
+    spec = v.m.embedding_spec or {}
+    if getattr(v.enc_t, "model", None) == "thumbnail" and spec.get("model_path"):
         blocks.append((1, f"The spec's `model_path` ({_code(spec.get('model_path'))}) is ignored by the "
                           "weight-free `thumbnail` encoder and is therefore no part of its identity."))
     if spec.get("batch_size") is not None:
@@ -523,19 +454,17 @@ def _encoder_section(v: _View, found: list[Finding], verdict: str, compact: bool
     return blocks
 
 
-def _identity_cell(identity: Any, key: str) -> str:
-    if not isinstance(identity, dict):
-        return NOT_RECORDED
-    return "none" if identity.get(key) is None else _cell(identity.get(key))
+def _identity_cell(identity: EncoderIdentity | None, key: str) -> str:
+    value = getattr(identity, key, None)
+    return NOT_RECORDED if identity is None else "none" if value is None else _cell(value)
 
 
 def _mine_command(v: _View, inline: bool = False) -> str:
-    spec = _get(v.m, "mining_spec") or {}
     files = v.facts.files
-    folder = v.m.get("run_dir") or v.facts.folder
+    folder = v.m.run_dir or v.facts.folder
 
     def path(key: str, role: str, default: str) -> str:
-        return spec.get(key) or f"{folder.rstrip('/')}/{files.get(role) or default}"
+        return v.spec.get(key) or f"{folder.rstrip('/')}/{files.get(role) or default}"
 
     parts = ["deft-mine mine"]
     if files.get("mining_spec"):
@@ -564,19 +493,15 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
         blocks.append((0, f"Every count of `{facts.files.get('summary') or 'mining_summary.txt'}`:\n\n" + "\n".join(rows)))
     else:
         blocks.append((0, "No mining summary was recorded, so the counts of the mining step are not known."))
-    if v.label_filter == "applied":
-        kept, dropped = v.summary.get("kept_pairs"), v.summary.get("dropped_pairs")
-        line = (f"Label filter: applied. Of {_fmt(v.summary.get('pairs'))} pairs found, {_fmt(kept)} had "
-                f"matching labels and were kept, {_fmt(dropped)} were dropped; the filter no-op did not fire.")
-    elif v.label_filter == "noop":
-        line = (f"Label filter: **no-op**. `filter_by_label` was true, but the "
-                f"{' and '.join(v.no_label_sides) or 'one'} side has no `label` column, so every pair was "
-                "kept unfiltered (warning `filter_by_label_noop`).")
-    elif v.label_filter == "off":
-        line = "Label filter: off (`filter_by_label` = false), so every pair found was kept and the no-op cannot fire."
-    else:
-        line = "Label filter: whether it was applied is not recorded."
-    blocks.append((0, line))
+    kept, dropped = v.summary.get("kept_pairs"), v.summary.get("dropped_pairs")
+    blocks.append((0, {
+        "applied": f"Label filter: applied. Of {_fmt(v.summary.get('pairs'))} pairs found, {_fmt(kept)} had "
+                   f"matching labels and were kept, {_fmt(dropped)} were dropped; the filter no-op did not fire.",
+        "noop": "Label filter: **no-op**. `filter_by_label` was true, but the "
+                f"{' and '.join(v.no_label_sides) or 'one'} side has no `label` column, so every pair was kept "
+                "unfiltered (warning `filter_by_label_noop`).",
+        "off": "Label filter: off (`filter_by_label` = false), so every pair found was kept and the no-op cannot fire.",
+    }.get(v.label_filter or "", "Label filter: whether it was applied is not recorded.")))
     if facts.pairs is not None and facts.pairs.pairs:
         p = facts.pairs
         blocks.append((0, f"Neighbour scores ({v.score_words}) of the {p.pairs} pairs range from "
@@ -588,7 +513,7 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
                           f"The histogram shows {what}."))
     elif facts.mined is not None:
         blocks.append((0, "No score histogram: " + _no_picture(facts, "a `score` column in the mined parquet") + "."))
-    timings = _get(v.m, "timings") or {}
+    timings = v.m.timings or {}
     if timings:
         blocks.append((1, f"Timings: embedding the targets took {_secs(timings.get('embed_targets'))}, the pool "
                           f"{_secs(timings.get('embed_source'))}, mining {_secs(timings.get('mine'))}; "
@@ -691,23 +616,18 @@ def _sanity_section(v: _View, found: list[Finding], verdict: str, compact: bool)
             blocks.append((0, f"Path encoding check: none of the {mined.rows} paths holds non-UTF-8 "
                               "characters, control characters or backslashes."))
     in_pool = v.summary.get("target_in_pool")
-    if in_pool is None:
-        blocks.append((0, "Targets found in the pool: not recorded."))
-    else:
-        blocks.append((0, f"Targets found in the pool: {_plural(in_pool, 'pool row')} with a target's filepath"
-                          + (" (removed before the search, exclude_targets=true)." if v.exclude_targets else
-                             " (searched like any other row; exclude_targets=false)." if in_pool else ".")))
-    skipped = [v.skipped("target"), v.skipped("source")]
-    if skipped == [None, None]:
-        blocks.append((0, "Images skipped while embedding: not recorded."))
-    else:
-        blocks.append((0, f"Images skipped while embedding: {_plural(skipped[0], 'target')}, "
-                          f"{_plural(skipped[1], 'pool row')}."))
+    blocks.append((0, "Targets found in the pool: " + (
+        "not recorded." if in_pool is None else f"{_plural(in_pool, 'pool row')} with a target's filepath"
+        + (" (removed before the search, exclude_targets=true)." if v.exclude_targets else
+           " (searched like any other row; exclude_targets=false)." if in_pool else "."))))
+    skipped = [v.skipped["target"], v.skipped["source"]]
+    blocks.append((0, "Images skipped while embedding: " + ("not recorded." if skipped == [None, None] else
+                      f"{_plural(skipped[0], 'target')}, {_plural(skipped[1], 'pool row')}.")))
     if not facts.has_manifest:
         blocks.append((0, "Warnings recorded for this run: none could be, without run.json; the findings "
                           "under Verdict are derived from the files themselves."))
     elif facts.warnings:
-        codes = list(dict.fromkeys(str(w.get("code")) for w in facts.warnings))
+        codes = list(dict.fromkeys(w.code for w in facts.warnings))
         blocks.append((0, f"Warnings recorded for this run ({len(facts.warnings)}, each explained under "
                           "Verdict): " + ", ".join(f"`{c}`" for c in codes[:12])
                           + (f" and {len(codes) - 12} more" if len(codes) > 12 else "") + "."))
@@ -737,18 +657,19 @@ def _no_picture(facts: ReportFacts, fallback: str) -> str:
 
 
 def _history_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
-    history = v.m["history"]
+    history = v.m.history
+    assert history is not None  # _assemble adds this section only for runs with a ledger
     rows = ["| Iteration | Candidates | Previously selected | Newly selected | Cumulative total |",
             "|---|---|---|---|---|"]
-    for it in history.get("iterations", []):
-        rows.append(f"| {it['iteration']} | {it['candidates']} | {it['previously_selected']} | "
-                    f"{it['newly_selected']} | {it['cumulative']} |")
+    for it in history.iterations:
+        rows.append(f"| {it.iteration} | {it.candidates} | {it.previously_selected} | "
+                    f"{it.newly_selected} | {it.cumulative} |")
     return [
-        (0, f"This run is iteration {_fmt(history.get('iteration'))} of the ledger "
-            f"{_path_md(str(history.get('ledger')))}: of {_plural(history.get('candidates'), 'mined candidate')} "
-            f"in `mined_candidates.parquet`, {_fmt(history.get('previously_selected'))} were selected by "
-            f"earlier iterations and {_fmt(history.get('duplicates_in_candidates'))} repeated a candidate, "
-            f"so `mined.parquet` holds {_plural(history.get('newly_selected'), 'newly selected image')}."),
+        (0, f"This run is iteration {_fmt(history.iteration)} of the ledger "
+            f"{_path_md(history.ledger)}: of {_plural(history.candidates, 'mined candidate')} "
+            f"in `mined_candidates.parquet`, {_fmt(history.previously_selected)} were selected by "
+            f"earlier iterations and {_fmt(history.duplicates_in_candidates)} repeated a candidate, "
+            f"so `mined.parquet` holds {_plural(history.newly_selected, 'newly selected image')}."),
         (0, "\n".join(rows)),
         (1, "The ledger records, per iteration, the selected paths (absolute, normalised) and the "
             "SHA-256 of its candidate, output and summary files; re-running an iteration re-checks "
@@ -757,19 +678,15 @@ def _history_section(v: _View, found: list[Finding], verdict: str, compact: bool
 
 
 def _actions_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
-    history = v.m.get("history")
+    history = v.m.history
     if verdict == "failed":
         first = (f"Do not use `{v.mined_name}` as the next round's augmentation queue yet; once the "
                  f"failure below is fixed and mining is re-run, the new `{v.mined_name}` is that queue.")
-    elif history:
-        first = (f"Use `mined.parquet` ({_plural(history.get('newly_selected'), 'image')} no earlier "
-                 "iteration selected) as the next round's augmentation queue: label or review those "
-                 "images and add them to the training set"
-                 + (", after the decisions below." if found else "."))
     else:
-        first = (f"Use `{v.mined_name}` ({_plural(v.mined_count, 'image')}) as the next round's "
-                 "augmentation queue: label or review those images and add them to the training set"
-                 + (", after the decisions below." if found else "."))
+        queue = (f"`mined.parquet` ({_plural(history.newly_selected, 'image')} no earlier iteration selected)"
+                 if history is not None else f"`{v.mined_name}` ({_plural(v.mined_count, 'image')})")
+        first = (f"Use {queue} as the next round's augmentation queue: label or review those images and add "
+                 "them to the training set" + (", after the decisions below." if found else "."))
     actions = [first] + [f.action for f in found if f.action]
     blocks = [(0, "\n".join(f"{i}. {a}" for i, a in enumerate(actions, 1)))]
     blocks.append((1, "Keep this folder with the next round's training data: its recorded facts and "

@@ -1,0 +1,39 @@
+"""The report on a run folder: its facts gathered, its pictures drawn, Mining_Report.md written last."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deft_mine.engine import store
+from deft_mine.events import Events
+from deft_mine.report.facts import gather, locate
+from deft_mine.report.pictures import draw
+from deft_mine.report.render import render
+from deft_mine.schemas import artifacts
+from deft_mine.schemas.results import ReportResult
+from deft_mine.schemas.warnings import report_finding
+
+def write_report(folder: Path, events: Events) -> ReportResult:
+    """Write the pictures, then Mining_Report.md, into `folder`; return what was written."""
+    folder = Path(folder).expanduser().absolute()
+    manifest, files, missing = locate(folder)
+    events.progress("report", 0, 4)
+    facts = gather(folder, manifest, files, missing, events)
+    events.progress("report", 1, 4)
+    failures = draw(facts, events)
+    events.progress("report", 3, 4)
+    rendered = render(facts)
+    path = folder / artifacts.REPORT
+    store.write_text_atomic(path, rendered.text)  # last: its presence means everything else is there
+    events.progress("report", 4, 4)
+    events.log("info", f"wrote {path} ({rendered.words} words, verdict {rendered.verdict})")
+
+    warnings = list(facts.warnings)
+    recorded = {w.code for w in warnings}
+    for finding in rendered.findings:
+        if finding.code not in recorded:  # a run warning already says what its finding would
+            recorded.add(finding.code)
+            warnings.append(report_finding(finding.code, finding.reason, finding.severity, finding.action))
+    return ReportResult(report_path=str(path), words=rendered.words, verdict=rendered.verdict,
+                        pictures=sorted(facts.pictures.values()), missing_facts=facts.missing_facts,
+                        warnings=warnings + failures)

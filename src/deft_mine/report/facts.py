@@ -1,0 +1,432 @@
+"""Run folder → ReportFacts: every file the report states facts from is found and read here."""
+
+from __future__ import annotations
+
+import json
+import os
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import ValidationError
+
+from deft_mine.engine import store
+from deft_mine.engine.images import resolve_image_path
+from deft_mine.engine.mining import count_labels, label_counts
+from deft_mine.errors import DeftError
+from deft_mine.events import Events
+from deft_mine.schemas import artifacts
+from deft_mine.schemas.manifest import EmbedFacts, InputFacts, LabelCounts, MiningFacts, RunManifest
+from deft_mine.schemas.warnings import ToolWarning
+
+MISSING_LISTED = 10
+TRAITS = ("non_utf8", "control", "backslash")  # odd things a mined path may hold
+Files = dict[str, Path | None]  # role ("mined", "pairs", "target_embeddings" …) -> file in the run folder
+
+
+@dataclass
+class MinedCheck:
+    """What the mined parquet holds on disk, looked at by the report itself."""
+
+    name: str  # its file name in the run folder
+    columns: list[tuple[str, str]]  # (column, Arrow type), in file order
+    rows: int
+    root: str | None  # the folder relative paths were resolved against
+    root_guessed: bool  # True when no run.json said where the images live
+    duplicates: int = 0  # rows whose filepath repeats an earlier row
+    checked: int = 0  # paths looked up on disk
+    missing: int = 0
+    missing_examples: list[str] = field(default_factory=list)  # the first missing paths, as listed
+    encoding: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TRAITS, 0))  # trait -> paths
+    encoding_examples: dict[str, list[str]] = field(default_factory=lambda: {t: [] for t in TRAITS})
+
+
+@dataclass
+class PairStats:
+    """Neighbour scores and label agreement from mined_pairs.parquet."""
+
+    pairs: int
+    kept: int
+    score_min: float | None
+    score_median: float | None
+    score_max: float | None
+    kept_by_target_label: dict[str, int] | None  # kept pairs per target label (None: no label)
+
+
+@dataclass
+class ReportFacts:
+    folder: str  # the run folder, absolute; every file named in `files` lies in it
+    manifest: RunManifest  # run.json, or one rebuilt from the folder (unknown facts None)
+    has_manifest: bool
+    missing_facts: list[str] = field(default_factory=list)
+    warnings: list[ToolWarning] = field(default_factory=list)  # the run's, as run.json records them
+    files: dict[str, str | None] = field(default_factory=dict)  # role -> file name in the folder
+    mined: MinedCheck | None = None
+    pairs: PairStats | None = None
+    target_labels: dict[str, int] | None = None  # targets per label
+    mined_labels: dict[str, int] | None = None  # mined images per pool label
+    pictures: dict[str, str] = field(default_factory=dict)  # kind -> PNG file name
+    contact_targets: int = 0  # targets drawn on the contact sheet
+    contact_neighbours: int = 0  # neighbours drawn per target at most
+    contact_from: str = "pairs"  # "pairs" | "best_target"
+    histogram_from: str = "pairs"  # "pairs" | "mined"
+    image_roots: dict[str, str | None] = field(default_factory=dict)  # "targets"/"source" -> folder
+    fingerprints: dict[str, str | None] = field(default_factory=dict)  # "target"/"source" -> identity hash
+
+    def path(self, role: str) -> Path | None:
+        """The file playing `role` in the run folder, if there is one."""
+        name = self.files.get(role)
+        return None if name is None else Path(self.folder) / name
+
+
+def locate(folder: Path) -> tuple[RunManifest | None, Files, list[str]]:
+    """run.json (None when absent or unreadable), the run's files, and the facts already missing;
+    refuses a folder that holds no run."""
+    if not folder.is_dir():
+        raise DeftError("report_no_run", f"run_dir {folder} is not a folder",
+                        fix="give the run folder (the one holding run.json or mined.parquet)",
+                        field="run_dir", path=str(folder))
+    missing: list[str] = []
+    manifest = _read_manifest(folder, missing)
+    files = _locate(folder, manifest)
+    if manifest is None and files.get("mined") is None:
+        raise DeftError("report_no_run", f"{folder} holds neither {artifacts.MANIFEST} nor a mined parquet, "
+                        "so there is no run to report on",
+                        fix="give the folder a run (or the TAO container's mining step) wrote its output to",
+                        field="run_dir", path=str(folder))
+    return manifest, files, missing
+
+
+def gather(folder: Path, manifest: RunManifest | None, files: Files, missing: list[str],
+           events: Events) -> ReportFacts:
+    """Every fact the report states: run.json's (or those rebuilt from the files), plus what the
+    report itself reads from the files now (labels, pair scores, the mined paths on disk)."""
+    has_manifest = manifest is not None
+    if manifest is None:
+        manifest = _rebuild(folder, files, missing)
+    if files.get("pairs") is None and manifest.status in (None, "finished"):
+        missing.append(artifacts.PAIRS)
+    encoder = manifest.encoder
+    facts = ReportFacts(folder=str(folder), manifest=manifest, has_manifest=has_manifest,
+                        missing_facts=missing, warnings=list(manifest.warnings),
+                        files={role: (p.name if p is not None else None) for role, p in files.items()},
+                        fingerprints={side: None if ident is None else ident.fingerprint
+                                      for side, ident in (("target", encoder.target), ("source", encoder.source))})
+    facts.image_roots = _image_roots(folder, manifest, files, has_manifest)
+    _optional(events, missing, "target labels", lambda: _labels(facts, files))
+    _optional(events, missing, "mined_pairs statistics", lambda: _pair_stats(facts, files))
+    _optional(events, missing, "mined parquet checks", lambda: _check_mined(facts, files, has_manifest))
+    return facts
+
+
+# ----------------------------------------------------------------------------- finding the files
+
+def _read_manifest(folder: Path, missing: list[str]) -> RunManifest | None:
+    path = folder / artifacts.MANIFEST
+    if not path.is_file():
+        missing.append(artifacts.MANIFEST)
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            return RunManifest.model_validate(data)
+        why = "not an object"
+    except ValidationError:  # before ValueError, which it is
+        why = "not a run manifest"
+    except (OSError, ValueError):
+        why = "unreadable"
+    missing.append(f"{artifacts.MANIFEST} ({why})")
+    return None
+
+
+def _first_file(*candidates: Path | None) -> Path | None:
+    return next((p for p in candidates if p is not None and p.is_file()), None)
+
+
+def _recorded(folder: Path, value: Any, default: str) -> Path | None:
+    """A file the manifest names, looked for in this folder only (the folder may have moved since):
+    under its recorded name, else under the default name."""
+    return _first_file(folder / Path(str(value)).name if value else None, folder / default)
+
+
+def _locate(folder: Path, manifest: RunManifest | None) -> Files:
+    if manifest is None:
+        return _scan(folder)
+    spec = manifest.mining_spec or {}
+    return {
+        "mined": _recorded(folder, spec.get("output_parquet"), artifacts.MINED),
+        "target_embeddings": _recorded(folder, spec.get("target_parquet"), artifacts.TARGET_EMBEDDINGS),
+        "source_embeddings": _recorded(folder, spec.get("source_parquet"), artifacts.SOURCE_EMBEDDINGS),
+        "pairs": _first_file(folder / artifacts.PAIRS),
+        "summary": _first_file(folder / artifacts.SUMMARY),
+        "mining_spec": _first_file(folder / artifacts.MINING_SPEC),
+        "embedding_spec": _first_file(folder / artifacts.EMBEDDING_SPEC),
+    }
+
+
+def _scan(folder: Path) -> Files:
+    """Which file is which in a folder without run.json, judged by columns first, names second."""
+    mined: list[Path] = []
+    embeddings: list[tuple[Path, int]] = []
+    pairs = None
+    for path in sorted(folder.glob("*.parquet")):
+        if path.name.startswith("."):
+            continue
+        try:
+            schema = store.schema_of(path)
+            rows = store.num_rows(path)
+        except DeftError:
+            continue
+        names = set(schema.names)
+        if {"target_filepath", "rank"} <= names:
+            pairs = pairs or path
+        elif "filepath" in names and any(_is_list(f.type) for f in schema):
+            embeddings.append((path, rows))
+        elif "filepath" in names:
+            mined.append(path)
+    mined.sort(key=lambda p: (p.name != artifacts.MINED, "mined" not in p.name or "candidate" in p.name,
+                              "mined" not in p.name, p.name))
+    target = next((p for p, _ in embeddings if "target" in p.name.lower()), None)
+    source = next((p for p, _ in embeddings if any(w in p.name.lower() for w in ("source", "pool"))
+                   and p != target), None)
+    rest = sorted((rows, p.name, p) for p, rows in embeddings if p not in (target, source))
+    if target is None and rest:
+        target = rest.pop(0)[2]  # the smaller unnamed file: targets are the few, the pool the many
+    if source is None and rest:
+        source = rest.pop(-1)[2]
+    yamls = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
+    summaries = [folder / artifacts.SUMMARY] + sorted(p for p in folder.glob("*.txt") if "summary" in p.name.lower())
+    return {
+        "mined": mined[0] if mined else None,
+        "target_embeddings": target,
+        "source_embeddings": source,
+        "pairs": pairs,
+        "summary": _first_file(*summaries),
+        "mining_spec": _first_file(folder / artifacts.MINING_SPEC, *[p for p in yamls if "min" in p.name.lower()]),
+        "embedding_spec": _first_file(folder / artifacts.EMBEDDING_SPEC, *[p for p in yamls if "embed" in p.name.lower()]),
+    }
+
+
+def _is_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+
+
+# ----------------------------------------------------------------------------- gathering the facts
+
+def _optional(events: Events, missing: list[str], what: str, step: Callable[[], None]) -> None:
+    """A fact that cannot be read is reported as unavailable, never a crash of the report."""
+    try:
+        step()
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: say so, go on
+        events.log("warning", f"report: {what} unavailable ({exc.__class__.__name__}: {exc})")
+        missing.append(what)
+
+
+def _rebuild(folder: Path, files: Files, missing: list[str]) -> RunManifest:
+    """A manifest of what a folder without run.json shows; the facts it cannot show stay None."""
+    m = RunManifest()
+    for side, key, role in (("targets", "target", "target_embeddings"), ("source", "source", "source_embeddings")):
+        path = files.get(role)
+        if path is None:
+            missing.append(f"{role} parquet")
+            continue
+        schema = store.schema_of(path)
+        dims = [f.type.list_size for f in schema if pa.types.is_fixed_size_list(f.type)]
+        setattr(m.inputs, side, InputFacts(columns=[f.name for f in schema if not _is_list(f.type)],
+                                           has_label="label" in schema.names))
+        setattr(m.embeddings, key, EmbedFacts(rows=store.num_rows(path),
+                                              embedding_dim=dims[0] if dims else _first_dim(path, schema)))
+        setattr(m.encoder, key, store.read_identity(path))  # None too for an identity of another shape
+        if getattr(m.encoder, key) is None:
+            missing.append(f"encoder.{key} (no identity in {path.name})")
+    target, source = m.encoder.target, m.encoder.source
+    m.encoder.match = target == source if target and source else None
+    m.encoder.fingerprint = target.fingerprint if target else None
+    mining_spec, m.embedding_spec = _yaml(files.get("mining_spec")), _yaml(files.get("embedding_spec"))
+    missing.extend(name for name, spec in (("mining_spec", mining_spec), ("embedding_spec", m.embedding_spec))
+                   if spec is None)
+    mining_spec = dict(mining_spec or {})
+    for key, role in (("source_parquet", "source_embeddings"), ("target_parquet", "target_embeddings"),
+                      ("output_parquet", "mined")):
+        if files.get(role) is not None:
+            mining_spec[key] = str(files[role])
+    summary_path = files.get("summary")
+    summary, label_filter = ({}, None) if summary_path is None else \
+        artifacts.parse_summary(summary_path.read_text(encoding="utf-8", errors="replace"))
+    if summary_path is None:
+        missing.append(artifacts.SUMMARY)
+    elif "queries" not in summary:
+        missing.append("mining summary counts")
+    filter_by_label = _bool(mining_spec.get("filter_by_label"))
+    has_label = (m.inputs.targets.has_label, m.inputs.source.has_label)
+    if label_filter is None:
+        label_filter = ("applied" if "kept_pairs" in summary else
+                        "noop" if filter_by_label and False in has_label else
+                        "off" if filter_by_label is False else None)
+    if filter_by_label is None and label_filter is not None:
+        filter_by_label = label_filter != "off"
+    labels = None
+    paths = [files.get(r) for r in ("target_embeddings", "source_embeddings", "mined")]
+    if all(p is not None for p in paths) and all(has_label):
+        try:
+            counts = label_counts(*paths)  # type: ignore[arg-type]  # None ruled out just above
+            labels = None if counts is None else LabelCounts(**counts)
+        except Exception:  # noqa: BLE001 - odd label columns: the breakdown says n/a
+            missing.append("mining.labels")
+    missing.extend(["status", "started_at", "host", "inputs.targets.path", "inputs.source.path",
+                    "embeddings.skipped", "timings", "warnings"])
+    metric = mining_spec.get("knn_metric")
+    m.mining_spec = mining_spec
+    m.mining = MiningFacts(summary=summary, label_filter=label_filter, topn=_int(mining_spec.get("topn")),
+                           knn_metric=None if metric is None else str(metric), filter_by_label=filter_by_label,
+                           labels=labels)
+    return m
+
+
+def _first_dim(path: Path, schema: pa.Schema) -> int | None:
+    column = next((f.name for f in schema if _is_list(f.type)), None)
+    if column is None:
+        return None
+    for batch in store.iter_batches(path, 1, [column]):
+        if batch.num_rows:
+            return len(batch.column(0)[0].values)
+    return None
+
+
+def _yaml(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    # keys as text: a spec is looked up by name, and YAML may give `1:` or `true:` keys
+    return {str(k): v for k, v in data.items()} if isinstance(data, dict) else None
+
+
+def _bool(value: Any) -> bool | None:
+    """A spec switch as YAML or the TAO spec may spell it (true, "true", "False" …)."""
+    word = value.strip().lower() if isinstance(value, str) else None
+    return value if isinstance(value, bool) else (word == "true") if word in ("true", "false") else None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _image_roots(folder: Path, manifest: RunManifest, files: Files, has_manifest: bool) -> dict[str, str | None]:
+    """Where relative image paths resolve: the spec's image_root, else each input file's folder;
+    without run.json, the folder (or a parent) under which the listed images are found."""
+    root = (manifest.embedding_spec or {}).get("image_root")
+    if root:
+        root = str(Path(root).expanduser().absolute())
+        return {"targets": root, "source": root}
+    if has_manifest:
+        paths = {"targets": manifest.inputs.targets.path, "source": manifest.inputs.source.path}
+        return {side: str(Path(path).parent) if path else str(folder) for side, path in paths.items()}
+    samples = {"targets": _sample_paths(files.get("target_embeddings")),
+               "source": _sample_paths(files.get("mined"))}
+    candidates = list(dict.fromkeys([folder, folder.parent, folder.parent.parent]))
+    out: dict[str, str | None] = {}
+    for side, paths in samples.items():
+        hits = [sum(resolve_image_path(p, c).is_file() for p in paths) for c in candidates]
+        best = max(range(len(candidates)), key=lambda i: (hits[i], -i)) if paths else 0
+        out[side] = str(candidates[best])
+    return out
+
+
+def _sample_paths(path: Path | None, n: int = 5) -> list[str]:
+    if path is None or "filepath" not in store.schema_of(path).names:
+        return []
+    for batch in store.iter_batches(path, n, ["filepath"]):
+        return [str(p) for p in batch.column(0).to_pylist() if p is not None]
+    return []
+
+
+def _labels(facts: ReportFacts, files: Files) -> None:
+    labels = facts.manifest.mining.labels
+    if labels is not None and labels.targets is not None:
+        facts.target_labels = dict(labels.targets)
+        facts.mined_labels = dict(labels.mined) if labels.mined is not None else None
+        return
+    path = files.get("target_embeddings")
+    if facts.manifest.inputs.targets.has_label is False or path is None or "label" not in store.schema_of(path).names:
+        return
+    facts.target_labels = count_labels(store.read_columns(path, ["label"]).column("label").to_pylist())
+
+
+def _pair_stats(facts: ReportFacts, files: Files) -> None:
+    path = files.get("pairs")
+    if path is None:
+        return
+    names = store.schema_of(path).names
+    table = store.read_columns(path, ["score", "kept"] + (["target_label"] if "target_label" in names else []))
+    scores = table.column("score").to_numpy()
+    kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
+    by_label = None
+    if "target_label" in names:
+        by_label = count_labels([label for label, k in zip(table.column("target_label").to_pylist(), kept) if k])
+    facts.pairs = PairStats(
+        pairs=len(scores), kept=int(kept.sum()),
+        score_min=float(scores.min()) if len(scores) else None,
+        score_median=float(np.median(scores)) if len(scores) else None,
+        score_max=float(scores.max()) if len(scores) else None,
+        kept_by_target_label=by_label)
+
+
+def _check_mined(facts: ReportFacts, files: Files, has_manifest: bool) -> None:
+    path = files.get("mined")
+    if path is None:
+        return
+    schema = store.schema_of(path)
+    rows = store.num_rows(path)
+    root = facts.image_roots.get("source")
+    check = MinedCheck(name=path.name, columns=[(f.name, str(f.type)) for f in schema], rows=rows, root=root,
+                       root_guessed=not has_manifest and not (facts.manifest.embedding_spec or {}).get("image_root"))
+    facts.mined = check
+    if "filepath" not in schema.names:
+        return
+    column = store.read_columns(path, ["filepath"]).column("filepath")
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        paths = [None if b is None else b.decode("utf-8", errors="surrogateescape") for b in column.to_pylist()]
+    else:
+        paths = column.to_pylist() if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) \
+            else pc.cast(column, pa.string()).to_pylist()
+    check.duplicates = rows - len(set(paths))
+    base = Path(root) if root else path.parent
+    for p in paths:
+        if p is None:
+            continue
+        check.checked += 1
+        for trait in _traits(p):
+            check.encoding[trait] += 1
+            if len(check.encoding_examples[trait]) < 3:
+                check.encoding_examples[trait].append(p)
+        try:
+            exists = os.path.exists(resolve_image_path(p, base))
+        except (ValueError, OSError):  # e.g. an embedded NUL
+            exists = False
+        if not exists:
+            check.missing += 1
+            if len(check.missing_examples) < MISSING_LISTED:
+                check.missing_examples.append(p)
+
+
+def _traits(path: str) -> list[str]:
+    traits = []
+    if "\ufffd" in path or any("\ud800" <= ch <= "\udfff" for ch in path):
+        traits.append("non_utf8")
+    if any(unicodedata.category(ch) == "Cc" for ch in path):
+        traits.append("control")
+    if "\\" in path:
+        traits.append("backslash")
+    return traits

@@ -1,0 +1,307 @@
+"""The report's pictures: what each shows of a run folder, drawn with Pillow alone (deterministic PNGs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from deft_mine.engine import store
+from deft_mine.engine.images import LoadFailure, load_rgb
+from deft_mine.events import Events
+from deft_mine.report.facts import ReportFacts
+from deft_mine.report.render import labels_shown
+from deft_mine.schemas.warnings import ToolWarning, picture_failed
+
+CONTACT_TARGETS = 8  # targets drawn on the contact sheet
+CONTACT_NEIGHBOURS = 8  # neighbours drawn per target at most
+PICTURE_NAMES = {"contact_sheet": "contact_sheet.png", "score_histogram": "score_histogram.png",
+                 "labels": "labels.png"}
+
+WHITE, INK, GRID, PLACEHOLDER = (255, 255, 255), (33, 33, 33), (220, 220, 220), (160, 160, 160)
+TARGET_FRAME, KEPT, DROPPED = (40, 90, 200), (46, 139, 87), (200, 50, 50)
+NEUTRAL, MINED = (90, 120, 170), (230, 140, 40)
+
+TILE = 112  # thumbnail side in pixels
+GAP = 10
+LINE = 14  # caption line height
+CAPTION_LINES = 3
+Colour = tuple[int, int, int]
+Face = ImageFont.ImageFont | ImageFont.FreeTypeFont
+
+
+@dataclass
+class Tile:
+    """One image on the contact sheet: where it is, what to write under it, its frame colour."""
+
+    filepath: str
+    root: Path | None
+    lines: list[str] = field(default_factory=list)
+    frame: Colour = NEUTRAL
+
+
+def draw(facts: ReportFacts, events: Events) -> list[ToolWarning]:
+    """Every picture the facts allow, into the run folder (named in `facts.pictures`); one that
+    cannot be drawn is a warning, never a lost report."""
+    failures: list[ToolWarning] = []
+    for kind, drawer in (("contact_sheet", _contact_sheet), ("score_histogram", _histogram),
+                         ("labels", _label_chart)):
+        name = PICTURE_NAMES[kind]
+        try:
+            if drawer(facts, Path(facts.folder) / name):
+                facts.pictures[kind] = name
+        except Exception as exc:  # noqa: BLE001 - a picture is never worth losing the report
+            events.log("warning", f"report: could not draw {name} ({exc.__class__.__name__}: {exc})")
+            failures.append(picture_failed(name, exc))
+    return failures
+
+
+# ----------------------------------------------------------------------------- what to draw
+
+def _score_text(score: float | None) -> str:
+    return "n/a" if score is None or not np.isfinite(score) else f"{score:.4g}"
+
+
+def _label_text(label: Any) -> str:
+    return "" if label is None else str(label)
+
+
+def _contact_sheet(facts: ReportFacts, path: Path) -> bool:
+    t_root = Path(facts.image_roots.get("targets") or facts.folder)
+    s_root = Path(facts.image_roots.get("source") or facts.folder)
+    rows: list[list[Tile]] = []
+    pairs_path, mined = facts.path("pairs"), facts.path("mined")
+    if pairs_path is not None:
+        names = store.schema_of(pairs_path).names
+        columns = ["target_filepath", "target_row", "rank", "filepath", "score", "kept"] + \
+            [c for c in ("target_label", "source_label") if c in names]
+        table = pq.read_table(pairs_path, columns=columns, filters=[("target_row", "<", CONTACT_TARGETS)])
+        by_target: dict[int, list[dict[str, Any]]] = {}
+        for pair in table.to_pylist():
+            by_target.setdefault(pair["target_row"], []).append(pair)
+        for target_row in sorted(by_target):
+            found = sorted(by_target[target_row], key=lambda p: p["rank"])
+            head = found[0]
+            row = [Tile(head["target_filepath"], t_root, [f"target {target_row}", _label_text(head.get("target_label")),
+                                                          Path(head["target_filepath"]).name], TARGET_FRAME)]
+            for pair in found[:CONTACT_NEIGHBOURS]:
+                row.append(Tile(pair["filepath"], s_root,
+                                [f"#{pair['rank']}  {_score_text(pair['score'])}",
+                                 (_label_text(pair.get("source_label")) + " "
+                                  + ("" if pair["kept"] else "(dropped)")).strip(),
+                                 Path(pair["filepath"]).name], KEPT if pair["kept"] else DROPPED))
+            rows.append(row)
+        facts.contact_from = "pairs"
+    else:
+        if mined is None or not {"best_target", "filepath"} <= set(store.schema_of(mined).names):
+            return False
+        names = store.schema_of(mined).names
+        table = store.read_columns(mined, [c for c in ("filepath", "best_target", "score") if c in names])
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for item in table.to_pylist():
+            if item["best_target"] in groups or len(groups) < CONTACT_TARGETS:
+                groups.setdefault(item["best_target"], []).append(item)
+        for i, (target, items) in enumerate(groups.items()):
+            rows.append([Tile(str(target), t_root, [f"target {i}", "", Path(str(target)).name], TARGET_FRAME)]
+                        + [Tile(str(it["filepath"]), s_root, [f"best {_score_text(it.get('score'))}", "",
+                                                              Path(str(it["filepath"])).name], KEPT)
+                           for it in items[:CONTACT_NEIGHBOURS]])
+        facts.contact_from = "best_target"
+    facts.contact_targets = len(rows)
+    facts.contact_neighbours = max([len(r) - 1 for r in rows] + [0])
+    queries = facts.manifest.mining.summary.get("queries")
+    _draw_contact_sheet(rows, path, f"First {len(rows)} of {queries if queries is not None else 'the'} targets "
+                                    "(blue) and their nearest pool images: green kept, red dropped")
+    return True
+
+
+def _histogram(facts: ReportFacts, path: Path) -> bool:
+    mining = facts.manifest.mining
+    metric = mining.knn_metric or (facts.manifest.mining_spec or {}).get("knn_metric")
+    axis = ("cosine similarity (higher is nearer)" if metric == "cosine" else
+            f"{metric} distance (lower is nearer)" if metric else "score")
+    pairs_path, mined = facts.path("pairs"), facts.path("mined")
+    kept = None
+    if pairs_path is not None:
+        table = store.read_columns(pairs_path, ["score", "kept"])
+        scores = table.column("score").to_numpy()
+        if mining.label_filter == "applied":
+            kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
+        title = f"Neighbour scores of all {len(scores)} pairs found"
+        facts.histogram_from = "pairs"
+    else:
+        if mined is None or "score" not in store.schema_of(mined).names:
+            return False
+        scores = store.read_columns(mined, ["score"]).column("score").to_numpy(zero_copy_only=False)
+        title = f"Best neighbour score of each of the {len(scores)} mined images"
+        facts.histogram_from = "mined"
+    scores = np.asarray(scores, dtype=np.float64)
+    finite = np.isfinite(scores)
+    _draw_histogram(scores[finite], None if kept is None else kept[finite], path, title, f"score: {axis}")
+    return True
+
+
+def _label_chart(facts: ReportFacts, path: Path) -> bool:
+    if facts.target_labels is None or facts.mined_labels is None:
+        return False
+    shown, _ = labels_shown(facts.target_labels, facts.mined_labels)
+    _draw_label_bars(shown, [facts.target_labels.get(x, 0) for x in shown],
+                     [facts.mined_labels.get(x, 0) for x in shown], path,
+                     "Targets vs mined images per label (mined counted by pool label)")
+    return True
+
+
+# ----------------------------------------------------------------------------- drawing
+
+def font(size: int = 12) -> Face:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: float, face: Face) -> str:
+    """`text`, shortened with an ellipsis to fit `width` pixels."""
+    if draw.textlength(text, font=face) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=face) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _canvas(width: int, height: int, title: str, at: tuple[int, int],
+            room: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    """A white picture with its title written at `at`, shortened to `room` pixels."""
+    image = Image.new("RGB", (width, height), WHITE)
+    pen = ImageDraw.Draw(image)
+    pen.text(at, _fit(pen, title, room, font(15)), fill=INK, font=font(15))
+    return image, pen
+
+
+def _legend(pen: ImageDraw.ImageDraw, x: float, entries: Sequence[tuple[Colour, str]], face: Face,
+            step: Callable[[str], float]) -> None:
+    for colour, name in entries:
+        pen.rectangle([x, 40, x + 12, 52], fill=colour)
+        pen.text((x + 18, 39), name, fill=INK, font=face)
+        x += step(name)
+
+
+def _save(image: Image.Image, path: Path) -> None:
+    with store.atomic_output(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def _tile_image(tile: Tile) -> Image.Image:
+    loaded = load_rgb(tile.filepath, tile.root or Path("."))
+    if isinstance(loaded, LoadFailure):
+        canvas = Image.new("RGB", (TILE, TILE), PLACEHOLDER)
+        pen = ImageDraw.Draw(canvas)
+        face = font(13)
+        word = "missing" if loaded.reason == "missing" else loaded.reason.split(" (")[0]
+        text = _fit(pen, word, TILE - 8, face)
+        width = pen.textlength(text, font=face)
+        pen.text(((TILE - width) / 2, TILE / 2 - 8), text, fill=WHITE, font=face)
+        pen.line([(0, 0), (TILE - 1, TILE - 1)], fill=(180, 180, 180))
+        pen.line([(0, TILE - 1), (TILE - 1, 0)], fill=(180, 180, 180))
+        return canvas
+    return ImageOps.contain(loaded, (TILE, TILE), method=Image.Resampling.BICUBIC)
+
+
+def _draw_contact_sheet(rows: Sequence[Sequence[Tile]], path: Path, title: str) -> None:
+    """Each row: the target tile, then its neighbours; at least 1 column, rows as given."""
+    columns = max([len(r) for r in rows] + [1])
+    cell_w, cell_h = TILE + GAP, TILE + 6 + CAPTION_LINES * LINE + GAP
+    width = max(GAP + columns * cell_w, 360)
+    sheet, pen = _canvas(width, 36 + max(len(rows), 1) * cell_h + GAP, title, (GAP, 10), width - 2 * GAP)
+    small = font(11)
+    if not rows:
+        pen.text((GAP, 50), "no pairs to show", fill=INK, font=font(13))
+    for r, row in enumerate(rows):
+        y = 36 + r * cell_h
+        for c, tile in enumerate(row):
+            x = GAP + c * cell_w
+            thumb = _tile_image(tile)
+            sheet.paste(thumb, (x + (TILE - thumb.width) // 2, y + (TILE - thumb.height) // 2))
+            pen.rectangle([x - 3, y - 3, x + TILE + 2, y + TILE + 2], outline=tile.frame, width=3)
+            for i, text in enumerate(tile.lines[:CAPTION_LINES]):
+                pen.text((x, y + TILE + 6 + i * LINE), _fit(pen, text, TILE, small), fill=INK, font=small)
+        if r:
+            pen.line([(0, y - GAP // 2 - 3), (width, y - GAP // 2 - 3)], fill=GRID)
+    _save(sheet, path)
+
+
+def _draw_histogram(scores: np.ndarray, kept: np.ndarray | None, path: Path, title: str,
+                    axis_label: str, bins: int = 20) -> None:
+    """Counts of `scores` in `bins` equal bins; with `kept`, kept (green) and dropped (red) stacked."""
+    width, height = 720, 400
+    left, right, top, bottom = 64, 24, 64, 56
+    image, pen = _canvas(width, height, title, (left, 12), width - left - right)
+    plot_w, plot_h = width - left - right, height - top - bottom
+    pen.rectangle([left, top, left + plot_w, top + plot_h], outline=INK)
+    face = font(11)
+    if scores.size == 0:
+        pen.text((left + 20, top + plot_h / 2), "no scores to show (no pairs were found)", fill=INK, font=font(13))
+        _save(image, path)
+        return
+    lo, hi = float(scores.min()), float(scores.max())
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    layers: list[tuple[np.ndarray, Colour, str]] = []
+    if kept is not None:
+        layers.append((np.histogram(scores[kept], edges)[0], KEPT, f"kept ({int(kept.sum())})"))
+        layers.append((np.histogram(scores[~kept], edges)[0], DROPPED, f"dropped ({int((~kept).sum())})"))
+    else:
+        layers.append((np.histogram(scores, edges)[0], NEUTRAL, f"pairs ({scores.size})"))
+    total = sum(layer[0] for layer in layers)
+    step = max(1, -(-int(total.max()) // 4))  # whole-number count ticks, about four of them
+    peak = step * max(1, -(-int(total.max()) // step))
+    for tick in range(0, peak + 1, step):
+        y = top + plot_h - tick / peak * plot_h
+        if tick:
+            pen.line([(left + 1, y), (left + plot_w - 1, y)], fill=GRID)
+        pen.text((left - 6 - pen.textlength(str(tick), font=face), y - 7), str(tick), fill=INK, font=face)
+    bar_w = plot_w / bins
+    base = np.zeros(bins)
+    for counts, colour, _ in layers:
+        for i, n in enumerate(counts):
+            if n:
+                x0 = left + i * bar_w + 1
+                y1 = top + plot_h - base[i] / peak * plot_h
+                pen.rectangle([x0, y1 - n / peak * plot_h, x0 + bar_w - 2, y1 - 1], fill=colour)
+        base += counts
+    for frac in (0.0, 0.5, 1.0):
+        label = f"{lo + frac * (hi - lo):.4g}"
+        x = left + frac * plot_w
+        pen.line([(x, top + plot_h), (x, top + plot_h + 4)], fill=INK)
+        pen.text((x - pen.textlength(label, font=face) / 2, top + plot_h + 6), label, fill=INK, font=face)
+    pen.text((left, height - 22), _fit(pen, axis_label, plot_w, face), fill=INK, font=face)
+    _legend(pen, left, [(colour, name) for _, colour, name in layers], face,
+            lambda name: 30 + pen.textlength(name, font=face))
+    _save(image, path)
+
+
+def _draw_label_bars(labels: Sequence[str], targets: Sequence[int], mined: Sequence[int], path: Path,
+                     title: str) -> None:
+    """Two horizontal bars per label: targets (blue) and mined images (orange), values written."""
+    width, left, right, top, row_h = 720, 170, 60, 64, 30
+    image, pen = _canvas(width, max(200, top + row_h * max(len(labels), 1) + 24), title, (12, 12), width - 24)
+    face = font(11)
+    _legend(pen, left, [(TARGET_FRAME, "targets"), (MINED, "mined")], face, lambda name: 90)
+    peak = max(list(targets) + list(mined) + [1])
+    plot_w = width - left - right
+    for i, (label, t, m) in enumerate(zip(labels, targets, mined)):
+        y = top + i * row_h
+        pen.text((12, y + 7), _fit(pen, str(label), left - 20, face), fill=INK, font=face)
+        for j, (value, colour) in enumerate(((t, TARGET_FRAME), (m, MINED))):
+            y0 = y + 3 + j * 12
+            x1 = left + value / peak * plot_w
+            if value:
+                pen.rectangle([left, y0, x1, y0 + 10], fill=colour)
+            pen.text((x1 + 4, y0 - 2), str(value), fill=INK, font=face)
+    pen.line([(left, top - 4), (left, top + row_h * max(len(labels), 1))], fill=INK)
+    _save(image, path)

@@ -1,0 +1,148 @@
+"""One input model per tool: the MCP arguments, the command-line options and the Python call.
+
+A field's `Cli` marker says how the command line spells it (no marker: not on the command line);
+its `PathField` marker makes the allowed-roots policy check it at the door; `Internal` keeps a
+field for Python callers only (neither MCP nor the command line shows it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+
+@dataclass(frozen=True)
+class Cli:
+    """How a field appears on the command line: option flags, or a positional when none."""
+
+    flags: tuple[str, ...] = ()
+    help: str | None = None  # default: the field's description
+    required: bool = False
+    group: str | None = None  # a required, mutually exclusive group of options
+    type: type | None = None
+
+
+def cli(*flags: str, **kwargs: Any) -> Cli:
+    return Cli(tuple(flags), **kwargs)
+
+
+class PathField:
+    """A path the caller names: checked against the allowed roots before the tool runs."""
+
+
+class Internal:
+    """Set by other tools (e.g. run → select), never by a client."""
+
+
+BackendName = Literal["local", "docker"]  # backends/ registers exactly these
+Overrides = Annotated[
+    dict[str, Any] | list[str] | None,
+    # MCP clients send a mapping; the command line passes its key=value words as they are.
+    WithJsonSchema({"anyOf": [{"additionalProperties": True, "type": "object"}, {"type": "null"}]}),
+    Field(description="spec keys as in the YAML, e.g. {\"model\": \"thumbnail\", \"topn\": 10}; "
+                      "they win over the spec file")]
+Backend = Annotated[BackendName, Field(description="where the work runs; local = in-process")]
+Image = Annotated[str | None, Field(
+    description="docker backend: image URI (default: TAO versions.yaml, else deft-mine:latest)")]
+Mounts = Annotated[list[str] | None, Field(description="docker backend: extra read-only mounts at identical paths"),
+                   PathField()]
+
+
+class ToolInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PreflightInput(ToolInput):
+    backend: Backend = "local"
+    image: Annotated[str | None, Field(description="container image (docker backend)")] = None
+    targets: Annotated[str | None, Field(description="target parquet, to predict warnings"), PathField(),
+                       cli("--targets")] = None
+    source: Annotated[str | None, Field(description="pool parquet/CSV, to predict warnings"), PathField(),
+                      cli("--source")] = None
+    mining_spec_path: Annotated[str | None, Field(description="mining spec YAML"), PathField(),
+                                cli("-m", "--mining-spec")] = None
+    overrides: Annotated[Overrides, cli(help="")] = None
+    output_dir: Annotated[str | None, Field(
+        description="where outputs will go (docker backend: disk space, writability)"), PathField(),
+        cli("--output-dir", help="where outputs will go (disk space, writability)")] = None
+
+
+class EmbedInput(ToolInput):
+    input_parquet: Annotated[str | None, Field(
+        description="parquet or CSV with a filepath column (else the spec's input_parquet)"), PathField()] = None
+    output_parquet: Annotated[str | None, Field(
+        description="embedding parquet to write (atomically; else the spec's output_parquet)"), PathField()] = None
+    spec_path: Annotated[str | None, Field(description="embedding spec YAML (TAO format)"), PathField(),
+                         cli("-e", "--spec", help="embedding spec YAML")] = None
+    overrides: Annotated[Overrides, cli(
+        help="e.g. input_parquet=targets.parquet output_parquet=t_emb.parquet model=CLIP")] = None
+    backend: Backend = "local"
+    image: Image = None
+    mounts: Mounts = None
+
+
+class MineInput(ToolInput):
+    source_parquet: Annotated[str | None, Field(
+        description="pool embedding parquet (else the spec's source_parquet)"), PathField()] = None
+    target_parquet: Annotated[str | None, Field(
+        description="target embedding parquet (else the spec's target_parquet)"), PathField()] = None
+    output_parquet: Annotated[str | None, Field(
+        description="mined parquet to write; mining_summary.txt goes beside it"), PathField()] = None
+    spec_path: Annotated[str | None, Field(description="mining spec YAML (TAO format)"), PathField(),
+                         cli("-e", "--spec", help="mining spec YAML")] = None
+    overrides: Annotated[Overrides, cli(
+        help="e.g. source_parquet=… target_parquet=… output_parquet=mined.parquet topn=10")] = None
+    backend: Backend = "local"
+    image: Image = None
+    mounts: Mounts = None
+
+
+class RunInput(ToolInput):
+    targets: Annotated[str, Field(description="target parquet (filepath; optional label)"), PathField(),
+                       cli("--targets", required=True, help="target parquet (column filepath; optional label)")]
+    source: Annotated[str, Field(description="pool parquet or CSV"), PathField(),
+                      cli("--source", required=True, help="source pool parquet or CSV")]
+    output_dir: Annotated[str | None, Field(
+        description="run goes to output_dir/mining_results/<timestamp>/"), PathField(),
+        cli("--output-dir", group="where", help="the run goes to DIR/mining_results/<YYYY-MM-DD_HHMMSS>/")] = None
+    run_dir: Annotated[str | None, Field(description="or exactly here (new or empty folder)"), PathField(),
+                       cli("--run-dir", group="where", help="the run goes exactly here (new or empty folder)")] = None
+    embedding_spec_path: Annotated[str | None, Field(description="embedding spec YAML"), PathField(),
+                                   cli("-e", "--embedding-spec")] = None
+    mining_spec_path: Annotated[str | None, Field(description="mining spec YAML"), PathField(),
+                                cli("-m", "--mining-spec")] = None
+    overrides: Annotated[Overrides, cli(
+        help="any key of either spec, e.g. model=thumbnail topn=10 filter_by_label=true")] = None
+    backend: Backend = "local"
+    history: Annotated[str | None, Field(
+        description="history ledger JSON: keep only images no earlier iteration selected"), PathField(),
+        cli("--history", help="history ledger JSON: mine to mined_candidates.parquet, then keep only "
+                              "images no earlier iteration selected in mined.parquet")] = None
+    image: Image = None
+    mounts: Mounts = None
+
+
+class SelectInput(ToolInput):
+    candidates: Annotated[str, Field(description="mined candidates parquet"), PathField(),
+                          cli("--candidates", required=True, help="mined candidates parquet (filepath first)")]
+    ledger: Annotated[str, Field(description="history ledger JSON (created on iteration 1)"), PathField(),
+                      cli("--ledger", required=True)]
+    # The schema asks for >= 1; a smaller number gets the ledger's own refusal, which says what to pass.
+    iteration: Annotated[int, Field(description="the ledger's last iteration + 1, or its last to resume",
+                                    json_schema_extra={"minimum": 1}),
+                         cli("--iteration", required=True, type=int,
+                             help="this iteration: the ledger's last + 1 (or its last, to resume)")]
+    output: Annotated[str, Field(description="parquet of the selected rows (the round's mined.parquet)"),
+                      PathField(), cli("--output", required=True,
+                                       help="selected rows (the next round's mined.parquet)")]
+    image_root: Annotated[str | None, Field(
+        description="where relative filepaths resolve (default: the candidates' folder)"), PathField(),
+        cli("--image-root")] = None
+    topn: Annotated[int | None, Internal()] = None  # recorded in the ledger when run selects
+
+
+class ReportInput(ToolInput):
+    run_dir: Annotated[str, Field(description="run folder (with run.json, or one the TAO container filled)"),
+                       PathField(), cli(help="a run folder (with run.json, or one the TAO container filled)")]

@@ -1,0 +1,114 @@
+"""RunManifest: run.json, the typed record of every fact a run folder's report states.
+
+Every field may be None: a folder the TAO container filled has no run.json, and the report
+rebuilds what it can of one from the files, leaving the rest unknown. Fields never set are left
+out of run.json (`dump`), so a failed run's file has no `encoder`, a finished one no `error`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deft_mine.schemas.results import EncoderIdentity, ErrorInfo, SelectResult
+from deft_mine.schemas.warnings import ToolWarning
+
+
+class _Facts(BaseModel):
+    model_config = ConfigDict(validate_assignment=True)
+
+
+class InputFacts(_Facts):
+    """One input listing (targets or pool) as it was read."""
+
+    path: str | None = None
+    format: str | None = None  # "parquet" | "csv"
+    rows: int | None = None
+    columns: list[str] | None = None
+    has_label: bool | None = None
+
+
+class Inputs(_Facts):
+    targets: InputFacts = Field(default_factory=InputFacts)
+    source: InputFacts = Field(default_factory=InputFacts)
+
+
+class EmbedFacts(_Facts):
+    """One embedding step's outcome."""
+
+    rows: int | None = None
+    input_rows: int | None = None
+    skipped: int | None = None
+    skipped_by_reason: dict[str, int] | None = None
+    embedding_dim: int | None = None
+    device: str | None = None
+    timings: dict[str, float] | None = None
+
+
+class Embeddings(_Facts):
+    target: EmbedFacts = Field(default_factory=EmbedFacts)
+    source: EmbedFacts = Field(default_factory=EmbedFacts)
+
+
+class EncoderFacts(_Facts):
+    target: EncoderIdentity | None = None
+    source: EncoderIdentity | None = None
+    match: bool | None = None
+    fingerprint: str | None = None
+
+
+class LabelCounts(_Facts):
+    targets: dict[str, int] | None = None  # target rows per label
+    mined: dict[str, int] | None = None  # mined images per pool label
+
+
+class MiningFacts(_Facts):
+    summary: dict[str, int] = Field(default_factory=dict)  # the counts of mining_summary.txt
+    label_filter: str | None = None  # "off" | "applied" | "noop"
+    knn_metric: str | None = None
+    topn: int | None = None
+    filter_by_label: bool | None = None
+    labels: LabelCounts | None = None
+
+
+class IterationFacts(_Facts):
+    iteration: int
+    candidates: int
+    previously_selected: int
+    newly_selected: int
+    cumulative: int
+
+
+class HistoryFacts(SelectResult):
+    """This run's selection against the ledger, and every iteration the ledger holds."""
+
+    warnings: list[ToolWarning] = Field(default_factory=list, exclude=True)
+    iterations: list[IterationFacts] = Field(default_factory=list)
+
+
+class RunManifest(_Facts):
+    deft_mine_version: str | None = None
+    status: str | None = None  # "running" | "finished" | "failed"
+    started_at: str | None = None
+    host: str | None = None
+    backend: str | None = None
+    run_dir: str | None = None
+    inputs: Inputs = Field(default_factory=Inputs)
+    embedding_spec: dict[str, Any] | None = None  # the specs as written (a TAO spec may hold anything)
+    mining_spec: dict[str, Any] | None = None
+    error: ErrorInfo | None = None  # why a failed run stopped
+    finished_at: str | None = None
+    encoder: EncoderFacts = Field(default_factory=EncoderFacts)
+    embeddings: Embeddings = Field(default_factory=Embeddings)
+    mining: MiningFacts = Field(default_factory=MiningFacts)
+    history: HistoryFacts | None = None
+    artifacts: list[str] | None = None
+    warnings: list[ToolWarning] = Field(default_factory=list)
+    timings: dict[str, float] | None = None
+
+    def dump(self) -> str:
+        """run.json's text: the facts set so far (nested models are always whole)."""
+        data = self.model_dump(mode="json")
+        return json.dumps({key: data[key] for key in data if key in self.model_fields_set}, indent=2) + "\n"

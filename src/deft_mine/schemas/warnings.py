@@ -1,0 +1,120 @@
+"""The warning catalogue: every code a result may carry, and one constructor per code."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+from pydantic import BaseModel, Field
+
+WarningCode = Literal[
+    # raised by the tools (preflight predicts the first five before any work)
+    "filter_by_label_noop", "provenance_unknown", "pool_exhausted", "images_skipped", "target_in_pool",
+    "selection_empty", "picture_failed",
+    # findings of the report on a run folder
+    "run_failed", "encoder_mismatch", "mined_missing", "mined_paths_missing", "path_encoding",
+    "mined_schema", "mined_count_differs", "nothing_mined", "facts_unavailable",
+]
+
+
+class ToolWarning(BaseModel):
+    """A condition the caller must see: the run went on, but not quite as asked."""
+
+    code: WarningCode = Field(description="stable code; the enum lists every one")
+    message: str
+    fields: list[str] = Field(default_factory=list, description="spec fields / columns involved")
+    details: dict[str, Any] = Field(default_factory=dict)
+
+    def for_side(self, side: str) -> "ToolWarning":
+        """The same warning, said of one side of a run (targets or source)."""
+        return self.model_copy(update={"details": {**self.details, "side": side},
+                                       "message": f"{side}: {self.message}"})
+
+
+def _joined(sides: Sequence[str]) -> str:
+    return " and ".join(sides)
+
+
+def filter_by_label_noop(sides: list[str], *, predicted: bool = False) -> ToolWarning:
+    message = (f"filter_by_label=true will do nothing: the {_joined(sides)} file has no 'label' column, "
+               "so mining would run unfiltered" if predicted else
+               f"filter_by_label=true did nothing: the {_joined(sides)} parquet has no 'label' column, "
+               "so mining ran unfiltered")
+    return ToolWarning(code="filter_by_label_noop", message=message, fields=["filter_by_label", "label"],
+                       details={"sides_without_label": sides})
+
+
+def provenance_unknown(sides: list[str], *, predicted: bool = False) -> ToolWarning:
+    if predicted:  # preflight judges one file at a time
+        return ToolWarning(code="provenance_unknown", fields=list(sides), details={"sides": sides},
+                           message=f"{_joined(sides)}: this embedding parquet records no encoder identity")
+    return ToolWarning(
+        code="provenance_unknown", fields=[f"{side}_parquet" for side in sides], details={"sides": sides},
+        message=f"the {_joined(sides)} parquet records no encoder identity (written by another tool, "
+                "e.g. the TAO container): cannot check both sides used the same encoder")
+
+
+def pool_exhausted(topn: int, queries: int, pool: int, mined: int | None = None) -> ToolWarning:
+    """`mined` None: predicted before the run."""
+    if mined is None:
+        message = (f"topn × targets = {topn * queries} exceeds the {pool} pool rows; "
+                   "fewer unique images than that will be mined")
+    else:
+        message = (f"topn × targets = {topn} × {queries} = {topn * queries} is more than the {pool} "
+                   "pool rows searched"
+                   + ("; topn exceeds the pool, so each target got the whole pool" if topn > pool else "")
+                   + f"; {mined} unique images were mined")
+    return ToolWarning(code="pool_exhausted", message=message, fields=["topn"],
+                       details={"topn": topn, "queries": queries, "pool": pool})
+
+
+def images_skipped(source: str, input_rows: int, by_reason: dict[str, int], examples: list[str],
+                   image_root: str) -> ToolWarning:
+    skipped = sum(by_reason.values())
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items()))
+    return ToolWarning(
+        code="images_skipped",
+        message=f"{skipped} of {input_rows} rows of {source} were left out because their image could "
+                f"not be read ({reasons}); e.g. {examples[0]}",
+        fields=["filepath"],
+        details={"count": skipped, "by_reason": by_reason, "examples": examples, "image_root": image_root})
+
+
+def images_missing(side: str, missing: list[Any], checked: int, root: str) -> ToolWarning:
+    """Predicted images_skipped: image paths of a listing that do not exist."""
+    return ToolWarning(
+        code="images_skipped",
+        message=f"{side}: {len(missing)} of the first {checked} image paths do not exist (relative "
+                f"paths resolve against {root}); e.g. {missing[0]}",
+        fields=["filepath", "image_root"],
+        details={"side": side, "count": len(missing), "checked": checked,
+                 "examples": [str(p) for p in missing[:5]]})
+
+
+def target_in_pool(count: int, excluded: bool | None) -> ToolWarning:
+    """`excluded` None: predicted before the run."""
+    if excluded is None:
+        return ToolWarning(code="target_in_pool", fields=["filepath", "exclude_targets"],
+                           details={"count": count},
+                           message=f"{count} pool rows are also targets; they will be mined like any "
+                                   "other row unless exclude_targets=true")
+    action = ("were removed from the pool (exclude_targets=true)" if excluded else
+              "were searched like any other pool row; set exclude_targets=true to drop them")
+    return ToolWarning(code="target_in_pool", fields=["filepath", "exclude_targets"],
+                       details={"count": count, "excluded": excluded},
+                       message=f"{count} pool rows have a filepath that is also a target and {action}")
+
+
+def selection_empty(iteration: int, candidates: int) -> ToolWarning:
+    return ToolWarning(code="selection_empty", fields=["filepath"], details={"candidates": candidates},
+                       message=f"iteration {iteration} selected nothing new: all {candidates} candidates "
+                               "were selected before (or repeat one another); the output has zero rows")
+
+
+def picture_failed(name: str, error: Exception) -> ToolWarning:
+    return ToolWarning(code="picture_failed", message=f"could not draw {name}: {error}",
+                       details={"picture": name})
+
+
+def report_finding(code: WarningCode, reason: str, severity: str, action: str | None) -> ToolWarning:
+    """A finding of the report (what its Verdict section lists) as a warning."""
+    return ToolWarning(code=code, message=reason, details={"severity": severity, "action": action})

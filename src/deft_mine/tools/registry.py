@@ -1,0 +1,87 @@
+"""The tool registry: each tool declared once (input model, result model, function, annotations);
+the MCP server, the command line and Python callers are all generated from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from deft_mine.errors import DeftError
+from deft_mine.events import Events, NullEvents, StageEvents
+from deft_mine.schemas.inputs import ToolInput
+from deft_mine.tools.guards import EncoderLock, PathPolicy
+
+InputT = TypeVar("InputT", bound=ToolInput)
+ResultT = TypeVar("ResultT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool gets besides its inputs: where its events go, which paths it may touch
+    (None: any) and the session's encoder lock (None: no session)."""
+
+    events: Events = field(default_factory=NullEvents)
+    policy: PathPolicy | None = None
+    lock: EncoderLock | None = None
+
+    def stage(self, name: str) -> "ToolContext":
+        """The same context, its events under a stage name (e.g. 'embed targets')."""
+        return dataclasses.replace(self, events=StageEvents(self.events, name))
+
+    def check_paths(self, model: BaseModel) -> None:
+        """A spec's paths, once loaded, pass the same door as the tool's own path arguments."""
+        if self.policy is not None:
+            self.policy.check_model(model)
+
+
+@dataclass(frozen=True)
+class Tool(Generic[InputT, ResultT]):
+    name: str
+    title: str
+    summary: str  # the command line's one-line help
+    input: type[InputT]
+    result: type[ResultT]
+    fn: Callable[[InputT, ToolContext], ResultT]
+    read_only: bool = False
+    idempotent: bool = True
+
+    @property
+    def description(self) -> str:
+        """The function's docstring as one paragraph: what an agent reads about the tool."""
+        return " ".join(inspect.cleandoc(self.fn.__doc__ or "").split())
+
+    def invoke(self, inputs: InputT, ctx: ToolContext | None = None) -> ResultT:
+        """Check the input's paths at the door, then run the tool."""
+        ctx = ctx or ToolContext()
+        ctx.check_paths(inputs)
+        return self.fn(inputs, ctx)
+
+    def __call__(self, *args: Any, events: Events | None = None, policy: PathPolicy | None = None,
+                 lock: EncoderLock | None = None, **fields: Any) -> ResultT:
+        """The Python face: arguments by position (in the input model's field order) or name."""
+        names = list(self.input.model_fields)
+        fields.update(zip(names, args))
+        try:
+            inputs = self.input(**{k: str(v) if _is_path(v) else v for k, v in fields.items()})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise DeftError("spec_invalid", f"{self.name}: {where}: {first['msg']}",
+                            fix=f"see the {self.name} tool's input schema", field=where) from exc
+        return self.invoke(inputs, ToolContext(events or NullEvents(), policy, lock))
+
+
+def _is_path(value: Any) -> bool:
+    return hasattr(value, "__fspath__")
+
+
+TOOLS: dict[str, Tool[Any, Any]] = {}
+
+
+def register(tool: Tool[InputT, ResultT]) -> Tool[InputT, ResultT]:
+    TOOLS[tool.name] = tool
+    return tool
