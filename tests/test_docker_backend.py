@@ -79,6 +79,7 @@ def docker_args(image: str) -> dict:
     return {"backend": "docker", "image": image, "mounts": HOST_MOUNTS}
 
 
+@pytest.mark.e2e
 def test_run_through_the_container_matches_the_local_backend(image_set, docker_image):
     local = run(image_set / "targets.parquet", image_set / "pool.parquet", run_dir=image_set / "local",
                 overrides={**THUMB, "topn": 2, "filter_by_label": True})
@@ -98,13 +99,14 @@ def test_run_through_the_container_matches_the_local_backend(image_set, docker_i
     # the container's own lines reached the caller while it ran
     lines = [message for _, message in events.logs]
     assert any("docker run deft-mine-test:latest embedding image_embeddings" in m for m in lines)
-    assert any("Embedded 4 rows" in m for m in lines)
+    assert any("embedded 4 of 4 rows" in m for m in lines)  # deft-mine-task's own output
     assert ("embed source", 4, 4) in events.progress_events
     assert (image_set / "docker" / "Mining_Report.md").exists()
     assert not [c for c in __import__("docker").from_env().containers.list(all=True)
                 if c.image.tags == [docker_image]]  # containers are removed afterwards
 
 
+@pytest.mark.e2e
 def test_filter_noop_in_the_container_is_a_structured_warning(image_set, docker_image):
     args = docker_args(docker_image)
     embed(image_set / "targets.parquet", image_set / "t.parquet", overrides=THUMB, **args)
@@ -119,6 +121,7 @@ def test_filter_noop_in_the_container_is_a_structured_warning(image_set, docker_
     assert any("filter_by_label_noop" in m for _, m in events.logs)  # the container said so too
 
 
+@pytest.mark.e2e
 def test_a_failing_container_gives_a_structured_error_with_its_log_tail(image_set, docker_image):
     args = docker_args(docker_image)
     embed(image_set / "targets.parquet", image_set / "t.parquet", overrides=THUMB, **args)
@@ -131,6 +134,7 @@ def test_a_failing_container_gives_a_structured_error_with_its_log_tail(image_se
     assert not (image_set / "m.parquet").exists()
 
 
+@pytest.mark.e2e
 def test_an_image_outside_the_workspace_is_refused_before_the_container_starts(image_set, tmp_path_factory, docker_image):
     elsewhere = write_image(tmp_path_factory.mktemp("elsewhere") / "x.png", seed=9)
     pq.write_table(pa.table({"filepath": ["imgs/0.png", str(elsewhere)]}), image_set / "mixed.parquet")
@@ -146,6 +150,7 @@ def test_an_image_outside_the_workspace_is_refused_before_the_container_starts(i
     assert pq.read_table(image_set / "o.parquet").num_rows == 2
 
 
+@pytest.mark.e2e
 def test_preflight_names_a_missing_image_and_a_stopped_daemon(monkeypatch, docker_image, tmp_path):
     result = preflight("docker", image="deft-mine-absent:0", output_dir=tmp_path)
     (image,) = [c for c in result.checks if c.name == "image"]
@@ -170,6 +175,7 @@ def test_the_image_comes_from_the_flag_then_tao_versions_then_ours(monkeypatch, 
     assert resolve_image("mine:1") == "mine:1"
 
 
+@pytest.mark.e2e
 def test_cancelling_stops_and_removes_the_container(image_set, docker_image):
     import docker
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -63,10 +65,16 @@ def test_unreachable_hub_id_is_a_clear_error():
     assert exc.value.code == "model_load_failed" and "no-such-org/no-such-model-xyz" in exc.value.message
 
 
-def test_tao_checkpoints_are_not_run_locally():
+def test_tao_checkpoints_are_not_run_locally(tmp_path):
+    """The local backend declares it runs no TAO checkpoint: embed refuses before any work."""
+    from deft_mine.tools import embed
+
+    pq.write_table(pa.table({"filepath": ["a.png"]}), tmp_path / "in.parquet")
     with pytest.raises(DeftError) as exc:
-        build_encoder("changenet", "/w/model.pth")
+        embed(tmp_path / "in.parquet", tmp_path / "out.parquet", overrides={
+            "model": "changenet", "model_path": "/w/model.pth", "model_config_path": "/w/spec.yaml"})
     assert exc.value.code == "backend_unsupported" and "docker" in exc.value.fix
+    assert not (tmp_path / "out.parquet").exists()
 
 
 def test_thumbnail_is_deterministic_standardised_and_needs_no_torch():

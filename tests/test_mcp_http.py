@@ -16,6 +16,8 @@ from conftest import write_image
 from mcp_helpers import (LEGACY, MODERN, SyncClient, deft_mine_command, free_port, ok, refused, server_env,
                          stop, wait_for_port)
 
+pytestmark = pytest.mark.e2e  # every test uses the `url` fixture's spawned HTTP server
+
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory, tiny_siglip: Path) -> Path:

@@ -27,6 +27,7 @@ def _inspector() -> Path | None:
 
 INSPECTOR = _inspector()
 pytestmark = [
+    pytest.mark.e2e,  # runs node (the Inspector), which spawns `deft-mine serve`
     pytest.mark.skipif(INSPECTOR is None, reason=(
         "MCP Inspector CLI not found: set DEFT_MCP_INSPECTOR to the mcp-inspector binary, or install it "
         "with `npm install --prefix .tools @modelcontextprotocol/inspector` (make test does)")),

@@ -42,12 +42,6 @@ _SESSIONLESS_PROTOCOL = "2026-07-28"  # the protocol revision that dropped sessi
 ERROR_META_KEY = "io.github.deft-mine/error"
 
 
-
-class _Session:
-    def __init__(self) -> None:
-        self.lock = EncoderLock()
-
-
 class _ClientEvents:
     """Bridges the tools' events (worker thread) to MCP progress and log notifications."""
 
@@ -59,7 +53,6 @@ class _ClientEvents:
         self._stage_done: dict[str, int] = {}
         self._overall = 0
         self._last_sent = 0.0
-        self._single_total: int | None = None
 
     def _send(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         try:
@@ -120,26 +113,26 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
     """A server that reads and writes only under `roots` (default: the working directory)
     plus the roots each client announces."""
     server_roots = [Path(r).expanduser().resolve() for r in (roots or [Path.cwd()])]
-    sessions: "weakref.WeakKeyDictionary[Any, _Session]" = weakref.WeakKeyDictionary()
+    sessions: "weakref.WeakKeyDictionary[Any, EncoderLock]" = weakref.WeakKeyDictionary()
     mcp = MCPServer(name="deft-mine", title="DEFT image mining", version=__version__,
                     instructions=INSTRUCTIONS, log_level="WARNING")
 
-    by_id: dict[str, _Session] = {}
-    process_wide = _Session()
+    by_id: dict[str, EncoderLock] = {}
+    process_wide = EncoderLock()
 
-    def session_state(ctx: Context) -> _Session:
-        """The state of the client behind this request. mcp 2.x builds a new session object per
+    def session_lock(ctx: Context) -> EncoderLock:
+        """The encoder lock of the client behind this request. mcp 2.x builds a new session object per
         request; what lasts is the connection: an Mcp-Session-Id over streamable HTTP, the
         connection object over stdio. The 2026-07-28 protocol has no sessions at all: its
         clients share the process's state (over stdio that is one client per process)."""
         connection = getattr(ctx.session, "_connection", None)
         session_id = getattr(connection, "session_id", None)
         if session_id:
-            return by_id.setdefault(session_id, _Session())
+            return by_id.setdefault(session_id, EncoderLock())
         if connection is None or str(ctx.session.protocol_version) >= _SESSIONLESS_PROTOCOL:
             return process_wide
         if connection not in sessions:
-            sessions[connection] = _Session()
+            sessions[connection] = EncoderLock()
         return sessions[connection]
 
     async def policy(ctx: Context) -> PathPolicy:
@@ -157,7 +150,7 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
 
     async def call(ctx: Context, tool: Tool[Any, Any], inputs: Any) -> CallToolResult:
         events = _ClientEvents(ctx)
-        tool_ctx = ToolContext(events, await policy(ctx), session_state(ctx).lock)
+        tool_ctx = ToolContext(events, await policy(ctx), session_lock(ctx))
         try:
             result = await anyio.to_thread.run_sync(lambda: tool.invoke(inputs, tool_ctx), abandon_on_cancel=True)
         except anyio.get_cancelled_exc_class():

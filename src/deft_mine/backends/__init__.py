@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, get_args
 
-from deft_mine.backends.base import Backend, BackendEmbed, BackendMine, Capabilities
+from deft_mine.backends.base import Backend, BackendMine, Capabilities
 from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import BackendName
 
@@ -34,4 +34,4 @@ def get_backend(name: str, image: str | None = None, mounts: list[str] | None = 
     return REGISTRY[name](image, mounts)
 
 
-__all__ = ["Backend", "BackendEmbed", "BackendMine", "Capabilities", "get_backend", "BACKENDS"]
+__all__ = ["Backend", "BackendMine", "Capabilities", "get_backend", "BACKENDS"]

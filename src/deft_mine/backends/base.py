@@ -7,23 +7,8 @@ from pathlib import Path
 from typing import Protocol
 
 from deft_mine.events import Events
-from deft_mine.schemas.results import Check, EncoderIdentity
+from deft_mine.schemas.results import Check, EmbedResult
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
-
-
-@dataclass
-class BackendEmbed:
-    """Facts about one finished embedding step (the output parquet is already written)."""
-
-    input_rows: int
-    rows: int
-    columns: list[str]
-    skipped_by_reason: dict[str, int]
-    skipped_examples: list[str]
-    identity: EncoderIdentity
-    dim: int
-    device: str
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -33,10 +18,8 @@ class BackendMine:
     summary: dict[str, int]
     label_filter: str
     label_missing: list[str]
-    pool_rows: int
     searched_rows: int
     target_in_pool: int
-    dim: int
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -54,7 +37,8 @@ class Backend(Protocol):
         """Preflight: can this backend run here (its checks), and the GPUs it would use."""
 
     def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
-              events: Events) -> BackendEmbed: ...
+              events: Events) -> EmbedResult:
+        """Write `output_path`; the result's warnings are the tool's to add."""
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
              summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:

@@ -15,7 +15,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, TypeVar
 
-from deft_mine.backends.base import BackendEmbed, BackendMine, Capabilities
+from deft_mine.backends.base import BackendMine, Capabilities
 from deft_mine.engine import store
 from deft_mine.engine.images import resolve_image_path
 from deft_mine.errors import DeftError
@@ -117,7 +117,7 @@ class DockerBackend:
     # ------------------------------------------------------------------ the two steps
 
     def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
-              events: Events) -> BackendEmbed:
+              events: Events) -> EmbedResult:
         workspace = _common_folder([input_path.parent, output_path.parent, image_root])
         self._check_images(input_path, image_root, workspace)
         read_only = [p for p in (spec.model_path, spec.model_config_path)
@@ -133,22 +133,21 @@ class DockerBackend:
         self._run(["embedding", "image_embeddings", "-e", str(spec_file)], workspace,
                   [Path(p).expanduser().absolute() for p in read_only], events, outputs=[output_path])
         timings = {"container": time.perf_counter() - t0, "total": time.perf_counter() - t0}
-        told = _task_result(output_path, EmbedResult)
-        if told is not None:  # our image says what it did
-            return BackendEmbed(input_rows=told.input_rows, rows=told.rows, columns=told.columns,
-                                skipped_by_reason=told.skipped_by_reason, skipped_examples=told.skipped_examples,
-                                identity=told.encoder, dim=told.embedding_dim,
-                                device=f"docker:{self.image}", timings=timings)
+        told = _task_result(output_path, EmbedResult)  # our image says what it did
+        if told is not None:
+            return told.model_copy(update={"device": f"docker:{self.image}", "backend": self.name,
+                                           "timings": timings, "warnings": []})
         rows_in, rows = store.num_rows(input_path), store.num_rows(output_path)
         dim = 0
         if rows:
             first = next(store.iter_batches(output_path, 1, ["embedding"]))
             dim = len(first.column("embedding")[0].as_py())
-        return BackendEmbed(
-            input_rows=rows_in, rows=rows, columns=list(store.schema_of(output_path).names),
+        return EmbedResult(
+            output_parquet=str(output_path), input_rows=rows_in, rows=rows, skipped=rows_in - rows,
+            columns=list(store.schema_of(output_path).names), embedding_dim=dim, backend=self.name,
             skipped_by_reason={"unreadable (in the container)": rows_in - rows} if rows_in > rows else {},
-            skipped_examples=[], dim=dim, device=f"docker:{self.image}", timings=timings,
-            identity=store.read_identity(output_path) or EncoderIdentity(
+            device=f"docker:{self.image}", timings=timings,
+            encoder=store.read_identity(output_path) or EncoderIdentity(
                 model=spec.model, model_path=spec.model_path, model_config_path=spec.model_config_path,
                 preprocessing={"image": self.image}))
 
@@ -174,12 +173,11 @@ class DockerBackend:
         elif label_filter is None:  # NVIDIA's image: its log is all there is
             label_filter = spec.label_filter(label_missing or
                                              (["source", "target"] if any(map(_NOOP.search, lines)) else []))
-        pool_rows = store.num_rows(source_path)
         return BackendMine(
             summary=summary, label_filter=label_filter, label_missing=label_missing or
             (["source", "target"] if label_filter == "noop" else []),
-            pool_rows=pool_rows, searched_rows=summary.get("pool", pool_rows),
-            target_in_pool=summary.get("target_in_pool", 0), dim=0, timings=timings)
+            searched_rows=summary["pool"] if "pool" in summary else store.num_rows(source_path),
+            target_in_pool=summary.get("target_in_pool", 0), timings=timings)
 
     # ------------------------------------------------------------------ the container
 

@@ -7,14 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deft_mine.backends.base import BackendEmbed, BackendMine, Capabilities
+from deft_mine.backends.base import BackendMine, Capabilities
 from deft_mine.engine import store
 from deft_mine.engine.embedding import embed_file
 from deft_mine.engine.encoders import Encoder, build_encoder
 from deft_mine.engine.mining import mine_files
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts
-from deft_mine.schemas.results import Check
+from deft_mine.schemas.results import Check, EmbedResult
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
 
 
@@ -61,18 +61,18 @@ class LocalBackend:
             return self._encoders[key]
 
     def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
-              events: Events) -> BackendEmbed:
+              events: Events) -> EmbedResult:
         t0 = time.perf_counter()
         encoder = self.encoder(spec, events)
         load_seconds = time.perf_counter() - t0
         stats = embed_file(input_path, output_path, encoder, batch_size=spec.batch_size,
                            image_root=image_root, events=events)
-        return BackendEmbed(
-            input_rows=stats.rows_in, rows=stats.rows_out, columns=stats.columns,
+        return EmbedResult(
+            output_parquet=str(output_path), input_rows=stats.rows_in, rows=stats.rows_out,
+            skipped=stats.rows_in - stats.rows_out, columns=stats.columns,
             skipped_by_reason=dict(stats.skipped_by_reason), skipped_examples=stats.skipped_examples,
-            identity=encoder.identity, dim=encoder.dim, device=encoder.device,
-            timings={"load_encoder": load_seconds, **stats.timings},
-        )
+            encoder=encoder.identity, embedding_dim=encoder.dim, device=encoder.device, backend=self.name,
+            timings={"load_encoder": load_seconds, **stats.timings})
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
              summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
@@ -83,9 +83,4 @@ class LocalBackend:
             store.write_table_atomic(pairs_path, outcome.pairs)
         store.write_text_atomic(summary_path, artifacts.summary_text(outcome.summary, outcome.label_filter))
         outcome.timings["write"] = time.perf_counter() - t0
-        return BackendMine(
-            summary=outcome.summary, label_filter=outcome.label_filter,
-            label_missing=outcome.label_missing, pool_rows=outcome.pool_rows,
-            searched_rows=outcome.searched_rows, target_in_pool=outcome.target_in_pool,
-            dim=outcome.dim, timings=outcome.timings,
-        )
+        return BackendMine(**{name: getattr(outcome, name) for name in BackendMine.__dataclass_fields__})

@@ -156,12 +156,6 @@ def build_encoder(model: str, model_path: str | None, device: str = "auto") -> E
     """The encoder a validated EmbeddingSpec names (the local backend's set)."""
     if model == "thumbnail":
         return ThumbnailEncoder()
-    if model in HF_MODEL_TYPES:
-        assert model_path is not None
-        return HuggingFaceEncoder(model, model_path, device)
-    raise DeftError(
-        "backend_unsupported",
-        f"model={model} (a TAO checkpoint) runs only in the TAO container",
-        fix="use backend=docker for TAO checkpoints, or model=SigLIP|CLIP|thumbnail locally",
-        field="model",
-    )
+    if model not in HF_MODEL_TYPES or model_path is None:  # the embed tool refuses TAO kinds first
+        raise ValueError(f"no local encoder for model={model}")
+    return HuggingFaceEncoder(model, model_path, device)

@@ -24,12 +24,10 @@ class MiningOutcome:
     mined: pa.Table  # filepath first, then score, best_target, hits
     pairs: pa.Table  # every (target, neighbour) pair found, in target then rank order
     summary: dict[str, int]
-    pool_rows: int  # rows of the pool file
     searched_rows: int  # rows searched (pool less excluded targets)
     target_in_pool: int
     label_filter: str  # "off" | "applied" | "noop"
     label_missing: list[str]  # sides ("source", "target") without a `label` column
-    dim: int
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -58,7 +56,6 @@ def mine_files(source_path: Path, target_path: Path, spec: MiningSpec, events: E
     targets = store.read_columns(target_path, tgt_cols)
     queries = store.vectors_from_column(targets.column(target_column), path=target_path,
                                         name=target_column, first_row=0, dim=None)
-    dim = queries.shape[1] if len(queries) else None
     target_paths = targets.column("filepath").to_pylist()
     target_set = {lexically_normal(str(p)) for p in target_paths}
 
@@ -86,7 +83,6 @@ def mine_files(source_path: Path, target_path: Path, spec: MiningSpec, events: E
             top.add(vectors, ids)
         searched += len(ids)
         seen += rows
-        dim = dim or (vectors.shape[1] if len(vectors) else None)
         events.progress("mine", seen, total)
     timings["search"] = time.perf_counter() - t0
 
@@ -135,9 +131,9 @@ def mine_files(source_path: Path, target_path: Path, spec: MiningSpec, events: E
     summary["mined"] = mined.num_rows
     summary["target_in_pool"] = in_pool
     timings["total"] = time.perf_counter() - t_start
-    return MiningOutcome(mined=mined, pairs=pairs_table, summary=summary, pool_rows=total, searched_rows=searched,
+    return MiningOutcome(mined=mined, pairs=pairs_table, summary=summary, searched_rows=searched,
                          target_in_pool=in_pool, label_filter=label_filter,
-                         label_missing=label_missing, dim=dim or 0, timings=timings)
+                         label_missing=label_missing, timings=timings)
 
 
 def _pairs_table(target_paths: list, indices: np.ndarray, src_paths: np.ndarray, scores: np.ndarray,
@@ -168,7 +164,6 @@ def _pool_blocks(path: Path, column: str, block_rows: int, target_set: set[str]
     for batch in store.iter_batches(path, block_rows, ["filepath", column]):
         vectors = store.vectors_from_column(batch.column(column), path=path, name=column,
                                             first_row=seen, dim=dim)
-        dim = dim or (vectors.shape[1] if len(vectors) else None)
         yield vectors, _in_targets(batch.column("filepath"), target_set), batch.num_rows
         seen += batch.num_rows
 

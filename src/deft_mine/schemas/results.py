@@ -27,10 +27,6 @@ class ErrorInfo(BaseModel):
         details = json.loads(json.dumps(exc.details, default=str))
         return cls(code=exc.code, message=exc.message, **({"fix": exc.fix} if exc.fix else {}), **details)
 
-    @property
-    def details(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
     def wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"fix"} if self.fix is None else set())
 

@@ -74,7 +74,7 @@ def images_skipped(source: str, input_rows: int, by_reason: dict[str, int], exam
     return ToolWarning(
         code="images_skipped",
         message=f"{skipped} of {input_rows} rows of {source} were left out because their image could "
-                f"not be read ({reasons}); e.g. {examples[0]}",
+                f"not be read ({reasons})" + (f"; e.g. {examples[0]}" if examples else ""),
         fields=["filepath"],
         details={"count": skipped, "by_reason": by_reason, "examples": examples, "image_root": image_root})
 

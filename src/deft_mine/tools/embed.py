@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 from deft_mine.backends import get_backend
+from deft_mine.errors import DeftError
 from deft_mine.schemas import warnings
 from deft_mine.schemas.inputs import EmbedInput
 from deft_mine.schemas.results import EmbedResult
@@ -31,19 +32,19 @@ def embed_spec(spec: EmbeddingSpec, inputs: EmbedInput, ctx: ToolContext) -> Emb
     source = existing_input(spec, "input_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source)
     image_root = Path(spec.image_root).expanduser().absolute() if spec.image_root else source.parent
+    backend = get_backend(inputs.backend, inputs.image, inputs.mounts)
+    if spec.is_tao_checkpoint and not backend.capabilities.runs_tao_checkpoints:
+        raise DeftError("backend_unsupported", f"model={spec.model} (a TAO checkpoint) runs only in the TAO "
+                        f"container, not on the {backend.name} backend", field="model",
+                        fix="use backend=docker for TAO checkpoints, or model=SigLIP|CLIP|thumbnail locally")
     with ctx.lock.bind(spec) if ctx.lock is not None else contextlib.nullcontext():
-        done = get_backend(inputs.backend, inputs.image, inputs.mounts).embed(
-            spec, source, output, image_root, ctx.events)
+        done = backend.embed(spec, source, output, image_root, ctx.events)
         if ctx.lock is not None:
-            ctx.lock.record(done.identity)
-    found = [warnings.images_skipped(str(source), done.input_rows, done.skipped_by_reason,
-                                     done.skipped_examples, str(image_root))] if done.skipped_by_reason else []
-    return EmbedResult(
-        output_parquet=str(output), rows=done.rows, input_rows=done.input_rows, columns=done.columns,
-        skipped=done.input_rows - done.rows, skipped_by_reason=done.skipped_by_reason,
-        skipped_examples=done.skipped_examples, encoder=done.identity, embedding_dim=done.dim,
-        device=done.device, backend=inputs.backend, timings=done.timings, warnings=found,
-    )
+            ctx.lock.record(done.encoder)
+    if done.skipped_by_reason:
+        done.warnings = [warnings.images_skipped(str(source), done.input_rows, done.skipped_by_reason,
+                                                 done.skipped_examples, str(image_root))]
+    return done
 
 
 embed = register(Tool("embed", "Embed images", "embed the images of a parquet/CSV into an embedding parquet",
