@@ -99,7 +99,9 @@ def test_run_through_the_container_matches_the_local_backend(image_set, docker_i
     # the container's own lines reached the caller while it ran
     lines = [message for _, message in events.logs]
     assert any("docker run deft-mine-test:latest embedding image_embeddings" in m for m in lines)
-    assert any("embedded 4 of 4 rows" in m for m in lines)  # deft-mine-task's own output
+    assert any("embedded 4 of 4 rows" in m for m in lines)
+    # our image's result JSON was read (the encoder identity above came from it) and removed
+    assert not list((image_set / "docker").rglob("*.result.json"))  # deft-mine-task's own output
     assert ("embed source", 4, 4) in events.progress_events
     assert (image_set / "docker" / "Mining_Report.md").exists()
     assert not [c for c in __import__("docker").from_env().containers.list(all=True)
@@ -193,3 +195,16 @@ def test_cancelling_stops_and_removes_the_container(image_set, docker_image):
               events=events, **docker_args(docker_image))
     assert events.progress_events[-1][1] >= 1
     assert not [c for c in docker.from_env().containers.list(all=True) if c.image.tags == [docker_image]]
+
+
+@pytest.mark.e2e
+def test_skipped_images_keep_their_reason_through_our_image(image_set, docker_image):
+    """Our image records what it did (deft-mine-task's result JSON): the caller gets each
+    skipped image's reason and example, as from the local backend, not a bare count."""
+    pq.write_table(pa.table({"filepath": ["imgs/0.png", "imgs/absent.png"]}), image_set / "gappy.parquet")
+    local = embed(image_set / "gappy.parquet", image_set / "gl.parquet", overrides=THUMB)
+    boxed = embed(image_set / "gappy.parquet", image_set / "gd.parquet", overrides=THUMB, **docker_args(docker_image))
+    assert boxed.skipped_by_reason == local.skipped_by_reason and sum(boxed.skipped_by_reason.values()) == 1
+    assert boxed.skipped_examples == local.skipped_examples
+    assert [w.code for w in boxed.warnings] == ["images_skipped"]
+    assert not list(image_set.glob(".gd.parquet.result.json"))

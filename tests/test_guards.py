@@ -52,3 +52,35 @@ def test_path_policy_refuses_each_escape(tmp_path):
             policy.check(attack, "output_parquet")
         assert exc.value.code == "path_outside_roots" and exc.value.details["field"] == "output_parquet"
         assert exc.value.details["resolved"].startswith(str(outside.resolve()))
+
+
+def test_paths_inside_a_spec_pass_the_same_door_as_path_arguments(tmp_path):
+    """Attack: smuggle a path outside the roots through overrides, a spec file or a mount,
+    where no path argument names it. Each is refused before anything is read or written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deft_mine.tools import embed, mine
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    pq.write_table(pa.table({"filepath": ["a.png"]}), outside / "listing.parquet")
+    policy = PathPolicy([root])
+    spec = root / "spec.yaml"
+    spec.write_text(f"model: thumbnail\ninput_parquet: {outside / 'listing.parquet'}\n")
+    attempts = {
+        "input_parquet": lambda: embed(output_parquet=root / "o.parquet", policy=policy,
+                                       overrides={"model": "thumbnail", "input_parquet": str(outside / "listing.parquet")}),
+        "image_root": lambda: embed(root / "x.parquet", root / "o.parquet", policy=policy,
+                                    overrides={"model": "thumbnail", "image_root": str(outside)}),
+        "input_parquet (spec file)": lambda: embed(output_parquet=root / "o.parquet", spec_path=spec, policy=policy),
+        "output_parquet": lambda: mine(root / "s.parquet", root / "t.parquet", policy=policy,
+                                       overrides=[f"output_parquet={outside / 'mined.parquet'}"]),
+        "mounts": lambda: embed(root / "x.parquet", root / "o.parquet", mounts=[str(outside)], policy=policy),
+        "spec_path": lambda: embed(root / "x.parquet", root / "o.parquet", spec_path=outside / "s.yaml", policy=policy),
+    }
+    for field, attempt in attempts.items():
+        with pytest.raises(DeftError) as exc:
+            attempt()
+        assert (exc.value.code, exc.value.details["field"]) == ("path_outside_roots", field.split()[0]), field
+    assert sorted(p.name for p in root.iterdir()) == ["spec.yaml"]  # nothing written

@@ -19,7 +19,6 @@ from deft_mine.backends import BACKENDS
 from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import Cli
 from deft_mine.schemas.results import ErrorInfo
-from deft_mine.schemas.warnings import ToolWarning
 from deft_mine.tools import TOOLS, Tool, ToolContext
 
 EXIT_OK, EXIT_BUG, EXIT_REFUSED = 0, 1, 2
@@ -55,11 +54,6 @@ class RichEvents:
         self.bars.console.print(f"[{style}]{message}[/]", highlight=False)
 
 
-def print_warnings(warnings: list[ToolWarning]) -> None:
-    for w in warnings:
-        err.print(f"[yellow]warning[/] [bold]{w.code}[/]: {w.message}", highlight=False)
-
-
 # The subcommands in the order --help lists them: the tools, plus serve and demo.
 COMMANDS = ("embed", "mine", "run", "serve", "preflight", "select", "report", "demo")
 
@@ -81,7 +75,7 @@ def _add_field(parser: argparse.ArgumentParser, groups: dict[str, Any], name: st
     target = groups[spec.group] if spec.group is not None else parser
     metavar = spec.flags[-1].lstrip("-").replace("-", "_").upper()
     target.add_argument(*spec.flags, dest=name, metavar=metavar, help=help_text,
-                        required=spec.required, type=spec.type or str)
+                        required=spec.required, type=int if info.annotation is int else str)
 
 
 def _flag(command: str, field: object) -> str | None:
@@ -187,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.print("[red]internal error[/] (please report it with the trace below)")
         traceback.print_exc()
         return EXIT_BUG
-    print_warnings(getattr(result, "warnings", []))
+    for w in result.warnings:
+        err.print(f"[yellow]warning[/] [bold]{w.code}[/]: {w.message}", highlight=False)
     if args.json:
         print(result.model_dump_json(indent=2))
     return EXIT_OK

@@ -19,7 +19,7 @@ from deft_mine.errors import DeftError
 
 FORMAT = "deft-mine-ledger"
 VERSION = 1
-_COUNTS = ("candidates", "previously_selected", "duplicates_in_candidates", "newly_selected")
+COUNTS = ("candidates", "previously_selected", "duplicates_in_candidates", "newly_selected")
 
 
 def absolute_normal(filepath: str, base: Path) -> str:
@@ -77,7 +77,7 @@ def load(path: Path) -> Ledger:
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise corrupt(f"iteration {it['iteration']}: 'selected' must be a list of paths")
         if not isinstance(it.get("files"), dict) or not all(
-                isinstance(it.get(key), int) for key in _COUNTS):
+                isinstance(it.get(key), int) for key in COUNTS):
             raise corrupt(f"iteration {it['iteration']}: 'files' or its counts are missing")
         for selected_path in paths:
             if selected_path in recorded:

@@ -28,12 +28,9 @@ def write_report(folder: Path, events: Events) -> ReportResult:
     events.progress("report", 4, 4)
     events.log("info", f"wrote {path} ({rendered.words} words, verdict {rendered.verdict})")
 
-    warnings = list(facts.warnings)
-    recorded = {w.code for w in warnings}
-    for finding in rendered.findings:
-        if finding.code not in recorded:  # a run warning already says what its finding would
-            recorded.add(finding.code)
-            warnings.append(report_finding(finding.code, finding.reason, finding.severity, finding.action))
+    recorded = {w.code for w in facts.warnings}  # a run warning already says what its finding would
+    warnings = facts.warnings + [report_finding(f.code, f.reason, f.severity, f.action)
+                                 for f in rendered.findings if f.code not in recorded]
     return ReportResult(report_path=str(path), words=rendered.words, verdict=rendered.verdict,
                         pictures=sorted(facts.pictures.values()), missing_facts=facts.missing_facts,
                         warnings=warnings + failures)

@@ -6,6 +6,7 @@ import json
 import os
 import unicodedata
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +25,16 @@ from deft_mine.schemas.manifest import EmbedFacts, InputFacts, LabelCounts, Mini
 from deft_mine.schemas.warnings import ToolWarning
 
 MISSING_LISTED = 10
-TRAITS = ("non_utf8", "control", "backslash")  # odd things a mined path may hold
+SPEC_PARQUETS = {  # mining spec key -> (role of the file, its default name)
+    "source_parquet": ("source_embeddings", artifacts.SOURCE_EMBEDDINGS),
+    "target_parquet": ("target_embeddings", artifacts.TARGET_EMBEDDINGS),
+    "output_parquet": ("mined", artifacts.MINED),
+}
+TRAITS: dict[str, Callable[[str], bool]] = {  # odd things a mined path may hold, and how to tell
+    "non_utf8": lambda p: "\ufffd" in p or any("\ud800" <= ch <= "\udfff" for ch in p),
+    "control": lambda p: any(unicodedata.category(ch) == "Cc" for ch in p),
+    "backslash": lambda p: "\\" in p,
+}
 Files = dict[str, Path | None]  # role ("mined", "pairs", "target_embeddings" …) -> file in the run folder
 
 
@@ -119,7 +129,7 @@ def gather(folder: Path, manifest: RunManifest | None, files: Files, missing: li
     facts.image_roots = _image_roots(folder, manifest, files, has_manifest)
     _optional(events, missing, "target labels", lambda: _labels(facts, files))
     _optional(events, missing, "mined_pairs statistics", lambda: _pair_stats(facts, files))
-    _optional(events, missing, "mined parquet checks", lambda: _check_mined(facts, files, has_manifest))
+    _optional(events, missing, "mined parquet checks", lambda: _check_mined(facts, files))
     return facts
 
 
@@ -147,25 +157,18 @@ def _first_file(*candidates: Path | None) -> Path | None:
     return next((p for p in candidates if p is not None and p.is_file()), None)
 
 
-def _recorded(folder: Path, value: Any, default: str) -> Path | None:
-    """A file the manifest names, looked for in this folder only (the folder may have moved since):
-    under its recorded name, else under the default name."""
-    return _first_file(folder / Path(str(value)).name if value else None, folder / default)
-
-
 def _locate(folder: Path, manifest: RunManifest | None) -> Files:
+    """The run's files by role. A parquet run.json names is looked for in this folder only (the folder
+    may have moved since): under its recorded name, else under the default name."""
     if manifest is None:
         return _scan(folder)
     spec = manifest.mining_spec or {}
-    return {
-        "mined": _recorded(folder, spec.get("output_parquet"), artifacts.MINED),
-        "target_embeddings": _recorded(folder, spec.get("target_parquet"), artifacts.TARGET_EMBEDDINGS),
-        "source_embeddings": _recorded(folder, spec.get("source_parquet"), artifacts.SOURCE_EMBEDDINGS),
-        "pairs": _first_file(folder / artifacts.PAIRS),
-        "summary": _first_file(folder / artifacts.SUMMARY),
-        "mining_spec": _first_file(folder / artifacts.MINING_SPEC),
-        "embedding_spec": _first_file(folder / artifacts.EMBEDDING_SPEC),
-    }
+    files = {role: _first_file(folder / Path(str(spec[key])).name if spec.get(key) else None, folder / name)
+             for key, (role, name) in SPEC_PARQUETS.items()}
+    for role, name in (("pairs", artifacts.PAIRS), ("summary", artifacts.SUMMARY),
+                       ("mining_spec", artifacts.MINING_SPEC), ("embedding_spec", artifacts.EMBEDDING_SPEC)):
+        files[role] = _first_file(folder / name)
+    return files
 
 
 def _scan(folder: Path) -> Files:
@@ -249,11 +252,8 @@ def _rebuild(folder: Path, files: Files, missing: list[str]) -> RunManifest:
     mining_spec, m.embedding_spec = _yaml(files.get("mining_spec")), _yaml(files.get("embedding_spec"))
     missing.extend(name for name, spec in (("mining_spec", mining_spec), ("embedding_spec", m.embedding_spec))
                    if spec is None)
-    mining_spec = dict(mining_spec or {})
-    for key, role in (("source_parquet", "source_embeddings"), ("target_parquet", "target_embeddings"),
-                      ("output_parquet", "mined")):
-        if files.get(role) is not None:
-            mining_spec[key] = str(files[role])
+    mining_spec = dict(mining_spec or {}) | {key: str(files[role]) for key, (role, _) in SPEC_PARQUETS.items()
+                                             if files.get(role) is not None}
     summary_path = files.get("summary")
     summary, label_filter = ({}, None) if summary_path is None else \
         artifacts.parse_summary(summary_path.read_text(encoding="utf-8", errors="replace"))
@@ -328,19 +328,16 @@ def _image_roots(folder: Path, manifest: RunManifest, files: Files, has_manifest
     without run.json, the folder (or a parent) under which the listed images are found."""
     root = (manifest.embedding_spec or {}).get("image_root")
     if root:
-        root = str(Path(root).expanduser().absolute())
-        return {"targets": root, "source": root}
+        return dict.fromkeys(("targets", "source"), str(Path(root).expanduser().absolute()))
     if has_manifest:
         paths = {"targets": manifest.inputs.targets.path, "source": manifest.inputs.source.path}
         return {side: str(Path(path).parent) if path else str(folder) for side, path in paths.items()}
-    samples = {"targets": _sample_paths(files.get("target_embeddings")),
-               "source": _sample_paths(files.get("mined"))}
     candidates = list(dict.fromkeys([folder, folder.parent, folder.parent.parent]))
     out: dict[str, str | None] = {}
-    for side, paths in samples.items():
+    for side, role in (("targets", "target_embeddings"), ("source", "mined")):
+        paths = _sample_paths(files.get(role))
         hits = [sum(resolve_image_path(p, c).is_file() for p in paths) for c in candidates]
-        best = max(range(len(candidates)), key=lambda i: (hits[i], -i)) if paths else 0
-        out[side] = str(candidates[best])
+        out[side] = str(candidates[max(range(len(candidates)), key=lambda i: (hits[i], -i))])
     return out
 
 
@@ -368,65 +365,45 @@ def _pair_stats(facts: ReportFacts, files: Files) -> None:
     path = files.get("pairs")
     if path is None:
         return
-    names = store.schema_of(path).names
-    table = store.read_columns(path, ["score", "kept"] + (["target_label"] if "target_label" in names else []))
+    labelled = "target_label" in store.schema_of(path).names
+    table = store.read_columns(path, ["score", "kept"] + (["target_label"] if labelled else []))
     scores = table.column("score").to_numpy()
     kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
-    by_label = None
-    if "target_label" in names:
-        by_label = count_labels([label for label, k in zip(table.column("target_label").to_pylist(), kept) if k])
-    facts.pairs = PairStats(
-        pairs=len(scores), kept=int(kept.sum()),
-        score_min=float(scores.min()) if len(scores) else None,
-        score_median=float(np.median(scores)) if len(scores) else None,
-        score_max=float(scores.max()) if len(scores) else None,
-        kept_by_target_label=by_label)
+    labels = table.column("target_label").to_pylist() if labelled else None
+    by_label = None if labels is None else count_labels(list(compress(labels, kept)))
+    spread = [float(f(scores)) for f in (np.min, np.median, np.max)] if len(scores) else [None] * 3
+    facts.pairs = PairStats(len(scores), int(kept.sum()), *spread, kept_by_target_label=by_label)
 
 
-def _check_mined(facts: ReportFacts, files: Files, has_manifest: bool) -> None:
+def _check_mined(facts: ReportFacts, files: Files) -> None:
     path = files.get("mined")
     if path is None:
         return
     schema = store.schema_of(path)
     rows = store.num_rows(path)
     root = facts.image_roots.get("source")
-    check = MinedCheck(name=path.name, columns=[(f.name, str(f.type)) for f in schema], rows=rows, root=root,
-                       root_guessed=not has_manifest and not (facts.manifest.embedding_spec or {}).get("image_root"))
-    facts.mined = check
+    guessed = not facts.has_manifest and not (facts.manifest.embedding_spec or {}).get("image_root")
+    facts.mined = check = MinedCheck(name=path.name, columns=[(f.name, str(f.type)) for f in schema],
+                                     rows=rows, root=root, root_guessed=guessed)
     if "filepath" not in schema.names:
         return
     column = store.read_columns(path, ["filepath"]).column("filepath")
     if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
         paths = [None if b is None else b.decode("utf-8", errors="surrogateescape") for b in column.to_pylist()]
     else:
-        paths = column.to_pylist() if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) \
-            else pc.cast(column, pa.string()).to_pylist()
+        paths = pc.cast(column, pa.string()).to_pylist()
     check.duplicates = rows - len(set(paths))
     base = Path(root) if root else path.parent
-    for p in paths:
-        if p is None:
-            continue
-        check.checked += 1
-        for trait in _traits(p):
-            check.encoding[trait] += 1
-            if len(check.encoding_examples[trait]) < 3:
-                check.encoding_examples[trait].append(p)
-        try:
-            exists = os.path.exists(resolve_image_path(p, base))
-        except (ValueError, OSError):  # e.g. an embedded NUL
-            exists = False
-        if not exists:
-            check.missing += 1
-            if len(check.missing_examples) < MISSING_LISTED:
-                check.missing_examples.append(p)
+    present = [p for p in paths if p is not None]
+    gone = [p for p in present if not _on_disk(p, base)]
+    odd = {trait: [p for p in present if holds(p)] for trait, holds in TRAITS.items()}
+    check.checked, check.missing, check.missing_examples = len(present), len(gone), gone[:MISSING_LISTED]
+    check.encoding = {trait: len(found) for trait, found in odd.items()}
+    check.encoding_examples = {trait: found[:3] for trait, found in odd.items()}
 
 
-def _traits(path: str) -> list[str]:
-    traits = []
-    if "\ufffd" in path or any("\ud800" <= ch <= "\udfff" for ch in path):
-        traits.append("non_utf8")
-    if any(unicodedata.category(ch) == "Cc" for ch in path):
-        traits.append("control")
-    if "\\" in path:
-        traits.append("backslash")
-    return traits
+def _on_disk(path: str, base: Path) -> bool:
+    try:
+        return os.path.exists(resolve_image_path(path, base))
+    except (ValueError, OSError):  # e.g. an embedded NUL
+        return False

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,8 +20,6 @@ from deft_mine.schemas.warnings import ToolWarning, picture_failed
 
 CONTACT_TARGETS = 8  # targets drawn on the contact sheet
 CONTACT_NEIGHBOURS = 8  # neighbours drawn per target at most
-PICTURE_NAMES = {"contact_sheet": "contact_sheet.png", "score_histogram": "score_histogram.png",
-                 "labels": "labels.png"}
 
 WHITE, INK, GRID, PLACEHOLDER = (255, 255, 255), (33, 33, 33), (220, 220, 220), (160, 160, 160)
 TARGET_FRAME, KEPT, DROPPED = (40, 90, 200), (46, 139, 87), (200, 50, 50)
@@ -36,12 +35,13 @@ Face = ImageFont.ImageFont | ImageFont.FreeTypeFont
 
 @dataclass
 class Tile:
-    """One image on the contact sheet: where it is, what to write under it, its frame colour."""
+    """One image on the contact sheet: where it is, its caption and label lines, its frame colour."""
 
     filepath: str
-    root: Path | None
-    lines: list[str] = field(default_factory=list)
-    frame: Colour = NEUTRAL
+    root: Path
+    caption: str
+    label: str
+    frame: Colour
 
 
 def draw(facts: ReportFacts, events: Events) -> list[ToolWarning]:
@@ -50,7 +50,7 @@ def draw(facts: ReportFacts, events: Events) -> list[ToolWarning]:
     failures: list[ToolWarning] = []
     for kind, drawer in (("contact_sheet", _contact_sheet), ("score_histogram", _histogram),
                          ("labels", _label_chart)):
-        name = PICTURE_NAMES[kind]
+        name = f"{kind}.png"
         try:
             if drawer(facts, Path(facts.folder) / name):
                 facts.pictures[kind] = name
@@ -80,22 +80,16 @@ def _contact_sheet(facts: ReportFacts, path: Path) -> bool:
         columns = ["target_filepath", "target_row", "rank", "filepath", "score", "kept"] + \
             [c for c in ("target_label", "source_label") if c in names]
         table = pq.read_table(pairs_path, columns=columns, filters=[("target_row", "<", CONTACT_TARGETS)])
-        by_target: dict[int, list[dict[str, Any]]] = {}
-        for pair in table.to_pylist():
-            by_target.setdefault(pair["target_row"], []).append(pair)
-        for target_row in sorted(by_target):
-            found = sorted(by_target[target_row], key=lambda p: p["rank"])
-            head = found[0]
-            row = [Tile(head["target_filepath"], t_root, [f"target {target_row}", _label_text(head.get("target_label")),
-                                                          Path(head["target_filepath"]).name], TARGET_FRAME)]
+        pairs = sorted(table.to_pylist(), key=lambda p: (p["target_row"], p["rank"]))
+        for target_row, group in groupby(pairs, key=lambda p: p["target_row"]):
+            found = list(group)
+            row = [Tile(found[0]["target_filepath"], t_root, f"target {target_row}",
+                        _label_text(found[0].get("target_label")), TARGET_FRAME)]
             for pair in found[:CONTACT_NEIGHBOURS]:
-                row.append(Tile(pair["filepath"], s_root,
-                                [f"#{pair['rank']}  {_score_text(pair['score'])}",
-                                 (_label_text(pair.get("source_label")) + " "
-                                  + ("" if pair["kept"] else "(dropped)")).strip(),
-                                 Path(pair["filepath"]).name], KEPT if pair["kept"] else DROPPED))
+                label = _label_text(pair.get("source_label")) + ("" if pair["kept"] else " (dropped)")
+                row.append(Tile(pair["filepath"], s_root, f"#{pair['rank']}  {_score_text(pair['score'])}",
+                                label.strip(), KEPT if pair["kept"] else DROPPED))
             rows.append(row)
-        facts.contact_from = "pairs"
     else:
         if mined is None or not {"best_target", "filepath"} <= set(store.schema_of(mined).names):
             return False
@@ -106,11 +100,10 @@ def _contact_sheet(facts: ReportFacts, path: Path) -> bool:
             if item["best_target"] in groups or len(groups) < CONTACT_TARGETS:
                 groups.setdefault(item["best_target"], []).append(item)
         for i, (target, items) in enumerate(groups.items()):
-            rows.append([Tile(str(target), t_root, [f"target {i}", "", Path(str(target)).name], TARGET_FRAME)]
-                        + [Tile(str(it["filepath"]), s_root, [f"best {_score_text(it.get('score'))}", "",
-                                                              Path(str(it["filepath"])).name], KEPT)
+            rows.append([Tile(str(target), t_root, f"target {i}", "", TARGET_FRAME)]
+                        + [Tile(str(it["filepath"]), s_root, f"best {_score_text(it.get('score'))}", "", KEPT)
                            for it in items[:CONTACT_NEIGHBOURS]])
-        facts.contact_from = "best_target"
+    facts.contact_from = "pairs" if pairs_path is not None else "best_target"
     facts.contact_targets = len(rows)
     facts.contact_neighbours = max([len(r) - 1 for r in rows] + [0])
     queries = facts.manifest.mining.summary.get("queries")
@@ -132,13 +125,12 @@ def _histogram(facts: ReportFacts, path: Path) -> bool:
         if mining.label_filter == "applied":
             kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
         title = f"Neighbour scores of all {len(scores)} pairs found"
-        facts.histogram_from = "pairs"
     else:
         if mined is None or "score" not in store.schema_of(mined).names:
             return False
         scores = store.read_columns(mined, ["score"]).column("score").to_numpy(zero_copy_only=False)
         title = f"Best neighbour score of each of the {len(scores)} mined images"
-        facts.histogram_from = "mined"
+    facts.histogram_from = "pairs" if pairs_path is not None else "mined"
     scores = np.asarray(scores, dtype=np.float64)
     finite = np.isfinite(scores)
     _draw_histogram(scores[finite], None if kept is None else kept[finite], path, title, f"score: {axis}")
@@ -183,11 +175,12 @@ def _canvas(width: int, height: int, title: str, at: tuple[int, int],
 
 
 def _legend(pen: ImageDraw.ImageDraw, x: float, entries: Sequence[tuple[Colour, str]], face: Face,
-            step: Callable[[str], float]) -> None:
+            step: float | None = None) -> None:
+    """Colour swatches with their names, `step` pixels apart (default: each name's width plus 30)."""
     for colour, name in entries:
         pen.rectangle([x, 40, x + 12, 52], fill=colour)
         pen.text((x + 18, 39), name, fill=INK, font=face)
-        x += step(name)
+        x += 30 + pen.textlength(name, font=face) if step is None else step
 
 
 def _save(image: Image.Image, path: Path) -> None:
@@ -196,15 +189,13 @@ def _save(image: Image.Image, path: Path) -> None:
 
 
 def _tile_image(tile: Tile) -> Image.Image:
-    loaded = load_rgb(tile.filepath, tile.root or Path("."))
+    loaded = load_rgb(tile.filepath, tile.root)
     if isinstance(loaded, LoadFailure):
         canvas = Image.new("RGB", (TILE, TILE), PLACEHOLDER)
         pen = ImageDraw.Draw(canvas)
         face = font(13)
-        word = "missing" if loaded.reason == "missing" else loaded.reason.split(" (")[0]
-        text = _fit(pen, word, TILE - 8, face)
-        width = pen.textlength(text, font=face)
-        pen.text(((TILE - width) / 2, TILE / 2 - 8), text, fill=WHITE, font=face)
+        text = _fit(pen, loaded.reason.split(" (")[0], TILE - 8, face)  # "missing", "not an image" …
+        pen.text(((TILE - pen.textlength(text, font=face)) / 2, TILE / 2 - 8), text, fill=WHITE, font=face)
         pen.line([(0, 0), (TILE - 1, TILE - 1)], fill=(180, 180, 180))
         pen.line([(0, TILE - 1), (TILE - 1, 0)], fill=(180, 180, 180))
         return canvas
@@ -227,7 +218,7 @@ def _draw_contact_sheet(rows: Sequence[Sequence[Tile]], path: Path, title: str) 
             thumb = _tile_image(tile)
             sheet.paste(thumb, (x + (TILE - thumb.width) // 2, y + (TILE - thumb.height) // 2))
             pen.rectangle([x - 3, y - 3, x + TILE + 2, y + TILE + 2], outline=tile.frame, width=3)
-            for i, text in enumerate(tile.lines[:CAPTION_LINES]):
+            for i, text in enumerate((tile.caption, tile.label, Path(tile.filepath).name)):
                 pen.text((x, y + TILE + 6 + i * LINE), _fit(pen, text, TILE, small), fill=INK, font=small)
         if r:
             pen.line([(0, y - GAP // 2 - 3), (width, y - GAP // 2 - 3)], fill=GRID)
@@ -251,12 +242,10 @@ def _draw_histogram(scores: np.ndarray, kept: np.ndarray | None, path: Path, tit
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, bins + 1)
-    layers: list[tuple[np.ndarray, Colour, str]] = []
-    if kept is not None:
-        layers.append((np.histogram(scores[kept], edges)[0], KEPT, f"kept ({int(kept.sum())})"))
-        layers.append((np.histogram(scores[~kept], edges)[0], DROPPED, f"dropped ({int((~kept).sum())})"))
-    else:
-        layers.append((np.histogram(scores, edges)[0], NEUTRAL, f"pairs ({scores.size})"))
+    layers: list[tuple[np.ndarray, Colour, str]] = [
+        (np.histogram(scores[kept], edges)[0], KEPT, f"kept ({int(kept.sum())})"),
+        (np.histogram(scores[~kept], edges)[0], DROPPED, f"dropped ({int((~kept).sum())})"),
+    ] if kept is not None else [(np.histogram(scores, edges)[0], NEUTRAL, f"pairs ({scores.size})")]
     total = sum(layer[0] for layer in layers)
     step = max(1, -(-int(total.max()) // 4))  # whole-number count ticks, about four of them
     peak = step * max(1, -(-int(total.max()) // step))
@@ -280,8 +269,7 @@ def _draw_histogram(scores: np.ndarray, kept: np.ndarray | None, path: Path, tit
         pen.line([(x, top + plot_h), (x, top + plot_h + 4)], fill=INK)
         pen.text((x - pen.textlength(label, font=face) / 2, top + plot_h + 6), label, fill=INK, font=face)
     pen.text((left, height - 22), _fit(pen, axis_label, plot_w, face), fill=INK, font=face)
-    _legend(pen, left, [(colour, name) for _, colour, name in layers], face,
-            lambda name: 30 + pen.textlength(name, font=face))
+    _legend(pen, left, [(colour, name) for _, colour, name in layers], face)
     _save(image, path)
 
 
@@ -291,7 +279,7 @@ def _draw_label_bars(labels: Sequence[str], targets: Sequence[int], mined: Seque
     width, left, right, top, row_h = 720, 170, 60, 64, 30
     image, pen = _canvas(width, max(200, top + row_h * max(len(labels), 1) + 24), title, (12, 12), width - 24)
     face = font(11)
-    _legend(pen, left, [(TARGET_FRAME, "targets"), (MINED, "mined")], face, lambda name: 90)
+    _legend(pen, left, [(TARGET_FRAME, "targets"), (MINED, "mined")], face, 90)
     peak = max(list(targets) + list(mined) + [1])
     plot_w = width - left - right
     for i, (label, t, m) in enumerate(zip(labels, targets, mined)):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
-from deft_mine.report.facts import ReportFacts
+from deft_mine.report.facts import SPEC_PARQUETS, ReportFacts
 from deft_mine.schemas.manifest import EmbedFacts, InputFacts
 from deft_mine.schemas.results import EncoderIdentity
 from deft_mine.schemas.warnings import WarningCode
@@ -60,20 +60,15 @@ def render(facts: ReportFacts) -> Rendered:
     """The report at the least detail that reaches MIN_WORDS; a big run drops explanatory prose,
     then shortens lists, to stay within MAX_WORDS."""
     found = findings(facts)
-    verdict = _verdict(found)
-    cache: dict[tuple[int, bool], tuple[str, int]] = {}
+    verdict = "failed" if any(f.severity == "failed" for f in found) else "attention" if found else "ok"
 
     def attempt(level: int, compact: bool) -> tuple[str, int]:
-        if (level, compact) not in cache:
-            text = _assemble(facts, found, verdict, level, compact)
-            cache[level, compact] = (text, count_words(text))
-        return cache[level, compact]
+        text = _assemble(facts, found, verdict, level, compact)
+        return text, count_words(text)
 
     text, words = attempt(1, False)
-    if words < MIN_WORDS:
-        longer = attempt(2, False)
-        if longer[1] <= MAX_WORDS:
-            text, words = longer
+    if words < MIN_WORDS and (longer := attempt(2, False))[1] <= MAX_WORDS:
+        text, words = longer
     for level, compact in ((1, True), (0, False), (0, True)):
         if words <= MAX_WORDS:
             break
@@ -89,14 +84,10 @@ def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return _num(value)
+        return f"{value:.4g}"
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True)
     return str(value)
-
-
-def _num(value: float | None) -> str:
-    return NOT_RECORDED if value is None else f"{value:.4g}"
 
 
 def _flag(value: Any) -> str:
@@ -105,8 +96,7 @@ def _flag(value: Any) -> str:
 
 
 def _code(value: Any) -> str:
-    text = _fmt(value)
-    return text if value is None else "`" + text.replace("`", "'") + "`"
+    return NOT_RECORDED if value is None else "`" + _fmt(value).replace("`", "'") + "`"
 
 
 def _secs(value: Any) -> str:
@@ -119,12 +109,14 @@ def _path_md(path: str, always_repr: bool = False) -> str:
     return "`" + (repr(path).replace("`", "'") if odd else path) + "`"
 
 
-def _pct(part: int, whole: int) -> str:
-    return f"{100.0 * part / whole:.1f}%" if whole else "n/a"
-
-
 def _cell(value: Any) -> str:
     return _fmt(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: str, rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table: the column titles (separated by " | "), then one line per row of cells."""
+    lines = [f"| {header} |", "|" + "---|" * len(header.split(" | "))]
+    return "\n".join(lines + ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows])
 
 
 def _short(text: str, words: int) -> str:
@@ -132,8 +124,8 @@ def _short(text: str, words: int) -> str:
     return text if len(parts) <= words else " ".join(parts[:words]) + " …"
 
 
-def _plural(n: int | None, one: str, many: str | None = None) -> str:
-    return f"{_fmt(n)} {one if n == 1 else (many or one + 's')}"
+def _plural(n: int | None, one: str) -> str:
+    return f"{_fmt(n)} {one if n == 1 else one + 's'}"
 
 
 class _View:
@@ -142,10 +134,9 @@ class _View:
     def __init__(self, facts: ReportFacts) -> None:
         self.facts, self.m = facts, (m := facts.manifest)
         self.spec: dict[str, Any] = m.mining_spec or {}
-        self.inputs: dict[str, InputFacts] = {"targets": m.inputs.targets, "source": m.inputs.source}
+        self.inputs: dict[str, InputFacts] = {"target": m.inputs.targets, "source": m.inputs.source}
         self.embedded: dict[str, EmbedFacts] = {"target": m.embeddings.target, "source": m.embeddings.source}
         self.summary: dict[str, int] = m.mining.summary
-        self.status = m.status
         self.topn = _first(m.mining.topn, self.summary.get("topn"), self.spec.get("topn"))
         self.metric = _first(m.mining.knn_metric, self.spec.get("knn_metric"))
         self.filter_by_label = _first(m.mining.filter_by_label, self.spec.get("filter_by_label"))
@@ -154,42 +145,33 @@ class _View:
         self.queries = self.summary.get("queries")
         self.pool = _first(self.summary.get("pool"), m.embeddings.source.rows)
         self.mined_count = _first(self.summary.get("mined"), facts.mined.rows if facts.mined is not None else None)
-        self.targets_in = _first(m.inputs.targets.rows, m.embeddings.target.rows)
-        self.pool_in = _first(m.inputs.source.rows, m.embeddings.source.rows)
         self.enc_t, self.enc_s, self.match = m.encoder.target, m.encoder.source, m.encoder.match
         self.differing = [k for k in IDENTITY_FIELDS if getattr(self.enc_t, k, None) != getattr(self.enc_s, k, None)]
         self.fingerprint = _first(m.encoder.fingerprint, facts.fingerprints.get("target"))
-        self.target_has_label, self.source_has_label = m.inputs.targets.has_label, m.inputs.source.has_label
         self.skipped = {side: emb.skipped for side, emb in self.embedded.items()}
         self.mined_name = facts.files.get("mined") or "mined.parquet"
         self.score_words = ("cosine similarity, higher is nearer" if self.metric == "cosine" else
                             f"{self.metric} distance, lower is nearer" if self.metric else
                             "in a metric that is not recorded")
-        self.no_label_sides = [side for side, has in (("source", self.source_has_label),
-                                                      ("target", self.target_has_label)) if has is False]
-
-    def exhausted(self) -> bool:
-        return bool(self.queries and self.topn and self.pool is not None and self.topn * self.queries > self.pool)
+        self.no_label_sides = [side for side in ("source", "target") if self.inputs[side].has_label is False]
 
 
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-# ----------------------------------------------------------------------------- findings
-
 def findings(facts: ReportFacts) -> list[Finding]:
     """What needs a person's attention (or makes the run unusable), each with its action."""
     v = _View(facts)
     out: list[Finding] = []
     error = v.m.error
-    if facts.has_manifest and v.status != "finished":
+    if facts.has_manifest and v.m.status != "finished":
         what = f"{error.code}: {_short(error.message, 40)}" if error else "no error recorded"
         fix = (error.fix if error else None) or "see the error above"
-        out.append(Finding("run_failed", "failed", f"the run did not finish (status {_fmt(v.status)}; {what})",
-                           f"Fix the cause ({_short(fix, 30)}) "
-                           "and run again; finished steps are kept in this folder, but nothing "
-                           "mined here is complete."))
+        out.append(Finding("run_failed", "failed",
+                           f"the run did not finish (status {_fmt(v.m.status)}; {what})",
+                           f"Fix the cause ({_short(fix, 30)}) and run again; finished steps are kept "
+                           "in this folder, but nothing mined here is complete."))
     if v.match is False:
         out.append(Finding("encoder_mismatch", "failed",
                            "the targets and the pool were embedded with different encoders "
@@ -198,7 +180,7 @@ def findings(facts: ReportFacts) -> list[Finding]:
                            "Re-embed one side with the other side's embedding spec (same model, "
                            "model_path, model_config_path and preprocessing), then mine again; do not "
                            f"train on the current `{v.mined_name}`."))
-    elif v.match is None and v.status in (None, "finished"):
+    elif v.match is None and v.m.status in (None, "finished"):
         unknown = [side for side, ident in (("target", v.enc_t), ("source", v.enc_s)) if not ident]
         out.append(Finding("provenance_unknown", "attention",
                            f"the {' and '.join(unknown) or 'embedding'} side records no encoder identity, "
@@ -206,7 +188,7 @@ def findings(facts: ReportFacts) -> list[Finding]:
                            "Embed with deft-mine (it records the encoder identity in each embedding "
                            "parquet), or confirm that both container embedding steps used the same "
                            "embedding_spec.yaml."))
-    if facts.mined is None and v.status in (None, "finished"):
+    if facts.mined is None and v.m.status in (None, "finished"):
         out.append(Finding("mined_missing", "failed", "no mined parquet was found in the run folder",
                            "Run the mining step again; without its output there is nothing to train on."))
     if v.label_filter == "noop":
@@ -218,7 +200,7 @@ def findings(facts: ReportFacts) -> list[Finding]:
                            f"column to its embedding parquet by joining on `filepath`; the vectors "
                            "need no re-embedding) and re-run mining only: "
                            + _mine_command(v, inline=True) + "."))
-    if v.exhausted():
+    if v.queries and v.topn and v.pool is not None and v.topn * v.queries > v.pool:
         out.append(Finding("pool_exhausted", "attention",
                            f"topn × targets = {v.topn} × {v.queries} = {v.topn * v.queries} is more "
                            f"than the {v.pool} pool rows searched",
@@ -226,24 +208,22 @@ def findings(facts: ReportFacts) -> list[Finding]:
                            + (f" to at most {v.pool // v.queries}" if v.pool // v.queries else "")
                            + ", so each target can get neighbours of its own; this run mined "
                            f"{_plural(v.mined_count, 'unique image')}."))
-    skipped = v.skipped
-    if any(skipped.values()):
+    if any(v.skipped.values()):
         roots = ", ".join(f"{side} images from `{facts.image_roots.get(k)}`"
                           for side, k in (("target", "targets"), ("source", "source"))
-                          if skipped[side] and facts.image_roots.get(k))
+                          if v.skipped[side] and facts.image_roots.get(k))
         examples = [str(e) for w in facts.warnings if w.code == "images_skipped"
                     for e in (w.details.get("examples") or [])[:2]][:3]
         out.append(Finding("images_skipped", "attention",
                            "images could not be read while embedding: "
-                           f"{_plural(skipped['target'] or 0, 'target')} and "
-                           f"{_plural(skipped['source'] or 0, 'pool row')} left out",
+                           f"{_plural(v.skipped['target'] or 0, 'target')} and "
+                           f"{_plural(v.skipped['source'] or 0, 'pool row')} left out",
                            "Fix the missing or unreadable image paths, or set `image_root` in the "
                            "embedding spec to the folder relative paths resolve against"
                            + (f" (this run read {roots})" if roots else "") + ", then run again"
                            + (" (unreadable, e.g. " + ", ".join(f"`{e}`" for e in examples) + ")."
                               if examples else ".")))
-    in_pool = v.summary.get("target_in_pool")
-    if in_pool and not v.exclude_targets:
+    if (in_pool := v.summary.get("target_in_pool")) and not v.exclude_targets:
         out.append(Finding("target_in_pool", "attention",
                            f"{in_pool} pool rows are target images themselves and were searched like "
                            "any other pool row",
@@ -291,26 +271,16 @@ def findings(facts: ReportFacts) -> list[Finding]:
     return out
 
 
-def _verdict(found: list[Finding]) -> str:
-    if any(f.severity == "failed" for f in found):
-        return "failed"
-    return "attention" if found else "ok"
-
-
-# ----------------------------------------------------------------------------- assembly
-
 def _assemble(facts: ReportFacts, found: list[Finding], verdict: str, level: int, compact: bool) -> str:
     v = _View(facts)
     run_name = (v.m.run_dir or facts.folder).rstrip("/").rsplit("/", 1)[-1]
     parts = [f"# Mining Report — `{run_name}`\n"]
-    builders: list[Callable[..., list[tuple[int, str]]]] = [
+    sections: list[tuple[str, Callable[..., list[tuple[int, str]]]]] = list(zip(SECTIONS, (
         _verdict_section, _inputs_section, _encoder_section, _mining_section, _labels_section,
-        _sanity_section, _actions_section]
-    titles = list(SECTIONS)
+        _sanity_section, _actions_section)))
     if v.m.history is not None:  # iterative runs: before the actions, what earlier rounds took
-        titles.insert(-1, "History")
-        builders.insert(-1, _history_section)
-    for title, build in zip(titles, builders):
+        sections.insert(-1, ("History", _history_section))
+    for title, build in sections:
         blocks = build(v, found, verdict, compact)
         body = "\n\n".join(text for need, text in blocks if need <= level and text)
         parts.append(f"## {title}\n\n{body}\n")
@@ -318,7 +288,6 @@ def _assemble(facts: ReportFacts, found: list[Finding], verdict: str, level: int
 
 
 def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
-    facts = v.facts
     mined = (f"{_plural(v.queries, 'target')} mined {_plural(v.mined_count, 'unique pool image')} "
              f"from {_plural(v.pool, 'pool row')}")
     headline = {
@@ -327,8 +296,7 @@ def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool
                      f"{'needs' if len(found) == 1 else 'need'} a look before the images go to training.",
         "failed": "the mined set must not be used: " + "; ".join(f.reason for f in found if f.severity == "failed") + ".",
     }[verdict]
-    params = (f"topn={_fmt(v.topn)}, knn_metric={_fmt(v.metric)}, filter_by_label="
-              f"{_flag(v.filter_by_label)}"
+    params = (f"topn={_fmt(v.topn)}, knn_metric={_fmt(v.metric)}, filter_by_label={_flag(v.filter_by_label)}"
               + (f" ({v.label_filter})" if v.label_filter else ""))
     encoder = (f"{_code(getattr(v.enc_t, 'model', None))} (fingerprint {_code(v.fingerprint)}), "
                + {True: "the same on both sides", False: "DIFFERENT on the two sides",
@@ -336,17 +304,20 @@ def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool
     m = v.m
     when = (f"{_fmt(m.status)}, started {_fmt(m.started_at)}, finished "
             f"{_fmt(m.finished_at)}, backend {_fmt(m.backend)} on host {_fmt(m.host)}, "
-            f"deft-mine {_fmt(m.deft_mine_version)}") if facts.has_manifest else \
+            f"deft-mine {_fmt(m.deft_mine_version)}") if v.facts.has_manifest else \
         "no run.json in this folder: status, times and host are not recorded"
-    def embedded_only(side: str, key: str) -> str:
-        only = v.inputs[side].rows is None and v.embedded[key].rows is not None
-        return " (rows of its embedding parquet; the input file's rows are not recorded)" if only else ""
+
+    def rows_in(side: str) -> str:
+        listed, embedded = v.inputs[side].rows, v.embedded[side].rows
+        only = (" (rows of its embedding parquet; the input file's rows are not recorded)"
+                if listed is None and embedded is not None else "")
+        return f"**{_fmt(_first(listed, embedded))}**{only}"
 
     blocks = [
         (0, f"**Verdict: {verdict.upper()}** — {headline}"),
         (0, "\n".join([
-            f"- Targets in: **{_fmt(v.targets_in)}**" + embedded_only("targets", "target"),
-            f"- Pool in: **{_fmt(v.pool_in)}**" + embedded_only("source", "source"),
+            f"- Targets in: {rows_in('target')}",
+            f"- Pool in: {rows_in('source')}",
             f"- Mined out: **{_fmt(v.mined_count)}** unique images → `{v.mined_name}`",
             f"- Encoder: {encoder}",
             f"- Parameters: {params}",
@@ -358,9 +329,9 @@ def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool
         blocks.append((0, "Findings behind this verdict:\n\n" + "\n".join(
             f"- **{f.code}** ({f.severity}): {_short(f.reason, words)}." for f in found[:limit])
             + (f"\n- and {len(found) - limit} more (see the report tool's warnings)" if len(found) > limit else "")))
-    if facts.missing_facts:
+    if v.facts.missing_facts:
         blocks.append((0, "Facts this folder does not record, so the report cannot state them: "
-                       + ", ".join(f"`{x}`" for x in facts.missing_facts) + "."))
+                       + ", ".join(f"`{x}`" for x in v.facts.missing_facts) + "."))
     blocks.append((1, "An OK verdict means every recorded check passed: the run finished, both sides "
                       "used one encoder, no image was skipped, no requested filter was silently "
                       "ignored and every mined path exists. ATTENTION means the output is usable but "
@@ -374,25 +345,20 @@ def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool
 
 def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
     facts = v.facts
-    rows = ["| Side | Path | Rows | Embedded | Skipped | Has `label` | Converted from CSV |",
-            "|---|---|---|---|---|---|---|"]
-    for side, key, name in (("targets", "target", "Targets"), ("source", "source", "Pool")):
-        inp, emb = v.inputs[side], v.embedded[key]
-        rows.append(f"| {name} | {_code(inp.path)} | {_fmt(inp.rows)} | {_fmt(emb.rows)} | {_fmt(emb.skipped)} | "
-                    f"{_fmt(inp.has_label)} | {_fmt(None if inp.format is None else inp.format == 'csv')} |")
-    blocks = [(0, "\n".join(rows))]
     limit = 6 if compact else 12
-    lines = []
-    for side, name in (("targets", "Targets"), ("source", "Pool")):
-        cols = v.inputs[side].columns
+    rows, columns, skips = [], [], []
+    for side, name in (("target", "Targets"), ("source", "Pool")):
+        inp, emb, cols = v.inputs[side], v.embedded[side], v.inputs[side].columns
+        rows.append((name, _code(inp.path), inp.rows, emb.rows, emb.skipped, inp.has_label,
+                     None if inp.format is None else inp.format == "csv"))
         if cols:
             shown = ", ".join(f"`{c}`" for c in cols[:limit]) + (f" and {len(cols) - limit} more" if len(cols) > limit else "")
-            lines.append(f"{name} columns ({len(cols)}): {shown}.")
-    for side, name in (("target", "targets"), ("source", "pool")):
-        reasons = v.embedded[side].skipped_by_reason
-        if reasons:
-            lines.append(f"Skipped {name} images by reason: "
-                         + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) + ".")
+            columns.append(f"{name} columns ({len(cols)}): {shown}.")
+        if emb.skipped_by_reason:
+            skips.append(f"Skipped {name.lower()} images by reason: "
+                         + ", ".join(f"{n} {r}" for r, n in sorted(emb.skipped_by_reason.items())) + ".")
+    blocks = [(0, _table("Side | Path | Rows | Embedded | Skipped | Has `label` | Converted from CSV", rows))]
+    lines = columns + skips
     dim = _first(v.embedded["target"].embedding_dim, v.embedded["source"].embedding_dim)
     device = v.embedded["target"].device
     if dim is not None:
@@ -416,26 +382,25 @@ def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool)
 
 
 def _encoder_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
-    rows = ["| Field | Targets | Pool |", "|---|---|---|"]
-    for key in IDENTITY_FIELDS:
-        rows.append(f"| `{key}` | {_identity_cell(v.enc_t, key)} | {_identity_cell(v.enc_s, key)} |")
+    rows = [(f"`{key}`", _identity_cell(v.enc_t, key), _identity_cell(v.enc_s, key))
+            for key in IDENTITY_FIELDS]
     fps = [v.facts.fingerprints.get(side) for side in ("target", "source")]
     if any(fps):
-        rows.append(f"| fingerprint | {_cell(fps[0])} | {_cell(fps[1])} |")
+        rows.append(("fingerprint", _cell(fps[0]), _cell(fps[1])))
     if v.match is True:
         line = (f"**Encoder match: yes** — both sides were embedded with the same encoder identity "
                 f"(fingerprint `{_fmt(v.fingerprint)}`), so target and pool vectors are comparable.")
     elif v.match is False:
         line = (f"**Encoder match: NO** — the two sides differ in {', '.join(v.differing) or 'their identity'}; "
                 "distances between their vectors mean nothing, so the verdict is FAILED.")
-    elif v.facts.has_manifest and v.status != "finished":
+    elif v.facts.has_manifest and v.m.status != "finished":
         line = ("**Encoder match: unknown** — the run stopped before both sides were embedded, so "
                 "there is no pair of identities to compare.")
     else:
         line = ("**Encoder match: unknown** — at least one side records no encoder identity "
                 "(for example an embedding parquet written by the TAO container), so the match "
                 "cannot be confirmed.")
-    blocks = [(0, "\n".join(rows)), (0, line)]
+    blocks = [(0, _table("Field | Targets | Pool", rows)), (0, line)]
     spec = v.m.embedding_spec or {}
     if getattr(v.enc_t, "model", None) == "thumbnail" and spec.get("model_path"):
         blocks.append((1, f"The spec's `model_path` ({_code(spec.get('model_path'))}) is ignored by the "
@@ -461,20 +426,12 @@ def _identity_cell(identity: EncoderIdentity | None, key: str) -> str:
 
 def _mine_command(v: _View, inline: bool = False) -> str:
     files = v.facts.files
-    folder = v.m.run_dir or v.facts.folder
-
-    def path(key: str, role: str, default: str) -> str:
-        return v.spec.get(key) or f"{folder.rstrip('/')}/{files.get(role) or default}"
-
-    parts = ["deft-mine mine"]
-    if files.get("mining_spec"):
-        parts.append(f"-e {folder.rstrip('/')}/{files['mining_spec']}")
-    parts += [f"source_parquet={path('source_parquet', 'source_embeddings', 'source_embeddings.parquet')}",
-              f"target_parquet={path('target_parquet', 'target_embeddings', 'target_embeddings.parquet')}",
-              f"output_parquet={path('output_parquet', 'mined', 'mined.parquet')}"]
-    for key, value in (("topn", v.topn), ("knn_metric", v.metric), ("filter_by_label", v.filter_by_label)):
-        if value is not None:
-            parts.append(f"{key}={str(value).lower()}")
+    folder = (v.m.run_dir or v.facts.folder).rstrip("/")
+    parts = ["deft-mine mine"] + ([f"-e {folder}/{files['mining_spec']}"] if files.get("mining_spec") else [])
+    for key, (role, default) in SPEC_PARQUETS.items():
+        parts.append(f"{key}={v.spec.get(key) or folder + '/' + (files.get(role) or default)}")
+    parts += [f"{key}={str(value).lower()}" for key, value in (("topn", v.topn), ("knn_metric", v.metric),
+              ("filter_by_label", v.filter_by_label)) if value is not None]
     command = " ".join(parts)
     return f"`{command}`" if inline else f"```\n{command}\n```"
 
@@ -482,15 +439,15 @@ def _mine_command(v: _View, inline: bool = False) -> str:
 def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
     facts = v.facts
     blocks = [(0, "The command equivalent of this mining step (re-run it to mine again without "
-                  "re-embedding):\n\n" + _mine_command(v))]
-    blocks.append((0, f"Parameters: `topn` = {_fmt(v.topn)}, `knn_metric` = {_fmt(v.metric)} (scores are "
-                      f"{v.score_words}), `filter_by_label` = {_flag(v.filter_by_label)}, "
-                      f"`exclude_targets` = {_flag(v.exclude_targets)}."))
+                  "re-embedding):\n\n" + _mine_command(v)),
+              (0, f"Parameters: `topn` = {_fmt(v.topn)}, `knn_metric` = {_fmt(v.metric)} (scores are "
+                  f"{v.score_words}), `filter_by_label` = {_flag(v.filter_by_label)}, "
+                  f"`exclude_targets` = {_flag(v.exclude_targets)}.")]
     if v.summary:
-        rows = ["| Count | Value | Meaning |", "|---|---|---|"]
-        for key, value in v.summary.items():
-            rows.append(f"| `{key}` | {_cell(value)} | {SUMMARY_MEANING.get(key, '')} |")
-        blocks.append((0, f"Every count of `{facts.files.get('summary') or 'mining_summary.txt'}`:\n\n" + "\n".join(rows)))
+        table = _table("Count | Value | Meaning", [(f"`{key}`", _cell(value), SUMMARY_MEANING.get(key, ""))
+                                                  for key, value in v.summary.items()])
+        name = facts.files.get("summary") or "mining_summary.txt"
+        blocks.append((0, f"Every count of `{name}`:\n\n{table}"))
     else:
         blocks.append((0, "No mining summary was recorded, so the counts of the mining step are not known."))
     kept, dropped = v.summary.get("kept_pairs"), v.summary.get("dropped_pairs")
@@ -505,7 +462,7 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     if facts.pairs is not None and facts.pairs.pairs:
         p = facts.pairs
         blocks.append((0, f"Neighbour scores ({v.score_words}) of the {p.pairs} pairs range from "
-                          f"{_num(p.score_min)} to {_num(p.score_max)}, median {_num(p.score_median)}."))
+                          f"{_fmt(p.score_min)} to {_fmt(p.score_max)}, median {_fmt(p.score_median)}."))
     if "score_histogram" in facts.pictures:
         what = ("every pair found" + (", kept and dropped pairs stacked" if v.label_filter == "applied" else "")
                 if facts.histogram_from == "pairs" else "the best score of each mined image")
@@ -513,8 +470,7 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
                           f"The histogram shows {what}."))
     elif facts.mined is not None:
         blocks.append((0, "No score histogram: " + _no_picture(facts, "a `score` column in the mined parquet") + "."))
-    timings = v.m.timings or {}
-    if timings:
+    if timings := v.m.timings:
         blocks.append((1, f"Timings: embedding the targets took {_secs(timings.get('embed_targets'))}, the pool "
                           f"{_secs(timings.get('embed_source'))}, mining {_secs(timings.get('mine'))}; "
                           f"{_secs(timings.get('total'))} in all."))
@@ -541,34 +497,32 @@ def labels_shown(targets: dict[str, int], mined: dict[str, int] | None,
 
 def _labels_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
     facts = v.facts
-    if v.target_has_label is False or facts.target_labels is None:
+    if v.inputs["target"].has_label is False or facts.target_labels is None:
         return [(0, SKIP_SENTENCE)]
-    targets = facts.target_labels
-    mined = facts.mined_labels
+    targets, mined = facts.target_labels, facts.mined_labels
     kept = facts.pairs.kept_by_target_label if facts.pairs is not None else None
     kept_total = sum(kept.values()) if kept else 0
     shown, rest = labels_shown(targets, mined, 10 if compact else MAX_LABELS)
-    rows = ["| Label | Targets | Mined (pool label) | Kept pairs | Share of kept pairs |", "|---|---|---|---|---|"]
+    rows = []
     for label in shown:
-        mined_cell = "n/a" if mined is None else str(mined.get(label, 0))
-        kept_cell = "n/a" if kept is None else str(kept.get(label, 0))
-        share = "n/a" if kept is None else _pct(kept.get(label, 0), kept_total)
-        rows.append(f"| `{_cell(label)}` | {targets.get(label, 0)} | {mined_cell} | {kept_cell} | {share} |")
-    blocks = [(0, "\n".join(rows))]
+        n_mined, n_kept = (None if counts is None else counts.get(label, 0) for counts in (mined, kept))
+        share = "n/a" if n_kept is None or not kept_total else f"{100.0 * n_kept / kept_total:.1f}%"
+        rows.append((f"`{_cell(label)}`", targets.get(label, 0), "n/a" if n_mined is None else n_mined,
+                     "n/a" if n_kept is None else n_kept, share))
     defs = ("*Targets* counts the target rows with each label. *Mined (pool label)* counts the unique "
             f"images in `{v.mined_name}` whose own pool `label` is that label"
             + (" (n/a: the pool has no `label` column)" if mined is None else "")
             + ". *Kept pairs* counts the kept (target, neighbour) pairs whose target has that label, and "
               "the share is that count over all kept pairs"
             + (" (n/a: no pairs file)" if kept is None else "") + ".")
-    blocks.append((0, defs))
+    blocks = [(0, _table("Label | Targets | Mined (pool label) | Kept pairs | Share of kept pairs", rows)),
+              (0, defs)]
     if rest:
         blocks.append((0, f"{len(rest)} more labels are not shown ({sum(targets.get(x, 0) for x in rest)} targets"
                           + (f", {sum(mined.get(x, 0) for x in rest)} mined" if mined is not None else "") + ")."))
     if "labels" in facts.pictures:
         blocks.append((0, f"![Targets and mined images per label]({facts.pictures['labels']})"))
-    extra = [x for x in (mined or {}) if x not in targets]
-    if extra:
+    if extra := [x for x in (mined or {}) if x not in targets]:
         blocks.append((1, f"{len(extra)} mined labels belong to no target (rows with 0 targets): a "
                           "neighbour from another defect class, which the label filter would drop."))
     blocks.append((1, ("A label whose mined count is far below its target count has few look-alikes in "
@@ -608,13 +562,11 @@ def _sanity_section(v: _View, found: list[Finding], verdict: str, compact: bool)
                      + "):\n\n" + "\n".join(f"- {_path_md(p)}" for p in shown))
         blocks.append((0, line))
         names = {"non_utf8": "non-UTF-8 characters", "control": "control characters", "backslash": "backslashes"}
-        if sum(mined.encoding.values()):
-            issues = "; ".join(f"{mined.encoding[k]} with {names[k]} (e.g. {_path_md(mined.encoding_examples[k][0], True)})"
-                               for k in names if mined.encoding.get(k))
-            blocks.append((0, f"Path encoding check: {issues}."))
-        else:
-            blocks.append((0, f"Path encoding check: none of the {mined.rows} paths holds non-UTF-8 "
-                              "characters, control characters or backslashes."))
+        issues = "; ".join(f"{mined.encoding[k]} with {names[k]} "
+                           f"(e.g. {_path_md(mined.encoding_examples[k][0], True)})"
+                           for k in names if mined.encoding.get(k))
+        none = f"none of the {mined.rows} paths holds non-UTF-8 characters, control characters or backslashes"
+        blocks.append((0, f"Path encoding check: {issues or none}."))
     in_pool = v.summary.get("target_in_pool")
     blocks.append((0, "Targets found in the pool: " + (
         "not recorded." if in_pool is None else f"{_plural(in_pool, 'pool row')} with a target's filepath"
@@ -623,16 +575,12 @@ def _sanity_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     skipped = [v.skipped["target"], v.skipped["source"]]
     blocks.append((0, "Images skipped while embedding: " + ("not recorded." if skipped == [None, None] else
                       f"{_plural(skipped[0], 'target')}, {_plural(skipped[1], 'pool row')}.")))
-    if not facts.has_manifest:
-        blocks.append((0, "Warnings recorded for this run: none could be, without run.json; the findings "
-                          "under Verdict are derived from the files themselves."))
-    elif facts.warnings:
-        codes = list(dict.fromkeys(w.code for w in facts.warnings))
-        blocks.append((0, f"Warnings recorded for this run ({len(facts.warnings)}, each explained under "
-                          "Verdict): " + ", ".join(f"`{c}`" for c in codes[:12])
-                          + (f" and {len(codes) - 12} more" if len(codes) > 12 else "") + "."))
-    else:
-        blocks.append((0, "Warnings recorded for this run: none."))
+    codes = list(dict.fromkeys(w.code for w in facts.warnings))
+    listed = ", ".join(f"`{c}`" for c in codes[:12]) + (f" and {len(codes) - 12} more" if codes[12:] else "")
+    warned = (": none could be, without run.json; the findings under Verdict are derived from the files "
+              "themselves" if not facts.has_manifest else ": none" if not codes else
+              f" ({len(facts.warnings)}, each explained under Verdict): {listed}")
+    blocks.append((0, f"Warnings recorded for this run{warned}."))
     if "contact_sheet" in facts.pictures:
         src = ("its nearest pool neighbours in rank order with their score and label; dropped pairs have a red "
                "frame, kept ones a green frame" if facts.contact_from == "pairs" else
@@ -659,18 +607,15 @@ def _no_picture(facts: ReportFacts, fallback: str) -> str:
 def _history_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
     history = v.m.history
     assert history is not None  # _assemble adds this section only for runs with a ledger
-    rows = ["| Iteration | Candidates | Previously selected | Newly selected | Cumulative total |",
-            "|---|---|---|---|---|"]
-    for it in history.iterations:
-        rows.append(f"| {it.iteration} | {it.candidates} | {it.previously_selected} | "
-                    f"{it.newly_selected} | {it.cumulative} |")
+    rows = [(it.iteration, it.candidates, it.previously_selected, it.newly_selected, it.cumulative)
+            for it in history.iterations]
     return [
         (0, f"This run is iteration {_fmt(history.iteration)} of the ledger "
             f"{_path_md(history.ledger)}: of {_plural(history.candidates, 'mined candidate')} "
             f"in `mined_candidates.parquet`, {_fmt(history.previously_selected)} were selected by "
             f"earlier iterations and {_fmt(history.duplicates_in_candidates)} repeated a candidate, "
             f"so `mined.parquet` holds {_plural(history.newly_selected, 'newly selected image')}."),
-        (0, "\n".join(rows)),
+        (0, _table("Iteration | Candidates | Previously selected | Newly selected | Cumulative total", rows)),
         (1, "The ledger records, per iteration, the selected paths (absolute, normalised) and the "
             "SHA-256 of its candidate, output and summary files; re-running an iteration re-checks "
             "them, and no path is ever selected twice."),
@@ -688,8 +633,7 @@ def _actions_section(v: _View, found: list[Finding], verdict: str, compact: bool
         first = (f"Use {queue} as the next round's augmentation queue: label or review those images and add "
                  "them to the training set" + (", after the decisions below." if found else "."))
     actions = [first] + [f.action for f in found if f.action]
-    blocks = [(0, "\n".join(f"{i}. {a}" for i, a in enumerate(actions, 1)))]
-    blocks.append((1, "Keep this folder with the next round's training data: its recorded facts and "
-                      "embedding parquets let anyone re-check, re-mine or extend this selection "
-                      "without embedding the pool again."))
-    return blocks
+    return [(0, "\n".join(f"{i}. {a}" for i, a in enumerate(actions, 1))),
+            (1, "Keep this folder with the next round's training data: its recorded facts and "
+                "embedding parquets let anyone re-check, re-mine or extend this selection "
+                "without embedding the pool again.")]

@@ -21,7 +21,6 @@ class Cli:
     help: str | None = None  # default: the field's description
     required: bool = False
     group: str | None = None  # a required, mutually exclusive group of options
-    type: type | None = None
 
 
 def cli(*flags: str, **kwargs: Any) -> Cli:
@@ -132,7 +131,7 @@ class SelectInput(ToolInput):
     # The schema asks for >= 1; a smaller number gets the ledger's own refusal, which says what to pass.
     iteration: Annotated[int, Field(description="the ledger's last iteration + 1, or its last to resume",
                                     json_schema_extra={"minimum": 1}),
-                         cli("--iteration", required=True, type=int,
+                         cli("--iteration", required=True,
                              help="this iteration: the ledger's last + 1 (or its last, to resume)")]
     output: Annotated[str, Field(description="parquet of the selected rows (the round's mined.parquet)"),
                       PathField(), cli("--output", required=True,

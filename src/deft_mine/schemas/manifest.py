@@ -10,17 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from deft_mine.schemas.results import EncoderIdentity, ErrorInfo, SelectResult
 from deft_mine.schemas.warnings import ToolWarning
 
 
-class _Facts(BaseModel):
-    model_config = ConfigDict(validate_assignment=True)
-
-
-class InputFacts(_Facts):
+class InputFacts(BaseModel):
     """One input listing (targets or pool) as it was read."""
 
     path: str | None = None
@@ -30,12 +26,12 @@ class InputFacts(_Facts):
     has_label: bool | None = None
 
 
-class Inputs(_Facts):
+class Inputs(BaseModel):
     targets: InputFacts = Field(default_factory=InputFacts)
     source: InputFacts = Field(default_factory=InputFacts)
 
 
-class EmbedFacts(_Facts):
+class EmbedFacts(BaseModel):
     """One embedding step's outcome."""
 
     rows: int | None = None
@@ -47,24 +43,24 @@ class EmbedFacts(_Facts):
     timings: dict[str, float] | None = None
 
 
-class Embeddings(_Facts):
+class Embeddings(BaseModel):
     target: EmbedFacts = Field(default_factory=EmbedFacts)
     source: EmbedFacts = Field(default_factory=EmbedFacts)
 
 
-class EncoderFacts(_Facts):
+class EncoderFacts(BaseModel):
     target: EncoderIdentity | None = None
     source: EncoderIdentity | None = None
     match: bool | None = None
     fingerprint: str | None = None
 
 
-class LabelCounts(_Facts):
+class LabelCounts(BaseModel):
     targets: dict[str, int] | None = None  # target rows per label
     mined: dict[str, int] | None = None  # mined images per pool label
 
 
-class MiningFacts(_Facts):
+class MiningFacts(BaseModel):
     summary: dict[str, int] = Field(default_factory=dict)  # the counts of mining_summary.txt
     label_filter: str | None = None  # "off" | "applied" | "noop"
     knn_metric: str | None = None
@@ -73,7 +69,7 @@ class MiningFacts(_Facts):
     labels: LabelCounts | None = None
 
 
-class IterationFacts(_Facts):
+class IterationFacts(BaseModel):
     iteration: int
     candidates: int
     previously_selected: int
@@ -88,7 +84,7 @@ class HistoryFacts(SelectResult):
     iterations: list[IterationFacts] = Field(default_factory=list)
 
 
-class RunManifest(_Facts):
+class RunManifest(BaseModel):
     deft_mine_version: str | None = None
     status: str | None = None  # "running" | "finished" | "failed"
     started_at: str | None = None

@@ -189,18 +189,18 @@ def _load_yaml(path: Path) -> Any:
 
 
 def _check_keys(cls: type[_Spec], keys: list[str], where: str) -> None:
-    valid = list(cls.model_fields)
     for key in keys:
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
-            raise DeftError(
-                "spec_unknown_key",
-                f"{where}: unknown key '{key}' for {cls.__name__}; {hint}",
-                fix=f"use '{close[0]}'" if close else f"use one of {', '.join(valid)}",
-                field=key,
-                closest=close[0] if close else None,
-            )
+        if key not in cls.model_fields:
+            raise _unknown_key(key, list(cls.model_fields), f"{where}: unknown key '{key}' for {cls.__name__}")
+
+
+def _unknown_key(key: str, valid: list[str], what: str) -> DeftError:
+    """spec_unknown_key, with the closest valid key when there is one."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return DeftError("spec_unknown_key", what + (f"; did you mean '{close[0]}'?" if close else
+                                                  f"; valid keys: {', '.join(valid)}"),
+                     fix=f"use '{close[0]}'" if close else f"use one of {', '.join(valid)}",
+                     field=key, closest=close[0] if close else None)
 
 
 #: Per-run paths that `run` fills in itself; the specs' only shared key is among them.
@@ -211,19 +211,13 @@ def spec_for_key(key: str) -> type[_Spec]:
     """Which spec a run-level override belongs to (the two specs share no settable key)."""
     if key in RUN_OWNED_KEYS:
         raise DeftError("spec_invalid", f"'{key}' is set by run itself (inside the run folder)",
-                        fix="give --targets/--source and --output-dir/--run-dir instead", field=key)
+                        fix="give targets/source and output_dir/run_dir instead", field=key)
     if key in EmbeddingSpec.model_fields:
         return EmbeddingSpec
     if key in MiningSpec.model_fields:
         return MiningSpec
     valid = [k for k in (*EmbeddingSpec.model_fields, *MiningSpec.model_fields) if k not in RUN_OWNED_KEYS]
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    raise DeftError(
-        "spec_unknown_key",
-        f"unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else ""),
-        fix=f"use '{close[0]}'" if close else f"use one of {', '.join(valid)}",
-        field=key, closest=close[0] if close else None,
-    )
+    raise _unknown_key(key, valid, f"unknown key '{key}'")
 
 
 def split_overrides(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, TypeVar
 
@@ -66,17 +67,14 @@ class Tool(Generic[InputT, ResultT]):
         names = list(self.input.model_fields)
         fields.update(zip(names, args))
         try:
-            inputs = self.input(**{k: str(v) if _is_path(v) else v for k, v in fields.items()})
+            inputs = self.input(**{name: os.fspath(value) if isinstance(value, os.PathLike) else value
+                                   for name, value in fields.items()})
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise DeftError("spec_invalid", f"{self.name}: {where}: {first['msg']}",
                             fix=f"see the {self.name} tool's input schema", field=where) from exc
         return self.invoke(inputs, ToolContext(events or NullEvents(), policy, lock))
-
-
-def _is_path(value: Any) -> bool:
-    return hasattr(value, "__fspath__")
 
 
 TOOLS: dict[str, Tool[Any, Any]] = {}

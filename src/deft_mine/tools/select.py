@@ -71,17 +71,11 @@ def _record(book: ledgers.Ledger, iteration: int, source: Path, target: Path, su
             base: Path, topn: int | None) -> SelectResult:
     table, normal = _read(source, base)
     keep, seen = [], set()
-    previously = duplicates = 0
     for path in normal:
-        if path in book.selected:
-            previously += 1
-            keep.append(False)
-        elif path in seen:
-            duplicates += 1
-            keep.append(False)
-        else:
-            seen.add(path)
-            keep.append(True)
+        keep.append(path not in book.selected and path not in seen)
+        seen.add(path)
+    previously = sum(path in book.selected for path in normal)
+    duplicates = len(normal) - previously - sum(keep)  # repeats of a candidate earlier in the file
     store.write_table_atomic(target, table.filter(pa.array(keep, pa.bool_())))
     chosen = [p for p, k in zip(normal, keep) if k]
     book.iterations.append({
@@ -138,12 +132,9 @@ def _result(book: ledgers.Ledger, iteration: int, target: Path, resumed: bool) -
     assert entry is not None
     found = [warnings.selection_empty(iteration, entry["candidates"])] if entry["newly_selected"] == 0 else []
     return SelectResult(
-        output=str(target), ledger=str(book.path), iteration=iteration,
-        candidates=entry["candidates"], previously_selected=entry["previously_selected"],
-        duplicates_in_candidates=entry["duplicates_in_candidates"],
-        newly_selected=entry["newly_selected"],
+        output=str(target), ledger=str(book.path), iteration=iteration, resumed=resumed, warnings=found,
         cumulative_selected=sum(1 for it in book.selected.values() if it <= iteration),
-        resumed=resumed, warnings=found)
+        **{count: entry[count] for count in ledgers.COUNTS})
 
 
 def history_facts(selected: SelectResult) -> HistoryFacts:
@@ -151,9 +142,8 @@ def history_facts(selected: SelectResult) -> HistoryFacts:
     rows, total = [], 0
     for it in ledgers.load(Path(selected.ledger)).iterations:
         total += it["newly_selected"]
-        rows.append(IterationFacts(iteration=it["iteration"], candidates=it["candidates"],
-                                   previously_selected=it["previously_selected"],
-                                   newly_selected=it["newly_selected"], cumulative=total))
+        rows.append(IterationFacts(**{key: it[key] for key in IterationFacts.model_fields if key in it},
+                                   cumulative=total))
     return HistoryFacts(**selected.model_dump(exclude={"warnings"}), iterations=rows)
 
 
