@@ -431,6 +431,31 @@ def test_roots_attack_symlink_inside_root_pointing_outside_is_refused(server: Sy
              "output_dir": str(data / "escape" / "runs"), "overrides": {"model": "thumbnail"}}, outside / "runs")
 
 
+def test_roots_attack_path_smuggled_in_a_spec_file_or_overrides_is_refused(server: SyncClient, data: Path,
+                                                                           base: Path, outside: Path) -> None:
+    """The path arguments are not the only way in: a spec file or `overrides` may name a path
+    too, and it passes the same door once the spec is loaded."""
+    rel = data.relative_to(base / "root")
+    (data / "leaky.yaml").write_text(f"model: thumbnail\noutput_parquet: {outside / 'spec.parquet'}\n")
+    _attack(server, base, "embed", "output_parquet",
+            {"input_parquet": f"{rel}/pool.parquet", "spec_path": f"{rel}/leaky.yaml"}, outside / "spec.parquet")
+    _attack(server, base, "embed", "image_root",
+            {"input_parquet": f"{rel}/pool.parquet", "output_parquet": f"{rel}/e.parquet",
+             "overrides": {"model": "thumbnail", "image_root": str(outside)}}, outside)
+
+
+def test_embed_and_mine_take_their_paths_from_the_spec_file(server: SyncClient, data: Path) -> None:
+    """As in a TAO spec (and on the command line), the paths may live in the spec file; a
+    path named nowhere is refused with the field to set."""
+    (data / "embed.yaml").write_text(f"model: thumbnail\ninput_parquet: {data / 'pool.parquet'}\n"
+                                     f"output_parquet: {data / 'pool_emb.parquet'}\n")
+    embedded = ok(server.call("embed", {"spec_path": str(data / "embed.yaml")}))
+    assert embedded["output_parquet"] == str(data / "pool_emb.parquet") and embedded["rows"] == 4
+    error = refused(server.call("mine", {"target_parquet": str(data / "pool_emb.parquet"),
+                                         "output_parquet": str(data / "m.parquet")}), "spec_missing_value")
+    assert error["field"] == "source_parquet" and not (data / "m.parquet").exists()
+
+
 # --------------------------------------------------------------------------- resources
 
 
