@@ -159,7 +159,8 @@ class RunResult(_Result):
         summary = self.mine.summary
         lines = [f"run folder {self.run_dir}: mined {self.mined} unique images ({summary.get('pairs', 0)} "
                  f"pairs for {summary.get('queries', 0)} targets) in {self.timings.get('total', 0):.1f}s; "
-                 f"report {self.report.verdict.upper()}: {self.report.report_path}"]
+                 f"report {self.report.verdict.upper()}: {self.report.report_path}",
+                 "summary: " + ", ".join(f"{key}={value}" for key, value in summary.items())]
         if self.select is not None:
             lines.append(f"history: {self.select.text()}")
         return "\n".join(lines)
