@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from _machine import machine_lines
-from deft_mine.engine import knn, store
+from deft_mine.engine import knn, tables
 from deft_mine.schemas.specs import Metric, MiningSpec
 from deft_mine.engine.mining import mine_files
 from deft_mine.events import NullEvents
@@ -86,7 +86,7 @@ def write_data(root: Path, pool: int, targets: list[int], dim: int, row_group_ro
     def write(path: Path, vectors: np.ndarray, prefix: str) -> None:
         table = pa.table({
             "filepath": pa.array([f"{prefix}/{i:07d}.jpg" for i in range(len(vectors))], pa.string()),
-            "embedding": store.vector_array(vectors),
+            "embedding": tables.vector_array(vectors),
         })
         pq.write_table(table, path, row_group_size=row_group_rows)
         vectors.tofile(raw_path(path))

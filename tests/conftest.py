@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from deft_mine.engine import store
+from deft_mine.engine import tables
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hubs are unreachable here; fail fast, not slow
 
@@ -30,7 +30,7 @@ def write_embeddings(path: Path, vectors: np.ndarray, labels: list | None = None
     n = len(vectors)
     columns: dict[str, pa.Array] = {
         "filepath": pa.array(filepaths if filepaths is not None else [f"img_{path.stem}_{i}.png" for i in range(n)]),
-        column: store.vector_array(np.asarray(vectors, dtype=np.float32)),
+        column: tables.vector_array(np.asarray(vectors, dtype=np.float32)),
     }
     if labels is not None:
         columns["label"] = pa.array(labels)
@@ -40,7 +40,7 @@ def write_embeddings(path: Path, vectors: np.ndarray, labels: list | None = None
     if identity is not None:
         import json
 
-        table = table.replace_schema_metadata({store.IDENTITY_KEY: json.dumps(identity, sort_keys=True)})
+        table = table.replace_schema_metadata({tables.IDENTITY_KEY: json.dumps(identity, sort_keys=True)})
     pq.write_table(table, path)
     return path
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_image
-from deft_mine.engine import store
+from deft_mine.engine import tables
 from deft_mine.errors import DeftError
 from deft_mine.tools.embed import embed
 
@@ -29,7 +29,7 @@ def test_output_carries_every_column_in_order_with_identity(image_set):
     assert len(table.column("embedding")[0].as_py()) == 768
     assert result.rows == 2 and result.skipped == 0 and result.warnings == []
     assert result.columns == table.schema.names
-    identity = json.loads(table.schema.metadata[store.IDENTITY_KEY])
+    identity = json.loads(table.schema.metadata[tables.IDENTITY_KEY])
     assert identity == result.encoder.model_dump() and identity["model"] == "thumbnail"
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from deft_mine.engine import store
+from deft_mine.engine import tables
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts
 from deft_mine.schemas.results import ErrorInfo
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for w in result.warnings:
             print(f"WARNING [{w.code}]: {w.message}", file=sys.stderr)
         output = Path(result.output_parquet)
-        store.write_text_atomic(output.parent / artifacts.task_result(output.name), result.model_dump_json())
+        tables.write_text_atomic(output.parent / artifacts.task_result(output.name), result.model_dump_json())
     except DeftError as exc:
         error = ErrorInfo.of(exc)
         print(f"ERROR [{error.code}]: {error.message}" + (f"\n  fix: {error.fix}" if error.fix else ""),

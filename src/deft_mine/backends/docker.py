@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from deft_mine.backends.base import BackendMine, Capabilities
-from deft_mine.engine import store
+from deft_mine.engine import tables
 from deft_mine.engine.images import resolve_image_path
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
@@ -137,17 +137,17 @@ class DockerBackend:
         if told is not None:
             return told.model_copy(update={"device": f"docker:{self.image}", "backend": self.name,
                                            "timings": timings, "warnings": []})
-        rows_in, rows = store.num_rows(input_path), store.num_rows(output_path)
+        rows_in, rows = tables.num_rows(input_path), tables.num_rows(output_path)
         dim = 0
         if rows:
-            first = next(store.iter_batches(output_path, 1, ["embedding"]))
+            first = next(tables.iter_batches(output_path, 1, ["embedding"]))
             dim = len(first.column("embedding")[0].as_py())
         return EmbedResult(
             output_parquet=str(output_path), input_rows=rows_in, rows=rows, skipped=rows_in - rows,
-            columns=list(store.schema_of(output_path).names), embedding_dim=dim, backend=self.name,
+            columns=list(tables.schema_of(output_path).names), embedding_dim=dim, backend=self.name,
             skipped_by_reason={"unreadable (in the container)": rows_in - rows} if rows_in > rows else {},
             device=f"docker:{self.image}", timings=timings,
-            encoder=store.read_identity(output_path) or EncoderIdentity(
+            encoder=tables.read_identity(output_path) or EncoderIdentity(
                 model=spec.model, model_path=spec.model_path, model_config_path=spec.model_config_path,
                 preprocessing={"image": self.image}))
 
@@ -164,10 +164,10 @@ class DockerBackend:
         summary, label_filter = artifacts.parse_summary(summary_path.read_text(encoding="utf-8"))
         told = _task_result(output_path, MineResult)
         # An image other than ours may name fewer counts: the files still tell these two.
-        summary.setdefault("queries", store.num_rows(target_path))
-        summary.setdefault("mined", store.num_rows(output_path))
+        summary.setdefault("queries", tables.num_rows(target_path))
+        summary.setdefault("mined", tables.num_rows(output_path))
         label_missing = [side for side, path in (("source", source_path), ("target", target_path))
-                         if "label" not in store.schema_of(path).names]
+                         if "label" not in tables.schema_of(path).names]
         if told is not None:
             label_filter = told.label_filter
         elif label_filter is None:  # NVIDIA's image: its log is all there is
@@ -176,20 +176,20 @@ class DockerBackend:
         return BackendMine(
             summary=summary, label_filter=label_filter, label_missing=label_missing or
             (["source", "target"] if label_filter == "noop" else []),
-            searched_rows=summary["pool"] if "pool" in summary else store.num_rows(source_path),
+            searched_rows=summary["pool"] if "pool" in summary else tables.num_rows(source_path),
             target_in_pool=summary.get("target_in_pool", 0), timings=timings)
 
     # ------------------------------------------------------------------ the container
 
     def _write_spec(self, output_path: Path, name: str, spec: Any) -> Path:
         path = output_path.parent / SPEC_FOLDER / f"{output_path.stem}.{name}"
-        store.write_text_atomic(path, spec_to_yaml(spec))
+        tables.write_text_atomic(path, spec_to_yaml(spec))
         return path
 
     def _check_images(self, input_path: Path, image_root: Path, workspace: Path) -> None:
         """Every image the container will open must be inside a mount; refuse before starting."""
         allowed = [workspace, *self.mounts]
-        for batch in store.iter_batches(input_path, 65536, ["filepath"]):
+        for batch in tables.iter_batches(input_path, 65536, ["filepath"]):
             for filepath in batch.column("filepath").to_pylist():
                 if filepath is None:
                     continue

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from deft_mine.backends.base import BackendMine, Capabilities
-from deft_mine.engine import store
+from deft_mine.engine import tables
 from deft_mine.engine.embedding import embed_file
 from deft_mine.engine.encoders import Encoder, build_encoder
 from deft_mine.engine.mining import mine_files
@@ -78,9 +78,9 @@ class LocalBackend:
              summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
         outcome = mine_files(source_path, target_path, spec, events=events)
         t0 = time.perf_counter()
-        store.write_table_atomic(output_path, outcome.mined)
+        tables.write_table_atomic(output_path, outcome.mined)
         if pairs_path is not None:
-            store.write_table_atomic(pairs_path, outcome.pairs)
-        store.write_text_atomic(summary_path, artifacts.summary_text(outcome.summary, outcome.label_filter))
+            tables.write_table_atomic(pairs_path, outcome.pairs)
+        tables.write_text_atomic(summary_path, artifacts.summary_text(outcome.summary, outcome.label_filter))
         outcome.timings["write"] = time.perf_counter() - t0
         return BackendMine(**{name: getattr(outcome, name) for name in BackendMine.__dataclass_fields__})

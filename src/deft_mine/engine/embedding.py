@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from deft_mine.engine import store
+from deft_mine.engine import tables
 from deft_mine.engine.encoders import Encoder
 from deft_mine.engine.images import LoadFailure, load_rgb
 from deft_mine.events import Events
@@ -73,9 +73,9 @@ def embed_file(
     """
     started = time.perf_counter()
     stats = EmbedStats()
-    schema = store.schema_of(input_path)
-    store.require_columns(input_path, schema, ["filepath"], "input_parquet")
-    total = store.num_rows(input_path)
+    schema = tables.schema_of(input_path)
+    tables.require_columns(input_path, schema, ["filepath"], "input_parquet")
+    total = tables.num_rows(input_path)
     out_schema = _output_schema(schema, encoder.identity)
     stats.columns = list(out_schema.names)
     workers = workers or min(8, (os.cpu_count() or 2))
@@ -83,7 +83,7 @@ def embed_file(
 
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as decoders, \
             ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer, \
-            store.atomic_output(output_path) as tmp, \
+            tables.atomic_output(output_path) as tmp, \
             _RowGroupWriter(tmp, out_schema, _rows_per_group(encoder.dim)) as writer:
 
         def load_one(filepath: object) -> np.ndarray | LoadFailure:
@@ -103,7 +103,7 @@ def embed_file(
             return _Prepared(batch, keep, pixels, failures, time.perf_counter() - t0)
 
         pending: deque[Future[_Prepared]] = deque()
-        batches = _timed(store.iter_batches(input_path, batch_size), stats.timings)
+        batches = _timed(tables.iter_batches(input_path, batch_size), stats.timings)
         for batch in batches:
             pending.append(preparer.submit(prepare, batch))
             if len(pending) > _PREFETCH:
@@ -142,7 +142,7 @@ def _finish(prep: _Prepared, encoder: Encoder, writer: "_RowGroupWriter", schema
     t0 = time.perf_counter()
     kept = prep.batch.filter(pa.array(prep.keep)) if not prep.keep.all() else prep.batch
     columns = {name: kept.column(name) for name in kept.schema.names}
-    columns[EMBEDDING_COLUMN] = store.vector_array(vectors)
+    columns[EMBEDDING_COLUMN] = tables.vector_array(vectors)
     writer.write(pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema))
     stats.timings["write"] += time.perf_counter() - t0
     stats.rows_out += kept.num_rows
@@ -187,5 +187,5 @@ def _output_schema(schema: pa.Schema, identity: EncoderIdentity) -> pa.Schema:
     if EMBEDDING_COLUMN not in schema.names:
         fields.append(vector)
     metadata = {k: v for k, v in (schema.metadata or {}).items() if k != b"pandas"}
-    metadata[store.IDENTITY_KEY] = json.dumps(identity.model_dump(mode="json"), sort_keys=True).encode()
+    metadata[tables.IDENTITY_KEY] = json.dumps(identity.model_dump(mode="json"), sort_keys=True).encode()
     return pa.schema(fields, metadata=metadata)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from deft_mine.engine import store
+from deft_mine.engine import tables
 from deft_mine.errors import DeftError
 
 FORMAT = "deft-mine-ledger"
@@ -90,7 +90,7 @@ def load(path: Path) -> Ledger:
 
 
 def save(ledger: Ledger) -> None:
-    store.write_text_atomic(ledger.path, ledger.to_json())
+    tables.write_text_atomic(ledger.path, ledger.to_json())
 
 
 @contextlib.contextmanager

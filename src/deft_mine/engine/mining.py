@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from deft_mine.engine import store
+from deft_mine.engine import tables
 from deft_mine.engine.knn import RunningTopK
 from deft_mine.schemas.specs import Metric, MiningSpec
 from deft_mine.errors import DeftError
@@ -43,30 +43,30 @@ def mine_files(source_path: Path, target_path: Path, spec: MiningSpec, events: E
     source_column, target_column = spec.source_embed_column_name, spec.target_embed_column_name
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    src_schema = store.schema_of(source_path)
-    tgt_schema = store.schema_of(target_path)
-    store.require_columns(source_path, src_schema, ["filepath", source_column], "source_parquet")
-    store.require_columns(target_path, tgt_schema, ["filepath", target_column], "target_parquet")
+    src_schema = tables.schema_of(source_path)
+    tgt_schema = tables.schema_of(target_path)
+    tables.require_columns(source_path, src_schema, ["filepath", source_column], "source_parquet")
+    tables.require_columns(target_path, tgt_schema, ["filepath", target_column], "target_parquet")
     label_missing = [side for side, sch in (("source", src_schema), ("target", tgt_schema))
                      if "label" not in sch.names]
     label_filter = spec.label_filter(label_missing)
 
     # Labels are read whenever a side has them: the pairs table records them for the report.
     tgt_cols = ["filepath", target_column] + (["label"] if "target" not in label_missing else [])
-    targets = store.read_columns(target_path, tgt_cols)
-    queries = store.vectors_from_column(targets.column(target_column), path=target_path,
+    targets = tables.read_columns(target_path, tgt_cols)
+    queries = tables.vectors_from_column(targets.column(target_column), path=target_path,
                                         name=target_column, first_row=0, dim=None)
     target_paths = targets.column("filepath").to_pylist()
     target_set = {lexically_normal(str(p)) for p in target_paths}
 
     # Pass 1: vectors only (plus filepath to spot targets in the pool), block by block.
     t0 = time.perf_counter()
-    total = store.num_rows(source_path)
+    total = tables.num_rows(source_path)
     top = RunningTopK(queries, topn, metric) if len(queries) else None
     seen = searched = in_pool = 0
     events.progress("mine", 0, total)
     blocks = _pool_blocks(source_path, source_column, block_rows, target_set)
-    for vectors, is_target, rows in store.read_ahead(blocks):
+    for vectors, is_target, rows in tables.read_ahead(blocks):
         if len(queries) and len(vectors) and vectors.shape[1] != queries.shape[1]:
             raise DeftError(
                 "dimension_mismatch",
@@ -161,8 +161,8 @@ def _pool_blocks(path: Path, column: str, block_rows: int, target_set: set[str]
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """The pool's vectors block by block (validated), with which rows are targets."""
     seen, dim = 0, None
-    for batch in store.iter_batches(path, block_rows, ["filepath", column]):
-        vectors = store.vectors_from_column(batch.column(column), path=path, name=column,
+    for batch in tables.iter_batches(path, block_rows, ["filepath", column]):
+        vectors = tables.vectors_from_column(batch.column(column), path=path, name=column,
                                             first_row=seen, dim=dim)
         yield vectors, _in_targets(batch.column("filepath"), target_set), batch.num_rows
         seen += batch.num_rows
@@ -187,7 +187,7 @@ def _take_rows(path: Path, rows: np.ndarray, columns: list[str], block_rows: int
     """The given (sorted, unique) row numbers of `columns`, in that order, read in blocks."""
     out: dict[str, list] = {c: [] for c in columns}
     start = 0
-    for batch in store.iter_batches(path, block_rows, columns):
+    for batch in tables.iter_batches(path, block_rows, columns):
         end = start + batch.num_rows
         lo, hi = np.searchsorted(rows, [start, end])
         if hi > lo:
@@ -211,11 +211,11 @@ def count_labels(labels: list[Any]) -> dict[str, int]:
 
 def label_counts(target_embed: Path, source_embed: Path, mined: Path) -> dict[str, Any] | None:
     """Per-label counts of targets and of mined images (None when a side has no label)."""
-    if not all("label" in store.schema_of(p).names for p in (target_embed, source_embed)):
+    if not all("label" in tables.schema_of(p).names for p in (target_embed, source_embed)):
         return None
-    targets = store.read_columns(target_embed, ["label"]).column("label")
-    mined_paths = store.read_columns(mined, ["filepath"]).column("filepath")
-    pool = store.read_columns(source_embed, ["filepath", "label"])
+    targets = tables.read_columns(target_embed, ["label"]).column("label")
+    mined_paths = tables.read_columns(mined, ["filepath"]).column("filepath")
+    pool = tables.read_columns(source_embed, ["filepath", "label"])
     pool = pool.filter(pc.is_in(pool.column("filepath"), value_set=mined_paths.combine_chunks()))
     label_of: dict[str, Any] = {}
     for path, label in zip(pool.column("filepath").to_pylist(), pool.column("label").to_pylist()):

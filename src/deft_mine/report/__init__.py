@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deft_mine.engine import store
+from deft_mine.engine import tables
 from deft_mine.events import Events
 from deft_mine.report.facts import gather, locate
 from deft_mine.report.pictures import draw
@@ -24,7 +24,7 @@ def write_report(folder: Path, events: Events) -> ReportResult:
     events.progress("report", 3, 4)
     rendered = render(facts)
     path = folder / artifacts.REPORT
-    store.write_text_atomic(path, rendered.text)  # last: its presence means everything else is there
+    tables.write_text_atomic(path, rendered.text)  # last: its presence means everything else is there
     events.progress("report", 4, 4)
     events.log("info", f"wrote {path} ({rendered.words} words, verdict {rendered.verdict})")
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import ValidationError
 
-from deft_mine.engine import store
+from deft_mine.engine import tables
 from deft_mine.engine.images import resolve_image_path
 from deft_mine.engine.mining import count_labels, label_counts
 from deft_mine.errors import DeftError
@@ -180,8 +180,8 @@ def _scan(folder: Path) -> Files:
         if path.name.startswith("."):
             continue
         try:
-            schema = store.schema_of(path)
-            rows = store.num_rows(path)
+            schema = tables.schema_of(path)
+            rows = tables.num_rows(path)
         except DeftError:
             continue
         names = set(schema.names)
@@ -237,13 +237,13 @@ def _rebuild(folder: Path, files: Files, missing: list[str]) -> RunManifest:
         if path is None:
             missing.append(f"{role} parquet")
             continue
-        schema = store.schema_of(path)
+        schema = tables.schema_of(path)
         dims = [f.type.list_size for f in schema if pa.types.is_fixed_size_list(f.type)]
         setattr(m.inputs, side, InputFacts(columns=[f.name for f in schema if not _is_list(f.type)],
                                            has_label="label" in schema.names))
-        setattr(m.embeddings, key, EmbedFacts(rows=store.num_rows(path),
+        setattr(m.embeddings, key, EmbedFacts(rows=tables.num_rows(path),
                                               embedding_dim=dims[0] if dims else _first_dim(path, schema)))
-        setattr(m.encoder, key, store.read_identity(path))  # None too for an identity of another shape
+        setattr(m.encoder, key, tables.read_identity(path))  # None too for an identity of another shape
         if getattr(m.encoder, key) is None:
             missing.append(f"encoder.{key} (no identity in {path.name})")
     target, source = m.encoder.target, m.encoder.source
@@ -291,7 +291,7 @@ def _first_dim(path: Path, schema: pa.Schema) -> int | None:
     column = next((f.name for f in schema if _is_list(f.type)), None)
     if column is None:
         return None
-    for batch in store.iter_batches(path, 1, [column]):
+    for batch in tables.iter_batches(path, 1, [column]):
         if batch.num_rows:
             return len(batch.column(0)[0].values)
     return None
@@ -342,9 +342,9 @@ def _image_roots(folder: Path, manifest: RunManifest, files: Files, has_manifest
 
 
 def _sample_paths(path: Path | None, n: int = 5) -> list[str]:
-    if path is None or "filepath" not in store.schema_of(path).names:
+    if path is None or "filepath" not in tables.schema_of(path).names:
         return []
-    for batch in store.iter_batches(path, n, ["filepath"]):
+    for batch in tables.iter_batches(path, n, ["filepath"]):
         return [str(p) for p in batch.column(0).to_pylist() if p is not None]
     return []
 
@@ -356,17 +356,17 @@ def _labels(facts: ReportFacts, files: Files) -> None:
         facts.mined_labels = dict(labels.mined) if labels.mined is not None else None
         return
     path = files.get("target_embeddings")
-    if facts.manifest.inputs.targets.has_label is False or path is None or "label" not in store.schema_of(path).names:
+    if facts.manifest.inputs.targets.has_label is False or path is None or "label" not in tables.schema_of(path).names:
         return
-    facts.target_labels = count_labels(store.read_columns(path, ["label"]).column("label").to_pylist())
+    facts.target_labels = count_labels(tables.read_columns(path, ["label"]).column("label").to_pylist())
 
 
 def _pair_stats(facts: ReportFacts, files: Files) -> None:
     path = files.get("pairs")
     if path is None:
         return
-    labelled = "target_label" in store.schema_of(path).names
-    table = store.read_columns(path, ["score", "kept"] + (["target_label"] if labelled else []))
+    labelled = "target_label" in tables.schema_of(path).names
+    table = tables.read_columns(path, ["score", "kept"] + (["target_label"] if labelled else []))
     scores = table.column("score").to_numpy()
     kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
     labels = table.column("target_label").to_pylist() if labelled else None
@@ -379,15 +379,15 @@ def _check_mined(facts: ReportFacts, files: Files) -> None:
     path = files.get("mined")
     if path is None:
         return
-    schema = store.schema_of(path)
-    rows = store.num_rows(path)
+    schema = tables.schema_of(path)
+    rows = tables.num_rows(path)
     root = facts.image_roots.get("source")
     guessed = not facts.has_manifest and not (facts.manifest.embedding_spec or {}).get("image_root")
     facts.mined = check = MinedCheck(name=path.name, columns=[(f.name, str(f.type)) for f in schema],
                                      rows=rows, root=root, root_guessed=guessed)
     if "filepath" not in schema.names:
         return
-    column = store.read_columns(path, ["filepath"]).column("filepath")
+    column = tables.read_columns(path, ["filepath"]).column("filepath")
     if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
         paths = [None if b is None else b.decode("utf-8", errors="surrogateescape") for b in column.to_pylist()]
     else:

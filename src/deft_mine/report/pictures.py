@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from deft_mine.engine import store
+from deft_mine.engine import tables
 from deft_mine.engine.images import LoadFailure, load_rgb
 from deft_mine.events import Events
 from deft_mine.report.facts import ReportFacts
@@ -76,7 +76,7 @@ def _contact_sheet(facts: ReportFacts, path: Path) -> bool:
     rows: list[list[Tile]] = []
     pairs_path, mined = facts.path("pairs"), facts.path("mined")
     if pairs_path is not None:
-        names = store.schema_of(pairs_path).names
+        names = tables.schema_of(pairs_path).names
         columns = ["target_filepath", "target_row", "rank", "filepath", "score", "kept"] + \
             [c for c in ("target_label", "source_label") if c in names]
         table = pq.read_table(pairs_path, columns=columns, filters=[("target_row", "<", CONTACT_TARGETS)])
@@ -91,10 +91,10 @@ def _contact_sheet(facts: ReportFacts, path: Path) -> bool:
                                 label.strip(), KEPT if pair["kept"] else DROPPED))
             rows.append(row)
     else:
-        if mined is None or not {"best_target", "filepath"} <= set(store.schema_of(mined).names):
+        if mined is None or not {"best_target", "filepath"} <= set(tables.schema_of(mined).names):
             return False
-        names = store.schema_of(mined).names
-        table = store.read_columns(mined, [c for c in ("filepath", "best_target", "score") if c in names])
+        names = tables.schema_of(mined).names
+        table = tables.read_columns(mined, [c for c in ("filepath", "best_target", "score") if c in names])
         groups: dict[str, list[dict[str, Any]]] = {}
         for item in table.to_pylist():
             if item["best_target"] in groups or len(groups) < CONTACT_TARGETS:
@@ -120,15 +120,15 @@ def _histogram(facts: ReportFacts, path: Path) -> bool:
     pairs_path, mined = facts.path("pairs"), facts.path("mined")
     kept = None
     if pairs_path is not None:
-        table = store.read_columns(pairs_path, ["score", "kept"])
+        table = tables.read_columns(pairs_path, ["score", "kept"])
         scores = table.column("score").to_numpy()
         if mining.label_filter == "applied":
             kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
         title = f"Neighbour scores of all {len(scores)} pairs found"
     else:
-        if mined is None or "score" not in store.schema_of(mined).names:
+        if mined is None or "score" not in tables.schema_of(mined).names:
             return False
-        scores = store.read_columns(mined, ["score"]).column("score").to_numpy(zero_copy_only=False)
+        scores = tables.read_columns(mined, ["score"]).column("score").to_numpy(zero_copy_only=False)
         title = f"Best neighbour score of each of the {len(scores)} mined images"
     facts.histogram_from = "pairs" if pairs_path is not None else "mined"
     scores = np.asarray(scores, dtype=np.float64)
@@ -184,7 +184,7 @@ def _legend(pen: ImageDraw.ImageDraw, x: float, entries: Sequence[tuple[Colour, 
 
 
 def _save(image: Image.Image, path: Path) -> None:
-    with store.atomic_output(path) as tmp:
+    with tables.atomic_output(path) as tmp:
         image.save(tmp, format="PNG")
 
 

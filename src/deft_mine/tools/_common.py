@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
 
-from deft_mine.engine import store
+from deft_mine.engine import tables
 from deft_mine.errors import DeftError
 from deft_mine.schemas.specs import _Spec, load_spec
 
@@ -31,7 +31,7 @@ def required_path(spec: _Spec, field: str) -> Path:
 
 
 def existing_input(spec: _Spec, field: str) -> Path:
-    return store.require_file(required_path(spec, field), field)
+    return tables.require_file(required_path(spec, field), field)
 
 
 def distinct_output(output: Path, field: str, *inputs: Path) -> Path:

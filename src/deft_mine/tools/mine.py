@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from deft_mine.backends import get_backend
-from deft_mine.engine import store
+from deft_mine.engine import tables
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts, warnings
 from deft_mine.schemas.inputs import MineInput
@@ -56,7 +56,7 @@ def mine_spec(spec: MiningSpec, inputs: MineInput, ctx: ToolContext, pairs_path:
 
 def check_same_encoder(source: Path, target: Path, found: list[ToolWarning]) -> EncoderIdentity | None:
     """Refuse two embedding files made by different encoders; warn when that can't be known."""
-    ids = {side: (None if store.is_csv(path) else store.read_identity(path))
+    ids = {side: (None if tables.is_csv(path) else tables.read_identity(path))
            for side, path in (("source", source), ("target", target))}
     unknown = [side for side, ident in ids.items() if ident is None]
     if unknown:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from deft_mine import __version__
 from deft_mine.backends import get_backend
-from deft_mine.engine import store
+from deft_mine.engine import tables
 from deft_mine.engine.images import resolve_image_path
 from deft_mine.engine.mining import lexically_normal
 from deft_mine.schemas import warnings
@@ -47,18 +47,18 @@ def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
     _, mine_over = split_overrides(inputs.overrides or ())
     mining = load_spec(MiningSpec, inputs.mining_spec_path, mine_over)
     found: list[ToolWarning] = []
-    sides = {name: store.require_file(Path(p).expanduser().absolute(), name)
+    sides = {name: tables.require_file(Path(p).expanduser().absolute(), name)
              for name, p in (("targets", inputs.targets), ("source", inputs.source)) if p is not None}
-    schemas = {name: store.schema_of(path) for name, path in sides.items()}
+    schemas = {name: tables.schema_of(path) for name, path in sides.items()}
     for name, path in sides.items():
-        store.require_columns(path, schemas[name], ["filepath"], name)
-    filepaths = {name: store.read_columns(path, ["filepath"]).column("filepath").to_pylist()
+        tables.require_columns(path, schemas[name], ["filepath"], name)
+    filepaths = {name: tables.read_columns(path, ["filepath"]).column("filepath").to_pylist()
                  for name, path in sides.items()}
     if len(sides) == 2:
         missing = [n for n in ("source", "targets") if "label" not in schemas[n].names]
         if mining.label_filter(missing) == "noop":
             found.append(warnings.filter_by_label_noop(missing, predicted=True))
-        queries, pool = store.num_rows(sides["targets"]), store.num_rows(sides["source"])
+        queries, pool = tables.num_rows(sides["targets"]), tables.num_rows(sides["source"])
         if queries and mining.topn * queries > pool:
             found.append(warnings.pool_exhausted(mining.topn, queries, pool))
         # the same comparison mining makes
@@ -72,7 +72,7 @@ def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
         if missing_images:
             found.append(warnings.images_missing(name, missing_images, len(paths), str(path.parent)))
     for name, path in sides.items():
-        if not store.is_csv(path) and "embedding" in schemas[name].names and store.read_identity(path) is None:
+        if not tables.is_csv(path) and "embedding" in schemas[name].names and tables.read_identity(path) is None:
             found.append(warnings.provenance_unknown([name], predicted=True))
     return found
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from deft_mine import __version__
 from deft_mine.backends import get_backend
 from deft_mine.engine import ledger as ledgers
-from deft_mine.engine import store
+from deft_mine.engine import tables
 from deft_mine.engine.mining import label_counts
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled
@@ -60,9 +60,9 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     source_spec = embedding.model_copy(update={"input_parquet": str(source_path), "output_parquet": str(source_embed)})
     mining = mining.model_copy(update={"source_parquet": str(source_embed), "target_parquet": str(target_embed),
                                        "output_parquet": str(candidates)})
-    store.write_text_atomic(folder / artifacts.EMBEDDING_SPEC,
+    tables.write_text_atomic(folder / artifacts.EMBEDDING_SPEC,
                             spec_to_yaml(embedding.model_copy(update={"input_parquet": None, "output_parquet": None})))
-    store.write_text_atomic(folder / artifacts.MINING_SPEC, spec_to_yaml(mining))
+    tables.write_text_atomic(folder / artifacts.MINING_SPEC, spec_to_yaml(mining))
 
     manifest = RunManifest(
         deft_mine_version=__version__, status="running",
@@ -91,7 +91,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         manifest.error = ErrorInfo.of(exc) if isinstance(exc, DeftError) else ErrorInfo(
             code="cancelled" if isinstance(exc, Cancelled) else "internal_error", message=str(exc) or repr(exc))
         manifest.status = "failed"
-        store.write_text_atomic(folder / artifacts.MANIFEST, manifest.dump())
+        tables.write_text_atomic(folder / artifacts.MANIFEST, manifest.dump())
         raise
 
     found = [*(w.for_side("targets") for w in tgt.warnings), *(w.for_side("source") for w in src.warnings),
@@ -112,7 +112,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     manifest.artifacts = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) + [artifacts.MANIFEST]
     manifest.warnings = found
     manifest.timings = timings
-    store.write_text_atomic(folder / artifacts.MANIFEST, manifest.dump())
+    tables.write_text_atomic(folder / artifacts.MANIFEST, manifest.dump())
     written = write_report(folder, ctx.stage("report").events)  # last: it reads the rest
     return RunResult(run_dir=str(folder), mined=selected.newly_selected if selected else mine_result.mined,
                      mined_parquet=str(mined), target_embed=tgt, source_embed=src, mine=mine_result,
@@ -121,7 +121,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
 
 def _input(value: str | Path, field: str) -> Path:
     path = Path(value).expanduser().absolute()
-    return store.require_file(path, field)
+    return tables.require_file(path, field)
 
 
 def _make_run_dir(output_dir: str | Path | None, run_dir: str | Path | None) -> Path:
@@ -151,9 +151,9 @@ def _make_run_dir(output_dir: str | Path | None, run_dir: str | Path | None) -> 
 
 
 def _describe_input(path: Path) -> InputFacts:
-    schema = store.schema_of(path)
-    return InputFacts(path=str(path), format="csv" if store.is_csv(path) else "parquet",
-                      rows=store.num_rows(path), columns=list(schema.names), has_label="label" in schema.names)
+    schema = tables.schema_of(path)
+    return InputFacts(path=str(path), format="csv" if tables.is_csv(path) else "parquet",
+                      rows=tables.num_rows(path), columns=list(schema.names), has_label="label" in schema.names)
 
 
 def _embed_facts(result: EmbedResult) -> EmbedFacts:

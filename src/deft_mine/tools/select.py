@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from deft_mine.engine import ledger as ledgers
-from deft_mine.engine import store
+from deft_mine.engine import tables
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts, warnings
 from deft_mine.schemas.inputs import SelectInput
@@ -24,7 +24,7 @@ def select_new(inputs: SelectInput, ctx: ToolContext) -> SelectResult:
     files. Refuses non-consecutive iterations (ledger_iteration_invalid), a resume whose
     files changed (ledger_hash_mismatch), a damaged ledger (ledger_corrupt) and a ledger
     another process is writing (ledger_busy); nothing is written then."""
-    source = store.require_file(Path(inputs.candidates).expanduser().absolute(), "candidates")
+    source = tables.require_file(Path(inputs.candidates).expanduser().absolute(), "candidates")
     ledger_path = Path(inputs.ledger).expanduser().absolute()
     target = distinct_output(Path(inputs.output).expanduser().absolute(), "output", source, ledger_path)
     # Relative filepaths are made absolute against image_root (default: the candidates' folder).
@@ -54,8 +54,8 @@ def select_new(inputs: SelectInput, ctx: ToolContext) -> SelectResult:
 
 
 def _read(source: Path, base: Path) -> tuple[pa.Table, list[str]]:
-    table = store.read_columns(source, store.schema_of(source).names)
-    store.require_columns(source, table.schema, ["filepath"], "candidates")
+    table = tables.read_columns(source, tables.schema_of(source).names)
+    tables.require_columns(source, table.schema, ["filepath"], "candidates")
     paths = table.column("filepath").to_pylist()
     if None in paths:
         raise DeftError("column_invalid", f"candidates {source}: filepath is null in row {paths.index(None)}",
@@ -64,7 +64,7 @@ def _read(source: Path, base: Path) -> tuple[pa.Table, list[str]]:
 
 
 def _file_fact(path: Path) -> dict[str, str] | None:
-    return {"path": str(path), "sha256": store.sha256_of(path)} if path.is_file() else None
+    return {"path": str(path), "sha256": tables.sha256_of(path)} if path.is_file() else None
 
 
 def _record(book: ledgers.Ledger, iteration: int, source: Path, target: Path, summary: Path,
@@ -76,7 +76,7 @@ def _record(book: ledgers.Ledger, iteration: int, source: Path, target: Path, su
         seen.add(path)
     previously = sum(path in book.selected for path in normal)
     duplicates = len(normal) - previously - sum(keep)  # repeats of a candidate earlier in the file
-    store.write_table_atomic(target, table.filter(pa.array(keep, pa.bool_())))
+    tables.write_table_atomic(target, table.filter(pa.array(keep, pa.bool_())))
     chosen = [p for p, k in zip(normal, keep) if k]
     book.iterations.append({
         "iteration": iteration,
@@ -123,7 +123,7 @@ def _resume(book: ledgers.Ledger, iteration: int, source: Path, target: Path, su
         for path in normal:
             keep.append(path in wanted)
             wanted.discard(path)
-        store.write_table_atomic(target, table.filter(pa.array(keep, pa.bool_())))
+        tables.write_table_atomic(target, table.filter(pa.array(keep, pa.bool_())))
     return _result(book, iteration, target, resumed=True)
 
 

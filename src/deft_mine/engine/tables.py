@@ -1,4 +1,4 @@
-"""Parquet/CSV reading in row batches, embedding columns as arrays, metadata, atomic writes."""
+"""Tables: parquet/CSV reading in row batches, embedding columns as arrays, metadata, atomic writes."""
 
 from __future__ import annotations
 
