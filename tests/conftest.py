@@ -16,6 +16,13 @@ from deft_mine.engine import tables
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hubs are unreachable here; fail fast, not slow
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_store(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One embedding store for the session (servers and CLIs spawned by tests inherit it), never
+    the user's cache; tests about the store itself pass their own."""
+    os.environ["DEFT_MINE_STORE"] = str(tmp_path_factory.mktemp("store"))
+
+
 def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 32)) -> Path:
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,9 @@ def _add_field(parser: argparse.ArgumentParser, groups: dict[str, Any], name: st
     if spec.group is not None and spec.group not in groups:
         groups[spec.group] = parser.add_mutually_exclusive_group(required=True)
     target = groups[spec.group] if spec.group is not None else parser
+    if info.annotation is bool:
+        target.add_argument(*spec.flags, dest=name, action="store_true", help=help_text)
+        return
     metavar = spec.flags[-1].lstrip("-").replace("-", "_").upper()
     target.add_argument(*spec.flags, dest=name, metavar=metavar, help=help_text,
                         required=spec.required, type=int if info.annotation is int else str)

@@ -37,8 +37,9 @@ class Backend(Protocol):
         """Preflight: can this backend run here (its checks), and the GPUs it would use."""
 
     def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
-              events: Events) -> EmbedResult:
-        """Write `output_path`; the result's warnings are the tool's to add."""
+              events: Events, store: Path | None) -> EmbedResult:
+        """Write `output_path`, reusing and adding to the embedding `store` (None: off); the
+        result's warnings are the tool's to add."""
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
              summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:

@@ -117,7 +117,7 @@ class DockerBackend:
     # ------------------------------------------------------------------ the two steps
 
     def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
-              events: Events) -> EmbedResult:
+              events: Events, store: Path | None) -> EmbedResult:
         workspace = _common_folder([input_path.parent, output_path.parent, image_root])
         self._check_images(input_path, image_root, workspace)
         read_only = [p for p in (spec.model_path, spec.model_config_path)

@@ -12,6 +12,7 @@ from deft_mine.engine import tables
 from deft_mine.engine.embedding import embed_file
 from deft_mine.engine.encoders import Encoder, build_encoder
 from deft_mine.engine.mining import mine_files
+from deft_mine.engine.store import Shelf
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts
 from deft_mine.schemas.results import Check, EmbedResult
@@ -61,17 +62,19 @@ class LocalBackend:
             return self._encoders[key]
 
     def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
-              events: Events) -> EmbedResult:
+              events: Events, store: Path | None) -> EmbedResult:
         t0 = time.perf_counter()
         encoder = self.encoder(spec, events)
         load_seconds = time.perf_counter() - t0
-        stats = embed_file(input_path, output_path, encoder, batch_size=spec.batch_size,
-                           image_root=image_root, events=events)
+        stats = embed_file(input_path, output_path, encoder, batch_size=spec.batch_size, image_root=image_root,
+                           events=events, shelf=Shelf(store, encoder.identity) if store else None)
         return EmbedResult(
             output_parquet=str(output_path), input_rows=stats.rows_in, rows=stats.rows_out,
             skipped=stats.rows_in - stats.rows_out, columns=stats.columns,
             skipped_by_reason=dict(stats.skipped_by_reason), skipped_examples=stats.skipped_examples,
             encoder=encoder.identity, embedding_dim=encoder.dim, device=encoder.device, backend=self.name,
+            store=str(store) if store else None, reused=stats.reused, embedded=stats.embedded,
+            seconds_saved=stats.seconds_saved, corrupt_shards=stats.corrupt_shards,
             timings={"load_encoder": load_seconds, **stats.timings})
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,

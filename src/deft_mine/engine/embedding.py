@@ -9,7 +9,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 
 from deft_mine.engine import tables
 from deft_mine.engine.encoders import Encoder
-from deft_mine.engine.images import LoadFailure, load_rgb
+from deft_mine.engine.images import LoadFailure, decode_rgb, digest, read_bytes
+from deft_mine.engine.store import Shelf
 from deft_mine.events import Events
 from deft_mine.schemas.results import EncoderIdentity
 
@@ -37,11 +38,15 @@ def _rows_per_group(dim: int) -> int:
 class EmbedStats:
     rows_in: int = 0
     rows_out: int = 0
+    reused: int = 0  # rows whose vector came from the store
+    embedded: int = 0  # rows the encoder ran on
+    seconds_saved: float = 0.0  # what the reused rows cost when they were embedded
+    corrupt_shards: list[str] = field(default_factory=list)
     skipped_by_reason: Counter = field(default_factory=Counter)
     skipped_examples: list[str] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("read", "decode", "encode", "write", "total"), 0.0))
+        ("read", "digest", "decode", "encode", "write", "total"), 0.0))
 
     @property
     def skipped(self) -> int:
@@ -51,9 +56,8 @@ class EmbedStats:
 @dataclass
 class _Prepared:
     batch: pa.RecordBatch
-    keep: np.ndarray
-    pixels: Any
-    failures: list[LoadFailure]
+    digests: list[bytes | None]  # of each row's bytes (None: unreadable)
+    rows: list[Any]  # per row: a LoadFailure, the pixels to encode, or the bytes of a stored image
     seconds: float
 
 
@@ -65,10 +69,13 @@ def embed_file(
     batch_size: int,
     image_root: Path,
     events: Events,
+    shelf: Shelf | None = None,
     workers: int | None = None,
 ) -> EmbedStats:
     """Embed every row's image of `input_path` into `output_path` (written atomically).
 
+    With a `shelf` (the store's vectors for this encoder), an image whose bytes were embedded
+    before is not decoded nor encoded again, and every finished batch is stored as it goes.
     Rows whose image cannot be read are left out of the output and counted by reason.
     """
     started = time.perf_counter()
@@ -79,38 +86,54 @@ def embed_file(
     out_schema = _output_schema(schema, encoder.identity)
     stats.columns = list(out_schema.names)
     workers = workers or min(8, (os.cpu_count() or 2))
-    events.progress("embed", 0, total)
+    if shelf is not None:
+        shelf.load_index()
 
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as decoders, \
             ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer, \
             tables.atomic_output(output_path) as tmp, \
             _RowGroupWriter(tmp, out_schema, _rows_per_group(encoder.dim)) as writer:
 
-        def load_one(filepath: object) -> np.ndarray | LoadFailure:
-            if filepath is None:
-                return LoadFailure("<null>", "null filepath")
-            image = load_rgb(str(filepath), image_root)
+        def read_one(filepath: object) -> tuple[bytes, bytes] | LoadFailure:
+            data = read_bytes(filepath, image_root)
+            if isinstance(data, LoadFailure):
+                return data
+            t0 = time.perf_counter()
+            found = digest(data)
+            stats.timings["digest"] += time.perf_counter() - t0  # summed over the workers
+            return found, data
+
+        def pixels_of(filepath: object, data: bytes) -> np.ndarray | LoadFailure:
             # Preprocessing per image in the worker keeps every core busy, not just one.
+            image = decode_rgb(data, str(filepath))
             return image if isinstance(image, LoadFailure) else encoder.preprocess([image])
 
         def prepare(batch: pa.RecordBatch) -> _Prepared:
             t0 = time.perf_counter()
-            loaded = list(decoders.map(load_one, batch.column("filepath").to_pylist()))
-            keep = np.array([not isinstance(x, LoadFailure) for x in loaded], dtype=bool)
-            parts = [x for x in loaded if not isinstance(x, LoadFailure)]
-            pixels = np.concatenate(parts) if parts else None
-            failures = [x for x in loaded if isinstance(x, LoadFailure)]
-            return _Prepared(batch, keep, pixels, failures, time.perf_counter() - t0)
+            paths = batch.column("filepath").to_pylist()
+            read = list(decoders.map(read_one, paths))
+            digests = [None if isinstance(r, LoadFailure) else r[0] for r in read]
+            stored = shelf.find(digests) >= 0 if shelf is not None else np.zeros(len(read), bool)
+            todo = [i for i, r in enumerate(read) if not isinstance(r, LoadFailure) and not stored[i]]
+            rows: list[Any] = [r if isinstance(r, LoadFailure) else r[1] for r in read]
+            for i, pixels in zip(todo, decoders.map(lambda i: pixels_of(paths[i], rows[i]), todo)):
+                rows[i] = pixels
+            return _Prepared(batch, digests, rows, time.perf_counter() - t0)
 
+        def finish(prep: _Prepared) -> None:
+            _finish(prep, encoder, shelf, writer, out_schema, stats, events, total, pixels_of)
+
+        events.progress("embed", 0, total)
         pending: deque[Future[_Prepared]] = deque()
-        batches = _timed(tables.iter_batches(input_path, batch_size), stats.timings)
-        for batch in batches:
+        for batch in _timed(tables.iter_batches(input_path, batch_size), stats.timings):
             pending.append(preparer.submit(prepare, batch))
             if len(pending) > _PREFETCH:
-                _finish(pending.popleft().result(), encoder, writer, out_schema, stats, events, total)
+                finish(pending.popleft().result())
         while pending:
-            _finish(pending.popleft().result(), encoder, writer, out_schema, stats, events, total)
-
+            finish(pending.popleft().result())
+    if shelf is not None:
+        shelf.compact()
+        stats.corrupt_shards = list(shelf.corrupt)
     stats.timings["total"] = time.perf_counter() - started
     return stats
 
@@ -125,27 +148,62 @@ def _timed(batches: Iterator[pa.RecordBatch], timings: dict[str, float]) -> Iter
         yield batch
 
 
-def _finish(prep: _Prepared, encoder: Encoder, writer: "_RowGroupWriter", schema: pa.Schema,
-            stats: EmbedStats, events: Events, total: int) -> None:
+def _reused(prep: _Prepared, shelf: Shelf | None,
+            pixels_of: Callable[[object, bytes], Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The rows whose vector the store holds, and those vectors; a row whose shard fails its
+    checksum now (the shard is set aside) is decoded for the encoder after all."""
+    paths = prep.batch.column("filepath").to_pylist()
+    while shelf is not None:
+        where = shelf.find(prep.digests)
+        hits = np.flatnonzero(where >= 0)
+        for i in range(len(prep.rows)):  # stored when prepared, but no longer
+            if where[i] < 0 and isinstance(prep.rows[i], bytes):
+                prep.rows[i] = pixels_of(paths[i], prep.rows[i])
+        vectors = shelf.vectors(where[hits]) if len(hits) else None
+        if vectors is not None or not len(hits):
+            return hits, vectors
+    return np.zeros(0, np.int64), None
+
+
+def _finish(prep: _Prepared, encoder: Encoder, shelf: Shelf | None, writer: "_RowGroupWriter",
+            schema: pa.Schema, stats: EmbedStats, events: Events, total: int,
+            pixels_of: Callable[[object, bytes], Any]) -> None:
     stats.timings["decode"] += prep.seconds
     stats.rows_in += prep.batch.num_rows
-    for failure in prep.failures:
+    hits, stored = _reused(prep, shelf, pixels_of)
+    if len(hits):
+        stats.seconds_saved += shelf.seconds_saved(shelf.find([prep.digests[i] for i in hits])) if shelf else 0.0
+    failures = [r for r in prep.rows if isinstance(r, LoadFailure)]
+    for failure in failures:
         stats.skipped_by_reason[failure.reason.split(" (")[0]] += 1
         if len(stats.skipped_examples) < _SKIPPED_EXAMPLES:
             stats.skipped_examples.append(f"{failure.filepath}: {failure.reason}")
-    if prep.failures:
-        events.log("warning", f"skipped {len(prep.failures)} unreadable image(s), e.g. "
-                              f"{prep.failures[0].filepath}: {prep.failures[0].reason}")
+    if failures:
+        events.log("warning", f"skipped {len(failures)} unreadable image(s), e.g. "
+                              f"{failures[0].filepath}: {failures[0].reason}")
+    new = np.array([i for i, r in enumerate(prep.rows) if isinstance(r, np.ndarray) and i not in set(hits)],
+                   np.int64)
     t0 = time.perf_counter()
-    vectors = encoder.encode(prep.pixels) if prep.pixels is not None else np.zeros((0, encoder.dim), np.float32)
+    fresh = encoder.encode(np.concatenate([prep.rows[i] for i in new])) if len(new) else \
+        np.zeros((0, encoder.dim), np.float32)
     stats.timings["encode"] += time.perf_counter() - t0
+    if shelf is not None and len(new):
+        shelf.add(pa.array([prep.digests[i] for i in new], pa.binary(32)), fresh,
+                  (prep.seconds + time.perf_counter() - t0) / max(len(new), 1))
     t0 = time.perf_counter()
-    kept = prep.batch.filter(pa.array(prep.keep)) if not prep.keep.all() else prep.batch
+    vectors = np.zeros((prep.batch.num_rows, encoder.dim), np.float32)
+    keep = np.zeros(prep.batch.num_rows, bool)
+    if len(hits):
+        vectors[hits], keep[hits] = stored, True
+    vectors[new], keep[new] = fresh, True
+    kept = prep.batch.filter(pa.array(keep)) if not keep.all() else prep.batch
     columns = {name: kept.column(name) for name in kept.schema.names}
-    columns[EMBEDDING_COLUMN] = tables.vector_array(vectors)
+    columns[EMBEDDING_COLUMN] = tables.vector_array(vectors[keep])
     writer.write(pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema))
     stats.timings["write"] += time.perf_counter() - t0
     stats.rows_out += kept.num_rows
+    stats.reused += len(hits)
+    stats.embedded += len(new)
     events.progress("embed", stats.rows_in, total)
 
 

@@ -1,7 +1,10 @@
-"""Image files to RGB Pillow images: path resolution, EXIF orientation, and why a file failed."""
+"""Image files to RGB Pillow images: path resolution, content digests, EXIF orientation, and why
+a file failed."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,19 +24,37 @@ class LoadFailure:
     reason: str
 
 
-def load_rgb(filepath: str, image_root: Path) -> Image.Image | LoadFailure:
-    """The decoded, upright RGB image, or why it could not be had (never raises for bad files)."""
-    path = resolve_image_path(filepath, image_root)
+def read_bytes(filepath: object, image_root: Path) -> bytes | LoadFailure:
+    """The file's bytes, or why they could not be read (never raises for bad files)."""
+    if filepath is None:
+        return LoadFailure("<null>", "null filepath")
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now: a truncated file fails here, not in a worker later
-            upright = ImageOps.exif_transpose(img)
-            return upright.convert("RGB")
+        return resolve_image_path(str(filepath), image_root).read_bytes()
     except FileNotFoundError:
-        return LoadFailure(filepath, "missing")
+        return LoadFailure(str(filepath), "missing")
+    except IsADirectoryError:
+        return LoadFailure(str(filepath), "is a directory")
+    except (OSError, ValueError) as exc:
+        return LoadFailure(str(filepath), f"unreadable ({exc.__class__.__name__}: {exc})")
+
+
+def digest(data: bytes) -> bytes:
+    """SHA-256 of an image file's bytes: what the embedding store keys vectors by."""
+    return hashlib.sha256(data).digest()
+
+
+def decode_rgb(data: bytes, filepath: str) -> Image.Image | LoadFailure:
+    """The decoded, upright RGB image, or why it could not be had (never raises for bad files)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decode now: a truncated file fails here, not in a worker later
+            return ImageOps.exif_transpose(img).convert("RGB")
     except UnidentifiedImageError:
         return LoadFailure(filepath, "not an image")
-    except IsADirectoryError:
-        return LoadFailure(filepath, "is a directory")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         return LoadFailure(filepath, f"unreadable ({exc.__class__.__name__}: {exc})")
+
+
+def load_rgb(filepath: str, image_root: Path) -> Image.Image | LoadFailure:
+    data = read_bytes(filepath, image_root)
+    return data if isinstance(data, LoadFailure) else decode_rgb(data, filepath)

@@ -47,6 +47,12 @@ Image = Annotated[str | None, Field(
     description="docker backend: image URI (default: TAO versions.yaml, else deft-mine:latest)")]
 Mounts = Annotated[list[str] | None, Field(description="docker backend: extra read-only mounts at identical paths"),
                    PathField()]
+# Not a PathField: the server's own store may lie outside the roots (the tools check the rest).
+Store = Annotated[str | None, Field(
+    description="embedding store: vectors reused across rounds, keyed by encoder and image bytes "
+                "(default: $DEFT_MINE_STORE, else ~/.cache/deft-mine)"), cli("--store")]
+NoStore = Annotated[bool, Field(description="embed every image afresh, neither reading nor writing the store"),
+                    cli("--no-store")]
 
 
 class ToolInput(BaseModel):
@@ -80,6 +86,8 @@ class EmbedInput(ToolInput):
     backend: Backend = "local"
     image: Image = None
     mounts: Mounts = None
+    store: Store = None
+    no_store: NoStore = False
 
 
 class MineInput(ToolInput):
@@ -121,6 +129,8 @@ class RunInput(ToolInput):
                               "images no earlier iteration selected in mined.parquet")] = None
     image: Image = None
     mounts: Mounts = None
+    store: Store = None
+    no_store: NoStore = False
 
 
 class SelectInput(ToolInput):

@@ -83,12 +83,19 @@ class EmbedResult(_Result):
     embedding_dim: int
     device: str
     backend: str = "local"
+    store: str | None = Field(None, description="the embedding store used (None: off)")
+    reused: int = Field(0, description="rows whose vector came from the store (same encoder, same bytes)")
+    embedded: int = Field(0, description="rows the encoder ran on")
+    seconds_saved: float = Field(0.0, description="what embedding the reused rows cost when they were embedded")
+    corrupt_shards: list[str] = Field(default_factory=list, description="store shards set aside (checksum)")
     timings: dict[str, float] = Field(default_factory=dict)
 
     def text(self) -> str:
         return (f"embedded {self.rows} of {self.input_rows} rows ({self.skipped} skipped) with "
                 f"{self.encoder.model} on {self.device} → {self.output_parquet}\n"
-                f"columns: {', '.join(self.columns)}")
+                + (f"store {self.store}: {self.reused} reused, {self.embedded} embedded, "
+                   f"{self.seconds_saved:.1f}s saved\n" if self.store else "")
+                + f"columns: {', '.join(self.columns)}")
 
 
 class MineResult(_Result):

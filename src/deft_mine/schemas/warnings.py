@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 WarningCode = Literal[
     # raised by the tools (preflight predicts the first five before any work)
     "filter_by_label_noop", "provenance_unknown", "pool_exhausted", "images_skipped", "target_in_pool",
-    "selection_empty", "picture_failed",
+    "selection_empty", "picture_failed", "store_shard_corrupt",
     # findings of the report on a run folder
     "run_failed", "encoder_mismatch", "mined_missing", "mined_paths_missing", "path_encoding",
     "mined_schema", "mined_count_differs", "nothing_mined", "facts_unavailable",
@@ -88,6 +88,12 @@ def images_missing(side: str, missing: list[Any], checked: int, root: str) -> To
         fields=["filepath", "image_root"],
         details={"side": side, "count": len(missing), "checked": checked,
                  "examples": [str(p) for p in missing[:5]]})
+
+
+def store_shard_corrupt(store: str | None, shards: list[str]) -> ToolWarning:
+    return ToolWarning(code="store_shard_corrupt", fields=["store"], details={"store": store, "shards": shards},
+                       message=f"{len(shards)} shard(s) of the embedding store {store} failed their checksum "
+                               f"and were set aside (renamed .corrupt-*); their images were embedded again")
 
 
 def target_in_pool(count: int, excluded: bool | None) -> ToolWarning:

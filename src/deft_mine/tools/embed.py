@@ -38,12 +38,14 @@ def embed_spec(spec: EmbeddingSpec, inputs: EmbedInput, ctx: ToolContext) -> Emb
                         f"container, not on the {backend.name} backend", field="model",
                         fix="use backend=docker for TAO checkpoints, or model=SigLIP|CLIP|thumbnail locally")
     with ctx.lock.bind(spec) if ctx.lock is not None else contextlib.nullcontext():
-        done = backend.embed(spec, source, output, image_root, ctx.events)
+        done = backend.embed(spec, source, output, image_root, ctx.events,
+                             ctx.store_for(inputs.store, inputs.no_store))
         if ctx.lock is not None:
             ctx.lock.record(done.encoder)
+    done.warnings = [warnings.store_shard_corrupt(done.store, done.corrupt_shards)] if done.corrupt_shards else []
     if done.skipped_by_reason:
-        done.warnings = [warnings.images_skipped(str(source), done.input_rows, done.skipped_by_reason,
-                                                 done.skipped_examples, str(image_root))]
+        done.warnings.append(warnings.images_skipped(str(source), done.input_rows, done.skipped_by_reason,
+                                                     done.skipped_examples, str(image_root)))
     return done
 
 

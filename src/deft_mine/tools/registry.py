@@ -7,10 +7,12 @@ import dataclasses
 import inspect
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from deft_mine.engine.store import default_location
 from deft_mine.errors import DeftError
 from deft_mine.events import Events, NullEvents, StageEvents
 from deft_mine.schemas.inputs import ToolInput
@@ -23,15 +25,29 @@ ResultT = TypeVar("ResultT", bound=BaseModel)
 @dataclass(frozen=True)
 class ToolContext:
     """What a tool gets besides its inputs: where its events go, which paths it may touch
-    (None: any) and the session's encoder lock (None: no session)."""
+    (None: any), the session's encoder lock (None: no session) and the default store."""
 
     events: Events = field(default_factory=NullEvents)
     policy: PathPolicy | None = None
     lock: EncoderLock | None = None
+    store: Path | None = None  # the server's embedding store (else $DEFT_MINE_STORE or the cache's)
 
     def stage(self, name: str) -> "ToolContext":
         """The same context, its events under a stage name (e.g. 'embed targets')."""
         return dataclasses.replace(self, events=StageEvents(self.events, name))
+
+    def store_for(self, store: str | None, no_store: bool) -> Path | None:
+        """Where embeddings are reused from and kept: None when switched off. A store the caller
+        names must lie inside the roots, unless it is the server's own."""
+        if no_store:
+            return None
+        default = self.store or default_location()
+        if store is None:
+            return default
+        chosen = Path(store).expanduser().absolute()
+        if self.policy is not None and chosen.resolve() != default.resolve():
+            self.policy.check(chosen, "store")
+        return chosen
 
     def check_paths(self, model: BaseModel) -> None:
         """A spec's paths, once loaded, pass the same door as the tool's own path arguments."""

@@ -71,7 +71,8 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         inputs=Inputs(targets=_describe_input(targets_path), source=_describe_input(source_path)),
         embedding_spec=embedding.model_dump(mode="json", exclude={"input_parquet", "output_parquet"}),
         mining_spec=mining.model_dump(mode="json"))
-    side = EmbedInput(backend=inputs.backend, image=inputs.image, mounts=inputs.mounts)
+    side = EmbedInput(backend=inputs.backend, image=inputs.image, mounts=inputs.mounts, store=inputs.store,
+                      no_store=inputs.no_store)
     backend = get_backend(inputs.backend, inputs.image, inputs.mounts)
     try:
         tgt = embed_spec(target_spec, side, ctx.stage("embed targets"))
