@@ -91,7 +91,7 @@ class Shelf:
     def load_index(self) -> None:
         """Read the digest column of every shard (their footers say the rest)."""
         digests, shard_of, row_of = [], [], []
-        for path in sorted(self.folder.glob("*.parquet")):
+        for path in _shards(self.folder):
             try:
                 file = pq.ParquetFile(path, page_checksum_verification=True)
                 column = file.read(columns=["digest"]).column("digest").combine_chunks()
@@ -208,6 +208,11 @@ class Shelf:
         self.written = []
 
 
+def _shards(folder: Path) -> list[Path]:
+    """The live shards (set-aside `.corrupt-*` ones and temp files are hidden)."""
+    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+
+
 # -------------------------------------------------------------------- keeping it in bounds
 
 @dataclass
@@ -232,7 +237,7 @@ def describe(root: Path) -> list[ShelfInfo]:
             identity = EncoderIdentity.model_validate_json((folder / IDENTITY).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             identity = None
-        shards = sorted(folder.glob("*.parquet"))
+        shards = _shards(folder)
         rows = 0
         for path in shards:
             try:
@@ -259,7 +264,7 @@ def prune(root: Path, encoder: str | None = None, older_than_seconds: float | No
         if encoder is not None and encoder not in (info.fingerprint, info.model, info.model_path):
             continue
         folder = root / info.fingerprint
-        for path in [*folder.glob("*.parquet"), *folder.glob(".corrupt-*")]:
+        for path in [*_shards(folder), *folder.glob(".corrupt-*")]:
             if cutoff is None or path.stat().st_mtime < cutoff:
                 freed += path.stat().st_size
                 path.unlink(missing_ok=True)
