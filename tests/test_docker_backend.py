@@ -184,7 +184,7 @@ def test_cancelling_stops_and_removes_the_container(image_set, docker_image):
     from deft_mine.events import Cancelled
 
     class CancelOnFirstImage(RecordingEvents):
-        def progress(self, stage: str, done: int, total: int | None) -> None:
+        def progress(self, stage: str, done: int, total: int | None, note: str = "") -> None:
             super().progress(stage, done, total)
             if done >= 1:
                 raise Cancelled("cancelled by the test")

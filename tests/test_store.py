@@ -89,7 +89,7 @@ class CrashAfter(NullEvents):
     def __init__(self, rows: int) -> None:
         self.rows = rows
 
-    def progress(self, stage: str, done: int, total: int | None) -> None:
+    def progress(self, stage: str, done: int, total: int | None, note: str = "") -> None:
         if done >= self.rows:
             raise Cancelled("crash")
 

@@ -42,10 +42,11 @@ class RichEvents:
     def __exit__(self, *exc: Any) -> None:
         self.bars.stop()
 
-    def progress(self, stage: str, done: int, total: int | None) -> None:
+    def progress(self, stage: str, done: int, total: int | None, note: str = "") -> None:
         if stage not in self.tasks:
             self.tasks[stage] = self.bars.add_task(stage, total=total)
-        self.bars.update(self.tasks[stage], completed=done, total=total)
+        self.bars.update(self.tasks[stage], completed=done, total=total,
+                         description=f"{stage} ({note})" if note else stage)
 
     def log(self, level: str, message: str) -> None:
         if self.quiet and level in ("debug", "info"):

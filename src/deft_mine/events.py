@@ -11,8 +11,9 @@ class Cancelled(Exception):
 
 
 class Events(Protocol):
-    def progress(self, stage: str, done: int, total: int | None) -> None:
-        """`done` of `total` units finished in `stage` (total None when unknown)."""
+    def progress(self, stage: str, done: int, total: int | None, note: str = "") -> None:
+        """`done` of `total` units finished in `stage` (total None when unknown); `note` says
+        more about them (e.g. how many the embedding store supplied)."""
 
     def log(self, level: str, message: str) -> None:
         """A log line: level is 'debug' | 'info' | 'warning' | 'error'."""
@@ -21,7 +22,7 @@ class Events(Protocol):
 class NullEvents:
     """Drops everything: the default when nobody listens (pytest, library use)."""
 
-    def progress(self, stage: str, done: int, total: int | None) -> None:
+    def progress(self, stage: str, done: int, total: int | None, note: str = "") -> None:
         pass
 
     def log(self, level: str, message: str) -> None:
@@ -35,7 +36,7 @@ class RecordingEvents:
         self.progress_events: list[tuple[str, int, int | None]] = []
         self.logs: list[tuple[str, str]] = []
 
-    def progress(self, stage: str, done: int, total: int | None) -> None:
+    def progress(self, stage: str, done: int, total: int | None, note: str = "") -> None:
         self.progress_events.append((stage, done, total))
 
     def log(self, level: str, message: str) -> None:
@@ -49,8 +50,8 @@ class StageEvents:
         self.inner = inner
         self.stage = stage
 
-    def progress(self, stage: str, done: int, total: int | None) -> None:
-        self.inner.progress(self.stage, done, total)
+    def progress(self, stage: str, done: int, total: int | None, note: str = "") -> None:
+        self.inner.progress(self.stage, done, total, note)
 
     def log(self, level: str, message: str) -> None:
         self.inner.log(level, f"[{self.stage}] {message}")

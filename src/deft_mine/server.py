@@ -60,7 +60,7 @@ class _ClientEvents:
         except Exception:  # the client went away; the work itself must not fail for that
             pass
 
-    def progress(self, stage: str, done: int, total: int | None) -> None:
+    def progress(self, stage: str, done: int, total: int | None, note: str = "") -> None:
         if self.cancelled.is_set():
             raise Cancelled(f"cancelled by the client during {stage}")
         # MCP progress must only grow: count units across all stages of the call.
@@ -71,7 +71,7 @@ class _ClientEvents:
             return
         self._last_sent = now
         overall_total = total if len(self._stage_done) == 1 else None
-        message = f"{stage}: {done}/{total if total is not None else '?'}"
+        message = f"{stage}: {done}/{total if total is not None else '?'}" + (f" ({note})" if note else "")
         self._send(self.ctx.report_progress, self._overall, overall_total, message)
 
     def log(self, level: str, message: str) -> None:

@@ -23,7 +23,7 @@ class _PrintEvents:
     def __init__(self) -> None:
         self.last: dict[str, int] = {}
 
-    def progress(self, stage: str, done: int, total: int | None) -> None:
+    def progress(self, stage: str, done: int, total: int | None, note: str = "") -> None:
         step = max(1, (total or 1) // 10)
         if done == total or done - self.last.get(stage, -step) >= step:
             self.last[stage] = done

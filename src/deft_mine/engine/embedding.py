@@ -204,7 +204,7 @@ def _finish(prep: _Prepared, encoder: Encoder, shelf: Shelf | None, writer: "_Ro
     stats.rows_out += kept.num_rows
     stats.reused += len(hits)
     stats.embedded += len(new)
-    events.progress("embed", stats.rows_in, total)
+    events.progress("embed", stats.rows_in, total, f"{stats.reused} reused from the store" if shelf else "")
 
 
 class _RowGroupWriter:

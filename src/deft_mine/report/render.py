@@ -470,6 +470,13 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
                           f"The histogram shows {what}."))
     elif facts.mined is not None:
         blocks.append((0, "No score histogram: " + _no_picture(facts, "a `score` column in the mined parquet") + "."))
+    if any(e.reused is not None for e in v.embedded.values()):
+        t, s = v.embedded["target"], v.embedded["source"]
+        blocks.append((0, ("Embedding store: off, so every image was embedded." if not (t.store or s.store) else
+                           f"Embedding store `{t.store or s.store}`: targets {_fmt(t.reused)} reused and "
+                           f"{_fmt(t.embedded)} embedded, pool {_fmt(s.reused)} reused and {_fmt(s.embedded)} "
+                           f"embedded; reusing vectors saved about {_secs((t.seconds_saved or 0) + (s.seconds_saved or 0))} "
+                           "of embedding (what those images cost when they were first embedded).")))
     if timings := v.m.timings:
         blocks.append((1, f"Timings: embedding the targets took {_secs(timings.get('embed_targets'))}, the pool "
                           f"{_secs(timings.get('embed_source'))}, mining {_secs(timings.get('mine'))}; "

@@ -40,6 +40,10 @@ class EmbedFacts(BaseModel):
     skipped_by_reason: dict[str, int] | None = None
     embedding_dim: int | None = None
     device: str | None = None
+    store: str | None = None  # the embedding store (None: off, or not recorded)
+    reused: int | None = None  # rows whose vector came from the store
+    embedded: int | None = None  # rows the encoder ran on
+    seconds_saved: float | None = None
     timings: dict[str, float] | None = None
 
 

@@ -168,6 +168,10 @@ class RunResult(_Result):
                  f"pairs for {summary.get('queries', 0)} targets) in {self.timings.get('total', 0):.1f}s; "
                  f"report {self.report.verdict.upper()}: {self.report.report_path}",
                  "summary: " + ", ".join(f"{key}={value}" for key, value in summary.items())]
+        t, p = self.target_embed, self.source_embed
+        if t.store:
+            lines.append(f"store {t.store}: targets {t.reused} reused / {t.embedded} embedded, pool {p.reused} "
+                         f"reused / {p.embedded} embedded, {t.seconds_saved + p.seconds_saved:.1f}s saved")
         if self.select is not None:
             lines.append(f"history: {self.select.text()}")
         return "\n".join(lines)
