@@ -158,11 +158,15 @@ def test_preflight_names_a_missing_image_and_a_stopped_daemon(monkeypatch, docke
     (image,) = [c for c in result.checks if c.name == "image"]
     assert image.status == "fail" and image.fix.startswith("docker pull deft-mine-absent:0")
     assert not result.ok
-    assert [c for c in preflight("docker", image=docker_image).checks if c.name == "image"][0].status == "ok"
+    present = {c.name: c for c in preflight("docker", image=docker_image).checks}
+    assert present["image"].status == "ok"
+    # our image's entrypoint is deft-mine-task: it can use the embedding store
+    assert present["store in container"].status == "ok" and "read-write" in present["store in container"].detail
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-daemon.sock")
     stopped = preflight("docker", image=docker_image)
-    (daemon,) = stopped.checks
+    daemon, store = stopped.checks
     assert daemon.name == "docker daemon" and daemon.status == "fail" and "dockerd" in daemon.fix
+    assert store.name == "store" and store.status == "ok"
 
 
 def test_the_image_comes_from_the_flag_then_tao_versions_then_ours(monkeypatch, tmp_path):

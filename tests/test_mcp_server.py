@@ -347,7 +347,7 @@ def test_preflight_predicts_nothing_for_clean_inputs(server: SyncClient, data: P
     sc = ok(server.call("preflight", {"targets": str(data / "targets.parquet"), "source": str(data / "pool.parquet"),
                                       "overrides": {"filter_by_label": True, "topn": 2}}))
     assert sc["warnings"] == []
-    assert {c["name"] for c in sc["checks"]} == {"torch", "thumbnail encoder"}
+    assert {c["name"] for c in sc["checks"]} == {"torch", "thumbnail encoder", "store"}
 
 
 # --------------------------------------------------------------------------- refusals

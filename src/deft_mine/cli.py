@@ -55,8 +55,8 @@ class RichEvents:
         self.bars.console.print(f"[{style}]{message}[/]", highlight=False)
 
 
-# The subcommands in the order --help lists them: the tools, plus serve and demo.
-COMMANDS = ("embed", "mine", "run", "serve", "preflight", "select", "report", "demo")
+# The subcommands in the order --help lists them: the tools, plus serve, demo and store.
+COMMANDS = ("embed", "mine", "run", "serve", "preflight", "select", "report", "demo", "store")
 
 
 def _add_field(parser: argparse.ArgumentParser, groups: dict[str, Any], name: str, info: FieldInfo) -> None:
@@ -82,11 +82,11 @@ def _add_field(parser: argparse.ArgumentParser, groups: dict[str, Any], name: st
                         required=spec.required, type=int if info.annotation is int else str)
 
 
-def _flag(command: str, field: object) -> str | None:
+def _flag(tool: Tool[Any, Any] | None, field: object) -> str | None:
     """The option that sets an input field: tools and engine name fields, the adapter flags."""
     if field in ("backend", "image", "mounts"):
         return f"--{str(field).rstrip('s')}"
-    info = TOOLS[command].input.model_fields.get(str(field)) if command in TOOLS else None
+    info = tool.input.model_fields.get(str(field)) if tool is not None else None
     spec = next((m for m in info.metadata if isinstance(m, Cli)), None) if info else None
     return "/".join(spec.flags) if spec and spec.flags else None
 
@@ -94,8 +94,8 @@ def _flag(command: str, field: object) -> str | None:
 def _run_tool(tool: Tool[Any, Any], args: argparse.Namespace, events: RichEvents) -> BaseModel:
     fields = tool.input.model_fields
     given = {name: getattr(args, name) for name in fields if hasattr(args, name)}
-    given |= {k: v for k, v in (("backend", args.backend), ("image", args.image), ("mounts", args.mount))
-              if k in fields}
+    given |= {k: getattr(args, option) for k, option in (("backend", "backend"), ("image", "image"),
+                                                           ("mounts", "mount")) if k in fields}
     result = tool.invoke(tool.input(**given), ToolContext(events))
     if not args.json:
         out.print(result.text(), highlight=False)
@@ -116,6 +116,26 @@ def _run_demo(args: argparse.Namespace, events: RichEvents) -> BaseModel:
     return result
 
 
+def _command(sub: Any, name: str, summary: str, handler: Any, tool: Tool[Any, Any] | None = None,
+             backend_options: bool = True) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=summary, description=summary)
+    p.set_defaults(handler=handler, tool=tool)
+    if backend_options:
+        p.add_argument("--backend", choices=BACKENDS, default="local")
+        p.add_argument("--image", help="docker backend: image URI (default: TAO versions.yaml under "
+                       "$TAO_SKILL_BANK_PATH, else deft-mine:latest)")
+        p.add_argument("--mount", action="append", default=None, metavar="PATH",
+                       help="docker backend: extra read-only bind mount at the identical path (repeatable)")
+    p.add_argument("--json", action="store_true",
+                   help="print exactly the structured result (as the MCP tool returns it) on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info lines")
+    if tool is not None:
+        groups: dict[str, Any] = {}
+        for field_name, info in tool.input.model_fields.items():
+            _add_field(p, groups, field_name, info)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deft-mine", description=(
         "DEFT embed → mine → report for AOI images. Spec keys follow the TAO contract; "
@@ -131,25 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--port", type=int, default=8765, help="streamable-http: port")
             p.add_argument("--root", action="append", default=None,
                            help="allowed root folder (repeatable; default: the working directory)")
-            continue
-        summary = "make a small AOI-like sample set and run the workflow offline" if name == "demo" \
-            else TOOLS[name].summary
-        p = sub.add_parser(name, help=summary, description=summary)
-        p.set_defaults(handler=_run_demo if name == "demo" else functools.partial(_run_tool, TOOLS[name]))
-        p.add_argument("--backend", choices=BACKENDS, default="local")
-        p.add_argument("--image", help="docker backend: image URI (default: TAO versions.yaml under "
-                       "$TAO_SKILL_BANK_PATH, else deft-mine:latest)")
-        p.add_argument("--mount", action="append", default=None, metavar="PATH",
-                       help="docker backend: extra read-only bind mount at the identical path (repeatable)")
-        p.add_argument("--json", action="store_true",
-                       help="print exactly the structured result (as the MCP tool returns it) on stdout")
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info lines")
-        if name == "demo":
+            p.add_argument("--store", help="the embedding store its tools use (default: $DEFT_MINE_STORE, "
+                           "else ~/.cache/deft-mine); it may lie outside the roots")
+        elif name == "demo":
+            p = _command(sub, name, "make a small AOI-like sample set and run the workflow offline", _run_demo)
             p.add_argument("--output-dir", default="deft_mine_demo", help="where the sample data and run go")
-            continue
-        groups: dict[str, Any] = {}
-        for field_name, info in TOOLS[name].input.model_fields.items():
-            _add_field(p, groups, field_name, info)
+        elif name == "store":
+            p = sub.add_parser("store", help="show or prune the embedding store",
+                               description="Show or prune the embedding store (vectors reused across rounds).")
+            actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+            for action in ("info", "prune"):
+                tool = TOOLS[f"store_{action}"]
+                _command(actions, action, tool.summary, functools.partial(_run_tool, tool), tool, False)
+        else:
+            _command(sub, name, TOOLS[name].summary, functools.partial(_run_tool, TOOLS[name]), TOOLS[name])
     return parser
 
 
@@ -165,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from deft_mine.server import serve
 
-        serve(args.transport, args.root, args.host, args.port)
+        serve(args.transport, args.root, args.host, args.port, args.store)
         return EXIT_OK
     try:
         with RichEvents(quiet=args.quiet or args.json) as events:
@@ -175,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(ErrorInfo.of(exc).wire(), indent=2))
         err.print(f"[red]error[/] [bold]{exc.code}[/]: {exc.message}", highlight=False)
         if exc.fix:
-            flag = _flag(args.command, exc.details.get("field"))
+            flag = _flag(args.tool, exc.details.get("field"))
             err.print(f"  fix: {exc.fix}" + (f" (on the command line: {flag})" if flag else ""), highlight=False)
         return EXIT_REFUSED
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, WithJsonSchema
 
 from deft_mine import __version__
+from deft_mine.engine.store import default_location
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled
 from deft_mine.schemas.inputs import Internal
@@ -109,10 +110,12 @@ def _handler(tool: Tool[Any, Any], call: Callable[[Context, Tool[Any, Any], Any]
     return handler
 
 
-def build_server(roots: list[str | Path] | None = None) -> MCPServer:
+def build_server(roots: list[str | Path] | None = None, store: str | Path | None = None) -> MCPServer:
     """A server that reads and writes only under `roots` (default: the working directory)
-    plus the roots each client announces."""
+    plus the roots each client announces, and keeps embeddings in `store` (default: the
+    user's: $DEFT_MINE_STORE, else the cache folder), wherever it lies."""
     server_roots = [Path(r).expanduser().resolve() for r in (roots or [Path.cwd()])]
+    server_store = Path(store).expanduser().absolute() if store else default_location()
     sessions: "weakref.WeakKeyDictionary[Any, EncoderLock]" = weakref.WeakKeyDictionary()
     mcp = MCPServer(name="deft-mine", title="DEFT image mining", version=__version__,
                     instructions=INSTRUCTIONS, log_level="WARNING")
@@ -150,7 +153,7 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
 
     async def call(ctx: Context, tool: Tool[Any, Any], inputs: Any) -> CallToolResult:
         events = _ClientEvents(ctx)
-        tool_ctx = ToolContext(events, await policy(ctx), session_lock(ctx))
+        tool_ctx = ToolContext(events, await policy(ctx), session_lock(ctx), server_store)
         try:
             result = await anyio.to_thread.run_sync(lambda: tool.invoke(inputs, tool_ctx), abandon_on_cancel=True)
         except anyio.get_cancelled_exc_class():
@@ -165,7 +168,7 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
         return CallToolResult(content=[TextContent(type="text", text=_text(result))],
                               structured_content=result.model_dump(mode="json"))
 
-    for tool in TOOLS.values():
+    for tool in (t for t in TOOLS.values() if t.mcp):
         annotations = ToolAnnotations(title=tool.title, read_only_hint=tool.read_only, destructive_hint=False,
                                       idempotent_hint=tool.idempotent, open_world_hint=False)
         mcp.tool(description=tool.description, annotations=annotations)(_handler(tool, call))
@@ -179,8 +182,8 @@ def build_server(roots: list[str | Path] | None = None) -> MCPServer:
 
 
 def serve(transport: str = "stdio", roots: list[str] | None = None, host: str = "127.0.0.1",
-          port: int = 8765) -> None:
-    server = build_server(roots)
+          port: int = 8765, store: str | None = None) -> None:
+    server = build_server(roots, store)
     if transport == "stdio":
         server.run("stdio")
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -54,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from deft_mine.tools import embed, mine
 
         tool = embed if kind is EmbeddingSpec else mine
-        result = tool.invoke(tool.input(spec_path=args.spec, overrides=args.overrides), ToolContext(_PrintEvents()))
+        # In a container the store is what the caller mounted and named, never a default folder.
+        store = {"no_store": "DEFT_MINE_STORE" not in os.environ} if tool is embed else {}
+        result = tool.invoke(tool.input(spec_path=args.spec, overrides=args.overrides, **store),
+                             ToolContext(_PrintEvents()))
         print(result.text())
         for w in result.warnings:
             print(f"WARNING [{w.code}]: {w.message}", file=sys.stderr)

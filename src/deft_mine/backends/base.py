@@ -33,8 +33,9 @@ class Backend(Protocol):
     name: str
     capabilities: Capabilities
 
-    def check(self, output_dir: Path) -> tuple[list[Check], list[str]]:
-        """Preflight: can this backend run here (its checks), and the GPUs it would use."""
+    def check(self, output_dir: Path, store: Path | None = None) -> tuple[list[Check], list[str]]:
+        """Preflight: can this backend run here (its checks, the embedding `store`'s use
+        among them), and the GPUs it would use."""
 
     def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
               events: Events, store: Path | None) -> EmbedResult:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from deft_mine.backends.base import BackendMine, Capabilities
 from deft_mine.engine import tables
 from deft_mine.engine.images import resolve_image_path
+from deft_mine.engine.store import open_store
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts
@@ -78,8 +79,9 @@ class DockerBackend:
         self.mounts = [Path(m).expanduser().absolute() for m in (mounts or [])]
         self.network = network
 
-    def check(self, output_dir: Path) -> tuple[list[Check], list[str]]:
-        """Daemon, NVIDIA runtime, GPU, image, disk and mountability — a few seconds at most."""
+    def check(self, output_dir: Path, store: Path | None = None) -> tuple[list[Check], list[str]]:
+        """Daemon, NVIDIA runtime, GPU, image, disk, mountability and whether the image can use
+        the embedding store — a few seconds at most."""
         import docker
 
         try:
@@ -98,8 +100,15 @@ class DockerBackend:
                   Check.of("gpu", "ok" if gpu else "warn", "nvidia-smi found" if gpu else "no nvidia-smi on this host",
                            None if gpu else "TAO checkpoints need a GPU machine; SigLIP/CLIP/thumbnail run on CPU")]
         try:
-            client.images.get(self.image)
+            entrypoint = client.images.get(self.image).attrs.get("Config", {}).get("Entrypoint") or []
             checks.append(Check.of("image", "ok", f"{self.image} is present locally"))
+            if store is not None:
+                ours = any("deft-mine-task" in str(part) for part in entrypoint)
+                checks.append(Check.of("store in container", "ok" if ours else "warn", (
+                    f"{store} is mounted read-write: embeddings are reused across rounds" if ours else
+                    f"{self.image} is not deft-mine's image (entrypoint {entrypoint}): it cannot use the "
+                    f"store {store}, so every round embeds the whole pool"),
+                    None if ours else "use deft-mine's image (docker/Dockerfile) or backend=local to reuse embeddings"))
         except docker.errors.ImageNotFound:
             checks.append(Check.of("image", "fail", f"{self.image} is not on this machine",
                                    f"docker pull {self.image} (or build docker/Dockerfile as {self.image}), "
@@ -131,7 +140,7 @@ class DockerBackend:
                                                              "image_root": str(image_root)}))
         t0 = time.perf_counter()
         self._run(["embedding", "image_embeddings", "-e", str(spec_file)], workspace,
-                  [Path(p).expanduser().absolute() for p in read_only], events, outputs=[output_path])
+                  [Path(p).expanduser().absolute() for p in read_only], events, [output_path], store)
         timings = {"container": time.perf_counter() - t0, "total": time.perf_counter() - t0}
         told = _task_result(output_path, EmbedResult)  # our image says what it did
         if told is not None:
@@ -203,7 +212,7 @@ class DockerBackend:
                         path=str(path), workspace=str(workspace))
 
     def _run(self, command: list[str], workspace: Path, read_only: list[Path], events: Events,
-             outputs: list[Path]) -> list[str]:
+             outputs: list[Path], store: Path | None = None) -> list[str]:
         """Run the container, forwarding its output line by line; the last lines go into the
         error when it fails. Returns every line it printed."""
         import docker
@@ -216,6 +225,10 @@ class DockerBackend:
                             fix=f"docker pull {self.image} (or build docker/Dockerfile), or pass --image",
                             image=self.image) from exc
         volumes = {str(workspace): {"bind": str(workspace), "mode": "rw"}}
+        environment = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        if store is not None:  # our image reuses and adds vectors there; NVIDIA's ignores it
+            volumes[str(open_store(store))] = {"bind": str(store), "mode": "rw"}
+            environment["DEFT_MINE_STORE"] = str(store)
         for path in [*read_only, *self.mounts]:
             volumes.setdefault(str(path), {"bind": str(path), "mode": "ro"})
         gpus = []
@@ -225,7 +238,7 @@ class DockerBackend:
         container = client.containers.run(
             self.image, command, detach=True, user=f"{os.getuid()}:{os.getgid()}", ipc_mode="host",
             network_mode=self.network, volumes=volumes, working_dir=str(workspace),
-            device_requests=gpus, environment={"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+            device_requests=gpus, environment=environment)
         lines: list[str] = []
         tail: deque[str] = deque(maxlen=_LOG_TAIL)
         try:

@@ -35,7 +35,7 @@ class LocalBackend:
             cls._shared = cls()
         return cls._shared
 
-    def check(self, output_dir: Path) -> tuple[list[Check], list[str]]:
+    def check(self, output_dir: Path, store: Path | None = None) -> tuple[list[Check], list[str]]:
         try:
             import torch
 

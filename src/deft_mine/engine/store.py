@@ -138,6 +138,9 @@ class Shelf:
             group = int(np.searchsorted(shard.group_starts, row, side="right") - 1)
             try:
                 block = self._group(shard_index, group)
+            except FileNotFoundError:  # pruned by another process meanwhile: not corrupt, just gone
+                self._drop(shard_index, set_aside=False)
+                return None
             except (pa.ArrowException, OSError, ValueError, DeftError):
                 self._drop(shard_index)
                 return None
@@ -156,10 +159,9 @@ class Shelf:
         self._groups.move_to_end(key)
         return self._groups[key]
 
-    def _drop(self, shard_index: int) -> None:
-        path = self.shards[shard_index].path
-        if path.exists():
-            self._quarantine(path)
+    def _drop(self, shard_index: int, set_aside: bool = True) -> None:
+        if set_aside:
+            self._quarantine(self.shards[shard_index].path)
         keep = self._shard_of != shard_index
         self._sorted, self._shard_of, self._row_of = self._sorted[keep], self._shard_of[keep], self._row_of[keep]
 

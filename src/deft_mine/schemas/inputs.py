@@ -72,6 +72,7 @@ class PreflightInput(ToolInput):
     output_dir: Annotated[str | None, Field(
         description="where outputs will go (docker backend: disk space, writability)"), PathField(),
         cli("--output-dir", help="where outputs will go (disk space, writability)")] = None
+    store: Store = None
 
 
 class EmbedInput(ToolInput):
@@ -155,3 +156,16 @@ class SelectInput(ToolInput):
 class ReportInput(ToolInput):
     run_dir: Annotated[str, Field(description="run folder (with run.json, or one the TAO container filled)"),
                        PathField(), cli(help="a run folder (with run.json, or one the TAO container filled)")]
+
+
+class StoreInfoInput(ToolInput):
+    store: Store = None
+
+
+class StorePruneInput(ToolInput):
+    store: Store = None
+    encoder: Annotated[str | None, Field(description="remove this encoder's vectors: a fingerprint, model "
+                                                     "name or model_path as `store info` lists them"),
+                       cli("--encoder")] = None
+    older_than: Annotated[str | None, Field(description="remove shards older than this: 30d, 12h, 45m or 90s"),
+                          cli("--older-than")] = None

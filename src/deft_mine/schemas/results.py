@@ -177,6 +177,44 @@ class RunResult(_Result):
         return "\n".join(lines)
 
 
+class StoreShelf(BaseModel):
+    """One encoder's vectors in the store."""
+
+    fingerprint: str = Field(description="the encoder identity's fingerprint (the shelf's folder)")
+    model: str | None
+    model_path: str | None
+    shards: int
+    vectors: int
+    bytes: int
+    oldest: float | None = Field(description="mtime of the oldest shard (seconds since the epoch)")
+    newest: float | None
+    corrupt: int = Field(description="shards set aside after failing their checksum")
+
+
+class StoreInfoResult(_Result):
+    store: str
+    bytes: int = Field(description="size of the store on disk")
+    free_bytes: int = Field(description="free space on the store's disk")
+    encoders: list[StoreShelf]
+
+    def text(self) -> str:
+        return "\n".join([f"store {self.store}: {self.bytes / 2**20:.1f} MiB in {len(self.encoders)} encoder(s), "
+                          f"{self.free_bytes / 2**30:.1f} GiB free", *(
+                              f"  {e.fingerprint} {e.model} {e.model_path or ''}: {e.vectors} vectors in "
+                              f"{e.shards} shard(s), {e.bytes / 2**20:.1f} MiB" + (f", {e.corrupt} set aside"
+                                                                                  if e.corrupt else "")
+                              for e in self.encoders)])
+
+
+class StorePruneResult(_Result):
+    store: str
+    removed_shards: int
+    freed_bytes: int
+
+    def text(self) -> str:
+        return f"store {self.store}: removed {self.removed_shards} shard(s), freed {self.freed_bytes / 2**20:.1f} MiB"
+
+
 class Check(BaseModel):
     name: str
     ok: bool = Field(description="false only for status fail")

@@ -8,5 +8,7 @@ from deft_mine.tools.registry import TOOLS, Tool, ToolContext
 from deft_mine.tools.report import report
 from deft_mine.tools.run import run
 from deft_mine.tools.select import select
+from deft_mine.tools.store import store_info, store_prune
 
-__all__ = ["TOOLS", "Tool", "ToolContext", "embed", "mine", "preflight", "report", "run", "select"]
+__all__ = ["TOOLS", "Tool", "ToolContext", "embed", "mine", "preflight", "report", "run", "select", "store_info",
+           "store_prune"]

@@ -13,11 +13,12 @@ from deft_mine.engine import tables
 from deft_mine.engine.images import resolve_image_path
 from deft_mine.engine.mining import lexically_normal
 from deft_mine.schemas import warnings
-from deft_mine.schemas.inputs import PreflightInput
-from deft_mine.schemas.results import PreflightResult
+from deft_mine.schemas.inputs import PreflightInput, StoreInfoInput
+from deft_mine.schemas.results import Check, PreflightResult
 from deft_mine.schemas.specs import MiningSpec, load_spec, split_overrides
 from deft_mine.schemas.warnings import ToolWarning
 from deft_mine.tools.registry import Tool, ToolContext, register
+from deft_mine.tools.store import describe_store
 
 _IMAGE_SAMPLE = 500  # rows per side whose image files are checked for existence
 
@@ -28,8 +29,12 @@ def check_before_mining(inputs: PreflightInput, ctx: ToolContext) -> PreflightRe
     pool_exhausted, target_in_pool, images_skipped, provenance_unknown) before any work.
     Reads only; refuses paths outside the allowed roots."""
     backend = get_backend(inputs.backend, inputs.image)
+    store = describe_store(StoreInfoInput(store=inputs.store), ctx)
     checks, gpu = backend.check(Path(inputs.output_dir).expanduser().absolute() if inputs.output_dir
-                                else Path.cwd())
+                                else Path.cwd(), Path(store.store))
+    roomy = store.free_bytes >= 5 * 2**30
+    checks.append(Check.of("store", "ok" if roomy else "warn", store.text().splitlines()[0].removeprefix("store "),
+                           None if roomy else "free disk space, or prune the store (deft-mine store prune)"))
     versions = {"deft-mine": __version__, "python": platform.python_version()}
     for package in ("torch", "transformers", "faiss-cpu", "pyarrow", "pillow"):
         try:

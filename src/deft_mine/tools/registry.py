@@ -65,6 +65,7 @@ class Tool(Generic[InputT, ResultT]):
     fn: Callable[[InputT, ToolContext], ResultT]
     read_only: bool = False
     idempotent: bool = True
+    mcp: bool = True  # False: the command line only (e.g. what deletes data)
 
     @property
     def description(self) -> str:
