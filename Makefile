@@ -32,6 +32,7 @@ test: $(STAMP) $(INSPECTOR)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_mining.py
 	$(PY) benchmarks/bench_embedding.py
+	$(PY) benchmarks/bench_store.py
 
 clean:
 	rm -rf $(VENV) .tools deft_mine_demo

@@ -9,7 +9,7 @@ import shutil
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,6 @@ from deft_mine.schemas.results import EncoderIdentity
 MARKER = "deft-mine-store.json"
 FORMAT = {"format": "deft-mine-embedding-store", "version": 1}
 IDENTITY = "identity.json"
-DIGEST = pa.binary(32)
 SECONDS_KEY = b"deft_mine.seconds_per_row"  # what embedding one row cost: the time a reuse saves
 COMPACT_ROWS = 65536  # rows per compacted shard
 GROUP_ROWS = 4096  # rows per row group: a reuse reads only the groups it needs
@@ -57,15 +56,6 @@ class Shard:
     rows: int
     seconds_per_row: float
     group_starts: np.ndarray  # first row of each row group
-
-
-@dataclass
-class Found:
-    """The store's answer for a listing: for each row, the index of its vector in the shelf
-    (-1: not stored), and what reusing them saves."""
-
-    where: np.ndarray
-    corrupt: list[str] = field(default_factory=list)  # shards left out (checksum or format)
 
 
 class Shelf:
@@ -197,7 +187,10 @@ class Shelf:
         lookups tolerate."""
         if len(self.written) < 2:
             return
-        parts = [pq.read_table(p, page_checksum_verification=True) for p in self.written]
+        try:
+            parts = [pq.read_table(p, page_checksum_verification=True) for p in self.written]
+        except (pa.ArrowException, OSError):  # a shard went missing or bad: keep them as they are
+            return
         rows = sum(t.num_rows for t in parts)
         rate = sum(float((t.schema.metadata or {}).get(SECONDS_KEY, b"0")) * t.num_rows for t in parts) / max(rows, 1)
         merged = pa.concat_tables([t.replace_schema_metadata(None) for t in parts]).combine_chunks()
