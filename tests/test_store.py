@@ -16,7 +16,7 @@ from conftest import write_image
 from deft_mine.engine import store as stores
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled, NullEvents
-from deft_mine.tools import embed
+from deft_mine.tools import embed, store_info
 
 THUMB = {"model": "thumbnail", "batch_size": 4}
 
@@ -149,7 +149,9 @@ def test_prune_by_encoder_and_by_age(pool: Path) -> None:
     removed, freed = stores.prune(store, older_than_seconds=3600)
     assert removed == 1 and freed > 0 and stores.describe(store)[0].vectors == 0
     embed(pool / "pool.parquet", pool / "e2.parquet", overrides=THUMB, store=store)
-    assert stores.prune(store, encoder="thumbnail")[0] == 1 and stores.describe(store) == []
+    assert stores.prune(store, encoder="thumbnail")[0] == 1
+    (shelf,) = stores.describe(store)  # the shelf stays (an embed may be writing to it), empty
+    assert (shelf.model, shelf.shards, shelf.vectors) == ("thumbnail", 0, 0)
     with pytest.raises(DeftError) as exc:
         stores.prune(store)
     assert exc.value.code == "spec_invalid"
@@ -159,3 +161,31 @@ def test_a_folder_of_other_files_is_not_taken_for_a_store(pool: Path) -> None:
     with pytest.raises(DeftError) as exc:
         embed(pool / "pool.parquet", pool / "e.parquet", overrides=THUMB, store=pool / "imgs")
     assert exc.value.code == "store_invalid" and not (pool / "e.parquet").exists()
+
+
+def test_a_passing_system_error_does_not_cost_a_healthy_shard(pool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Too many open files (an errno) is not corruption: the shard is left where it is, its
+    rows embedded this time, and no corruption is reported."""
+    import errno
+
+    store = pool / "store"
+    embed(pool / "pool.parquet", pool / "e1.parquet", overrides=THUMB, store=store)
+
+    def no_files_left(self: stores.Shelf, shard_index: int, group: int) -> np.ndarray:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(stores.Shelf, "_group", no_files_left)
+        again = embed(pool / "pool.parquet", pool / "e2.parquet", overrides=THUMB, store=store)
+    assert (again.reused, again.embedded, again.warnings) == (0, 20, [])
+    assert not list(store.glob("*/.corrupt-*"))
+    assert embed(pool / "pool.parquet", pool / "e3.parquet", overrides=THUMB, store=store).reused == 20
+
+
+def test_a_file_is_not_taken_for_a_store(pool: Path) -> None:
+    (pool / "notes.txt").write_text("x")
+    for call in (lambda: embed(pool / "pool.parquet", pool / "e.parquet", overrides=THUMB, store=pool / "notes.txt"),
+                 lambda: store_info(store=pool / "notes.txt")):
+        with pytest.raises(DeftError) as exc:
+            call()
+        assert exc.value.code == "store_invalid"

@@ -134,6 +134,9 @@ def embed_file(
     if shelf is not None:
         shelf.compact()
         stats.corrupt_shards = list(shelf.corrupt)
+        if shelf.write_error:
+            events.log("warning", f"the embedding store could not be written ({shelf.write_error}); "
+                                  "this run's later vectors were not kept for reuse")
     stats.timings["total"] = time.perf_counter() - started
     return stats
 
@@ -181,8 +184,8 @@ def _finish(prep: _Prepared, encoder: Encoder, shelf: Shelf | None, writer: "_Ro
     if failures:
         events.log("warning", f"skipped {len(failures)} unreadable image(s), e.g. "
                               f"{failures[0].filepath}: {failures[0].reason}")
-    new = np.array([i for i, r in enumerate(prep.rows) if isinstance(r, np.ndarray) and i not in set(hits)],
-                   np.int64)
+    reused = set(hits.tolist())
+    new = np.array([i for i, r in enumerate(prep.rows) if isinstance(r, np.ndarray) and i not in reused], np.int64)
     t0 = time.perf_counter()
     fresh = encoder.encode(np.concatenate([prep.rows[i] for i in new])) if len(new) else \
         np.zeros((0, encoder.dim), np.float32)

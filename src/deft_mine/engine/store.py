@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import uuid
 from collections import OrderedDict
@@ -26,7 +25,7 @@ IDENTITY = "identity.json"
 SECONDS_KEY = b"deft_mine.seconds_per_row"  # what embedding one row cost: the time a reuse saves
 COMPACT_ROWS = 65536  # rows per compacted shard
 GROUP_ROWS = 4096  # rows per row group: a reuse reads only the groups it needs
-_CACHED_GROUPS = 8
+_CACHE_BYTES = 512 << 20  # row groups kept decoded: a pool in another order than the store reads each once
 
 
 def default_location() -> Path:
@@ -42,12 +41,20 @@ def open_store(root: Path) -> Path:
     other folder that already has files in it."""
     marker = root / MARKER
     if not marker.is_file():
-        if root.is_dir() and any(p for p in root.iterdir() if not p.name.startswith(".")):
-            raise DeftError("store_invalid", f"store {root} is a folder with other files in it, not an "
-                            "embedding store", fix="point store at an empty or new folder", field="store",
+        if root.exists() and not root.is_dir() or root.is_dir() and any(
+                p for p in root.iterdir() if not p.name.startswith(".")):
+            raise DeftError("store_invalid", f"store {root} is a file or a folder with other files in it, "
+                            "not an embedding store", fix="point store at an empty or new folder", field="store",
                             path=str(root))
         tables.write_text_atomic(marker, json.dumps(FORMAT) + "\n")
     return root
+
+
+def _corrupt(exc: BaseException) -> bool:
+    """Bad bytes (checksum, format, bad values), as opposed to a passing system error (too many
+    open files, EIO, EACCES: those carry an errno), which must not cost a healthy shard."""
+    return isinstance(exc, (pa.ArrowInvalid, ValueError, DeftError)) or (
+        isinstance(exc, OSError) and exc.errno is None)
 
 
 @dataclass
@@ -75,6 +82,7 @@ class Shelf:
         self._row_of = np.zeros(0, np.int64)
         self._groups: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.written: list[Path] = []  # shards this process added (compacted at the end)
+        self.write_error: str | None = None  # why storing stopped, if it did
 
     # ---------------------------------------------------------------- finding
 
@@ -88,8 +96,9 @@ class Shelf:
                 meta = file.schema_arrow.metadata or {}
             except FileNotFoundError:  # pruned or compacted away meanwhile
                 continue
-            except (pa.ArrowException, OSError, ValueError):
-                self._quarantine(path)
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                if _corrupt(exc):
+                    self._quarantine(path)
                 continue
             starts = np.cumsum([0] + [file.metadata.row_group(i).num_rows
                                       for i in range(file.metadata.num_row_groups)])[:-1]
@@ -120,22 +129,28 @@ class Shelf:
 
     def vectors(self, entries: np.ndarray) -> np.ndarray | None:
         """The stored vectors of these index entries, in order; None when a shard they live in
-        turns out unreadable (it is quarantined and left out of the index)."""
-        out: list[np.ndarray] = []
-        for entry in entries:
-            shard_index, row = int(self._shard_of[entry]), int(self._row_of[entry])
+        turns out unreadable (it leaves the index; set aside when its bytes are bad). Each row
+        group is read once per call, whatever order the entries come in."""
+        shard_of, row_of = self._shard_of[entries], self._row_of[entries]
+        out: np.ndarray | None = None
+        for shard_index in np.unique(shard_of):
             shard = self.shards[shard_index]
-            group = int(np.searchsorted(shard.group_starts, row, side="right") - 1)
-            try:
-                block = self._group(shard_index, group)
-            except FileNotFoundError:  # pruned by another process meanwhile: not corrupt, just gone
-                self._drop(shard_index, set_aside=False)
-                return None
-            except (pa.ArrowException, OSError, ValueError, DeftError):
-                self._drop(shard_index)
-                return None
-            out.append(block[row - shard.group_starts[group]])
-        return np.stack(out) if out else None
+            mine = np.flatnonzero(shard_of == shard_index)
+            groups = np.searchsorted(shard.group_starts, row_of[mine], side="right") - 1
+            for group in np.unique(groups):
+                try:
+                    block = self._group(int(shard_index), int(group))
+                except FileNotFoundError:  # pruned or compacted by another process: gone, not corrupt
+                    self._drop(int(shard_index), set_aside=False)
+                    return None
+                except (pa.ArrowException, OSError, ValueError, DeftError) as exc:
+                    self._drop(int(shard_index), set_aside=_corrupt(exc))
+                    return None
+                if out is None:
+                    out = np.empty((len(entries), block.shape[1]), np.float32)
+                at = mine[groups == group]
+                out[at] = block[row_of[at] - shard.group_starts[group]]
+        return out
 
     def _group(self, shard_index: int, group: int) -> np.ndarray:
         key = (shard_index, group)
@@ -144,7 +159,7 @@ class Shelf:
             column = file.read_row_group(group, columns=["embedding"]).column("embedding")
             self._groups[key] = tables.vectors_from_column(column, path=self.shards[shard_index].path,
                                                            name="embedding", first_row=0, dim=None)
-            while len(self._groups) > _CACHED_GROUPS:
+            while sum(block.nbytes for block in self._groups.values()) > _CACHE_BYTES and len(self._groups) > 1:
                 self._groups.popitem(last=False)
         self._groups.move_to_end(key)
         return self._groups[key]
@@ -167,12 +182,21 @@ class Shelf:
 
     def add(self, digests: pa.Array, vectors: np.ndarray, seconds_per_row: float) -> None:
         """One finished batch as its own shard, written atomically: a crash loses at most the
-        batches in flight."""
-        if len(digests):
-            self.written.append(self._write(digests, vectors, seconds_per_row, len(digests)))
+        batches in flight. The store is a cache: when it cannot be written (disk full, pruned
+        meanwhile), storing stops for this run and the embedding goes on."""
+        finite = np.isfinite(vectors).all(axis=1)  # a NaN from the encoder is never kept for later
+        if not finite.all():
+            digests, vectors = digests.filter(pa.array(finite)), vectors[finite]
+        if len(digests) and self.write_error is None:
+            try:
+                self.written.append(self._write(digests, vectors, seconds_per_row, len(digests)))
+            except OSError as exc:
+                self.write_error = f"{exc.__class__.__name__}: {exc}"
 
     def _write(self, digests: pa.Array, vectors: np.ndarray | pa.Array, seconds_per_row: float,
                group_rows: int) -> Path:
+        if not (self.folder / IDENTITY).is_file():  # a prune may have emptied the folder meanwhile
+            tables.write_text_atomic(self.folder / IDENTITY, self.identity.model_dump_json(indent=2) + "\n")
         path = self.folder / f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         embedding = vectors if isinstance(vectors, (pa.Array, pa.ChunkedArray)) else tables.vector_array(vectors)
         table = pa.table({"digest": digests, "embedding": embedding}).replace_schema_metadata(
@@ -183,22 +207,30 @@ class Shelf:
 
     def compact(self) -> None:
         """Merge the shards this process wrote into large ones (then remove the small ones): a
-        store read in a few files, not one per batch. A crash midway leaves duplicates, which
-        lookups tolerate."""
-        if len(self.written) < 2:
-            return
-        try:
-            parts = [pq.read_table(p, page_checksum_verification=True) for p in self.written]
-        except (pa.ArrowException, OSError):  # a shard went missing or bad: keep them as they are
-            return
-        rows = sum(t.num_rows for t in parts)
-        rate = sum(float((t.schema.metadata or {}).get(SECONDS_KEY, b"0")) * t.num_rows for t in parts) / max(rows, 1)
-        merged = pa.concat_tables([t.replace_schema_metadata(None) for t in parts]).combine_chunks()
-        for start in range(0, merged.num_rows, COMPACT_ROWS):
-            piece = merged.slice(start, COMPACT_ROWS)
-            self._write(piece.column("digest").combine_chunks(), piece.column("embedding").combine_chunks(),
-                        rate, GROUP_ROWS)
+        store read in a few files, not one per batch. Whatever goes wrong (a shard pruned
+        meanwhile, a full disk), the small shards stay; a crash midway leaves duplicates,
+        which lookups tolerate."""
+        parts, merged_paths = [], []
         for path in self.written:
+            try:
+                parts.append((path, pq.read_table(path, page_checksum_verification=True)))
+            except (pa.ArrowException, OSError):
+                continue
+        if len(parts) < 2:
+            return
+        rows = sum(t.num_rows for _, t in parts)
+        rate = sum(float((t.schema.metadata or {}).get(SECONDS_KEY, b"0")) * t.num_rows for _, t in parts)
+        merged = pa.concat_tables([t.replace_schema_metadata(None) for _, t in parts]).combine_chunks()
+        try:
+            for start in range(0, merged.num_rows, COMPACT_ROWS):
+                piece = merged.slice(start, COMPACT_ROWS)
+                merged_paths.append(self._write(piece.column("digest").combine_chunks(),
+                                                piece.column("embedding").combine_chunks(), rate / rows, GROUP_ROWS))
+        except OSError:
+            for path in merged_paths:
+                path.unlink(missing_ok=True)
+            return
+        for path, _ in parts:
             path.unlink(missing_ok=True)
         self.written = []
 
@@ -223,6 +255,13 @@ class ShelfInfo:
     corrupt: int  # quarantined shards
 
 
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:  # compacted, pruned or renamed by another process meanwhile
+        return None
+
+
 def describe(root: Path) -> list[ShelfInfo]:
     """What the store holds, per encoder (footers only: cheap for any size)."""
     out = []
@@ -232,24 +271,25 @@ def describe(root: Path) -> list[ShelfInfo]:
             identity = EncoderIdentity.model_validate_json((folder / IDENTITY).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             identity = None
-        shards = _shards(folder)
-        rows = 0
-        for path in shards:
+        rows, stats = 0, []
+        for path in _shards(folder):
             try:
                 rows += pq.ParquetFile(path).metadata.num_rows
+                stats.append(path.stat())
             except (pa.ArrowException, OSError):
                 pass
-        mtimes = [p.stat().st_mtime for p in shards]
+        sizes = [st.st_size for p in folder.iterdir() if (st := _stat(p)) is not None]
         out.append(ShelfInfo(folder.name, identity and identity.model, identity and identity.model_path,
-                             len(shards), rows, sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
-                             min(mtimes, default=None), max(mtimes, default=None),
+                             len(stats), rows, sum(sizes), min((st.st_mtime for st in stats), default=None),
+                             max((st.st_mtime for st in stats), default=None),
                              len(list(folder.glob(".corrupt-*")))))
     return out
 
 
 def prune(root: Path, encoder: str | None = None, older_than_seconds: float | None = None) -> tuple[int, int]:
-    """Remove one encoder's vectors (by fingerprint or model name), or shards older than the
-    given age, or both; returns (shards removed, bytes freed)."""
+    """Remove one encoder's vectors (by fingerprint, model name or model_path), or shards older
+    than the given age, or both; returns (shards removed, bytes freed). Folders and identities
+    stay, so an embed running meanwhile keeps storing under its encoder."""
     if encoder is None and older_than_seconds is None:
         raise DeftError("spec_invalid", "prune needs what to remove", field="encoder",
                         fix="give encoder (a fingerprint or model name from store info) and/or older_than")
@@ -258,12 +298,13 @@ def prune(root: Path, encoder: str | None = None, older_than_seconds: float | No
     for info in describe(root):
         if encoder is not None and encoder not in (info.fingerprint, info.model, info.model_path):
             continue
-        folder = root / info.fingerprint
-        for path in [*_shards(folder), *folder.glob(".corrupt-*")]:
-            if cutoff is None or path.stat().st_mtime < cutoff:
-                freed += path.stat().st_size
-                path.unlink(missing_ok=True)
+        for path in [*_shards(root / info.fingerprint), *(root / info.fingerprint).glob(".corrupt-*")]:
+            stat = _stat(path)
+            if stat is not None and (cutoff is None or stat.st_mtime < cutoff):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                freed += stat.st_size
                 removed += 1
-        if cutoff is None:
-            shutil.rmtree(folder, ignore_errors=True)
     return removed, freed

@@ -20,6 +20,8 @@ def describe_store(inputs: StoreInfoInput, ctx: ToolContext) -> StoreInfoResult:
     holds per encoder (with the fingerprints `store prune` takes)."""
     root = ctx.store_for(inputs.store, False)
     assert root is not None
+    if root.exists():
+        stores.open_store(root)  # refuses a file, or a folder that is not a store
     shelves = [StoreShelf(**asdict(info)) for info in stores.describe(root)]
     existing = root if root.exists() else next(p for p in root.parents if p.exists())
     return StoreInfoResult(store=str(root), bytes=sum(s.bytes for s in shelves), encoders=shelves,
