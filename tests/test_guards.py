@@ -84,3 +84,41 @@ def test_paths_inside_a_spec_pass_the_same_door_as_path_arguments(tmp_path):
             attempt()
         assert (exc.value.code, exc.value.details["field"]) == ("path_outside_roots", field.split()[0]), field
     assert sorted(p.name for p in root.iterdir()) == ["spec.yaml"]  # nothing written
+
+
+def test_images_a_listing_names_pass_the_door_too(tmp_path):
+    """Attack: a pool parquet inside the roots that lists images outside them, by absolute
+    path, by `../` and through a symlink. Refused, naming the rows, before any image is read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from deft_mine.tools import embed
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "imgs").mkdir(parents=True), outside.mkdir()
+    for folder in (root / "imgs", outside):
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(folder / "a.png")
+    os.symlink(outside, root / "imgs" / "link_out")
+    policy = PathPolicy([root])
+    listing = ["imgs/a.png", str(outside / "a.png"), "../outside/a.png", "imgs/link_out/a.png", "imgs/a.png"]
+    pq.write_table(pa.table({"filepath": listing}), root / "pool.parquet")
+    with pytest.raises(DeftError) as exc:
+        embed(root / "pool.parquet", root / "emb.parquet", overrides={"model": "thumbnail"}, policy=policy)
+    assert exc.value.code == "path_outside_roots" and exc.value.details["rows"] == [1, 2, 3]
+    assert "row 1" in exc.value.message and not (root / "emb.parquet").exists()
+    # the same listing without a policy (a person at a shell) embeds all five
+    assert embed(root / "pool.parquet", root / "emb.parquet", overrides={"model": "thumbnail"}).rows == 5
+
+
+def test_an_image_root_that_is_not_a_folder_is_refused_by_name(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deft_mine.tools import embed
+
+    pq.write_table(pa.table({"filepath": ["a.png"]}), tmp_path / "pool.parquet")
+    with pytest.raises(DeftError) as exc:
+        embed(tmp_path / "pool.parquet", tmp_path / "e.parquet",
+              overrides={"model": "thumbnail", "image_root": str(tmp_path / "nope")})
+    assert (exc.value.code, exc.value.details["field"]) == ("file_not_found", "image_root")

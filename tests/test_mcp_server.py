@@ -444,6 +444,21 @@ def test_roots_attack_path_smuggled_in_a_spec_file_or_overrides_is_refused(serve
              "overrides": {"model": "thumbnail", "image_root": str(outside)}}, outside)
 
 
+def test_roots_attack_images_listed_inside_a_parquet_are_refused(server: SyncClient, data: Path, base: Path,
+                                                                outside: Path) -> None:
+    """A listing inside the root that names images outside it (absolute, `../`) would leak
+    them into embeddings and the contact sheet: refused before any image is read."""
+    shutil.copy(data / "imgs" / "0.png", outside / "leak.png")
+    pq.write_table(pa.table({"filepath": ["imgs/0.png", str(outside / "leak.png"), "../../outside/leak.png"]}),
+                   data / "leaky.parquet")
+    before = listing(base)
+    error = refused(server.call("embed", {"input_parquet": str(data / "leaky.parquet"),
+                                          "output_parquet": str(data / "leaky_emb.parquet"),
+                                          "overrides": {"model": "thumbnail"}}), "path_outside_roots")
+    assert (error["field"], error["rows"]) == ("filepath", [1, 2])
+    assert listing(base) == before
+
+
 def test_embed_and_mine_take_their_paths_from_the_spec_file(server: SyncClient, data: Path) -> None:
     """As in a TAO spec (and on the command line), the paths may live in the spec file; a
     path named nowhere is refused with the field to set."""

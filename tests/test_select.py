@@ -577,3 +577,18 @@ def test_paths_inside_roots_are_accepted(tmp_path: Path) -> None:
     result = select(cands, tmp_path / "L.json", 1, tmp_path / "o.parquet", image_root=tmp_path,
                     policy=PathPolicy([tmp_path]))
     assert result.newly_selected == 1
+
+
+def test_a_refused_select_leaves_nothing_behind(tmp_path):
+    """Neither the ledger's folder nor its .lock appear for a call that is refused."""
+    good = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"filepath": ["a.png"]}), good)
+    pq.write_table(pa.table({"path": ["a.png"]}), tmp_path / "nofilepath.parquet")
+    ledger = tmp_path / "rounds" / "ledger.json"
+    for candidates, iteration, code in ((good, 2, "ledger_iteration_invalid"),
+                                        (tmp_path / "nofilepath.parquet", 1, "column_missing"),
+                                        (tmp_path / "absent.parquet", 1, "file_not_found")):
+        with pytest.raises(DeftError) as exc:
+            select(candidates, ledger, iteration, tmp_path / "out.parquet")
+        assert exc.value.code == code
+        assert not (tmp_path / "rounds").exists() and not (tmp_path / "out.parquet").exists()

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
@@ -44,15 +45,28 @@ def digest(data: bytes) -> bytes:
 
 
 def decode_rgb(data: bytes, filepath: str) -> Image.Image | LoadFailure:
-    """The decoded, upright RGB image, or why it could not be had (never raises for bad files)."""
+    """The decoded RGB image, upright (EXIF orientation applied, as PIL's exif_transpose does),
+    or why it could not be had (never raises for bad files)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                return LoadFailure(filepath, f"too_large ({img.width}x{img.height} pixels)")
             img.load()  # decode now: a truncated file fails here, not in a worker later
-            return ImageOps.exif_transpose(img).convert("RGB")
+            return _eight_bit(ImageOps.exif_transpose(img)).convert("RGB")
     except UnidentifiedImageError:
         return LoadFailure(filepath, "not an image")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        return LoadFailure(filepath, f"too_large ({exc})")
+    except (OSError, ValueError) as exc:
         return LoadFailure(filepath, f"unreadable ({exc.__class__.__name__}: {exc})")
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) grey images scaled to 8 bits: PIL's own conversion clips them."""
+    if img.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return img
+    values = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
 
 
 def load_rgb(filepath: str, image_root: Path) -> Image.Image | LoadFailure:

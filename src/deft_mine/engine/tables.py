@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -235,18 +236,28 @@ def read_ahead(items: Iterator[T], depth: int = 1) -> Iterator[T]:
 
 @contextlib.contextmanager
 def atomic_output(final: Path) -> Iterator[Path]:
-    """Yield a temp path beside `final`; rename onto it only if the block finishes."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    """Yield a temp path beside `final`; rename onto it only if the block finishes. A folder
+    that cannot be written and a full disk are refused by name, never a half-written file."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    except OSError as exc:
+        raise DeftError("output_not_writable", f"cannot write {final}: {exc.strerror or exc}",
+                        fix="choose a folder this user can write, or fix its permissions",
+                        path=str(final)) from exc
     os.close(fd)
     try:
         yield Path(tmp)
         _fsync(Path(tmp))  # the bytes reach the disk before the name does
         os.replace(tmp, final)
         _fsync(final.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise DeftError("disk_full", f"the disk filled up while writing {final}; nothing was left "
+                            "half-written", fix="free space on that disk (or write elsewhere) and run again",
+                            path=str(final)) from exc
         raise
 
 

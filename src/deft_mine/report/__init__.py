@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from deft_mine.engine import tables
 from deft_mine.events import Events
@@ -13,12 +14,15 @@ from deft_mine.schemas import artifacts
 from deft_mine.schemas.results import ReportResult
 from deft_mine.schemas.warnings import report_finding
 
-def write_report(folder: Path, events: Events) -> ReportResult:
-    """Write the pictures, then Mining_Report.md, into `folder`; return what was written."""
+def write_report(folder: Path, events: Events, image_allowed: Callable[[Path], bool] | None = None) -> ReportResult:
+    """Write the pictures, then Mining_Report.md, into `folder`; return what was written. The
+    contact sheet draws only the images `image_allowed` admits (the others as grey tiles)."""
     folder = Path(folder).expanduser().absolute()
     manifest, files, missing = locate(folder)
     events.progress("report", 0, 4)
     facts = gather(folder, manifest, files, missing, events)
+    if image_allowed is not None:
+        facts.image_allowed = image_allowed
     events.progress("report", 1, 4)
     failures = draw(facts, events)
     events.progress("report", 3, 4)

@@ -86,6 +86,7 @@ class ReportFacts:
     histogram_from: str = "pairs"  # "pairs" | "mined"
     image_roots: dict[str, str | None] = field(default_factory=dict)  # "targets"/"source" -> folder
     fingerprints: dict[str, str | None] = field(default_factory=dict)  # "target"/"source" -> identity hash
+    image_allowed: Callable[[Path], bool] = lambda path: True  # which image files the pictures may read
 
     def path(self, role: str) -> Path | None:
         """The file playing `role` in the run folder, if there is one."""

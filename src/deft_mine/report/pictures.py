@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from deft_mine.engine import tables
-from deft_mine.engine.images import LoadFailure, load_rgb
+from deft_mine.engine.images import LoadFailure, load_rgb, resolve_image_path
 from deft_mine.events import Events
 from deft_mine.report.facts import ReportFacts
 from deft_mine.report.render import labels_shown
@@ -42,6 +42,7 @@ class Tile:
     caption: str
     label: str
     frame: Colour
+    allowed: bool = True  # False: outside the server's roots, so never opened
 
 
 def draw(facts: ReportFacts, events: Events) -> list[ToolWarning]:
@@ -106,6 +107,8 @@ def _contact_sheet(facts: ReportFacts, path: Path) -> bool:
     facts.contact_from = "pairs" if pairs_path is not None else "best_target"
     facts.contact_targets = len(rows)
     facts.contact_neighbours = max([len(r) - 1 for r in rows] + [0])
+    for tile in (tile for row in rows for tile in row):
+        tile.allowed = facts.image_allowed(resolve_image_path(tile.filepath, tile.root))
     queries = facts.manifest.mining.summary.get("queries")
     _draw_contact_sheet(rows, path, f"First {len(rows)} of {queries if queries is not None else 'the'} targets "
                                     "(blue) and their nearest pool images: green kept, red dropped")
@@ -189,7 +192,7 @@ def _save(image: Image.Image, path: Path) -> None:
 
 
 def _tile_image(tile: Tile) -> Image.Image:
-    loaded = load_rgb(tile.filepath, tile.root)
+    loaded = load_rgb(tile.filepath, tile.root) if tile.allowed else LoadFailure(tile.filepath, "outside roots")
     if isinstance(loaded, LoadFailure):
         canvas = Image.new("RGB", (TILE, TILE), PLACEHOLDER)
         pen = ImageDraw.Draw(canvas)

@@ -135,8 +135,7 @@ def load_spec(
     if spec_path is not None:
         config = _load_yaml(Path(spec_path))
     try:
-        over = OmegaConf.from_dotlist(list(overrides)) if _is_dotlist(overrides) \
-            else OmegaConf.create(dict(overrides))
+        over = OmegaConf.create(_dotlist(overrides) if _is_dotlist(overrides) else dict(overrides))
     except OmegaConfBaseException as exc:
         raise DeftError("spec_invalid", f"cannot parse overrides {list(overrides)}: {exc}",
                         fix="write each override as key=value") from exc
@@ -171,6 +170,19 @@ def spec_to_yaml(spec: _Spec) -> str:
 
 def _is_dotlist(overrides: Any) -> bool:
     return not isinstance(overrides, Mapping)
+
+
+def _dotlist(pairs: Sequence[str]) -> dict[str, Any]:
+    """`key=value` words as strings for the spec to judge, as an MCP client's strings are (no
+    YAML reading of `yes`/`on` as true on one face only); `???` stays "not set", `null` is None."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise DeftError("spec_invalid", f"override {pair!r} is not key=value",
+                            fix="write each override as key=value", field=pair)
+        out[key.strip()] = None if value.strip().lower() in ("null", "~") else value
+    return out
 
 
 def _load_yaml(path: Path) -> Any:

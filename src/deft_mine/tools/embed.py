@@ -32,6 +32,11 @@ def embed_spec(spec: EmbeddingSpec, inputs: EmbedInput, ctx: ToolContext) -> Emb
     source = existing_input(spec, "input_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source)
     image_root = Path(spec.image_root).expanduser().absolute() if spec.image_root else source.parent
+    if spec.image_root and not image_root.is_dir():
+        raise DeftError("file_not_found", f"image_root {image_root} is not a folder", field="image_root",
+                        fix="name the folder the listing's relative filepaths resolve against", path=str(image_root))
+    if ctx.policy is not None:
+        ctx.policy.check_listing(source, image_root)
     backend = get_backend(inputs.backend, inputs.image, inputs.mounts)
     if spec.is_tao_checkpoint and not backend.capabilities.runs_tao_checkpoints:
         raise DeftError("backend_unsupported", f"model={spec.model} (a TAO checkpoint) runs only in the TAO "

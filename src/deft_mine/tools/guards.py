@@ -9,6 +9,8 @@ from typing import Iterable, Iterator
 
 from pydantic import BaseModel
 
+from deft_mine.engine import tables
+from deft_mine.engine.images import resolve_image_path
 from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import PathField
 from deft_mine.schemas.results import EncoderIdentity
@@ -21,11 +23,15 @@ class PathPolicy:
     def __init__(self, roots: Iterable[str | Path]) -> None:
         self.roots = [Path(r).expanduser().resolve() for r in roots]
 
+    def allows(self, path: str | Path) -> bool:
+        resolved = Path(path).expanduser().absolute().resolve()
+        return any(resolved == root or resolved.is_relative_to(root) for root in self.roots)
+
     def check(self, path: str | Path | None, field: str) -> Path | None:
         if path is None:
             return None
         resolved = Path(path).expanduser().absolute().resolve()
-        if not any(resolved == root or resolved.is_relative_to(root) for root in self.roots):
+        if not self.allows(resolved):
             raise DeftError(
                 "path_outside_roots",
                 f"{field}: {path} resolves to {resolved}, outside the allowed roots "
@@ -34,6 +40,29 @@ class PathPolicy:
                 field=field, path=str(path), resolved=str(resolved), roots=[str(r) for r in self.roots],
             )
         return resolved
+
+    def check_listing(self, listing: Path, image_root: Path, shown: int = 5) -> None:
+        """The images a listing names are paths too: each (relative ones joined to image_root,
+        symlinks resolved) must lie under the roots, or nothing is read."""
+        if "filepath" not in tables.schema_of(listing).names:
+            return  # the tool's own column check says so
+        outside: list[tuple[int, str]] = []
+        for start, batch in enumerate(tables.iter_batches(listing, 65536, ["filepath"])):
+            for row, filepath in enumerate(batch.column("filepath").to_pylist(), start * 65536):
+                if filepath is not None and not self.allows(resolve_image_path(str(filepath), image_root)):
+                    outside.append((row, str(filepath)))
+            if len(outside) >= shown:
+                break
+        if outside:
+            row, first = outside[0]
+            raise DeftError(
+                "path_outside_roots",
+                f"{listing}: row {row} names the image {first}, outside the allowed roots "
+                f"({', '.join(map(str, self.roots))})" + (f"; so do rows {', '.join(str(r) for r, _ in outside[1:])}"
+                                                          if len(outside) > 1 else ""),
+                fix="list only images under an allowed root, or start the server with --root for their folder",
+                field="filepath", rows=[r for r, _ in outside], paths=[p for _, p in outside],
+                roots=[str(r) for r in self.roots])
 
     def check_model(self, model: BaseModel) -> None:
         """Every path field of a tool input or a spec (marked `PathField`), lists included."""

@@ -77,6 +77,13 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     try:
         tgt = embed_spec(target_spec, side, ctx.stage("embed targets"))
         src = embed_spec(source_spec, side, ctx.stage("embed source"))
+        for name, done in (("targets", tgt), ("source", src)):
+            if done.input_rows and not done.rows:  # mining nothing would look like a finished run
+                raise DeftError("no_readable_images", f"{name}: none of the {done.input_rows} images could be "
+                                f"read ({', '.join(f'{n} {r}' for r, n in done.skipped_by_reason.items())}), "
+                                f"e.g. {done.skipped_examples[0] if done.skipped_examples else '?'}",
+                                fix="check the paths and image_root (relative paths resolve against it)",
+                                field=name, skipped_by_reason=done.skipped_by_reason)
         mine_result = mine_spec(mining, MineInput(backend=inputs.backend, image=inputs.image, mounts=inputs.mounts), ctx.stage("mine"),
                                 pairs_path=folder / artifacts.PAIRS if backend.capabilities.writes_pairs else None)
         selected = None
@@ -114,7 +121,8 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     manifest.warnings = found
     manifest.timings = timings
     tables.write_text_atomic(folder / artifacts.MANIFEST, manifest.dump())
-    written = write_report(folder, ctx.stage("report").events)  # last: it reads the rest
+    written = write_report(folder, ctx.stage("report").events,  # last: it reads the rest
+                           ctx.policy.allows if ctx.policy is not None else None)
     return RunResult(run_dir=str(folder), mined=selected.newly_selected if selected else mine_result.mined,
                      mined_parquet=str(mined), target_embed=tgt, source_embed=src, mine=mine_result,
                      select=selected, report=written, timings=timings, warnings=found)

@@ -31,9 +31,13 @@ def select_new(inputs: SelectInput, ctx: ToolContext) -> SelectResult:
     base = Path(inputs.image_root).expanduser().absolute() if inputs.image_root else source.parent
     summary = source.parent / artifacts.SUMMARY
     iteration = inputs.iteration
+    # Whatever can be refused without the ledger is refused before its folder and lock exist.
     if iteration < 1:
         raise DeftError("ledger_iteration_invalid", f"iteration {iteration}: iterations start at 1",
                         fix="pass iteration 1 for the first round", field="iteration")
+    if iteration != 1 and not ledger_path.exists():
+        raise _not_consecutive(iteration, ledger_path, 0)
+    _read(source, base)
     with ledgers.locked(ledger_path):
         book = ledgers.load(ledger_path)
         last = book.last_iteration
@@ -42,15 +46,18 @@ def select_new(inputs: SelectInput, ctx: ToolContext) -> SelectResult:
         elif iteration == last + 1:
             result = _record(book, iteration, source, target, summary, base, inputs.topn)
         else:
-            raise DeftError(
-                "ledger_iteration_invalid",
-                f"iteration {iteration} does not follow the ledger {ledger_path}, whose last "
-                f"iteration is {last}: iterations are consecutive",
-                fix=f"pass iteration {last + 1} (or {last} to resume the last one)" if last
-                else "pass iteration 1", field="iteration", last_iteration=last)
+            raise _not_consecutive(iteration, ledger_path, last)
     ctx.events.log("info", f"iteration {iteration}: {result.newly_selected} of {result.candidates} "
                            f"candidates selected ({result.previously_selected} selected before)")
     return result
+
+
+def _not_consecutive(iteration: int, ledger_path: Path, last: int) -> DeftError:
+    return DeftError("ledger_iteration_invalid",
+                     f"iteration {iteration} does not follow the ledger {ledger_path}, whose last "
+                     f"iteration is {last}: iterations are consecutive",
+                     fix=f"pass iteration {last + 1} (or {last} to resume the last one)" if last
+                     else "pass iteration 1", field="iteration", last_iteration=last)
 
 
 def _read(source: Path, base: Path) -> tuple[pa.Table, list[str]]:
