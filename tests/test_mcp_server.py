@@ -459,6 +459,22 @@ def test_roots_attack_images_listed_inside_a_parquet_are_refused(server: SyncCli
     assert listing(base) == before
 
 
+def test_unknown_tools_and_bad_arguments_get_the_specifications_answers(server: SyncClient, data: Path) -> None:
+    """An unknown tool is a JSON-RPC error -32602; arguments that fail the input schema are an
+    isError result with our error model (no raw pydantic text); the server serves on."""
+    from mcp.shared.exceptions import MCPError
+
+    with pytest.raises(MCPError) as exc:
+        server.call("no_such_tool", {})
+    assert exc.value.error.code == -32602 and "no_such_tool" in exc.value.error.message
+    error = refused(server.call("select", {"candidates": "c.parquet", "ledger": "l.json", "iteration": "three",
+                                           "output": "o.parquet"}), "invalid_arguments")
+    assert error["field"] == "iteration" and "pydantic.dev" not in error["message"]
+    error = refused(server.call("embed", {"input_parquet": 42}), "invalid_arguments")
+    assert error["field"] == "input_parquet"
+    assert ok(server.call("preflight", {}))["ok"] is True  # and the next request is served
+
+
 def test_embed_and_mine_take_their_paths_from_the_spec_file(server: SyncClient, data: Path) -> None:
     """As in a TAO spec (and on the command line), the paths may live in the spec file; a
     path named nowhere is refused with the field to set."""

@@ -16,9 +16,11 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.shared.exceptions import MCPError
 from mcp.server.mcpserver.resources import FileResource
-from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field, WithJsonSchema
+from mcp_types import INVALID_PARAMS, CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
 from deft_mine import __version__
 from deft_mine.engine.store import default_location
@@ -82,6 +84,32 @@ class _ClientEvents:
                        message, logger_name="deft-mine")
 
 
+class _Server(MCPServer):
+    """The SDK's server, answering two mistakes as the MCP specification (2025-11-25) asks: an
+    unknown tool is a JSON-RPC error (-32602), and arguments that fail the input schema are an
+    isError result carrying our error model (`invalid_arguments`, the field, a fix)."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        if self._tool_manager.get_tool(name) is None:
+            raise MCPError(code=INVALID_PARAMS, message=f"Unknown tool: {name}", data={"tool": name})
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if not isinstance(exc.__cause__, ValidationError):
+                raise
+            first = exc.__cause__.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "arguments"
+            return _refusal(ErrorInfo(code="invalid_arguments", message=f"{name}: {field}: {first['msg']}",
+                                      fix=f"give {field} as the tool's inputSchema describes it", field=field))
+
+
+def _refusal(error: ErrorInfo) -> CallToolResult:
+    # The error as data rides in _meta: clients (the TypeScript SDK among them) check
+    # structuredContent against the tool's outputSchema even on errors.
+    return CallToolResult(content=[TextContent(type="text", text=error.text())], is_error=True,
+                          meta={ERROR_META_KEY: error.wire()})
+
+
 def _text(result: BaseModel) -> str:
     """The result's text, then one line per warning."""
     return "\n".join([result.text(), *(f"warning {w.code}: {w.message}" for w in result.warnings)])
@@ -117,7 +145,7 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
     server_roots = [Path(r).expanduser().resolve() for r in (roots or [Path.cwd()])]
     server_store = Path(store).expanduser().absolute() if store else default_location()
     sessions: "weakref.WeakKeyDictionary[Any, EncoderLock]" = weakref.WeakKeyDictionary()
-    mcp = MCPServer(name="deft-mine", title="DEFT image mining", version=__version__,
+    mcp = _Server(name="deft-mine", title="DEFT image mining", version=__version__,
                     instructions=INSTRUCTIONS, log_level="WARNING")
 
     by_id: dict[str, EncoderLock] = {}
@@ -160,11 +188,7 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
             events.cancelled.set()  # the worker stops at its next progress report, cleaning up
             raise
         except DeftError as exc:
-            # The error as data rides in _meta: clients (the TypeScript SDK among them) check
-            # structuredContent against the tool's outputSchema even on errors.
-            error = ErrorInfo.of(exc)
-            return CallToolResult(content=[TextContent(type="text", text=error.text())], is_error=True,
-                                  meta={ERROR_META_KEY: error.wire()})
+            return _refusal(ErrorInfo.of(exc))
         return CallToolResult(content=[TextContent(type="text", text=_text(result))],
                               structured_content=result.model_dump(mode="json"))
 
