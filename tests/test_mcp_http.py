@@ -119,3 +119,47 @@ def test_each_http_session_has_its_own_encoder_lock(url: str, root: Path) -> Non
 
         assert ok(a.call("preflight"))["session_encoder"]["model"] == "thumbnail"
         assert ok(b.call("preflight"))["session_encoder"]["model"] == "SigLIP"
+
+
+def _post(url: str, headers: dict[str, str]) -> int:
+    """The status of a raw initialize request (what any HTTP client, not just ours, would send)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}})
+    request = urllib.request.Request(url, body.encode(), method="POST", headers={
+        "Content-Type": "application/json", "Accept": "application/json, text/event-stream", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_any_address_but_loopback_needs_a_token(tmp_path: Path) -> None:
+    done = subprocess.run([deft_mine_command(), "serve", "--transport", "streamable-http", "--host", "0.0.0.0",
+                           "--port", str(free_port()), "--root", str(tmp_path)], env={**server_env(),
+                          "DEFT_MINE_AUTH_TOKEN": ""}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "auth_token_required" in done.stderr and "--auth-token" in done.stderr
+
+
+def test_a_token_server_refuses_requests_without_it_and_checks_host_and_origin(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [deft_mine_command(), "serve", "--transport", "streamable-http", "--host", "0.0.0.0", "--port", str(port),
+         "--root", str(tmp_path), "--auth-token", "s3cret", "--allowed-host", "deft.example"],
+        cwd=tmp_path, env=server_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, process, timeout=30)
+        url = f"http://127.0.0.1:{port}/mcp"
+        assert _post(url, {}) == 401
+        assert _post(url, {"Authorization": "Bearer wrong"}) == 401
+        assert _post(url, {"Authorization": "Bearer s3cret"}) == 200
+        assert _post(url, {"Authorization": "Bearer s3cret", "Host": "deft.example"}) == 200
+        assert _post(url, {"Authorization": "Bearer s3cret", "Host": "evil.example"}) in (400, 421)
+        assert _post(url, {"Authorization": "Bearer s3cret", "Origin": "http://evil.example"}) in (400, 403)
+    finally:
+        stop(process)

@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="allowed root folder (repeatable; default: the working directory)")
             p.add_argument("--store", help="the embedding store its tools use (default: $DEFT_MINE_STORE, "
                            "else ~/.cache/deft-mine); it may lie outside the roots")
+            p.add_argument("--auth-token", help="streamable-http: bearer token every request must carry "
+                           "(default: $DEFT_MINE_AUTH_TOKEN); required on any address but loopback")
+            p.add_argument("--allowed-host", action="append", default=None, metavar="HOST[:PORT]",
+                           help="streamable-http: a Host header to accept besides loopback (repeatable)")
+            p.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN",
+                           help="streamable-http: an Origin to accept besides loopback (repeatable)")
         elif name == "demo":
             p = _command(sub, name, "make a small AOI-like sample set and run the workflow offline", _run_demo)
             p.add_argument("--output-dir", default="deft_mine_demo", help="where the sample data and run go")
@@ -180,7 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from deft_mine.server import serve
 
-        serve(args.transport, args.root, args.host, args.port, args.store)
+        try:
+            serve(args.transport, args.root, args.host, args.port, args.store, args.auth_token,
+                  args.allowed_host, args.allowed_origin)
+        except DeftError as exc:
+            err.print(f"[red]error[/] [bold]{exc.code}[/]: {exc.message}\n  fix: {exc.fix}", highlight=False)
+            return EXIT_REFUSED
         return EXIT_OK
     try:
         with RichEvents(quiet=args.quiet or args.json) as events:

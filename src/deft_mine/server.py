@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import hmac
 import inspect
+import os
 import threading
 import time
 import warnings
@@ -205,10 +207,47 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
     return mcp
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+TOKEN_ENV = "DEFT_MINE_AUTH_TOKEN"
+
+
 def serve(transport: str = "stdio", roots: list[str] | None = None, host: str = "127.0.0.1",
-          port: int = 8765, store: str | None = None) -> None:
+          port: int = 8765, store: str | None = None, auth_token: str | None = None,
+          allowed_hosts: list[str] | None = None, allowed_origins: list[str] | None = None) -> None:
+    """Serve over stdio, or streamable HTTP: on 127.0.0.1 by default, checking Host/Origin; on
+    any other address only with a bearer token (`auth_token` or $DEFT_MINE_AUTH_TOKEN), the
+    Host/Origin checks kept on for the names given."""
     server = build_server(roots, store)
     if transport == "stdio":
         server.run("stdio")
-    else:
-        server.run("streamable-http", host=host, port=port)
+        return
+    import uvicorn
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    token = auth_token or os.environ.get(TOKEN_ENV)
+    if host not in LOOPBACK and not token:
+        raise DeftError("auth_token_required", f"serving on {host} would let anyone on that network in",
+                        fix=f"pass --auth-token TOKEN (or set ${TOKEN_ENV}); clients send "
+                            "'Authorization: Bearer TOKEN'", field="host")
+    security = TransportSecuritySettings(
+        allowed_hosts=[*(allowed_hosts or []), *(f"{h}:{port}" for h in LOOPBACK), *LOOPBACK],
+        allowed_origins=[*(allowed_origins or []), *(f"http://{h}:{port}" for h in LOOPBACK)])
+    app = server.streamable_http_app(host=host, transport_security=security)
+    uvicorn.Server(uvicorn.Config(_BearerToken(app, token) if token else app, host=host, port=port,
+                                  log_level="warning")).run()
+
+
+class _BearerToken:
+    """Every HTTP request must carry `Authorization: Bearer <token>`; others get 401."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app, self.expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not hmac.compare_digest(
+                dict(scope.get("headers") or []).get(b"authorization", b""), self.expected):
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+            await send({"type": "http.response.body", "body": b'{"error": "missing or wrong bearer token"}'})
+            return
+        await self.app(scope, receive, send)
