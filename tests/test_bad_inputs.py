@@ -49,6 +49,14 @@ def _symlink_loop(path: Path) -> None:
     os.symlink(path.name, path)
 
 
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)  # reading it would wait for a writer forever
+
+
+def _device(path: Path) -> None:
+    os.symlink("/dev/zero", path)  # endless bytes
+
+
 def _bomb(path: Path) -> None:
     Image.new("1", (10000, 10000)).save(path)  # 100 MP, over PIL's limit: 12 kB on disk
 
@@ -90,6 +98,8 @@ IMAGE_CASES = [
     ImageCase("loop.png", _symlink_loop, "unreadable"),
     ImageCase("gone.png", None, "missing"),
     ImageCase("bomb.png", _bomb, "too_large"),
+    ImageCase("pipe.png", _fifo, "not a regular file"),
+    ImageCase("device.png", _device, "not a regular file"),
     ImageCase("cmyk.jpg", _save("CMYK", "JPEG"), None),
     ImageCase("palette.png", _save("P", "PNG"), None),
     ImageCase("alpha.png", _save("RGBA", "PNG"), None),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,12 @@ def read_bytes(filepath: object, image_root: Path) -> bytes | LoadFailure:
     """The file's bytes, or why they could not be read (never raises for bad files)."""
     if filepath is None:
         return LoadFailure("<null>", "null filepath")
+    path = resolve_image_path(str(filepath), image_root)
     try:
-        return resolve_image_path(str(filepath), image_root).read_bytes()
+        # A pipe or a device would block the run (or never end): only regular files are read.
+        if not stat.S_ISREG(path.stat().st_mode) and not path.is_dir():
+            return LoadFailure(str(filepath), "not a regular file")
+        return path.read_bytes()
     except FileNotFoundError:
         return LoadFailure(str(filepath), "missing")
     except IsADirectoryError:
