@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import difflib
 import functools
+import io
 import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -23,6 +26,7 @@ from anyio.from_thread import start_blocking_portal
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp_types import CallToolResult, LoggingMessageNotificationParams
+from PIL import Image
 
 from deft_mine.server import ERROR_META_KEY
 
@@ -201,3 +205,28 @@ def stop(process: subprocess.Popen, grace: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=grace)
+
+
+SLOW_SIDE = 6000  # 36 MP: well under PIL's decompression-bomb limit (89.5 MP)
+
+
+@functools.cache
+def _grey_png(side: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_slow_image(path: Path) -> Path:
+    """A regular PNG that is slow to decode: one grey level over SLOW_SIDE² pixels compresses to
+    ~50 kB, but inflating it and converting it to RGB takes ~0.2 s and ~200 MB (freed after;
+    the server decodes a batch's images on up to min(4, cores) threads at once).
+    A random text chunk after the header makes its bytes unique, so the session's embedding
+    store (keyed by the bytes' digest) never supplies its vector instead of a decode."""
+    png = _grey_png(SLOW_SIDE)
+    text = b"nonce\0" + os.urandom(8).hex().encode()
+    chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
+    header = 8 + 25  # the PNG signature, then the IHDR chunk
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png[:header] + chunk + png[header:])
+    return path

@@ -1,30 +1,32 @@
 """Cancelling a long MCP call stops the work and leaves no half-written output (real stdio server).
 
-No timing is guessed: one image in the middle of the pool is a named pipe, so the server's
-decode provably waits there while the test cancels, and gets its bytes only once the server
-has read the cancellation. The pool's last image is a pipe the test never feeds: a worker
-that went on after the cancellation would block there and never clean up.
+The pool opens with slow images: regular PNG files of one grey level, small on disk but
+6000x6000 pixels, each taking ~0.2 s to inflate and convert to RGB. Its first five batches
+are such images, which keep the server's decode busy for ~1.5 s after it reports progress 0
+(measured on an idle 2-core machine; longer on a loaded one). The test cancels as soon as that
+first progress notification arrives, so the cancellation reaches the server (in milliseconds)
+while it still decodes them; the worker meets it at its next progress report and unwinds.
+No sleep is the proof: the waits are bounded, and what is asserted is the outcome (the temp
+output there when the call started and gone after, no output, no encoder locked, nothing
+past the slow images reported).
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import sys
 from pathlib import Path
 
 import anyio
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from mcp import Client, StdioServerParameters
+from mcp import Client
 
 from conftest import write_image
+from mcp_helpers import stdio_params, write_slow_image
 
-SERVER = str(Path(sys.executable).parent / "deft-mine")
-POOL = 240
-GATE = POOL // 2  # image 120: the first of batch 30 of 60 (batch_size 4)
-TAIL = POOL - 1
+POOL = 60
+BATCH = 4
+SLOW = 5 * BATCH  # the first five batches are slow images
 
 pytestmark = pytest.mark.e2e  # spawns `deft-mine serve` over stdio
 
@@ -32,19 +34,6 @@ pytestmark = pytest.mark.e2e  # spawns `deft-mine serve` over stdio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def reader_waiting(fifo: Path) -> int | None:
-    """A write end of `fifo` when a reader (the server's decode) has it open, else None.
-
-    The reader's open blocks until a writer comes; a non-blocking open for writing fails with
-    ENXIO until a reader is there, so success is proof the server reached this image."""
-    try:
-        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            return None
-        raise
 
 
 def temp_files(folder: Path) -> list[str]:
@@ -55,70 +44,55 @@ def temp_files(folder: Path) -> list[str]:
 async def test_cancelled_embed_stops_and_writes_nothing(tmp_path: Path) -> None:
     pool = tmp_path / "pool"
     for i in range(POOL):
-        if i not in (GATE, TAIL):
+        if i < SLOW:
+            write_slow_image(pool / f"i{i}.png")
+        else:
             write_image(pool / f"i{i}.png", seed=i)
-    gate_png = write_image(tmp_path / "gate_source" / "gate.png", seed=GATE).read_bytes()
-    gate, tail = pool / f"i{GATE}.png", pool / f"i{TAIL}.png"
-    os.mkfifo(gate)
-    os.mkfifo(tail)
     pq.write_table(pa.table({"filepath": [f"i{i}.png" for i in range(POOL)]}), pool / "pool.parquet")
     output = pool / "emb.parquet"
     seen: list[tuple[float, float | None]] = []
+    temp_at_first_progress: list[str] = []
+    started = anyio.Event()
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        if not seen:
+            # the server opens its temp output before it reports progress 0
+            temp_at_first_progress.extend(temp_files(pool))
         seen.append((progress, total))
+        started.set()
 
-    params = StdioServerParameters(command=SERVER, args=["serve", "--root", str(pool)], cwd=str(pool))
-    async with Client(params) as client:
-        held: int | None = None  # our write end of the gate, once the server waits on it
-        try:
-            async with anyio.create_task_group() as group:
-                async def embed() -> None:
-                    await client.call_tool("embed", {"input_parquet": "pool.parquet",
-                                                     "output_parquet": "emb.parquet",
-                                                     "overrides": {"model": "thumbnail", "batch_size": 4}},
-                                           progress_callback=on_progress)
-                    pytest.fail("the call finished although it was cancelled")
+    async with Client(stdio_params(pool)) as client:
+        async with anyio.create_task_group() as group:
+            async def embed() -> None:
+                await client.call_tool("embed", {"input_parquet": "pool.parquet",
+                                                 "output_parquet": "emb.parquet",
+                                                 "overrides": {"model": "thumbnail", "batch_size": BATCH}},
+                                       progress_callback=on_progress)
+                pytest.fail("the call finished although it was cancelled")
 
-                group.start_soon(embed)
-                with anyio.fail_after(60):
-                    while held is None or not seen:  # stuck on the gate, and progress came through
-                        if held is None:
-                            held = reader_waiting(gate)
-                        await anyio.sleep(0.01)
-                group.cancel_scope.cancel()
-
-            # A round trip after the cancellation: stdio is ordered, so the server has read the
-            # cancellation (and flagged the call's worker) before it answers this. The worker
-            # still waits on the gate: its temp output is there, the output is not, and a
-            # cancelled embed has not locked the session's encoder.
-            result = await client.call_tool("preflight", {})
-            assert not result.is_error and result.structured_content["session_encoder"] is None
-            assert [name.startswith(".emb.parquet.") for name in temp_files(pool)] == [True]
-            assert not output.exists()
-
-            os.set_blocking(held, True)
-            os.write(held, gate_png)  # the gate image decodes; the worker's next progress report
-            os.close(held)            # meets the cancellation and unwinds, removing its temp file
-            held = None
+            group.start_soon(embed)
             with anyio.fail_after(60):
-                while temp_files(pool):
-                    await anyio.sleep(0.01)
-            assert not output.exists()
-            assert reader_waiting(tail) is None, "the worker went on to the end of the pool"
-            assert seen, "no progress arrived before the cancellation"
-            assert max(p for p, _ in seen) <= GATE < POOL  # nothing past the gate was reported
-            assert {t for _, t in seen} == {POOL}
+                await started.wait()  # the call runs: the slow images are ahead of its decode
+            group.cancel_scope.cancel()
 
-            # the session goes on, and still has no encoder
-            result = await client.call_tool("preflight", {})
-            assert not result.is_error and result.structured_content["session_encoder"] is None
-        finally:
-            # Let any decode still waiting on a pipe go (only when the test failed), so the
-            # server can stop.
-            if held is not None:
-                os.close(held)
-            for fifo in (gate, tail):
-                stuck = reader_waiting(fifo)
-                if stuck is not None:
-                    os.close(stuck)  # end of file: the image is skipped as unreadable
+        # A round trip after the cancellation: stdio is ordered, so the server has read the
+        # cancellation (and flagged the call's worker) before it answers this; a cancelled
+        # embed has not locked the session's encoder.
+        result = await client.call_tool("preflight", {})
+        assert not result.is_error and result.structured_content["session_encoder"] is None
+
+        # The worker meets the cancellation at its next progress report and unwinds through
+        # its atomic write, removing the temp output (bounded wait, not a guess).
+        with anyio.fail_after(60):
+            while temp_files(pool):
+                await anyio.sleep(0.01)
+        assert [name.startswith(".emb.parquet.") for name in temp_at_first_progress] == [True]
+        assert not output.exists(), "the worker went on to the end of the pool"  # it would have renamed
+        assert seen, "no progress arrived before the cancellation"
+        # cancelled mid-pool: nothing past the slow images was reported, let alone the whole pool
+        assert max(p for p, _ in seen) < SLOW < POOL, seen
+        assert {t for _, t in seen} == {POOL}
+
+        # the session goes on, and still has no encoder
+        result = await client.call_tool("preflight", {})
+        assert not result.is_error and result.structured_content["session_encoder"] is None

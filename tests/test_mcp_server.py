@@ -7,11 +7,8 @@ subject is per-session state or first-call behaviour start their own server.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -19,9 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from mcp_types import CallToolResult
 
 from conftest import THUMB_ID, write_embeddings, write_image
-from mcp_helpers import (LEGACY, MODERN, REFERENCES, TOOL_NAMES, SyncClient, compare_snapshot, ok,
+from mcp_helpers import (LEGACY, MODERN, REFERENCES, TOOL_NAMES, SyncClient, compare_snapshot, ok, write_slow_image,
                          refused, stdio_params, tool_snapshot, warning)
 
 # every test talks to a spawned `deft-mine serve` (the module's shared one or its own)
@@ -144,94 +142,66 @@ def test_report_rewrites_the_report_of_a_run_folder(server: SyncClient, data: Pa
 # --------------------------------------------------------------------------- progress and logs
 
 
-class FifoImage:
-    """An image the server cannot read until the test lets it: a named pipe in place of a PNG.
-
-    The server's decode blocks opening it; a helper thread waits until `ready` is set (or
-    `timeout` runs out: `released_early`), then writes the PNG through the pipe. So whatever
-    the client saw before `ready`, it saw while the call was provably still running.
-    """
-
-    def __init__(self, path: Path, seed: int, timeout: float = 30.0) -> None:
-        png = write_image(path.with_suffix(".src.png"), seed=seed, size=(24, 16))
-        self.data = png.read_bytes()
-        png.unlink()
-        os.mkfifo(path)
-        self.path, self.timeout = path, timeout
-        self.ready = threading.Event()
-        self.released_early = False  # released because the wait ran out, not because `ready` was set
-        self._thread = threading.Thread(target=self._release, daemon=True)
-        self._thread.start()
-
-    def _release(self) -> None:
-        self.released_early = not self.ready.wait(self.timeout)
-        deadline = time.monotonic() + self.timeout
-        while True:  # a non-blocking open succeeds once the server has the pipe open for reading
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
-                break
-            except OSError as exc:
-                if exc.errno != errno.ENXIO or time.monotonic() > deadline:
-                    return
-                time.sleep(0.01)
-        os.set_blocking(fd, True)
-        try:
-            os.write(fd, self.data)
-        finally:
-            os.close(fd)
-
-    def join(self) -> None:
-        self._thread.join(self.timeout * 2 + 5)
+MIN_GAP = 0.25  # seconds; the slow batches keep the server busy >= 0.8 s even on many fast cores
 
 
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
 def test_progress_and_log_notifications_arrive_during_the_call(tmp_path: Path, mode: str) -> None:
     """Progress (for the call's progressToken) and logging/message notifications reach the
-    client while the tool works, not with or after the result: the first image is a pipe the
-    server blocks on until the client has seen a progress and the "loading encoder" log."""
-    for i in range(1, 60):
-        write_image(tmp_path / "many" / f"{i}.png", seed=i, size=(24, 16))
-    gate = FifoImage(tmp_path / "many" / "0.png", seed=0)
+    client while the tool works, not with or after the result. The first four batches are
+    slow images: after it sends progress 0 (and, before that, the "loading encoder" log) the
+    server decodes for ~1.3 s more (~0.32 s a batch on an idle 2-core machine, at least one
+    image's ~0.2 s on any number of cores), and says how long in its result (`timings.decode`,
+    all of it spent after progress 0). Had the notifications come only with the result, they
+    would arrive (almost) together with it; they must arrive at least half that time, and
+    MIN_GAP, before it and before the last progress."""
+    slow = 16
+    for i in range(60):
+        if i < slow:
+            write_slow_image(tmp_path / "many" / f"{i}.png")
+        else:
+            write_image(tmp_path / "many" / f"{i}.png", seed=i, size=(24, 16))
     pq.write_table(pa.table({"filepath": [f"many/{i}.png" for i in range(60)]}), tmp_path / "many.parquet")
     out = tmp_path / "many_embeddings.parquet"
-    progress: list[tuple[float, float | None, str | None]] = []
-    logs: list[tuple[str, str | None, str]] = []
-
-    def note() -> None:
-        if progress and any(entry[2] == "loading encoder thumbnail" for entry in logs):
-            gate.ready.set()
+    progress: list[tuple[float, float, float | None, str | None]] = []  # (arrived, value, total, message)
 
     async def on_progress(value: float, total: float | None, message: str | None) -> None:
-        progress.append((value, total, message))
-        note()
-
-    def on_log(params) -> None:
-        logs.append((params.level, params.logger, str(params.data)))
-        note()
+        progress.append((time.monotonic(), value, total, message))
 
     # log_level="info": the 2026-07-28 per-request opt-in (no effect on the 2025 handshake era)
     with SyncClient(stdio_params(tmp_path), mode=mode, log_level="info") as client:
         assert client.protocol_version == (MODERN if mode == "auto" else LEGACY)
-        client.on_log = on_log
-        try:
-            sc = ok(client.call("embed", {"input_parquet": "many.parquet", "output_parquet": out.name,
-                                          "overrides": {"model": "thumbnail", "batch_size": 4}},
-                                progress=on_progress))
-        finally:
-            gate.ready.set()
-            gate.join()
-    assert not gate.released_early, (
-        "while the server waited for the first image the client saw no progress and no "
-        f"'loading encoder' log; they came only later: progress={progress}, logs={logs}")
+
+        async def call() -> tuple[CallToolResult, float]:  # on the client's loop, as the callbacks
+            result = await client.client.call_tool(
+                "embed", {"input_parquet": "many.parquet", "output_parquet": out.name,
+                          "overrides": {"model": "thumbnail", "batch_size": 4}},
+                progress_callback=on_progress)
+            return result, time.monotonic()
+
+        result, answered = client.run(call)
+        sc = ok(result)
     assert sc["rows"] == 60 and sc["skipped"] == 0 and out.is_file()
     assert len(progress) >= 2, progress
-    values = [p[0] for p in progress]
+    values = [p[1] for p in progress]
     assert values == sorted(set(values)), f"progress must only grow: {values}"
     assert values[0] < values[-1] == 60
-    assert all(p[1] == 60 for p in progress), progress
-    assert all(p[2].startswith("embed: ") for p in progress), progress
-    loading = [entry for entry in logs if entry[2] == "loading encoder thumbnail"]
-    assert loading[0][:2] == ("info", "deft-mine")
+    assert all(p[2] == 60 for p in progress), progress
+    assert all(p[3].startswith("embed: ") for p in progress), progress
+    loading = [(arrived, params) for arrived, params in client.logs if str(params.data) == "loading encoder thumbnail"]
+    assert loading, client.logs
+    assert (loading[0][1].level, loading[0][1].logger) == ("info", "deft-mine")
+
+    # while the call still ran: before the last progress and the result, by what the slow
+    # batches guarantee (the server's own decode time after progress 0), with room for jitter
+    busy = sc["timings"]["decode"]
+    margin = max(MIN_GAP, busy / 2)
+    last_progress = progress[-1][0]
+    for what, arrived in (("first progress", progress[0][0]), ("'loading encoder' log", loading[0][0])):
+        assert last_progress - arrived >= margin and answered - arrived >= margin, (
+            f"the {what} arrived {answered - arrived:.3f} s before the result and "
+            f"{last_progress - arrived:.3f} s before the last progress, although the server decoded "
+            f"for {busy:.3f} s after sending it: the notifications came with the result, not during the call")
 
 
 # --------------------------------------------------------------------------- session lock

@@ -9,7 +9,6 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import textwrap
