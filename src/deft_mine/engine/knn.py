@@ -11,17 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-import faiss
 import numpy as np
 
 from deft_mine.schemas.specs import Metric
 
 
-_FAISS_METRIC = {
-    Metric.cosine: faiss.METRIC_INNER_PRODUCT,
-    Metric.euclidean: faiss.METRIC_L2,
-    Metric.manhattan: faiss.METRIC_L1,
-}
+# FAISS's metric names; faiss itself is imported where a search runs, so the tools that never
+# search (select, report, store) do not pay for loading it.
+_FAISS_METRIC = {Metric.cosine: "METRIC_INNER_PRODUCT", Metric.euclidean: "METRIC_L2", Metric.manhattan: "METRIC_L1"}
 
 
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
@@ -117,6 +114,8 @@ def _block_topk(queries: np.ndarray, block: np.ndarray, k: int, metric: Metric,
     With `bound` (each query's current k-th key), only rows that could beat it are kept;
     the rest of a query's k slots hold key inf and row -1.
     """
+    import faiss
+
     k = min(k, len(block))
     keys = np.full((len(queries), k), np.inf, dtype=np.float64)
     ids = np.full((len(queries), k), -1, dtype=np.int64)
@@ -125,7 +124,7 @@ def _block_topk(queries: np.ndarray, block: np.ndarray, k: int, metric: Metric,
     want = k + _EXTRA
     while len(rows):
         want = min(want, len(block))
-        approx, cand = faiss.knn(queries[rows], block, want, metric=_FAISS_METRIC[metric])
+        approx, cand = faiss.knn(queries[rows], block, want, metric=getattr(faiss, _FAISS_METRIC[metric]))
         approx = approx.astype(np.float64)
         if metric is Metric.cosine:
             approx = -approx
