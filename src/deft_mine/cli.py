@@ -82,10 +82,14 @@ def _add_field(parser: argparse.ArgumentParser, groups: dict[str, Any], name: st
                         required=spec.required, type=int if info.annotation is int else str)
 
 
+# Input fields every working command sets through options of its own (see _command).
+_BACKEND_FLAGS = {"backend": "--backend", "image": "--image", "mounts": "--mount"}
+
+
 def _flag(tool: Tool[Any, Any] | None, field: object) -> str | None:
     """The option that sets an input field: tools and engine name fields, the adapter flags."""
-    if field in ("backend", "image", "mounts"):
-        return f"--{str(field).rstrip('s')}"
+    if field in _BACKEND_FLAGS:
+        return _BACKEND_FLAGS[str(field)]
     info = tool.input.model_fields.get(str(field)) if tool is not None else None
     spec = next((m for m in info.metadata if isinstance(m, Cli)), None) if info else None
     return "/".join(spec.flags) if spec and spec.flags else None
@@ -94,8 +98,7 @@ def _flag(tool: Tool[Any, Any] | None, field: object) -> str | None:
 def _run_tool(tool: Tool[Any, Any], args: argparse.Namespace, events: RichEvents) -> BaseModel:
     fields = tool.input.model_fields
     given = {name: getattr(args, name) for name in fields if hasattr(args, name)}
-    given |= {k: getattr(args, option) for k, option in (("backend", "backend"), ("image", "image"),
-                                                           ("mounts", "mount")) if k in fields}
+    given |= {name: getattr(args, flag.lstrip("-")) for name, flag in _BACKEND_FLAGS.items() if name in fields}
     result = tool.invoke(tool.input(**given), ToolContext(events))
     if not args.json:
         out.print(result.text(), highlight=False)

@@ -152,9 +152,10 @@ def _timed(batches: Iterator[pa.RecordBatch], timings: dict[str, float]) -> Iter
 
 
 def _reused(prep: _Prepared, shelf: Shelf | None,
-            pixels_of: Callable[[object, bytes], Any]) -> tuple[np.ndarray, np.ndarray | None]:
-    """The rows whose vector the store holds, and those vectors; a row whose shard fails its
-    checksum now (the shard is set aside) is decoded for the encoder after all."""
+            pixels_of: Callable[[object, bytes], Any]) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """The rows whose vector the store holds, those vectors and what they once cost to embed;
+    a row whose shard fails its checksum now (the shard is set aside) is decoded for the
+    encoder after all."""
     paths = prep.batch.column("filepath").to_pylist()
     while shelf is not None:
         where = shelf.find(prep.digests)
@@ -164,8 +165,8 @@ def _reused(prep: _Prepared, shelf: Shelf | None,
                 prep.rows[i] = pixels_of(paths[i], prep.rows[i])
         vectors = shelf.vectors(where[hits]) if len(hits) else None
         if vectors is not None or not len(hits):
-            return hits, vectors
-    return np.zeros(0, np.int64), None
+            return hits, vectors, shelf.seconds_saved(where[hits]) if len(hits) else 0.0
+    return np.zeros(0, np.int64), None, 0.0
 
 
 def _finish(prep: _Prepared, encoder: Encoder, shelf: Shelf | None, writer: "_RowGroupWriter",
@@ -173,9 +174,8 @@ def _finish(prep: _Prepared, encoder: Encoder, shelf: Shelf | None, writer: "_Ro
             pixels_of: Callable[[object, bytes], Any]) -> None:
     stats.timings["decode"] += prep.seconds
     stats.rows_in += prep.batch.num_rows
-    hits, stored = _reused(prep, shelf, pixels_of)
-    if len(hits):
-        stats.seconds_saved += shelf.seconds_saved(shelf.find([prep.digests[i] for i in hits])) if shelf else 0.0
+    hits, stored, saved = _reused(prep, shelf, pixels_of)
+    stats.seconds_saved += saved
     failures = [r for r in prep.rows if isinstance(r, LoadFailure)]
     for failure in failures:
         stats.skipped_by_reason[failure.reason.split(" (")[0]] += 1

@@ -32,14 +32,14 @@ def read_bytes(filepath: object, image_root: Path) -> bytes | LoadFailure:
         return LoadFailure("<null>", "null filepath")
     path = resolve_image_path(str(filepath), image_root)
     try:
-        # A pipe or a device would block the run (or never end): only regular files are read.
-        if not stat.S_ISREG(path.stat().st_mode) and not path.is_dir():
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            return LoadFailure(str(filepath), "is a directory")
+        if not stat.S_ISREG(mode):  # a pipe or a device would block the run, or never end
             return LoadFailure(str(filepath), "not a regular file")
         return path.read_bytes()
     except FileNotFoundError:
         return LoadFailure(str(filepath), "missing")
-    except IsADirectoryError:
-        return LoadFailure(str(filepath), "is a directory")
     except (OSError, ValueError) as exc:
         return LoadFailure(str(filepath), f"unreadable ({exc.__class__.__name__}: {exc})")
 

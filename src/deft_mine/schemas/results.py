@@ -197,9 +197,12 @@ class StoreInfoResult(_Result):
     free_bytes: int = Field(description="free space on the store's disk")
     encoders: list[StoreShelf]
 
+    def summary(self) -> str:
+        return (f"{self.store}: {self.bytes / 2**20:.1f} MiB in {len(self.encoders)} encoder(s), "
+                f"{self.free_bytes / 2**30:.1f} GiB free")
+
     def text(self) -> str:
-        return "\n".join([f"store {self.store}: {self.bytes / 2**20:.1f} MiB in {len(self.encoders)} encoder(s), "
-                          f"{self.free_bytes / 2**30:.1f} GiB free", *(
+        return "\n".join([f"store {self.summary()}", *(
                               f"  {e.fingerprint} {e.model} {e.model_path or ''}: {e.vectors} vectors in "
                               f"{e.shards} shard(s), {e.bytes / 2**20:.1f} MiB" + (f", {e.corrupt} set aside"
                                                                                   if e.corrupt else "")

@@ -24,14 +24,16 @@ class PathPolicy:
         self.roots = [Path(r).expanduser().resolve() for r in roots]
 
     def allows(self, path: str | Path) -> bool:
-        resolved = Path(path).expanduser().absolute().resolve()
+        return self._inside(Path(path).expanduser().absolute().resolve())
+
+    def _inside(self, resolved: Path) -> bool:
         return any(resolved == root or resolved.is_relative_to(root) for root in self.roots)
 
     def check(self, path: str | Path | None, field: str) -> Path | None:
         if path is None:
             return None
         resolved = Path(path).expanduser().absolute().resolve()
-        if not self.allows(resolved):
+        if not self._inside(resolved):
             raise DeftError(
                 "path_outside_roots",
                 f"{field}: {path} resolves to {resolved}, outside the allowed roots "
@@ -47,10 +49,12 @@ class PathPolicy:
         if "filepath" not in tables.schema_of(listing).names:
             return  # the tool's own column check says so
         outside: list[tuple[int, str]] = []
-        for start, batch in enumerate(tables.iter_batches(listing, 65536, ["filepath"])):
-            for row, filepath in enumerate(batch.column("filepath").to_pylist(), start * 65536):
+        first_row = 0  # batches end at row-group boundaries, so rows are counted, not assumed
+        for batch in tables.iter_batches(listing, 65536, ["filepath"]):
+            for row, filepath in enumerate(batch.column("filepath").to_pylist(), first_row):
                 if filepath is not None and not self.allows(resolve_image_path(str(filepath), image_root)):
                     outside.append((row, str(filepath)))
+            first_row += batch.num_rows
             if len(outside) >= shown:
                 break
         if outside:

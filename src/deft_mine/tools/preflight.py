@@ -33,7 +33,7 @@ def check_before_mining(inputs: PreflightInput, ctx: ToolContext) -> PreflightRe
     checks, gpu = backend.check(Path(inputs.output_dir).expanduser().absolute() if inputs.output_dir
                                 else Path.cwd(), Path(store.store))
     roomy = store.free_bytes >= 5 * 2**30
-    checks.append(Check.of("store", "ok" if roomy else "warn", store.text().splitlines()[0].removeprefix("store "),
+    checks.append(Check.of("store", "ok" if roomy else "warn", store.summary(),
                            None if roomy else "free disk space, or prune the store (deft-mine store prune)"))
     versions = {"deft-mine": __version__, "python": platform.python_version()}
     for package in ("torch", "transformers", "faiss-cpu", "pyarrow", "pillow"):
