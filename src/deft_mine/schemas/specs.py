@@ -74,6 +74,10 @@ class EmbeddingSpec(_Spec):
     def is_tao_checkpoint(self) -> bool:
         return self.model not in LOCAL_MODELS
 
+    def images_root(self, listing: Path) -> Path:
+        """Where the listing's relative filepaths resolve: image_root, else the listing's folder."""
+        return Path(self.image_root).expanduser().absolute() if self.image_root else listing.parent
+
     def encoder_key(self) -> tuple[str, str | None, str | None]:
         """(model, model_path, model_config_path) as the encoder's identity will record them,
         known before any weights are read: the session lock and the encoder cache use it."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 from deft_mine.backends import get_backend
 from deft_mine.errors import DeftError
@@ -31,7 +30,7 @@ def embed_spec(spec: EmbeddingSpec, inputs: EmbedInput, ctx: ToolContext) -> Emb
     ctx.check_paths(spec)
     source = existing_input(spec, "input_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source)
-    image_root = Path(spec.image_root).expanduser().absolute() if spec.image_root else source.parent
+    image_root = spec.images_root(source)
     if spec.image_root and not image_root.is_dir():
         raise DeftError("file_not_found", f"image_root {image_root} is not a folder", field="image_root",
                         fix="name the folder the listing's relative filepaths resolve against", path=str(image_root))

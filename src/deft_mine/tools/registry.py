@@ -49,6 +49,11 @@ class ToolContext:
             self.policy.check(chosen, "store")
         return chosen
 
+    @property
+    def image_allowed(self) -> Callable[[Path], bool] | None:
+        """Which image files a picture may open (None: any)."""
+        return self.policy.allows if self.policy is not None else None
+
     def check_paths(self, model: BaseModel) -> None:
         """A spec's paths, once loaded, pass the same door as the tool's own path arguments."""
         if self.policy is not None:

@@ -84,16 +84,16 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
                                 f"e.g. {done.skipped_examples[0] if done.skipped_examples else '?'}",
                                 fix="check the paths and image_root (relative paths resolve against it)",
                                 field=name, skipped_by_reason=done.skipped_by_reason)
-        mine_result = mine_spec(mining, MineInput(backend=inputs.backend, image=inputs.image, mounts=inputs.mounts), ctx.stage("mine"),
+        mine_result = mine_spec(mining, MineInput(**side.model_dump(include={"backend", "image", "mounts"})),
+                                ctx.stage("mine"),
                                 pairs_path=folder / artifacts.PAIRS if backend.capabilities.writes_pairs else None)
         selected = None
         if inputs.history is not None:
             ledger_path = Path(inputs.history).expanduser().absolute()
-            image_root = Path(embedding.image_root).expanduser().absolute() if embedding.image_root \
-                else source_path.parent
             selected = select_new(SelectInput(
                 candidates=str(candidates), ledger=str(ledger_path), output=str(mined),
-                iteration=ledgers.load(ledger_path).last_iteration + 1, image_root=str(image_root),
+                iteration=ledgers.load(ledger_path).last_iteration + 1,
+                image_root=str(embedding.images_root(source_path)),
                 topn=mining.topn), ctx.stage("select"))
     except Exception as exc:  # the folder says why it is incomplete, then the error goes on up
         manifest.error = ErrorInfo.of(exc) if isinstance(exc, DeftError) else ErrorInfo(
@@ -121,8 +121,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     manifest.warnings = found
     manifest.timings = timings
     tables.write_text_atomic(folder / artifacts.MANIFEST, manifest.dump())
-    written = write_report(folder, ctx.stage("report").events,  # last: it reads the rest
-                           ctx.policy.allows if ctx.policy is not None else None)
+    written = write_report(folder, ctx.stage("report").events, ctx.image_allowed)  # last: it reads the rest
     return RunResult(run_dir=str(folder), mined=selected.newly_selected if selected else mine_result.mined,
                      mined_parquet=str(mined), target_embed=tgt, source_embed=src, mine=mine_result,
                      select=selected, report=written, timings=timings, warnings=found)
