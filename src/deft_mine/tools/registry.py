@@ -94,7 +94,7 @@ class Tool(Generic[InputT, ResultT]):
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise DeftError("spec_invalid", f"{self.name}: {where}: {first['msg']}",
+            raise DeftError("invalid_arguments", f"{self.name}: {where}: {first['msg']}",
                             fix=f"see the {self.name} tool's input schema", field=where) from exc
         return self.invoke(inputs, ToolContext(events or NullEvents(), policy, lock))
 
