@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -160,6 +161,32 @@ def test_a_16_bit_png_keeps_its_content(tmp_path: Path) -> None:
     assert np.abs(decoded[..., 0] - source / 257.0).max() <= 0.5
 
 
+class _DeleteOnFirstBatch:
+    """Events that delete an image once the first batch is done: it was listed, then it went."""
+
+    def __init__(self, victim: Path) -> None:
+        self.victim = victim
+
+    def progress(self, stage: str, done: int, total: int | None, note: str = "") -> None:
+        if done and self.victim.exists():
+            self.victim.unlink()
+
+    def log(self, level: str, message: str) -> None:
+        pass
+
+
+def test_an_image_that_disappears_mid_run_is_skipped_as_missing(tmp_path: Path) -> None:
+    names = [f"imgs/{i}.png" for i in range(8)]
+    for i, name in enumerate(names):
+        write_image(tmp_path / name, seed=i)
+    pq.write_table(pa.table({"filepath": names}), tmp_path / "pool.parquet")
+    # batch_size 1 and the last row: well past the two batches decoded ahead of the encoder
+    result = embed(tmp_path / "pool.parquet", tmp_path / "emb.parquet", no_store=True,
+                   overrides={"model": "thumbnail", "batch_size": 1}, events=_DeleteOnFirstBatch(tmp_path / names[-1]))
+    assert result.skipped_by_reason == {"missing": 1} and result.rows == 7
+    assert pq.read_table(tmp_path / "emb.parquet").column("filepath").to_pylist() == names[:-1]
+
+
 # ----------------------------------------------------------------------------- specs, tables, faults
 
 @pytest.fixture
@@ -197,6 +224,10 @@ REFUSALS: dict[str, tuple[Callable[[Path], list[str]], str, str | None]] = {
                           "parquet_invalid", None),
     "a CSV named .parquet": (lambda f: _run(f, "csv_really.parquet", model="thumbnail") + ["--run-dir", str(f / "r")],
                              "parquet_invalid", None),
+    "device=cuda:7 that torch cannot see": (lambda f: _run(f, model="thumbnail", device="cuda:7")
+                                            + ["--run-dir", str(f / "r")], "no_gpu", "device"),
+    "device=gpu": (lambda f: _run(f, model="thumbnail", device="gpu") + ["--run-dir", str(f / "r")],
+                   "spec_invalid", "device"),
     "run folder already used": (lambda f: _run(f, model="thumbnail") + ["--run-dir", str(f / "taken")],
                                 "run_dir_exists", "run_dir"),
     "image_root not a folder": (lambda f: _run(f, model="thumbnail", image_root=f / "nope") + ["--run-dir", str(f / "r")],
@@ -211,14 +242,22 @@ REFUSALS: dict[str, tuple[Callable[[Path], list[str]], str, str | None]] = {
 }
 
 
-def _in_process(words: list[str]) -> None:
-    """The same words through the tools (the command line's own parsing of key=value aside)."""
+def _arguments(words: list[str]) -> tuple[str, dict[str, object]]:
+    """The tool and the arguments the command line would give it (key=value words parsed)."""
     from deft_mine.cli import build_parser
 
     args = build_parser().parse_args(words)
     tool = args.tool
-    given = {name: getattr(args, name) for name in tool.input.model_fields if hasattr(args, name)}
-    tool(**given)
+    return tool.name, {name: getattr(args, name) for name in tool.input.model_fields
+                       if hasattr(args, name) and getattr(args, name) is not None}
+
+
+def _in_process(words: list[str]) -> None:
+    """The same words through the tools (the command line's own parsing of key=value aside)."""
+    from deft_mine.tools import TOOLS
+
+    name, given = _arguments(words)
+    TOOLS[name](**given)
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
@@ -249,3 +288,58 @@ def test_a_failed_run_says_so_instead_of_looking_finished(small: Path) -> None:
     manifest = json.loads((small / "r" / "run.json").read_text())
     assert manifest["status"] == "failed" and manifest["error"]["code"] == "no_readable_images"
     assert not (small / "r" / "mined.parquet").exists()
+
+
+# ----------------------------------------------------------------------------- through the MCP server
+
+#: Where the MCP server answers differently, and why: its roots close the door earlier.
+MCP_CODES = {"an output folder that cannot be written": "path_outside_roots"}
+
+
+@pytest.fixture(scope="module")
+def mcp_server(tmp_path_factory: pytest.TempPathFactory):
+    """One server for the module, rooted at pytest's base temp folder, which holds every case's folder."""
+    from mcp_helpers import SyncClient, stdio_params
+
+    with SyncClient(stdio_params(tmp_path_factory.getbasetemp())) as client:
+        yield client
+
+
+def _wire(value: object) -> object:
+    return str(value) if isinstance(value, Path) else value
+
+
+@pytest.mark.e2e
+def test_the_mcp_server_skips_the_same_images(mcp_server, odd_images: Path) -> None:
+    """Except the one that points outside the roots: /dev/zero is refused at the door, by row."""
+    from mcp_helpers import ok, refused, warning
+
+    outside = refused(mcp_server.call("embed", {"input_parquet": str(odd_images / "odd.parquet"),
+                                                "output_parquet": str(odd_images / "odd_mcp.parquet"),
+                                                "overrides": {"model": "thumbnail"}}), "path_outside_roots")
+    device_row = [c.name for c in IMAGE_CASES].index("device.png")
+    assert f"row {device_row} names the image imgs/device.png" in outside["message"]
+    assert not (odd_images / "odd_mcp.parquet").exists()
+
+    inside = pq.read_table(odd_images / "odd.parquet").filter(pa.compute.field("case") != "device.png")
+    pq.write_table(inside, odd_images / "odd_inside.parquet")
+    done = ok(mcp_server.call("embed", {"input_parquet": str(odd_images / "odd_inside.parquet"),
+                                        "output_parquet": str(odd_images / "odd_mcp.parquet"),
+                                        "overrides": {"model": "thumbnail"}, "no_store": True}))
+    expected = _expected_skips()
+    expected["not a regular file"] -= 1
+    assert done["skipped_by_reason"] == expected
+    assert warning(done, "images_skipped")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_the_mcp_server_refuses_with_the_same_code(mcp_server, small: Path, case: str) -> None:
+    from mcp_helpers import refused
+
+    words, code, field = REFUSALS[case]
+    name, given = _arguments(words(small))
+    error = refused(mcp_server.call(name, {k: _wire(v) for k, v in given.items()}), MCP_CODES.get(case, code))
+    if field is not None and case not in MCP_CODES:
+        assert error.get("field") == field
+    assert not (small / "r" / "Mining_Report.md").exists()

@@ -119,11 +119,20 @@ class HuggingFaceEncoder:
 def _pick_device(torch: Any, wanted: str) -> str:
     if wanted == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if wanted.startswith("cuda") and not torch.cuda.is_available():
-        raise DeftError(
-            "no_gpu", f"device={wanted} but torch sees no CUDA GPU", fix="use device=auto or cpu",
-            field="device",
-        )
+    if wanted.startswith("cuda"):
+        return _check_gpu(torch, wanted)
+    return wanted
+
+
+def _check_gpu(torch: Any, wanted: str) -> str:
+    """Refuse a GPU torch cannot see rather than let torch fail mid-batch (or fall back silently)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(wanted.partition(":")[2] or 0)
+    if index >= count:
+        seen = "no CUDA GPU" if count == 0 else f"{count} CUDA GPU(s): " + ", ".join(f"cuda:{i}" for i in range(count))
+        raise DeftError("no_gpu", f"device={wanted} but torch sees {seen}",
+                        fix="use device=auto, cpu" + "".join(f" or cuda:{i}" for i in range(count)),
+                        field="device", device=wanted, gpus=count)
     return wanted
 
 
@@ -155,6 +164,10 @@ def weights_digest(folder: Path) -> str | None:
 def build_encoder(model: str, model_path: str | None, device: str = "auto") -> Encoder:
     """The encoder a validated EmbeddingSpec names (the local backend's set)."""
     if model == "thumbnail":
+        if device.startswith("cuda"):  # it computes on the CPU; a GPU asked for must still exist
+            import torch
+
+            _check_gpu(torch, device)
         return ThumbnailEncoder()
     if model not in HF_MODEL_TYPES or model_path is None:  # the embed tool refuses TAO kinds first
         raise ValueError(f"no local encoder for model={model}")

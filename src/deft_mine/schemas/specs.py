@@ -48,7 +48,7 @@ class EmbeddingSpec(_Spec):
     output_parquet: Annotated[str | None, PathField()] = None
     image_root: Annotated[str | None, PathField()] = Field(
         None, description="folder relative filepaths resolve against (default: the input's folder)")
-    device: str = Field("auto", description="auto | cpu | cuda[:N]")
+    device: str = Field("auto", description="auto | cpu | cuda[:N]", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
 
     @field_validator("model", mode="before")
     @classmethod

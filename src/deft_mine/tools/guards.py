@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -17,14 +18,20 @@ from deft_mine.schemas.results import EncoderIdentity
 from deft_mine.schemas.specs import EmbeddingSpec
 
 
+def _real(path: str | Path) -> Path:
+    """Symlinks and `..` resolved; os.path.realpath, unlike Path.resolve in 3.11, leaves a
+    symlink loop as it is instead of raising (reading it fails later, as a counted skip)."""
+    return Path(os.path.realpath(os.path.expanduser(path)))
+
+
 class PathPolicy:
     """Paths are allowed only under these roots, judged after resolving symlinks and `..`."""
 
     def __init__(self, roots: Iterable[str | Path]) -> None:
-        self.roots = [Path(r).expanduser().resolve() for r in roots]
+        self.roots = [_real(r) for r in roots]
 
     def allows(self, path: str | Path) -> bool:
-        return self._inside(Path(path).expanduser().absolute().resolve())
+        return self._inside(_real(path))
 
     def _inside(self, resolved: Path) -> bool:
         return any(resolved == root or resolved.is_relative_to(root) for root in self.roots)
@@ -32,7 +39,7 @@ class PathPolicy:
     def check(self, path: str | Path | None, field: str) -> Path | None:
         if path is None:
             return None
-        resolved = Path(path).expanduser().absolute().resolve()
+        resolved = _real(path)
         if not self._inside(resolved):
             raise DeftError(
                 "path_outside_roots",
