@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import signal
 import sys
+import threading
 import traceback
 from typing import Any, Sequence
 
@@ -177,6 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so the work unwinds as on Ctrl-C: temp files
+    removed, run.json marked "interrupted"; without a handler Python would die at once."""
+
+    number = signal.SIGTERM
+
+    def __str__(self) -> str:
+        return "terminated (SIGTERM)"
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install a SIGTERM handler and return the one before (signals belong to the main thread;
+    elsewhere, e.g. main() called from a test's thread, nothing changes)."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -196,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             err.print(f"[red]error[/] [bold]{exc.code}[/]: {exc.message}\n  fix: {exc.fix}", highlight=False)
             return EXIT_REFUSED
         return EXIT_OK
+    previous = _on_sigterm(_terminate)
     try:
         with RichEvents(quiet=args.quiet or args.json) as events:
             result = args.handler(args, events)
@@ -207,13 +232,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             flag = _flag(args.tool, exc.details.get("field"))
             err.print(f"  fix: {exc.fix}" + (f" (on the command line: {flag})" if flag else ""), highlight=False)
         return EXIT_REFUSED
-    except KeyboardInterrupt:
-        err.print("interrupted; finished files are kept, unfinished ones were not written")
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM as Terminated: the work unwound, cleaning up
+        number = exc.number if isinstance(exc, Terminated) else signal.SIGINT
+        if args.json:
+            print(json.dumps(ErrorInfo(code="interrupted", message=f"stopped by {number.name}").wire(), indent=2))
+        err.print(f"interrupted by {number.name}; finished files are kept, unfinished ones were not written",
+                  highlight=False)
+        return 128 + number
     except Exception:  # a bug, not the user's fault: say so and show where
         err.print("[red]internal error[/] (please report it with the trace below)")
         traceback.print_exc()
         return EXIT_BUG
+    finally:
+        _on_sigterm(previous)
     for w in result.warnings:
         err.print(f"[yellow]warning[/] [bold]{w.code}[/]: {w.message}", highlight=False)
     if args.json:

@@ -90,7 +90,12 @@ class HistoryFacts(SelectResult):
 
 class RunManifest(BaseModel):
     deft_mine_version: str | None = None
-    status: str | None = None  # "running" | "finished" | "failed"
+    # "running": written when the folder is made, so a run killed outright (SIGKILL, power loss)
+    #   never looks finished; "finished": every mining output is whole (the report is written
+    #   after, and Mining_Report.md is absent if that failed); "failed": stopped by an error
+    #   (`error` says which); "interrupted": stopped from outside (SIGINT, SIGTERM: error code
+    #   `interrupted`; an MCP cancel: `cancelled`).
+    status: str | None = None  # "running" | "finished" | "failed" | "interrupted"
     started_at: str | None = None
     host: str | None = None
     backend: str | None = None
@@ -98,7 +103,7 @@ class RunManifest(BaseModel):
     inputs: Inputs = Field(default_factory=Inputs)
     embedding_spec: dict[str, Any] | None = None  # the specs as written (a TAO spec may hold anything)
     mining_spec: dict[str, Any] | None = None
-    error: ErrorInfo | None = None  # why a failed run stopped
+    error: ErrorInfo | None = None  # why a failed or interrupted run stopped
     finished_at: str | None = None
     encoder: EncoderFacts = Field(default_factory=EncoderFacts)
     embeddings: Embeddings = Field(default_factory=Embeddings)

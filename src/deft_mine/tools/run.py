@@ -48,6 +48,9 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     if ctx.lock is not None:  # refuse a different encoder before making a run folder
         with ctx.lock.bind(embedding):
             pass
+    # What can be refused without a run folder is refused before one exists.
+    backend = get_backend(inputs.backend, inputs.image, inputs.mounts)
+    described = Inputs(targets=_describe_input(targets_path), source=_describe_input(source_path))
     folder = _make_run_dir(inputs.output_dir, inputs.run_dir)
     ctx.events.log("info", f"run folder {folder}")
 
@@ -60,21 +63,21 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     source_spec = embedding.model_copy(update={"input_parquet": str(source_path), "output_parquet": str(source_embed)})
     mining = mining.model_copy(update={"source_parquet": str(source_embed), "target_parquet": str(target_embed),
                                        "output_parquet": str(candidates)})
-    tables.write_text_atomic(folder / artifacts.EMBEDDING_SPEC,
-                            spec_to_yaml(embedding.model_copy(update={"input_parquet": None, "output_parquet": None})))
-    tables.write_text_atomic(folder / artifacts.MINING_SPEC, spec_to_yaml(mining))
-
     manifest = RunManifest(
         deft_mine_version=__version__, status="running",
         started_at=dt.datetime.now().astimezone().isoformat(timespec="seconds"), host=platform.node(),
-        backend=inputs.backend, run_dir=str(folder),
-        inputs=Inputs(targets=_describe_input(targets_path), source=_describe_input(source_path)),
+        backend=inputs.backend, run_dir=str(folder), inputs=described,
         embedding_spec=embedding.model_dump(mode="json", exclude={"input_parquet", "output_parquet"}),
         mining_spec=mining.model_dump(mode="json"))
+    # run.json first: a folder whose process is killed outright (SIGKILL, power) says "running",
+    # never looks finished; every way out below that Python sees rewrites it.
+    tables.write_text_atomic(folder / artifacts.MANIFEST, manifest.dump())
     side = EmbedInput(backend=inputs.backend, image=inputs.image, mounts=inputs.mounts, store=inputs.store,
                       no_store=inputs.no_store)
-    backend = get_backend(inputs.backend, inputs.image, inputs.mounts)
     try:
+        tables.write_text_atomic(folder / artifacts.EMBEDDING_SPEC, spec_to_yaml(
+            embedding.model_copy(update={"input_parquet": None, "output_parquet": None})))
+        tables.write_text_atomic(folder / artifacts.MINING_SPEC, spec_to_yaml(mining))
         tgt = embed_spec(target_spec, side, ctx.stage("embed targets"))
         src = embed_spec(source_spec, side, ctx.stage("embed source"))
         for name, done in (("targets", tgt), ("source", src)):
@@ -95,36 +98,65 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
                 iteration=ledgers.load(ledger_path).last_iteration + 1,
                 image_root=str(embedding.images_root(source_path)),
                 topn=mining.topn), ctx.stage("select"))
-    except Exception as exc:  # the folder says why it is incomplete, then the error goes on up
-        manifest.error = ErrorInfo.of(exc) if isinstance(exc, DeftError) else ErrorInfo(
-            code="cancelled" if isinstance(exc, Cancelled) else "internal_error", message=str(exc) or repr(exc))
-        manifest.status = "failed"
+        found = [*(w.for_side("targets") for w in tgt.warnings), *(w.for_side("source") for w in src.warnings),
+                 *mine_result.warnings, *(selected.warnings if selected else [])]
+        timings = {"embed_targets": tgt.timings["total"], "embed_source": src.timings["total"],
+                   "mine": mine_result.timings["total"], "total": time.perf_counter() - started}
+        manifest.status = "finished"
+        manifest.finished_at = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        manifest.encoder = EncoderFacts(target=tgt.encoder, source=src.encoder, match=tgt.encoder == src.encoder,
+                                        fingerprint=tgt.encoder.fingerprint)
+        manifest.embeddings = Embeddings(target=_embed_facts(tgt), source=_embed_facts(src))
+        labels = label_counts(target_embed, source_embed, mined)
+        manifest.mining = MiningFacts(summary=mine_result.summary, label_filter=mine_result.label_filter,
+                                      knn_metric=mine_result.knn_metric, topn=mine_result.topn,
+                                      filter_by_label=mine_result.filter_by_label,
+                                      labels=None if labels is None else LabelCounts(**labels))
+        manifest.history = None if selected is None else history_facts(selected)
+        manifest.artifacts = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) + [artifacts.MANIFEST]
+        manifest.warnings = found
+        manifest.timings = timings
         tables.write_text_atomic(folder / artifacts.MANIFEST, manifest.dump())
+    except BaseException as exc:  # the folder says why it is incomplete, then the error goes on up
+        _record_stop(manifest, folder, exc)
         raise
-
-    found = [*(w.for_side("targets") for w in tgt.warnings), *(w.for_side("source") for w in src.warnings),
-             *mine_result.warnings, *(selected.warnings if selected else [])]
-    timings = {"embed_targets": tgt.timings["total"], "embed_source": src.timings["total"],
-               "mine": mine_result.timings["total"], "total": time.perf_counter() - started}
-    manifest.status = "finished"
-    manifest.finished_at = dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    manifest.encoder = EncoderFacts(target=tgt.encoder, source=src.encoder, match=tgt.encoder == src.encoder,
-                                    fingerprint=tgt.encoder.fingerprint)
-    manifest.embeddings = Embeddings(target=_embed_facts(tgt), source=_embed_facts(src))
-    labels = label_counts(target_embed, source_embed, mined)
-    manifest.mining = MiningFacts(summary=mine_result.summary, label_filter=mine_result.label_filter,
-                                  knn_metric=mine_result.knn_metric, topn=mine_result.topn,
-                                  filter_by_label=mine_result.filter_by_label,
-                                  labels=None if labels is None else LabelCounts(**labels))
-    manifest.history = None if selected is None else history_facts(selected)
-    manifest.artifacts = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) + [artifacts.MANIFEST]
-    manifest.warnings = found
-    manifest.timings = timings
-    tables.write_text_atomic(folder / artifacts.MANIFEST, manifest.dump())
-    written = write_report(folder, ctx.stage("report").events, ctx.image_allowed)  # last: it reads the rest
+    try:
+        written = write_report(folder, ctx.stage("report").events, ctx.image_allowed)  # last: it reads the rest
+    except DeftError as exc:
+        # run.json stays "finished": every mining output is whole (and a report regenerated later
+        # must not call the run unfinished); the missing Mining_Report.md says the rest.
+        raise DeftError(exc.code, f"{exc.message}; the run's mining outputs in {folder} are complete, only "
+                        "its report is missing", fix=f"{exc.fix or 'fix the cause'}, then write the report "
+                        f"with: deft-mine report {folder}", **exc.details) from exc
     return RunResult(run_dir=str(folder), mined=selected.newly_selected if selected else mine_result.mined,
                      mined_parquet=str(mined), target_embed=tgt, source_embed=src, mine=mine_result,
                      select=selected, report=written, timings=timings, warnings=found)
+
+
+def _record_stop(manifest: RunManifest, folder: Path, exc: BaseException) -> None:
+    """Rewrite run.json for a run that stops early: "interrupted" when stopped from outside
+    (Ctrl-C, SIGTERM, an MCP cancel), else "failed", with the error either way."""
+    if isinstance(exc, (KeyboardInterrupt, Cancelled)):
+        manifest.status = "interrupted"
+        manifest.error = ErrorInfo(code="cancelled" if isinstance(exc, Cancelled) else "interrupted",
+                                   message=str(exc) or "interrupted (SIGINT)",
+                                   fix="run the same command again (into a new run folder): the "
+                                       "embedding store, unless switched off, supplies the vectors already made")
+    elif isinstance(exc, DeftError):
+        manifest.status, manifest.error = "failed", ErrorInfo.of(exc)
+    elif isinstance(exc, Exception):
+        manifest.status = "failed"
+        manifest.error = ErrorInfo(code="internal_error", message=str(exc) or repr(exc))
+    else:  # SystemExit, GeneratorExit: not ours to describe; run.json keeps saying "running"
+        return
+    try:
+        tables.write_text_atomic(folder / artifacts.MANIFEST, manifest.dump())
+    except DeftError:  # e.g. the disk is full: run.json keeps saying "running", which is true enough
+        pass
+    # A signal can land between a temp file's creation and the block that removes it on the way
+    # out; the folder is this run's alone, so its temp names go too.
+    for stray in folder.glob(".*.tmp"):
+        stray.unlink(missing_ok=True)
 
 
 def _input(value: str | Path, field: str) -> Path:

@@ -116,10 +116,15 @@ def _resume(book: ledgers.Ledger, iteration: int, source: Path, target: Path, su
         recorded = files.get(role)
         current = _file_fact(path)
         if recorded is not None and (current is None or current["sha256"] != recorded["sha256"]):
+            # Another file than the recorded one is most likely a second selection that lost the
+            # race for this iteration number, not an edit: say so.
+            elsewhere = recorded.get("path") not in (None, str(path))
             raise DeftError(
                 "ledger_hash_mismatch",
-                f"iteration {iteration} is recorded in {book.path}, but its {role} file {path} "
-                + ("is gone" if current is None else "changed since") + "; refusing to resume",
+                f"iteration {iteration} is recorded in {book.path}, "
+                + (f"from the {role} file {recorded['path']}, and {path} differs from it" if elsewhere and current
+                   else f"but its {role} file {path} " + ("is gone" if current is None else "changed since"))
+                + "; refusing to resume",
                 fix=f"restore the original {role} file, or record the new selection as iteration "
                     f"{iteration + 1}", field=role, path=str(path),
                 recorded_sha256=recorded["sha256"], current_sha256=current and current["sha256"])
