@@ -9,6 +9,7 @@ from typing import Protocol
 from deft_mine.events import Events
 from deft_mine.schemas.results import Check, EmbedResult
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
+from deft_mine.schemas.warnings import ToolWarning
 
 
 @dataclass
@@ -21,6 +22,7 @@ class BackendMine:
     searched_rows: int
     target_in_pool: int
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[ToolWarning] = field(default_factory=list)  # what the engine saw in the data
 
 
 @dataclass(frozen=True)

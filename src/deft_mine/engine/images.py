@@ -28,8 +28,8 @@ class LoadFailure:
 
 def read_bytes(filepath: object, image_root: Path) -> bytes | LoadFailure:
     """The file's bytes, or why they could not be read (never raises for bad files)."""
-    if filepath is None:
-        return LoadFailure("<null>", "null filepath")
+    if filepath is None or filepath == "":
+        return LoadFailure("<null>" if filepath is None else "<empty>", "null filepath")
     path = resolve_image_path(str(filepath), image_root)
     try:
         mode = path.stat().st_mode

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import os
 import queue
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -50,13 +51,29 @@ def read_csv(path: Path) -> pa.Table:
 
 @functools.lru_cache(maxsize=2)  # schema, row count and rows of one CSV: parse it once
 def _read_csv_cached(path: str, mtime_ns: int, size: int) -> pa.Table:
-    delimiter = "\t" if path.lower().endswith(".tsv") else ","
+    delimiter = "\t" if path.lower().endswith(".tsv") else _sniff_delimiter(path)
     try:
-        return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+        # filepath is always text: inferred, "0001" would become the integer 1.
+        return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                              convert_options=pacsv.ConvertOptions(column_types={"filepath": pa.string()}))
     except pa.ArrowInvalid as exc:
         raise DeftError(
-            "csv_invalid", f"{path}: cannot parse as CSV: {exc}", fix="fix the CSV", path=path
+            "csv_invalid", f"{path}: cannot parse as CSV (separator {delimiter!r}): {exc}",
+            fix="fix the CSV: one header line, the same number of fields on every line, paths with "
+                "the separator in them quoted", path=path, separator=delimiter,
         ) from exc
+
+
+def _sniff_delimiter(path: str) -> str:
+    """',' unless the header line has none but has ';' or a tab (spreadsheets in many locales
+    write ';'); judged on the header only, so a ';' inside a path is never taken for one."""
+    with open(path, "rb") as fh:
+        header = fh.readline(1 << 16).decode("utf-8-sig", errors="replace")
+    if "," not in header:
+        for candidate in (";", "\t"):
+            if candidate in header:
+                return candidate
+    return ","
 
 
 def _parquet(path: Path) -> pq.ParquetFile:
@@ -110,6 +127,7 @@ def read_columns(path: Path, columns: list[str]) -> pa.Table:
 
 
 def require_columns(path: Path, schema: pa.Schema, needed: list[str], field: str) -> None:
+    """The named columns exist; a `filepath` among them holds text (a schema check, no rows read)."""
     missing = [c for c in needed if c not in schema.names]
     if missing:
         raise DeftError(
@@ -118,9 +136,35 @@ def require_columns(path: Path, schema: pa.Schema, needed: list[str], field: str
             f"its columns are: {', '.join(schema.names) or '(none)'}",
             fix="rename the column in the file, or name the right column in the spec",
             path=str(path),
+            field=field,
             missing=missing,
             columns=list(schema.names),
         )
+    kind = schema.field("filepath").type if "filepath" in needed else None
+    # Numbers are no paths: str(17) would be looked up as a file named "17" and every row skipped
+    # as missing, or worse, found. A column of type null (only nulls, or no rows) is left to the
+    # null rules: its rows are skipped at embedding, refused at mining.
+    if kind is not None and not is_text(kind) and not pa.types.is_null(kind):
+        raise DeftError(
+            "column_invalid",
+            f"{field} {path}: column 'filepath' has type {kind}; it must hold image paths as strings",
+            fix="write the filepath column as strings (e.g. pyarrow pa.string(), pandas .astype(str))",
+            path=str(path), field=field, column="filepath", type=str(kind),
+        )
+
+
+def is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def first_null(column: pa.Array | pa.ChunkedArray) -> int | None:
+    """The first null row of a column, or None; the null count is kept by Arrow, so a clean
+    column costs nothing."""
+    if not column.null_count:
+        return None
+    return int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
 
 
 def read_identity(path: Path) -> EncoderIdentity | None:
@@ -133,21 +177,29 @@ def read_identity(path: Path) -> EncoderIdentity | None:
         return None
 
 
+def is_vector_type(kind: pa.DataType) -> bool:
+    """A list, large list or fixed-size list of numbers: what an embedding column may be."""
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
+        return False
+    return pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)
+
+
 def vectors_from_column(column: pa.Array | pa.ChunkedArray, *, path: Path, name: str, first_row: int,
-                        dim: int | None) -> np.ndarray:
-    """A list/fixed-size-list column as a (rows, dim) float32 array, refusing ragged, null,
-    empty or NaN vectors with the file, column and first bad row named."""
+                        dim: int | None, field: str | None = None) -> np.ndarray:
+    """A list/fixed-size-list column of any float width as a (rows, dim) float32 array,
+    refusing ragged, null, empty or NaN vectors with the file, column and first bad row named."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
 
     def bad(row: int, what: str) -> DeftError:
         return DeftError(
             "embedding_invalid",
-            f"{path}: column '{name}' row {first_row + row}: {what}",
+            f"{field + ' ' if field else ''}{path}: column '{name}' row {first_row + row}: {what}",
             fix="re-embed the file; every row needs one finite vector of the same length",
             path=str(path),
             column=name,
             row=first_row + row,
+            **({"field": field} if field else {}),
         )
 
     if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
@@ -158,6 +210,7 @@ def vectors_from_column(column: pa.Array | pa.ChunkedArray, *, path: Path, name:
             fix="name the embedding column with source_embed_column_name / target_embed_column_name",
             path=str(path),
             column=name,
+            **({"field": field} if field else {}),
         )
     if len(column) == 0:
         return np.zeros((0, dim or 0), dtype=np.float32)
@@ -177,10 +230,12 @@ def vectors_from_column(column: pa.Array | pa.ChunkedArray, *, path: Path, name:
         raise bad(flat // expected, "null value inside the vector")
     if not pa.types.is_floating(values.type) and not pa.types.is_integer(values.type):
         raise bad(0, f"values of type {values.type}, expected floats")
+    # float64 (or float16, or integer) vectors are cast once: mining is float32 throughout.
     array = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, expected)
-    finite = np.isfinite(array).all(axis=1)
-    if not finite.all():
-        raise bad(int(np.flatnonzero(~finite)[0]), "NaN or infinite value")
+    if not np.isfinite(array).all():  # one pass over the block; the row is looked for only then
+        row = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
+        raise bad(row, "NaN or infinite value" + ("" if values.type == pa.float32() else
+                                                  f" (as float32, from {values.type})"))
     return array
 
 
@@ -234,19 +289,27 @@ def read_ahead(items: Iterator[T], depth: int = 1) -> Iterator[T]:
         stop.set()
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 @contextlib.contextmanager
 def atomic_output(final: Path) -> Iterator[Path]:
     """Yield a temp path beside `final`; rename onto it only if the block finishes. A folder
     that cannot be written and a full disk are refused by name, never a half-written file."""
+    # Ctrl-C/SIGTERM are held off from making the temp file until the block that removes it is
+    # entered: a signal in between would strand it (handlers run in the main thread only).
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise DeftError("output_not_writable", f"cannot write {final}: {exc.strerror or exc}",
                         fix="choose a folder this user can write, or fix its permissions",
                         path=str(final)) from exc
-    os.close(fd)
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        os.close(fd)
         yield Path(tmp)
         _fsync(Path(tmp))  # the bytes reach the disk before the name does
         os.replace(tmp, final)

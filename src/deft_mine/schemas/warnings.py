@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 WarningCode = Literal[
     # raised by the tools (preflight predicts the first five before any work)
     "filter_by_label_noop", "provenance_unknown", "pool_exhausted", "images_skipped", "target_in_pool",
-    "selection_empty", "picture_failed", "store_shard_corrupt",
+    "selection_empty", "picture_failed", "store_shard_corrupt", "duplicate_paths", "zero_vectors",
     # findings of the report on a run folder
     "run_failed", "encoder_mismatch", "mined_missing", "mined_paths_missing", "path_encoding",
     "mined_schema", "mined_count_differs", "nothing_mined", "facts_unavailable",
@@ -108,6 +108,23 @@ def target_in_pool(count: int, excluded: bool | None) -> ToolWarning:
     return ToolWarning(code="target_in_pool", fields=["filepath", "exclude_targets"],
                        details={"count": count, "excluded": excluded},
                        message=f"{count} pool rows have a filepath that is also a target and {action}")
+
+
+def duplicate_paths(count: int, examples: list[str]) -> ToolWarning:
+    """Pool rows naming a file an earlier row already names: searched once, as the first."""
+    return ToolWarning(code="duplicate_paths", fields=["filepath"], details={"count": count, "examples": examples},
+                       message=f"{count} pool rows repeat the filepath of an earlier row (e.g. {examples[0]}); "
+                               "each file was searched once, as its first row, so no target gets it twice")
+
+
+def zero_vectors(by_side: dict[str, int], examples: list[str]) -> ToolWarning:
+    """All-zero vectors under cosine (a flat image under the thumbnail encoder): no direction."""
+    counts = " and ".join(f"{n} {side}" for side, n in by_side.items() if n)
+    return ToolWarning(code="zero_vectors", fields=["knn_metric", "embedding"],
+                       details={"count": sum(by_side.values()), "by_side": by_side, "examples": examples},
+                       message=f"{counts} rows have an all-zero vector, which has no cosine similarity to anything "
+                               f"(e.g. {examples[0]}, a flat image?); they were left out of the search. "
+                               "knn_metric=euclidean or manhattan would keep them")
 
 
 def selection_empty(iteration: int, candidates: int) -> ToolWarning:

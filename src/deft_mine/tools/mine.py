@@ -36,9 +36,10 @@ def mine_spec(spec: MiningSpec, inputs: MineInput, ctx: ToolContext, pairs_path:
     summary_path = output.parent / artifacts.SUMMARY
     found: list[ToolWarning] = []
     identity = check_same_encoder(source, target, found)
-    done = get_backend(inputs.backend, inputs.image, inputs.mounts).mine(
+    done = get_backend(inputs.backend, inputs.image, inputs.mounts, inputs.ray_address).mine(
         spec, source, target, output, summary_path, ctx.events, pairs_path)
 
+    found.extend(done.warnings)
     if done.label_filter == "noop":
         found.append(warnings.filter_by_label_noop(done.label_missing))
     queries, searched = done.summary.get("queries", 0), done.searched_rows
