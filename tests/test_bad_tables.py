@@ -103,7 +103,7 @@ def _mine(f: Path, source: str, target: str = "t.parquet", *over: str) -> list[s
 # name → (command line words given the folder, code, field, details that must be there)
 REFUSALS: dict[str, tuple[Callable[[Path], list[str]], str, str | None, dict]] = {
     "filepath of type int64 (run)": (lambda f: _run(f, "targets.parquet", "int_paths.parquet"),
-                                     "column_invalid", "input_parquet", {"column": "filepath", "type": "int64"}),
+                                     "column_invalid", "source", {"column": "filepath", "type": "int64"}),
     "filepath of type int64 (embed)": (lambda f: ["embed", "model=thumbnail", f"input_parquet={f / 'int_paths.parquet'}",
                                                   f"output_parquet={f / 'e.parquet'}"],
                                        "column_invalid", "input_parquet", {"column": "filepath"}),

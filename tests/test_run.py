@@ -46,14 +46,23 @@ def test_a_bad_mining_spec_is_refused_before_any_work(image_set):
     assert not (image_set / "out").exists()
 
 
-def test_a_failed_run_says_so_in_its_manifest(image_set):
+def test_a_listing_without_filepath_is_refused_before_a_run_folder_exists(image_set):
     pq.write_table(pa.table({"path": ["imgs/2.png"]}), image_set / "nofilepath.parquet")
     with pytest.raises(DeftError) as exc:
         run(image_set / "targets.parquet", image_set / "nofilepath.parquet", run_dir=image_set / "r",
             overrides={"model": "thumbnail"})
-    assert exc.value.code == "column_missing"
+    assert exc.value.code == "column_missing" and exc.value.details["field"] == "source"
+    assert not (image_set / "r").exists()
+
+
+def test_a_failed_run_says_so_in_its_manifest(image_set):
+    pq.write_table(pa.table({"filepath": ["imgs/absent.png"]}), image_set / "unreadable.parquet")
+    with pytest.raises(DeftError) as exc:
+        run(image_set / "targets.parquet", image_set / "unreadable.parquet", run_dir=image_set / "r",
+            overrides={"model": "thumbnail"})
+    assert exc.value.code == "no_readable_images"
     manifest = json.loads((image_set / "r" / "run.json").read_text())
-    assert manifest["status"] == "failed" and manifest["error"]["code"] == "column_missing"
+    assert manifest["status"] == "failed" and manifest["error"]["code"] == "no_readable_images"
     assert (image_set / "r" / "target_embeddings.parquet").exists()  # finished work is kept
 
 

@@ -50,7 +50,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
             pass
     # What can be refused without a run folder is refused before one exists.
     backend = get_backend(inputs.backend, inputs.image, inputs.mounts)
-    described = Inputs(targets=_describe_input(targets_path), source=_describe_input(source_path))
+    described = Inputs(targets=_describe_input(targets_path, "targets"), source=_describe_input(source_path, "source"))
     folder = _make_run_dir(inputs.output_dir, inputs.run_dir)
     ctx.events.log("info", f"run folder {folder}")
 
@@ -190,8 +190,9 @@ def _make_run_dir(output_dir: str | Path | None, run_dir: str | Path | None) -> 
                     fix="retry in a second", field="output_dir")
 
 
-def _describe_input(path: Path) -> InputFacts:
+def _describe_input(path: Path, field: str) -> InputFacts:
     schema = tables.schema_of(path)
+    tables.require_columns(path, schema, ["filepath"], field)  # refused before a run folder exists
     return InputFacts(path=str(path), format="csv" if tables.is_csv(path) else "parquet",
                       rows=tables.num_rows(path), columns=list(schema.names), has_label="label" in schema.names)
 
