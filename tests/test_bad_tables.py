@@ -119,7 +119,7 @@ REFUSALS: dict[str, tuple[Callable[[Path], list[str]], str, str | None, dict]] =
     "source and target from different encoders": (lambda f: _mine(f, "clip.parquet"), "encoder_mismatch", None,
                                                   {"differing": ["model", "model_path"]}),
     "vectors under 'embeddings'": (lambda f: _mine(f, "embeddings_col.parquet"), "column_missing",
-                                   "source_embed_column_name", {"found": ["embeddings"], "column": "embedding"}),
+                                   "source_embed_column_name", {"found": ["embeddings"], "missing": ["embedding"]}),
     "vectors under 'vector'": (lambda f: _mine(f, "s.parquet", "vector_col.parquet"), "column_missing",
                                "target_embed_column_name", {"found": ["vector"]}),
     "null filepath in an embedding parquet": (lambda f: _mine(f, "null_filepath.parquet"), "column_invalid",

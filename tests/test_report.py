@@ -275,13 +275,13 @@ def test_tao_folder_with_two_encoders_and_odd_paths_fails(tmp_path):
 
 
 def test_a_failed_run_gets_a_failed_report(image_set):
-    pq.write_table(pa.table({"path": ["imgs/2.png"]}), image_set / "nofilepath.parquet")
+    pq.write_table(pa.table({"filepath": ["imgs/absent.png"]}), image_set / "unreadable.parquet")
     with pytest.raises(DeftError):
-        run(image_set / "targets.parquet", image_set / "nofilepath.parquet", run_dir=image_set / "r",
+        run(image_set / "targets.parquet", image_set / "unreadable.parquet", run_dir=image_set / "r",
             overrides={"model": "thumbnail"})
     result = report(image_set / "r")
     text = (image_set / "r" / "Mining_Report.md").read_text()
-    assert result.verdict == "failed" and "column_missing" in text
+    assert result.verdict == "failed" and "no_readable_images" in text
     assert re.findall(r"^## (.+)$", text, flags=re.M) == list(SECTIONS)
     assert "Do not use `mined.parquet`" in sections(text)["Recommended Actions"]
 

@@ -197,7 +197,7 @@ def _require_vector_column(path: Path, schema: pa.Schema, column: str, side: str
         fix=(f"rename the column {found[0]!r} to {column!r} in the file, or pass {key}={found[0]}" if found else
              f"embed the file first (deft-mine embed writes the vectors as {column!r}), or name its vector "
              f"column with {key}"),
-        path=str(path), field=key, column=column, found=found, columns=list(schema.names),
+        path=str(path), field=key, missing=[column], found=found, columns=list(schema.names),
     )
 
 
