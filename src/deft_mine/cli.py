@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from deft_mine import __version__
@@ -85,7 +86,7 @@ def _add_field(parser: argparse.ArgumentParser, groups: dict[str, Any], name: st
 
 
 # Input fields every working command sets through options of its own (see _command).
-_BACKEND_FLAGS = {"backend": "--backend", "image": "--image", "mounts": "--mount"}
+_BACKEND_FLAGS = {"backend": "--backend", "image": "--image", "mounts": "--mount", "ray_address": "--ray-address"}
 
 
 def _flag(tool: Tool[Any, Any] | None, field: object) -> str | None:
@@ -100,7 +101,8 @@ def _flag(tool: Tool[Any, Any] | None, field: object) -> str | None:
 def _run_tool(tool: Tool[Any, Any], args: argparse.Namespace, events: RichEvents) -> BaseModel:
     fields = tool.input.model_fields
     given = {name: getattr(args, name) for name in fields if hasattr(args, name)}
-    given |= {name: getattr(args, flag.lstrip("-")) for name, flag in _BACKEND_FLAGS.items() if name in fields}
+    given |= {name: getattr(args, flag.lstrip("-").replace("-", "_"))
+              for name, flag in _BACKEND_FLAGS.items() if name in fields}
     result = tool.invoke(tool.input(**given), ToolContext(events))
     if not args.json:
         out.print(result.text(), highlight=False)
@@ -131,6 +133,9 @@ def _command(sub: Any, name: str, summary: str, handler: Any, tool: Tool[Any, An
                        "$TAO_SKILL_BANK_PATH, else deft-mine:latest)")
         p.add_argument("--mount", action="append", default=None, metavar="PATH",
                        help="docker backend: extra read-only bind mount at the identical path (repeatable)")
+        p.add_argument("--ray-address", metavar="ADDRESS",
+                       help="ray backend: the cluster (host:port of the head, ray://host:10001 or auto; "
+                       "default: $RAY_ADDRESS, else a Ray started on this machine)")
     p.add_argument("--json", action="store_true",
                    help="print exactly the structured result (as the MCP tool returns it) on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info lines")
@@ -217,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve(args.transport, args.root, args.host, args.port, args.store, args.auth_token,
                   args.allowed_host, args.allowed_origin)
         except DeftError as exc:
-            err.print(f"[red]error[/] [bold]{exc.code}[/]: {exc.message}\n  fix: {exc.fix}", highlight=False)
+            err.print(f"[red]error[/] [bold]{exc.code}[/]: {escape(exc.message)}\n  fix: {escape(exc.fix or '')}",
+                      highlight=False)
             return EXIT_REFUSED
         return EXIT_OK
     previous = _on_sigterm(_terminate)
@@ -227,10 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeftError as exc:
         if args.json:
             print(json.dumps(ErrorInfo.of(exc).wire(), indent=2))
-        err.print(f"[red]error[/] [bold]{exc.code}[/]: {exc.message}", highlight=False)
+        err.print(f"[red]error[/] [bold]{exc.code}[/]: {escape(exc.message)}", highlight=False)
         if exc.fix:
             flag = _flag(args.tool, exc.details.get("field"))
-            err.print(f"  fix: {exc.fix}" + (f" (on the command line: {flag})" if flag else ""), highlight=False)
+            err.print(f"  fix: {escape(exc.fix)}" + (f" (on the command line: {flag})" if flag else ""), highlight=False)
         return EXIT_REFUSED
     except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM as Terminated: the work unwound, cleaning up
         number = exc.number if isinstance(exc, Terminated) else signal.SIGINT
@@ -246,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         _on_sigterm(previous)
     for w in result.warnings:
-        err.print(f"[yellow]warning[/] [bold]{w.code}[/]: {w.message}", highlight=False)
+        err.print(f"[yellow]warning[/] [bold]{w.code}[/]: {escape(w.message)}", highlight=False)
     if args.json:
         print(result.model_dump_json(indent=2))
     return EXIT_OK

@@ -35,18 +35,22 @@ class Internal:
     """Set by other tools (e.g. run → select), never by a client."""
 
 
-BackendName = Literal["local", "docker"]  # backends/ registers exactly these
+BackendName = Literal["local", "docker", "ray"]  # backends/ registers exactly these
 Overrides = Annotated[
     dict[str, Any] | list[str] | None,
     # MCP clients send a mapping; the command line passes its key=value words as they are.
     WithJsonSchema({"anyOf": [{"additionalProperties": True, "type": "object"}, {"type": "null"}]}),
     Field(description="spec keys as in the YAML, e.g. {\"model\": \"thumbnail\", \"topn\": 10}; "
                       "they win over the spec file")]
-Backend = Annotated[BackendName, Field(description="where the work runs; local = in-process")]
+Backend = Annotated[BackendName, Field(description="where the work runs; local = in-process, docker = the "
+                                                  "TAO container, ray = a Ray cluster")]
 Image = Annotated[str | None, Field(
     description="docker backend: image URI (default: TAO versions.yaml, else deft-mine:latest)")]
 Mounts = Annotated[list[str] | None, Field(description="docker backend: extra read-only mounts at identical paths"),
                    PathField()]
+RayAddress = Annotated[str | None, Field(
+    description="ray backend: the cluster's address (host:port of the head, ray://host:10001 or auto; "
+                "default: $RAY_ADDRESS, else a Ray started on this machine)")]
 # Not a PathField: the server's own store may lie outside the roots (the tools check the rest).
 Store = Annotated[str | None, Field(
     description="embedding store: vectors reused across rounds, keyed by encoder and image bytes "
@@ -62,6 +66,7 @@ class ToolInput(BaseModel):
 class PreflightInput(ToolInput):
     backend: Backend = "local"
     image: Annotated[str | None, Field(description="container image (docker backend)")] = None
+    ray_address: RayAddress = None
     targets: Annotated[str | None, Field(description="target parquet, to predict warnings"), PathField(),
                        cli("--targets")] = None
     source: Annotated[str | None, Field(description="pool parquet/CSV, to predict warnings"), PathField(),
@@ -87,6 +92,7 @@ class EmbedInput(ToolInput):
     backend: Backend = "local"
     image: Image = None
     mounts: Mounts = None
+    ray_address: RayAddress = None
     store: Store = None
     no_store: NoStore = False
 
@@ -105,6 +111,7 @@ class MineInput(ToolInput):
     backend: Backend = "local"
     image: Image = None
     mounts: Mounts = None
+    ray_address: RayAddress = None
 
 
 class RunInput(ToolInput):
@@ -130,6 +137,7 @@ class RunInput(ToolInput):
                               "images no earlier iteration selected in mined.parquet")] = None
     image: Image = None
     mounts: Mounts = None
+    ray_address: RayAddress = None
     store: Store = None
     no_store: NoStore = False
 

@@ -36,7 +36,7 @@ def embed_spec(spec: EmbeddingSpec, inputs: EmbedInput, ctx: ToolContext) -> Emb
                         fix="name the folder the listing's relative filepaths resolve against", path=str(image_root))
     if ctx.policy is not None:
         ctx.policy.check_listing(source, image_root)
-    backend = get_backend(inputs.backend, inputs.image, inputs.mounts)
+    backend = get_backend(inputs.backend, inputs.image, inputs.mounts, inputs.ray_address)
     if spec.is_tao_checkpoint and not backend.capabilities.runs_tao_checkpoints:
         raise DeftError("backend_unsupported", f"model={spec.model} (a TAO checkpoint) runs only in the TAO "
                         f"container, not on the {backend.name} backend", field="model",

@@ -28,7 +28,7 @@ def check_before_mining(inputs: PreflightInput, ctx: ToolContext) -> PreflightRe
     bound to, and predict the warnings the given inputs will raise (filter_by_label_noop,
     pool_exhausted, target_in_pool, images_skipped, provenance_unknown) before any work.
     Reads only; refuses paths outside the allowed roots."""
-    backend = get_backend(inputs.backend, inputs.image)
+    backend = get_backend(inputs.backend, inputs.image, ray_address=inputs.ray_address)
     store = describe_store(StoreInfoInput(store=inputs.store), ctx)
     checks, gpu = backend.check(Path(inputs.output_dir).expanduser().absolute() if inputs.output_dir
                                 else Path.cwd(), Path(store.store))

@@ -49,7 +49,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         with ctx.lock.bind(embedding):
             pass
     # What can be refused without a run folder is refused before one exists.
-    backend = get_backend(inputs.backend, inputs.image, inputs.mounts)
+    backend = get_backend(inputs.backend, inputs.image, inputs.mounts, inputs.ray_address)
     described = Inputs(targets=_describe_input(targets_path, "targets"), source=_describe_input(source_path, "source"))
     folder = _make_run_dir(inputs.output_dir, inputs.run_dir)
     ctx.events.log("info", f"run folder {folder}")
@@ -72,7 +72,8 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     # run.json first: a folder whose process is killed outright (SIGKILL, power) says "running",
     # never looks finished; every way out below that Python sees rewrites it.
     tables.write_text_atomic(folder / artifacts.MANIFEST, manifest.dump())
-    side = EmbedInput(backend=inputs.backend, image=inputs.image, mounts=inputs.mounts, store=inputs.store,
+    side = EmbedInput(backend=inputs.backend, image=inputs.image, mounts=inputs.mounts, ray_address=inputs.ray_address,
+                      store=inputs.store,
                       no_store=inputs.no_store)
     try:
         tables.write_text_atomic(folder / artifacts.EMBEDDING_SPEC, spec_to_yaml(
@@ -87,7 +88,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
                                 f"e.g. {done.skipped_examples[0] if done.skipped_examples else '?'}",
                                 fix="check the paths and image_root (relative paths resolve against it)",
                                 field=name, skipped_by_reason=done.skipped_by_reason)
-        mine_result = mine_spec(mining, MineInput(**side.model_dump(include={"backend", "image", "mounts"})),
+        mine_result = mine_spec(mining, MineInput(**side.model_dump(include={"backend", "image", "mounts", "ray_address"})),
                                 ctx.stage("mine"),
                                 pairs_path=folder / artifacts.PAIRS if backend.capabilities.writes_pairs else None)
         selected = None

@@ -1,0 +1,225 @@
+"""The Ray backend: embedding on Ray Data (read tasks, an encoder actor pool), exact mining as Ray
+tasks over pool shards; the answer is the local backend's."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+from deft_mine.backends.base import BackendMine, Capabilities
+from deft_mine.errors import DeftError
+from deft_mine.events import Events
+from deft_mine.schemas.results import Check, EmbedResult
+from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
+
+INSTALL_FIX = "pip install 'deft-mine[ray]'"
+# A Ray started here (no address given) takes at most this many CPUs: the driver, the store and
+# the writer keep working beside it.
+LOCAL_MAX_CPUS = 8
+_CONNECT_SECONDS = 60.0  # ray.init against a head that does not answer retries for minutes
+_PROBE_SECONDS = 5.0
+
+_lock = threading.Lock()
+_attached: str | None = None  # the address this process's Ray driver is attached to
+_keepers: list[threading.Event] = []  # set to let the thread that started Ray end
+
+
+def import_ray() -> Any:
+    """The ray module, or the coded refusal that says how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the embedding side needs Ray Data, not just the core)
+    except ImportError as exc:
+        raise DeftError("backend_unavailable", f"backend=ray needs Ray (ray[data]), which is not installed "
+                        f"here ({exc})", fix=INSTALL_FIX, field="backend") from exc
+    return ray
+
+
+def wanted_address(address: str | None) -> str:
+    """--ray-address, else $RAY_ADDRESS (Ray's own convention), else "local": start one here."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def _probe(address: str) -> None:
+    """A head given as host:port (or ray://host:port) must accept a TCP connection: ray.init
+    would otherwise retry for minutes before saying anything."""
+    if address in ("local", "auto"):
+        return
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise DeftError("ray_address_invalid", f"ray_address {address!r} is not host:port, ray://host:port, "
+                        "auto or local", fix="e.g. --ray-address 10.0.0.5:6379 (the head's GCS port) or "
+                        "ray://10.0.0.5:10001", field="ray_address", address=address)
+    try:
+        socket.create_connection((host, port), timeout=_PROBE_SECONDS).close()
+    except OSError as exc:
+        raise unreachable(address, f"{exc.__class__.__name__}: {exc}") from exc
+
+
+def unreachable(address: str, why: str) -> DeftError:
+    return DeftError("ray_unreachable", f"cannot reach the Ray cluster at {address} ({why})",
+                     fix="start the cluster (ray start --head) or give its address with --ray-address "
+                         "(host:port of the head, ray://host:10001, or auto)",
+                     field="ray_address", address=address)
+
+
+def connect(address: str | None) -> Any:
+    """Attach this process's Ray driver to `address` (once; another address re-attaches)."""
+    global _attached
+    ray = import_ray()
+    wanted = wanted_address(address)
+    with _lock:
+        if ray.is_initialized() and _attached == wanted:
+            return ray
+        _probe(wanted)
+        if ray.is_initialized():
+            ray.shutdown()
+            while _keepers:
+                _keepers.pop().set()
+        kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING,
+                                  "configure_logging": False}
+        if wanted == "local":  # a fresh Ray of our own, never one another process started here
+            kwargs |= {"num_cpus": min(LOCAL_MAX_CPUS, os.cpu_count() or 1), "include_dashboard": False}
+        failure: list[BaseException] = []
+        ready = threading.Event()
+        release = threading.Event()
+
+        def keep() -> None:
+            # Ray ties the processes it starts to the life of the *thread* that started them
+            # (PR_SET_PDEATHSIG), so they are started from a thread that lives on: not the
+            # caller's, which may be a server's short-lived worker, and not one that ends here.
+            try:
+                ray.init(address=wanted, **kwargs)
+            except BaseException as exc:  # handed to the caller below
+                failure.append(exc)
+                return
+            finally:
+                ready.set()
+            release.wait()
+
+        threading.Thread(target=keep, name="ray-driver", daemon=True).start()
+        if not ready.wait(_CONNECT_SECONDS):
+            raise unreachable(wanted, f"no answer within {_CONNECT_SECONDS:.0f}s")
+        if failure:
+            raise unreachable(wanted, f"{failure[0].__class__.__name__}: {failure[0]}") from failure[0]
+        _keepers.append(release)
+        _attached = wanted
+        _quiet_ray_data(ray)
+        return ray
+
+
+def _quiet_ray_data(ray: Any) -> None:
+    """Ray Data keeps rows in order here (the output must match the listing), and its own
+    progress bars and logs stay off: ours speak for the work."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def disconnect() -> None:
+    """Detach the driver (tests; a Ray we started here stops with it)."""
+    global _attached
+    with _lock:
+        try:
+            import ray
+        except ImportError:
+            return
+        if ray.is_initialized():
+            ray.shutdown()
+        _attached = None
+        while _keepers:
+            _keepers.pop().set()
+
+
+def cluster_cpus_gpus(ray: Any) -> tuple[float, float, int]:
+    """The cluster's CPUs, GPUs and alive nodes."""
+    resources = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0)), nodes
+
+
+def task_error(found: dict[str, Any]) -> DeftError:
+    """A DeftError a Ray task caught and sent back as data (it does not survive pickling)."""
+    return DeftError(found["code"], found["message"], fix=found.get("fix"), **found.get("details", {}))
+
+
+def as_data(exc: DeftError) -> dict[str, Any]:
+    return {"code": exc.code, "message": exc.message, "fix": exc.fix, "details": exc.details}
+
+
+class RayBackend:
+    name = "ray"
+    capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=False)
+
+    def __init__(self, address: str | None = None) -> None:
+        self.address = address
+
+    def check(self, output_dir: Path, store: Path | None = None) -> tuple[list[Check], list[str]]:
+        try:
+            ray = connect(self.address)
+        except DeftError as exc:
+            return [Check.of("ray", "fail", exc.message, exc.fix)], []
+        cpus, gpus, nodes = cluster_cpus_gpus(ray)
+        return [Check.of("ray", "ok", f"Ray {ray.__version__} at {wanted_address(self.address)}: {nodes} node(s), "
+                         f"{cpus:g} CPU(s), {gpus:g} GPU(s)"),
+                Check.of("shared storage", "warn" if nodes > 1 else "ok",
+                         "every node reads the images and the input/output parquets at the same paths",
+                         "put images, inputs and outputs on a filesystem every node mounts at the same path"
+                         if nodes > 1 else None)], []
+
+    def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
+              events: Events, store: Path | None) -> EmbedResult:
+        from deft_mine.backends.local import LocalBackend
+        from deft_mine.backends.ray_embed import embed_on_ray
+
+        ray = connect(self.address)
+        t0 = time.perf_counter()
+        # The driver holds one encoder too: its identity names the output and keys the store.
+        encoder = LocalBackend.shared().encoder(spec, events)
+        load_seconds = time.perf_counter() - t0
+        with self._cluster_errors(ray):
+            stats = embed_on_ray(ray, spec, input_path, output_path, image_root, encoder, events, store)
+        return EmbedResult(
+            output_parquet=str(output_path), input_rows=stats.rows_in, rows=stats.rows_out,
+            skipped=stats.rows_in - stats.rows_out, columns=stats.columns,
+            skipped_by_reason=dict(stats.skipped_by_reason), skipped_examples=stats.skipped_examples,
+            encoder=encoder.identity, embedding_dim=encoder.dim, device=encoder.device, backend=self.name,
+            store=str(store) if store else None, reused=stats.reused, embedded=stats.embedded,
+            seconds_saved=stats.seconds_saved, corrupt_shards=stats.corrupt_shards,
+            timings={"load_encoder": load_seconds, **stats.timings})
+
+    def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
+             summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
+        from deft_mine.backends.ray_mine import mine_on_ray
+
+        ray = connect(self.address)
+        with self._cluster_errors(ray):
+            return mine_on_ray(ray, spec, source_path, target_path, output_path, summary_path, events, pairs_path)
+
+    @contextlib.contextmanager
+    def _cluster_errors(self, ray: Any) -> Iterator[None]:
+        """The cluster failing under the work (a node or the head lost, an actor that cannot be
+        restarted) is a coded error naming the address; a bug in a task stays a bug."""
+        try:
+            yield
+        except ray.exceptions.RayTaskError:
+            raise
+        except ray.exceptions.RayError as exc:
+            address = wanted_address(self.address)
+            raise DeftError("ray_failed", f"the Ray cluster at {address} failed during the work "
+                            f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                            fix="check the cluster (ray status) and run again; outputs were not written",
+                            field="ray_address", address=address) from exc

@@ -1,0 +1,325 @@
+"""Embedding on Ray Data: the listing read in blocks, images read and decoded in CPU tasks, the
+encoder in an actor pool; the driver streams the results in listing order into the same parquet
+the local backend writes, reusing and filling the embedding store."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from deft_mine.backends.ray import cluster_cpus_gpus
+from deft_mine.engine import tables
+from deft_mine.engine.embedding import (EMBEDDING_COLUMN, EmbedStats, _output_schema, _RowGroupWriter,
+                                        _rows_per_group)
+from deft_mine.engine.encoders import Encoder, ThumbnailEncoder, build_encoder
+from deft_mine.engine.images import LoadFailure, decode_rgb, digest, read_bytes
+from deft_mine.engine.store import Shelf
+from deft_mine.errors import DeftError
+from deft_mine.events import Events
+from deft_mine.schemas.specs import EmbeddingSpec
+
+FAILED, STORED, NEW = 0, 1, 2  # what became of a row in the read task
+READ_CPUS = 0.5
+_SKIPPED_EXAMPLES = 5
+# No result for this long means a stuck pipeline (e.g. no CPU left for the read tasks), not a
+# slow one: a batch takes seconds.
+STALL_SECONDS = float(os.environ.get("DEFT_MINE_RAY_STALL_SECONDS", "600"))
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    actors: int
+    actor_cpus: float
+    actor_gpus: float
+    read_cpus: float
+
+
+def plan_pool(cpus: float, gpus: float, use_gpu: bool, actors: int | None = None) -> PoolPlan:
+    """Encoder actors sized from the cluster so that the read tasks always keep a CPU: an
+    actor pool holding every CPU starves the reads and the pipeline never moves.
+
+    A read task asks for half a CPU (it waits on the disk part of the time); asking for other
+    resources than the actors also keeps Ray Data from fusing the reads into the actors, which
+    would leave every CPU beside them idle.
+    """
+    if use_gpu and gpus >= 1:
+        count = actors or int(gpus)
+        return PoolPlan(count, 1.0 if cpus >= count + 1 else 0.0, 1.0, READ_CPUS)
+    if cpus >= 2:
+        count = max(1, min(actors or int(cpus) // 2, int(cpus) - 1))
+        return PoolPlan(count, 1.0, 0.0, READ_CPUS)
+    half = max(cpus, 0.01) / 2  # one CPU or less: actor and reads share it
+    return PoolPlan(1, half, 0.0, half)
+
+
+_PREPROCESS: dict[tuple[str, str | None], Callable[[list[Any]], np.ndarray]] = {}
+
+
+def _preprocessor(model: str, model_path: str | None) -> Callable[[list[Any]], np.ndarray]:
+    """The encoder's CPU half, without its weights (once per worker process)."""
+    key = (model, model_path)
+    if key not in _PREPROCESS:
+        if model == "thumbnail":
+            _PREPROCESS[key] = ThumbnailEncoder().preprocess
+        else:  # as HuggingFaceEncoder loads its processor (a refactor would share this)
+            from transformers import AutoImageProcessor
+
+            local = Path(str(model_path)).expanduser()
+            is_local = local.exists()
+            processor = AutoImageProcessor.from_pretrained(str(local.resolve()) if is_local else model_path,
+                                                           local_files_only=is_local)
+            _PREPROCESS[key] = lambda images: processor(images=images, return_tensors="np")["pixel_values"]
+    return _PREPROCESS[key]
+
+
+def read_decode(batch: pa.Table, image_root: str, model: str, model_path: str | None,
+                stored: np.ndarray) -> pa.Table:
+    """A read task: each row's bytes, digest, and (unless the store holds its vector) its
+    pixels; a row that fails says why, in the local backend's words."""
+    preprocess = _preprocessor(model, model_path)
+    root = Path(image_root)
+    n = batch.num_rows
+    status = np.full(n, FAILED, np.int8)
+    digests: list[bytes | None] = [None] * n
+    reasons: list[str | None] = [None] * n
+    failpaths: list[str | None] = [None] * n
+    pixels: list[bytes | None] = [None] * n
+    shapes: list[list[int] | None] = [None] * n
+    seconds = np.zeros(n)
+    for i, filepath in enumerate(batch.column("filepath").to_pylist()):
+        t0 = time.perf_counter()
+        data = read_bytes(filepath, root)
+        if not isinstance(data, LoadFailure):
+            digests[i] = digest(data)
+            at = np.searchsorted(stored, np.array([digests[i]], "S32"))[0]
+            if at < len(stored) and stored[at] == digests[i]:
+                status[i] = STORED
+                continue
+            image = decode_rgb(data, str(filepath))
+            if not isinstance(image, LoadFailure):
+                array = np.ascontiguousarray(preprocess([image]), dtype=np.float32)
+                pixels[i], shapes[i], status[i] = array.tobytes(), list(array.shape), NEW
+                seconds[i] = time.perf_counter() - t0
+                continue
+            data = image
+        reasons[i], failpaths[i] = data.reason, data.filepath
+    return pa.table({"digest": pa.array(digests, pa.binary(32)), "status": pa.array(status),
+                     "reason": pa.array(reasons, pa.string()), "failpath": pa.array(failpaths, pa.string()),
+                     "pixels": pa.array(pixels, pa.large_binary()), "shape": pa.array(shapes, pa.list_(pa.int64())),
+                     "seconds": pa.array(seconds)})
+
+
+class EncodeActor:
+    """One encoder per actor (weights loaded once), run on the rows the read tasks decoded."""
+
+    def __init__(self, model: str, model_path: str | None, device: str) -> None:
+        self.encoder = build_encoder(model, model_path, device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        status = batch.column("status").to_numpy()
+        new = np.flatnonzero(status == NEW)
+        vectors: list[bytes | None] = [None] * batch.num_rows
+        seconds = batch.column("seconds").to_numpy().copy()
+        if len(new):
+            blobs, shapes = batch.column("pixels").to_pylist(), batch.column("shape").to_pylist()
+            t0 = time.perf_counter()
+            fresh = self.encoder.encode(np.concatenate(
+                [np.frombuffer(blobs[i], np.float32).reshape(shapes[i]) for i in new]))
+            seconds[new] += (time.perf_counter() - t0) / len(new)
+            for row, vector in zip(new, np.asarray(fresh, np.float32)):
+                vectors[row] = vector.tobytes()
+        out = batch.drop_columns(["pixels", "shape", "seconds"])
+        return out.append_column("vector", pa.array(vectors, pa.binary())).append_column(
+            "seconds", pa.array(seconds))
+
+
+def _listing(ray: Any, path: Path, read_cpus: float) -> Any:
+    """The listing's filepaths as a Ray dataset, in file order."""
+    if tables.is_csv(path):  # parsed whole anyway (types inferred over the file), as locally
+        return ray.data.from_arrow(tables.read_csv(path).select(["filepath"]))
+    # Ray Data pushes the column selection down into the read: only filepath leaves the disk.
+    return ray.data.read_parquet(str(path), file_extensions=None, num_cpus=read_cpus).select_columns(["filepath"])
+
+
+class _Results:
+    """The pipeline's output rows, in order, handed out by count; a pipeline that yields
+    nothing for `stall` seconds is a coded error, not a hang."""
+
+    def __init__(self, batches: Iterator[pa.Table], stall: float) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._stop = threading.Event()
+        self._stall = stall
+        self._buffer: list[pa.Table] = []
+        self._rows = 0
+        self._ended = False
+        threading.Thread(target=self._pump, args=(batches,), name="ray-results", daemon=True).start()
+
+    def _pump(self, batches: Iterator[pa.Table]) -> None:
+        try:
+            for batch in batches:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(("batch", batch), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return  # leaving the iterator ends Ray Data's execution
+            self._queue.put(("end", None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._queue.put(("error", exc))
+
+    def take(self, rows: int) -> pa.Table:
+        while self._rows < rows and not self._ended:
+            try:
+                kind, item = self._queue.get(timeout=self._stall)
+            except queue.Empty:
+                raise DeftError("ray_stalled", f"the Ray pipeline produced nothing for {self._stall:.0f}s",
+                                fix="check the cluster has a CPU free beside the encoder actors (ray status); "
+                                    "set DEFT_MINE_RAY_STALL_SECONDS for very slow batches") from None
+            if kind == "error":
+                raise item
+            if kind == "end":
+                self._ended = True
+            elif item.num_rows:
+                self._buffer.append(item)
+                self._rows += item.num_rows
+        if self._rows < rows:
+            raise RuntimeError(f"the Ray pipeline returned {self._rows} rows fewer than the listing holds")
+        table = pa.concat_tables(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+        out, rest = table.slice(0, rows), table.slice(rows)
+        self._buffer, self._rows = ([rest] if rest.num_rows else []), rest.num_rows
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def embed_on_ray(ray: Any, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
+                 encoder: Encoder, events: Events, store: Path | None, actors: int | None = None) -> EmbedStats:
+    started = time.perf_counter()
+    stats = EmbedStats()
+    schema = tables.schema_of(input_path)
+    tables.require_columns(input_path, schema, ["filepath"], "input_parquet")
+    total = tables.num_rows(input_path)
+    out_schema = _output_schema(schema, encoder.identity)
+    stats.columns = list(out_schema.names)
+    shelf = Shelf(store, encoder.identity) if store else None
+    if shelf is not None:
+        shelf.load_index()
+    # The read tasks skip what the store holds: only the other rows reach the encoder actors.
+    stored = shelf._sorted if shelf is not None else np.zeros(0, "S32")
+    cpus, gpus, nodes = cluster_cpus_gpus(ray)
+    model, model_path = spec.encoder_key()[0], spec.encoder_key()[1]
+    use_gpu = spec.device != "cpu" and model != "thumbnail"
+    plan = plan_pool(cpus, gpus, use_gpu, actors)
+    events.log("info", f"Ray: {nodes} node(s), {cpus:g} CPU(s), {gpus:g} GPU(s); {plan.actors} encoder "
+                       f"actor(s) of {plan.actor_cpus:g} CPU / {plan.actor_gpus:g} GPU")
+    ds = _listing(ray, input_path, plan.read_cpus).map_batches(
+        read_decode, batch_size=spec.batch_size, batch_format="pyarrow", num_cpus=plan.read_cpus,
+        fn_kwargs={"image_root": str(image_root), "model": model, "model_path": model_path,
+                   "stored": stored})
+    ds = ds.map_batches(
+        EncodeActor, batch_size=spec.batch_size, batch_format="pyarrow",
+        fn_constructor_kwargs={"model": model, "model_path": model_path,
+                               "device": "auto" if spec.device.startswith("cuda") else spec.device},
+        compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus,
+        num_gpus=plan.actor_gpus)
+    results = _Results(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1), STALL_SECONDS)
+    events.progress("embed", 0, total)
+    try:
+        with tables.atomic_output(output_path) as tmp, \
+                _RowGroupWriter(tmp, out_schema, _rows_per_group(encoder.dim)) as writer:
+            listing = tables.iter_batches(input_path, spec.batch_size)
+            while True:
+                t0 = time.perf_counter()
+                batch = next(listing, None)
+                stats.timings["read"] += time.perf_counter() - t0
+                if batch is None:
+                    break
+                _finish(batch, results.take(batch.num_rows), encoder, shelf, writer, out_schema, stats,
+                        events, total, image_root)
+    finally:
+        results.close()
+    if shelf is not None:
+        shelf.compact()
+        stats.corrupt_shards = list(shelf.corrupt)
+        if shelf.write_error:
+            events.log("warning", f"the embedding store could not be written ({shelf.write_error}); "
+                                  "this run's later vectors were not kept for reuse")
+    stats.timings["total"] = time.perf_counter() - started
+    return stats
+
+
+def _finish(batch: pa.RecordBatch, got: pa.Table, encoder: Encoder, shelf: Shelf | None,
+            writer: _RowGroupWriter, schema: pa.Schema, stats: EmbedStats, events: Events, total: int,
+            image_root: Path) -> None:
+    """One listing batch: count its skips, take stored vectors from the store and new ones from
+    the cluster, store the new ones, write the kept rows (as embedding.py's _finish does)."""
+    n = batch.num_rows
+    stats.rows_in += n
+    status = got.column("status").to_numpy()
+    digests = got.column("digest").to_pylist()
+    failed = np.flatnonzero(status == FAILED)
+    reasons, failpaths = got.column("reason").to_pylist(), got.column("failpath").to_pylist()
+    for i in failed:
+        stats.skipped_by_reason[reasons[i].split(" (")[0]] += 1
+        if len(stats.skipped_examples) < _SKIPPED_EXAMPLES:
+            stats.skipped_examples.append(f"{failpaths[i]}: {reasons[i]}")
+    if len(failed):
+        i = failed[0]
+        events.log("warning", f"skipped {len(failed)} unreadable image(s), e.g. {failpaths[i]}: {reasons[i]}")
+    vectors = np.zeros((n, encoder.dim), np.float32)
+    new = np.flatnonzero(status == NEW)
+    blobs = got.column("vector").to_pylist()
+    for i in new:
+        vectors[i] = np.frombuffer(blobs[i], np.float32)
+    stored = np.flatnonzero(status == STORED)
+    while shelf is not None and len(stored):
+        where = shelf.find([digests[i] for i in stored])
+        gone = stored[where < 0]  # its shard failed its checksum since: embed it here after all
+        if len(gone):
+            vectors[gone] = _embed_here(batch, gone, encoder, image_root)
+            new, stored, where = np.sort(np.concatenate([new, gone])), stored[where >= 0], where[where >= 0]
+        found = shelf.vectors(where) if len(stored) else np.zeros((0, encoder.dim), np.float32)
+        if found is not None:
+            vectors[stored] = found
+            stats.seconds_saved += shelf.seconds_saved(where) if len(stored) else 0.0
+            break
+    stats.timings["decode"] += float(got.column("seconds").to_numpy().sum())
+    if shelf is not None and len(new):
+        shelf.add(pa.array([digests[i] for i in new], pa.binary(32)), vectors[new],
+                  float(got.column("seconds").to_numpy()[new].mean()))
+    t0 = time.perf_counter()
+    keep = status != FAILED
+    kept = batch.filter(pa.array(keep)) if not keep.all() else batch
+    columns = {name: kept.column(name) for name in kept.schema.names}
+    columns[EMBEDDING_COLUMN] = tables.vector_array(vectors[keep])
+    writer.write(pa.RecordBatch.from_arrays([columns[c] for c in schema.names], schema=schema))
+    stats.timings["write"] += time.perf_counter() - t0
+    stats.rows_out += kept.num_rows
+    stats.reused += len(stored)
+    stats.embedded += len(new)
+    events.progress("embed", stats.rows_in, total, f"{stats.reused} reused from the store" if shelf else "")
+
+
+def _embed_here(batch: pa.RecordBatch, rows: np.ndarray, encoder: Encoder, image_root: Path) -> np.ndarray:
+    """Rows the store lost between the read task and now, embedded on the driver (rare)."""
+    paths = batch.column("filepath").to_pylist()
+    pixels = []
+    for i in rows:
+        data = read_bytes(paths[i], image_root)
+        image = data if isinstance(data, LoadFailure) else decode_rgb(data, str(paths[i]))
+        if isinstance(image, LoadFailure):  # it read fine a moment ago
+            raise DeftError("image_changed", f"{paths[i]} changed while it was being embedded ({image.reason})",
+                            fix="run again once the images are no longer being written", path=str(paths[i]))
+        pixels.append(encoder.preprocess([image]))
+    return encoder.encode(np.concatenate(pixels))

@@ -1,0 +1,275 @@
+"""The ray backend on a real two-node Ray cluster on this machine: same answers as local."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_image
+from deft_mine.engine import tables
+from deft_mine.errors import DeftError
+from deft_mine.events import RecordingEvents
+from deft_mine.tools.embed import embed
+from deft_mine.tools.mine import mine
+
+pytestmark = pytest.mark.e2e
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (make test installs it)")
+RAY_CLI = Path(sys.executable).with_name("ray")
+THUMB = {"model": "thumbnail", "batch_size": 4}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """Signal each `ray start --block` (not its group: Ray would drain for 30 s), then end by
+    pid whatever they started and left behind."""
+    started = []
+    for proc in procs:
+        try:
+            started += psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    for proc in reversed(procs):  # the worker node first, the head last
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(8)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+    for child in started:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(started, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> str:
+    """A head and a second raylet, one CPU each: a real multi-node cluster on this machine."""
+    port = _free_port()
+    temp = tempfile.mkdtemp(prefix="dmray", dir="/tmp")  # Ray's socket paths must stay short
+    # Token auth off on both sides: Ray turns it on when a token file happens to exist in ~/.ray,
+    # and a driver without the token is then refused.
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
+    procs = [subprocess.Popen([str(RAY_CLI), "start", "--head", f"--port={port}", "--include-dashboard=false",
+                               f"--temp-dir={temp}", *common], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert procs[0].poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+                time.sleep(0.3)
+        procs.append(subprocess.Popen([str(RAY_CLI), "start", f"--address={address}", *common], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        from deft_mine.backends.ray import connect, disconnect
+
+        session = connect(address)
+        while sum(1 for n in session.nodes() if n.get("Alive")) < 2:
+            assert procs[1].poll() is None and time.monotonic() < deadline, "the second raylet did not join"
+            time.sleep(0.3)
+        yield address
+        disconnect()
+    finally:
+        _stop(procs)
+        shutil.rmtree(temp, ignore_errors=True)
+        if previous is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Targets and a pool with repeated pictures (exact ties), a target inside the pool, a file
+    that is no image and one that is missing."""
+    root = tmp_path_factory.mktemp("ray_images")
+    for i in range(26):
+        write_image(root / "imgs" / f"{i}.png", seed=i % 9)  # 9 distinct pictures: ties
+    (root / "imgs" / "bad.png").write_bytes(b"not an image")
+    pool = [f"imgs/{i}.png" for i in range(5, 26)]
+    pool[4:4] = ["imgs/bad.png", "imgs/missing.png", "imgs/0.png"]
+    pq.write_table(pa.table({"filepath": [f"imgs/{i}.png" for i in range(5)],
+                             "label": ["a", "b", "a", "c", None]}), root / "targets.parquet")
+    pq.write_table(pa.table({"filepath": pool, "label": [["a", "b", "c"][i % 3] for i in range(len(pool))],
+                             "row": list(range(len(pool)))}), root / "pool.parquet")
+    return root
+
+
+def _same_embeddings(a: Path, b: Path) -> None:
+    left, right = pq.read_table(a), pq.read_table(b)
+    assert left.schema.equals(right.schema, check_metadata=True)  # columns, types, encoder identity
+    assert left.drop_columns(["embedding"]).equals(right.drop_columns(["embedding"]))  # rows, order
+    diff = np.abs(tables.vectors_from_column(left.column("embedding"), path=a, name="embedding", first_row=0, dim=None)
+                  - tables.vectors_from_column(right.column("embedding"), path=b, name="embedding", first_row=0,
+                                               dim=None))
+    assert diff.max() <= 1e-5
+
+
+def test_embed_equals_local(cluster, images, tmp_path):
+    local = embed(images / "pool.parquet", tmp_path / "local.parquet", overrides=THUMB, no_store=True)
+    events = RecordingEvents()
+    on_ray = embed(images / "pool.parquet", tmp_path / "ray.parquet", overrides=THUMB, no_store=True,
+                   backend="ray", ray_address=cluster, events=events)
+    _same_embeddings(tmp_path / "local.parquet", tmp_path / "ray.parquet")
+    assert on_ray.backend == "ray"
+    assert (on_ray.rows, on_ray.input_rows, on_ray.skipped) == (local.rows, local.input_rows, local.skipped) == (22, 24, 2)
+    assert on_ray.skipped_by_reason == local.skipped_by_reason == {"not an image": 1, "missing": 1}
+    assert on_ray.skipped_examples == local.skipped_examples
+    assert [w.model_dump() for w in on_ray.warnings] == [w.model_dump() for w in local.warnings]
+    assert on_ray.encoder == local.encoder and on_ray.columns == local.columns
+    assert events.progress_events[-1] == ("embed", 24, 24)  # one per listing batch, the last complete
+    assert len(events.progress_events) >= 24 // THUMB["batch_size"]
+
+
+def test_store_reuse_sends_no_rows_to_the_encoders(cluster, images, tmp_path):
+    store = tmp_path / "store"
+    first = embed(images / "pool.parquet", tmp_path / "a.parquet", overrides=THUMB, store=str(store),
+                  backend="ray", ray_address=cluster)
+    again = embed(images / "pool.parquet", tmp_path / "b.parquet", overrides=THUMB, store=str(store),
+                  backend="ray", ray_address=cluster)
+    assert (first.embedded, first.reused) == (22, 0)
+    assert (again.embedded, again.reused) == (0, 22)
+    assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
+    # and the local backend reuses what the cluster stored
+    local = embed(images / "pool.parquet", tmp_path / "c.parquet", overrides=THUMB, store=str(store))
+    assert (local.embedded, local.reused) == (0, 22)
+    _same_embeddings(tmp_path / "a.parquet", tmp_path / "c.parquet")
+
+
+@pytest.fixture(scope="module")
+def embedded(images, tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("ray_embedded")
+    embed(images / "targets.parquet", folder / "t.parquet", overrides=THUMB, no_store=True)
+    embed(images / "pool.parquet", folder / "s.parquet", overrides=THUMB, no_store=True)
+    return folder / "t.parquet", folder / "s.parquet"
+
+
+@pytest.mark.parametrize("params", [
+    {"topn": 3, "block_rows": 4},  # several shards, ties across them
+    {"topn": 4, "knn_metric": "euclidean", "filter_by_label": True, "block_rows": 5},
+    {"topn": 30, "knn_metric": "manhattan", "exclude_targets": True, "block_rows": 3},  # pool exhausted
+])
+def test_mine_equals_local(cluster, embedded, tmp_path, params):
+    targets, pool = embedded
+    done = {}
+    for backend in ("local", "ray"):
+        out = tmp_path / backend / "mined.parquet"
+        done[backend] = mine(pool, targets, out, overrides=params, backend=backend,
+                             **({"ray_address": cluster} if backend == "ray" else {}))
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    assert (on_ray / "mining_summary.txt").read_bytes() == (local / "mining_summary.txt").read_bytes()
+    assert pq.read_table(on_ray / "mined.parquet").equals(pq.read_table(local / "mined.parquet"))
+    assert done["ray"].summary == done["local"].summary and done["ray"].mined > 0
+    assert [w.model_dump() for w in done["ray"].warnings] == [w.model_dump() for w in done["local"].warnings]
+
+
+def test_mined_pairs_equal_local(cluster, embedded, tmp_path):
+    from deft_mine.backends import get_backend
+    from deft_mine.events import NullEvents
+    from deft_mine.schemas.specs import MiningSpec
+
+    targets, pool = embedded
+    spec = MiningSpec(topn=5, filter_by_label=True, block_rows=4)
+    for name in ("local", "ray"):
+        folder = tmp_path / name
+        folder.mkdir()
+        get_backend(name, ray_address=cluster).mine(spec, pool, targets, folder / "mined.parquet",
+                                                    folder / "mining_summary.txt", NullEvents(),
+                                                    folder / "mined_pairs.parquet")
+    assert pq.read_table(tmp_path / "ray" / "mined_pairs.parquet").equals(
+        pq.read_table(tmp_path / "local" / "mined_pairs.parquet"))
+
+
+def test_bad_pool_vector_is_named_as_locally(cluster, embedded, tmp_path):
+    targets, pool = embedded
+    table = pq.read_table(pool)
+    vectors = table.column("embedding").to_pylist()
+    vectors[13] = vectors[13][:-1]  # a short vector in the fourth shard
+    broken = tmp_path / "broken.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding",
+                                    pa.array(vectors, pa.list_(pa.float32()))), broken)
+    errors = []
+    for backend in ("local", "ray"):
+        with pytest.raises(DeftError) as caught:
+            mine(broken, targets, tmp_path / backend / "m.parquet", overrides={"block_rows": 4}, backend=backend,
+                 **({"ray_address": cluster} if backend == "ray" else {}))
+        errors.append((caught.value.code, caught.value.message))
+    assert errors[0] == errors[1] and "row 13" in errors[0][1]
+
+
+def test_run_through_the_command_line(cluster, images, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the flag alone says where
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("deft-mine")), "run", "--backend", "ray", "--ray-address", cluster,
+         "--targets", str(images / "targets.parquet"), "--source", str(images / "pool.parquet"),
+         "--run-dir", str(run_dir), "--no-store", "model=thumbnail", "topn=3", "filter_by_label=true"],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(run_dir.resolve())
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"embedding_spec.yaml", "mining_spec.yaml", "target_embeddings.parquet", "source_embeddings.parquet",
+            "mined.parquet", "mined_pairs.parquet", "mining_summary.txt", "run.json", "Mining_Report.md"} <= names
+    assert '"backend": "ray"' in (run_dir / "run.json").read_text()
+
+
+def test_without_ray_installed_the_refusal_says_how_to_install(images, tmp_path):
+    code = ("import sys; sys.modules['ray'] = None\n"  # `import ray` now fails as if not installed
+            "from deft_mine.cli import main\n"
+            f"sys.exit(main(['embed', '--json', '--backend', 'ray', 'input_parquet={images / 'pool.parquet'}', "
+            f"'output_parquet={tmp_path / 'x.parquet'}', 'model=thumbnail']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    error = json.loads(proc.stdout)
+    assert error["code"] == "backend_unavailable" and error["fix"] == "pip install 'deft-mine[ray]'"
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_unreachable_head_is_a_coded_error_naming_it(cluster, images, tmp_path):
+    address = f"127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    with pytest.raises(DeftError) as caught:
+        embed(images / "pool.parquet", tmp_path / "x.parquet", overrides=THUMB, backend="ray", ray_address=address)
+    assert caught.value.code == "ray_unreachable" and address in caught.value.message
+    assert caught.value.details["field"] == "ray_address"
+    assert time.monotonic() - started < 30 and not (tmp_path / "x.parquet").exists()
+
+
+def test_pool_plan_leaves_the_reads_a_cpu():
+    from deft_mine.backends.ray_embed import plan_pool
+
+    two = plan_pool(cpus=2, gpus=0, use_gpu=False)
+    assert two.actors * two.actor_cpus <= 1 and two.read_cpus > 0
+    eight = plan_pool(cpus=8, gpus=0, use_gpu=False, actors=8)
+    assert eight.actors == 7
+    gpu = plan_pool(cpus=2, gpus=4, use_gpu=True)
+    assert (gpu.actors, gpu.actor_gpus, gpu.actor_cpus) == (4, 1.0, 0.0)
+    assert plan_pool(cpus=1, gpus=0, use_gpu=False).actor_cpus < 1
