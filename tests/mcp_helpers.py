@@ -230,3 +230,117 @@ def write_slow_image(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png[:header] + chunk + png[header:])
     return path
+
+
+# --------------------------------------------------------------------------- raw wire clients
+# For the doors tests: bytes a real client library would never send, and every answer as the
+# JSON the wire carried. Both speak the 2025-11-25 handshake era.
+
+HANDSHAKE = {"jsonrpc": "2.0", "id": "init", "method": "initialize", "params": {
+    "protocolVersion": LEGACY, "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}
+INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+
+
+def wire(message: Any) -> bytes:
+    """A JSON-RPC message as one stdio line (or an HTTP body, newline and all)."""
+    return (json.dumps(message) + "\n").encode()
+
+
+class RawStdio:
+    """`deft-mine serve --root ROOT` over stdio, written to and read from as bytes. A reader
+    thread queues every line the server writes; `answers` waits for the ones with given ids."""
+
+    def __init__(self, root: Path) -> None:
+        import queue
+        import threading
+
+        self.process = subprocess.Popen([deft_mine_command(), "serve", "--root", str(root)], cwd=root,
+                                        env=server_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=(root.parent / f"{root.name}_stdio.log").open("w"))
+        self._lines: "queue.Queue[bytes]" = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.send(wire(HANDSHAKE))
+        assert self.answers(["init"])["init"]["result"]["protocolVersion"] == LEGACY
+        self.send(wire(INITIALIZED))
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+
+    def send(self, data: bytes) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(data)
+        self.process.stdin.flush()
+
+    def next(self, timeout: float = 30.0) -> dict[str, Any]:
+        """The next message the server writes (notifications included)."""
+        return json.loads(self._lines.get(timeout=timeout))
+
+    def answers(self, ids: list[Any], timeout: float = 60.0) -> dict[Any, dict[str, Any]]:
+        """The responses to the requests with these ids (notifications skipped), each once."""
+        wanted, found = set(ids), {}
+        deadline = time.monotonic() + timeout
+        while wanted - found.keys():
+            message = self.next(max(0.1, deadline - time.monotonic()))
+            if "method" in message:
+                continue
+            assert message.get("id") in wanted and message["id"] not in found, f"unexpected answer {message}"
+            found[message["id"]] = message
+        return found
+
+    def exchange(self, data: bytes, timeout: float = 60.0) -> dict[str, Any]:
+        """Send raw bytes and return the one response that follows (notifications skipped)."""
+        self.send(data)
+        while True:
+            message = self.next(timeout)
+            if "method" not in message:
+                return message
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        stop(self.process)
+
+
+class RawHttp:
+    """`deft-mine serve --transport streamable-http` on a free loopback port, POSTed to as bytes
+    within one Mcp-Session-Id; each answer is (HTTP status, the JSON-RPC message)."""
+
+    def __init__(self, root: Path) -> None:
+        import httpx2
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self._log = (root.parent / f"{root.name}_http.log").open("w")
+        self.process = subprocess.Popen(
+            [deft_mine_command(), "serve", "--transport", "streamable-http", "--port", str(self.port),
+             "--root", str(root)], cwd=root, env=server_env(), stdin=subprocess.DEVNULL, stdout=self._log,
+            stderr=subprocess.STDOUT)
+        wait_for_port(self.port, self.process)
+        self.http = httpx2.Client(timeout=120)
+        self.headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        response = self.http.post(self.url, content=wire(HANDSHAKE), headers=self.headers)
+        assert response.status_code == 200, response.text
+        self.headers |= {"Mcp-Session-Id": response.headers["mcp-session-id"], "MCP-Protocol-Version": LEGACY}
+        assert self.http.post(self.url, content=wire(INITIALIZED), headers=self.headers).status_code == 202
+
+    @staticmethod
+    def answer(response: Any) -> dict[str, Any]:
+        """The JSON-RPC response in a plain JSON body or in an SSE stream (notifications skipped)."""
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            return response.json()
+        events = [json.loads(line[5:]) for line in response.text.splitlines() if line.startswith("data:")]
+        found = [e for e in events if "method" not in e]
+        assert len(found) == 1, events
+        return found[0]
+
+    def exchange(self, data: bytes) -> tuple[int, dict[str, Any]]:
+        response = self.http.post(self.url, content=data, headers=self.headers)
+        return response.status_code, self.answer(response)
+
+    def close(self) -> None:
+        self.http.close()
+        stop(self.process)
+        self._log.close()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
-import hmac
 import inspect
+import logging
 import os
 import threading
 import time
+import traceback
 import warnings
 import weakref
 from pathlib import Path
@@ -24,13 +25,14 @@ from mcp.server.mcpserver.resources import FileResource
 from mcp_types import INVALID_PARAMS, CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
-from deft_mine import __version__
+from deft_mine import __version__, wire
 from deft_mine.engine.store import default_location
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled
 from deft_mine.schemas.inputs import Internal
 from deft_mine.schemas.results import ErrorInfo
 from deft_mine.tools import TOOLS, Tool, ToolContext
+from deft_mine.tools.registry import invalid_arguments
 from deft_mine.tools.guards import EncoderLock, PathPolicy
 
 REFERENCES = Path(__file__).parent / "references"
@@ -45,6 +47,11 @@ pitfalls and the report."""
 
 _SESSIONLESS_PROTOCOL = "2026-07-28"  # the protocol revision that dropped sessions
 ERROR_META_KEY = "io.github.deft-mine/error"
+#: Tool calls run on threads of their own: on the default pool (40) they starved the transport,
+#: whose stdio reads and writes need a thread too: 40 calls reporting progress at once hung the
+#: server. Calls beyond this wait (cancellable) for a thread.
+TOOL_THREADS = 32
+log = logging.getLogger("deft_mine.server")
 
 
 class _ClientEvents:
@@ -99,10 +106,7 @@ class _Server(MCPServer):
         except ToolError as exc:
             if not isinstance(exc.__cause__, ValidationError):
                 raise
-            first = exc.__cause__.errors()[0]
-            field = ".".join(str(part) for part in first["loc"]) or "arguments"
-            return _refusal(ErrorInfo(code="invalid_arguments", message=f"{name}: {field}: {first['msg']}",
-                                      fix=f"give {field} as the tool's inputSchema describes it", field=field))
+            return _refusal(ErrorInfo.of(invalid_arguments(name, exc.__cause__)))
 
 
 def _refusal(error: ErrorInfo) -> CallToolResult:
@@ -110,6 +114,21 @@ def _refusal(error: ErrorInfo) -> CallToolResult:
     # structuredContent against the tool's outputSchema even on errors.
     return CallToolResult(content=[TextContent(type="text", text=error.text())], is_error=True,
                           meta={ERROR_META_KEY: error.wire()})
+
+
+def _internal_error(tool: str, exc: Exception) -> CallToolResult:
+    """A bug's answer and log line, both with the exception's text cut short: it may quote an
+    argument of megabytes (the SDK's own log printed a 20 MB path, wrapped, for 20 s)."""
+    text = _shorten(str(exc))
+    log.error("tool %s failed: %s: %s\n%s", tool, type(exc).__name__, text,
+              "".join(traceback.format_tb(exc.__traceback__)).rstrip())
+    return _refusal(ErrorInfo(code="internal_error", message=f"{tool}: {type(exc).__name__}: {text}",
+                              fix="this is a bug in deft-mine, not in the request: report it with the server's "
+                                  "log (standard error)"))
+
+
+def _shorten(text: str, limit: int = 500) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
 def _text(result: BaseModel) -> str:
@@ -181,16 +200,21 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
                 extra = []
         return PathPolicy([*server_roots, *extra])
 
+    threads = anyio.CapacityLimiter(TOOL_THREADS)
+
     async def call(ctx: Context, tool: Tool[Any, Any], inputs: Any) -> CallToolResult:
         events = _ClientEvents(ctx)
         tool_ctx = ToolContext(events, await policy(ctx), session_lock(ctx), server_store)
         try:
-            result = await anyio.to_thread.run_sync(lambda: tool.invoke(inputs, tool_ctx), abandon_on_cancel=True)
+            result = await anyio.to_thread.run_sync(lambda: tool.invoke(inputs, tool_ctx), abandon_on_cancel=True,
+                                                    limiter=threads)
         except anyio.get_cancelled_exc_class():
             events.cancelled.set()  # the worker stops at its next progress report, cleaning up
             raise
         except DeftError as exc:
             return _refusal(ErrorInfo.of(exc))
+        except Exception as exc:  # a bug, still answered in our error model: the client gets a code
+            return _internal_error(tool.name, exc)
         return CallToolResult(content=[TextContent(type="text", text=_text(result))],
                               structured_content=result.model_dump(mode="json"))
 
@@ -219,7 +243,7 @@ def serve(transport: str = "stdio", roots: list[str] | None = None, host: str = 
     Host/Origin checks kept on for the names given."""
     server = build_server(roots, store)
     if transport == "stdio":
-        server.run("stdio")
+        anyio.run(wire.serve_stdio, server)
         return
     import uvicorn
     from mcp.server.transport_security import TransportSecuritySettings
@@ -232,22 +256,7 @@ def serve(transport: str = "stdio", roots: list[str] | None = None, host: str = 
     security = TransportSecuritySettings(
         allowed_hosts=[*(allowed_hosts or []), *(f"{h}:{port}" for h in LOOPBACK), *LOOPBACK],
         allowed_origins=[*(allowed_origins or []), *(f"http://{h}:{port}" for h in LOOPBACK)])
-    app = server.streamable_http_app(host=host, transport_security=security)
-    uvicorn.Server(uvicorn.Config(_BearerToken(app, token) if token else app, host=host, port=port,
+    app = wire.SpecErrors(server.streamable_http_app(host=host, transport_security=security,
+                                                     max_request_body_size=wire.MAX_MESSAGE_BYTES))
+    uvicorn.Server(uvicorn.Config(wire.BearerToken(app, token) if token else app, host=host, port=port,
                                   log_level="warning")).run()
-
-
-class _BearerToken:
-    """Every HTTP request must carry `Authorization: Bearer <token>`; others get 401."""
-
-    def __init__(self, app: Any, token: str) -> None:
-        self.app, self.expected = app, f"Bearer {token}".encode()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and not hmac.compare_digest(
-                dict(scope.get("headers") or []).get(b"authorization", b""), self.expected):
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
-            await send({"type": "http.response.body", "body": b'{"error": "missing or wrong bearer token"}'})
-            return
-        await self.app(scope, receive, send)

@@ -77,11 +77,36 @@ class PathPolicy:
 
     def check_model(self, model: BaseModel) -> None:
         """Every path field of a tool input or a spec (marked `PathField`), lists included."""
-        for name, info in type(model).model_fields.items():
-            if any(isinstance(m, PathField) for m in info.metadata):
-                value = getattr(model, name)
-                for path in value if isinstance(value, list) else [value]:
-                    self.check(path, name)
+        for name, path in path_fields(model):
+            self.check(path, name)
+
+
+def path_fields(model: BaseModel) -> Iterator[tuple[str, str]]:
+    """(field, path) for each path a tool input or a spec names (`PathField`), lists included."""
+    for name, info in type(model).model_fields.items():
+        if any(isinstance(m, PathField) for m in info.metadata):
+            value = getattr(model, name)
+            for path in value if isinstance(value, list) else [value]:
+                if path is not None:
+                    yield name, str(path)
+
+
+#: Linux's limits (NAME_MAX, PATH_MAX): past them every system call fails with ENAMETOOLONG.
+NAME_MAX, PATH_MAX = 255, 4095
+
+
+def check_well_formed(model: BaseModel) -> None:
+    """A path no file system could hold is refused by name, before any work (not an OSError
+    from deep inside a tool): a NUL byte, a name over NAME_MAX bytes, a path over PATH_MAX."""
+    for name, path in path_fields(model):
+        encoded = os.fsencode(path)
+        longest = max((len(part) for part in encoded.split(b"/")), default=0)
+        if b"\0" in encoded or longest > NAME_MAX or len(encoded) > PATH_MAX:
+            problem = ("holds a NUL byte" if b"\0" in encoded else
+                       f"has a name of {longest} bytes (at most {NAME_MAX})" if longest > NAME_MAX else
+                       f"is {len(encoded)} bytes long (at most {PATH_MAX})")
+            raise DeftError("path_invalid", f"{name}: the path {path[:120]!r}{'…' if len(path) > 120 else ''} {problem}",
+                            fix=f"give {name} as a real path", field=name)
 
 
 _KEY_FIELDS = ("model", "model_path", "model_config_path")

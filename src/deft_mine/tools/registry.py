@@ -16,7 +16,7 @@ from deft_mine.engine.store import default_location
 from deft_mine.errors import DeftError
 from deft_mine.events import Events, NullEvents, StageEvents
 from deft_mine.schemas.inputs import ToolInput
-from deft_mine.tools.guards import EncoderLock, PathPolicy
+from deft_mine.tools.guards import EncoderLock, PathPolicy, check_well_formed
 
 InputT = TypeVar("InputT", bound=ToolInput)
 ResultT = TypeVar("ResultT", bound=BaseModel)
@@ -56,6 +56,7 @@ class ToolContext:
 
     def check_paths(self, model: BaseModel) -> None:
         """A spec's paths, once loaded, pass the same door as the tool's own path arguments."""
+        check_well_formed(model)
         if self.policy is not None:
             self.policy.check_model(model)
 
@@ -92,11 +93,17 @@ class Tool(Generic[InputT, ResultT]):
             inputs = self.input(**{name: os.fspath(value) if isinstance(value, os.PathLike) else value
                                    for name, value in fields.items()})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise DeftError("invalid_arguments", f"{self.name}: {where}: {first['msg']}",
-                            fix=f"see the {self.name} tool's input schema", field=where) from exc
+            raise invalid_arguments(self.name, exc) from exc
         return self.invoke(inputs, ToolContext(events or NullEvents(), policy, lock))
+
+
+def invalid_arguments(tool: str, exc: ValidationError) -> DeftError:
+    """Arguments that fail a tool's input model, the same from Python as over MCP."""
+    first = exc.errors()[0]
+    # The argument itself: pydantic's deeper loc parts name union members ("dict[str,any]").
+    field = str(first["loc"][0]) if first["loc"] else "arguments"
+    return DeftError("invalid_arguments", f"{tool}: {field}: {first['msg']}",
+                     fix=f"give {field} as the tool's inputSchema describes it", field=field)
 
 
 TOOLS: dict[str, Tool[Any, Any]] = {}
