@@ -189,3 +189,18 @@ def test_a_file_is_not_taken_for_a_store(pool: Path) -> None:
         with pytest.raises(DeftError) as exc:
             call()
         assert exc.value.code == "store_invalid"
+
+
+def test_many_first_openers_of_a_new_store_all_succeed(tmp_path: Path) -> None:
+    """Eight runs starting at once on a new store: one writes the marker, then its encoder's
+    folder; the others must not take that folder for "other files" (the server's load test did)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deft_mine.schemas.results import EncoderIdentity
+
+    identity = EncoderIdentity(model="thumbnail", preprocessing={"side": 8})
+    for attempt in range(15):
+        root = tmp_path / f"store{attempt}"
+        with ThreadPoolExecutor(8) as pool:
+            shelves = list(pool.map(lambda _: stores.Shelf(root, identity), range(8)))
+        assert {s.folder for s in shelves} == {root / identity.fingerprint}

@@ -41,8 +41,10 @@ def open_store(root: Path) -> Path:
     other folder that already has files in it."""
     marker = root / MARKER
     if not marker.is_file():
-        if root.exists() and not root.is_dir() or root.is_dir() and any(
-                p for p in root.iterdir() if not p.name.startswith(".")):
+        # The marker is looked at again after the listing: a store opened by another process
+        # at the same moment gets its marker before any other file, so files with a marker are ours.
+        if (root.exists() and not root.is_dir() or root.is_dir() and any(
+                p for p in root.iterdir() if not p.name.startswith("."))) and not marker.is_file():
             raise DeftError("store_invalid", f"store {root} is a file or a folder with other files in it, "
                             "not an embedding store", fix="point store at an empty or new folder", field="store",
                             path=str(root))
