@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from deft_mine import __version__
 from deft_mine.backends import BACKENDS
 from deft_mine.errors import DeftError
+from deft_mine.report.provenance import Invocation
 from deft_mine.schemas.inputs import Cli
 from deft_mine.schemas.results import ErrorInfo
 from deft_mine.tools import TOOLS, Tool, ToolContext
@@ -103,7 +104,8 @@ def _run_tool(tool: Tool[Any, Any], args: argparse.Namespace, events: RichEvents
     given = {name: getattr(args, name) for name in fields if hasattr(args, name)}
     given |= {name: getattr(args, flag.lstrip("-").replace("-", "_"))
               for name, flag in _BACKEND_FLAGS.items() if name in fields}
-    result = tool.invoke(tool.input(**given), ToolContext(events))
+    invocation = Invocation("cli", tool.name, argv=["deft-mine", *sys.argv[1:]])
+    result = tool.invoke(tool.input(**given), ToolContext(events, invocation=invocation))
     if not args.json:
         out.print(result.text(), highlight=False)
         if tool.name == "run":

@@ -11,6 +11,7 @@ import time
 import traceback
 import warnings
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Awaitable, Callable
 from urllib.parse import unquote, urlparse
@@ -33,6 +34,7 @@ from deft_mine.schemas.inputs import Internal
 from deft_mine.schemas.results import ErrorInfo
 from deft_mine.tools import TOOLS, Tool, ToolContext
 from deft_mine.tools.registry import invalid_arguments
+from deft_mine.report.provenance import Invocation, SessionLog, call_line
 from deft_mine.tools.guards import EncoderLock, PathPolicy
 
 REFERENCES = Path(__file__).parent / "references"
@@ -159,32 +161,40 @@ def _handler(tool: Tool[Any, Any], call: Callable[[Context, Tool[Any, Any], Any]
     return handler
 
 
+@dataclass
+class _Session:
+    """What lasts across one client's calls: its encoder lock and its call log (session.jsonl)."""
+
+    lock: EncoderLock = field(default_factory=EncoderLock)
+    log: SessionLog = field(default_factory=SessionLog)
+
+
 def build_server(roots: list[str | Path] | None = None, store: str | Path | None = None) -> MCPServer:
     """A server that reads and writes only under `roots` (default: the working directory)
     plus the roots each client announces, and keeps embeddings in `store` (default: the
     user's: $DEFT_MINE_STORE, else the cache folder), wherever it lies."""
     server_roots = [Path(r).expanduser().resolve() for r in (roots or [Path.cwd()])]
     server_store = Path(store).expanduser().absolute() if store else default_location()
-    sessions: "weakref.WeakKeyDictionary[Any, EncoderLock]" = weakref.WeakKeyDictionary()
+    sessions: "weakref.WeakKeyDictionary[Any, _Session]" = weakref.WeakKeyDictionary()
     mcp = _Server(name="deft-mine", title="DEFT image mining", version=__version__,
                     instructions=INSTRUCTIONS, log_level="WARNING")
 
-    by_id: dict[str, EncoderLock] = {}
-    process_wide = EncoderLock()
+    by_id: dict[str, _Session] = {}
+    process_wide = _Session()
 
-    def session_lock(ctx: Context) -> EncoderLock:
-        """The encoder lock of the client behind this request. mcp 2.x builds a new session object per
+    def session_of(ctx: Context) -> _Session:
+        """The session state of the client behind this request. mcp 2.x builds a new session object per
         request; what lasts is the connection: an Mcp-Session-Id over streamable HTTP, the
         connection object over stdio. The 2026-07-28 protocol has no sessions at all: its
         clients share the process's state (over stdio that is one client per process)."""
         connection = getattr(ctx.session, "_connection", None)
         session_id = getattr(connection, "session_id", None)
         if session_id:
-            return by_id.setdefault(session_id, EncoderLock())
+            return by_id.setdefault(session_id, _Session())
         if connection is None or str(ctx.session.protocol_version) >= _SESSIONLESS_PROTOCOL:
             return process_wide
         if connection not in sessions:
-            sessions[connection] = EncoderLock()
+            sessions[connection] = _Session()
         return sessions[connection]
 
     async def policy(ctx: Context) -> PathPolicy:
@@ -204,17 +214,24 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
 
     async def call(ctx: Context, tool: Tool[Any, Any], inputs: Any) -> CallToolResult:
         events = _ClientEvents(ctx)
-        tool_ctx = ToolContext(events, await policy(ctx), session_lock(ctx), server_store)
+        session = session_of(ctx)
+        invocation = Invocation("mcp", tool.name, inputs.model_dump(mode="json", exclude_none=True))
+        tool_ctx = ToolContext(events, await policy(ctx), session.lock, server_store, invocation, session.log)
         try:
             result = await anyio.to_thread.run_sync(lambda: tool.invoke(inputs, tool_ctx), abandon_on_cancel=True,
                                                     limiter=threads)
         except anyio.get_cancelled_exc_class():
             events.cancelled.set()  # the worker stops at its next progress report, cleaning up
+            session.log.record(call_line(invocation, "cancelled"))
             raise
         except DeftError as exc:
+            session.log.record(call_line(invocation, "refused", exc.code))
             return _refusal(ErrorInfo.of(exc))
         except Exception as exc:  # a bug, still answered in our error model: the client gets a code
+            session.log.record(call_line(invocation, "refused", "internal_error"))
             return _internal_error(tool.name, exc)
+        session.log.record(call_line(invocation, "ok", warnings=[w.code for w in getattr(result, "warnings", [])],
+                                     run_dir=getattr(result, "run_dir", None)))
         return CallToolResult(content=[TextContent(type="text", text=_text(result))],
                               structured_content=result.model_dump(mode="json"))
 

@@ -13,6 +13,11 @@ SUMMARY = "mining_summary.txt"
 PAIRS = "mined_pairs.parquet"  # every (target, neighbour) pair: what the report draws
 MANIFEST = "run.json"  # every fact the report states
 REPORT = "Mining_Report.md"
+# Provenance, written with the report (TAO's packaging hook did the same):
+MINING_CONFIG = "mining_config"  # the specs as resolved, environment.json, invocation.json
+ENVIRONMENT = "environment.json"  # versions of deft-mine, Python and the packages; the device
+INVOCATION = "invocation.json"  # the exact command or MCP call that made the run
+SESSION_LOG = "session.jsonl"  # one line per tool call of the MCP session (the CLI: the command)
 
 
 

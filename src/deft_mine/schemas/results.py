@@ -71,6 +71,19 @@ class _Result(BaseModel):
         raise NotImplementedError
 
 
+class ClusterFacts(BaseModel):
+    """Where one step ran on a Ray cluster (the ray backend's steps only)."""
+
+    address: str = Field(description="the cluster's address as given (host:port, ray://…, auto, or local)")
+    ray_version: str
+    nodes: int = Field(description="alive nodes in the cluster")
+    cpus: float = Field(description="CPUs in the cluster")
+    gpus: float = Field(description="GPUs in the cluster")
+    workers: int = Field(description="encoder actors (embedding) or shard tasks (mining) the step ran")
+    nodes_used: int = Field(description="nodes those workers ran on")
+    gpus_used: float = Field(0.0, description="GPUs the workers held")
+
+
 class EmbedResult(_Result):
     output_parquet: str
     rows: int = Field(description="rows written (input rows less skipped images)")
@@ -89,6 +102,7 @@ class EmbedResult(_Result):
     seconds_saved: float = Field(0.0, description="what embedding the reused rows cost when they were embedded")
     corrupt_shards: list[str] = Field(default_factory=list, description="store shards set aside (checksum)")
     timings: dict[str, float] = Field(default_factory=dict)
+    cluster: ClusterFacts | None = Field(None, description="where it ran (backend ray)")
 
     def text(self) -> str:
         return (f"embedded {self.rows} of {self.input_rows} rows ({self.skipped} skipped) with "
@@ -110,6 +124,7 @@ class MineResult(_Result):
     encoder: EncoderIdentity | None = Field(None, description="shared identity of both inputs, if recorded")
     backend: str = "local"
     timings: dict[str, float] = Field(default_factory=dict)
+    cluster: ClusterFacts | None = Field(None, description="where it ran (backend ray)")
 
     def text(self) -> str:
         return "\n".join([f"mined {self.mined} unique images → {self.output_parquet}",
@@ -144,11 +159,16 @@ class ReportResult(_Result):
     pictures: list[str] = Field(default_factory=list, description="PNG file names in the run folder")
     missing_facts: list[str] = Field(default_factory=list,
                                      description="facts the folder did not record (e.g. no run.json)")
+    provenance_unavailable: list[str] = Field(
+        default_factory=list, description="what mining_config/ could not say of an older run folder "
+                                          "(e.g. the call that made it)")
 
     def text(self) -> str:
         return (f"{self.verdict.upper()}: {self.report_path} ({self.words} words; pictures: "
                 f"{', '.join(self.pictures) or 'none'})"
-                + (f"\nfacts unavailable: {', '.join(self.missing_facts)}" if self.missing_facts else ""))
+                + (f"\nfacts unavailable: {', '.join(self.missing_facts)}" if self.missing_facts else "")
+                + (f"\nprovenance unavailable: {'; '.join(self.provenance_unavailable)}"
+                   if self.provenance_unavailable else ""))
 
 
 class RunResult(_Result):

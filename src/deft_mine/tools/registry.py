@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from deft_mine.engine.store import default_location
 from deft_mine.errors import DeftError
 from deft_mine.events import Events, NullEvents, StageEvents
+from deft_mine.report.provenance import Invocation, SessionLog
 from deft_mine.schemas.inputs import ToolInput
 from deft_mine.tools.guards import EncoderLock, PathPolicy, check_well_formed
 
@@ -31,6 +32,8 @@ class ToolContext:
     policy: PathPolicy | None = None
     lock: EncoderLock | None = None
     store: Path | None = None  # the server's embedding store (else $DEFT_MINE_STORE or the cache's)
+    invocation: Invocation | None = None  # how this call came (a run folder records it)
+    session: SessionLog | None = None  # the MCP session's calls (a run folder's session.jsonl)
 
     def stage(self, name: str) -> "ToolContext":
         """The same context, its events under a stage name (e.g. 'embed targets')."""
@@ -94,7 +97,8 @@ class Tool(Generic[InputT, ResultT]):
                                    for name, value in fields.items()})
         except ValidationError as exc:
             raise invalid_arguments(self.name, exc) from exc
-        return self.invoke(inputs, ToolContext(events or NullEvents(), policy, lock))
+        invocation = Invocation("python", self.name, inputs.model_dump(mode="json", exclude_none=True))
+        return self.invoke(inputs, ToolContext(events or NullEvents(), policy, lock, invocation=invocation))
 
 
 def invalid_arguments(tool: str, exc: ValidationError) -> DeftError:

@@ -22,7 +22,7 @@ def write_mining_report(inputs: ReportInput, ctx: ToolContext) -> ReportResult:
         raise DeftError("report_no_run", f"run_dir {folder} is not a folder",
                         fix="give the run folder (the one holding run.json or mined.parquet)",
                         field="run_dir", path=str(folder))
-    return write_report(folder, ctx.events, ctx.image_allowed)
+    return write_report(folder, ctx.events, ctx.image_allowed, ctx.invocation, ctx.session)
 
 
 report = register(Tool("report", "Write the mining report",

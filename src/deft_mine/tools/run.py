@@ -122,7 +122,8 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         _record_stop(manifest, folder, exc)
         raise
     try:
-        written = write_report(folder, ctx.stage("report").events, ctx.image_allowed)  # last: it reads the rest
+        # last: it reads the rest
+        written = write_report(folder, ctx.stage("report").events, ctx.image_allowed, ctx.invocation, ctx.session)
     except DeftError as exc:
         # run.json stays "finished": every mining output is whole (and a report regenerated later
         # must not call the run unfinished); the missing Mining_Report.md says the rest.

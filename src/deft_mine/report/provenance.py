@@ -1,0 +1,167 @@
+"""A run's provenance beside its report: the specs as resolved, versions, device, the call that
+made the run, and the calls of the session that led to it (`mining_config/`, `session.jsonl`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deft_mine import __version__
+from deft_mine.engine import tables
+from deft_mine.schemas import artifacts
+
+#: The packages whose versions decide a run's numbers (distribution names).
+PACKAGES = ("torch", "transformers", "faiss-cpu", "faiss-gpu", "pyarrow", "numpy", "pillow", "ray", "mcp")
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """How a tool was called: from the command line (its words), over MCP or from Python (the
+    tool and its arguments). Arguments are the tool's inputs: paths and spec keys, no secrets."""
+
+    via: str  # "cli" | "mcp" | "python"
+    tool: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    argv: list[str] | None = None  # the command line's words, "deft-mine" first
+
+    def wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"via": self.via, "tool": self.tool}
+        if self.argv is not None:
+            out["command"] = self.argv
+        else:
+            out["arguments"] = self.arguments
+        return out
+
+
+class SessionLog:
+    """The tool calls of one MCP session, one line each as they finish; every run folder the
+    session wrote a report into gets the lines from then on (appended: a reviewer replays the
+    agent's calls in order)."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+        self.folders: list[Path] = []
+        self._lock = threading.Lock()
+
+    def adopt(self, folder: Path) -> None:
+        """`folder` now holds session.jsonl with the lines so far; later lines go there too."""
+        with self._lock:
+            if folder not in self.folders:
+                self.folders.append(folder)
+
+    def record(self, line: dict[str, Any]) -> None:
+        with self._lock:
+            self.lines.append(line)
+            for folder in self.folders:
+                _append_line(folder / artifacts.SESSION_LOG, line)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.lines)
+
+
+def call_line(invocation: Invocation, outcome: str, code: str | None = None, warnings: list[str] | None = None,
+              run_dir: str | None = None) -> dict[str, Any]:
+    """One session.jsonl line: when, which call, how it ended, what it warned, which run folder."""
+    return {"time": _now(), **invocation.wire(), "outcome": outcome, "code": code,
+            "warnings": warnings or [], "run_dir": run_dir}
+
+
+def write_provenance(folder: Path, invocation: Invocation | None, session: SessionLog | None) -> list[str]:
+    """Write mining_config/ and session.jsonl into a run folder; return what was unavailable.
+    What a run recorded is kept: a later `report` adds, never rewrites, the producing call."""
+    config = folder / artifacts.MINING_CONFIG
+    unavailable: list[str] = []
+    for name in (artifacts.EMBEDDING_SPEC, artifacts.MINING_SPEC):
+        if (folder / name).is_file():
+            tables.write_text_atomic(config / name, (folder / name).read_text(encoding="utf-8"))
+        else:
+            unavailable.append(f"{artifacts.MINING_CONFIG}/{name} (the run folder has no {name})")
+    producing = invocation is not None and invocation.tool == "run"
+    environment = {"recorded_by": "the run" if producing else "a later report (the run's own was not recorded)",
+                   "deft_mine": __version__, "python": platform.python_version(),
+                   "packages": _versions(), "device": _device(), "host": platform.node()}
+    made = config / artifacts.ENVIRONMENT
+    if producing or not made.is_file():
+        tables.write_text_atomic(made, json.dumps(environment, indent=2) + "\n")
+        if not producing:
+            unavailable.append(f"{artifacts.MINING_CONFIG}/{artifacts.ENVIRONMENT}: the versions and device "
+                               "at run time (these are the report writer's)")
+    called = config / artifacts.INVOCATION
+    if producing:
+        tables.write_text_atomic(called, json.dumps({"produced_by": invocation.wire()}, indent=2) + "\n")
+    elif not called.is_file():
+        record = {"produced_by": None, "report_by": invocation.wire() if invocation else None}
+        tables.write_text_atomic(called, json.dumps(record, indent=2) + "\n")
+        unavailable.append(f"{artifacts.MINING_CONFIG}/{artifacts.INVOCATION}: the call that made the run")
+    _write_session(folder, invocation, session)
+    return unavailable
+
+
+def _write_session(folder: Path, invocation: Invocation | None, session: SessionLog | None) -> None:
+    path = folder / artifacts.SESSION_LOG
+    if session is not None:  # MCP: the calls so far; this call's own line follows when it ends
+        if folder not in session.folders:
+            lines = session.snapshot()
+            if path.is_file():  # a folder from an earlier session: its lines stay, ours follow
+                for line in lines:
+                    _append_line(path, line)
+            else:
+                tables.write_text_atomic(path, "".join(json.dumps(line) + "\n" for line in lines))
+            session.adopt(folder)
+    elif invocation is not None and invocation.via == "cli":  # the command line alone
+        _append_line(path, {"time": _now(), **invocation.wire()})
+
+
+def _append_line(path: Path, line: dict[str, Any]) -> None:
+    # One write of one line in append mode: concurrent appenders never interleave within a line.
+    data = (json.dumps(line) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _versions() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _device() -> dict[str, Any]:
+    """The CPU model, and the GPUs torch sees when torch is already loaded (importing it only
+    to ask would cost a second or two on every report)."""
+    device: dict[str, Any] = {"cpu": _cpu_model(), "cpus": os.cpu_count()}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        device["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    else:
+        device["gpus"] = [] if torch is not None else None  # None: not asked (torch not loaded)
+    return device
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _now() -> str:
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
