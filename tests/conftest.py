@@ -101,3 +101,44 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          projection_dim=16)).save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer DINOv2 (hidden 32, 28 px / patch 14: four patch tokens) with its processor."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_dinov2")
+    Dinov2Model(Dinov2Config(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=28, patch_size=14)).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer ViT with a (trained-as-saved) pooler, for `model=hf`."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("tiny_vit")
+    ViTModel(ViTConfig(**_tiny_vision(encoder_stride=8)), add_pooling_layer=True).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_convnext(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random two-stage ConvNeXt (a feature map, a pooler, no CLS token), for `model=hf`."""
+    import torch
+    from transformers import ConvNextConfig, ConvNextImageProcessor, ConvNextModel
+
+    torch.manual_seed(2)
+    folder = tmp_path_factory.mktemp("tiny_convnext")
+    ConvNextModel(ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                 patch_size=4)).save_pretrained(folder)
+    ConvNextImageProcessor(size={"shortest_edge": 32}).save_pretrained(folder)
+    return folder

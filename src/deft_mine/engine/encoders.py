@@ -1,4 +1,5 @@
-"""Image encoders (SigLIP, CLIP via transformers; the weight-free thumbnail) and their identity."""
+"""Image encoders (SigLIP, CLIP, DINOv2 and any Hugging Face vision model via transformers; the
+weight-free thumbnail) and their identity."""
 
 from __future__ import annotations
 
@@ -12,12 +13,18 @@ from PIL import Image
 
 from deft_mine.errors import DeftError
 from deft_mine.schemas.results import EncoderIdentity
+from deft_mine.schemas.specs import MODEL_POOLINGS
 
 THUMBNAIL_SIDE = 16
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5"}
 # Which transformers model_type each `model` value accepts: a SigLIP spec pointed at a CLIP
-# folder is exactly the silent "mined images look unrelated" failure, so it is refused.
-HF_MODEL_TYPES = {"SigLIP": {"siglip", "siglip2"}, "CLIP": {"clip"}}
+# folder is exactly the silent "mined images look unrelated" failure, so it is refused. `hf`
+# takes any vision model (None: no check of the type).
+HF_MODEL_TYPES: dict[str, set[str] | None] = {
+    "SigLIP": {"siglip", "siglip2"}, "CLIP": {"clip"},
+    "DINOv2": {"dinov2", "dinov2_with_registers"}, "hf": None}
+# The two-tower models use their projected image features; the others pool token outputs.
+_FEATURE_MODELS = {"SigLIP", "CLIP"}
 
 
 class Encoder(Protocol):
@@ -56,15 +63,22 @@ class ThumbnailEncoder:
 
 
 class HuggingFaceEncoder:
-    """SigLIP or CLIP image tower through transformers' AutoModel / AutoImageProcessor."""
+    """A transformers image model through AutoModel / AutoImageProcessor.
 
-    def __init__(self, model: str, model_path: str, device: str = "auto") -> None:
+    SigLIP and CLIP give their projected image features (`get_image_features`); DINOv2 and `hf`
+    give one token-level vector chosen by `pooling`: `cls` (first token of the last hidden
+    state), `mean` (mean of the patch tokens: CLS, distillation and register tokens left out; a
+    convolutional feature map is averaged over its positions) or `pooled` (the model's pooler
+    output). The pooling is part of the identity, so two poolings never mix in a store or a mine.
+    """
+
+    def __init__(self, model: str, model_path: str, device: str = "auto", pooling: str | None = None) -> None:
         import torch  # here, not at module import: mining and the thumbnail never need torch
         from transformers import AutoImageProcessor, AutoModel
         from transformers.utils import logging as hf_logging
 
         # Our own progress and errors speak for the load; transformers' bars and notices
-        # (e.g. the slow-processor fallback) would only drown them.
+        # (e.g. the slow-processor fallback, the load report) would only drown them.
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
 
@@ -74,7 +88,14 @@ class HuggingFaceEncoder:
         source = str(local.resolve()) if is_local else model_path
         try:
             self.processor = AutoImageProcessor.from_pretrained(source, local_files_only=is_local)
-            net = AutoModel.from_pretrained(source, local_files_only=is_local)
+            # Weights the checkpoint lacks are initialised at random: seeded, so that two loads of
+            # one checkpoint always give the same vectors (the store trusts the identity).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                # float32 whatever the checkpoint's dtype: pixels go in as float32, and half
+                # precision on a CPU is slow or unsupported.
+                net, info = AutoModel.from_pretrained(source, local_files_only=is_local, dtype=torch.float32,
+                                                      output_loading_info=True)
         except (OSError, ValueError) as exc:
             raise DeftError(
                 "model_load_failed",
@@ -84,23 +105,102 @@ class HuggingFaceEncoder:
                 field="model_path",
             ) from exc
         model_type = getattr(net.config, "model_type", "?")
-        if model_type not in HF_MODEL_TYPES[model]:
+        accepted = HF_MODEL_TYPES[model]
+        if accepted is not None and model_type not in accepted:
             raise DeftError(
                 "model_kind_mismatch",
                 f"model={model} but model_path {model_path!r} holds a '{model_type}' checkpoint",
-                fix=f"set model to match the checkpoint, or point model_path at a {model} checkpoint",
+                fix=f"set model to match the checkpoint (model=hf takes any vision model), or point "
+                    f"model_path at a {model} checkpoint",
                 field="model",
             )
+        if model not in _FEATURE_MODELS and hasattr(net, "get_image_features"):
+            # A two-tower model's forward needs text too; its image side is what SigLIP/CLIP run.
+            named = next((m for m in _FEATURE_MODELS if model_type in (HF_MODEL_TYPES[m] or ())), None)
+            raise DeftError(
+                "model_kind_mismatch",
+                f"model={model} but model_path {model_path!r} holds a '{model_type}' image-text model",
+                fix=f"use model={named} for this checkpoint" if named else
+                    "point model_path at a vision-only model (ViT, DINOv2, ConvNeXt, Swin, ResNet …)",
+                field="model",
+            )
+        if model in _FEATURE_MODELS and pooling is not None:
+            raise DeftError("pooling_unsupported", f"pooling={pooling} does not fit model={model}: it has a fixed "
+                            "output (its projected image features)", fix="leave pooling out, or use model=DINOv2/hf",
+                            field="pooling", model=model, pooling=pooling, choices=[])
         self.device = _pick_device(torch, device)
         self.net = net.to(self.device).eval()
         preprocessing = _json_safe(self.processor.to_dict())
         for volatile in ("processor_class", "_processor_class", "image_processor_type"):
             preprocessing.pop(volatile, None)
+        self.pooling: str | None = None
+        if model not in _FEATURE_MODELS:
+            # Missing pooler weights mean a pooler initialised at random: never an embedding.
+            untrained_pooler = any(k.split(".")[0] == "pooler" or ".pooler." in k
+                                   for k in info.get("missing_keys", ()))
+            self._prefix = _prefix_tokens(net)
+            self.pooling = self._choose_pooling(model, model_path, pooling, untrained_pooler)
+            preprocessing["pooling"] = self.pooling
         self.identity = EncoderIdentity(model=model, model_path=source, preprocessing=preprocessing,
                                         weights_digest=weights_digest(local) if is_local else None)
-        with torch.inference_mode():
-            probe = self.preprocess([Image.new("RGB", (8, 8))])
-            self.dim = int(self.encode(probe).shape[1])
+        probe = self.preprocess([Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8), (200, 40, 90))])
+        first = self.encode(probe)
+        # (a tolerance, not equality: GPU kernels may sum in another order from pass to pass)
+        if model not in _FEATURE_MODELS and not np.allclose(first, self.encode(probe), rtol=0, atol=1e-4):
+            # e.g. a masked-autoencoder that masks at random: its vectors cannot be stored or compared
+            raise DeftError(
+                "model_load_failed",
+                f"model_path {model_path!r}: the '{model_type}' model gives different vectors for the same "
+                "image on each pass (random masking or sampling at inference)",
+                fix="use an encoder whose forward pass is deterministic (ViT, DINOv2, ConvNeXt, Swin …)",
+                field="model_path",
+            )
+        self.dim = int(first.shape[1])
+
+    def _choose_pooling(self, model: str, model_path: str, wanted: str | None, untrained_pooler: bool) -> str:
+        """The pooling asked for, if this model's outputs allow it; else the model's default."""
+        torch = self._torch
+        try:
+            with torch.inference_mode():
+                out = self.net(pixel_values=torch.from_numpy(np.ascontiguousarray(
+                    self.preprocess([Image.new("RGB", (8, 8))]), dtype=np.float32)).to(self.device))
+        except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a forward that also needs text
+            raise DeftError(
+                "model_load_failed",
+                f"model_path {model_path!r}: the model loads but cannot embed an image on its own ({exc})",
+                fix="point model_path at a vision backbone whose forward takes pixel_values alone "
+                    "(ViT, DINOv2, ConvNeXt, Swin, ResNet …)",
+                field="model_path") from exc
+        hidden = getattr(out, "last_hidden_state", None)
+        pooled = getattr(out, "pooler_output", None)
+        fits = {
+            "pooled": (pooled is not None and not untrained_pooler,
+                       "the checkpoint has no pooler weights" if untrained_pooler and pooled is not None
+                       else "the model has no pooler output"),
+            "cls": (hidden is not None and hidden.ndim == 3 and self._prefix > 0,
+                    "its last hidden state has no CLS token"),
+            "mean": (hidden is not None and hidden.ndim in (3, 4), "it gives no last hidden state to average"),
+        }
+        allowed = MODEL_POOLINGS[model]  # DINOv2's pooler output is its CLS token: one name for it
+        fits = {name: fit for name, fit in fits.items() if name in allowed}
+        choices = [name for name, (ok, _) in fits.items() if ok]
+        if not choices:
+            raise DeftError("model_load_failed",
+                            f"model_path {model_path!r}: the model gives neither a pooler output nor a last hidden state",
+                            fix="point model_path at a vision backbone (ViT, DINOv2, ConvNeXt, Swin, ResNet …)",
+                            field="model_path")
+        if wanted is None:
+            # DINOv2's pooler output *is* its CLS token; elsewhere the pooler, when trained, is
+            # what the model was built to be summarised by.
+            return "cls" if model == "DINOv2" else choices[0]
+        ok, why = fits.get(wanted, (False, f"model={model} takes {' or '.join(allowed)}"))
+        if not ok:
+            raise DeftError(
+                "pooling_unsupported",
+                f"pooling={wanted} does not fit model_path {model_path!r}: {why}",
+                fix=f"use pooling={' or pooling='.join(choices)} (or leave pooling out for {choices[0]})",
+                field="pooling", model=model, pooling=wanted, choices=choices)
+        return wanted
 
     def preprocess(self, images: list[Image.Image]) -> np.ndarray:
         return self.processor(images=images, return_tensors="np")["pixel_values"]
@@ -109,11 +209,34 @@ class HuggingFaceEncoder:
         torch = self._torch
         with torch.inference_mode():
             pixels = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-            out = self.net.get_image_features(pixel_values=pixels)
-            # transformers 5 returns an output object (features in pooler_output), 4.x a tensor
-            features = out if isinstance(out, torch.Tensor) else out.pooler_output
+            if self.pooling is None:
+                out = self.net.get_image_features(pixel_values=pixels)
+                # transformers 5 returns an output object (features in pooler_output), 4.x a tensor
+                features = out if isinstance(out, torch.Tensor) else out.pooler_output
+            else:
+                features = self._pool(self.net(pixel_values=pixels))
             features = torch.nn.functional.normalize(features.float(), dim=-1)
             return features.cpu().numpy().astype(np.float32, copy=False)
+
+    def _pool(self, out: Any) -> Any:
+        if self.pooling == "pooled":
+            return out.pooler_output.flatten(1)  # ResNet-like poolers keep (n, c, 1, 1)
+        hidden = out.last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if hidden.ndim == 4:  # a convolutional feature map (n, c, h, w): average its positions
+            return hidden.mean(dim=(2, 3))
+        return hidden[:, self._prefix:].mean(dim=1)
+
+
+def _prefix_tokens(net: Any) -> int:
+    """How many tokens precede the patch tokens (CLS, a distillation token, registers): the
+    transformers ViT family keeps them as parameters of `embeddings`; a model without them
+    (Swin, ConvNeXt) has none."""
+    embeddings = getattr(net, "embeddings", None)
+    count = sum(1 for name in ("cls_token", "distillation_token") if getattr(embeddings, name, None) is not None)
+    registers = getattr(embeddings, "register_tokens", None)
+    return count + (int(registers.shape[1]) if registers is not None else 0)
 
 
 def _pick_device(torch: Any, wanted: str) -> str:
@@ -161,8 +284,9 @@ def weights_digest(folder: Path) -> str | None:
     return _DIGESTS[key]
 
 
-def build_encoder(model: str, model_path: str | None, device: str = "auto") -> Encoder:
-    """The encoder a validated EmbeddingSpec names (the local backend's set)."""
+def build_encoder(model: str, model_path: str | None, device: str = "auto", pooling: str | None = None) -> Encoder:
+    """The encoder a validated EmbeddingSpec names (the local backend's set); `pooling` is the
+    spec's (DINOv2 and hf only; None is the model's default)."""
     if model == "thumbnail":
         if device.startswith("cuda"):  # it computes on the CPU; a GPU asked for must still exist
             import torch
@@ -171,4 +295,4 @@ def build_encoder(model: str, model_path: str | None, device: str = "auto") -> E
         return ThumbnailEncoder()
     if model not in HF_MODEL_TYPES or model_path is None:  # the embed tool refuses TAO kinds first
         raise ValueError(f"no local encoder for model={model}")
-    return HuggingFaceEncoder(model, model_path, device)
+    return HuggingFaceEncoder(model, model_path, device, pooling)

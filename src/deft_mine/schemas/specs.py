@@ -15,9 +15,17 @@ from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import PathField
 
 #: `model` values the local backend runs; anything else must be a TAO checkpoint.
-HF_MODELS = ("SigLIP", "CLIP")
-LOCAL_MODELS = (*HF_MODELS, "thumbnail")
+HF_MODELS = ("SigLIP", "CLIP", "DINOv2", "hf")
+LOCAL_MODELS = ("SigLIP", "CLIP", "thumbnail", "DINOv2", "hf")
 TAO_CHECKPOINT_SUFFIXES = (".pth", ".ckpt")
+#: Where each model's vector comes from (`pooling`): `cls` the first token of the last hidden
+#: state, `mean` the mean of the patch tokens, `pooled` the model's own pooler output. SigLIP
+#: and CLIP always use their projected image features and the thumbnail has no tokens, so they
+#: take none; for `hf` the checkpoint decides what fits (checked when it is loaded).
+POOLINGS = ("cls", "mean", "pooled")
+MODEL_POOLINGS: dict[str, tuple[str, ...]] = {"DINOv2": ("cls", "mean"), "hf": POOLINGS}
+#: model_path when the spec names none; `hf` has no sensible default and must be told.
+DEFAULT_MODEL_PATHS = {"DINOv2": "facebook/dinov2-base"}
 
 
 class Metric(StrEnum):
@@ -32,6 +40,15 @@ class Metric(StrEnum):
         return self is Metric.cosine
 
 
+def _canonical_model(value: Any) -> Any:
+    """A local model's name as we spell it (`siglip`, `dinov2`, `HF` are accepted)."""
+    if isinstance(value, str):
+        for name in LOCAL_MODELS:
+            if value.lower() == name.lower():
+                return name
+    return value
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -39,9 +56,13 @@ class _Spec(BaseModel):
 class EmbeddingSpec(_Spec):
     """How to embed images: the TAO `embedding image_embeddings` spec, plus per-run paths."""
 
-    model: str = Field("SigLIP", description="SigLIP | CLIP | thumbnail | a TAO checkpoint kind")
+    model: str = Field("SigLIP", description="SigLIP | CLIP | DINOv2 | hf | thumbnail | a TAO checkpoint kind")
     model_path: str = Field("google/siglip-base-patch16-224",
-                            description="hub id, local folder, or .pth/.ckpt (TAO)")
+                            description="hub id, local folder, or .pth/.ckpt (TAO); DINOv2's default "
+                                        "is facebook/dinov2-base, hf needs one")
+    pooling: Literal["cls", "mean", "pooled"] | None = Field(
+        None, description="DINOv2: cls (default) | mean; hf: pooled (default when the model has a "
+                          "trained pooler, else cls) | cls | mean; not for SigLIP, CLIP, thumbnail")
     model_config_path: str | None = Field(None, description="required only for TAO checkpoints")
     batch_size: int = Field(64, ge=1, le=65536)
     input_parquet: Annotated[str | None, PathField()] = None
@@ -53,11 +74,48 @@ class EmbeddingSpec(_Spec):
     @field_validator("model", mode="before")
     @classmethod
     def _canonical_model(cls, value: Any) -> Any:
+        return _canonical_model(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_default_path(cls, data: Any) -> Any:
+        # The field default is SigLIP's checkpoint; a DINOv2 spec that names none means DINOv2's
+        # (judged before validation, where "not given" can still be told from "given").
+        if isinstance(data, Mapping) and data.get("model_path") is None:
+            model = _canonical_model(data.get("model"))
+            if model in DEFAULT_MODEL_PATHS:
+                return {**data, "model_path": DEFAULT_MODEL_PATHS[model]}
+            if model == "hf":
+                raise DeftError("spec_missing_value", "model=hf needs model_path: the Hugging Face "
+                                "vision model's hub id or a local folder saved with save_pretrained",
+                                fix="pass model_path=ORG/NAME or model_path=/path/to/folder", field="model_path")
+        return data
+
+    @field_validator("pooling", mode="before")
+    @classmethod
+    def _pooling_lower(cls, value: Any) -> Any:
         if isinstance(value, str):
-            for name in LOCAL_MODELS:
-                if value.lower() == name.lower():
-                    return name
+            lowered = value.strip().lower()
+            if lowered not in POOLINGS:
+                raise DeftError("pooling_unsupported", f"pooling must be one of {', '.join(POOLINGS)}; got {value!r}",
+                                fix="set pooling to cls, mean or pooled (or leave it out for the model's default)",
+                                field="pooling")
+            return lowered
         return value
+
+    @model_validator(mode="after")
+    def _pooling_fits_model(self) -> "EmbeddingSpec":
+        if self.pooling is None:
+            return self
+        fits = MODEL_POOLINGS.get(self.model, ())
+        if self.pooling not in fits:
+            why = (f"it takes {' or '.join(fits)} (DINOv2's pooler output is its CLS token)" if fits else
+                   "it has a fixed output and takes no pooling")
+            raise DeftError("pooling_unsupported", f"pooling={self.pooling} does not fit model={self.model}: {why}",
+                            fix=f"use pooling={' or pooling='.join(fits)}" if fits else
+                            "leave pooling out, or use model=DINOv2 or model=hf", field="pooling",
+                            model=self.model, pooling=self.pooling, choices=list(fits))
+        return self
 
     @model_validator(mode="after")
     def _tao_needs_config(self) -> "EmbeddingSpec":

@@ -40,7 +40,7 @@ def embed_spec(spec: EmbeddingSpec, inputs: EmbedInput, ctx: ToolContext) -> Emb
     if spec.is_tao_checkpoint and not backend.capabilities.runs_tao_checkpoints:
         raise DeftError("backend_unsupported", f"model={spec.model} (a TAO checkpoint) runs only in the TAO "
                         f"container, not on the {backend.name} backend", field="model",
-                        fix="use backend=docker for TAO checkpoints, or model=SigLIP|CLIP|thumbnail locally")
+                        fix="use backend=docker for TAO checkpoints, or model=SigLIP|CLIP|DINOv2|hf|thumbnail locally")
     with ctx.lock.bind(spec) if ctx.lock is not None else contextlib.nullcontext():
         done = backend.embed(spec, source, output, image_root, ctx.events,
                              ctx.store_for(inputs.store, inputs.no_store))

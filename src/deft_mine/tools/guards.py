@@ -109,7 +109,7 @@ def check_well_formed(model: BaseModel) -> None:
                             fix=f"give {name} as a real path", field=name)
 
 
-_KEY_FIELDS = ("model", "model_path", "model_config_path")
+_KEY_FIELDS = ("model", "model_path", "model_config_path", "pooling")
 
 
 class EncoderLock:
@@ -121,14 +121,17 @@ class EncoderLock:
 
     def __init__(self) -> None:
         self.identity: EncoderIdentity | None = None
-        self._claim: tuple[str, str | None, str | None] | None = None  # an unfinished first embed's
+        self._claim: tuple[str | None, ...] | None = None  # an unfinished first embed's
+        self._key: tuple[str | None, ...] | None = None  # the bound encoder's, as its spec asked
         self._mutex = threading.Lock()
 
     @contextlib.contextmanager
     def bind(self, spec: EmbeddingSpec) -> Iterator[None]:
-        wanted = spec.encoder_key()
+        # The pooling is asked for by the spec (None: the model's default) and only resolved
+        # when the weights load, so the session keeps the key its spec asked for.
+        wanted = (*spec.encoder_key(), spec.pooling)
         with self._mutex:
-            held = self.identity.key if self.identity is not None else self._claim
+            held = self._key if self.identity is not None else self._claim
             claimed = held is None
             if claimed:
                 self._claim = wanted
@@ -153,4 +156,4 @@ class EncoderLock:
     def record(self, identity: EncoderIdentity) -> None:
         with self._mutex:
             if self.identity is None:
-                self.identity = identity
+                self.identity, self._key = identity, self._claim
