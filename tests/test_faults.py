@@ -102,6 +102,23 @@ def test_a_signal_mid_run_stops_it_cleanly(tmp_path: Path, sig: signal.Signals, 
     assert str(folder) not in stdout  # the run folder is printed only when it is finished
 
 
+@pytest.mark.e2e
+def test_sigterm_stops_the_container_entrypoint_cleanly(tmp_path: Path) -> None:
+    """`docker stop` sends SIGTERM to deft-mine-task, PID 1 in the container, which ignores the
+    signal unless it handles it: handled, the work unwinds and the task exits 143 at once."""
+    _, pool = slow_set(tmp_path)
+    output = tmp_path / "out" / "pool_emb.parquet"
+    proc = subprocess.Popen([str(BIN / "deft-mine-task"), "embedding", "image_embeddings", f"input_parquet={pool}",
+                             f"output_parquet={output}", "model=thumbnail", "batch_size=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "DEFT_MINE_STORE": str(tmp_path / "store")})
+    wait_for(lambda: any((tmp_path / "store").rglob("*.parquet")), proc, "a stored batch")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "interrupted by SIGTERM" in stderr and "Traceback" not in stderr
+    assert not output.exists() and not any(output.parent.glob(".*.tmp"))
+
+
 # ------------------------------------------------------------------ SIGKILL, then the same command
 
 @pytest.mark.e2e

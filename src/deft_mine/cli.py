@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import signal
 import sys
-import threading
 import traceback
 from typing import Any, Sequence
 
@@ -21,6 +19,7 @@ from deft_mine import __version__
 from deft_mine.backends import BACKENDS
 from deft_mine.errors import DeftError
 from deft_mine.report.provenance import Invocation
+from deft_mine.stopping import exit_code, sigterm_unwinds, stop_signal
 from deft_mine.schemas.inputs import Cli
 from deft_mine.schemas.results import ErrorInfo
 from deft_mine.tools import TOOLS, Tool, ToolContext
@@ -186,28 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the main thread is, so the work unwinds as on Ctrl-C: temp files
-    removed, run.json marked "interrupted"; without a handler Python would die at once."""
-
-    number = signal.SIGTERM
-
-    def __str__(self) -> str:
-        return "terminated (SIGTERM)"
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
-def _on_sigterm(handler: Any) -> Any:
-    """Install a SIGTERM handler and return the one before (signals belong to the main thread;
-    elsewhere, e.g. main() called from a test's thread, nothing changes)."""
-    if handler is None or threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, handler)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -228,9 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       highlight=False)
             return EXIT_REFUSED
         return EXIT_OK
-    previous = _on_sigterm(_terminate)
     try:
-        with RichEvents(quiet=args.quiet or args.json) as events:
+        with sigterm_unwinds(), RichEvents(quiet=args.quiet or args.json) as events:
             result = args.handler(args, events)
     except DeftError as exc:
         if args.json:
@@ -241,18 +217,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             err.print(f"  fix: {escape(exc.fix)}" + (f" (on the command line: {flag})" if flag else ""), highlight=False)
         return EXIT_REFUSED
     except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM as Terminated: the work unwound, cleaning up
-        number = exc.number if isinstance(exc, Terminated) else signal.SIGINT
+        number = stop_signal(exc)
         if args.json:
             print(json.dumps(ErrorInfo(code="interrupted", message=f"stopped by {number.name}").wire(), indent=2))
         err.print(f"interrupted by {number.name}; finished files are kept, unfinished ones were not written",
                   highlight=False)
-        return 128 + number
+        return exit_code(exc)
     except Exception:  # a bug, not the user's fault: say so and show where
         err.print("[red]internal error[/] (please report it with the trace below)")
         traceback.print_exc()
         return EXIT_BUG
-    finally:
-        _on_sigterm(previous)
     for w in result.warnings:
         err.print(f"[yellow]warning[/] [bold]{w.code}[/]: {escape(w.message)}", highlight=False)
     if args.json:

@@ -13,6 +13,7 @@ from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts
 from deft_mine.schemas.results import ErrorInfo
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec, spec_to_yaml
+from deft_mine.stopping import exit_code, sigterm_unwinds, stop_signal
 from deft_mine.tools.registry import ToolContext
 
 TASKS = {("embedding", "image_embeddings"): EmbeddingSpec, ("tmm", "nearest_neighbors"): MiningSpec}
@@ -57,8 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tool = embed if kind is EmbeddingSpec else mine
         # In a container the store is what the caller mounted and named, never a default folder.
         store = {"no_store": "DEFT_MINE_STORE" not in os.environ} if tool is embed else {}
-        result = tool.invoke(tool.input(spec_path=args.spec, overrides=args.overrides, **store),
-                             ToolContext(_PrintEvents()))
+        with sigterm_unwinds():  # `docker stop` unwinds the work (PID 1 would ignore SIGTERM)
+            result = tool.invoke(tool.input(spec_path=args.spec, overrides=args.overrides, **store),
+                                 ToolContext(_PrintEvents()))
         print(result.text())
         for w in result.warnings:
             print(f"WARNING [{w.code}]: {w.message}", file=sys.stderr)
@@ -69,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ERROR [{error.code}]: {error.message}" + (f"\n  fix: {error.fix}" if error.fix else ""),
               file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"interrupted by {stop_signal(exc).name}; unfinished files were not written", file=sys.stderr)
+        return exit_code(exc)
     return 0
 
 
