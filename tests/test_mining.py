@@ -283,3 +283,33 @@ def test_empty_targets_and_empty_pool(tmp_path):
     result, table, _ = run_mine(tmp_path, np.ones((2, 4)), np.zeros((0, 4)))
     assert result.mined == 0 and result.summary["pairs"] == 0
     assert "pool_exhausted" in [w.code for w in result.warnings]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_shards_searched_apart_and_merged_in_any_order_equal_one_search(tmp_path, metric):
+    """What the ray backend relies on: the pool split into row ranges, each searched on its own
+    (the later ones told the pool's dimension), merged in any order, gives mine_files's answer."""
+    from deft_mine.engine.mining import finish, merge, pool_dim, prepare, search_range
+    from deft_mine.schemas.specs import MiningSpec
+
+    rng = np.random.default_rng(3)
+    pool = rng.integers(-2, 3, size=(40, 6)).astype(np.float32)  # small integers: many exact ties
+    pool[7] = 0  # an all-zero row: left out under cosine, counted
+    pool_path = write_embeddings(tmp_path / "pool.parquet", pool, filepaths=[f"p{i % 33}.png" for i in range(40)])
+    targets = write_embeddings(tmp_path / "t.parquet", rng.integers(-2, 3, size=(5, 6)).astype(np.float32))
+    spec = MiningSpec(topn=4, knn_metric=metric, block_rows=5)
+    prep = prepare(pool_path, targets, spec)
+    whole = search_range(spec, pool_path, targets, prep.queries, prep.drop)
+    dim = pool_dim(pool_path, "embedding")
+    ranges = [(0, 10), (10, 25), (25, 40)]
+    parts = [search_range(spec, pool_path, targets, prep.queries, prep.drop[a:b], a, b, dim if a else None)
+             for a, b in ranges]
+    merged = merge(parts, spec.topn)
+    backwards = merge(parts[::-1], spec.topn)
+    for other in (merged, backwards):
+        assert np.array_equal(other.state.ids, whole.state.ids) and np.array_equal(other.state.keys, whole.state.keys)
+        assert (other.rows, other.searched, other.flat) == (whole.rows, whole.searched, whole.flat)
+    assert merged.flat_rows == whole.flat_rows  # the examples, in pool order
+    one, split = finish(prep, whole), finish(prepare(pool_path, targets, spec), merged)
+    assert one.mined.equals(split.mined) and one.pairs.equals(split.pairs) and one.summary == split.summary
+    assert split.summary["duplicate_paths"] == 7

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.e2e
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (make test installs it)")
 RAY_CLI = Path(sys.executable).with_name("ray")
 THUMB = {"model": "thumbnail", "batch_size": 4}
+_SECOND_NODE: dict[str, int] = {}  # the pid of the second raylet's `ray start`
 
 
 def _free_port() -> int:
@@ -63,6 +64,23 @@ def _stop(procs: list[subprocess.Popen]) -> None:
     psutil.wait_procs(started, timeout=10)
 
 
+def _start_head(port: int, temp: str, env: dict[str, str], cpus: int = 1) -> subprocess.Popen:
+    """`ray start --head --block`, once its port answers."""
+    proc = subprocess.Popen([str(RAY_CLI), "start", "--head", f"--port={port}", "--include-dashboard=false",
+                             f"--temp-dir={temp}", f"--num-cpus={cpus}", "--block", "--disable-usage-stats"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop([proc])
+                raise AssertionError("the Ray head did not start")
+            time.sleep(0.3)
+
+
 @pytest.fixture(scope="module")
 def cluster() -> str:
     """A head and a second raylet, one CPU each: a real multi-node cluster on this machine."""
@@ -74,21 +92,13 @@ def cluster() -> str:
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
-    procs = [subprocess.Popen([str(RAY_CLI), "start", "--head", f"--port={port}", "--include-dashboard=false",
-                               f"--temp-dir={temp}", *common], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs = [_start_head(port, temp, env)]
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert procs[0].poll() is None and time.monotonic() < deadline, "the Ray head did not start"
-                time.sleep(0.3)
         procs.append(subprocess.Popen([str(RAY_CLI), "start", f"--address={address}", *common], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _SECOND_NODE["pid"] = procs[1].pid
         from deft_mine.backends.ray import connect, disconnect
 
         session = connect(address)
@@ -136,10 +146,10 @@ def _same_embeddings(a: Path, b: Path) -> None:
 def test_embed_equals_local(cluster, images, tmp_path):
     local = embed(images / "pool.parquet", tmp_path / "local.parquet", overrides=THUMB, no_store=True)
     events = RecordingEvents()
-    on_ray = embed(images / "pool.parquet", tmp_path / "ray.parquet", overrides=THUMB, no_store=True,
-                   backend="ray", ray_address=cluster, events=events)
+    on_ray = embed(images / "pool.parquet", tmp_path / "ray.parquet", overrides={**THUMB, "workers": 1},
+                   no_store=True, backend="ray", ray_address=cluster, events=events)
     _same_embeddings(tmp_path / "local.parquet", tmp_path / "ray.parquet")
-    assert on_ray.backend == "ray"
+    assert on_ray.backend == "ray" and on_ray.cluster.workers == 1  # the pool size asked for
     assert (on_ray.rows, on_ray.input_rows, on_ray.skipped) == (local.rows, local.input_rows, local.skipped) == (22, 24, 2)
     assert on_ray.skipped_by_reason == local.skipped_by_reason == {"not an image": 1, "missing": 1}
     assert on_ray.skipped_examples == local.skipped_examples
@@ -238,7 +248,15 @@ def test_run_through_the_command_line(cluster, images, tmp_path):
     names = {p.name for p in run_dir.iterdir()}
     assert {"embedding_spec.yaml", "mining_spec.yaml", "target_embeddings.parquet", "source_embeddings.parquet",
             "mined.parquet", "mined_pairs.parquet", "mining_summary.txt", "run.json", "Mining_Report.md"} <= names
-    assert '"backend": "ray"' in (run_dir / "run.json").read_text()
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["backend"] == "ray" and set(manifest["timings"]) >= {"embed_targets", "embed_source", "mine"}
+    for side in ("target", "source"):  # where each step ran, as run.json records it
+        facts = manifest["embeddings"][side]["cluster"]
+        assert (facts["address"], facts["nodes"], facts["cpus"], facts["workers"]) == (cluster, 2, 2.0, 1)
+        assert facts["nodes_used"] == 1 and facts["gpus_used"] == 0
+    report = (run_dir / "Mining_Report.md").read_text()
+    assert f"Cluster: Ray {ray.__version__} at `{cluster}`, 2 nodes with 2 CPU(s) and 0 GPU(s)" in report
+    assert "embedding the targets ran 1 encoder actor on 1 node" in report
 
 
 def test_without_ray_installed_the_refusal_says_how_to_install(images, tmp_path):
@@ -273,3 +291,183 @@ def test_pool_plan_leaves_the_reads_a_cpu():
     gpu = plan_pool(cpus=2, gpus=4, use_gpu=True)
     assert (gpu.actors, gpu.actor_gpus, gpu.actor_cpus) == (4, 1.0, 0.0)
     assert plan_pool(cpus=1, gpus=0, use_gpu=False).actor_cpus < 1
+
+
+# ----------------------------------------------------------------------------- faults
+
+def _worker_running(title: str, node_pid: int | None = None) -> psutil.Process | None:
+    """A Ray worker process now running `title` (Ray names a busy worker `ray::<task or actor>`),
+    under the node whose `ray start` has pid `node_pid` if given."""
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if title in " ".join(proc.info["cmdline"] or []) and (
+                    node_pid is None or node_pid in {p.pid for p in proc.parents()}):
+                return proc
+        except psutil.Error:
+            continue
+    return None
+
+
+def _kill_when_running(find, timeout: float = 60.0) -> psutil.Process:
+    """Wait until `find()` names a worker process of ours, then kill -9 it by its pid."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = find()
+        if found is not None:
+            os.kill(found.pid, signal.SIGKILL)
+            found.wait(10)
+            return found
+        time.sleep(0.05)
+    raise AssertionError("no worker of ours appeared to kill")
+
+
+def _in_thread(work):
+    """Run `work` in a thread; returns a join() that gives its result or raises its error."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = work()
+        except BaseException as exc:  # handed to join()
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+
+    def join(timeout: float = 240):
+        thread.join(timeout)
+        assert not thread.is_alive(), "the work did not finish"
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+    return join
+
+
+def test_a_shard_worker_killed_mid_mining_is_retried_and_the_answer_is_the_same(cluster, tmp_path):
+    from conftest import write_embeddings
+
+    rng = np.random.default_rng(7)
+    # Big enough that each of the two shards searches for seconds: time to find and kill one.
+    pool = write_embeddings(tmp_path / "pool.parquet", rng.normal(size=(80_000, 256)))
+    targets = write_embeddings(tmp_path / "t.parquet", rng.normal(size=(10_000, 256)))
+    params = {"topn": 3, "block_rows": 40_000}
+    join = _in_thread(lambda: mine(pool, targets, tmp_path / "ray" / "mined.parquet", overrides=params,
+                                   backend="ray", ray_address=cluster))
+    # The second raylet's worker (SPREAD put a shard there): a worker lost on another node.
+    killed = _kill_when_running(lambda: _worker_running("ray::search_shard", _SECOND_NODE["pid"]))
+    on_ray = join()  # no WorkerCrashedError: Ray ran the shard again
+    assert not psutil.pid_exists(killed.pid)
+    local = mine(pool, targets, tmp_path / "local" / "mined.parquet", overrides=params)
+    assert on_ray.summary == local.summary and on_ray.cluster.nodes_used == 2
+    assert pq.read_table(tmp_path / "ray" / "mined.parquet").equals(pq.read_table(tmp_path / "local" / "mined.parquet"))
+    assert (tmp_path / "ray" / "mining_summary.txt").read_bytes() == (tmp_path / "local" / "mining_summary.txt").read_bytes()
+
+
+def test_an_encoder_actor_killed_mid_embedding_is_restarted_and_the_output_is_the_same(cluster, tmp_path):
+    N, small = 400, {**THUMB, "batch_size": 2}  # 200 batches: the actor is killed with many to go
+    for i in range(N):
+        write_image(tmp_path / "imgs" / f"{i}.png", seed=i, size=(96, 80))
+    pq.write_table(pa.table({"filepath": [f"imgs/{i}.png" for i in range(N)]}), tmp_path / "list.parquet")
+    events = RecordingEvents()
+    join = _in_thread(lambda: embed(tmp_path / "list.parquet", tmp_path / "ray.parquet", overrides=small,
+                                    no_store=True, backend="ray", ray_address=cluster, events=events))
+
+    def encoder_at_work():
+        actor = _worker_running("EncodeActor")
+        try:  # a second of CPU spent: past start-up (a kill then would not test a lost worker), encoding
+            return actor if actor is not None and sum(actor.cpu_times()[:2]) > 1.0 else None
+        except psutil.Error:
+            return None
+
+    killed = _kill_when_running(encoder_at_work)
+    done_at_kill = events.progress_events[-1][1] if events.progress_events else 0
+    on_ray = join()  # Ray Data restarts the actor and runs its batches again
+    assert done_at_kill < N, "killed after the last batch: nothing was lost"
+    assert not psutil.pid_exists(killed.pid)
+    local = embed(tmp_path / "list.parquet", tmp_path / "local.parquet", overrides=small, no_store=True)
+    assert (on_ray.rows, on_ray.skipped) == (local.rows, local.skipped) == (N, 0)
+    _same_embeddings(tmp_path / "local.parquet", tmp_path / "ray.parquet")
+
+
+# ----------------------------------------------------------------------------- preflight
+
+def test_preflight_asks_every_node(cluster, images, tmp_path):
+    from deft_mine.tools.preflight import preflight
+
+    ok = preflight(backend="ray", ray_address=cluster, targets=str(images / "targets.parquet"),
+                   output_dir=str(tmp_path / "runs" / "new"))
+    checks = {c.name: c for c in ok.checks}
+    assert ok.ok, [c for c in ok.checks if not c.ok]
+    assert "2 node(s)" in checks["ray"].detail and "2 node(s) run Ray" in checks["ray versions"].detail
+    assert checks["node reads"].detail == "2 node(s) read all 5 sample image(s)"
+    assert not list(tmp_path.rglob(".deft-mine-probe-*"))  # the probe file is gone again
+
+    (tmp_path / "a_file").write_text("")
+    bad = preflight(backend="ray", ray_address=cluster, targets=str(images / "targets.parquet"),
+                    source=str(images / "pool.parquet"), output_dir=str(tmp_path / "a_file" / "runs"))
+    checks = {c.name: c for c in bad.checks}
+    assert not bad.ok
+    assert checks["node reads"].status == "fail" and "missing.png" in checks["node reads"].detail
+    assert checks["node writes"].status == "fail" and "a_file" in checks["node writes"].detail
+    assert "same paths" in checks["node reads"].fix and "same paths" in checks["node writes"].fix
+
+
+def test_preflight_of_an_unreachable_cluster_fails_naming_it(tmp_path):
+    from deft_mine.tools.preflight import preflight
+
+    address = f"127.0.0.1:{_free_port()}"
+    result = preflight(backend="ray", ray_address=address, output_dir=str(tmp_path))
+    assert not result.ok and [c.name for c in result.checks if not c.ok] == ["ray"]
+    assert address in result.checks[0].detail
+
+
+# ----------------------------------------------------------------------------- a lost head
+
+def test_a_lost_head_is_a_coded_error_and_the_run_folder_says_so(tmp_path):
+    """Its own one-node cluster (the module's must live on): the head's GCS is killed while the
+    run embeds the pool; the run stops with a coded error naming the address, nothing half-written."""
+    for i in range(200):
+        write_image(tmp_path / "imgs" / f"{i}.png", seed=i, size=(96, 80))
+    pq.write_table(pa.table({"filepath": [f"imgs/{i}.png" for i in range(200)]}), tmp_path / "pool.parquet")
+    pq.write_table(pa.table({"filepath": [f"imgs/{i}.png" for i in range(3)]}), tmp_path / "targets.parquet")
+    port, temp = _free_port(), tempfile.mkdtemp(prefix="dmhead", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    head = _start_head(port, temp, env, cpus=2)  # an encoder actor and the reads beside it
+    address, run_dir = f"127.0.0.1:{port}", tmp_path / "run"
+    try:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("deft-mine")), "run", "--backend", "ray", "--ray-address", address,
+             "--targets", str(tmp_path / "targets.parquet"), "--source", str(tmp_path / "pool.parquet"),
+             "--run-dir", str(run_dir), "--no-store", "model=thumbnail", "batch_size=4"],
+            env=env | {"DEFT_MINE_RAY_HEAD_SECONDS": "4"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _kill_when_running(lambda: _worker_running("EncodeActor", head.pid)
+                               if (run_dir / "target_embeddings.parquet").exists() else None, timeout=120)
+            # The head's control plane (GCS) dies. (Were the raylet this driver is attached to killed
+            # too, Ray would end the driver process itself: see the README.)
+            for child in psutil.Process(head.pid).children(recursive=True):
+                if child.name() == "gcs_server":
+                    child.kill()
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 2, stderr[-2000:]
+        manifest = json.loads((run_dir / "run.json").read_text())
+        assert manifest["status"] == "failed" and address in manifest["error"]["message"], manifest.get("error")
+        assert manifest["error"]["code"] == "ray_head_lost" and manifest["error"]["field"] == "ray_address"
+        assert not (run_dir / "source_embeddings.parquet").exists() and not (run_dir / "mined.parquet").exists()
+        assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp file left
+    finally:
+        left = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
+        for proc_left in [*left, head]:  # a broken head: no drain to wait for (SIGTERM would take 8 s)
+            try:
+                proc_left.kill()
+            except (psutil.Error, ProcessLookupError):
+                pass
+        psutil.wait_procs(left, timeout=10)
+        head.wait(10)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from deft_mine.events import Events
-from deft_mine.schemas.results import Check, EmbedResult
+from deft_mine.schemas.results import Check, ClusterFacts, EmbedResult
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
 from deft_mine.schemas.warnings import ToolWarning
 
@@ -23,6 +23,7 @@ class BackendMine:
     target_in_pool: int
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[ToolWarning] = field(default_factory=list)  # what the engine saw in the data
+    cluster: ClusterFacts | None = None  # where it ran (backend ray)
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from typing import Any
 
 from deft_mine.backends.base import BackendMine, Capabilities
 from deft_mine.engine import tables
-from deft_mine.engine.embedding import embed_file
+from deft_mine.engine.embedding import EmbedStats, embed_file
 from deft_mine.engine.encoders import Encoder, build_encoder
-from deft_mine.engine.mining import mine_files
+from deft_mine.engine.mining import MiningOutcome, mine_files
 from deft_mine.engine.store import Shelf
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts
@@ -50,13 +50,13 @@ class LocalBackend:
         return [*checks, Check.of("thumbnail encoder", "ok", "always available (no weights)")], gpu
 
     def encoder(self, spec: EmbeddingSpec, events: Events) -> Encoder:
-        key = (*spec.encoder_key(), spec.device)
+        key = (*spec.encoder_key(), spec.pooling, spec.device)
         with self._lock:
             if key not in self._encoders:
                 model_path = key[1]
                 events.log("info", f"loading encoder {spec.model}" + (f" from {model_path}" if model_path else ""))
                 t0 = time.perf_counter()
-                self._encoders[key] = build_encoder(spec.model, model_path, spec.device)
+                self._encoders[key] = build_encoder(spec.model, model_path, spec.device, spec.pooling)
                 events.log("info", f"encoder ready on {self._encoders[key].device} "
                                    f"in {time.perf_counter() - t0:.1f}s")
             return self._encoders[key]
@@ -68,22 +68,35 @@ class LocalBackend:
         load_seconds = time.perf_counter() - t0
         stats = embed_file(input_path, output_path, encoder, batch_size=spec.batch_size, image_root=image_root,
                            events=events, shelf=Shelf(store, encoder.identity) if store else None)
-        return EmbedResult(
-            output_parquet=str(output_path), input_rows=stats.rows_in, rows=stats.rows_out,
-            skipped=stats.rows_in - stats.rows_out, columns=stats.columns,
-            skipped_by_reason=dict(stats.skipped_by_reason), skipped_examples=stats.skipped_examples,
-            encoder=encoder.identity, embedding_dim=encoder.dim, device=encoder.device, backend=self.name,
-            store=str(store) if store else None, reused=stats.reused, embedded=stats.embedded,
-            seconds_saved=stats.seconds_saved, corrupt_shards=stats.corrupt_shards,
-            timings={"load_encoder": load_seconds, **stats.timings})
+        return embed_result(stats, encoder, output_path, self.name, store, load_seconds)
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
              summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
-        outcome = mine_files(source_path, target_path, spec, events=events)
-        t0 = time.perf_counter()
-        tables.write_table_atomic(output_path, outcome.mined)
-        if pairs_path is not None:
-            tables.write_table_atomic(pairs_path, outcome.pairs)
-        tables.write_text_atomic(summary_path, artifacts.summary_text(outcome.summary, outcome.label_filter))
-        outcome.timings["write"] = time.perf_counter() - t0
-        return BackendMine(**{name: getattr(outcome, name) for name in BackendMine.__dataclass_fields__})
+        return write_mining(mine_files(source_path, target_path, spec, events=events), output_path, summary_path,
+                            pairs_path)
+
+
+def embed_result(stats: EmbedStats, encoder: Encoder, output_path: Path, backend: str, store: Path | None,
+                 load_seconds: float) -> EmbedResult:
+    """What an embedding step reports, from its counts (the same for every in-process backend)."""
+    return EmbedResult(
+        output_parquet=str(output_path), input_rows=stats.rows_in, rows=stats.rows_out,
+        skipped=stats.rows_in - stats.rows_out, columns=stats.columns,
+        skipped_by_reason=dict(stats.skipped_by_reason), skipped_examples=stats.skipped_examples,
+        encoder=encoder.identity, embedding_dim=encoder.dim, device=encoder.device, backend=backend,
+        store=str(store) if store else None, reused=stats.reused, embedded=stats.embedded,
+        seconds_saved=stats.seconds_saved, corrupt_shards=stats.corrupt_shards,
+        timings={"load_encoder": load_seconds, **stats.timings})
+
+
+def write_mining(outcome: MiningOutcome, output_path: Path, summary_path: Path,
+                 pairs_path: Path | None) -> BackendMine:
+    """Write a mining outcome's files (each atomically) and say what was found."""
+    t0 = time.perf_counter()
+    tables.write_table_atomic(output_path, outcome.mined)
+    if pairs_path is not None:
+        tables.write_table_atomic(pairs_path, outcome.pairs)
+    tables.write_text_atomic(summary_path, artifacts.summary_text(outcome.summary, outcome.label_filter))
+    outcome.timings["write"] = time.perf_counter() - t0
+    return BackendMine(**{name: getattr(outcome, name) for name in BackendMine.__dataclass_fields__
+                          if hasattr(outcome, name)})

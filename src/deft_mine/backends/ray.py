@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -16,7 +17,7 @@ from urllib.parse import urlsplit
 from deft_mine.backends.base import BackendMine, Capabilities
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
-from deft_mine.schemas.results import Check, EmbedResult
+from deft_mine.schemas.results import Check, ClusterFacts, EmbedResult
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
 
 INSTALL_FIX = "pip install 'deft-mine[ray]'"
@@ -25,6 +26,11 @@ INSTALL_FIX = "pip install 'deft-mine[ray]'"
 LOCAL_MAX_CPUS = 8
 _CONNECT_SECONDS = 60.0  # ray.init against a head that does not answer retries for minutes
 _PROBE_SECONDS = 5.0
+# A head whose port refuses connections this long is lost (a restart takes less). Ray itself would
+# end this whole process once its head has been gone a minute (gcs_rpc_server_reconnect_timeout_s),
+# leaving no word in the run folder: that limit is raised so that our coded error comes first.
+HEAD_GRACE_SECONDS = float(os.environ.get("DEFT_MINE_RAY_HEAD_SECONDS", "15"))
+_RAY_ENDS_PROCESS_AFTER = "3600"
 
 _lock = threading.Lock()
 _attached: str | None = None  # the address this process's Ray driver is attached to
@@ -87,6 +93,7 @@ def connect(address: str | None) -> Any:
             ray.shutdown()
             while _keepers:
                 _keepers.pop().set()
+        os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", _RAY_ENDS_PROCESS_AFTER)
         kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING,
                                   "configure_logging": False}
         if wanted == "local":  # a fresh Ray of our own, never one another process started here
@@ -144,11 +151,53 @@ def disconnect() -> None:
             _keepers.pop().set()
 
 
+class HeadWatch:
+    """Tells a lost head from a busy cluster while the driver waits on it: the head's port
+    refusing connections for HEAD_GRACE_SECONDS is `ray_head_lost`, naming the address."""
+
+    def __init__(self, ray: Any, address: str) -> None:
+        self.address = address
+        host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+        self._gcs = (host, int(port))
+        self._lost_since: float | None = None
+        self._next = 0.0
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + 1.0
+        try:
+            socket.create_connection(self._gcs, timeout=1.0).close()
+            self._lost_since = None
+            return
+        except OSError:
+            self._lost_since = self._lost_since or now
+        if now - self._lost_since >= HEAD_GRACE_SECONDS:
+            global _attached
+            _attached = None  # the next call attaches afresh
+            raise DeftError("ray_head_lost", f"lost the Ray cluster's head at {self.address} (its port "
+                            f"{self._gcs[0]}:{self._gcs[1]} has refused connections for {HEAD_GRACE_SECONDS:.0f}s); "
+                            "the step stopped before writing its output",
+                            fix="restart the head (ray start --head …, the worker nodes re-join) and run again; "
+                                "the embedding store keeps the vectors already made",
+                            field="ray_address", address=self.address)
+
+
 def cluster_cpus_gpus(ray: Any) -> tuple[float, float, int]:
     """The cluster's CPUs, GPUs and alive nodes."""
     resources = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0)), nodes
+
+
+@dataclass(frozen=True)
+class Workers:
+    """What a step ran on the cluster: how many workers, on how many nodes, holding how many GPUs."""
+
+    count: int
+    nodes: int
+    gpus: float = 0.0
 
 
 def task_error(found: dict[str, Any]) -> DeftError:
@@ -171,18 +220,32 @@ class RayBackend:
         try:
             ray = connect(self.address)
         except DeftError as exc:
+            if "version mismatch" in exc.message.lower():  # ray.init compares Ray and Python with the head's
+                return [Check.of("ray versions", "fail", exc.message, "install the cluster's Python and Ray "
+                                 "versions here (or run deft-mine from a node of the cluster)")], []
             return [Check.of("ray", "fail", exc.message, exc.fix)], []
         cpus, gpus, nodes = cluster_cpus_gpus(ray)
-        return [Check.of("ray", "ok", f"Ray {ray.__version__} at {wanted_address(self.address)}: {nodes} node(s), "
-                         f"{cpus:g} CPU(s), {gpus:g} GPU(s)"),
-                Check.of("shared storage", "warn" if nodes > 1 else "ok",
-                         "every node reads the images and the input/output parquets at the same paths",
-                         "put images, inputs and outputs on a filesystem every node mounts at the same path"
-                         if nodes > 1 else None)], []
+        return [Check.of("ray", "ok" if cpus >= 1 else "fail",
+                         f"Ray {ray.__version__} at {wanted_address(self.address)}: {nodes} node(s), "
+                         f"{cpus:g} CPU(s), {gpus:g} GPU(s)" + ("" if gpus else " (encoders run on CPUs)"),
+                         None if cpus >= 1 else "add a node with CPUs to the cluster")], []
+
+    def check_nodes(self, samples: list[Path], output_dir: Path) -> list[Check]:
+        """Preflight from every node of the cluster: the same versions as this driver, the
+        sample images readable, the output folder writable (nothing when it is unreachable:
+        check() said so)."""
+        from deft_mine.backends.ray_check import node_checks
+
+        try:
+            ray = connect(self.address)
+        except DeftError:
+            return []
+        with self._cluster_errors(ray):
+            return node_checks(ray, samples, output_dir)
 
     def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
               events: Events, store: Path | None) -> EmbedResult:
-        from deft_mine.backends.local import LocalBackend
+        from deft_mine.backends.local import LocalBackend, embed_result
         from deft_mine.backends.ray_embed import embed_on_ray
 
         ray = connect(self.address)
@@ -191,15 +254,11 @@ class RayBackend:
         encoder = LocalBackend.shared().encoder(spec, events)
         load_seconds = time.perf_counter() - t0
         with self._cluster_errors(ray):
-            stats = embed_on_ray(ray, spec, input_path, output_path, image_root, encoder, events, store)
-        return EmbedResult(
-            output_parquet=str(output_path), input_rows=stats.rows_in, rows=stats.rows_out,
-            skipped=stats.rows_in - stats.rows_out, columns=stats.columns,
-            skipped_by_reason=dict(stats.skipped_by_reason), skipped_examples=stats.skipped_examples,
-            encoder=encoder.identity, embedding_dim=encoder.dim, device=encoder.device, backend=self.name,
-            store=str(store) if store else None, reused=stats.reused, embedded=stats.embedded,
-            seconds_saved=stats.seconds_saved, corrupt_shards=stats.corrupt_shards,
-            timings={"load_encoder": load_seconds, **stats.timings})
+            stats, used = embed_on_ray(ray, spec, input_path, output_path, image_root, encoder, events, store,
+                                       HeadWatch(ray, wanted_address(self.address)), actors=spec.workers)
+        result = embed_result(stats, encoder, output_path, self.name, store, load_seconds)
+        result.cluster = self.facts(ray, used)
+        return result
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
              summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
@@ -207,7 +266,16 @@ class RayBackend:
 
         ray = connect(self.address)
         with self._cluster_errors(ray):
-            return mine_on_ray(ray, spec, source_path, target_path, output_path, summary_path, events, pairs_path)
+            done, used = mine_on_ray(ray, spec, source_path, target_path, output_path, summary_path, events,
+                                     pairs_path, HeadWatch(ray, wanted_address(self.address)))
+        done.cluster = self.facts(ray, used)
+        return done
+
+    def facts(self, ray: Any, used: Workers) -> ClusterFacts:
+        """Where a step ran: the cluster as it is now, and the workers the step used."""
+        cpus, gpus, nodes = cluster_cpus_gpus(ray)
+        return ClusterFacts(address=wanted_address(self.address), ray_version=ray.__version__, nodes=nodes,
+                            cpus=cpus, gpus=gpus, workers=used.count, nodes_used=used.nodes, gpus_used=used.gpus)
 
     @contextlib.contextmanager
     def _cluster_errors(self, ray: Any) -> Iterator[None]:

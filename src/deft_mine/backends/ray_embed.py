@@ -15,10 +15,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from deft_mine.backends.ray import cluster_cpus_gpus
+from deft_mine.backends.ray import HeadWatch, Workers, cluster_cpus_gpus
 from deft_mine.engine import tables
-from deft_mine.engine.embedding import (EMBEDDING_COLUMN, EmbedStats, _output_schema, _RowGroupWriter,
-                                        _rows_per_group)
+from deft_mine.engine.embedding import (EmbedStats, RowGroupWriter, close_shelf, count_skips, output_writer,
+                                        start_step, write_rows)
 from deft_mine.engine.encoders import Encoder, ThumbnailEncoder, build_encoder
 from deft_mine.engine.images import LoadFailure, decode_rgb, digest, read_bytes
 from deft_mine.engine.store import Shelf
@@ -28,7 +28,6 @@ from deft_mine.schemas.specs import EmbeddingSpec
 
 FAILED, STORED, NEW = 0, 1, 2  # what became of a row in the read task
 READ_CPUS = 0.5
-_SKIPPED_EXAMPLES = 5
 # No result for this long means a stuck pipeline (e.g. no CPU left for the read tasks), not a
 # slow one: a batch takes seconds.
 STALL_SECONDS = float(os.environ.get("DEFT_MINE_RAY_STALL_SECONDS", "600"))
@@ -120,8 +119,11 @@ def read_decode(batch: pa.Table, image_root: str, model: str, model_path: str | 
 class EncodeActor:
     """One encoder per actor (weights loaded once), run on the rows the read tasks decoded."""
 
-    def __init__(self, model: str, model_path: str | None, device: str) -> None:
-        self.encoder = build_encoder(model, model_path, device)
+    def __init__(self, model: str, model_path: str | None, device: str, pooling: str | None = None) -> None:
+        import ray
+
+        self.encoder = build_encoder(model, model_path, device, pooling)
+        self.node = ray.get_runtime_context().get_node_id()  # the report says how many nodes did the work
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         status = batch.column("status").to_numpy()
@@ -138,22 +140,33 @@ class EncodeActor:
                 vectors[row] = vector.tobytes()
         out = batch.drop_columns(["pixels", "shape", "seconds"])
         return out.append_column("vector", pa.array(vectors, pa.binary())).append_column(
-            "seconds", pa.array(seconds))
+            "seconds", pa.array(seconds)).append_column("node", pa.array([self.node] * batch.num_rows, pa.string()))
 
 
-def _listing(ray: Any, path: Path, read_cpus: float) -> Any:
-    """The listing's filepaths as a Ray dataset, in file order."""
+def listing_blocks(rows: int, batch_size: int, actors: int) -> int:
+    """How many blocks the listing is cut into. Ray Data hands each actor whole blocks, so a
+    listing read as one block (one row group) would keep every actor but one idle: four blocks
+    per actor at least, none over eight batches."""
+    per_block = max(batch_size, min(rows // max(1, 4 * actors), 8 * batch_size))
+    return max(1, -(-rows // per_block))
+
+
+def _listing(ray: Any, path: Path, read_cpus: float, blocks: int) -> Any:
+    """The listing's filepaths as a Ray dataset of `blocks` blocks, in file order."""
     if tables.is_csv(path):  # parsed whole anyway (types inferred over the file), as locally
-        return ray.data.from_arrow(tables.read_csv(path).select(["filepath"]))
-    # Ray Data pushes the column selection down into the read: only filepath leaves the disk.
-    return ray.data.read_parquet(str(path), file_extensions=None, num_cpus=read_cpus).select_columns(["filepath"])
+        ds = ray.data.from_arrow(tables.read_csv(path).select(["filepath"]))
+    else:  # Ray Data pushes the column selection down into the read: only filepath leaves the disk
+        ds = ray.data.read_parquet(str(path), file_extensions=None, num_cpus=read_cpus).select_columns(["filepath"])
+    # Without a shuffle, blocks are split and joined where they stand: the order stays the file's.
+    return ds.repartition(blocks, shuffle=False)
 
 
 class _Results:
     """The pipeline's output rows, in order, handed out by count; a pipeline that yields
     nothing for `stall` seconds is a coded error, not a hang."""
 
-    def __init__(self, batches: Iterator[pa.Table], stall: float) -> None:
+    def __init__(self, batches: Iterator[pa.Table], stall: float, watch: HeadWatch) -> None:
+        self._watch = watch
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._stop = threading.Event()
         self._stall = stall
@@ -178,10 +191,16 @@ class _Results:
             self._queue.put(("error", exc))
 
     def take(self, rows: int) -> pa.Table:
+        waited = 0.0
         while self._rows < rows and not self._ended:
             try:
-                kind, item = self._queue.get(timeout=self._stall)
+                kind, item = self._queue.get(timeout=1.0)
+                waited = 0.0
             except queue.Empty:
+                self._watch.check()
+                waited += 1.0
+                if waited < self._stall:
+                    continue
                 raise DeftError("ray_stalled", f"the Ray pipeline produced nothing for {self._stall:.0f}s",
                                 fix="check the cluster has a CPU free beside the encoder actors (ray status); "
                                     "set DEFT_MINE_RAY_STALL_SECONDS for very slow batches") from None
@@ -204,40 +223,37 @@ class _Results:
 
 
 def embed_on_ray(ray: Any, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
-                 encoder: Encoder, events: Events, store: Path | None, actors: int | None = None) -> EmbedStats:
+                 encoder: Encoder, events: Events, store: Path | None, watch: HeadWatch,
+                 actors: int | None = None) -> tuple[EmbedStats, Workers]:
+    """Embed `input_path` into `output_path` on the cluster; the stats, and the encoder actors
+    that did it."""
     started = time.perf_counter()
-    stats = EmbedStats()
-    schema = tables.schema_of(input_path)
-    tables.require_columns(input_path, schema, ["filepath"], "input_parquet")
-    total = tables.num_rows(input_path)
-    out_schema = _output_schema(schema, encoder.identity)
-    stats.columns = list(out_schema.names)
     shelf = Shelf(store, encoder.identity) if store else None
-    if shelf is not None:
-        shelf.load_index()
+    stats, out_schema, total = start_step(input_path, encoder, shelf)
     # The read tasks skip what the store holds: only the other rows reach the encoder actors.
-    stored = shelf._sorted if shelf is not None else np.zeros(0, "S32")
+    stored = shelf.digests() if shelf is not None else np.zeros(0, "S32")
     cpus, gpus, nodes = cluster_cpus_gpus(ray)
     model, model_path = spec.encoder_key()[0], spec.encoder_key()[1]
     use_gpu = spec.device != "cpu" and model != "thumbnail"
     plan = plan_pool(cpus, gpus, use_gpu, actors)
     events.log("info", f"Ray: {nodes} node(s), {cpus:g} CPU(s), {gpus:g} GPU(s); {plan.actors} encoder "
                        f"actor(s) of {plan.actor_cpus:g} CPU / {plan.actor_gpus:g} GPU")
-    ds = _listing(ray, input_path, plan.read_cpus).map_batches(
+    ds = _listing(ray, input_path, plan.read_cpus, listing_blocks(total, spec.batch_size, plan.actors)).map_batches(
         read_decode, batch_size=spec.batch_size, batch_format="pyarrow", num_cpus=plan.read_cpus,
         fn_kwargs={"image_root": str(image_root), "model": model, "model_path": model_path,
                    "stored": stored})
     ds = ds.map_batches(
         EncodeActor, batch_size=spec.batch_size, batch_format="pyarrow",
-        fn_constructor_kwargs={"model": model, "model_path": model_path,
+        fn_constructor_kwargs={"model": model, "model_path": model_path, "pooling": spec.pooling,
                                "device": "auto" if spec.device.startswith("cuda") else spec.device},
         compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus)
-    results = _Results(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1), STALL_SECONDS)
+    nodes: set[str] = set()
+    results = _Results(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1), STALL_SECONDS,
+                       watch)
     events.progress("embed", 0, total)
     try:
-        with tables.atomic_output(output_path) as tmp, \
-                _RowGroupWriter(tmp, out_schema, _rows_per_group(encoder.dim)) as writer:
+        with output_writer(output_path, out_schema, encoder.dim) as writer:
             listing = tables.iter_batches(input_path, spec.batch_size)
             while True:
                 t0 = time.perf_counter()
@@ -245,22 +261,16 @@ def embed_on_ray(ray: Any, spec: EmbeddingSpec, input_path: Path, output_path: P
                 stats.timings["read"] += time.perf_counter() - t0
                 if batch is None:
                     break
-                _finish(batch, results.take(batch.num_rows), encoder, shelf, writer, out_schema, stats,
-                        events, total, image_root)
+                got = results.take(batch.num_rows)
+                nodes.update(got.column("node").unique().to_pylist())
+                _finish(batch, got, encoder, shelf, writer, out_schema, stats, events, total, image_root)
     finally:
         results.close()
-    if shelf is not None:
-        shelf.compact()
-        stats.corrupt_shards = list(shelf.corrupt)
-        if shelf.write_error:
-            events.log("warning", f"the embedding store could not be written ({shelf.write_error}); "
-                                  "this run's later vectors were not kept for reuse")
-    stats.timings["total"] = time.perf_counter() - started
-    return stats
+    return close_shelf(shelf, stats, events, started), Workers(plan.actors, len(nodes), plan.actors * plan.actor_gpus)
 
 
 def _finish(batch: pa.RecordBatch, got: pa.Table, encoder: Encoder, shelf: Shelf | None,
-            writer: _RowGroupWriter, schema: pa.Schema, stats: EmbedStats, events: Events, total: int,
+            writer: RowGroupWriter, schema: pa.Schema, stats: EmbedStats, events: Events, total: int,
             image_root: Path) -> None:
     """One listing batch: count its skips, take stored vectors from the store and new ones from
     the cluster, store the new ones, write the kept rows (as embedding.py's _finish does)."""
@@ -268,15 +278,8 @@ def _finish(batch: pa.RecordBatch, got: pa.Table, encoder: Encoder, shelf: Shelf
     stats.rows_in += n
     status = got.column("status").to_numpy()
     digests = got.column("digest").to_pylist()
-    failed = np.flatnonzero(status == FAILED)
     reasons, failpaths = got.column("reason").to_pylist(), got.column("failpath").to_pylist()
-    for i in failed:
-        stats.skipped_by_reason[reasons[i].split(" (")[0]] += 1
-        if len(stats.skipped_examples) < _SKIPPED_EXAMPLES:
-            stats.skipped_examples.append(f"{failpaths[i]}: {reasons[i]}")
-    if len(failed):
-        i = failed[0]
-        events.log("warning", f"skipped {len(failed)} unreadable image(s), e.g. {failpaths[i]}: {reasons[i]}")
+    count_skips([LoadFailure(failpaths[i], reasons[i]) for i in np.flatnonzero(status == FAILED)], stats, events)
     vectors = np.zeros((n, encoder.dim), np.float32)
     new = np.flatnonzero(status == NEW)
     blobs = got.column("vector").to_pylist()
@@ -298,14 +301,7 @@ def _finish(batch: pa.RecordBatch, got: pa.Table, encoder: Encoder, shelf: Shelf
     if shelf is not None and len(new):
         shelf.add(pa.array([digests[i] for i in new], pa.binary(32)), vectors[new],
                   float(got.column("seconds").to_numpy()[new].mean()))
-    t0 = time.perf_counter()
-    keep = status != FAILED
-    kept = batch.filter(pa.array(keep)) if not keep.all() else batch
-    columns = {name: kept.column(name) for name in kept.schema.names}
-    columns[EMBEDDING_COLUMN] = tables.vector_array(vectors[keep])
-    writer.write(pa.RecordBatch.from_arrays([columns[c] for c in schema.names], schema=schema))
-    stats.timings["write"] += time.perf_counter() - t0
-    stats.rows_out += kept.num_rows
+    write_rows(batch, vectors, status != FAILED, writer, schema, stats)
     stats.reused += len(stored)
     stats.embedded += len(new)
     events.progress("embed", stats.rows_in, total, f"{stats.reused} reused from the store" if shelf else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -79,20 +80,12 @@ def embed_file(
     Rows whose image cannot be read are left out of the output and counted by reason.
     """
     started = time.perf_counter()
-    stats = EmbedStats()
-    schema = tables.schema_of(input_path)
-    tables.require_columns(input_path, schema, ["filepath"], "input_parquet")
-    total = tables.num_rows(input_path)
-    out_schema = _output_schema(schema, encoder.identity)
-    stats.columns = list(out_schema.names)
+    stats, out_schema, total = start_step(input_path, encoder, shelf)
     workers = workers or min(8, (os.cpu_count() or 2))
-    if shelf is not None:
-        shelf.load_index()
 
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as decoders, \
             ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer, \
-            tables.atomic_output(output_path) as tmp, \
-            _RowGroupWriter(tmp, out_schema, _rows_per_group(encoder.dim)) as writer:
+            output_writer(output_path, out_schema, encoder.dim) as writer:
 
         def read_one(filepath: object) -> tuple[bytes, bytes] | LoadFailure:
             data = read_bytes(filepath, image_root)
@@ -131,6 +124,11 @@ def embed_file(
                 finish(pending.popleft().result())
         while pending:
             finish(pending.popleft().result())
+    return close_shelf(shelf, stats, events, started)
+
+
+def close_shelf(shelf: Shelf | None, stats: EmbedStats, events: Events, started: float) -> EmbedStats:
+    """The end of an embedding step: the store compacted, its trouble counted and told."""
     if shelf is not None:
         shelf.compact()
         stats.corrupt_shards = list(shelf.corrupt)
@@ -139,6 +137,19 @@ def embed_file(
                                   "this run's later vectors were not kept for reuse")
     stats.timings["total"] = time.perf_counter() - started
     return stats
+
+
+def start_step(input_path: Path, encoder: Encoder, shelf: Shelf | None) -> tuple[EmbedStats, pa.Schema, int]:
+    """The start of an embedding step: the listing checked and counted, the output's schema,
+    the store's index read."""
+    stats = EmbedStats()
+    schema = tables.schema_of(input_path)
+    tables.require_columns(input_path, schema, ["filepath"], "input_parquet")
+    out_schema = output_schema(schema, encoder.identity)
+    stats.columns = list(out_schema.names)
+    if shelf is not None:
+        shelf.load_index()
+    return stats, out_schema, tables.num_rows(input_path)
 
 
 def _timed(batches: Iterator[pa.RecordBatch], timings: dict[str, float]) -> Iterator[pa.RecordBatch]:
@@ -169,21 +180,14 @@ def _reused(prep: _Prepared, shelf: Shelf | None,
     return np.zeros(0, np.int64), None, 0.0
 
 
-def _finish(prep: _Prepared, encoder: Encoder, shelf: Shelf | None, writer: "_RowGroupWriter",
+def _finish(prep: _Prepared, encoder: Encoder, shelf: Shelf | None, writer: "RowGroupWriter",
             schema: pa.Schema, stats: EmbedStats, events: Events, total: int,
             pixels_of: Callable[[object, bytes], Any]) -> None:
     stats.timings["decode"] += prep.seconds
     stats.rows_in += prep.batch.num_rows
     hits, stored, saved = _reused(prep, shelf, pixels_of)
     stats.seconds_saved += saved
-    failures = [r for r in prep.rows if isinstance(r, LoadFailure)]
-    for failure in failures:
-        stats.skipped_by_reason[failure.reason.split(" (")[0]] += 1
-        if len(stats.skipped_examples) < _SKIPPED_EXAMPLES:
-            stats.skipped_examples.append(f"{failure.filepath}: {failure.reason}")
-    if failures:
-        events.log("warning", f"skipped {len(failures)} unreadable image(s), e.g. "
-                              f"{failures[0].filepath}: {failures[0].reason}")
+    count_skips([r for r in prep.rows if isinstance(r, LoadFailure)], stats, events)
     reused = set(hits.tolist())
     new = np.array([i for i, r in enumerate(prep.rows) if isinstance(r, np.ndarray) and i not in reused], np.int64)
     t0 = time.perf_counter()
@@ -193,24 +197,48 @@ def _finish(prep: _Prepared, encoder: Encoder, shelf: Shelf | None, writer: "_Ro
     if shelf is not None and len(new):
         shelf.add(pa.array([prep.digests[i] for i in new], pa.binary(32)), fresh,
                   (prep.seconds + time.perf_counter() - t0) / max(len(new), 1))
-    t0 = time.perf_counter()
     vectors = np.zeros((prep.batch.num_rows, encoder.dim), np.float32)
     keep = np.zeros(prep.batch.num_rows, bool)
     if len(hits):
         vectors[hits], keep[hits] = stored, True
     vectors[new], keep[new] = fresh, True
-    kept = prep.batch.filter(pa.array(keep)) if not keep.all() else prep.batch
-    columns = {name: kept.column(name) for name in kept.schema.names}
-    columns[EMBEDDING_COLUMN] = tables.vector_array(vectors[keep])
-    writer.write(pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema))
-    stats.timings["write"] += time.perf_counter() - t0
-    stats.rows_out += kept.num_rows
+    write_rows(prep.batch, vectors, keep, writer, schema, stats)
     stats.reused += len(hits)
     stats.embedded += len(new)
     events.progress("embed", stats.rows_in, total, f"{stats.reused} reused from the store" if shelf else "")
 
 
-class _RowGroupWriter:
+def count_skips(failures: list[LoadFailure], stats: EmbedStats, events: Events) -> None:
+    """A batch's unreadable images, counted by reason (the first few named) and told."""
+    for failure in failures:
+        stats.skipped_by_reason[failure.reason.split(" (")[0]] += 1
+        if len(stats.skipped_examples) < _SKIPPED_EXAMPLES:
+            stats.skipped_examples.append(f"{failure.filepath}: {failure.reason}")
+    if failures:
+        events.log("warning", f"skipped {len(failures)} unreadable image(s), e.g. "
+                              f"{failures[0].filepath}: {failures[0].reason}")
+
+
+def write_rows(batch: pa.RecordBatch, vectors: np.ndarray, keep: np.ndarray, writer: "RowGroupWriter",
+               schema: pa.Schema, stats: EmbedStats) -> None:
+    """The batch's kept rows, their input columns as they were and `vectors` as the embedding."""
+    t0 = time.perf_counter()
+    kept = batch.filter(pa.array(keep)) if not keep.all() else batch
+    columns = {name: kept.column(name) for name in kept.schema.names}
+    columns[EMBEDDING_COLUMN] = tables.vector_array(vectors[keep])
+    writer.write(pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema))
+    stats.timings["write"] += time.perf_counter() - t0
+    stats.rows_out += kept.num_rows
+
+
+@contextlib.contextmanager
+def output_writer(output_path: Path, schema: pa.Schema, dim: int) -> Iterator["RowGroupWriter"]:
+    """An embedding parquet written through a temp name, in row groups sized for `dim`."""
+    with tables.atomic_output(output_path) as tmp, RowGroupWriter(tmp, schema, _rows_per_group(dim)) as writer:
+        yield writer
+
+
+class RowGroupWriter:
     """Buffers encoder-sized batches into large row groups, so readers stream efficiently."""
 
     def __init__(self, path: Path, schema: pa.Schema, rows_per_group: int) -> None:
@@ -232,7 +260,7 @@ class _RowGroupWriter:
                                      row_group_size=max(self._rows, 1))
         self._pending, self._rows = [], 0
 
-    def __enter__(self) -> "_RowGroupWriter":
+    def __enter__(self) -> "RowGroupWriter":
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
@@ -241,7 +269,7 @@ class _RowGroupWriter:
         self._writer.close()
 
 
-def _output_schema(schema: pa.Schema, identity: EncoderIdentity) -> pa.Schema:
+def output_schema(schema: pa.Schema, identity: EncoderIdentity) -> pa.Schema:
     """Input columns unchanged and in order, `embedding` appended (or replaced in place)."""
     vector = pa.field(EMBEDDING_COLUMN, pa.list_(pa.float32()))
     fields = [vector if f.name == EMBEDDING_COLUMN else f for f in schema]

@@ -43,8 +43,41 @@ _EXTRA = 16
 _RESCORE_BYTES = 64 << 20
 
 
+@dataclass
+class TopKState:
+    """Per query, the k nearest pool rows found so far: exact float64 keys ("smaller is
+    nearer": negated similarity for cosine, squared distance for euclidean) and pool rows.
+    A search of one pool shard hands this back; shards merge in any order to the same answer."""
+
+    keys: np.ndarray  # (queries, <= k) float64
+    ids: np.ndarray  # (queries, <= k) int64, -1 for an empty slot
+
+    @classmethod
+    def empty(cls, queries: int) -> "TopKState":
+        return cls(np.full((queries, 0), np.inf, dtype=np.float64), np.full((queries, 0), -1, dtype=np.int64))
+
+    def merged(self, other: "TopKState", k: int) -> "TopKState":
+        """The k nearest of both: ordered on (key, pool row), so ties go to the lower row
+        whichever state came first."""
+        keys = np.concatenate([self.keys, other.keys], axis=1)
+        ids = np.concatenate([self.ids, other.ids], axis=1)
+        order = np.lexsort((ids, keys), axis=1)[:, :k]
+        return TopKState(np.take_along_axis(keys, order, axis=1), np.take_along_axis(ids, order, axis=1))
+
+    def neighbours(self, metric: Metric) -> Neighbours:
+        """The keys back on the metric's own scale."""
+        if metric is Metric.cosine:
+            scores = -self.keys
+        elif metric is Metric.euclidean:
+            scores = np.sqrt(self.keys)
+        else:
+            scores = self.keys.copy()
+        return Neighbours(indices=self.ids, scores=scores)
+
+
 class RunningTopK:
-    """Feed pool blocks in order with `add`; `result` gives the exact top-k over all of them."""
+    """Feed pool blocks in order with `add`; `result` gives the exact top-k over all of them.
+    Searches of other parts of the pool come in with `merge` (their `state`)."""
 
     def __init__(self, queries: np.ndarray, k: int, metric: Metric) -> None:
         if k < 1:
@@ -52,11 +85,7 @@ class RunningTopK:
         self.metric = metric
         self.k = k
         self.queries = _prepare(queries, metric)
-        n = len(self.queries)
-        # Keys are "smaller is nearer" everywhere inside: negated similarity for cosine,
-        # squared distance for euclidean.
-        self._keys = np.full((n, 0), np.inf, dtype=np.float64)
-        self._ids = np.full((n, 0), -1, dtype=np.int64)
+        self.state = TopKState.empty(len(self.queries))
         self.seen = 0
 
     def add(self, block: np.ndarray, ids: np.ndarray | None = None) -> None:
@@ -68,27 +97,17 @@ class RunningTopK:
         if len(block) and len(self.queries):
             # Rows already holding k neighbours only need block rows that could beat the k-th
             # (ties go to the earlier, lower row); that spares most of the rescoring.
-            bound = self._keys[:, -1] if self._keys.shape[1] == self.k else None
+            bound = self.state.keys[:, -1] if self.state.keys.shape[1] == self.k else None
             keys, local = _block_topk(self.queries, block, self.k, self.metric, bound)
-            self._merge(keys, np.where(local >= 0, ids[np.maximum(local, 0)], -1))
+            self.merge(TopKState(keys, np.where(local >= 0, ids[np.maximum(local, 0)], -1)))
         self.seen += len(block)
 
-    def _merge(self, keys: np.ndarray, ids: np.ndarray) -> None:
-        keys = np.concatenate([self._keys, keys], axis=1)
-        ids = np.concatenate([self._ids, ids], axis=1)
-        order = np.lexsort((ids, keys), axis=1)[:, : self.k]
-        self._keys = np.take_along_axis(keys, order, axis=1)
-        self._ids = np.take_along_axis(ids, order, axis=1)
+    def merge(self, other: TopKState) -> None:
+        """Fold in the top-k of other pool rows (another shard's search of the same queries)."""
+        self.state = self.state.merged(other, self.k)
 
     def result(self) -> Neighbours:
-        keys = self._keys
-        if self.metric is Metric.cosine:
-            scores = -keys
-        elif self.metric is Metric.euclidean:
-            scores = np.sqrt(keys)
-        else:
-            scores = keys.copy()
-        return Neighbours(indices=self._ids, scores=scores)
+        return self.state.neighbours(self.metric)
 
 
 def search(

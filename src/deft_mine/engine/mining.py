@@ -6,14 +6,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from deft_mine.engine import tables
-from deft_mine.engine.knn import RunningTopK
+from deft_mine.engine.knn import RunningTopK, TopKState
 from deft_mine.schemas import warnings
 from deft_mine.schemas.specs import Metric, MiningSpec
 from deft_mine.schemas.warnings import ToolWarning
@@ -41,11 +42,62 @@ def lexically_normal(filepath: str) -> str:
 
 
 def mine_files(source_path: Path, target_path: Path, spec: MiningSpec, events: Events) -> MiningOutcome:
-    """Find each target's `topn` nearest pool rows and turn the pairs into unique mined paths."""
-    topn, metric, block_rows = spec.topn, spec.knn_metric, spec.block_rows
+    """Find each target's `topn` nearest pool rows and turn the pairs into unique mined paths:
+    prepare, search the whole pool (streamed block by block), finish."""
+    prep = prepare(source_path, target_path, spec)
+    events.progress("mine", 0, prep.total)
+    found = search_range(spec, source_path, target_path, prep.queries, prep.drop,
+                         on_block=lambda seen: events.progress("mine", seen, prep.total))
+    prep.timings["search"] = time.perf_counter() - prep.search_started
+    return finish(prep, found)
+
+
+@dataclass
+class Prepared:
+    """Everything about a mining job but the search: the targets (their queries), the pool's
+    paths and which of its rows stay out of the search. Both backends start here."""
+
+    spec: MiningSpec
+    source_path: Path
+    target_path: Path
+    label_missing: list[str]  # sides without a `label` column
+    label_filter: str  # "off" | "applied" | "noop"
+    targets: pa.Table  # the searched target rows: filepath, vector (and label)
+    target_rows: np.ndarray  # ...their rows in the target file
+    queries: np.ndarray
+    pool_paths: pa.StringArray  # every pool row's filepath, lexically normal
+    repeated: np.ndarray  # pool rows that repeat an earlier row's file
+    drop: np.ndarray  # pool rows left out before the search (repeats; targets with exclude_targets)
+    in_pool: int  # pool files that are targets
+    zero: dict[str, int]  # all-zero vectors left out under cosine, per side
+    zero_examples: list[str]
+    started: float
+    search_started: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return len(self.pool_paths)
+
+
+@dataclass
+class Searched:
+    """One row range of the pool searched: the top-k of every query within it (None without
+    queries) and the rows it left out."""
+
+    state: TopKState | None
+    rows: int = 0  # pool rows in the range
+    searched: int = 0  # ...of them searched
+    flat: int = 0  # all-zero vectors left out under cosine
+    flat_rows: list[list[int]] = field(default_factory=list)  # per block with any, its first three
+
+
+def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
+    """Check both files' columns, read the targets (all-zero ones under cosine left out and
+    counted), and read the pool's filepaths whole: which rows repeat a file, which are targets."""
+    metric = spec.knn_metric
     source_column, target_column = spec.source_embed_column_name, spec.target_embed_column_name
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    started = time.perf_counter()
     src_schema = tables.schema_of(source_path)
     tgt_schema = tables.schema_of(target_path)
     for path, schema, column, side in ((source_path, src_schema, source_column, "source"),
@@ -54,7 +106,6 @@ def mine_files(source_path: Path, target_path: Path, spec: MiningSpec, events: E
         tables.require_columns(path, schema, ["filepath", column], f"{side}_parquet")
     label_missing = [side for side, sch in (("source", src_schema), ("target", tgt_schema))
                      if "label" not in sch.names]
-    label_filter = spec.label_filter(label_missing)
 
     # Labels are read whenever a side has them: the pairs table records them for the report.
     tgt_cols = ["filepath", target_column] + (["label"] if "target" not in label_missing else [])
@@ -76,72 +127,113 @@ def mine_files(source_path: Path, target_path: Path, spec: MiningSpec, events: E
             raise _all_zero(target_path, "target_parquet", target_column)
         target_rows = np.flatnonzero(~flat)
         queries, targets = queries[target_rows], targets.take(pa.array(target_rows))
-    target_paths = targets.column("filepath").to_pylist()
 
-    # Pass 0: the pool's filepath column, whole (paths are small beside vectors): which rows
-    # repeat an earlier row's file and which are targets, vectorised over the pool.
-    t0 = time.perf_counter()
+    # The pool's filepath column, whole (paths are small beside vectors): which rows repeat an
+    # earlier row's file and which are targets, vectorised over the pool.
+    search_started = time.perf_counter()
     pool_paths, repeated, is_target = _pool_paths(source_path, target_set)
-    # Pass 1: vectors only, block by block.
-    total = len(pool_paths)
-    top = RunningTopK(queries, topn, metric) if len(queries) else None
-    seen = searched = 0
-    in_pool = int((is_target & ~repeated).sum())
-    events.progress("mine", 0, total)
-    blocks = _pool_blocks(source_path, source_column, block_rows)
-    for vectors in tables.read_ahead(blocks):
+    return Prepared(spec=spec, source_path=source_path, target_path=target_path, label_missing=label_missing,
+                    label_filter=spec.label_filter(label_missing), targets=targets, target_rows=target_rows,
+                    queries=queries, pool_paths=pool_paths, repeated=repeated,
+                    drop=repeated | is_target if spec.exclude_targets else repeated,
+                    in_pool=int((is_target & ~repeated).sum()), zero=zero, zero_examples=zero_examples,
+                    started=started, search_started=search_started)
+
+
+def search_range(spec: MiningSpec, source_path: Path, target_path: Path, queries: np.ndarray, drop: np.ndarray,
+                 start: int = 0, end: int | None = None, dim: int | None = None,
+                 on_block: Callable[[int], None] | None = None) -> Searched:
+    """The exact top-n of every query within pool rows [start, end) (the whole pool by
+    default), read block by block: `drop` marks this range's rows to leave out, and under
+    cosine all-zero vectors are left out and counted. `dim` is the pool's vector length when
+    the range does not start at row 0 (every block must match the first). `on_block` hears
+    the pool row reached after each block."""
+    metric, column = spec.knn_metric, spec.source_embed_column_name
+    top = RunningTopK(queries, spec.topn, metric) if len(queries) else None
+    found = Searched(state=None)
+    seen = start
+    for vectors in tables.read_ahead(pool_vectors(source_path, column, spec.block_rows, start, end, dim)):
         if len(queries) and len(vectors) and vectors.shape[1] != queries.shape[1]:
             raise DeftError(
                 "dimension_mismatch",
-                f"source_parquet {source_path} column '{source_column}' holds {vectors.shape[1]}-d "
-                f"vectors but target_parquet {target_path} column '{target_column}' holds "
+                f"source_parquet {source_path} column '{column}' holds {vectors.shape[1]}-d "
+                f"vectors but target_parquet {target_path} column '{spec.target_embed_column_name}' holds "
                 f"{queries.shape[1]}-d ones",
                 fix="embed both files with the same encoder (the same model and model_path)",
                 field="source_parquet", source_dim=int(vectors.shape[1]), target_dim=int(queries.shape[1]),
             )
         rows = len(vectors)
         ids = np.arange(seen, seen + rows, dtype=np.int64)
-        drop = repeated[seen:seen + rows].copy()
-        if spec.exclude_targets:
-            drop |= is_target[seen:seen + rows]
+        skip = drop[seen - start:seen - start + rows].copy()
         if metric is Metric.cosine:
-            flat = ~vectors.any(axis=1) & ~drop
+            flat = ~vectors.any(axis=1) & ~skip
             if flat.any():
-                zero["source"] += int(flat.sum())
-                if len(zero_examples) < 5:
-                    zero_examples += [str(p) for p in pool_paths.take(pa.array(ids[flat][:3])).to_pylist()]
-                drop |= flat
-        if drop.any():
-            vectors, ids = vectors[~drop], ids[~drop]
+                found.flat += int(flat.sum())
+                # Five examples are reported in all: no range needs more than five of its own.
+                if sum(map(len, found.flat_rows)) < 5:
+                    found.flat_rows.append(ids[flat][:3].tolist())
+                skip |= flat
+        if skip.any():
+            vectors, ids = vectors[~skip], ids[~skip]
         if top is not None:
             top.add(vectors, ids)
-        searched += len(ids)
+        found.searched += len(ids)
         seen += rows
-        events.progress("mine", seen, total)
-    timings["search"] = time.perf_counter() - t0
+        if on_block is not None:
+            on_block(seen)
+    found.rows = seen - start
+    found.state = top.state if top is not None else None
+    return found
+
+
+def merge(parts: list[Searched], k: int) -> Searched:
+    """Row ranges' searches, given in pool order, as one search of them all (the same tie rule)."""
+    merged = Searched(state=None)
+    for part in parts:
+        if part.state is not None:
+            merged.state = part.state if merged.state is None else merged.state.merged(part.state, k)
+        merged.rows += part.rows
+        merged.searched += part.searched
+        merged.flat += part.flat
+        merged.flat_rows += part.flat_rows
+    return merged
+
+
+def finish(prep: Prepared, found: Searched) -> MiningOutcome:
+    """The search's pairs turned into the outcome: the pairs' paths and labels read back, the
+    label post-filter, de-duplication, the summary and the warnings."""
+    spec, zero, zero_examples = prep.spec, dict(prep.zero), list(prep.zero_examples)
+    topn, metric = spec.topn, spec.knn_metric
+    timings, targets, queries = prep.timings, prep.targets, prep.queries
+    label_missing, label_filter, repeated = prep.label_missing, prep.label_filter, prep.repeated
+    zero["source"] = found.flat
+    for rows in found.flat_rows:  # the examples, block by block in pool order
+        if len(zero_examples) < 5:
+            zero_examples += [str(p) for p in prep.pool_paths.take(pa.array(rows)).to_pylist()]
+    searched = found.searched
     if not searched and zero["source"]:
-        raise _all_zero(source_path, "source_parquet", source_column)
+        raise _all_zero(prep.source_path, "source_parquet", spec.source_embed_column_name)
     found_warnings: list[ToolWarning] = []
     if repeated.any():
         rows_repeated = np.flatnonzero(repeated)
         found_warnings.append(warnings.duplicate_paths(
-            len(rows_repeated), list(dict.fromkeys(pool_paths.take(pa.array(rows_repeated[:20])).to_pylist()))[:5]))
+            len(rows_repeated), list(dict.fromkeys(prep.pool_paths.take(pa.array(rows_repeated[:20])).to_pylist()))[:5]))
     if zero["targets"] or zero["source"]:
         found_warnings.append(warnings.zero_vectors(zero, zero_examples[:5]))
 
     k = min(topn, searched)
-    if top is not None and k:
-        found = top.result()
-        indices, scores = found.indices[:, :k], found.scores[:, :k]
+    if found.state is not None and k:
+        best = found.state.neighbours(metric)
+        indices, scores = best.indices[:, :k], best.scores[:, :k]
     else:
         indices = np.zeros((len(queries), 0), np.int64)
         scores = np.zeros((len(queries), 0), np.float64)
 
-    # Pass 2: filepath (and label) of just the rows that were found.
+    # The filepath (and label) of just the rows that were found.
     t0 = time.perf_counter()
     wanted = np.unique(indices)
     src_cols = ["filepath"] + (["label"] if "source" not in label_missing else [])
-    picked = _take_rows(source_path, wanted, src_cols, block_rows)
+    picked = _take_rows(prep.source_path, wanted, src_cols, spec.block_rows)
     position = np.searchsorted(wanted, indices)
     src_paths = np.asarray(picked["filepath"], dtype=object)[position] if indices.size else \
         np.zeros(indices.shape, dtype=object)
@@ -157,8 +249,9 @@ def mine_files(source_path: Path, target_path: Path, spec: MiningSpec, events: E
     if label_filter == "applied":
         keep = (src_labels == tgt_col) & (src_labels != None) & (tgt_col != None)  # noqa: E711
 
+    target_paths = targets.column("filepath").to_pylist()
     mined = _dedupe(src_paths, scores, keep, target_paths, metric)
-    pairs_table = _pairs_table(target_paths, target_rows, indices, src_paths, scores, keep, tgt_col, src_labels)
+    pairs_table = _pairs_table(target_paths, prep.target_rows, indices, src_paths, scores, keep, tgt_col, src_labels)
     timings["collect"] = time.perf_counter() - t0
     summary = {
         "queries": len(queries),
@@ -172,15 +265,15 @@ def mine_files(source_path: Path, target_path: Path, spec: MiningSpec, events: E
         summary["dropped_pairs"] = pairs - int(keep.sum())
     summary["duplicates_removed"] = int(keep.sum()) - mined.num_rows
     summary["mined"] = mined.num_rows
-    summary["target_in_pool"] = in_pool
+    summary["target_in_pool"] = prep.in_pool
     # Rows left out of the search, only when there are some (the summary's usual keys stay as they were).
     if repeated.any():
         summary["duplicate_paths"] = int(repeated.sum())
     if zero["targets"] or zero["source"]:
         summary["zero_vectors"] = zero["targets"] + zero["source"]
-    timings["total"] = time.perf_counter() - t_start
+    timings["total"] = time.perf_counter() - prep.started
     return MiningOutcome(mined=mined, pairs=pairs_table, summary=summary, searched_rows=searched,
-                         target_in_pool=in_pool, label_filter=label_filter,
+                         target_in_pool=prep.in_pool, label_filter=label_filter,
                          label_missing=label_missing, timings=timings, warnings=found_warnings)
 
 
@@ -247,15 +340,55 @@ def _pairs_table(target_paths: list, target_rows: np.ndarray, indices: np.ndarra
     return pa.table(columns)
 
 
-def _pool_blocks(path: Path, column: str, block_rows: int) -> Iterator[np.ndarray]:
-    """The pool's vectors block by block, validated; every block must have the first's dimension."""
-    seen, dim = 0, None
-    for batch in tables.iter_batches(path, block_rows, [column]):
+def pool_vectors(path: Path, column: str, block_rows: int, start: int = 0, end: int | None = None,
+                 dim: int | None = None) -> Iterator[np.ndarray]:
+    """The pool's vectors in rows [start, end) (default: all), block by block, validated;
+    every block must have the first block's dimension (`dim`, when known)."""
+    seen = start
+    batches = tables.iter_batches(path, block_rows, [column]) if end is None else \
+        _row_range(path, column, start, end, block_rows)
+    for batch in batches:
         vectors = tables.vectors_from_column(batch.column(column), path=path, name=column,
                                             first_row=seen, dim=dim, field="source_parquet")
         dim = vectors.shape[1]
         yield vectors
         seen += batch.num_rows
+
+
+def pool_dim(path: Path, column: str) -> int | None:
+    """The length of the pool's first vector: every later block must match it."""
+    for batch in tables.iter_batches(path, 1, [column]):
+        first = batch.column(column)[0]
+        return len(first) if first.is_valid else None
+    return None
+
+
+def _row_range(path: Path, column: str, start: int, end: int, block_rows: int) -> Iterator[pa.Table]:
+    """Rows [start, end) of a parquet's `column` in blocks of `block_rows` (cut at start +
+    multiples of it), reading only the row groups they lie in."""
+    file = pq.ParquetFile(path, pre_buffer=False)
+    sizes = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
+    firsts = np.cumsum([0, *sizes])
+    groups = [g for g in range(len(sizes)) if firsts[g] < end and firsts[g + 1] > start]
+    if not groups:
+        return
+    row = int(firsts[groups[0]])
+    pending: list[pa.RecordBatch] = []
+    buffered, at = 0, start  # rows held, and the first row not yet yielded
+    for batch in file.iter_batches(batch_size=block_rows, row_groups=groups, columns=[column]):
+        lo, hi = max(start, row), min(end, row + batch.num_rows)
+        if hi > lo:
+            pending.append(batch.slice(lo - row, hi - lo))
+            buffered += hi - lo
+        row += batch.num_rows
+        while buffered and buffered >= min(block_rows, end - at):
+            table = pa.Table.from_batches(pending)
+            take = min(block_rows, end - at)
+            yield table.slice(0, take)
+            rest = table.slice(take)
+            pending, buffered, at = rest.to_batches(), rest.num_rows, at + take
+        if row >= end:
+            break
 
 
 # Paths that normpath would change: "./", "../", "//" segments or a trailing slash.

@@ -116,6 +116,11 @@ class Shelf:
             self._sorted = flat[order]
             self._shard_of, self._row_of = np.concatenate(shard_of)[order], np.concatenate(row_of)[order]
 
+    def digests(self) -> np.ndarray:
+        """Every digest the index holds, sorted ("S32"): what a worker elsewhere needs to tell
+        a stored image from a new one (a snapshot; it does not change under the caller)."""
+        return self._sorted
+
     def find(self, digests: list[bytes | None]) -> np.ndarray:
         """For each digest (None: no image), its entry in the index, or -1: a vectorised join
         (binary search over the sorted digests), however large the store."""

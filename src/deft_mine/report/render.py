@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from deft_mine.report.facts import SPEC_PARQUETS, ReportFacts
-from deft_mine.schemas.manifest import EmbedFacts, InputFacts
+from deft_mine.schemas.manifest import EmbedFacts, InputFacts, RunManifest
 from deft_mine.schemas.results import EncoderIdentity
 from deft_mine.schemas.warnings import WarningCode
 
@@ -477,6 +477,8 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
                            f"{_fmt(t.embedded)} embedded, pool {_fmt(s.reused)} reused and {_fmt(s.embedded)} "
                            f"embedded; reusing vectors saved about {_secs((t.seconds_saved or 0) + (s.seconds_saved or 0))} "
                            "of embedding (what those images cost when they were first embedded).")))
+    if cluster := _cluster_words(v.m):
+        blocks.append((0, cluster))
     if timings := v.m.timings:
         blocks.append((1, f"Timings: embedding the targets took {_secs(timings.get('embed_targets'))}, the pool "
                           f"{_secs(timings.get('embed_source'))}, mining {_secs(timings.get('mine'))}; "
@@ -489,6 +491,20 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
                       "the mined count falls below the request; that is normal, and the report states "
                       "the actual number rather than the requested one."))
     return blocks
+
+
+def _cluster_words(m: RunManifest) -> str | None:
+    """The Ray cluster a run used and what each step ran on it (None: no step ran on one)."""
+    steps = [(what, facts.cluster, kind) for what, facts, kind in (
+        ("embedding the targets", m.embeddings.target, "encoder actor"),
+        ("the pool", m.embeddings.source, "encoder actor"), ("mining", m.mining, "shard task")) if facts.cluster]
+    if not steps:
+        return None
+    c = steps[-1][1]
+    used = "; ".join(f"{what} ran {_plural(f.workers, kind)} on {_plural(f.nodes_used, 'node')}"
+                     + (f" with {f.gpus_used:g} GPU(s)" if f.gpus_used else "") for what, f, kind in steps)
+    return (f"Cluster: Ray {c.ray_version} at {_code(c.address)}, {_plural(c.nodes, 'node')} with {c.cpus:g} "
+            f"CPU(s) and {c.gpus:g} GPU(s); {used}.")
 
 
 def labels_shown(targets: dict[str, int], mined: dict[str, int] | None,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
-from deft_mine.schemas.results import EncoderIdentity, ErrorInfo, SelectResult
+from deft_mine.schemas.results import ClusterFacts, EncoderIdentity, ErrorInfo, SelectResult
 from deft_mine.schemas.warnings import ToolWarning
 
 
@@ -31,7 +31,19 @@ class Inputs(BaseModel):
     source: InputFacts = Field(default_factory=InputFacts)
 
 
-class EmbedFacts(BaseModel):
+class _StepFacts(BaseModel):
+    """A step's facts; its `cluster` is written only for a step that ran on a cluster, so a
+    local run's run.json reads as it always has."""
+
+    @model_serializer(mode="wrap")
+    def _without_no_cluster(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("cluster", ...) is None:
+            del data["cluster"]
+        return data
+
+
+class EmbedFacts(_StepFacts):
     """One embedding step's outcome."""
 
     rows: int | None = None
@@ -45,6 +57,7 @@ class EmbedFacts(BaseModel):
     embedded: int | None = None  # rows the encoder ran on
     seconds_saved: float | None = None
     timings: dict[str, float] | None = None
+    cluster: ClusterFacts | None = None  # backend ray: address, nodes, workers, GPUs
 
 
 class Embeddings(BaseModel):
@@ -64,13 +77,14 @@ class LabelCounts(BaseModel):
     mined: dict[str, int] | None = None  # mined images per pool label
 
 
-class MiningFacts(BaseModel):
+class MiningFacts(_StepFacts):
     summary: dict[str, int] = Field(default_factory=dict)  # the counts of mining_summary.txt
     label_filter: str | None = None  # "off" | "applied" | "noop"
     knn_metric: str | None = None
     topn: int | None = None
     filter_by_label: bool | None = None
     labels: LabelCounts | None = None
+    cluster: ClusterFacts | None = None  # backend ray: address, nodes, shard tasks
 
 
 class IterationFacts(BaseModel):

@@ -65,6 +65,8 @@ class EmbeddingSpec(_Spec):
                           "trained pooler, else cls) | cls | mean; not for SigLIP, CLIP, thumbnail")
     model_config_path: str | None = Field(None, description="required only for TAO checkpoints")
     batch_size: int = Field(64, ge=1, le=65536)
+    workers: int | None = Field(None, ge=1, le=4096, description="ray backend: encoder actors (default: one per "
+                                "GPU, else half the CPUs, always leaving the reads a CPU); not part of the identity")
     input_parquet: Annotated[str | None, PathField()] = None
     output_parquet: Annotated[str | None, PathField()] = None
     image_root: Annotated[str | None, PathField()] = Field(

@@ -51,7 +51,7 @@ def mine_spec(spec: MiningSpec, inputs: MineInput, ctx: ToolContext, pairs_path:
         output_parquet=str(output), summary_path=str(summary_path), mined=done.summary["mined"],
         summary=done.summary, knn_metric=spec.knn_metric.value, topn=spec.topn,
         filter_by_label=spec.filter_by_label, label_filter=done.label_filter, encoder=identity,
-        backend=inputs.backend, timings=done.timings, warnings=found,
+        backend=inputs.backend, timings=done.timings, cluster=done.cluster, warnings=found,
     )
 
 

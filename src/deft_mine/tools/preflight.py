@@ -21,6 +21,7 @@ from deft_mine.tools.registry import Tool, ToolContext, register
 from deft_mine.tools.store import describe_store
 
 _IMAGE_SAMPLE = 500  # rows per side whose image files are checked for existence
+_NODE_SAMPLE = 8  # rows per side whose images every node of a cluster must read
 
 
 def check_before_mining(inputs: PreflightInput, ctx: ToolContext) -> PreflightResult:
@@ -32,6 +33,10 @@ def check_before_mining(inputs: PreflightInput, ctx: ToolContext) -> PreflightRe
     store = describe_store(StoreInfoInput(store=inputs.store), ctx)
     checks, gpu = backend.check(Path(inputs.output_dir).expanduser().absolute() if inputs.output_dir
                                 else Path.cwd(), Path(store.store))
+    check_nodes = getattr(backend, "check_nodes", None)  # a backend whose work runs elsewhere checks from there
+    if check_nodes is not None:
+        checks += check_nodes(sample_images(inputs), Path(inputs.output_dir).expanduser().absolute()
+                              if inputs.output_dir else Path.cwd())
     roomy = store.free_bytes >= 5 * 2**30
     checks.append(Check.of("store", "ok" if roomy else "warn", store.summary(),
                            None if roomy else "free disk space, or prune the store (deft-mine store prune)"))
@@ -45,6 +50,18 @@ def check_before_mining(inputs: PreflightInput, ctx: ToolContext) -> PreflightRe
                            versions=versions, gpu=gpu,
                            session_encoder=ctx.lock.identity if ctx.lock is not None else None,
                            warnings=predict_warnings(inputs))
+
+
+def sample_images(inputs: PreflightInput, per_side: int = _NODE_SAMPLE) -> list[Path]:
+    """The first images each given listing names (resolved as embed resolves them)."""
+    found: list[Path] = []
+    for name, value in (("targets", inputs.targets), ("source", inputs.source)):
+        if value is not None:
+            path = tables.require_file(Path(value).expanduser().absolute(), name)
+            column = next(tables.iter_batches(path, per_side, ["filepath"]), None)
+            found += [resolve_image_path(str(p), path.parent) for p in
+                      (column.column("filepath").to_pylist() if column is not None else []) if p]
+    return found
 
 
 def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:

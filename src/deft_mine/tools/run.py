@@ -112,7 +112,8 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         manifest.mining = MiningFacts(summary=mine_result.summary, label_filter=mine_result.label_filter,
                                       knn_metric=mine_result.knn_metric, topn=mine_result.topn,
                                       filter_by_label=mine_result.filter_by_label,
-                                      labels=None if labels is None else LabelCounts(**labels))
+                                      labels=None if labels is None else LabelCounts(**labels),
+                                      cluster=mine_result.cluster)
         manifest.history = None if selected is None else history_facts(selected)
         manifest.artifacts = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) + [artifacts.MANIFEST]
         manifest.warnings = found
@@ -123,7 +124,8 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         raise
     try:
         # last: it reads the rest
-        written = write_report(folder, ctx.stage("report").events, ctx.image_allowed, ctx.invocation, ctx.session)
+        written = write_report(folder, ctx.stage("report").events, ctx.image_allowed, ctx.invocation, ctx.session,
+                               producing=True)
     except DeftError as exc:
         # run.json stays "finished": every mining output is whole (and a report regenerated later
         # must not call the run unfinished); the missing Mining_Report.md says the rest.
