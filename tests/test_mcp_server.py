@@ -222,7 +222,7 @@ def test_session_lock_fixes_the_encoder(image_set: Path, mode: str) -> None:
         assert other["locked_encoder"]["model"] == "thumbnail"
         assert other["locked_encoder"]["model_path"] is None
         assert other["requested_encoder"] == {"model": "CLIP", "model_path": str(clip_dir.resolve()),
-                                              "model_config_path": None}
+                                              "model_config_path": None, "pooling": None}
         assert set(other["differing"]) == {"model", "model_path"}
         assert not (image_set / "e2.parquet").exists()
 

@@ -103,7 +103,7 @@ def _run_tool(tool: Tool[Any, Any], args: argparse.Namespace, events: RichEvents
     given = {name: getattr(args, name) for name in fields if hasattr(args, name)}
     given |= {name: getattr(args, flag.lstrip("-").replace("-", "_"))
               for name, flag in _BACKEND_FLAGS.items() if name in fields}
-    invocation = Invocation("cli", tool.name, argv=["deft-mine", *sys.argv[1:]])
+    invocation = Invocation("cli", tool.name, argv=["deft-mine", *args.words])
     result = tool.invoke(tool.input(**given), ToolContext(events, invocation=invocation))
     if not args.json:
         out.print(result.text(), highlight=False)
@@ -115,7 +115,8 @@ def _run_tool(tool: Tool[Any, Any], args: argparse.Namespace, events: RichEvents
 def _run_demo(args: argparse.Namespace, events: RichEvents) -> BaseModel:
     from deft_mine.tools.demo import demo
 
-    result, agreement = demo(args.output_dir, events=events)
+    result, agreement = demo(args.output_dir, events=events,
+                             invocation=Invocation("cli", "demo", argv=["deft-mine", *args.words]))
     if not args.json:
         out.print(result.text(), highlight=False)
         out.print(f"label agreement: {agreement:.0%} of mined images share the defect class of the "
@@ -185,9 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """Shell completion when argcomplete is installed (`eval "$(register-python-argcomplete
+    deft-mine)"`): it answers and exits only when the shell asks ($_ARGCOMPLETE set)."""
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if argv is None:
+        _complete(parser)
     args, extra = parser.parse_known_args(argv)
+    args.words = list(sys.argv[1:] if argv is None else argv)  # the command as typed, for provenance
     # key=value overrides may also come between or after options
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if stray or (extra and not hasattr(args, "overrides")):

@@ -17,9 +17,11 @@ from deft_mine.schemas.warnings import report_finding
 
 
 def write_report(folder: Path, events: Events, image_allowed: Callable[[Path], bool] | None = None,
-                 invocation: Invocation | None = None, session: SessionLog | None = None) -> ReportResult:
+                 invocation: Invocation | None = None, session: SessionLog | None = None,
+                 producing: bool = False) -> ReportResult:
     """Write the pictures and the provenance (mining_config/, session.jsonl), then
-    Mining_Report.md, into `folder`; return what was written. The contact sheet draws only the
+    Mining_Report.md, into `folder` (`producing`: as the last step of the call that made the
+    run); return what was written. The contact sheet draws only the
     images `image_allowed` admits (the others as grey tiles)."""
     folder = Path(folder).expanduser().absolute()
     manifest, files, missing = locate(folder)
@@ -31,7 +33,7 @@ def write_report(folder: Path, events: Events, image_allowed: Callable[[Path], b
     failures = draw(facts, events)
     events.progress("report", 3, 4)
     rendered = render(facts)
-    unavailable = write_provenance(folder, invocation, session)
+    unavailable = write_provenance(folder, invocation, session, producing)
     path = folder / artifacts.REPORT
     tables.write_text_atomic(path, rendered.text)  # last: its presence means everything else is there
     events.progress("report", 4, 4)

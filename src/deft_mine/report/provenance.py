@@ -75,9 +75,11 @@ def call_line(invocation: Invocation, outcome: str, code: str | None = None, war
             "warnings": warnings or [], "run_dir": run_dir}
 
 
-def write_provenance(folder: Path, invocation: Invocation | None, session: SessionLog | None) -> list[str]:
+def write_provenance(folder: Path, invocation: Invocation | None, session: SessionLog | None,
+                     producing: bool) -> list[str]:
     """Write mining_config/ and session.jsonl into a run folder; return what was unavailable.
-    What a run recorded is kept: a later `report` adds, never rewrites, the producing call."""
+    `producing`: this call made the run (else a later `report`, which adds what it can but
+    never rewrites what the run recorded)."""
     config = folder / artifacts.MINING_CONFIG
     unavailable: list[str] = []
     for name in (artifacts.EMBEDDING_SPEC, artifacts.MINING_SPEC):
@@ -85,7 +87,6 @@ def write_provenance(folder: Path, invocation: Invocation | None, session: Sessi
             tables.write_text_atomic(config / name, (folder / name).read_text(encoding="utf-8"))
         else:
             unavailable.append(f"{artifacts.MINING_CONFIG}/{name} (the run folder has no {name})")
-    producing = invocation is not None and invocation.tool == "run"
     environment = {"recorded_by": "the run" if producing else "a later report (the run's own was not recorded)",
                    "deft_mine": __version__, "python": platform.python_version(),
                    "packages": _versions(), "device": _device(), "host": platform.node()}
@@ -97,7 +98,8 @@ def write_provenance(folder: Path, invocation: Invocation | None, session: Sessi
                                "at run time (these are the report writer's)")
     called = config / artifacts.INVOCATION
     if producing:
-        tables.write_text_atomic(called, json.dumps({"produced_by": invocation.wire()}, indent=2) + "\n")
+        made_by = invocation.wire() if invocation else None
+        tables.write_text_atomic(called, json.dumps({"produced_by": made_by}, indent=2) + "\n")
     elif not called.is_file():
         record = {"produced_by": None, "report_by": invocation.wire() if invocation else None}
         tables.write_text_atomic(called, json.dumps(record, indent=2) + "\n")

@@ -8,17 +8,19 @@ import pyarrow.parquet as pq
 
 from deft_mine.engine.synthetic import make_sample_set
 from deft_mine.events import Events
+from deft_mine.report.provenance import Invocation
 from deft_mine.schemas.results import RunResult
 from deft_mine.tools.run import run
 
 
-def demo(output_dir: str | Path, events: Events | None = None) -> tuple[RunResult, float]:
+def demo(output_dir: str | Path, events: Events | None = None,
+         invocation: Invocation | None = None) -> tuple[RunResult, float]:
     """Run the demo; returns the run and the share of mined images whose defect class matches
     the target that mined them best."""
     output_dir = Path(output_dir).absolute()
     targets, pool = make_sample_set(output_dir / "sample_data")
     result = run(targets, pool, output_dir=output_dir, overrides={"model": "thumbnail", "topn": 5},
-                 events=events)
+                 events=events, invocation=invocation)
     return result, label_agreement(Path(result.mined_parquet), targets, pool)
 
 

@@ -88,8 +88,9 @@ class Tool(Generic[InputT, ResultT]):
         return self.fn(inputs, ctx)
 
     def __call__(self, *args: Any, events: Events | None = None, policy: PathPolicy | None = None,
-                 lock: EncoderLock | None = None, **fields: Any) -> ResultT:
-        """The Python face: arguments by position (in the input model's field order) or name."""
+                 lock: EncoderLock | None = None, invocation: Invocation | None = None, **fields: Any) -> ResultT:
+        """The Python face: arguments by position (in the input model's field order) or name;
+        `invocation` says how the call came when not from Python itself (e.g. `deft-mine demo`)."""
         names = list(self.input.model_fields)
         fields.update(zip(names, args))
         try:
@@ -97,7 +98,7 @@ class Tool(Generic[InputT, ResultT]):
                                    for name, value in fields.items()})
         except ValidationError as exc:
             raise invalid_arguments(self.name, exc) from exc
-        invocation = Invocation("python", self.name, inputs.model_dump(mode="json", exclude_none=True))
+        invocation = invocation or Invocation("python", self.name, inputs.model_dump(mode="json", exclude_none=True))
         return self.invoke(inputs, ToolContext(events or NullEvents(), policy, lock, invocation=invocation))
 
 
