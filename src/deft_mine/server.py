@@ -23,10 +23,12 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
 from mcp.server.mcpserver.resources import FileResource
-from mcp_types import INVALID_PARAMS, CallToolResult, TextContent, ToolAnnotations
+from mcp.server.mcpserver.prompts import Prompt
+from mcp_types import (INVALID_PARAMS, CallToolResult, EmptyResult, LoggingLevel,
+                       SetLevelRequestParams, TextContent, ToolAnnotations)
 from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
-from deft_mine import __version__, wire
+from deft_mine import __version__, prompts, wire
 from deft_mine.engine.store import default_location
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled
@@ -54,6 +56,9 @@ ERROR_META_KEY = "io.github.deft-mine/error"
 #: server. Calls beyond this wait (cancellable) for a thread.
 TOOL_THREADS = 32
 log = logging.getLogger("deft_mine.server")
+#: MCP log levels, least severe first (RFC 5424, as the specification orders them).
+LOG_LEVELS: tuple[LoggingLevel, ...] = ("debug", "info", "notice", "warning", "error", "critical", "alert",
+                                        "emergency")
 
 
 class _ClientEvents:
@@ -61,8 +66,9 @@ class _ClientEvents:
 
     _MIN_INTERVAL = 0.2
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, session: "_Session") -> None:
         self.ctx = ctx
+        self.session = session  # read at each line: a logging/setLevel mid-call applies at once
         self.cancelled = threading.Event()
         self._stage_done: dict[str, int] = {}
         self._overall = 0
@@ -89,16 +95,29 @@ class _ClientEvents:
         self._send(self.ctx.report_progress, self._overall, overall_total, message)
 
     def log(self, level: str, message: str) -> None:
+        level = level if level in LOG_LEVELS else "info"
+        if not self.session.wants(level):
+            return
         with warnings.catch_warnings():  # logging is deprecated in the newest protocol, still useful
             warnings.simplefilter("ignore")
-            self._send(self.ctx.log, level if level in ("debug", "info", "warning", "error") else "info",
-                       message, logger_name="deft-mine")
+            self._send(self.ctx.log, level, message, logger_name="deft-mine")
 
 
 class _Server(MCPServer):
-    """The SDK's server, answering two mistakes as the MCP specification (2025-11-25) asks: an
+    """The SDK's server, answering three mistakes as the MCP specification (2025-11-25) asks: an
     unknown tool is a JSON-RPC error (-32602), and arguments that fail the input schema are an
-    isError result carrying our error model (`invalid_arguments`, the field, a fix)."""
+    isError result carrying our error model (`invalid_arguments`, the field, a fix); an unknown
+    prompt, or one missing a required argument, is -32602 too (the SDK answers code 0)."""
+
+    async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None, context: Any = None) -> Any:
+        prompt = self._prompt_manager.get_prompt(name)
+        if prompt is None:
+            raise MCPError(code=INVALID_PARAMS, message=f"Unknown prompt: {name}", data={"prompt": name})
+        missing = sorted(a.name for a in prompt.arguments or [] if a.required and a.name not in (arguments or {}))
+        if missing:
+            raise MCPError(code=INVALID_PARAMS, message=f"Prompt {name} needs argument(s): {', '.join(missing)}",
+                           data={"prompt": name, "missing": missing})
+        return await super().get_prompt(name, arguments, context)
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
         if self._tool_manager.get_tool(name) is None:
@@ -167,6 +186,12 @@ class _Session:
 
     lock: EncoderLock = field(default_factory=EncoderLock)
     log: SessionLog = field(default_factory=SessionLog)
+    #: the least severe log level the client asked for (logging/setLevel); None: every level.
+    #: The 2026-07-28 protocol asks per request instead, and the SDK filters those.
+    log_level: LoggingLevel | None = None
+
+    def wants(self, level: LoggingLevel) -> bool:
+        return self.log_level is None or LOG_LEVELS.index(level) >= LOG_LEVELS.index(self.log_level)
 
 
 def build_server(roots: list[str | Path] | None = None, store: str | Path | None = None) -> MCPServer:
@@ -202,7 +227,9 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
         caps = ctx.client_capabilities
         if caps is not None and getattr(caps, "roots", None) is not None:
             try:
-                with anyio.fail_after(5):
+                # roots are deprecated in the newest protocol; the handshake era's clients still send them
+                with anyio.fail_after(5), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
                     listed = await ctx.session.list_roots()
                 extra = [Path(unquote(urlparse(str(r.uri)).path)) for r in listed.roots
                          if str(r.uri).startswith("file://")]
@@ -213,8 +240,8 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
     threads = anyio.CapacityLimiter(TOOL_THREADS)
 
     async def call(ctx: Context, tool: Tool[Any, Any], inputs: Any) -> CallToolResult:
-        events = _ClientEvents(ctx)
         session = session_of(ctx)
+        events = _ClientEvents(ctx, session)
         invocation = Invocation("mcp", tool.name, inputs.model_dump(mode="json", exclude_none=True))
         tool_ctx = ToolContext(events, await policy(ctx), session.lock, server_store, invocation, session.log)
         try:
@@ -239,6 +266,18 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
         annotations = ToolAnnotations(title=tool.title, read_only_hint=tool.read_only, destructive_hint=False,
                                       idempotent_hint=tool.idempotent, open_world_hint=False)
         mcp.tool(description=tool.description, annotations=annotations)(_handler(tool, call))
+
+    async def set_level(ctx: Any, params: SetLevelRequestParams) -> EmptyResult:
+        session_of(ctx).log_level = params.level
+        return EmptyResult()
+
+    # Declares the logging capability (we send log notifications) for the handshake era, whose
+    # clients choose the least severe level they want; registered on the low-level server
+    # because MCPServer has no setting for it.
+    mcp._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
+
+    for prompt in prompts.PROMPTS:
+        mcp.add_prompt(Prompt.from_function(prompt, name=prompt.__name__, title=prompts.title(prompt)))
 
     for path in sorted(REFERENCES.glob("*.md")):
         mcp.add_resource(FileResource(
