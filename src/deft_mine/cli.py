@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -98,6 +99,11 @@ def _flag(tool: Tool[Any, Any] | None, field: object) -> str | None:
     return "/".join(spec.flags) if spec and spec.flags else None
 
 
+def _emit(text: str) -> None:
+    """A line of the result, on the result's stream (stdout, whatever the work did to sys.stdout)."""
+    print(text, file=out.file, flush=True)
+
+
 def _run_tool(tool: Tool[Any, Any], args: argparse.Namespace, events: RichEvents) -> BaseModel:
     fields = tool.input.model_fields
     given = {name: getattr(args, name) for name in fields if hasattr(args, name)}
@@ -108,7 +114,7 @@ def _run_tool(tool: Tool[Any, Any], args: argparse.Namespace, events: RichEvents
     if not args.json:
         out.print(result.text(), highlight=False)
         if tool.name == "run":
-            print(result.run_dir)  # last line of stdout: scripts take the run folder from here
+            _emit(result.run_dir)  # last line of stdout: scripts take the run folder from here
     return result
 
 
@@ -121,7 +127,7 @@ def _run_demo(args: argparse.Namespace, events: RichEvents) -> BaseModel:
         out.print(result.text(), highlight=False)
         out.print(f"label agreement: {agreement:.0%} of mined images share the defect class of the "
                   "target that mined them (thumbnail encoder, no label filter)")
-        print(result.run_dir)
+        _emit(result.run_dir)
     return result
 
 
@@ -219,12 +225,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                       highlight=False)
             return EXIT_REFUSED
         return EXIT_OK
+    # stdout carries the result alone (scripts take its last line, --json parses it): what a
+    # library prints there while the work runs (Ray's raylet warnings do) goes to stderr instead.
+    out.file = sys.stdout
     try:
-        with sigterm_unwinds(), RichEvents(quiet=args.quiet or args.json) as events:
+        with contextlib.redirect_stdout(sys.stderr), sigterm_unwinds(), \
+                RichEvents(quiet=args.quiet or args.json) as events:
             result = args.handler(args, events)
     except DeftError as exc:
         if args.json:
-            print(json.dumps(ErrorInfo.of(exc).wire(), indent=2))
+            _emit(json.dumps(ErrorInfo.of(exc).wire(), indent=2))
         err.print(f"[red]error[/] [bold]{exc.code}[/]: {escape(exc.message)}", highlight=False)
         if exc.fix:
             flag = _flag(args.tool, exc.details.get("field"))
@@ -233,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM as Terminated: the work unwound, cleaning up
         number = stop_signal(exc)
         if args.json:
-            print(json.dumps(ErrorInfo(code="interrupted", message=f"stopped by {number.name}").wire(), indent=2))
+            _emit(json.dumps(ErrorInfo(code="interrupted", message=f"stopped by {number.name}").wire(), indent=2))
         err.print(f"interrupted by {number.name}; finished files are kept, unfinished ones were not written",
                   highlight=False)
         return exit_code(exc)
@@ -244,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for w in result.warnings:
         err.print(f"[yellow]warning[/] [bold]{w.code}[/]: {escape(w.message)}", highlight=False)
     if args.json:
-        print(result.model_dump_json(indent=2))
+        _emit(result.model_dump_json(indent=2))
     return EXIT_OK
 
 
