@@ -186,6 +186,9 @@ def embedded(images, tmp_path_factory) -> tuple[Path, Path]:
     {"topn": 3, "block_rows": 4},  # several shards, ties across them
     {"topn": 4, "knn_metric": "euclidean", "filter_by_label": True, "block_rows": 5},
     {"topn": 30, "knn_metric": "manhattan", "exclude_targets": True, "block_rows": 3},  # pool exhausted
+    # issue 14: a floor and the per-label search, one group search per shard
+    {"topn": 5, "knn_metric": "euclidean", "filter_by_label": True, "label_mode": "per_label",
+     "max_distance": 1.3, "block_rows": 4},
 ])
 def test_mine_equals_local(cluster, embedded, tmp_path, params):
     targets, pool = embedded
@@ -245,6 +248,7 @@ def test_run_through_the_command_line(cluster, images, tmp_path):
         capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(run_dir.resolve())
+    assert "(raylet)" not in proc.stdout  # the cluster's own messages go to stderr, stdout is the result
     names = {p.name for p in run_dir.iterdir()}
     assert {"embedding_spec.yaml", "mining_spec.yaml", "target_embeddings.parquet", "source_embeddings.parquet",
             "mined.parquet", "mined_pairs.parquet", "mining_summary.txt", "run.json", "Mining_Report.md"} <= names

@@ -23,13 +23,15 @@ from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts
 from deft_mine.schemas.results import Check, EmbedResult, EncoderIdentity, MineResult
-from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, spec_to_yaml
+from deft_mine.schemas.specs import MINING_CONTROLS, EmbeddingSpec, MiningSpec, controls_at_default, spec_to_yaml
 
 ResultT = TypeVar("ResultT", EmbedResult, MineResult)
 
 DEFAULT_IMAGE = "deft-mine:latest"
 SPEC_FOLDER = ".deft-mine"  # beside the outputs: the exact spec each container ran with
 _LOG_TAIL = 30
+# Warnings of the mining controls that our image's engine raises (read back from its result JSON).
+_CONTROL_WARNINGS = ("targets_without_neighbours", "floor_removed_all", "label_missing_in_pool")
 _PROGRESS = re.compile(r"^\[(?P<stage>[^\]]+)\] (?P<done>\d+)/(?P<total>\d+|\?)$")
 # NVIDIA's image records the filter no-op only as a log sentence about missing labels (ours
 # records it in its summary and result JSON).
@@ -163,9 +165,13 @@ class DockerBackend:
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
              summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
         workspace = _common_folder([source_path.parent, target_path.parent, output_path.parent])
+        unset = controls_at_default(spec)
+        if len(unset) < len(MINING_CONTROLS):
+            self._require_our_image([k for k in MINING_CONTROLS if k not in unset])
+        # The controls at their defaults are left out, so NVIDIA's image reads the spec it always did.
         spec_file = self._write_spec(output_path, "mining_spec.yaml", spec.model_copy(update={
             "source_parquet": str(source_path), "target_parquet": str(target_path),
-            "output_parquet": str(output_path)}))
+            "output_parquet": str(output_path)}), exclude=unset)
         t0 = time.perf_counter()
         lines = self._run(["tmm", "nearest_neighbors", "-e", str(spec_file)], workspace, [], events,
                           outputs=[output_path, summary_path])
@@ -182,17 +188,34 @@ class DockerBackend:
         elif label_filter is None:  # NVIDIA's image: its log is all there is
             label_filter = spec.label_filter(label_missing or
                                              (["source", "target"] if any(map(_NOOP.search, lines)) else []))
+        # What the mining controls found in the data, as our image's engine said it.
+        found = [w for w in (told.warnings if told is not None else []) if w.code in _CONTROL_WARNINGS]
         return BackendMine(
             summary=summary, label_filter=label_filter, label_missing=label_missing or
             (["source", "target"] if label_filter == "noop" else []),
             searched_rows=summary["pool"] if "pool" in summary else tables.num_rows(source_path),
-            target_in_pool=summary.get("target_in_pool", 0), timings=timings)
+            target_in_pool=summary.get("target_in_pool", 0), timings=timings, warnings=found)
+
+    def _require_our_image(self, keys: list[str]) -> None:
+        """Only deft-mine's own image knows the mining controls; NVIDIA's would ignore them silently."""
+        import docker
+
+        try:
+            entrypoint = _client().images.get(self.image).attrs.get("Config", {}).get("Entrypoint") or []
+        except docker.errors.ImageNotFound:
+            return  # the run itself says image_missing, with its fix
+        if not any("deft-mine-task" in str(part) for part in entrypoint):
+            raise DeftError(
+                "backend_unsupported", f"{', '.join(keys)}: {self.image} is not deft-mine's image (entrypoint "
+                f"{entrypoint}), and the TAO container has no similarity floor or per-label search",
+                fix="use deft-mine's image (docker/Dockerfile, --image deft-mine:latest) or backend=local, or "
+                    f"leave {', '.join(keys)} out", field=keys[0], image=self.image)
 
     # ------------------------------------------------------------------ the container
 
-    def _write_spec(self, output_path: Path, name: str, spec: Any) -> Path:
+    def _write_spec(self, output_path: Path, name: str, spec: Any, exclude: set[str] | None = None) -> Path:
         path = output_path.parent / SPEC_FOLDER / f"{output_path.stem}.{name}"
-        tables.write_text_atomic(path, spec_to_yaml(spec))
+        tables.write_text_atomic(path, spec_to_yaml(spec, exclude))
         return path
 
     def _check_images(self, input_path: Path, image_root: Path, workspace: Path) -> None:

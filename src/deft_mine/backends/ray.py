@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -123,6 +124,7 @@ def connect(address: str | None) -> Any:
         _keepers.append(release)
         _attached = wanted
         _quiet_ray_data(ray)
+        _cluster_messages_to_stderr()
         return ray
 
 
@@ -134,6 +136,24 @@ def _quiet_ray_data(ray: Any) -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _cluster_messages_to_stderr() -> None:
+    """Ray prints the raylets' warnings (e.g. "N worker processes have been started") on the
+    driver's stdout, even with log_to_driver off, and flushes repeats when the process exits,
+    after our result: stdout is ours (the run folder is its last line, --json is parsed), so
+    they go to stderr. Ray has no setting for it; its printer is wrapped, if it is where 2.60 has it."""
+    from ray._private import worker
+
+    original = getattr(worker, "print_worker_logs", None)
+    if original is None or getattr(original, "_deft_mine", False):
+        return
+
+    def to_stderr(data: Any, print_file: Any, *args: Any, **kwargs: Any) -> None:
+        original(data, sys.stderr, *args, **kwargs)
+
+    to_stderr._deft_mine = True  # type: ignore[attr-defined]
+    worker.print_worker_logs = to_stderr
 
 
 def disconnect() -> None:

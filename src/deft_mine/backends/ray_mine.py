@@ -34,13 +34,17 @@ def plan_shards(total: int, block_rows: int, cpus: float) -> list[tuple[int, int
 
 
 def search_shard(spec: MiningSpec, source_path: str, target_path: str, queries: np.ndarray, drop: np.ndarray,
-                 start: int, end: int, dim: int | None) -> dict[str, Any]:
-    """A Ray task: the search of pool rows [start, end); a DeftError comes back as data (it
-    does not survive pickling), to be raised on the driver for the first bad shard."""
+                 start: int, end: int, dim: int | None, query_groups: np.ndarray | None = None,
+                 pool_groups: np.ndarray | None = None) -> dict[str, Any]:
+    """A Ray task: the search of pool rows [start, end) (with label_mode=per_label, each query
+    among its own label's rows: the queries' groups and this range's rows' groups); a DeftError
+    comes back as data (it does not survive pickling), to be raised on the driver for the first
+    bad shard."""
     import ray
 
     try:
-        found = search_range(spec, Path(source_path), Path(target_path), queries, drop, start, end, dim)
+        found = search_range(spec, Path(source_path), Path(target_path), queries, drop, start, end, dim,
+                             query_groups=query_groups, pool_groups=pool_groups)
     except DeftError as exc:
         return {"error": as_data(exc)}
     return {"found": found, "node": ray.get_runtime_context().get_node_id()}
@@ -57,8 +61,9 @@ def _search(ray: Any, prep: Prepared, events: Events, watch: HeadWatch) -> tuple
     # SPREAD: short tasks would otherwise pack onto the driver's node.
     task = ray.remote(search_shard).options(num_cpus=1, scheduling_strategy="SPREAD", max_retries=_RETRIES)
     queries = ray.put(prep.queries)
+    groups = prep.pool_groups
     pending = {task.remote(spec, str(prep.source_path), str(prep.target_path), queries, prep.drop[a:b], a, b,
-                           dim if a else None): i
+                           dim if a else None, prep.query_groups, None if groups is None else groups[a:b]): i
                for i, (a, b) in enumerate(shards)}
     events.log("info", f"mining {total} pool rows in {len(shards)} shard(s) on Ray")
     events.progress("mine", 0, total)

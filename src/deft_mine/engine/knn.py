@@ -110,6 +110,46 @@ class RunningTopK:
         return self.state.neighbours(self.metric)
 
 
+class GroupedTopK:
+    """A running top-k per group (label_mode=per_label): each query is searched only among the
+    pool rows of its own group, one RunningTopK per group, so the work is one search per group
+    and block, never one per query. Group -1 (a null label) searches nothing and finds nothing."""
+
+    def __init__(self, queries: np.ndarray, query_groups: np.ndarray, k: int, metric: Metric) -> None:
+        self.k, self.total = k, len(queries)
+        self.members: dict[int, np.ndarray] = {}  # group -> its query rows, in file order
+        self.tops: dict[int, RunningTopK] = {}
+        for group in np.unique(query_groups[query_groups >= 0]).tolist():
+            rows = np.flatnonzero(query_groups == group)
+            self.members[group] = rows
+            self.tops[group] = RunningTopK(queries[rows], k, metric)
+
+    def add(self, block: np.ndarray, ids: np.ndarray, block_groups: np.ndarray) -> None:
+        """Add pool rows (`ids` increasing, as for RunningTopK.add) with their groups: each group
+        searches only its own rows. A stable sort keeps each group's rows in pool order."""
+        order = np.argsort(block_groups, kind="stable")
+        sorted_groups = block_groups[order]
+        present, starts = np.unique(sorted_groups, return_index=True)
+        ends = np.append(starts[1:], len(order))
+        for group, lo, hi in zip(present.tolist(), starts.tolist(), ends.tolist()):
+            top = self.tops.get(group)
+            if top is not None:
+                rows = order[lo:hi]
+                top.add(block[rows], ids[rows])
+
+    @property
+    def state(self) -> TopKState:
+        """Every query's top-k in file order, k wide; slots a small group could not fill hold
+        key inf and row -1 (as an unfilled slot of one block's search does)."""
+        keys = np.full((self.total, self.k), np.inf, dtype=np.float64)
+        ids = np.full((self.total, self.k), -1, dtype=np.int64)
+        for group, rows in self.members.items():
+            part = self.tops[group].state
+            width = part.keys.shape[1]
+            keys[rows, :width], ids[rows, :width] = part.keys, part.ids
+        return TopKState(keys, ids)
+
+
 def search(
     queries: np.ndarray, pool_blocks: Iterable[np.ndarray], k: int, metric: Metric
 ) -> Neighbours:

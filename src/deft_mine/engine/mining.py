@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from deft_mine.engine import tables
-from deft_mine.engine.knn import RunningTopK, TopKState
+from deft_mine.engine.knn import GroupedTopK, RunningTopK, TopKState
 from deft_mine.schemas import warnings
 from deft_mine.schemas.specs import Metric, MiningSpec
 from deft_mine.schemas.warnings import ToolWarning
@@ -47,7 +47,8 @@ def mine_files(source_path: Path, target_path: Path, spec: MiningSpec, events: E
     prep = prepare(source_path, target_path, spec)
     events.progress("mine", 0, prep.total)
     found = search_range(spec, source_path, target_path, prep.queries, prep.drop,
-                         on_block=lambda seen: events.progress("mine", seen, prep.total))
+                         on_block=lambda seen: events.progress("mine", seen, prep.total),
+                         query_groups=prep.query_groups, pool_groups=prep.pool_groups)
     prep.timings["search"] = time.perf_counter() - prep.search_started
     return finish(prep, found)
 
@@ -74,6 +75,11 @@ class Prepared:
     started: float
     search_started: float
     timings: dict[str, float] = field(default_factory=dict)
+    # label_mode=per_label (with the filter applied): each query's label group and each pool
+    # row's (-1: a null label, or one no target has); None in every other case.
+    query_groups: np.ndarray | None = None
+    pool_groups: np.ndarray | None = None
+    missing_in_pool: dict[str, int] = field(default_factory=dict)  # target label -> targets, no pool row has it
 
     @property
     def total(self) -> int:
@@ -132,24 +138,61 @@ def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
     # earlier row's file and which are targets, vectorised over the pool.
     search_started = time.perf_counter()
     pool_paths, repeated, is_target = _pool_paths(source_path, target_set)
-    return Prepared(spec=spec, source_path=source_path, target_path=target_path, label_missing=label_missing,
+    prep = Prepared(spec=spec, source_path=source_path, target_path=target_path, label_missing=label_missing,
                     label_filter=spec.label_filter(label_missing), targets=targets, target_rows=target_rows,
                     queries=queries, pool_paths=pool_paths, repeated=repeated,
                     drop=repeated | is_target if spec.exclude_targets else repeated,
                     in_pool=int((is_target & ~repeated).sum()), zero=zero, zero_examples=zero_examples,
                     started=started, search_started=search_started)
+    if spec.label_mode == "per_label" and prep.label_filter == "applied":
+        _label_groups(prep)
+    return prep
+
+
+def _label_groups(prep: Prepared) -> None:
+    """Number the targets' labels (as strings, as the post-filter compares them) and give every
+    query and every pool row its label's number; a null label, or a pool label no target has,
+    is -1 and is never searched. The pool's labels are read whole, like its paths (small beside
+    its vectors), so the search can stay streamed block by block."""
+    target_labels = _label_array(prep.targets.column("label"))
+    groups = pc.unique(target_labels.drop_null())
+    prep.query_groups = _group_codes(target_labels, groups)
+    pool_labels = _label_array(tables.read_columns(prep.source_path, ["label"]).column("label"))
+    prep.pool_groups = _group_codes(pool_labels, groups)
+    searchable = prep.pool_groups[(prep.pool_groups >= 0) & ~prep.drop]
+    rows_per_group = np.bincount(searchable, minlength=len(groups))
+    targets_per_group = np.bincount(prep.query_groups[prep.query_groups >= 0], minlength=len(groups))
+    names = groups.to_pylist()
+    prep.missing_in_pool = {names[g]: int(targets_per_group[g]) for g in np.flatnonzero(rows_per_group == 0)}
+
+
+def _label_array(labels: pa.ChunkedArray) -> pa.Array:
+    """Labels as one string array (3 and "3" agree, nulls stay null)."""
+    array = labels.combine_chunks()
+    return array if pa.types.is_string(array.type) else pc.cast(array, pa.string())
+
+
+def _group_codes(labels: pa.Array, groups: pa.Array) -> np.ndarray:
+    """Each label's position in `groups` (int32), -1 for a null or a label not among them."""
+    codes = pc.index_in(labels, value_set=groups)
+    return codes.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
 
 
 def search_range(spec: MiningSpec, source_path: Path, target_path: Path, queries: np.ndarray, drop: np.ndarray,
                  start: int = 0, end: int | None = None, dim: int | None = None,
-                 on_block: Callable[[int], None] | None = None) -> Searched:
+                 on_block: Callable[[int], None] | None = None, query_groups: np.ndarray | None = None,
+                 pool_groups: np.ndarray | None = None) -> Searched:
     """The exact top-n of every query within pool rows [start, end) (the whole pool by
     default), read block by block: `drop` marks this range's rows to leave out, and under
     cosine all-zero vectors are left out and counted. `dim` is the pool's vector length when
     the range does not start at row 0 (every block must match the first). `on_block` hears
-    the pool row reached after each block."""
+    the pool row reached after each block. With `query_groups` and this range's `pool_groups`
+    (label_mode=per_label) each query is searched among the rows of its own group only."""
     metric, column = spec.knn_metric, spec.source_embed_column_name
-    top = RunningTopK(queries, spec.topn, metric) if len(queries) else None
+    top: RunningTopK | GroupedTopK | None = None
+    if len(queries):
+        top = RunningTopK(queries, spec.topn, metric) if query_groups is None else \
+            GroupedTopK(queries, query_groups, spec.topn, metric)
     found = Searched(state=None)
     seen = start
     for vectors in tables.read_ahead(pool_vectors(source_path, column, spec.block_rows, start, end, dim)):
@@ -173,9 +216,14 @@ def search_range(spec: MiningSpec, source_path: Path, target_path: Path, queries
                 if sum(map(len, found.flat_rows)) < 5:
                     found.flat_rows.append(ids[flat][:3].tolist())
                 skip |= flat
+        groups = None if pool_groups is None else pool_groups[seen - start:seen - start + rows]
         if skip.any():
             vectors, ids = vectors[~skip], ids[~skip]
-        if top is not None:
+            groups = None if groups is None else groups[~skip]
+        if isinstance(top, GroupedTopK):
+            assert groups is not None  # the grouped search is only ever given both
+            top.add(vectors, ids, groups)
+        elif top is not None:
             top.add(vectors, ids)
         found.searched += len(ids)
         seen += rows
@@ -201,7 +249,7 @@ def merge(parts: list[Searched], k: int) -> Searched:
 
 def finish(prep: Prepared, found: Searched) -> MiningOutcome:
     """The search's pairs turned into the outcome: the pairs' paths and labels read back, the
-    label post-filter, de-duplication, the summary and the warnings."""
+    similarity floor, the label post-filter, de-duplication, the summary and the warnings."""
     spec, zero, zero_examples = prep.spec, dict(prep.zero), list(prep.zero_examples)
     topn, metric = spec.topn, spec.knn_metric
     timings, targets, queries = prep.timings, prep.targets, prep.queries
@@ -220,6 +268,8 @@ def finish(prep: Prepared, found: Searched) -> MiningOutcome:
             len(rows_repeated), list(dict.fromkeys(prep.pool_paths.take(pa.array(rows_repeated[:20])).to_pylist()))[:5]))
     if zero["targets"] or zero["source"]:
         found_warnings.append(warnings.zero_vectors(zero, zero_examples[:5]))
+    if prep.missing_in_pool:
+        found_warnings.append(warnings.label_missing_in_pool(prep.missing_in_pool))
 
     k = min(topn, searched)
     if found.state is not None and k:
@@ -228,30 +278,33 @@ def finish(prep: Prepared, found: Searched) -> MiningOutcome:
     else:
         indices = np.zeros((len(queries), 0), np.int64)
         scores = np.zeros((len(queries), 0), np.float64)
+    # A per-label search leaves the slots of a small label group empty (row -1): no pair there.
+    found_mask = indices >= 0
 
     # The filepath (and label) of just the rows that were found.
     t0 = time.perf_counter()
-    wanted = np.unique(indices)
+    wanted = np.unique(indices[found_mask])
     src_cols = ["filepath"] + (["label"] if "source" not in label_missing else [])
     picked = _take_rows(prep.source_path, wanted, src_cols, spec.block_rows)
     position = np.searchsorted(wanted, indices)
-    src_paths = np.asarray(picked["filepath"], dtype=object)[position] if indices.size else \
-        np.zeros(indices.shape, dtype=object)
+    src_paths = _gathered(picked["filepath"], position, found_mask)
 
-    pairs = int(indices.size)
-    keep = np.ones(indices.shape, dtype=bool)
+    pairs = int(found_mask.sum())
     tgt_col = src_labels = None
     if "target" not in label_missing:
         tgt_col = np.asarray(_labels_as_str(targets.column("label")), dtype=object)[:, None]
     if "source" not in label_missing:
-        src_labels = np.asarray(_labels_as_str(picked["label"]), dtype=object)[position] \
-            if indices.size else np.zeros(indices.shape, dtype=object)
+        src_labels = _gathered(_labels_as_str(picked["label"]) if wanted.size else [], position, found_mask)
+    # The floor first (a property of the pair alone), then the label filter on what is left.
+    within = found_mask & within_floor(spec, scores)
+    keep = within.copy()
     if label_filter == "applied":
-        keep = (src_labels == tgt_col) & (src_labels != None) & (tgt_col != None)  # noqa: E711
+        keep &= (src_labels == tgt_col) & (src_labels != None) & (tgt_col != None)  # noqa: E711
 
     target_paths = targets.column("filepath").to_pylist()
     mined = _dedupe(src_paths, scores, keep, target_paths, metric)
-    pairs_table = _pairs_table(target_paths, prep.target_rows, indices, src_paths, scores, keep, tgt_col, src_labels)
+    pairs_table = _pairs_table(target_paths, prep.target_rows, indices, src_paths, scores, keep, tgt_col,
+                               src_labels, found_mask, None if spec.floor is None else ~within)
     timings["collect"] = time.perf_counter() - t0
     summary = {
         "queries": len(queries),
@@ -260,12 +313,27 @@ def finish(prep: Prepared, found: Searched) -> MiningOutcome:
         "pool": searched,
         "pairs": pairs,
     }
+    below = pairs - int(within.sum())
+    if spec.floor is not None:
+        summary["below_floor"] = below
     if label_filter == "applied":
         summary["kept_pairs"] = int(keep.sum())
-        summary["dropped_pairs"] = pairs - int(keep.sum())
+        summary["dropped_pairs"] = int(within.sum()) - int(keep.sum())
     summary["duplicates_removed"] = int(keep.sum()) - mined.num_rows
     summary["mined"] = mined.num_rows
     summary["target_in_pool"] = prep.in_pool
+    # The new controls' outcome, only when one is on (a default run's summary reads as it always has).
+    if spec.floor is not None or prep.query_groups is not None:
+        alone = np.flatnonzero(~keep.any(axis=1)) if len(queries) else np.zeros(0, np.int64)
+        summary["targets_without_neighbours"] = len(alone)
+        if len(alone):
+            found_warnings.append(warnings.targets_without_neighbours(
+                [str(target_paths[i]) for i in alone[:10]], len(alone), len(queries), spec.floor is not None,
+                prep.query_groups is not None))
+        if spec.floor is not None and pairs and not within.any():
+            found_warnings.append(warnings.floor_removed_all(pairs, _floor_key(spec), spec.floor,
+                                                             float(scores[found_mask].max() if metric.higher_is_nearer
+                                                                   else scores[found_mask].min())))
     # Rows left out of the search, only when there are some (the summary's usual keys stay as they were).
     if repeated.any():
         summary["duplicate_paths"] = int(repeated.sum())
@@ -275,6 +343,27 @@ def finish(prep: Prepared, found: Searched) -> MiningOutcome:
     return MiningOutcome(mined=mined, pairs=pairs_table, summary=summary, searched_rows=searched,
                          target_in_pool=prep.in_pool, label_filter=label_filter,
                          label_missing=label_missing, timings=timings, warnings=found_warnings)
+
+
+def within_floor(spec: MiningSpec, scores: np.ndarray) -> np.ndarray:
+    """Which scores (the metric's own scale) reach the spec's floor; every one when it is off.
+    The scores are the exact float64 ones, so a pair on the floor itself is kept, reproducibly."""
+    floor = spec.floor
+    if floor is None:
+        return np.ones(scores.shape, dtype=bool)
+    return scores >= floor if spec.knn_metric.higher_is_nearer else scores <= floor
+
+
+def _floor_key(spec: MiningSpec) -> str:
+    return "min_similarity" if spec.knn_metric.higher_is_nearer else "max_distance"
+
+
+def _gathered(values: list, position: np.ndarray, found_mask: np.ndarray) -> np.ndarray:
+    """`values[position]` as an object array shaped like `position`, None where nothing was found."""
+    out = np.full(position.shape, None, dtype=object)
+    if found_mask.any():
+        out[found_mask] = np.asarray(values, dtype=object)[position[found_mask]]
+    return out
 
 
 def _require_vector_column(path: Path, schema: pa.Schema, column: str, side: str) -> None:
@@ -319,10 +408,11 @@ def _all_zero(path: Path, field: str, column: str) -> DeftError:
 
 def _pairs_table(target_paths: list, target_rows: np.ndarray, indices: np.ndarray, src_paths: np.ndarray,
                  scores: np.ndarray, keep: np.ndarray, tgt_labels: np.ndarray | None,
-                 src_labels: np.ndarray | None) -> pa.Table:
+                 src_labels: np.ndarray | None, found_mask: np.ndarray, below_floor: np.ndarray | None) -> pa.Table:
     """One row per pair found: which target (its row in the target file), its rank-th
-    neighbour, the score, whether the label filter kept it (and both labels when the files
-    have them)."""
+    neighbour, the score, whether it was kept (by the floor and the label filter), both labels
+    when the files have them, and with a floor whether the pair fell below it. Empty slots of a
+    per-label search are no pairs."""
     queries, k = indices.shape
     columns = {
         "target_filepath": pa.array(np.repeat(np.asarray(target_paths, dtype=object), k).tolist(), pa.string()),
@@ -337,7 +427,10 @@ def _pairs_table(target_paths: list, target_rows: np.ndarray, indices: np.ndarra
         columns["target_label"] = pa.array(np.repeat(tgt_labels[:, 0], k).tolist(), pa.string())
     if src_labels is not None:
         columns["source_label"] = pa.array(src_labels.reshape(-1).tolist(), pa.string())
-    return pa.table(columns)
+    if below_floor is not None:
+        columns["below_floor"] = pa.array(below_floor.reshape(-1), pa.bool_())
+    table = pa.table(columns)
+    return table if found_mask.all() else table.filter(pa.array(found_mask.reshape(-1)))
 
 
 def pool_vectors(path: Path, column: str, block_rows: int, start: int = 0, end: int | None = None,

@@ -65,6 +65,8 @@ class PairStats:
     score_median: float | None
     score_max: float | None
     kept_by_target_label: dict[str, int] | None  # kept pairs per target label (None: no label)
+    below_floor: int | None = None  # pairs below the similarity floor (None: no floor was set)
+    below_by_target_label: dict[str, int] | None = None  # ...per target label
 
 
 @dataclass
@@ -366,14 +368,20 @@ def _pair_stats(facts: ReportFacts, files: Files) -> None:
     path = files.get("pairs")
     if path is None:
         return
-    labelled = "target_label" in tables.schema_of(path).names
-    table = tables.read_columns(path, ["score", "kept"] + (["target_label"] if labelled else []))
+    names = tables.schema_of(path).names
+    labelled, floored = "target_label" in names, "below_floor" in names
+    table = tables.read_columns(path, ["score", "kept"] + (["target_label"] if labelled else [])
+                                + (["below_floor"] if floored else []))
     scores = table.column("score").to_numpy()
     kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
     labels = table.column("target_label").to_pylist() if labelled else None
     by_label = None if labels is None else count_labels(list(compress(labels, kept)))
     spread = [float(f(scores)) for f in (np.min, np.median, np.max)] if len(scores) else [None] * 3
     facts.pairs = PairStats(len(scores), int(kept.sum()), *spread, kept_by_target_label=by_label)
+    if floored:  # a run with a similarity floor says which pairs fell below it
+        below = table.column("below_floor").to_numpy(zero_copy_only=False).astype(bool)
+        facts.pairs.below_floor = int(below.sum())
+        facts.pairs.below_by_target_label = None if labels is None else count_labels(list(compress(labels, below)))
 
 
 def _check_mined(facts: ReportFacts, files: Files) -> None:

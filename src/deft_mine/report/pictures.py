@@ -24,6 +24,7 @@ CONTACT_NEIGHBOURS = 8  # neighbours drawn per target at most
 WHITE, INK, GRID, PLACEHOLDER = (255, 255, 255), (33, 33, 33), (220, 220, 220), (160, 160, 160)
 TARGET_FRAME, KEPT, DROPPED = (40, 90, 200), (46, 139, 87), (200, 50, 50)
 NEUTRAL, MINED = (90, 120, 170), (230, 140, 40)
+FLOOR = (20, 20, 20)
 
 TILE = 112  # thumbnail side in pixels
 GAP = 10
@@ -122,10 +123,12 @@ def _histogram(facts: ReportFacts, path: Path) -> bool:
             f"{metric} distance (lower is nearer)" if metric else "score")
     pairs_path, mined = facts.path("pairs"), facts.path("mined")
     kept = None
+    spec = facts.manifest.mining_spec or {}
+    floor = next((spec[k] for k in ("min_similarity", "max_distance") if spec.get(k) is not None), None)
     if pairs_path is not None:
         table = tables.read_columns(pairs_path, ["score", "kept"])
         scores = table.column("score").to_numpy()
-        if mining.label_filter == "applied":
+        if mining.label_filter == "applied" or floor is not None:
             kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
         title = f"Neighbour scores of all {len(scores)} pairs found"
     else:
@@ -136,7 +139,8 @@ def _histogram(facts: ReportFacts, path: Path) -> bool:
     facts.histogram_from = "pairs" if pairs_path is not None else "mined"
     scores = np.asarray(scores, dtype=np.float64)
     finite = np.isfinite(scores)
-    _draw_histogram(scores[finite], None if kept is None else kept[finite], path, title, f"score: {axis}")
+    _draw_histogram(scores[finite], None if kept is None else kept[finite], path, title, f"score: {axis}",
+                    floor=None if floor is None else float(floor))
     return True
 
 
@@ -229,8 +233,9 @@ def _draw_contact_sheet(rows: Sequence[Sequence[Tile]], path: Path, title: str) 
 
 
 def _draw_histogram(scores: np.ndarray, kept: np.ndarray | None, path: Path, title: str,
-                    axis_label: str, bins: int = 20) -> None:
-    """Counts of `scores` in `bins` equal bins; with `kept`, kept (green) and dropped (red) stacked."""
+                    axis_label: str, bins: int = 20, floor: float | None = None) -> None:
+    """Counts of `scores` in `bins` equal bins; with `kept`, kept (green) and dropped (red)
+    stacked; with a `floor`, a vertical line where it lies (the range widened to show it)."""
     width, height = 720, 400
     left, right, top, bottom = 64, 24, 64, 56
     image, pen = _canvas(width, height, title, (left, 12), width - left - right)
@@ -242,6 +247,8 @@ def _draw_histogram(scores: np.ndarray, kept: np.ndarray | None, path: Path, tit
         _save(image, path)
         return
     lo, hi = float(scores.min()), float(scores.max())
+    if floor is not None:
+        lo, hi = min(lo, floor), max(hi, floor)
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, bins + 1)
@@ -272,7 +279,13 @@ def _draw_histogram(scores: np.ndarray, kept: np.ndarray | None, path: Path, tit
         pen.line([(x, top + plot_h), (x, top + plot_h + 4)], fill=INK)
         pen.text((x - pen.textlength(label, font=face) / 2, top + plot_h + 6), label, fill=INK, font=face)
     pen.text((left, height - 22), _fit(pen, axis_label, plot_w, face), fill=INK, font=face)
-    _legend(pen, left, [(colour, name) for _, colour, name in layers], face)
+    entries = [(colour, name) for _, colour, name in layers]
+    if floor is not None:
+        x = left + (floor - lo) / (hi - lo) * plot_w
+        for y in range(top, top + plot_h, 8):  # dashed, so the bars behind it stay readable
+            pen.line([(x, y), (x, min(y + 4, top + plot_h))], fill=FLOOR, width=2)
+        entries.append((FLOOR, f"floor {floor:.4g}"))
+    _legend(pen, left, entries, face)
     _save(image, path)
 
 

@@ -26,11 +26,22 @@ SUMMARY_MEANING = {
     "neighbours_requested": "queries × topn",
     "pool": "pool rows searched",
     "pairs": "(target, neighbour) pairs found",
+    "below_floor": "pairs beyond the similarity floor (dropped before de-duplication)",
     "kept_pairs": "pairs whose labels agree (kept by the filter)",
     "dropped_pairs": "pairs whose labels differ (dropped)",
     "duplicates_removed": "kept pairs that repeat an image already mined",
     "mined": "unique images written to the mined parquet",
     "target_in_pool": "pool rows whose filepath is also a target",
+    "targets_without_neighbours": "targets that kept no pair (floor or per-label search)",
+}
+# What to do about the mining controls' warnings (the rest of the run's warnings carry none).
+CONTROL_ACTIONS = {
+    "floor_removed_all": "Loosen the floor (a lower `min_similarity`, a higher `max_distance`; the score "
+                         "histogram shows where the pairs lie) and mine again: nothing was mined.",
+    "targets_without_neighbours": "Look at those targets on the contact sheet: the pool may hold no real "
+                                  "look-alike of them; grow the pool, or loosen the floor.",
+    "label_missing_in_pool": "Label pool images of those classes (or fix the spelling; labels compare as "
+                             "strings), or mine those targets with label_mode=post_filter.",
 }
 
 
@@ -154,6 +165,15 @@ class _View:
                             f"{self.metric} distance, lower is nearer" if self.metric else
                             "in a metric that is not recorded")
         self.no_label_sides = [side for side in ("source", "target") if self.inputs[side].has_label is False]
+        self.label_mode = self.spec.get("label_mode")  # None: a run from before the choice, or TAO's
+        self.floor_key = next((k for k in ("min_similarity", "max_distance") if self.spec.get(k) is not None), None)
+        self.floor = self.spec.get(self.floor_key) if self.floor_key else None
+
+    def controls(self) -> str:
+        """The mining controls a run set beyond TAO's (empty when none): for parameter lines."""
+        parts = ([f"label_mode={self.label_mode}"] if self.label_filter == "applied" and self.label_mode else []) \
+            + ([f"{self.floor_key}={_fmt(self.floor)}"] if self.floor_key else [])
+        return ", ".join(parts)
 
 
 def _first(*values: Any) -> Any:
@@ -254,7 +274,9 @@ def findings(facts: ReportFacts) -> list[Finding]:
                                f"{v.summary.get('mined')} mined images",
                                "The file changed after mining; mine again or restore it."))
     if v.mined_count == 0 and v.queries:
+        floored = v.floor_key is not None and v.summary.get("below_floor") == v.summary.get("pairs")
         out.append(Finding("nothing_mined", "attention", "the run mined no images at all",
+                           f"Loosen `{v.floor_key}`: every pair found was beyond it." if floored else
                            "Check that target and pool labels use the same spelling (the label "
                            "filter drops pairs whose labels differ), and that the pool is not empty."))
     if not facts.has_manifest:
@@ -267,7 +289,8 @@ def findings(facts: ReportFacts) -> list[Finding]:
     for warning in facts.warnings:
         if warning.code not in covered:
             covered.add(warning.code)
-            out.append(Finding(warning.code, "attention", _short(warning.message, 40)))
+            out.append(Finding(warning.code, "attention", _short(warning.message, 40),
+                               CONTROL_ACTIONS.get(warning.code)))
     return out
 
 
@@ -297,7 +320,7 @@ def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool
         "failed": "the mined set must not be used: " + "; ".join(f.reason for f in found if f.severity == "failed") + ".",
     }[verdict]
     params = (f"topn={_fmt(v.topn)}, knn_metric={_fmt(v.metric)}, filter_by_label={_flag(v.filter_by_label)}"
-              + (f" ({v.label_filter})" if v.label_filter else ""))
+              + (f" ({v.label_filter})" if v.label_filter else "") + (f", {v.controls()}" if v.controls() else ""))
     encoder = (f"{_code(getattr(v.enc_t, 'model', None))} (fingerprint {_code(v.fingerprint)}), "
                + {True: "the same on both sides", False: "DIFFERENT on the two sides",
                   None: "match not recorded"}[v.match])
@@ -432,6 +455,10 @@ def _mine_command(v: _View, inline: bool = False) -> str:
         parts.append(f"{key}={v.spec.get(key) or folder + '/' + (files.get(role) or default)}")
     parts += [f"{key}={str(value).lower()}" for key, value in (("topn", v.topn), ("knn_metric", v.metric),
               ("filter_by_label", v.filter_by_label)) if value is not None]
+    if v.label_mode and v.label_mode != "post_filter":
+        parts.append(f"label_mode={v.label_mode}")
+    if v.floor_key:
+        parts.append(f"{v.floor_key}={_fmt(v.floor)}")
     command = " ".join(parts)
     return f"`{command}`" if inline else f"```\n{command}\n```"
 
@@ -442,7 +469,10 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
                   "re-embedding):\n\n" + _mine_command(v)),
               (0, f"Parameters: `topn` = {_fmt(v.topn)}, `knn_metric` = {_fmt(v.metric)} (scores are "
                   f"{v.score_words}), `filter_by_label` = {_flag(v.filter_by_label)}, "
-                  f"`exclude_targets` = {_flag(v.exclude_targets)}.")]
+                  f"`exclude_targets` = {_flag(v.exclude_targets)}"
+                  + "".join(f", `{key}` = {_fmt(value)}" for key, value in (
+                      ("label_mode", v.label_mode if v.label_filter == "applied" else None),
+                      (v.floor_key, v.floor)) if key and value is not None) + ".")]
     if v.summary:
         table = _table("Count | Value | Meaning", [(f"`{key}`", _cell(value), SUMMARY_MEANING.get(key, ""))
                                                   for key, value in v.summary.items()])
@@ -451,9 +481,17 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     else:
         blocks.append((0, "No mining summary was recorded, so the counts of the mining step are not known."))
     kept, dropped = v.summary.get("kept_pairs"), v.summary.get("dropped_pairs")
+    if v.floor_key:
+        blocks.append((0, _floor_words(v)))
+    within = (f"Of {_fmt(v.summary.get('pairs'))} pairs found" if not v.floor_key else
+              f"Of the {_fmt(_minus(v.summary.get('pairs'), v.summary.get('below_floor')))} pairs within the floor")
     blocks.append((0, {
-        "applied": f"Label filter: applied. Of {_fmt(v.summary.get('pairs'))} pairs found, {_fmt(kept)} had "
-                   f"matching labels and were kept, {_fmt(dropped)} were dropped; the filter no-op did not fire.",
+        "applied": (f"Label filter: applied per label (`label_mode` = per_label): each target's `topn` was "
+                    f"searched among the pool rows of its own label only, so every pair found shares its "
+                    f"target's label; {_fmt(kept)} pairs were kept." if v.label_mode == "per_label" else
+                    "Label filter: applied" + (" as a post-filter (`label_mode` = post_filter)" if v.label_mode else "")
+                    + f". {within}, {_fmt(kept)} had "
+                    f"matching labels and were kept, {_fmt(dropped)} were dropped; the filter no-op did not fire."),
         "noop": "Label filter: **no-op**. `filter_by_label` was true, but the "
                 f"{' and '.join(v.no_label_sides) or 'one'} side has no `label` column, so every pair was kept "
                 "unfiltered (warning `filter_by_label_noop`).",
@@ -464,8 +502,10 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
         blocks.append((0, f"Neighbour scores ({v.score_words}) of the {p.pairs} pairs range from "
                           f"{_fmt(p.score_min)} to {_fmt(p.score_max)}, median {_fmt(p.score_median)}."))
     if "score_histogram" in facts.pictures:
-        what = ("every pair found" + (", kept and dropped pairs stacked" if v.label_filter == "applied" else "")
+        stacked = v.label_filter == "applied" or v.floor_key is not None
+        what = ("every pair found" + (", kept and dropped pairs stacked" if stacked else "")
                 if facts.histogram_from == "pairs" else "the best score of each mined image")
+        what += f"; the vertical line is the floor, `{v.floor_key}` = {_fmt(v.floor)}" if v.floor_key else ""
         blocks.append((0, f"![Neighbour score histogram]({facts.pictures['score_histogram']})\n\n"
                           f"The histogram shows {what}."))
     elif facts.mined is not None:
@@ -491,6 +531,20 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
                       "the mined count falls below the request; that is normal, and the report states "
                       "the actual number rather than the requested one."))
     return blocks
+
+
+def _minus(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a - b
+
+
+def _floor_words(v: _View) -> str:
+    """What the similarity floor did: pairs below it, targets left with nothing."""
+    side = "below" if v.floor_key == "min_similarity" else "beyond"
+    alone = v.summary.get("targets_without_neighbours")
+    return (f"Similarity floor: `{v.floor_key}` = {_fmt(v.floor)}; {_fmt(v.summary.get('below_floor'))} of the "
+            f"{_fmt(v.summary.get('pairs'))} pairs found scored {side} it and were dropped before the label "
+            f"filter and de-duplication, and {_plural(alone, 'target')} kept no neighbour at all"
+            + (" (warning `targets_without_neighbours`)." if alone else "."))
 
 
 def _cluster_words(m: RunManifest) -> str | None:
@@ -524,6 +578,7 @@ def _labels_section(v: _View, found: list[Finding], verdict: str, compact: bool)
         return [(0, SKIP_SENTENCE)]
     targets, mined = facts.target_labels, facts.mined_labels
     kept = facts.pairs.kept_by_target_label if facts.pairs is not None else None
+    below = facts.pairs.below_by_target_label if facts.pairs is not None and v.floor_key else None
     kept_total = sum(kept.values()) if kept else 0
     shown, rest = labels_shown(targets, mined, 10 if compact else MAX_LABELS)
     rows = []
@@ -531,15 +586,19 @@ def _labels_section(v: _View, found: list[Finding], verdict: str, compact: bool)
         n_mined, n_kept = (None if counts is None else counts.get(label, 0) for counts in (mined, kept))
         share = "n/a" if n_kept is None or not kept_total else f"{100.0 * n_kept / kept_total:.1f}%"
         rows.append((f"`{_cell(label)}`", targets.get(label, 0), "n/a" if n_mined is None else n_mined,
-                     "n/a" if n_kept is None else n_kept, share))
+                     "n/a" if n_kept is None else n_kept, share)
+                    + ((below.get(label, 0),) if below is not None else ()))
     defs = ("*Targets* counts the target rows with each label. *Mined (pool label)* counts the unique "
             f"images in `{v.mined_name}` whose own pool `label` is that label"
             + (" (n/a: the pool has no `label` column)" if mined is None else "")
             + ". *Kept pairs* counts the kept (target, neighbour) pairs whose target has that label, and "
               "the share is that count over all kept pairs"
             + (" (n/a: no pairs file)" if kept is None else "") + ".")
-    blocks = [(0, _table("Label | Targets | Mined (pool label) | Kept pairs | Share of kept pairs", rows)),
-              (0, defs)]
+    if below is not None:
+        defs += f" *Below floor* counts the pairs of that label's targets dropped by `{v.floor_key}`."
+    header = "Label | Targets | Mined (pool label) | Kept pairs | Share of kept pairs" + \
+        (" | Below floor" if below is not None else "")
+    blocks = [(0, _table(header, rows)), (0, defs)]
     if rest:
         blocks.append((0, f"{len(rest)} more labels are not shown ({sum(targets.get(x, 0) for x in rest)} targets"
                           + (f", {sum(mined.get(x, 0) for x in rest)} mined" if mined is not None else "") + ")."))
@@ -554,7 +613,9 @@ def _labels_section(v: _View, found: list[Finding], verdict: str, compact: bool)
                        "A label with a small share of the kept pairs has few close look-alikes in the "
                        "pool, whatever their own class. ")
                       + ("With the label filter applied, every kept pair joins a target and a pool image "
-                         "of the same label." if v.label_filter == "applied" else
+                         "of the same label" + (" (searched per label, so a label rare in the pool keeps "
+                                                "up to `topn` pairs per target)." if v.label_mode == "per_label"
+                                                else ".") if v.label_filter == "applied" else
                          "Without the label filter, a target's neighbours may carry other labels, which "
                          "the contact sheet shows pair by pair.")))
     return blocks

@@ -121,6 +121,11 @@ class MineResult(_Result):
     topn: int
     filter_by_label: bool
     label_filter: str = Field(description="off | applied | noop (asked for, but a side has no label)")
+    label_mode: str = Field("post_filter", description="post_filter (top-n over the pool, then cross-label pairs "
+                            "dropped) | per_label (top-n among the pool rows of the target's label)")
+    min_similarity: float | None = Field(None, description="the cosine floor pairs had to reach (None: off)")
+    max_distance: float | None = Field(None, description="the euclidean/manhattan ceiling pairs had to stay "
+                                       "within (None: off)")
     encoder: EncoderIdentity | None = Field(None, description="shared identity of both inputs, if recorded")
     backend: str = "local"
     timings: dict[str, float] = Field(default_factory=dict)

@@ -161,6 +161,16 @@ class MiningSpec(_Spec):
     output_parquet: Annotated[str | None, PathField()] = None
     exclude_targets: bool = Field(False, description="drop pool rows that are also targets")
     block_rows: int = Field(32768, ge=1, description="pool rows searched at a time (memory ~ 2-3 blocks)")
+    min_similarity: float | None = Field(
+        None, ge=-1.0, le=1.0, allow_inf_nan=False,
+        description="cosine only: drop pairs whose similarity is below it, before de-duplication (default off)")
+    max_distance: float | None = Field(
+        None, ge=0.0, allow_inf_nan=False,
+        description="euclidean / manhattan only: drop pairs farther than it, before de-duplication (default off)")
+    label_mode: Literal["post_filter", "per_label"] = Field(
+        "post_filter", description="with filter_by_label=true: post_filter (the TAO container's: top-n over the "
+                                   "whole pool, then cross-label pairs dropped) | per_label (top-n among the pool "
+                                   "rows of the target's own label)")
 
     @field_validator("filter_by_label", "exclude_targets", mode="before")
     @classmethod
@@ -177,6 +187,47 @@ class MiningSpec(_Spec):
     @classmethod
     def _metric_lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("label_mode", mode="before")
+    @classmethod
+    def _label_mode_word(cls, value: Any) -> Any:
+        # `per-label` / `PER_LABEL` are the same request; anything else is named with the choices.
+        if isinstance(value, str):
+            word = value.strip().lower().replace("-", "_")
+            if word not in ("post_filter", "per_label"):
+                raise DeftError("spec_invalid", f"label_mode must be post_filter or per_label; got {value!r}",
+                                fix="set label_mode=post_filter (the TAO container's) or label_mode=per_label",
+                                field="label_mode")
+            return word
+        return value
+
+    @model_validator(mode="after")
+    def _controls_fit(self) -> "MiningSpec":
+        """A floor on the wrong scale, or a label mode without labels to search by, is refused:
+        silently ignoring it would mine something other than what was asked."""
+        if self.min_similarity is not None and self.knn_metric is not Metric.cosine:
+            raise DeftError(
+                "spec_invalid", f"min_similarity is a cosine similarity floor, but knn_metric={self.knn_metric.value} "
+                "scores distances (lower is nearer)",
+                fix=f"use max_distance=D with knn_metric={self.knn_metric.value}, or knn_metric=cosine "
+                    "with min_similarity", field="min_similarity", knn_metric=self.knn_metric.value)
+        if self.max_distance is not None and self.knn_metric is Metric.cosine:
+            raise DeftError(
+                "spec_invalid", "max_distance is a distance ceiling (euclidean, manhattan), but knn_metric=cosine "
+                "scores similarities (higher is nearer)",
+                fix="use min_similarity=S (between -1 and 1) with knn_metric=cosine, or knn_metric=euclidean "
+                    "or manhattan with max_distance", field="max_distance", knn_metric=self.knn_metric.value)
+        if self.label_mode == "per_label" and not self.filter_by_label:
+            raise DeftError(
+                "spec_invalid", "label_mode=per_label searches each target among the pool rows of its own label, "
+                "which needs filter_by_label=true",
+                fix="add filter_by_label=true, or leave label_mode out", field="label_mode")
+        return self
+
+    @property
+    def floor(self) -> float | None:
+        """The score limit a kept pair must reach (min_similarity or max_distance), None when off."""
+        return self.min_similarity if self.knn_metric is Metric.cosine else self.max_distance
 
     def label_filter(self, sides_without_label: Sequence[str]) -> Literal["off", "applied", "noop"]:
         """What filter_by_label does given which sides lack a `label` column (the no-op rule,
@@ -228,8 +279,18 @@ def load_spec(
         raise DeftError("spec_invalid", f"{where}: {field}: {message}", fix=fix, field=field) from exc
 
 
-def spec_to_yaml(spec: _Spec) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(spec.model_dump(mode="json")))
+def spec_to_yaml(spec: _Spec, exclude: set[str] | None = None) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(spec.model_dump(mode="json", exclude=exclude)))
+
+
+#: Mining keys the TAO container does not know (issue 14's controls): another image is given a
+#: spec without them while they are at their defaults, and is refused when they are not.
+MINING_CONTROLS = ("min_similarity", "max_distance", "label_mode")
+
+
+def controls_at_default(spec: MiningSpec) -> set[str]:
+    """The mining controls a spec leaves at their defaults."""
+    return {key for key in MINING_CONTROLS if getattr(spec, key) == MiningSpec.model_fields[key].default}
 
 
 def _is_dotlist(overrides: Any) -> bool:

@@ -10,6 +10,8 @@ WarningCode = Literal[
     # raised by the tools (preflight predicts the first five before any work)
     "filter_by_label_noop", "provenance_unknown", "pool_exhausted", "images_skipped", "target_in_pool",
     "selection_empty", "picture_failed", "store_shard_corrupt", "duplicate_paths", "zero_vectors",
+    # raised by the mining controls (a similarity floor, label_mode=per_label)
+    "targets_without_neighbours", "floor_removed_all", "label_missing_in_pool",
     # findings of the report on a run folder
     "run_failed", "encoder_mismatch", "mined_missing", "mined_paths_missing", "path_encoding",
     "mined_schema", "mined_count_differs", "nothing_mined", "facts_unavailable",
@@ -125,6 +127,41 @@ def zero_vectors(by_side: dict[str, int], examples: list[str]) -> ToolWarning:
                        message=f"{counts} rows have an all-zero vector, which has no cosine similarity to anything "
                                f"(e.g. {examples[0]}, a flat image?); they were left out of the search. "
                                "knn_metric=euclidean or manhattan would keep them")
+
+
+def targets_without_neighbours(examples: list[str], count: int, queries: int, floor: bool,
+                               per_label: bool) -> ToolWarning:
+    """Targets that kept no pair: every neighbour fell below the floor, or (per_label) their
+    label has no searchable pool row, or they have no label."""
+    why = " or ".join(([("the similarity floor (min_similarity / max_distance)")] if floor else [])
+                      + (["the per-label search (no pool row shares their label, or they have none)"]
+                         if per_label else []))
+    return ToolWarning(
+        code="targets_without_neighbours", fields=["filepath"] + (["min_similarity", "max_distance"] if floor else [])
+        + (["label_mode", "label"] if per_label else []),
+        details={"count": count, "queries": queries, "targets": examples},
+        message=f"{count} of {queries} targets kept no neighbour after {why}, so nothing was mined for them "
+                f"(e.g. {examples[0]}); lower the floor, or grow the pool with look-alikes of those targets")
+
+
+def floor_removed_all(pairs: int, key: str, floor: float, best: float) -> ToolWarning:
+    """The floor dropped every pair found: an empty mined parquet, written as a valid answer."""
+    return ToolWarning(
+        code="floor_removed_all", fields=[key], details={"pairs": pairs, key: floor, "best_score": best},
+        message=f"{key}={floor:g} dropped all {pairs} pairs found (the nearest pair scored {best:.6g}), so "
+                f"nothing was mined and the mined parquet has zero rows; loosen {key} to mine something")
+
+
+def label_missing_in_pool(missing: dict[str, int]) -> ToolWarning:
+    """label_mode=per_label: target labels no searchable pool row carries (label -> targets)."""
+    labels = sorted(missing)
+    shown = ", ".join(repr(x) for x in labels[:10]) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "")
+    return ToolWarning(
+        code="label_missing_in_pool", fields=["label", "label_mode"],
+        details={"labels": labels, "targets_per_label": dict(sorted(missing.items()))},
+        message=f"{len(labels)} target label(s) appear in no pool row searched: {shown}; with label_mode=per_label "
+                f"their {sum(missing.values())} target(s) get no neighbours (label them in the pool, or check "
+                "the spelling: labels compare as strings)")
 
 
 def selection_empty(iteration: int, candidates: int) -> ToolWarning:

@@ -18,10 +18,13 @@ from deft_mine.tools.registry import Tool, ToolContext, register
 
 def mine_pool(inputs: MineInput, ctx: ToolContext) -> MineResult:
     """For each target take the topn nearest pool images (exact; cosine, euclidean or
-    manhattan), optionally keep only label-agreeing pairs, de-duplicate, and write the
-    unique mined filepaths plus mining_summary.txt. Refuses two parquets embedded with
-    different encoders (encoder_mismatch). Warnings: filter_by_label_noop,
-    provenance_unknown, pool_exhausted, target_in_pool."""
+    manhattan), optionally drop pairs beyond a floor (min_similarity for cosine, max_distance
+    otherwise) and keep only label-agreeing pairs (label_mode post_filter, or per_label: each
+    target searched among its own label's pool rows), de-duplicate, and write the unique
+    mined filepaths plus mining_summary.txt. Refuses two parquets embedded with different
+    encoders (encoder_mismatch). Warnings: filter_by_label_noop, provenance_unknown,
+    pool_exhausted, target_in_pool, targets_without_neighbours, floor_removed_all,
+    label_missing_in_pool."""
     spec = spec_with_paths(MiningSpec, inputs.spec_path, inputs.overrides, source_parquet=inputs.source_parquet,
                            target_parquet=inputs.target_parquet, output_parquet=inputs.output_parquet)
     return mine_spec(spec, inputs, ctx)
@@ -50,7 +53,8 @@ def mine_spec(spec: MiningSpec, inputs: MineInput, ctx: ToolContext, pairs_path:
     return MineResult(
         output_parquet=str(output), summary_path=str(summary_path), mined=done.summary["mined"],
         summary=done.summary, knn_metric=spec.knn_metric.value, topn=spec.topn,
-        filter_by_label=spec.filter_by_label, label_filter=done.label_filter, encoder=identity,
+        filter_by_label=spec.filter_by_label, label_filter=done.label_filter, label_mode=spec.label_mode,
+        min_similarity=spec.min_similarity, max_distance=spec.max_distance, encoder=identity,
         backend=inputs.backend, timings=done.timings, cluster=done.cluster, warnings=found,
     )
 
