@@ -29,12 +29,38 @@ def test_a_failed_first_embed_leaves_the_session_unbound():
     lock = EncoderLock()
     with pytest.raises(RuntimeError), lock.bind(THUMB):
         raise RuntimeError("embedding failed")
-    with lock.bind(CLIP):
-        lock.record(EncoderIdentity(model="CLIP", model_path="org/clip"))
+    with lock.bind(CLIP) as key:
+        lock.record(EncoderIdentity(model="CLIP", model_path="org/clip"), key)
     with pytest.raises(DeftError) as exc, lock.bind(THUMB):
         pass
     assert exc.value.details["differing"] == ["model", "model_path"]
     assert exc.value.details["locked_encoder"]["model"] == "CLIP"
+
+
+def test_a_concurrent_embed_that_outlives_a_failed_first_one_still_binds_the_session():
+    """Embeds A and B of one encoder overlap; A (which claimed the session) fails, B succeeds:
+    the session is bound to B's encoder, and another is refused."""
+    lock = EncoderLock()
+    first = lock.bind(THUMB)
+    first.__enter__()
+    with lock.bind(THUMB) as key:
+        first.__exit__(RuntimeError, RuntimeError("A failed"), None)
+        lock.record(EncoderIdentity(model="thumbnail", preprocessing={"side": 16}), key)
+    with pytest.raises(DeftError) as exc, lock.bind(CLIP):
+        pass
+    assert exc.value.code == "encoder_mismatch"
+
+
+def test_dinov2_without_pooling_is_dinov2_with_its_default_pooling():
+    lock = EncoderLock()
+    dino = load_spec(EmbeddingSpec, None, {"model": "DINOv2", "model_path": "org/dino"})
+    with lock.bind(dino) as key:
+        lock.record(EncoderIdentity(model="DINOv2", model_path="org/dino", preprocessing={"pooling": "cls"}), key)
+    with lock.bind(dino.model_copy(update={"pooling": "cls"})):
+        pass
+    with pytest.raises(DeftError) as exc, lock.bind(dino.model_copy(update={"pooling": "mean"})):
+        pass
+    assert exc.value.details["differing"] == ["pooling"]
 
 
 def test_path_policy_refuses_each_escape(tmp_path):

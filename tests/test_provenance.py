@@ -95,3 +95,27 @@ def test_over_mcp_session_jsonl_replays_the_calls_that_led_to_the_run(image_set:
     assert all(x["via"] == "mcp" and x["time"] for x in lines)
     produced = _json(Path(done["run_dir"]) / "mining_config" / "invocation.json")["produced_by"]
     assert produced == {"via": "mcp", "tool": "run", "arguments": lines[2]["arguments"]}
+
+
+@pytest.mark.parametrize("name", ["mining_config", "session.jsonl"])
+def test_attack_symlink_in_the_run_folder_pointing_outside_is_refused(image_set: Path, tmp_path_factory, name: str):
+    """A run folder whose mining_config/ or session.jsonl is a link out would have the report
+    write through it, outside the roots: refused by name, nothing written there."""
+    from deft_mine.errors import DeftError
+
+    folder = Path(run(image_set / "targets.parquet", image_set / "pool.parquet", run_dir=image_set / "r",
+                      overrides=THUMB).run_dir)
+    outside = tmp_path_factory.mktemp("outside")
+    target = outside / ("config" if name == "mining_config" else "victim.txt")
+    if name == "mining_config":
+        target.mkdir()
+        import shutil
+        shutil.rmtree(folder / name)
+    else:
+        target.write_text("")
+        (folder / name).unlink(missing_ok=True)
+    (folder / name).symlink_to(target)
+    with pytest.raises(DeftError) as exc:
+        report(folder)
+    assert exc.value.code == "run_dir_invalid" and exc.value.details["path"] == str(folder / name)
+    assert (list(target.iterdir()) == [] if target.is_dir() else target.read_text() == "")

@@ -68,7 +68,7 @@ class Prepared:
     queries: np.ndarray
     pool_paths: pa.StringArray  # every pool row's filepath, lexically normal
     repeated: np.ndarray  # pool rows that repeat an earlier row's file
-    drop: np.ndarray  # pool rows left out before the search (repeats; targets with exclude_targets)
+    drop: np.ndarray  # pool rows left out before the search (targets, with exclude_targets)
     in_pool: int  # pool files that are targets
     zero: dict[str, int]  # all-zero vectors left out under cosine, per side
     zero_examples: list[str]
@@ -135,14 +135,15 @@ def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
         queries, targets = queries[target_rows], targets.take(pa.array(target_rows))
 
     # The pool's filepath column, whole (paths are small beside vectors): which rows repeat an
-    # earlier row's file and which are targets, vectorised over the pool.
+    # earlier row's file (counted and warned about, but searched like any row, as the TAO
+    # container does: mined.parquet lists each file once all the same) and which are targets.
     search_started = time.perf_counter()
     pool_paths, repeated, is_target = _pool_paths(source_path, target_set)
     prep = Prepared(spec=spec, source_path=source_path, target_path=target_path, label_missing=label_missing,
                     label_filter=spec.label_filter(label_missing), targets=targets, target_rows=target_rows,
                     queries=queries, pool_paths=pool_paths, repeated=repeated,
-                    drop=repeated | is_target if spec.exclude_targets else repeated,
-                    in_pool=int((is_target & ~repeated).sum()), zero=zero, zero_examples=zero_examples,
+                    drop=is_target if spec.exclude_targets else np.zeros(len(pool_paths), dtype=bool),
+                    in_pool=int(is_target.sum()), zero=zero, zero_examples=zero_examples,
                     started=started, search_started=search_started)
     if spec.label_mode == "per_label" and prep.label_filter == "applied":
         _label_groups(prep)

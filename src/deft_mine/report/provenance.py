@@ -16,6 +16,7 @@ from typing import Any
 
 from deft_mine import __version__
 from deft_mine.engine import tables
+from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts
 
 #: The packages whose versions decide a run's numbers (distribution names).
@@ -51,21 +52,28 @@ class SessionLog:
         self.folders: list[Path] = []
         self._lock = threading.Lock()
 
-    def adopt(self, folder: Path) -> None:
-        """`folder` now holds session.jsonl with the lines so far; later lines go there too."""
+    def join(self, folder: Path) -> None:
+        """Give `folder` the session's lines so far (after any an earlier session left there);
+        every later line goes there too. One hold of the lock: no line falls in between."""
+        path = folder / artifacts.SESSION_LOG
         with self._lock:
-            if folder not in self.folders:
-                self.folders.append(folder)
+            if folder in self.folders:
+                return
+            if path.is_file():
+                for line in self.lines:
+                    _append_line(path, line)
+            else:
+                tables.write_text_atomic(path, "".join(json.dumps(line) + "\n" for line in self.lines))
+            self.folders.append(folder)
 
     def record(self, line: dict[str, Any]) -> None:
         with self._lock:
             self.lines.append(line)
-            for folder in self.folders:
-                _append_line(folder / artifacts.SESSION_LOG, line)
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self.lines)
+            for folder in list(self.folders):
+                try:
+                    _append_line(folder / artifacts.SESSION_LOG, line)
+                except OSError:  # the folder was moved, removed or tampered with: stop following it
+                    self.folders.remove(folder)
 
 
 def call_line(invocation: Invocation, outcome: str, code: str | None = None, warnings: list[str] | None = None,
@@ -81,6 +89,11 @@ def write_provenance(folder: Path, invocation: Invocation | None, session: Sessi
     `producing`: this call made the run (else a later `report`, which adds what it can but
     never rewrites what the run recorded)."""
     config = folder / artifacts.MINING_CONFIG
+    for name in (artifacts.MINING_CONFIG, artifacts.SESSION_LOG):
+        if (folder / name).is_symlink():  # writing through it would land wherever it points
+            raise DeftError("run_dir_invalid", f"{folder / name} is a symbolic link; deft-mine writes only "
+                            "real files into a run folder", fix=f"remove the link {folder / name}",
+                            field="run_dir", path=str(folder / name))
     unavailable: list[str] = []
     for name in (artifacts.EMBEDDING_SPEC, artifacts.MINING_SPEC):
         if (folder / name).is_file():
@@ -109,24 +122,16 @@ def write_provenance(folder: Path, invocation: Invocation | None, session: Sessi
 
 
 def _write_session(folder: Path, invocation: Invocation | None, session: SessionLog | None) -> None:
-    path = folder / artifacts.SESSION_LOG
     if session is not None:  # MCP: the calls so far; this call's own line follows when it ends
-        if folder not in session.folders:
-            lines = session.snapshot()
-            if path.is_file():  # a folder from an earlier session: its lines stay, ours follow
-                for line in lines:
-                    _append_line(path, line)
-            else:
-                tables.write_text_atomic(path, "".join(json.dumps(line) + "\n" for line in lines))
-            session.adopt(folder)
+        session.join(folder)
     elif invocation is not None and invocation.via == "cli":  # the command line alone
-        _append_line(path, {"time": _now(), **invocation.wire()})
+        _append_line(folder / artifacts.SESSION_LOG, {"time": _now(), **invocation.wire()})
 
 
 def _append_line(path: Path, line: dict[str, Any]) -> None:
     # One write of one line in append mode: concurrent appenders never interleave within a line.
     data = (json.dumps(line) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         os.write(fd, data)
     finally:

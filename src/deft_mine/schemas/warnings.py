@@ -113,10 +113,12 @@ def target_in_pool(count: int, excluded: bool | None) -> ToolWarning:
 
 
 def duplicate_paths(count: int, examples: list[str]) -> ToolWarning:
-    """Pool rows naming a file an earlier row already names: searched once, as the first."""
+    """Pool rows naming a file an earlier row already names: searched as rows, as TAO does."""
     return ToolWarning(code="duplicate_paths", fields=["filepath"], details={"count": count, "examples": examples},
                        message=f"{count} pool rows repeat the filepath of an earlier row (e.g. {examples[0]}); "
-                               "each file was searched once, as its first row, so no target gets it twice")
+                               "they were searched as rows of their own, as the TAO container does, so a "
+                               "repeated file can fill two of a target's topn places (mined.parquet lists it "
+                               "once); dedupe the pool listing if the repeats were not meant")
 
 
 def zero_vectors(by_side: dict[str, int], examples: list[str]) -> ToolWarning:

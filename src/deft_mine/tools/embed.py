@@ -41,11 +41,11 @@ def embed_spec(spec: EmbeddingSpec, inputs: EmbedInput, ctx: ToolContext) -> Emb
         raise DeftError("backend_unsupported", f"model={spec.model} (a TAO checkpoint) runs only in the TAO "
                         f"container, not on the {backend.name} backend", field="model",
                         fix="use backend=docker for TAO checkpoints, or model=SigLIP|CLIP|DINOv2|hf|thumbnail locally")
-    with ctx.lock.bind(spec) if ctx.lock is not None else contextlib.nullcontext():
+    with ctx.lock.bind(spec) if ctx.lock is not None else contextlib.nullcontext() as key:
         done = backend.embed(spec, source, output, image_root, ctx.events,
                              ctx.store_for(inputs.store, inputs.no_store))
         if ctx.lock is not None:
-            ctx.lock.record(done.encoder)
+            ctx.lock.record(done.encoder, key)
     done.warnings = [warnings.store_shard_corrupt(done.store, done.corrupt_shards)] if done.corrupt_shards else []
     if done.skipped_by_reason:
         done.warnings.append(warnings.images_skipped(str(source), done.input_rows, done.skipped_by_reason,

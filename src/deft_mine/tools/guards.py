@@ -15,7 +15,7 @@ from deft_mine.engine.images import resolve_image_path
 from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import PathField
 from deft_mine.schemas.results import EncoderIdentity
-from deft_mine.schemas.specs import EmbeddingSpec
+from deft_mine.schemas.specs import MODEL_POOLINGS, EmbeddingSpec
 
 
 def _real(path: str | Path) -> Path:
@@ -126,10 +126,13 @@ class EncoderLock:
         self._mutex = threading.Lock()
 
     @contextlib.contextmanager
-    def bind(self, spec: EmbeddingSpec) -> Iterator[None]:
-        # The pooling is asked for by the spec (None: the model's default) and only resolved
-        # when the weights load, so the session keeps the key its spec asked for.
-        wanted = (*spec.encoder_key(), spec.pooling)
+    def bind(self, spec: EmbeddingSpec) -> Iterator[tuple[str | None, ...]]:
+        """Hold the session's encoder for the block; yields the key to `record` when it succeeds."""
+        # The pooling is asked for by the spec and, for `hf`, only resolved when the weights
+        # load, so the session keeps the key its spec asked for (a model's known default
+        # filled in: DINOv2 without pooling is DINOv2 with pooling=cls).
+        pooling = spec.pooling or (MODEL_POOLINGS.get(spec.model, (None,))[0] if spec.model != "hf" else None)
+        wanted = (*spec.encoder_key(), pooling)
         with self._mutex:
             held = self._key if self.identity is not None else self._claim
             claimed = held is None
@@ -147,13 +150,15 @@ class EncoderLock:
                 differing=[k for k, a, b in zip(_KEY_FIELDS, held, wanted) if a != b],
             )
         try:
-            yield
+            yield wanted
         finally:
             if claimed:
                 with self._mutex:
                     self._claim = None
 
-    def record(self, identity: EncoderIdentity) -> None:
+    def record(self, identity: EncoderIdentity, key: tuple[str | None, ...]) -> None:
+        """The first successful embed binds the session: its identity, and the key it was asked
+        by (its own, not the claim of a concurrent call that may have failed meanwhile)."""
         with self._mutex:
             if self.identity is None:
-                self.identity, self._key = identity, self._claim
+                self.identity, self._key = identity, key
