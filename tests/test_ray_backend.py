@@ -285,6 +285,18 @@ def test_unreachable_head_is_a_coded_error_naming_it(cluster, images, tmp_path):
     assert time.monotonic() - started < 30 and not (tmp_path / "x.parquet").exists()
 
 
+def test_another_address_is_refused_while_a_step_runs(cluster):
+    """The MCP server runs calls side by side: a call naming another cluster must not shut Ray
+    down under a step that is running (it is refused until the step ends)."""
+    from deft_mine.backends.ray import attached, connect
+
+    with attached(cluster):
+        with pytest.raises(DeftError) as caught:
+            connect(f"127.0.0.1:{_free_port()}")
+    assert caught.value.code == "ray_busy" and caught.value.details["field"] == "ray_address"
+    connect(cluster)  # the step over, the same cluster is still attached
+
+
 def test_pool_plan_leaves_the_reads_a_cpu():
     from deft_mine.backends.ray_embed import plan_pool
 
@@ -379,11 +391,11 @@ def test_an_encoder_actor_killed_mid_embedding_is_restarted_and_the_output_is_th
                                     no_store=True, backend="ray", ray_address=cluster, events=events))
 
     def encoder_at_work():
-        actor = _worker_running("EncodeActor")
-        try:  # a second of CPU spent: past start-up (a kill then would not test a lost worker), encoding
-            return actor if actor is not None and sum(actor.cpu_times()[:2]) > 1.0 else None
-        except psutil.Error:
-            return None
+        # Batches already back: the actor is past start-up (a kill then would not test a lost
+        # worker) and encoding, with most of the listing still to go. Timing by progress, not by
+        # the actor's CPU time, which a fast machine never spends before the last batch.
+        done = events.progress_events[-1][1] if events.progress_events else 0
+        return _worker_running("EncodeActor") if 10 <= done <= N // 2 else None
 
     killed = _kill_when_running(encoder_at_work)
     done_at_kill = events.progress_events[-1][1] if events.progress_events else 0

@@ -11,6 +11,7 @@ import time
 import traceback
 import warnings
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Awaitable, Callable
@@ -55,6 +56,7 @@ ERROR_META_KEY = "io.github.deft-mine/error"
 #: whose stdio reads and writes need a thread too: 40 calls reporting progress at once hung the
 #: server. Calls beyond this wait (cancellable) for a thread.
 TOOL_THREADS = 32
+MAX_HTTP_SESSIONS = 1024
 log = logging.getLogger("deft_mine.server")
 #: MCP log levels, least severe first (RFC 5424, as the specification orders them).
 LOG_LEVELS: tuple[LoggingLevel, ...] = ("debug", "info", "notice", "warning", "error", "critical", "alert",
@@ -204,8 +206,11 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
     mcp = _Server(name="deft-mine", title="DEFT image mining", version=__version__,
                     instructions=INSTRUCTIONS, log_level="WARNING")
 
-    by_id: dict[str, _Session] = {}
+    # HTTP sessions by Mcp-Session-Id; the SDK says nothing when one ends, so the least recently
+    # used go once there are more than a server plausibly serves at once (their memory is bounded).
+    by_id: OrderedDict[str, _Session] = OrderedDict()
     process_wide = _Session()
+    sessions_mutex = threading.Lock()
 
     def session_of(ctx: Context) -> _Session:
         """The session state of the client behind this request. mcp 2.x builds a new session object per
@@ -215,7 +220,12 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
         connection = getattr(ctx.session, "_connection", None)
         session_id = getattr(connection, "session_id", None)
         if session_id:
-            return by_id.setdefault(session_id, _Session())
+            with sessions_mutex:
+                state = by_id.setdefault(session_id, _Session())
+                by_id.move_to_end(session_id)
+                while len(by_id) > MAX_HTTP_SESSIONS:
+                    by_id.popitem(last=False)
+            return state
         if connection is None or str(ctx.session.protocol_version) >= _SESSIONLESS_PROTOCOL:
             return process_wide
         if connection not in sessions:

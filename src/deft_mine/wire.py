@@ -108,7 +108,9 @@ class SpecErrors:
                 await send(message)
                 return
             start = held.pop()
-            body = _spec_body(start["status"], message.get("body", b""))
+            # Only a body sent whole is judged and replaced; a streamed one passes as it is.
+            whole = not message.get("more_body", False)
+            body = _spec_body(start["status"], message.get("body", b"")) if whole else None
             if body is not None:
                 headers = [(k, v) for k, v in start["headers"] if k.lower() not in (b"content-length", b"content-type")]
                 start = {**start, "headers": [*headers, (b"content-type", b"application/json"),

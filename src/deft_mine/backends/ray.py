@@ -36,6 +36,7 @@ _RAY_ENDS_PROCESS_AFTER = "3600"
 _lock = threading.Lock()
 _attached: str | None = None  # the address this process's Ray driver is attached to
 _keepers: list[threading.Event] = []  # set to let the thread that started Ray end
+_steps = 0  # Ray steps running now (embed or mine calls side by side): no re-attach meanwhile
 
 
 def import_ray() -> Any:
@@ -81,6 +82,21 @@ def unreachable(address: str, why: str) -> DeftError:
                      field="ray_address", address=address)
 
 
+@contextlib.contextmanager
+def attached(address: str | None) -> Iterator[Any]:
+    """Ray, attached to `address`, for one step: while any step runs, no call re-attaches the
+    process elsewhere (the MCP server runs calls side by side)."""
+    global _steps
+    ray = connect(address)
+    with _lock:
+        _steps += 1
+    try:
+        yield ray
+    finally:
+        with _lock:
+            _steps -= 1
+
+
 def connect(address: str | None) -> Any:
     """Attach this process's Ray driver to `address` (once; another address re-attaches)."""
     global _attached
@@ -89,6 +105,11 @@ def connect(address: str | None) -> Any:
     with _lock:
         if ray.is_initialized() and _attached == wanted:
             return ray
+        if _steps:  # re-attaching would shut Ray down under a step another call is running
+            raise DeftError("ray_busy", f"this process is attached to the Ray cluster at {_attached} and a step "
+                            f"is running there; it cannot switch to {wanted} until that step ends",
+                            fix="wait for the running step, or run one deft-mine process per cluster",
+                            field="ray_address", address=wanted, attached=_attached)
         _probe(wanted)
         if ray.is_initialized():
             ray.shutdown()
@@ -177,8 +198,12 @@ class HeadWatch:
 
     def __init__(self, ray: Any, address: str) -> None:
         self.address = address
-        host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
-        self._gcs = (host, int(port))
+        if address.startswith("ray://"):  # a Ray Client reaches the head through this port only
+            given = urlsplit(address)
+            self._gcs = (given.hostname or "127.0.0.1", given.port or 10001)
+        else:
+            host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+            self._gcs = (host, int(port))
         self._lost_since: float | None = None
         self._next = 0.0
 
@@ -195,7 +220,8 @@ class HeadWatch:
             self._lost_since = self._lost_since or now
         if now - self._lost_since >= HEAD_GRACE_SECONDS:
             global _attached
-            _attached = None  # the next call attaches afresh
+            with _lock:
+                _attached = None  # the next call attaches afresh
             raise DeftError("ray_head_lost", f"lost the Ray cluster's head at {self.address} (its port "
                             f"{self._gcs[0]}:{self._gcs[1]} has refused connections for {HEAD_GRACE_SECONDS:.0f}s); "
                             "the step stopped before writing its output",
@@ -268,27 +294,27 @@ class RayBackend:
         from deft_mine.backends.local import LocalBackend, embed_result
         from deft_mine.backends.ray_embed import embed_on_ray
 
-        ray = connect(self.address)
-        t0 = time.perf_counter()
-        # The driver holds one encoder too: its identity names the output and keys the store.
-        encoder = LocalBackend.shared().encoder(spec, events)
-        load_seconds = time.perf_counter() - t0
-        with self._cluster_errors(ray):
-            stats, used = embed_on_ray(ray, spec, input_path, output_path, image_root, encoder, events, store,
-                                       HeadWatch(ray, wanted_address(self.address)), actors=spec.workers)
-        result = embed_result(stats, encoder, output_path, self.name, store, load_seconds)
-        result.cluster = self.facts(ray, used)
+        with attached(self.address) as ray:
+            t0 = time.perf_counter()
+            # The driver holds one encoder too: its identity names the output and keys the store.
+            encoder = LocalBackend.shared().encoder(spec, events)
+            load_seconds = time.perf_counter() - t0
+            with self._cluster_errors(ray):
+                stats, used = embed_on_ray(ray, spec, input_path, output_path, image_root, encoder, events, store,
+                                           HeadWatch(ray, wanted_address(self.address)), actors=spec.workers)
+            result = embed_result(stats, encoder, output_path, self.name, store, load_seconds)
+            result.cluster = self.facts(ray, used)
         return result
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
              summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
         from deft_mine.backends.ray_mine import mine_on_ray
 
-        ray = connect(self.address)
-        with self._cluster_errors(ray):
-            done, used = mine_on_ray(ray, spec, source_path, target_path, output_path, summary_path, events,
-                                     pairs_path, HeadWatch(ray, wanted_address(self.address)))
-        done.cluster = self.facts(ray, used)
+        with attached(self.address) as ray:
+            with self._cluster_errors(ray):
+                done, used = mine_on_ray(ray, spec, source_path, target_path, output_path, summary_path, events,
+                                         pairs_path, HeadWatch(ray, wanted_address(self.address)))
+            done.cluster = self.facts(ray, used)
         return done
 
     def facts(self, ray: Any, used: Workers) -> ClusterFacts:
