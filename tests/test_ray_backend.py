@@ -159,6 +159,17 @@ def test_embed_equals_local(cluster, images, tmp_path):
     assert len(events.progress_events) >= 24 // THUMB["batch_size"]
 
 
+def test_a_hugging_face_encoder_on_ray_equals_local(cluster, images, tmp_path, tiny_siglip):
+    """The read tasks preprocess with the encoder's own processor (no weights) and the actors
+    encode: the vectors and the identity are the local backend's."""
+    spec = {"model": "SigLIP", "model_path": str(tiny_siglip), "batch_size": 4}
+    local = embed(images / "pool.parquet", tmp_path / "local.parquet", overrides=spec, no_store=True)
+    on_ray = embed(images / "pool.parquet", tmp_path / "ray.parquet", overrides=spec, no_store=True,
+                   backend="ray", ray_address=cluster)
+    assert on_ray.encoder == local.encoder and on_ray.rows == local.rows == 22
+    _same_embeddings(tmp_path / "local.parquet", tmp_path / "ray.parquet")
+
+
 def test_store_reuse_sends_no_rows_to_the_encoders(cluster, images, tmp_path):
     store = tmp_path / "store"
     first = embed(images / "pool.parquet", tmp_path / "a.parquet", overrides=THUMB, store=str(store),

@@ -19,7 +19,7 @@ from deft_mine.backends.ray import HeadWatch, Workers, cluster_cpus_gpus
 from deft_mine.engine import tables
 from deft_mine.engine.embedding import (EmbedStats, RowGroupWriter, close_shelf, count_skips, output_writer,
                                         start_step, write_rows)
-from deft_mine.engine.encoders import Encoder, ThumbnailEncoder, build_encoder
+from deft_mine.engine.encoders import Encoder, build_encoder, build_preprocessor
 from deft_mine.engine.images import LoadFailure, decode_rgb, digest, read_bytes
 from deft_mine.engine.store import Shelf
 from deft_mine.errors import DeftError
@@ -66,16 +66,7 @@ def _preprocessor(model: str, model_path: str | None) -> Callable[[list[Any]], n
     """The encoder's CPU half, without its weights (once per worker process)."""
     key = (model, model_path)
     if key not in _PREPROCESS:
-        if model == "thumbnail":
-            _PREPROCESS[key] = ThumbnailEncoder().preprocess
-        else:  # as HuggingFaceEncoder loads its processor (a refactor would share this)
-            from transformers import AutoImageProcessor
-
-            local = Path(str(model_path)).expanduser()
-            is_local = local.exists()
-            processor = AutoImageProcessor.from_pretrained(str(local.resolve()) if is_local else model_path,
-                                                           local_files_only=is_local)
-            _PREPROCESS[key] = lambda images: processor(images=images, return_tensors="np")["pixel_values"]
+        _PREPROCESS[key] = build_preprocessor(model, model_path)
     return _PREPROCESS[key]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 from PIL import Image
@@ -74,7 +74,7 @@ class HuggingFaceEncoder:
 
     def __init__(self, model: str, model_path: str, device: str = "auto", pooling: str | None = None) -> None:
         import torch  # here, not at module import: mining and the thumbnail never need torch
-        from transformers import AutoImageProcessor, AutoModel
+        from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
         # Our own progress and errors speak for the load; transformers' bars and notices
@@ -87,7 +87,7 @@ class HuggingFaceEncoder:
         is_local = local.exists()
         source = str(local.resolve()) if is_local else model_path
         try:
-            self.processor = AutoImageProcessor.from_pretrained(source, local_files_only=is_local)
+            self.processor = load_image_processor(model_path)
             # Weights the checkpoint lacks are initialised at random: seeded, so that two loads of
             # one checkpoint always give the same vectors (the store trusts the identity).
             with torch.random.fork_rng(devices=[]):
@@ -282,6 +282,25 @@ def weights_digest(folder: Path) -> str | None:
                     digest.update(chunk)
         _DIGESTS[key] = "sha256:" + digest.hexdigest()
     return _DIGESTS[key]
+
+
+def load_image_processor(model_path: str) -> Any:
+    """The checkpoint's AutoImageProcessor: a local folder (offline), else a hub id."""
+    from transformers import AutoImageProcessor
+
+    local = Path(model_path).expanduser()
+    is_local = local.exists()
+    return AutoImageProcessor.from_pretrained(str(local.resolve()) if is_local else model_path,
+                                              local_files_only=is_local)
+
+
+def build_preprocessor(model: str, model_path: str | None) -> Callable[[list[Image.Image]], np.ndarray]:
+    """An encoder's CPU half without its weights (what a Ray read task runs): the very
+    preprocessing the encoder itself applies, so stored vectors keep their identity."""
+    if model == "thumbnail":
+        return ThumbnailEncoder().preprocess
+    processor = load_image_processor(str(model_path))
+    return lambda images: processor(images=images, return_tensors="np")["pixel_values"]
 
 
 def build_encoder(model: str, model_path: str | None, device: str = "auto", pooling: str | None = None) -> Encoder:
