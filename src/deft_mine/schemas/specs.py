@@ -49,6 +49,17 @@ def _canonical_model(value: Any) -> Any:
     return value
 
 
+def _choice(value: Any, choices: tuple[str, ...], field: str, code: str, fix: str) -> Any:
+    """A word from `choices`, whatever its case (`per-label` is `per_label`); any other word is
+    refused naming the choices."""
+    if not isinstance(value, str):
+        return value
+    word = value.strip().lower().replace("-", "_")
+    if word not in choices:
+        raise DeftError(code, f"{field} must be one of {', '.join(choices)}; got {value!r}", fix=fix, field=field)
+    return word
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -96,14 +107,8 @@ class EmbeddingSpec(_Spec):
     @field_validator("pooling", mode="before")
     @classmethod
     def _pooling_lower(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            lowered = value.strip().lower()
-            if lowered not in POOLINGS:
-                raise DeftError("pooling_unsupported", f"pooling must be one of {', '.join(POOLINGS)}; got {value!r}",
-                                fix="set pooling to cls, mean or pooled (or leave it out for the model's default)",
-                                field="pooling")
-            return lowered
-        return value
+        return _choice(value, POOLINGS, "pooling", "pooling_unsupported",
+                       "set pooling to cls, mean or pooled (or leave it out for the model's default)")
 
     @model_validator(mode="after")
     def _pooling_fits_model(self) -> "EmbeddingSpec":
@@ -191,15 +196,8 @@ class MiningSpec(_Spec):
     @field_validator("label_mode", mode="before")
     @classmethod
     def _label_mode_word(cls, value: Any) -> Any:
-        # `per-label` / `PER_LABEL` are the same request; anything else is named with the choices.
-        if isinstance(value, str):
-            word = value.strip().lower().replace("-", "_")
-            if word not in ("post_filter", "per_label"):
-                raise DeftError("spec_invalid", f"label_mode must be post_filter or per_label; got {value!r}",
-                                fix="set label_mode=post_filter (the TAO container's) or label_mode=per_label",
-                                field="label_mode")
-            return word
-        return value
+        return _choice(value, ("post_filter", "per_label"), "label_mode", "spec_invalid",
+                       "set label_mode=post_filter (the TAO container's) or label_mode=per_label")
 
     @model_validator(mode="after")
     def _controls_fit(self) -> "MiningSpec":
