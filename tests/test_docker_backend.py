@@ -9,6 +9,7 @@ these tests skip, saying why, when no engine can be reached.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -95,7 +96,9 @@ def test_run_through_the_container_matches_the_local_backend(image_set, docker_i
         np.array(pq.read_table(image_set / "docker" / "source_embeddings.parquet").column("embedding").to_pylist()))
     assert boxed.mine.summary == local.mine.summary
     assert boxed.target_embed.encoder == local.target_embed.encoder  # our image records it too
-    assert boxed.source_embed.device == f"docker:{docker_image}"
+    assert boxed.source_embed.device.startswith(f"docker:{docker_image}@sha256:")  # the tag and what it was
+    environment = json.loads((image_set / "docker" / "mining_config" / "environment.json").read_text())
+    assert environment["backend"]["embed_source"]["device"] == boxed.source_embed.device
     # the container's own lines reached the caller while it ran
     lines = [message for _, message in events.logs]
     assert any("docker run deft-mine-test:latest embedding image_embeddings" in m for m in lines)

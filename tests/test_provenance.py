@@ -37,7 +37,9 @@ def test_a_run_packs_its_specs_versions_device_and_call(image_set: Path) -> None
     assert produced["arguments"]["overrides"] == THUMB and produced["arguments"]["targets"].endswith("targets.parquet")
     assert result.report.provenance_unavailable == []
     # Nothing secret: named facts only, no environment dump.
-    assert set(environment) == {"recorded_by", "deft_mine", "python", "packages", "device", "host"}
+    assert set(environment) == {"recorded_by", "deft_mine", "python", "packages", "device", "host", "backend"}
+    assert environment["backend"] == {"name": "local", "embed_target": {"device": "cpu"},
+                                      "embed_source": {"device": "cpu"}}
 
 
 def test_a_later_report_keeps_the_call_that_made_the_run(image_set: Path) -> None:

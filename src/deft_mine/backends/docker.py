@@ -146,7 +146,7 @@ class DockerBackend:
         timings = {"container": time.perf_counter() - t0, "total": time.perf_counter() - t0}
         told = _task_result(output_path, EmbedResult)  # our image says what it did
         if told is not None:
-            return told.model_copy(update={"device": f"docker:{self.image}", "backend": self.name,
+            return told.model_copy(update={"device": self._device(), "backend": self.name,
                                            "timings": timings, "warnings": []})
         rows_in, rows = tables.num_rows(input_path), tables.num_rows(output_path)
         dim = 0
@@ -157,7 +157,7 @@ class DockerBackend:
             output_parquet=str(output_path), input_rows=rows_in, rows=rows, skipped=rows_in - rows,
             columns=list(tables.schema_of(output_path).names), embedding_dim=dim, backend=self.name,
             skipped_by_reason={"unreadable (in the container)": rows_in - rows} if rows_in > rows else {},
-            device=f"docker:{self.image}", timings=timings,
+            device=self._device(), timings=timings,
             encoder=tables.read_identity(output_path) or EncoderIdentity(
                 model=spec.model, model_path=spec.model_path, model_config_path=spec.model_config_path,
                 preprocessing={"image": self.image}))
@@ -195,6 +195,10 @@ class DockerBackend:
             (["source", "target"] if label_filter == "noop" else []),
             searched_rows=summary["pool"] if "pool" in summary else tables.num_rows(source_path),
             target_in_pool=summary.get("target_in_pool", 0), timings=timings, warnings=found)
+
+    def _device(self) -> str:
+        """Where an embedding ran: the image by name and by content digest (set by _run)."""
+        return f"docker:{self.image}@{getattr(self, 'image_id', None) or 'unknown'}"
 
     def _require_our_image(self, keys: list[str]) -> None:
         """Only deft-mine's own image knows the mining controls; NVIDIA's would ignore them silently."""
@@ -242,7 +246,8 @@ class DockerBackend:
 
         client = _client()
         try:
-            client.images.get(self.image)
+            # The image's id (its content digest) is what ran: a tag can move, the id cannot.
+            self.image_id = client.images.get(self.image).id
         except docker.errors.ImageNotFound as exc:
             raise DeftError("image_missing", f"docker image {self.image} is not on this machine",
                             fix=f"docker pull {self.image} (or build docker/Dockerfile), or pass --image",

@@ -102,7 +102,8 @@ def write_provenance(folder: Path, invocation: Invocation | None, session: Sessi
             unavailable.append(f"{artifacts.MINING_CONFIG}/{name} (the run folder has no {name})")
     environment = {"recorded_by": "the run" if producing else "a later report (the run's own was not recorded)",
                    "deft_mine": __version__, "python": platform.python_version(),
-                   "packages": _versions(), "device": _device(), "host": platform.node()}
+                   "packages": _versions(), "device": _device(), "host": platform.node(),
+                   "backend": _backend(folder)}
     made = config / artifacts.ENVIRONMENT
     if producing or not made.is_file():
         tables.write_text_atomic(made, json.dumps(environment, indent=2) + "\n")
@@ -136,6 +137,21 @@ def _append_line(path: Path, line: dict[str, Any]) -> None:
         os.write(fd, data)
     finally:
         os.close(fd)
+
+
+def _backend(folder: Path) -> dict[str, Any] | None:
+    """Where the steps ran, as run.json recorded it: the backend, each embedding's device (the
+    docker image's digest among them) and the Ray cluster's facts; None without run.json."""
+    try:
+        manifest = json.loads((folder / artifacts.MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    embeddings = manifest.get("embeddings") or {}
+    steps = {side: {k: v for k, v in (embeddings.get(side) or {}).items() if k in ("device", "cluster") and v}
+             for side in ("target", "source")}
+    mining_cluster = (manifest.get("mining") or {}).get("cluster")
+    return {"name": manifest.get("backend"), **{f"embed_{side}": facts for side, facts in steps.items() if facts},
+            **({"mine": {"cluster": mining_cluster}} if mining_cluster else {})}
 
 
 def _versions() -> dict[str, str]:
