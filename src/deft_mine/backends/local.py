@@ -50,7 +50,7 @@ class LocalBackend:
         return [*checks, Check.of("thumbnail encoder", "ok", "always available (no weights)")], gpu
 
     def encoder(self, spec: EmbeddingSpec, events: Events) -> Encoder:
-        key = (*spec.encoder_key(), spec.pooling, spec.device)
+        key = (*spec.encoder_key(), spec.asked_pooling, spec.device)
         with self._lock:
             if key not in self._encoders:
                 model_path = key[1]

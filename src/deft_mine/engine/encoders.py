@@ -13,7 +13,7 @@ from PIL import Image
 
 from deft_mine.errors import DeftError
 from deft_mine.schemas.results import EncoderIdentity
-from deft_mine.schemas.specs import MODEL_POOLINGS
+from deft_mine.schemas.specs import DEFAULT_POOLINGS, MODEL_POOLINGS
 
 THUMBNAIL_SIDE = 16
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5"}
@@ -190,9 +190,8 @@ class HuggingFaceEncoder:
                             fix="point model_path at a vision backbone (ViT, DINOv2, ConvNeXt, Swin, ResNet …)",
                             field="model_path")
         if wanted is None:
-            # DINOv2's pooler output *is* its CLS token; elsewhere the pooler, when trained, is
-            # what the model was built to be summarised by.
-            return "cls" if model == "DINOv2" else choices[0]
+            # A trained pooler, where there is one, is what the model was built to be summarised by.
+            return DEFAULT_POOLINGS.get(model, choices[0])
         ok, why = fits.get(wanted, (False, f"model={model} takes {' or '.join(allowed)}"))
         if not ok:
             raise DeftError(

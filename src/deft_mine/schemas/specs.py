@@ -24,6 +24,9 @@ TAO_CHECKPOINT_SUFFIXES = (".pth", ".ckpt")
 #: take none; for `hf` the checkpoint decides what fits (checked when it is loaded).
 POOLINGS = ("cls", "mean", "pooled")
 MODEL_POOLINGS: dict[str, tuple[str, ...]] = {"DINOv2": ("cls", "mean"), "hf": POOLINGS}
+#: The pooling a model uses when the spec names none, where that is known without its weights
+#: (DINOv2's pooler output *is* its CLS token); `hf`'s depends on the checkpoint.
+DEFAULT_POOLINGS = {"DINOv2": "cls"}
 #: model_path when the spec names none; `hf` has no sensible default and must be told.
 DEFAULT_MODEL_PATHS = {"DINOv2": "facebook/dinov2-base"}
 
@@ -142,6 +145,12 @@ class EmbeddingSpec(_Spec):
     def images_root(self, listing: Path) -> Path:
         """Where the listing's relative filepaths resolve: image_root, else the listing's folder."""
         return Path(self.image_root).expanduser().absolute() if self.image_root else listing.parent
+
+    @property
+    def asked_pooling(self) -> str | None:
+        """The pooling asked for, the model's known default filled in (None: none, or `hf`'s
+        checkpoint decides when it loads)."""
+        return self.pooling or DEFAULT_POOLINGS.get(self.model)
 
     def encoder_key(self) -> tuple[str, str | None, str | None]:
         """(model, model_path, model_config_path) as the encoder's identity will record them,

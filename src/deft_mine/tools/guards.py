@@ -15,7 +15,7 @@ from deft_mine.engine.images import resolve_image_path
 from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import PathField
 from deft_mine.schemas.results import EncoderIdentity
-from deft_mine.schemas.specs import MODEL_POOLINGS, EmbeddingSpec
+from deft_mine.schemas.specs import EmbeddingSpec
 
 
 def _real(path: str | Path) -> Path:
@@ -131,8 +131,7 @@ class EncoderLock:
         # The pooling is asked for by the spec and, for `hf`, only resolved when the weights
         # load, so the session keeps the key its spec asked for (a model's known default
         # filled in: DINOv2 without pooling is DINOv2 with pooling=cls).
-        pooling = spec.pooling or (MODEL_POOLINGS.get(spec.model, (None,))[0] if spec.model != "hf" else None)
-        wanted = (*spec.encoder_key(), pooling)
+        wanted = (*spec.encoder_key(), spec.asked_pooling)
         with self._mutex:
             held = self._key if self.identity is not None else self._claim
             claimed = held is None
