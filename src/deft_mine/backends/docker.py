@@ -80,6 +80,7 @@ class DockerBackend:
         self.image = resolve_image(image)
         self.mounts = [Path(m).expanduser().absolute() for m in (mounts or [])]
         self.network = network
+        self.image_id: str | None = None  # the image's content digest, once a container has run
 
     def check(self, output_dir: Path, store: Path | None = None) -> tuple[list[Check], list[str]]:
         """Daemon, NVIDIA runtime, GPU, image, disk, mountability and whether the image can use
@@ -198,7 +199,7 @@ class DockerBackend:
 
     def _device(self) -> str:
         """Where an embedding ran: the image by name and by content digest (set by _run)."""
-        return f"docker:{self.image}@{getattr(self, 'image_id', None) or 'unknown'}"
+        return f"docker:{self.image}@{self.image_id or 'unknown'}"
 
     def _require_our_image(self, keys: list[str]) -> None:
         """Only deft-mine's own image knows the mining controls; NVIDIA's would ignore them silently."""

@@ -33,7 +33,7 @@ def write_report(folder: Path, events: Events, image_allowed: Callable[[Path], b
     failures = draw(facts, events)
     events.progress("report", 3, 4)
     rendered = render(facts)
-    unavailable = write_provenance(folder, invocation, session, producing)
+    unavailable = write_provenance(folder, manifest, invocation, session, producing)
     path = folder / artifacts.REPORT
     tables.write_text_atomic(path, rendered.text)  # last: its presence means everything else is there
     events.progress("report", 4, 4)

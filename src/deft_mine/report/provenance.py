@@ -18,6 +18,7 @@ from deft_mine import __version__
 from deft_mine.engine import tables
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts
+from deft_mine.schemas.manifest import RunManifest
 
 #: The packages whose versions decide a run's numbers (distribution names).
 PACKAGES = ("torch", "transformers", "faiss-cpu", "faiss-gpu", "pyarrow", "numpy", "pillow", "ray", "mcp")
@@ -83,8 +84,8 @@ def call_line(invocation: Invocation, outcome: str, code: str | None = None, war
             "warnings": warnings or [], "run_dir": run_dir}
 
 
-def write_provenance(folder: Path, invocation: Invocation | None, session: SessionLog | None,
-                     producing: bool) -> list[str]:
+def write_provenance(folder: Path, manifest: RunManifest | None, invocation: Invocation | None,
+                     session: SessionLog | None, producing: bool) -> list[str]:
     """Write mining_config/ and session.jsonl into a run folder; return what was unavailable.
     `producing`: this call made the run (else a later `report`, which adds what it can but
     never rewrites what the run recorded)."""
@@ -103,7 +104,7 @@ def write_provenance(folder: Path, invocation: Invocation | None, session: Sessi
     environment = {"recorded_by": "the run" if producing else "a later report (the run's own was not recorded)",
                    "deft_mine": __version__, "python": platform.python_version(),
                    "packages": _versions(), "device": _device(), "host": platform.node(),
-                   "backend": _backend(folder)}
+                   "backend": _backend(manifest)}
     made = config / artifacts.ENVIRONMENT
     if producing or not made.is_file():
         tables.write_text_atomic(made, json.dumps(environment, indent=2) + "\n")
@@ -139,19 +140,16 @@ def _append_line(path: Path, line: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def _backend(folder: Path) -> dict[str, Any] | None:
+def _backend(manifest: RunManifest | None) -> dict[str, Any] | None:
     """Where the steps ran, as run.json recorded it: the backend, each embedding's device (the
     docker image's digest among them) and the Ray cluster's facts; None without run.json."""
-    try:
-        manifest = json.loads((folder / artifacts.MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if manifest is None:
         return None
-    embeddings = manifest.get("embeddings") or {}
-    steps = {side: {k: v for k, v in (embeddings.get(side) or {}).items() if k in ("device", "cluster") and v}
-             for side in ("target", "source")}
-    mining_cluster = (manifest.get("mining") or {}).get("cluster")
-    return {"name": manifest.get("backend"), **{f"embed_{side}": facts for side, facts in steps.items() if facts},
-            **({"mine": {"cluster": mining_cluster}} if mining_cluster else {})}
+    embedded = {side: facts.model_dump(mode="json", include={"device", "cluster"}, exclude_none=True)
+                for side, facts in (("target", manifest.embeddings.target), ("source", manifest.embeddings.source))}
+    cluster = manifest.mining.cluster
+    return {"name": manifest.backend, **{f"embed_{side}": facts for side, facts in embedded.items() if facts},
+            **({"mine": {"cluster": cluster.model_dump(mode="json")}} if cluster else {})}
 
 
 def _versions() -> dict[str, str]:
