@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_image
+from ray_helpers import RAY_CLI, free_port, own_head, ray_env, start_head, stop
 from deft_mine.engine import tables
 from deft_mine.errors import DeftError
 from deft_mine.events import RecordingEvents
@@ -28,63 +28,14 @@ from deft_mine.tools.mine import mine
 
 pytestmark = pytest.mark.e2e
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (make test installs it)")
-RAY_CLI = Path(sys.executable).with_name("ray")
 THUMB = {"model": "thumbnail", "batch_size": 4}
 _SECOND_NODE: dict[str, int] = {}  # the pid of the second raylet's `ray start`
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """Signal each `ray start --block` (not its group: Ray would drain for 30 s), then end by
-    pid whatever they started and left behind."""
-    started = []
-    for proc in procs:
-        try:
-            started += psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            pass
-    for proc in reversed(procs):  # the worker node first, the head last
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(8)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-    for child in started:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(started, timeout=10)
-
-
-def _start_head(port: int, temp: str, env: dict[str, str], cpus: int = 1) -> subprocess.Popen:
-    """`ray start --head --block`, once its port answers."""
-    proc = subprocess.Popen([str(RAY_CLI), "start", "--head", f"--port={port}", "--include-dashboard=false",
-                             f"--temp-dir={temp}", f"--num-cpus={cpus}", "--block", "--disable-usage-stats"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                _stop([proc])
-                raise AssertionError("the Ray head did not start")
-            time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")
 def cluster() -> str:
     """A head and a second raylet, one CPU each: a real multi-node cluster on this machine."""
-    port = _free_port()
+    port = free_port()
     temp = tempfile.mkdtemp(prefix="dmray", dir="/tmp")  # Ray's socket paths must stay short
     # Token auth off on both sides: Ray turns it on when a token file happens to exist in ~/.ray,
     # and a driver without the token is then refused.
@@ -92,7 +43,7 @@ def cluster() -> str:
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
-    procs = [_start_head(port, temp, env)]
+    procs = [start_head(port, temp, env)]
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -108,7 +59,7 @@ def cluster() -> str:
         yield address
         disconnect()
     finally:
-        _stop(procs)
+        stop(procs)
         shutil.rmtree(temp, ignore_errors=True)
         if previous is None:
             os.environ.pop("RAY_AUTH_MODE", None)
@@ -287,7 +238,7 @@ def test_without_ray_installed_the_refusal_says_how_to_install(images, tmp_path)
 
 
 def test_unreachable_head_is_a_coded_error_naming_it(cluster, images, tmp_path):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(DeftError) as caught:
         embed(images / "pool.parquet", tmp_path / "x.parquet", overrides=THUMB, backend="ray", ray_address=address)
@@ -303,7 +254,7 @@ def test_another_address_is_refused_while_a_step_runs(cluster):
 
     with attached(cluster):
         with pytest.raises(DeftError) as caught:
-            connect(f"127.0.0.1:{_free_port()}")
+            connect(f"127.0.0.1:{free_port()}")
     assert caught.value.code == "ray_busy" and caught.value.details["field"] == "ray_address"
     connect(cluster)  # the step over, the same cluster is still attached
 
@@ -418,6 +369,121 @@ def test_an_encoder_actor_killed_mid_embedding_is_restarted_and_the_output_is_th
     _same_embeddings(tmp_path / "local.parquet", tmp_path / "ray.parquet")
 
 
+def _image_listing(folder: Path, count: int) -> Path:
+    """`count` small distinct images and their listing: with batch_size=2, many batches."""
+    for i in range(count):
+        write_image(folder / "imgs" / f"{i}.png", seed=i, size=(96, 80))
+    pq.write_table(pa.table({"filepath": [f"imgs/{i}.png" for i in range(count)]}), folder / "list.parquet")
+    return folder / "list.parquet"
+
+
+def test_a_killed_driver_resumes_from_the_store(cluster, tmp_path):
+    """kill -9 of the process driving the cluster mid-embedding: the batches that came back
+    before it are in the store, and the same command again sends only the rest to the cluster."""
+    from deft_mine.engine import store as stores
+
+    N = 300
+    listing, store = _image_listing(tmp_path, N), tmp_path / "store"
+    command = [str(Path(sys.executable).with_name("deft-mine")), "embed", "--backend", "ray", "--ray-address", cluster,
+               "--store", str(store), f"input_parquet={listing}", f"output_parquet={tmp_path / 'ray.parquet'}",
+               "model=thumbnail", "batch_size=2"]
+    stored = lambda: sum(info.vectors for info in stores.describe(store)) if store.exists() else 0  # noqa: E731
+    proc = subprocess.Popen(command, env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while stored() < 20:
+        assert proc.poll() is None and time.monotonic() < deadline, "no vectors reached the store"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = stored()
+    assert 20 <= before < N and not (tmp_path / "ray.parquet").exists()
+
+    again = subprocess.run([*command, "--json"], env=ray_env(), capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    result = json.loads(again.stdout)
+    assert result["reused"] >= before and result["reused"] + result["embedded"] == N
+    assert result["embedded"] > 0  # the rest went to the cluster
+    embed(listing, tmp_path / "local.parquet", overrides={**THUMB, "batch_size": 2}, no_store=True)
+    _same_embeddings(tmp_path / "local.parquet", tmp_path / "ray.parquet")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def _cancel_once_running(root: Path, tool: str, arguments: dict, running, stopped) -> None:
+    """Call `tool` on a real stdio server, cancel the call as soon as `running()` names a
+    cluster worker doing its work, and see the server answer the next call; `stopped()` is
+    asserted while the server still lives (its exit would end its Ray work anyway)."""
+    import anyio
+    from mcp import Client
+
+    from mcp_helpers import stdio_params
+
+    async with Client(stdio_params(root)) as client:
+        async with anyio.create_task_group() as group:
+            async def call() -> None:
+                await client.call_tool(tool, arguments)
+                pytest.fail("the call finished although it was cancelled")
+
+            group.start_soon(call)
+            with anyio.fail_after(180):
+                while running() is None:
+                    await anyio.sleep(0.05)
+            group.cancel_scope.cancel()
+        result = await client.call_tool("preflight", {})  # the session goes on
+        assert not result.is_error
+        assert await anyio.to_thread.run_sync(stopped)
+
+
+def _gone(find, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while find() is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.anyio
+async def test_cancelling_an_mcp_embed_stops_the_encoder_actors(cluster, tmp_path):
+    listing = _image_listing(tmp_path, 400)
+    arguments = {"input_parquet": listing.name, "output_parquet": "out.parquet", "backend": "ray",
+                 "ray_address": cluster, "no_store": True, "overrides": {**THUMB, "batch_size": 2}}
+    # The worker meets the cancellation within a second, closes the Ray Data stream, and Ray
+    # Data ends its actor pool: no encoder goes on working for nobody.
+    await _cancel_once_running(tmp_path, "embed", arguments, lambda: _worker_running("EncodeActor"),
+                               lambda: _gone(lambda: _worker_running("EncodeActor"), timeout=30))
+    assert not (tmp_path / "out.parquet").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.parquet")]
+
+
+@pytest.mark.anyio
+async def test_cancelling_an_mcp_mine_kills_the_running_shard_task(cluster, tmp_path):
+    """One shard that would search for about a minute (100k targets × 80k rows on one CPU; 10k
+    targets take ~5 s here): the cancellation is met while the driver waits on it, and the
+    shard's worker is killed at once, not left to finish for nobody."""
+    from conftest import write_embeddings
+
+    rng = np.random.default_rng(3)
+    write_embeddings(tmp_path / "pool.parquet", rng.normal(size=(80_000, 256)))
+    write_embeddings(tmp_path / "t.parquet", rng.normal(size=(100_000, 256)))
+    arguments = {"source_parquet": "pool.parquet", "target_parquet": "t.parquet", "output_parquet": "m/mined.parquet",
+                 "backend": "ray", "ray_address": cluster, "overrides": {"topn": 3, "block_rows": 80_000}}
+    seen: list[psutil.Process] = []
+
+    def shard_running() -> psutil.Process | None:
+        found = _worker_running("ray::search_shard")
+        if found is not None:
+            seen.append(found)
+        return found
+
+    await _cancel_once_running(tmp_path, "mine", arguments, shard_running,
+                               lambda: _gone(lambda: psutil.pid_exists(seen[0].pid) or None, timeout=20))
+    assert not (tmp_path / "m" / "mined.parquet").exists()
+
+
 # ----------------------------------------------------------------------------- preflight
 
 def test_preflight_asks_every_node(cluster, images, tmp_path):
@@ -444,7 +510,7 @@ def test_preflight_asks_every_node(cluster, images, tmp_path):
 def test_preflight_of_an_unreachable_cluster_fails_naming_it(tmp_path):
     from deft_mine.tools.preflight import preflight
 
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     result = preflight(backend="ray", ray_address=address, output_dir=str(tmp_path))
     assert not result.ok and [c.name for c in result.checks if not c.ok] == ["ray"]
     assert address in result.checks[0].detail
@@ -459,12 +525,8 @@ def test_a_lost_head_is_a_coded_error_and_the_run_folder_says_so(tmp_path):
         write_image(tmp_path / "imgs" / f"{i}.png", seed=i, size=(96, 80))
     pq.write_table(pa.table({"filepath": [f"imgs/{i}.png" for i in range(200)]}), tmp_path / "pool.parquet")
     pq.write_table(pa.table({"filepath": [f"imgs/{i}.png" for i in range(3)]}), tmp_path / "targets.parquet")
-    port, temp = _free_port(), tempfile.mkdtemp(prefix="dmhead", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
-        "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    head = _start_head(port, temp, env, cpus=2)  # an encoder actor and the reads beside it
-    address, run_dir = f"127.0.0.1:{port}", tmp_path / "run"
-    try:
+    with own_head(cpus=2) as (head, address):  # an encoder actor and the reads beside it
+        run_dir, env = tmp_path / "run", ray_env()
         proc = subprocess.Popen(
             [str(Path(sys.executable).with_name("deft-mine")), "run", "--backend", "ray", "--ray-address", address,
              "--targets", str(tmp_path / "targets.parquet"), "--source", str(tmp_path / "pool.parquet"),
@@ -482,19 +544,9 @@ def test_a_lost_head_is_a_coded_error_and_the_run_folder_says_so(tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
-        assert proc.returncode == 2, stderr[-2000:]
-        manifest = json.loads((run_dir / "run.json").read_text())
-        assert manifest["status"] == "failed" and address in manifest["error"]["message"], manifest.get("error")
-        assert manifest["error"]["code"] == "ray_head_lost" and manifest["error"]["field"] == "ray_address"
-        assert not (run_dir / "source_embeddings.parquet").exists() and not (run_dir / "mined.parquet").exists()
-        assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp file left
-    finally:
-        left = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
-        for proc_left in [*left, head]:  # a broken head: no drain to wait for (SIGTERM would take 8 s)
-            try:
-                proc_left.kill()
-            except (psutil.Error, ProcessLookupError):
-                pass
-        psutil.wait_procs(left, timeout=10)
-        head.wait(10)
-        shutil.rmtree(temp, ignore_errors=True)
+    assert proc.returncode == 2, stderr[-2000:]
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["status"] == "failed" and address in manifest["error"]["message"], manifest.get("error")
+    assert manifest["error"]["code"] == "ray_head_lost" and manifest["error"]["field"] == "ray_address"
+    assert not (run_dir / "source_embeddings.parquet").exists() and not (run_dir / "mined.parquet").exists()
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp file left

@@ -13,7 +13,9 @@ class Cancelled(Exception):
 class Events(Protocol):
     def progress(self, stage: str, done: int, total: int | None, note: str = "") -> None:
         """`done` of `total` units finished in `stage` (total None when unknown); `note` says
-        more about them (e.g. how many the embedding store supplied)."""
+        more about them (e.g. how many the embedding store supplied). Work that waits long on
+        others (a cluster) reports the same `done` again as it waits: each report is where a
+        cancellation is met."""
 
     def log(self, level: str, message: str) -> None:
         """A log line: level is 'debug' | 'info' | 'warning' | 'error'."""

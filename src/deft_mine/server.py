@@ -75,6 +75,7 @@ class _ClientEvents:
         self._stage_done: dict[str, int] = {}
         self._overall = 0
         self._last_sent = 0.0
+        self._last_value = -1  # the progress last sent: the first report (0) goes out, repeats do not
 
     def _send(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         try:
@@ -89,9 +90,11 @@ class _ClientEvents:
         self._overall += max(0, done - self._stage_done.get(stage, 0))
         self._stage_done[stage] = done
         now = time.monotonic()
+        if self._overall <= self._last_value:  # a report that nothing moved (a wait's cancel check)
+            return
         if done != total and now - self._last_sent < self._MIN_INTERVAL:
             return
-        self._last_sent = now
+        self._last_sent, self._last_value = now, self._overall
         overall_total = total if len(self._stage_done) == 1 else None
         message = f"{stage}: {done}/{total if total is not None else '?'}" + (f" ({note})" if note else "")
         self._send(self.ctx.report_progress, self._overall, overall_total, message)

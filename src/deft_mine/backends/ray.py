@@ -144,12 +144,12 @@ def connect(address: str | None) -> Any:
             raise unreachable(wanted, f"{failure[0].__class__.__name__}: {failure[0]}") from failure[0]
         _keepers.append(release)
         _attached = wanted
-        _quiet_ray_data(ray)
+        quiet_ray_data(ray)
         _cluster_messages_to_stderr()
         return ray
 
 
-def _quiet_ray_data(ray: Any) -> None:
+def quiet_ray_data(ray: Any) -> None:
     """Ray Data keeps rows in order here (the output must match the listing), and its own
     progress bars and logs stay off: ours speak for the work."""
     ctx = ray.data.DataContext.get_current()
@@ -292,6 +292,7 @@ class RayBackend:
     def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
               events: Events, store: Path | None) -> EmbedResult:
         from deft_mine.backends.local import LocalBackend, embed_result
+        from deft_mine.backends.ray_client import embed_through_client
         from deft_mine.backends.ray_embed import embed_on_ray
 
         with attached(self.address) as ray:
@@ -299,9 +300,14 @@ class RayBackend:
             # The driver holds one encoder too: its identity names the output and keys the store.
             encoder = LocalBackend.shared().encoder(spec, events)
             load_seconds = time.perf_counter() - t0
+            watch = HeadWatch(ray, wanted_address(self.address))
             with self._cluster_errors(ray):
-                stats, used = embed_on_ray(ray, spec, input_path, output_path, image_root, encoder, events, store,
-                                           HeadWatch(ray, wanted_address(self.address)), actors=spec.workers)
+                if wanted_address(self.address).startswith("ray://"):
+                    stats, used = embed_through_client(ray, spec, input_path, output_path, image_root, events, store,
+                                                       watch)
+                else:
+                    stats, used = embed_on_ray(ray, spec, input_path, output_path, image_root, encoder, events, store,
+                                               watch, actors=spec.workers)
             result = embed_result(stats, encoder, output_path, self.name, store, load_seconds)
             result.cluster = self.facts(ray, used)
         return result

@@ -18,7 +18,7 @@ import pyarrow as pa
 from deft_mine.backends.ray import HeadWatch, Workers, cluster_cpus_gpus
 from deft_mine.engine import tables
 from deft_mine.engine.embedding import (EmbedStats, RowGroupWriter, close_shelf, count_skips, output_writer,
-                                        start_step, write_rows)
+                                        start_step, store_and_write)
 from deft_mine.engine.encoders import Encoder, build_encoder, build_preprocessor
 from deft_mine.engine.images import LoadFailure, decode_rgb, digest, read_bytes
 from deft_mine.engine.store import Shelf
@@ -47,7 +47,8 @@ def plan_pool(cpus: float, gpus: float, use_gpu: bool, actors: int | None = None
 
     A read task asks for half a CPU (it waits on the disk part of the time); asking for other
     resources than the actors also keeps Ray Data from fusing the reads into the actors, which
-    would leave every CPU beside them idle.
+    would leave every CPU beside them idle. A cluster of fewer than two CPUs works with a
+    single actor that holds no CPU.
     """
     if use_gpu and gpus >= 1:
         count = actors or int(gpus)
@@ -55,8 +56,10 @@ def plan_pool(cpus: float, gpus: float, use_gpu: bool, actors: int | None = None
     if cpus >= 2:
         count = max(1, min(actors or int(cpus) // 2, int(cpus) - 1))
         return PoolPlan(count, 1.0, 0.0, READ_CPUS)
-    half = max(cpus, 0.01) / 2  # one CPU or less: actor and reads share it
-    return PoolPlan(1, half, 0.0, half)
+    # Under two CPUs, an actor holding any share of the CPU starves Ray Data's own one-CPU tasks
+    # (the parquet read, the repartition) and nothing moves: the actor holds none (it still runs,
+    # on the CPU the reads leave between them).
+    return PoolPlan(1, 0.0, 0.0, min(READ_CPUS, cpus))
 
 
 _PREPROCESS: dict[tuple[str, str | None], Callable[[list[Any]], np.ndarray]] = {}
@@ -154,10 +157,13 @@ def _listing(ray: Any, path: Path, read_cpus: float, blocks: int) -> Any:
 
 class _Results:
     """The pipeline's output rows, in order, handed out by count; a pipeline that yields
-    nothing for `stall` seconds is a coded error, not a hang."""
+    nothing for `stall` seconds is a coded error, not a hang. Each second of waiting checks the
+    head (`watch`) and calls `waiting` (where a cancellation is met)."""
 
-    def __init__(self, batches: Iterator[pa.Table], stall: float, watch: HeadWatch) -> None:
+    def __init__(self, batches: Iterator[pa.Table], stall: float, watch: HeadWatch,
+                 waiting: Callable[[], None]) -> None:
         self._watch = watch
+        self._waiting = waiting
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._stop = threading.Event()
         self._stall = stall
@@ -176,10 +182,14 @@ class _Results:
                     except queue.Full:
                         continue
                 if self._stop.is_set():
-                    return  # leaving the iterator ends Ray Data's execution
+                    return
             self._queue.put(("end", None))
         except BaseException as exc:  # handed to the consumer, which raises it
             self._queue.put(("error", exc))
+        finally:  # closing the iterator shuts Ray Data's execution down: its actors and tasks end
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
 
     def take(self, rows: int) -> pa.Table:
         waited = 0.0
@@ -189,6 +199,7 @@ class _Results:
                 waited = 0.0
             except queue.Empty:
                 self._watch.check()
+                self._waiting()
                 waited += 1.0
                 if waited < self._stall:
                     continue
@@ -211,6 +222,25 @@ class _Results:
 
     def close(self) -> None:
         self._stop.set()
+
+
+@dataclass
+class _Progress:
+    """What the progress bar and the MCP notifications say: rows, and listing batches back from
+    the cluster."""
+
+    events: Events
+    total: int
+    batch_count: int
+    stats: EmbedStats
+    store: bool
+    batches: int = 0
+
+    def report(self) -> None:
+        note = f"{self.batches}/{self.batch_count} batches done on the cluster"
+        if self.store:
+            note += f", {self.stats.reused} reused from the store"
+        self.events.progress("embed", self.stats.rows_in, self.total, note)
 
 
 def embed_on_ray(ray: Any, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
@@ -240,9 +270,10 @@ def embed_on_ray(ray: Any, spec: EmbeddingSpec, input_path: Path, output_path: P
         compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus)
     nodes: set[str] = set()
+    progress = _Progress(events, total, -(-total // spec.batch_size), stats, shelf is not None)
     results = _Results(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1), STALL_SECONDS,
-                       watch)
-    events.progress("embed", 0, total)
+                       watch, progress.report)
+    progress.report()
     try:
         with output_writer(output_path, out_schema, encoder.dim) as writer:
             listing = tables.iter_batches(input_path, spec.batch_size)
@@ -254,17 +285,19 @@ def embed_on_ray(ray: Any, spec: EmbeddingSpec, input_path: Path, output_path: P
                     break
                 got = results.take(batch.num_rows)
                 nodes.update(got.column("node").unique().to_pylist())
-                _finish(batch, got, encoder, shelf, writer, out_schema, stats, events, total, image_root)
+                _finish(batch, got, encoder, shelf, writer, out_schema, stats, events, image_root)
+                progress.batches += 1
+                progress.report()
     finally:
         results.close()
     return close_shelf(shelf, stats, events, started), Workers(plan.actors, len(nodes), plan.actors * plan.actor_gpus)
 
 
 def _finish(batch: pa.RecordBatch, got: pa.Table, encoder: Encoder, shelf: Shelf | None,
-            writer: RowGroupWriter, schema: pa.Schema, stats: EmbedStats, events: Events, total: int,
+            writer: RowGroupWriter, schema: pa.Schema, stats: EmbedStats, events: Events,
             image_root: Path) -> None:
     """One listing batch: count its skips, take stored vectors from the store and new ones from
-    the cluster, store the new ones, write the kept rows (as embedding.py's _finish does)."""
+    the cluster, then store and write as the local backend does."""
     n = batch.num_rows
     stats.rows_in += n
     status = got.column("status").to_numpy()
@@ -288,14 +321,10 @@ def _finish(batch: pa.RecordBatch, got: pa.Table, encoder: Encoder, shelf: Shelf
             vectors[stored] = found
             stats.seconds_saved += shelf.seconds_saved(where) if len(stored) else 0.0
             break
-    stats.timings["decode"] += float(got.column("seconds").to_numpy().sum())
-    if shelf is not None and len(new):
-        shelf.add(pa.array([digests[i] for i in new], pa.binary(32)), vectors[new],
-                  float(got.column("seconds").to_numpy()[new].mean()))
-    write_rows(batch, vectors, status != FAILED, writer, schema, stats)
-    stats.reused += len(stored)
-    stats.embedded += len(new)
-    events.progress("embed", stats.rows_in, total, f"{stats.reused} reused from the store" if shelf else "")
+    seconds = got.column("seconds").to_numpy()
+    stats.timings["decode"] += float(seconds.sum())
+    store_and_write(batch, vectors, status != FAILED, new, [digests[i] for i in new],
+                    float(seconds[new].mean()) if len(new) else 0.0, len(stored), shelf, writer, schema, stats)
 
 
 def _embed_here(batch: pa.RecordBatch, rows: np.ndarray, encoder: Encoder, image_root: Path) -> np.ndarray:

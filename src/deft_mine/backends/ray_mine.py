@@ -66,20 +66,21 @@ def _search(ray: Any, prep: Prepared, events: Events, watch: HeadWatch) -> tuple
                            dim if a else None, prep.query_groups, None if groups is None else groups[a:b]): i
                for i, (a, b) in enumerate(shards)}
     events.log("info", f"mining {total} pool rows in {len(shards)} shard(s) on Ray")
-    events.progress("mine", 0, total)
     results: dict[int, dict[str, Any]] = {}
     rows = 0
     try:
+        events.progress("mine", 0, total, f"0/{len(shards)} shards done on the cluster")
         waiting = list(pending)
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1, timeout=1.0)
-            if not done:
+            if done:
+                index = pending[done[0]]
+                results[index] = ray.get(done[0])
+                rows += shards[index][1] - shards[index][0]
+            else:
                 watch.check()
-                continue
-            index = pending[done[0]]
-            results[index] = ray.get(done[0])
-            rows += shards[index][1] - shards[index][0]
-            events.progress("mine", rows, total, f"{len(results)}/{len(shards)} shards")
+            # also each second of waiting: where a cancellation is met
+            events.progress("mine", rows, total, f"{len(results)}/{len(shards)} shards done on the cluster")
     except BaseException:
         for ref in pending:  # cancelled, or the cluster failed: no shard runs on for nobody
             ray.cancel(ref, force=True)

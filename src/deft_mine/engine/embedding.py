@@ -194,17 +194,14 @@ def _finish(prep: _Prepared, encoder: Encoder, shelf: Shelf | None, writer: "Row
     fresh = encoder.encode(np.concatenate([prep.rows[i] for i in new])) if len(new) else \
         np.zeros((0, encoder.dim), np.float32)
     stats.timings["encode"] += time.perf_counter() - t0
-    if shelf is not None and len(new):
-        shelf.add(pa.array([prep.digests[i] for i in new], pa.binary(32)), fresh,
-                  (prep.seconds + time.perf_counter() - t0) / max(len(new), 1))
     vectors = np.zeros((prep.batch.num_rows, encoder.dim), np.float32)
     keep = np.zeros(prep.batch.num_rows, bool)
     if len(hits):
         vectors[hits], keep[hits] = stored, True
     vectors[new], keep[new] = fresh, True
-    write_rows(prep.batch, vectors, keep, writer, schema, stats)
-    stats.reused += len(hits)
-    stats.embedded += len(new)
+    store_and_write(prep.batch, vectors, keep, new, [prep.digests[i] for i in new],
+                    (prep.seconds + time.perf_counter() - t0) / max(len(new), 1), len(hits), shelf, writer, schema,
+                    stats)
     events.progress("embed", stats.rows_in, total, f"{stats.reused} reused from the store" if shelf else "")
 
 
@@ -217,6 +214,18 @@ def count_skips(failures: list[LoadFailure], stats: EmbedStats, events: Events) 
     if failures:
         events.log("warning", f"skipped {len(failures)} unreadable image(s), e.g. "
                               f"{failures[0].filepath}: {failures[0].reason}")
+
+
+def store_and_write(batch: pa.RecordBatch, vectors: np.ndarray, keep: np.ndarray, new: np.ndarray,
+                    new_digests: list[bytes], seconds_each: float, reused: int, shelf: Shelf | None,
+                    writer: "RowGroupWriter", schema: pa.Schema, stats: EmbedStats) -> None:
+    """A finished batch: its newly embedded rows (`new`) into the store first, so that a run
+    killed after this batch resumes past it; then its kept rows into the output; then counted."""
+    if shelf is not None and len(new):
+        shelf.add(pa.array(new_digests, pa.binary(32)), vectors[new], seconds_each)
+    write_rows(batch, vectors, keep, writer, schema, stats)
+    stats.reused += reused
+    stats.embedded += len(new)
 
 
 def write_rows(batch: pa.RecordBatch, vectors: np.ndarray, keep: np.ndarray, writer: "RowGroupWriter",
