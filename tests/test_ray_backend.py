@@ -225,6 +225,32 @@ def test_run_through_the_command_line(cluster, images, tmp_path):
     assert "embedding the targets ran 1 encoder actor on 1 node" in report
 
 
+@pytest.mark.parametrize("labels", [False, True], ids=["unlabelled", "filter_by_label"])
+def test_two_rounds_with_a_history_ledger_equal_local(cluster, images, tmp_path, labels):
+    """The whole workflow twice against one ledger, on each backend: the same candidates, the
+    same selections, the same ledger counts (the ledger never selects an image twice)."""
+    from deft_mine.tools.run import run
+
+    outcome = {}
+    for backend in ("local", "ray"):
+        ledger, rounds = tmp_path / backend / "ledger.json", []
+        for topn in (1, 3):
+            folder = tmp_path / backend / f"r{topn}"
+            done = run(images / "targets.parquet", images / "pool.parquet", run_dir=folder, history=ledger,
+                       no_store=True, backend=backend, **({"ray_address": cluster} if backend == "ray" else {}),
+                       overrides={**THUMB, "topn": topn, "filter_by_label": labels})
+            rounds.append((pq.read_table(folder / "mined_candidates.parquet"), pq.read_table(folder / "mined.parquet"),
+                           (folder / "mining_summary.txt").read_bytes(),
+                           (done.select.iteration, done.select.newly_selected, done.select.previously_selected)))
+        outcome[backend] = rounds
+        iterations = json.loads((tmp_path / backend / "r3" / "run.json").read_text())["history"]["iterations"]
+        outcome[backend].append([it["cumulative"] for it in iterations])
+    for (lc, lm, ls, lsel), (rc, rm, rs, rsel) in zip(outcome["local"][:2], outcome["ray"][:2]):
+        assert rc.equals(lc) and rm.equals(lm) and rs == ls and rsel == lsel
+    assert outcome["ray"][2] == outcome["local"][2]
+    assert outcome["ray"][1][3][2] > 0  # round two met images round one had selected
+
+
 def test_without_ray_installed_the_refusal_says_how_to_install(images, tmp_path):
     code = ("import sys; sys.modules['ray'] = None\n"  # `import ray` now fails as if not installed
             "from deft_mine.cli import main\n"
@@ -412,19 +438,25 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def _cancel_once_running(root: Path, tool: str, arguments: dict, running, stopped) -> None:
+async def _cancel_once_running(root: Path, tool: str, arguments: dict, running, stopped) -> list[str]:
     """Call `tool` on a real stdio server, cancel the call as soon as `running()` names a
     cluster worker doing its work, and see the server answer the next call; `stopped()` is
-    asserted while the server still lives (its exit would end its Ray work anyway)."""
+    asserted while the server still lives (its exit would end its Ray work anyway). The
+    progress messages the call sent."""
     import anyio
     from mcp import Client
 
     from mcp_helpers import stdio_params
 
+    messages: list[str] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+
     async with Client(stdio_params(root)) as client:
         async with anyio.create_task_group() as group:
             async def call() -> None:
-                await client.call_tool(tool, arguments)
+                await client.call_tool(tool, arguments, progress_callback=on_progress)
                 pytest.fail("the call finished although it was cancelled")
 
             group.start_soon(call)
@@ -435,6 +467,7 @@ async def _cancel_once_running(root: Path, tool: str, arguments: dict, running, 
         result = await client.call_tool("preflight", {})  # the session goes on
         assert not result.is_error
         assert await anyio.to_thread.run_sync(stopped)
+    return messages
 
 
 def _gone(find, timeout: float = 60.0) -> bool:
@@ -453,8 +486,9 @@ async def test_cancelling_an_mcp_embed_stops_the_encoder_actors(cluster, tmp_pat
                  "ray_address": cluster, "no_store": True, "overrides": {**THUMB, "batch_size": 2}}
     # The worker meets the cancellation within a second, closes the Ray Data stream, and Ray
     # Data ends its actor pool: no encoder goes on working for nobody.
-    await _cancel_once_running(tmp_path, "embed", arguments, lambda: _worker_running("EncodeActor"),
-                               lambda: _gone(lambda: _worker_running("EncodeActor"), timeout=30))
+    messages = await _cancel_once_running(tmp_path, "embed", arguments, lambda: _worker_running("EncodeActor"),
+                                          lambda: _gone(lambda: _worker_running("EncodeActor"), timeout=30))
+    assert messages[0] == "embed: 0/400 (0 batch(es) done on the cluster)", messages[:3]
     assert not (tmp_path / "out.parquet").exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.parquet")]
 
@@ -479,8 +513,9 @@ async def test_cancelling_an_mcp_mine_kills_the_running_shard_task(cluster, tmp_
             seen.append(found)
         return found
 
-    await _cancel_once_running(tmp_path, "mine", arguments, shard_running,
-                               lambda: _gone(lambda: psutil.pid_exists(seen[0].pid) or None, timeout=20))
+    messages = await _cancel_once_running(tmp_path, "mine", arguments, shard_running,
+                                          lambda: _gone(lambda: psutil.pid_exists(seen[0].pid) or None, timeout=20))
+    assert messages == ["mine: 0/80000 (0/1 shards done on the cluster)"]  # waits re-report nothing
     assert not (tmp_path / "m" / "mined.parquet").exists()
 
 

@@ -231,13 +231,13 @@ class _Progress:
 
     events: Events
     total: int
-    batch_count: int
     stats: EmbedStats
     store: bool
     batches: int = 0
 
     def report(self) -> None:
-        note = f"{self.batches}/{self.batch_count} batches done on the cluster"
+        # no batch total: a parquet's row groups may cut the listing into a few more than rows/batch
+        note = f"{self.batches} batch(es) done on the cluster"
         if self.store:
             note += f", {self.stats.reused} reused from the store"
         self.events.progress("embed", self.stats.rows_in, self.total, note)
@@ -270,7 +270,7 @@ def embed_on_ray(ray: Any, spec: EmbeddingSpec, input_path: Path, output_path: P
         compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus)
     nodes: set[str] = set()
-    progress = _Progress(events, total, -(-total // spec.batch_size), stats, shelf is not None)
+    progress = _Progress(events, total, stats, shelf is not None)
     results = _Results(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1), STALL_SECONDS,
                        watch, progress.report)
     progress.report()
