@@ -4,6 +4,8 @@ sends its progress and log lines back to this process, which replays them."""
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +82,8 @@ def embed_through_client(ray: Any, spec: EmbeddingSpec, input_path: Path, output
         ray.cancel(ref, force=True, recursive=True)
         raise
     finally:
-        ray.kill(queue.actor)
+        with contextlib.suppress(Exception):  # a cluster that failed: its error is the one to tell
+            ray.kill(queue.actor)
     if "error" in found:
         raise task_error(found["error"])
     return found["stats"], found["used"]
