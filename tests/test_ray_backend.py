@@ -461,7 +461,7 @@ async def _cancel_once_running(root: Path, tool: str, arguments: dict, running, 
 
             group.start_soon(call)
             with anyio.fail_after(180):
-                while running() is None:
+                while not messages or running() is None:  # the call has begun, and its worker runs
                     await anyio.sleep(0.05)
             group.cancel_scope.cancel()
         result = await client.call_tool("preflight", {})  # the session goes on
