@@ -7,23 +7,17 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterator
 
 import psutil
 
+from mcp_helpers import free_port, wait_for_port
+
 RAY_CLI = Path(sys.executable).with_name("ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -59,17 +53,12 @@ def start_head(port: int, temp: str, env: dict[str, str], cpus: int = 1,
     proc = subprocess.Popen([str(RAY_CLI), "start", "--head", f"--port={port}", "--include-dashboard=false",
                              f"--temp-dir={temp}", f"--num-cpus={cpus}", "--block", "--disable-usage-stats", *extra],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    for wanted in [port, *([client_port] if client_port else [])]:
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", wanted), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    stop([proc])
-                    raise AssertionError("the Ray head did not start")
-                time.sleep(0.3)
+    try:
+        for wanted in [port, *([client_port] if client_port else [])]:
+            wait_for_port(wanted, proc, timeout=60)
+    except (RuntimeError, TimeoutError) as exc:
+        stop([proc])
+        raise AssertionError(f"the Ray head did not start: {exc}") from exc
     return proc
 
 

@@ -41,7 +41,7 @@ def cluster() -> str:
     # and a driver without the token is then refused.
     previous = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = ray_env()
     common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
     procs = [start_head(port, temp, env)]
     address = f"127.0.0.1:{port}"
@@ -202,7 +202,7 @@ def test_bad_pool_vector_is_named_as_locally(cluster, embedded, tmp_path):
 
 def test_run_through_the_command_line(cluster, images, tmp_path):
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the flag alone says where
+    env = ray_env()  # no $RAY_ADDRESS: the flag alone says where
     proc = subprocess.run(
         [str(Path(sys.executable).with_name("deft-mine")), "run", "--backend", "ray", "--ray-address", cluster,
          "--targets", str(images / "targets.parquet"), "--source", str(images / "pool.parquet"),
