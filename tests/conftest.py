@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,17 @@ def _session_store(tmp_path_factory: pytest.TempPathFactory) -> None:
     """One embedding store for the session (servers and CLIs spawned by tests inherit it), never
     the user's cache; tests about the store itself pass their own."""
     os.environ["DEFT_MINE_STORE"] = str(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(autouse=True)
+def _golden(request: pytest.FixtureRequest, tmp_path: Path):
+    """With DEFT_MINE_GOLDEN=DIR, each test's outputs are recorded there (tests/golden.py)."""
+    yield
+    golden = os.environ.get("DEFT_MINE_GOLDEN")
+    if golden:
+        from golden import record
+
+        record(tmp_path, Path(golden) / re.sub(r"[^\w.-]+", "_", request.node.nodeid))
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 32)) -> Path:
