@@ -167,7 +167,7 @@ def test_mine_equals_local(cluster, embedded, tmp_path, params):
 
 
 def test_mined_pairs_equal_local(cluster, embedded, tmp_path):
-    from deft_mine.backends import get_backend
+    from deft_mine.backends import BackendOptions, resolve
     from deft_mine.events import NullEvents
     from deft_mine.schemas.specs import MiningSpec
 
@@ -176,7 +176,7 @@ def test_mined_pairs_equal_local(cluster, embedded, tmp_path):
     for name in ("local", "ray"):
         folder = tmp_path / name
         folder.mkdir()
-        get_backend(name, ray_address=cluster).mine(spec, pool, targets, folder / "mined.parquet",
+        resolve(BackendOptions(backend=name, ray_address=cluster)).mine(spec, pool, targets, folder / "mined.parquet",
                                                     folder / "mining_summary.txt", NullEvents(),
                                                     folder / "mined_pairs.parquet")
     assert pq.read_table(tmp_path / "ray" / "mined_pairs.parquet").equals(

@@ -17,11 +17,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from deft_mine import __version__
-from deft_mine.backends import BACKENDS
 from deft_mine.errors import DeftError
 from deft_mine.report.provenance import Invocation
 from deft_mine.stopping import exit_code, sigterm_unwinds, stop_signal
-from deft_mine.schemas.inputs import Cli
+from deft_mine.schemas.inputs import BackendOptions, Cli
 from deft_mine.schemas.results import ErrorInfo
 from deft_mine.tools import TOOLS, Tool, ToolContext
 
@@ -81,20 +80,19 @@ def _add_field(parser: argparse.ArgumentParser, groups: dict[str, Any], name: st
     if info.annotation is bool:
         target.add_argument(*spec.flags, dest=name, action="store_true", help=help_text)
         return
-    metavar = spec.flags[-1].lstrip("-").replace("-", "_").upper()
-    target.add_argument(*spec.flags, dest=name, metavar=metavar, help=help_text,
-                        required=spec.required, type=int if info.annotation is int else str)
-
-
-# Input fields every working command sets through options of its own (see _command).
-_BACKEND_FLAGS = {"backend": "--backend", "image": "--image", "mounts": "--mount", "ray_address": "--ray-address"}
+    if spec.choices is not None:
+        target.add_argument(*spec.flags, dest=name, choices=spec.choices, default=info.default, help=help_text)
+        return
+    metavar = spec.metavar or spec.flags[-1].lstrip("-").replace("-", "_").upper()
+    target.add_argument(*spec.flags, dest=name, metavar=metavar, help=help_text, required=spec.required,
+                        type=int if info.annotation is int else str, action="append" if spec.repeat else "store")
 
 
 def _flag(tool: Tool[Any, Any] | None, field: object) -> str | None:
     """The option that sets an input field: tools and engine name fields, the adapter flags."""
-    if field in _BACKEND_FLAGS:
-        return _BACKEND_FLAGS[str(field)]
-    info = tool.input.model_fields.get(str(field)) if tool is not None else None
+    info = BackendOptions.model_fields.get(str(field))
+    if info is None and tool is not None:
+        info = tool.input.model_fields.get(str(field))
     spec = next((m for m in info.metadata if isinstance(m, Cli)), None) if info else None
     return "/".join(spec.flags) if spec and spec.flags else None
 
@@ -107,8 +105,6 @@ def _emit(text: str) -> None:
 def _run_tool(tool: Tool[Any, Any], args: argparse.Namespace, events: RichEvents) -> BaseModel:
     fields = tool.input.model_fields
     given = {name: getattr(args, name) for name in fields if hasattr(args, name)}
-    given |= {name: getattr(args, flag.lstrip("-").replace("-", "_"))
-              for name, flag in _BACKEND_FLAGS.items() if name in fields}
     invocation = Invocation("cli", tool.name, argv=["deft-mine", *args.words])
     result = tool.invoke(tool.input(**given), ToolContext(events, invocation=invocation))
     if not args.json:
@@ -136,14 +132,8 @@ def _command(sub: Any, name: str, summary: str, handler: Any, tool: Tool[Any, An
     p = sub.add_parser(name, help=summary, description=summary)
     p.set_defaults(handler=handler, tool=tool)
     if backend_options:
-        p.add_argument("--backend", choices=BACKENDS, default="local")
-        p.add_argument("--image", help="docker backend: image URI (default: TAO versions.yaml under "
-                       "$TAO_SKILL_BANK_PATH, else deft-mine:latest)")
-        p.add_argument("--mount", action="append", default=None, metavar="PATH",
-                       help="docker backend: extra read-only bind mount at the identical path (repeatable)")
-        p.add_argument("--ray-address", metavar="ADDRESS",
-                       help="ray backend: the cluster (host:port of the head, ray://host:10001 or auto; "
-                       "default: $RAY_ADDRESS, else a Ray started on this machine)")
+        for field_name, info in BackendOptions.model_fields.items():
+            _add_field(p, {}, field_name, info)
     p.add_argument("--json", action="store_true",
                    help="print exactly the structured result (as the MCP tool returns it) on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info lines")

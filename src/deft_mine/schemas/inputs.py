@@ -8,7 +8,7 @@ field for Python callers only (neither MCP nor the command line shows it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
@@ -21,6 +21,9 @@ class Cli:
     help: str | None = None  # default: the field's description
     required: bool = False
     group: str | None = None  # a required, mutually exclusive group of options
+    metavar: str | None = None  # default: the last flag, upper-cased
+    repeat: bool = False  # the option may be given again, each value added to a list
+    choices: tuple[str, ...] | None = None
 
 
 def cli(*flags: str, **kwargs: Any) -> Cli:
@@ -59,8 +62,30 @@ NoStore = Annotated[bool, Field(description="embed every image afresh, neither r
                     cli("--no-store")]
 
 
+class BackendOptions(BaseModel):
+    """Where the work runs: the one declaration of the backend options, resolved once into a
+    backend (backends.resolve) that tools pass down. Tool inputs carry the same fields flat (the
+    MCP arguments stay as they are); the command line adds these options to every working command."""
+
+    model_config = ConfigDict(frozen=True)
+
+    backend: Annotated[BackendName, cli("--backend", help="", choices=get_args(BackendName))] = "local"
+    image: Annotated[str | None, cli("--image", help="docker backend: image URI (default: TAO versions.yaml "
+                                     "under $TAO_SKILL_BANK_PATH, else deft-mine:latest)")] = None
+    mounts: Annotated[list[str] | None, cli("--mount", metavar="PATH", repeat=True, help=(
+        "docker backend: extra read-only bind mount at the identical path (repeatable)"))] = None
+    ray_address: Annotated[str | None, cli("--ray-address", metavar="ADDRESS", help=(
+        "ray backend: the cluster (host:port of the head, ray://host:10001 or auto; default: "
+        "$RAY_ADDRESS, else a Ray started on this machine)"))] = None
+
+
 class ToolInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    def backend_options(self) -> BackendOptions:
+        """This call's backend options (the defaults for a tool that has none of their fields)."""
+        return BackendOptions(**{name: getattr(self, name) for name in BackendOptions.model_fields
+                                 if name in type(self).model_fields})
 
 
 class PreflightInput(ToolInput):

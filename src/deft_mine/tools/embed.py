@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
-from deft_mine.backends import get_backend
+from deft_mine.backends import Backend, resolve
 from deft_mine.errors import DeftError
 from deft_mine.schemas import warnings
 from deft_mine.schemas.inputs import EmbedInput
@@ -21,12 +22,12 @@ def embed_images(inputs: EmbedInput, ctx: ToolContext) -> EmbedResult:
     Unreadable images are skipped and reported (images_skipped). Streams progress."""
     spec = spec_with_paths(EmbeddingSpec, inputs.spec_path, inputs.overrides,
                            input_parquet=inputs.input_parquet, output_parquet=inputs.output_parquet)
-    return embed_spec(spec, inputs, ctx)
+    return embed_spec(spec, resolve(inputs.backend_options()), ctx.store_for(inputs.store, inputs.no_store), ctx)
 
 
-def embed_spec(spec: EmbeddingSpec, inputs: EmbedInput, ctx: ToolContext) -> EmbedResult:
-    """Embed with an already-resolved spec (what `run` calls for each side); `inputs` gives
-    the backend and its options."""
+def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: ToolContext) -> EmbedResult:
+    """Embed with an already-resolved spec and backend (what `run` calls for each side), reusing
+    and filling `store` (None: off)."""
     ctx.check_paths(spec)
     source = existing_input(spec, "input_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source)
@@ -36,14 +37,12 @@ def embed_spec(spec: EmbeddingSpec, inputs: EmbedInput, ctx: ToolContext) -> Emb
                         fix="name the folder the listing's relative filepaths resolve against", path=str(image_root))
     if ctx.policy is not None:
         ctx.policy.check_listing(source, image_root)
-    backend = get_backend(inputs.backend, inputs.image, inputs.mounts, inputs.ray_address)
     if spec.is_tao_checkpoint and not backend.capabilities.runs_tao_checkpoints:
         raise DeftError("backend_unsupported", f"model={spec.model} (a TAO checkpoint) runs only in the TAO "
                         f"container, not on the {backend.name} backend", field="model",
                         fix="use backend=docker for TAO checkpoints, or model=SigLIP|CLIP|DINOv2|hf|thumbnail locally")
     with ctx.lock.bind(spec) if ctx.lock is not None else contextlib.nullcontext() as key:
-        done = backend.embed(spec, source, output, image_root, ctx.events,
-                             ctx.store_for(inputs.store, inputs.no_store))
+        done = backend.embed(spec, source, output, image_root, ctx.events, store)
         if ctx.lock is not None:
             ctx.lock.record(done.encoder, key)
     done.warnings = [warnings.store_shard_corrupt(done.store, done.corrupt_shards)] if done.corrupt_shards else []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deft_mine.backends import get_backend
+from deft_mine.backends import Backend, resolve
 from deft_mine.engine import tables
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts, warnings
@@ -27,11 +27,11 @@ def mine_pool(inputs: MineInput, ctx: ToolContext) -> MineResult:
     label_missing_in_pool."""
     spec = spec_with_paths(MiningSpec, inputs.spec_path, inputs.overrides, source_parquet=inputs.source_parquet,
                            target_parquet=inputs.target_parquet, output_parquet=inputs.output_parquet)
-    return mine_spec(spec, inputs, ctx)
+    return mine_spec(spec, resolve(inputs.backend_options()), ctx)
 
 
-def mine_spec(spec: MiningSpec, inputs: MineInput, ctx: ToolContext, pairs_path: Path | None = None) -> MineResult:
-    """Mine with an already-resolved spec (what `run` calls); `inputs` gives the backend."""
+def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: Path | None = None) -> MineResult:
+    """Mine with an already-resolved spec and backend (what `run` calls)."""
     ctx.check_paths(spec)
     source = existing_input(spec, "source_parquet")
     target = existing_input(spec, "target_parquet")
@@ -39,7 +39,7 @@ def mine_spec(spec: MiningSpec, inputs: MineInput, ctx: ToolContext, pairs_path:
     summary_path = output.parent / artifacts.SUMMARY
     found: list[ToolWarning] = []
     identity = check_same_encoder(source, target, found)
-    done = get_backend(inputs.backend, inputs.image, inputs.mounts, inputs.ray_address).mine(
+    done = backend.mine(
         spec, source, target, output, summary_path, ctx.events, pairs_path)
 
     found.extend(done.warnings)
@@ -55,7 +55,7 @@ def mine_spec(spec: MiningSpec, inputs: MineInput, ctx: ToolContext, pairs_path:
         summary=done.summary, knn_metric=spec.knn_metric.value, topn=spec.topn,
         filter_by_label=spec.filter_by_label, label_filter=done.label_filter, label_mode=spec.label_mode,
         min_similarity=spec.min_similarity, max_distance=spec.max_distance, encoder=identity,
-        backend=inputs.backend, timings=done.timings, cluster=done.cluster, warnings=found,
+        backend=backend.name, timings=done.timings, cluster=done.cluster, warnings=found,
     )
 
 

@@ -8,7 +8,7 @@ import platform
 from pathlib import Path
 
 from deft_mine import __version__
-from deft_mine.backends import get_backend
+from deft_mine.backends import resolve
 from deft_mine.engine import tables
 from deft_mine.engine.images import resolve_image_path
 from deft_mine.engine.mining import lexically_normal
@@ -29,7 +29,7 @@ def check_before_mining(inputs: PreflightInput, ctx: ToolContext) -> PreflightRe
     bound to, and predict the warnings the given inputs will raise (filter_by_label_noop,
     pool_exhausted, target_in_pool, images_skipped, provenance_unknown) before any work.
     Reads only; refuses paths outside the allowed roots."""
-    backend = get_backend(inputs.backend, inputs.image, ray_address=inputs.ray_address)
+    backend = resolve(inputs.backend_options())
     store = describe_store(StoreInfoInput(store=inputs.store), ctx)
     checks, gpu = backend.check(Path(inputs.output_dir).expanduser().absolute() if inputs.output_dir
                                 else Path.cwd(), Path(store.store))

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from deft_mine import __version__
-from deft_mine.backends import get_backend
+from deft_mine.backends import resolve
 from deft_mine.engine import ledger as ledgers
 from deft_mine.engine import tables
 from deft_mine.engine.mining import label_counts
@@ -16,7 +16,7 @@ from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled
 from deft_mine.report import write_report
 from deft_mine.schemas import artifacts
-from deft_mine.schemas.inputs import EmbedInput, MineInput, RunInput, SelectInput
+from deft_mine.schemas.inputs import RunInput, SelectInput
 from deft_mine.schemas.manifest import (EmbedFacts, Embeddings, EncoderFacts, InputFacts, Inputs, LabelCounts,
                                         MiningFacts, RunManifest)
 from deft_mine.schemas.results import EmbedResult, ErrorInfo, RunResult
@@ -49,7 +49,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         with ctx.lock.bind(embedding):
             pass
     # What can be refused without a run folder is refused before one exists.
-    backend = get_backend(inputs.backend, inputs.image, inputs.mounts, inputs.ray_address)
+    backend = resolve(inputs.backend_options())
     described = Inputs(targets=_describe_input(targets_path, "targets"), source=_describe_input(source_path, "source"))
     folder = _make_run_dir(inputs.output_dir, inputs.run_dir)
     ctx.events.log("info", f"run folder {folder}")
@@ -72,15 +72,13 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     # run.json first: a folder whose process is killed outright (SIGKILL, power) says "running",
     # never looks finished; every way out below that Python sees rewrites it.
     tables.write_text_atomic(folder / artifacts.MANIFEST, manifest.dump())
-    side = EmbedInput(backend=inputs.backend, image=inputs.image, mounts=inputs.mounts, ray_address=inputs.ray_address,
-                      store=inputs.store,
-                      no_store=inputs.no_store)
+    store = ctx.store_for(inputs.store, inputs.no_store)
     try:
         tables.write_text_atomic(folder / artifacts.EMBEDDING_SPEC, spec_to_yaml(
             embedding.model_copy(update={"input_parquet": None, "output_parquet": None})))
         tables.write_text_atomic(folder / artifacts.MINING_SPEC, spec_to_yaml(mining))
-        tgt = embed_spec(target_spec, side, ctx.stage("embed targets"))
-        src = embed_spec(source_spec, side, ctx.stage("embed source"))
+        tgt = embed_spec(target_spec, backend, store, ctx.stage("embed targets"))
+        src = embed_spec(source_spec, backend, store, ctx.stage("embed source"))
         for name, done in (("targets", tgt), ("source", src)):
             if done.input_rows and not done.rows:  # mining nothing would look like a finished run
                 raise DeftError("no_readable_images", f"{name}: none of the {done.input_rows} images could be "
@@ -88,8 +86,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
                                 f"e.g. {done.skipped_examples[0] if done.skipped_examples else '?'}",
                                 fix="check the paths and image_root (relative paths resolve against it)",
                                 field=name, skipped_by_reason=done.skipped_by_reason)
-        mine_result = mine_spec(mining, MineInput(**side.model_dump(include={"backend", "image", "mounts", "ray_address"})),
-                                ctx.stage("mine"),
+        mine_result = mine_spec(mining, backend, ctx.stage("mine"),
                                 pairs_path=folder / artifacts.PAIRS if backend.capabilities.writes_pairs else None)
         selected = None
         if inputs.history is not None:
