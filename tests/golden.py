@@ -51,7 +51,7 @@ def _parquet_text(path: Path) -> str:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    lines = [str(table.schema)]
+    lines = [str(table.schema.remove_metadata())]  # the metadata follows, whole (its repr is cut by length)
     for key, value in sorted((table.schema.metadata or {}).items()):
         lines.append(f"meta {key.decode(errors='replace')} = {value.decode(errors='replace')}")
     for row in table.to_pylist():

@@ -6,7 +6,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+from deft_mine import rules
 from deft_mine.report.facts import SPEC_PARQUETS, ReportFacts
+from deft_mine.rules import NOT_RECORDED
 from deft_mine.schemas.manifest import EmbedFacts, InputFacts, RunManifest
 from deft_mine.schemas.results import EncoderIdentity
 from deft_mine.schemas.warnings import WarningCode
@@ -16,7 +18,6 @@ SECTIONS = ("Verdict", "Inputs", "Encoder Consistency", "Mining Run", "Per-Label
 MIN_WORDS, MAX_WORDS = 600, 1200
 MAX_LABELS = 20  # label rows shown at most
 SKIP_SENTENCE = "The per-label breakdown is skipped because the targets have no `label` column."
-NOT_RECORDED = "not recorded"
 IDENTITY_FIELDS = ("model", "model_path", "model_config_path", "weights_digest", "preprocessing")
 
 # What each mining_summary.txt count means (the Mining Run table explains its own numbers).
@@ -33,15 +34,6 @@ SUMMARY_MEANING = {
     "mined": "unique images written to the mined parquet",
     "target_in_pool": "pool rows whose filepath is also a target",
     "targets_without_neighbours": "targets that kept no pair (floor or per-label search)",
-}
-# What to do about the mining controls' warnings (the rest of the run's warnings carry none).
-CONTROL_ACTIONS = {
-    "floor_removed_all": "Loosen the floor (a lower `min_similarity`, a higher `max_distance`; the score "
-                         "histogram shows where the pairs lie) and mine again: nothing was mined.",
-    "targets_without_neighbours": "Look at those targets on the contact sheet: the pool may hold no real "
-                                  "look-alike of them; grow the pool, or loosen the floor.",
-    "label_missing_in_pool": "Label pool images of those classes (or fix the spelling; labels compare as "
-                             "strings), or mine those targets with label_mode=post_filter.",
 }
 
 
@@ -211,23 +203,13 @@ def findings(facts: ReportFacts) -> list[Finding]:
     if facts.mined is None and v.m.status in (None, "finished"):
         out.append(Finding("mined_missing", "failed", "no mined parquet was found in the run folder",
                            "Run the mining step again; without its output there is nothing to train on."))
-    if v.label_filter == "noop":
-        sides = " and ".join(v.no_label_sides) or "one"
-        out.append(Finding("filter_by_label_noop", "attention",
-                           f"filter_by_label=true did nothing: the {sides} parquet has no `label` "
-                           "column, so mining ran unfiltered",
-                           f"Give the {sides} side a `label` column (label its rows, then add the "
-                           f"column to its embedding parquet by joining on `filepath`; the vectors "
-                           "need no re-embedding) and re-run mining only: "
-                           + _mine_command(v, inline=True) + "."))
-    if v.queries and v.topn and v.pool is not None and v.topn * v.queries > v.pool:
-        out.append(Finding("pool_exhausted", "attention",
-                           f"topn × targets = {v.topn} × {v.queries} = {v.topn * v.queries} is more "
-                           f"than the {v.pool} pool rows searched",
-                           "Grow the pool with more unused images, or lower topn"
-                           + (f" to at most {v.pool // v.queries}" if v.pool // v.queries else "")
-                           + ", so each target can get neighbours of its own; this run mined "
-                           f"{_plural(v.mined_count, 'unique image')}."))
+    ruled = {r.code: r for r in rules.rule(rules.Facts(
+        topn=v.topn, queries=v.queries, pool=v.pool, mined=v.mined_count, label_filter=v.label_filter,
+        sides_without_label=tuple(v.no_label_sides), target_in_pool=v.summary.get("target_in_pool"),
+        exclude_targets=v.exclude_targets, mine_command=_mine_command(v, inline=True)))
+        if r.reason is not None}  # a ruling without a sentence of its own is stated as its warning, below
+    out += [Finding(r.code, "attention", r.reason, r.action) for code in ("filter_by_label_noop", "pool_exhausted")
+            if (r := ruled.get(code))]
     if any(v.skipped.values()):
         roots = ", ".join(f"{side} images from `{facts.image_roots.get(k)}`"
                           for side, k in (("target", "targets"), ("source", "source"))
@@ -243,12 +225,8 @@ def findings(facts: ReportFacts) -> list[Finding]:
                            + (f" (this run read {roots})" if roots else "") + ", then run again"
                            + (" (unreadable, e.g. " + ", ".join(f"`{e}`" for e in examples) + ")."
                               if examples else ".")))
-    if (in_pool := v.summary.get("target_in_pool")) and not v.exclude_targets:
-        out.append(Finding("target_in_pool", "attention",
-                           f"{in_pool} pool rows are target images themselves and were searched like "
-                           "any other pool row",
-                           "Set exclude_targets=true and mine again if the targets must not be mined "
-                           "back, or confirm that mining them back is wanted."))
+    if r := ruled.get("target_in_pool"):
+        out.append(Finding(r.code, "attention", r.reason, r.action))
     mined = facts.mined
     if mined is not None:
         if mined.missing:
@@ -290,7 +268,7 @@ def findings(facts: ReportFacts) -> list[Finding]:
         if warning.code not in covered:
             covered.add(warning.code)
             out.append(Finding(warning.code, "attention", _short(warning.message, 40),
-                               CONTROL_ACTIONS.get(warning.code)))
+                               rules.CONTROL_ACTIONS.get(warning.code)))
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deft_mine import rules
 from deft_mine.backends import Backend, resolve
 from deft_mine.engine import tables
 from deft_mine.errors import DeftError
@@ -43,13 +44,11 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
         spec, source, target, output, summary_path, ctx.events, pairs_path)
 
     found.extend(done.warnings)
-    if done.label_filter == "noop":
-        found.append(warnings.filter_by_label_noop(done.label_missing))
-    queries, searched = done.summary.get("queries", 0), done.searched_rows
-    if queries and spec.topn * queries > searched:
-        found.append(warnings.pool_exhausted(spec.topn, queries, searched, done.summary["mined"]))
-    if done.target_in_pool:
-        found.append(warnings.target_in_pool(done.target_in_pool, spec.exclude_targets))
+    found += [ruling.warning for ruling in rules.rule(rules.Facts(
+        topn=spec.topn, queries=done.summary.get("queries", 0), pool=done.searched_rows, mined=done.summary["mined"],
+        filter_by_label=spec.filter_by_label, label_filter=done.label_filter,
+        sides_without_label=tuple(done.label_missing), target_in_pool=done.target_in_pool,
+        exclude_targets=spec.exclude_targets))]
     return MineResult(
         output_parquet=str(output), summary_path=str(summary_path), mined=done.summary["mined"],
         summary=done.summary, knn_metric=spec.knn_metric.value, topn=spec.topn,

@@ -7,7 +7,7 @@ import importlib.metadata
 import platform
 from pathlib import Path
 
-from deft_mine import __version__
+from deft_mine import __version__, rules
 from deft_mine.backends import resolve
 from deft_mine.engine import tables
 from deft_mine.engine.images import resolve_image_path
@@ -77,17 +77,16 @@ def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
     filepaths = {name: tables.read_columns(path, ["filepath"]).column("filepath").to_pylist()
                  for name, path in sides.items()}
     if len(sides) == 2:
-        missing = [n for n in ("source", "targets") if "label" not in schemas[n].names]
-        if mining.label_filter(missing) == "noop":
-            found.append(warnings.filter_by_label_noop(missing, predicted=True))
-        queries, pool = tables.num_rows(sides["targets"]), tables.num_rows(sides["source"])
-        if queries and mining.topn * queries > pool:
-            found.append(warnings.pool_exhausted(mining.topn, queries, pool))
         # the same comparison mining makes
         target_paths = {lexically_normal(str(p)) for p in filepaths["targets"] if p is not None}
-        overlap = sum(p is not None and lexically_normal(str(p)) in target_paths for p in filepaths["source"])
-        if overlap:
-            found.append(warnings.target_in_pool(overlap, None))
+        in_pool = sum(p is not None and lexically_normal(str(p)) in target_paths for p in filepaths["source"])
+        found += [ruling.warning for ruling in rules.rule(rules.Facts(
+            topn=mining.topn, queries=tables.num_rows(sides["targets"]),
+            # the rows mining will search: exclude_targets takes the targets out of the pool first
+            pool=tables.num_rows(sides["source"]) - (in_pool if mining.exclude_targets else 0),
+            filter_by_label=mining.filter_by_label,
+            sides_without_label=tuple(n for n in ("source", "targets") if "label" not in schemas[n].names),
+            target_in_pool=in_pool, predicted=True))]
     for name, path in sides.items():
         paths = filepaths[name][:_IMAGE_SAMPLE]
         missing_images = [p for p in paths if p is None or not resolve_image_path(str(p), path.parent).is_file()]
