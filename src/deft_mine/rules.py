@@ -40,6 +40,7 @@ class Facts:
     sides_without_label: tuple[str, ...] = ()
     target_in_pool: int | None = None
     exclude_targets: bool | None = None  # None: predicted (preflight does not judge it)
+    sides_without_identity: tuple[str, ...] = ()  # embedding parquets that record no encoder identity
     predicted: bool = False  # preflight: before any work
     mine_command: str | None = None  # the report's command to re-run mining (its action names it)
 
@@ -60,6 +61,17 @@ def label_filter(filter_by_label: bool | None, sides_without_label: tuple[str, .
     if not filter_by_label:
         return "off"
     return "noop" if sides_without_label else "applied"
+
+
+def provenance_unknown(f: Facts) -> Ruling | None:
+    if not f.sides_without_identity:
+        return None
+    sides = list(f.sides_without_identity)
+    return Ruling("provenance_unknown", warnings.provenance_unknown(sides, predicted=f.predicted),
+                  f"the {' and '.join(sides)} side records no encoder identity, so the report cannot confirm "
+                  "both sides used the same encoder",
+                  "Embed with deft-mine (it records the encoder identity in each embedding parquet), or confirm "
+                  "that both container embedding steps used the same embedding_spec.yaml.")
 
 
 def filter_by_label_noop(f: Facts) -> Ruling | None:
@@ -104,7 +116,8 @@ def target_in_pool(f: Facts) -> Ruling | None:
 
 
 #: The rules mine, preflight and the report share, in the order their findings are listed.
-RULES: tuple[Callable[[Facts], Ruling | None], ...] = (filter_by_label_noop, pool_exhausted, target_in_pool)
+RULES: tuple[Callable[[Facts], Ruling | None], ...] = (provenance_unknown, filter_by_label_noop, pool_exhausted,
+                                                       target_in_pool)
 
 
 def rule(facts: Facts) -> list[Ruling]:

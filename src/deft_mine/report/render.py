@@ -172,10 +172,24 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
+def _rule_facts(v: _View) -> rules.Facts:
+    """What the rulebook looks at, as the run folder records it."""
+    unknown = tuple(side for side, ident in (("target", v.enc_t), ("source", v.enc_s)) if not ident)
+    return rules.Facts(
+        topn=v.topn, queries=v.queries, pool=v.pool, mined=v.mined_count, label_filter=v.label_filter,
+        sides_without_label=tuple(v.no_label_sides), target_in_pool=v.summary.get("target_in_pool"),
+        exclude_targets=v.exclude_targets, mine_command=_mine_command(v, inline=True),
+        # an unfinished run's encoders are judged by the run_failed finding
+        sides_without_identity=(unknown or ("embedding",)) if v.match is None and v.m.status in (None, "finished")
+        else ())
+
+
 def findings(facts: ReportFacts) -> list[Finding]:
     """What needs a person's attention (or makes the run unusable), each with its action."""
     v = _View(facts)
     out: list[Finding] = []
+    # A ruling without a sentence of its own is stated as its warning (below, with the run's warnings).
+    ruled = {r.code: r for r in rules.rule(_rule_facts(v)) if r.reason is not None}
     error = v.m.error
     if facts.has_manifest and v.m.status != "finished":
         what = f"{error.code}: {_short(error.message, 40)}" if error else "no error recorded"
@@ -192,22 +206,11 @@ def findings(facts: ReportFacts) -> list[Finding]:
                            "Re-embed one side with the other side's embedding spec (same model, "
                            "model_path, model_config_path and preprocessing), then mine again; do not "
                            f"train on the current `{v.mined_name}`."))
-    elif v.match is None and v.m.status in (None, "finished"):
-        unknown = [side for side, ident in (("target", v.enc_t), ("source", v.enc_s)) if not ident]
-        out.append(Finding("provenance_unknown", "attention",
-                           f"the {' and '.join(unknown) or 'embedding'} side records no encoder identity, "
-                           "so the report cannot confirm both sides used the same encoder",
-                           "Embed with deft-mine (it records the encoder identity in each embedding "
-                           "parquet), or confirm that both container embedding steps used the same "
-                           "embedding_spec.yaml."))
+    elif r := ruled.get("provenance_unknown"):
+        out.append(Finding(r.code, "attention", r.reason, r.action))
     if facts.mined is None and v.m.status in (None, "finished"):
         out.append(Finding("mined_missing", "failed", "no mined parquet was found in the run folder",
                            "Run the mining step again; without its output there is nothing to train on."))
-    ruled = {r.code: r for r in rules.rule(rules.Facts(
-        topn=v.topn, queries=v.queries, pool=v.pool, mined=v.mined_count, label_filter=v.label_filter,
-        sides_without_label=tuple(v.no_label_sides), target_in_pool=v.summary.get("target_in_pool"),
-        exclude_targets=v.exclude_targets, mine_command=_mine_command(v, inline=True)))
-        if r.reason is not None}  # a ruling without a sentence of its own is stated as its warning, below
     out += [Finding(r.code, "attention", r.reason, r.action) for code in ("filter_by_label_noop", "pool_exhausted")
             if (r := ruled.get(code))]
     if any(v.skipped.values()):

@@ -62,9 +62,9 @@ def check_same_encoder(source: Path, target: Path, found: list[ToolWarning]) -> 
     """Refuse two embedding files made by different encoders; warn when that can't be known."""
     ids = {side: (None if tables.is_csv(path) else tables.read_identity(path))
            for side, path in (("source", source), ("target", target))}
-    unknown = [side for side, ident in ids.items() if ident is None]
+    unknown = tuple(side for side, ident in ids.items() if ident is None)
     if unknown:
-        found.append(warnings.provenance_unknown(unknown))
+        found += [r.warning for r in rules.rule(rules.Facts(sides_without_identity=unknown))]
         return None
     src, tgt = ids["source"], ids["target"]
     assert src is not None and tgt is not None

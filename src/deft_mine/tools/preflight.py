@@ -94,7 +94,7 @@ def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
             found.append(warnings.images_missing(name, missing_images, len(paths), str(path.parent)))
     for name, path in sides.items():
         if not tables.is_csv(path) and "embedding" in schemas[name].names and tables.read_identity(path) is None:
-            found.append(warnings.provenance_unknown([name], predicted=True))
+            found += [r.warning for r in rules.rule(rules.Facts(sides_without_identity=(name,), predicted=True))]
     return found
 
 
