@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from deft_mine.schemas import warnings
+from deft_mine.schemas.results import ErrorInfo
 from deft_mine.schemas.warnings import ToolWarning, WarningCode
 
 NOT_RECORDED = "not recorded"
@@ -43,6 +44,32 @@ class Facts:
     sides_without_identity: tuple[str, ...] = ()  # embedding parquets that record no encoder identity
     predicted: bool = False  # preflight: before any work
     mine_command: str | None = None  # the report's command to re-run mining (its action names it)
+    # What a run folder shows: the report's own rules (a tool call leaves `folder` False).
+    folder: bool = False
+    has_manifest: bool = True  # False: a folder the TAO container filled (no run.json)
+    missing_facts: int = 0  # facts the folder could not state
+    status: str | None = None  # run.json's
+    error: ErrorInfo | None = None
+    encoder_match: bool | None = None
+    differing: tuple[str, ...] = ()  # identity fields the two sides differ in
+    mined_name: str = "mined.parquet"
+    mined_file: MinedFile | None = None  # None: no mined parquet in the folder
+    summary_mined: int | None = None  # mined images, as the summary records them
+    floored: str | None = None  # the floor's key, when every pair found was beyond it
+    skipped: tuple[int, int] = (0, 0)  # targets and pool rows left out while embedding
+    skipped_roots: str = ""  # where those images were read from
+    skipped_examples: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MinedFile:
+    """The mined parquet as the report found it on disk."""
+
+    rows: int
+    paths_checked: int = 0
+    paths_missing: int = 0
+    odd_paths: int = 0  # non-UTF-8, control characters or backslashes
+    schema_ok: bool = True  # `filepath` first, unique
 
 
 @dataclass(frozen=True)
@@ -54,6 +81,22 @@ class Ruling:
     warning: ToolWarning
     reason: str | None
     action: str | None
+    severity: str = "attention"  # "failed": the run is not usable
+
+
+def _found(code: WarningCode, reason: str, action: str, severity: str = "attention") -> Ruling:
+    """A rule of the report's own: its warning is the finding itself."""
+    return Ruling(code, warnings.report_finding(code, reason, severity, action), reason, action, severity)
+
+
+def short(text: str, words: int) -> str:
+    """The first `words` words of `text` (an ellipsis when cut)."""
+    parts = text.split()
+    return text if len(parts) <= words else " ".join(parts[:words]) + " …"
+
+
+def _count(n: int | None, one: str) -> str:
+    return f"{NOT_RECORDED if n is None else n} {one if n == 1 else one + 's'}"
 
 
 def label_filter(filter_by_label: bool | None, sides_without_label: tuple[str, ...] | list[str]) -> str:
@@ -93,13 +136,11 @@ def pool_exhausted(f: Facts) -> Ruling | None:
     if not (queries and topn and pool is not None and topn * queries > pool):
         return None
     most = pool // queries
-    mined = NOT_RECORDED if f.mined is None else str(f.mined)
     return Ruling("pool_exhausted", warnings.pool_exhausted(topn, queries, pool, None if f.predicted else f.mined),
                   f"topn × targets = {topn} × {queries} = {topn * queries} is more than the {pool} pool rows "
                   "searched",
                   "Grow the pool with more unused images, or lower topn" + (f" to at most {most}" if most else "")
-                  + ", so each target can get neighbours of its own; this run mined "
-                  f"{mined} unique image{'' if f.mined == 1 else 's'}.")
+                  + f", so each target can get neighbours of its own; this run mined {_count(f.mined, 'unique image')}.")
 
 
 def target_in_pool(f: Facts) -> Ruling | None:
@@ -115,11 +156,102 @@ def target_in_pool(f: Facts) -> Ruling | None:
                   "that mining them back is wanted.")
 
 
-#: The rules mine, preflight and the report share, in the order their findings are listed.
-RULES: tuple[Callable[[Facts], Ruling | None], ...] = (provenance_unknown, filter_by_label_noop, pool_exhausted,
-                                                       target_in_pool)
+def run_failed(f: Facts) -> Ruling | None:
+    if not (f.folder and f.has_manifest and f.status != "finished"):
+        return None
+    error = f.error
+    what = f"{error.code}: {short(error.message, 40)}" if error else "no error recorded"
+    fix = (error.fix if error else None) or "see the error above"
+    return _found("run_failed", f"the run did not finish (status {f.status or NOT_RECORDED}; {what})",
+                  f"Fix the cause ({short(fix, 30)}) and run again; finished steps are kept in this folder, but "
+                  "nothing mined here is complete.", "failed")
+
+
+def encoder_mismatch(f: Facts) -> Ruling | None:
+    if not (f.folder and f.encoder_match is False):
+        return None
+    return _found("encoder_mismatch", "the targets and the pool were embedded with different encoders (they "
+                  f"differ in {', '.join(f.differing) or 'their identity'}), so their vectors are not comparable",
+                  "Re-embed one side with the other side's embedding spec (same model, model_path, "
+                  "model_config_path and preprocessing), then mine again; do not train on the current "
+                  f"`{f.mined_name}`.", "failed")
+
+
+def mined_missing(f: Facts) -> Ruling | None:
+    if not (f.folder and f.mined_file is None and f.status in (None, "finished")):
+        return None
+    return _found("mined_missing", "no mined parquet was found in the run folder",
+                  "Run the mining step again; without its output there is nothing to train on.", "failed")
+
+
+def images_skipped(f: Facts) -> Ruling | None:
+    if not (f.folder and any(f.skipped)):
+        return None
+    examples = ", ".join(f"`{e}`" for e in f.skipped_examples)
+    return _found("images_skipped", f"images could not be read while embedding: {_count(f.skipped[0], 'target')} "
+                  f"and {_count(f.skipped[1], 'pool row')} left out",
+                  "Fix the missing or unreadable image paths, or set `image_root` in the embedding spec to the "
+                  "folder relative paths resolve against" + (f" (this run read {f.skipped_roots})"
+                                                             if f.skipped_roots else "")
+                  + ", then run again" + (f" (unreadable, e.g. {examples})." if examples else "."))
+
+
+def mined_paths_missing(f: Facts) -> Ruling | None:
+    if not (f.folder and f.mined_file and f.mined_file.paths_missing):
+        return None
+    return _found("mined_paths_missing", f"{f.mined_file.paths_missing} of {f.mined_file.paths_checked} mined "
+                  "paths do not exist on disk", "Restore or mount the missing images (listed under Output "
+                  "Sanity) before training, or drop them from the queue.")
+
+
+def path_encoding(f: Facts) -> Ruling | None:
+    if not (f.folder and f.mined_file and f.mined_file.odd_paths):
+        return None
+    return _found("path_encoding", f"{f.mined_file.odd_paths} mined paths have suspicious characters "
+                  "(non-UTF-8, control characters or backslashes)", "Normalise those paths (forward slashes, "
+                  "valid UTF-8, no control characters) so training jobs on other machines can open them.")
+
+
+def mined_schema(f: Facts) -> Ruling | None:
+    if not (f.folder and f.mined_file and not f.mined_file.schema_ok):
+        return None
+    return _found("mined_schema", f"`{f.mined_name}` does not have unique `filepath`s as its first column",
+                  f"Regenerate `{f.mined_name}` with the mining step; the contract is `filepath` first, unique.")
+
+
+def mined_count_differs(f: Facts) -> Ruling | None:
+    if not (f.folder and f.mined_file and f.summary_mined is not None and f.mined_file.rows != f.summary_mined):
+        return None
+    return _found("mined_count_differs", f"`{f.mined_name}` has {f.mined_file.rows} rows but the summary "
+                  f"records {f.summary_mined} mined images", "The file changed after mining; mine again or "
+                  "restore it.")
+
+
+def nothing_mined(f: Facts) -> Ruling | None:
+    if not (f.folder and f.mined == 0 and f.queries):
+        return None
+    return _found("nothing_mined", "the run mined no images at all",
+                  f"Loosen `{f.floored}`: every pair found was beyond it." if f.floored else
+                  "Check that target and pool labels use the same spelling (the label filter drops pairs whose "
+                  "labels differ), and that the pool is not empty.")
+
+
+def facts_unavailable(f: Facts) -> Ruling | None:
+    if not (f.folder and not f.has_manifest):
+        return None
+    return _found("facts_unavailable", f"the folder has no run.json, so {f.missing_facts} facts could not be "
+                  "stated", "For a fully audited run, run the workflow with `deft-mine run`, which records every "
+                  "fact in run.json.")
+
+
+#: Every rule, in the order the report lists its findings; mine and preflight share the first ones
+#: (the report's own rules look at a run folder only).
+RULES: tuple[Callable[[Facts], Ruling | None], ...] = (
+    run_failed, encoder_mismatch, provenance_unknown, mined_missing, filter_by_label_noop, pool_exhausted,
+    images_skipped, target_in_pool, mined_paths_missing, path_encoding, mined_schema, mined_count_differs,
+    nothing_mined, facts_unavailable)
 
 
 def rule(facts: Facts) -> list[Ruling]:
-    """Every shared rule that fires on these facts, in the rulebook's order."""
+    """Every rule that fires on these facts, in the rulebook's order."""
     return [ruling for check in RULES if (ruling := check(facts)) is not None]

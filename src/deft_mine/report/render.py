@@ -122,11 +122,6 @@ def _table(header: str, rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows])
 
 
-def _short(text: str, words: int) -> str:
-    parts = text.split()
-    return text if len(parts) <= words else " ".join(parts[:words]) + " …"
-
-
 def _plural(n: int | None, one: str) -> str:
     return f"{_fmt(n)} {one if n == 1 else one + 's'}"
 
@@ -174,103 +169,44 @@ def _first(*values: Any) -> Any:
 
 def _rule_facts(v: _View) -> rules.Facts:
     """What the rulebook looks at, as the run folder records it."""
+    facts, mined = v.facts, v.facts.mined
     unknown = tuple(side for side, ident in (("target", v.enc_t), ("source", v.enc_s)) if not ident)
+    roots = ", ".join(f"{side} images from `{facts.image_roots.get(k)}`"
+                      for side, k in (("target", "targets"), ("source", "source"))
+                      if v.skipped[side] and facts.image_roots.get(k))
+    examples = [str(e) for w in facts.warnings if w.code == "images_skipped"
+                for e in (w.details.get("examples") or [])[:2]][:3]
     return rules.Facts(
         topn=v.topn, queries=v.queries, pool=v.pool, mined=v.mined_count, label_filter=v.label_filter,
         sides_without_label=tuple(v.no_label_sides), target_in_pool=v.summary.get("target_in_pool"),
         exclude_targets=v.exclude_targets, mine_command=_mine_command(v, inline=True),
         # an unfinished run's encoders are judged by the run_failed finding
         sides_without_identity=(unknown or ("embedding",)) if v.match is None and v.m.status in (None, "finished")
-        else ())
+        else (),
+        folder=True, has_manifest=facts.has_manifest, missing_facts=len(facts.missing_facts), status=v.m.status,
+        error=v.m.error, encoder_match=v.match, differing=tuple(v.differing), mined_name=v.mined_name,
+        mined_file=None if mined is None else rules.MinedFile(
+            rows=mined.rows, paths_checked=mined.checked, paths_missing=mined.missing,
+            odd_paths=sum(mined.encoding.values()),
+            schema_ok=bool(mined.columns) and mined.columns[0][0] == "filepath" and not mined.duplicates),
+        summary_mined=v.summary.get("mined"),
+        floored=v.floor_key if v.floor_key is not None and v.summary.get("below_floor") == v.summary.get("pairs")
+        else None,
+        skipped=(v.skipped["target"] or 0, v.skipped["source"] or 0), skipped_roots=roots,
+        skipped_examples=tuple(examples))
 
 
 def findings(facts: ReportFacts) -> list[Finding]:
-    """What needs a person's attention (or makes the run unusable), each with its action."""
+    """What needs a person's attention (or makes the run unusable), each with its action: the
+    rulebook's rulings, then the run's other warnings as recorded."""
     v = _View(facts)
-    out: list[Finding] = []
-    # A ruling without a sentence of its own is stated as its warning (below, with the run's warnings).
-    ruled = {r.code: r for r in rules.rule(_rule_facts(v)) if r.reason is not None}
-    error = v.m.error
-    if facts.has_manifest and v.m.status != "finished":
-        what = f"{error.code}: {_short(error.message, 40)}" if error else "no error recorded"
-        fix = (error.fix if error else None) or "see the error above"
-        out.append(Finding("run_failed", "failed",
-                           f"the run did not finish (status {_fmt(v.m.status)}; {what})",
-                           f"Fix the cause ({_short(fix, 30)}) and run again; finished steps are kept "
-                           "in this folder, but nothing mined here is complete."))
-    if v.match is False:
-        out.append(Finding("encoder_mismatch", "failed",
-                           "the targets and the pool were embedded with different encoders "
-                           f"(they differ in {', '.join(v.differing) or 'their identity'}), so their "
-                           "vectors are not comparable",
-                           "Re-embed one side with the other side's embedding spec (same model, "
-                           "model_path, model_config_path and preprocessing), then mine again; do not "
-                           f"train on the current `{v.mined_name}`."))
-    elif r := ruled.get("provenance_unknown"):
-        out.append(Finding(r.code, "attention", r.reason, r.action))
-    if facts.mined is None and v.m.status in (None, "finished"):
-        out.append(Finding("mined_missing", "failed", "no mined parquet was found in the run folder",
-                           "Run the mining step again; without its output there is nothing to train on."))
-    out += [Finding(r.code, "attention", r.reason, r.action) for code in ("filter_by_label_noop", "pool_exhausted")
-            if (r := ruled.get(code))]
-    if any(v.skipped.values()):
-        roots = ", ".join(f"{side} images from `{facts.image_roots.get(k)}`"
-                          for side, k in (("target", "targets"), ("source", "source"))
-                          if v.skipped[side] and facts.image_roots.get(k))
-        examples = [str(e) for w in facts.warnings if w.code == "images_skipped"
-                    for e in (w.details.get("examples") or [])[:2]][:3]
-        out.append(Finding("images_skipped", "attention",
-                           "images could not be read while embedding: "
-                           f"{_plural(v.skipped['target'] or 0, 'target')} and "
-                           f"{_plural(v.skipped['source'] or 0, 'pool row')} left out",
-                           "Fix the missing or unreadable image paths, or set `image_root` in the "
-                           "embedding spec to the folder relative paths resolve against"
-                           + (f" (this run read {roots})" if roots else "") + ", then run again"
-                           + (" (unreadable, e.g. " + ", ".join(f"`{e}`" for e in examples) + ")."
-                              if examples else ".")))
-    if r := ruled.get("target_in_pool"):
-        out.append(Finding(r.code, "attention", r.reason, r.action))
-    mined = facts.mined
-    if mined is not None:
-        if mined.missing:
-            out.append(Finding("mined_paths_missing", "attention",
-                               f"{mined.missing} of {mined.checked} mined paths do not exist on disk",
-                               "Restore or mount the missing images (listed under Output Sanity) "
-                               "before training, or drop them from the queue."))
-        bad = sum(mined.encoding.values())
-        if bad:
-            out.append(Finding("path_encoding", "attention",
-                               f"{bad} mined paths have suspicious characters (non-UTF-8, control "
-                               "characters or backslashes)",
-                               "Normalise those paths (forward slashes, valid UTF-8, no control "
-                               "characters) so training jobs on other machines can open them."))
-        if not mined.columns or mined.columns[0][0] != "filepath" or mined.duplicates:
-            out.append(Finding("mined_schema", "attention",
-                               f"`{mined.name}` does not have unique `filepath`s as its first column",
-                               f"Regenerate `{mined.name}` with the mining step; the contract is "
-                               "`filepath` first, unique."))
-        if v.summary.get("mined") is not None and mined.rows != v.summary.get("mined"):
-            out.append(Finding("mined_count_differs", "attention",
-                               f"`{mined.name}` has {mined.rows} rows but the summary records "
-                               f"{v.summary.get('mined')} mined images",
-                               "The file changed after mining; mine again or restore it."))
-    if v.mined_count == 0 and v.queries:
-        floored = v.floor_key is not None and v.summary.get("below_floor") == v.summary.get("pairs")
-        out.append(Finding("nothing_mined", "attention", "the run mined no images at all",
-                           f"Loosen `{v.floor_key}`: every pair found was beyond it." if floored else
-                           "Check that target and pool labels use the same spelling (the label "
-                           "filter drops pairs whose labels differ), and that the pool is not empty."))
-    if not facts.has_manifest:
-        out.append(Finding("facts_unavailable", "attention",
-                           f"the folder has no run.json, so {len(facts.missing_facts)} facts could not "
-                           "be stated",
-                           "For a fully audited run, run the workflow with `deft-mine run`, which "
-                           "records every fact in run.json."))
+    # A ruling without a sentence of its own is stated as its warning, with the run's warnings.
+    out = [Finding(r.code, r.severity, r.reason, r.action) for r in rules.rule(_rule_facts(v)) if r.reason is not None]
     covered = {f.code for f in out}
     for warning in facts.warnings:
         if warning.code not in covered:
             covered.add(warning.code)
-            out.append(Finding(warning.code, "attention", _short(warning.message, 40),
+            out.append(Finding(warning.code, "attention", rules.short(warning.message, 40),
                                rules.CONTROL_ACTIONS.get(warning.code)))
     return out
 
@@ -331,7 +267,7 @@ def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool
     if found:
         limit, words = (5, 15) if compact else (12, 40)
         blocks.append((0, "Findings behind this verdict:\n\n" + "\n".join(
-            f"- **{f.code}** ({f.severity}): {_short(f.reason, words)}." for f in found[:limit])
+            f"- **{f.code}** ({f.severity}): {rules.short(f.reason, words)}." for f in found[:limit])
             + (f"\n- and {len(found) - limit} more (see the report tool's warnings)" if len(found) > limit else "")))
     if v.facts.missing_facts:
         blocks.append((0, "Facts this folder does not record, so the report cannot state them: "
