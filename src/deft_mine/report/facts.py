@@ -22,6 +22,7 @@ from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts
 from deft_mine.schemas.manifest import EmbedFacts, InputFacts, LabelCounts, MiningFacts, RunManifest
+from deft_mine.schemas.specs import LabelFilter
 from deft_mine.schemas.warnings import ToolWarning
 
 MISSING_LISTED = 10
@@ -258,20 +259,20 @@ def _rebuild(folder: Path, files: Files, missing: list[str]) -> RunManifest:
     mining_spec = dict(mining_spec or {}) | {key: str(files[role]) for key, (role, _) in SPEC_PARQUETS.items()
                                              if files.get(role) is not None}
     summary_path = files.get("summary")
-    summary, label_filter = ({}, None) if summary_path is None else \
-        artifacts.parse_summary(summary_path.read_text(encoding="utf-8", errors="replace"))
+    summary = artifacts.MiningSummary() if summary_path is None else \
+        artifacts.MiningSummary.parse(summary_path.read_text(encoding="utf-8", errors="replace"))
     if summary_path is None:
         missing.append(artifacts.SUMMARY)
-    elif "queries" not in summary:
+    elif summary.queries is None:
         missing.append("mining summary counts")
     filter_by_label = _bool(mining_spec.get("filter_by_label"))
     has_label = (m.inputs.targets.has_label, m.inputs.source.has_label)
-    if label_filter is None:
-        label_filter = ("applied" if "kept_pairs" in summary else
-                        "noop" if filter_by_label and False in has_label else
-                        "off" if filter_by_label is False else None)
-    if filter_by_label is None and label_filter is not None:
-        filter_by_label = label_filter != "off"
+    if summary.label_filter is None:
+        summary.label_filter = (LabelFilter.applied if summary.kept_pairs is not None else
+                                LabelFilter.noop if filter_by_label and False in has_label else
+                                LabelFilter.off if filter_by_label is False else None)
+    if filter_by_label is None and summary.label_filter is not None:
+        filter_by_label = summary.label_filter is not LabelFilter.off
     labels = None
     paths = [files.get(r) for r in ("target_embeddings", "source_embeddings", "mined")]
     if all(p is not None for p in paths) and all(has_label):
@@ -284,7 +285,7 @@ def _rebuild(folder: Path, files: Files, missing: list[str]) -> RunManifest:
                     "embeddings.skipped", "timings", "warnings"])
     metric = mining_spec.get("knn_metric")
     m.mining_spec = mining_spec
-    m.mining = MiningFacts(summary=summary, label_filter=label_filter, topn=_int(mining_spec.get("topn")),
+    m.mining = MiningFacts(summary=summary.as_dict(), label_filter=summary.label_filter, topn=_int(mining_spec.get("topn")),
                            knn_metric=None if metric is None else str(metric), filter_by_label=filter_by_label,
                            labels=labels)
     return m

@@ -1,6 +1,12 @@
 """The run folder's files (the TAO contract's, plus ours) and the mining summary's format."""
 
+from __future__ import annotations
+
 import re
+from dataclasses import dataclass, field, fields
+from typing import Mapping
+
+from deft_mine.schemas.specs import LabelFilter
 
 EMBEDDING_SPEC = "embedding_spec.yaml"
 MINING_SPEC = "mining_spec.yaml"
@@ -33,25 +39,65 @@ SUMMARY_ALIASES = {"num_queries": "queries", "number_of_queries": "queries", "ta
                    "kept": "kept_pairs", "dropped": "dropped_pairs", "unique_mined": "mined"}
 
 
-def summary_text(summary: dict[str, int], label_filter: str) -> str:
-    """mining_summary.txt: one `key: value` per line, the label filter's outcome last."""
-    return "".join(f"{key}: {value}\n" for key, value in [*summary.items(), ("label_filter", label_filter)])
+@dataclass
+class MiningSummary:
+    """mining_summary.txt: one mining step's counts and the label filter's outcome. The fields'
+    order is the file's; an optional count is written only when set (a default run's summary
+    reads as it always has)."""
+
+    queries: int | None = None  # targets searched
+    topn: int | None = None  # candidates asked for per query
+    neighbours_requested: int | None = None  # queries × topn
+    pool: int | None = None  # pool rows searched
+    pairs: int | None = None  # pairs found
+    below_floor: int | None = None  # pairs beyond the floor (a floor set)
+    kept_pairs: int | None = None  # pairs the label filter kept (filter applied)
+    dropped_pairs: int | None = None  # ...and dropped
+    duplicates_removed: int | None = None  # kept pairs - mined
+    mined: int | None = None  # unique mined images
+    target_in_pool: int | None = None  # pool files that are targets
+    targets_without_neighbours: int | None = None  # a floor or per-label search set
+    duplicate_paths: int | None = None  # pool rows repeating an earlier row's file (some)
+    zero_vectors: int | None = None  # all-zero vectors left out under cosine (some)
+    label_filter: LabelFilter | None = None
+    extra: dict[str, int] = field(default_factory=dict)  # another tool's counts, under its names
+    order: tuple[str, ...] = field(default=(), repr=False, compare=False)  # a read file's key order
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts by name (MineResult.summary, run.json), in a read file's order, else ours."""
+        counts = {name: value for name in _COUNTS if (value := getattr(self, name)) is not None} | self.extra
+        first = [name for name in self.order if name in counts]
+        return {name: counts[name] for name in [*first, *(n for n in counts if n not in first)]}
+
+    def text(self) -> str:
+        """The file: one `key: value` per line, the label filter's outcome last."""
+        lines = [*self.as_dict().items(), ("label_filter", self.label_filter)]
+        return "".join(f"{key}: {value}\n" for key, value in lines)
+
+    @classmethod
+    def of(cls, counts: Mapping[str, int], label_filter: LabelFilter | str | None = None) -> MiningSummary:
+        """A summary from counts by name (run.json's `summary`, a file's lines), keeping their order."""
+        return cls(**{k: v for k, v in counts.items() if k in _COUNTS},
+                   extra={k: v for k, v in counts.items() if k not in _COUNTS},
+                   label_filter=None if label_filter is None else LabelFilter(label_filter), order=tuple(counts))
+
+    @classmethod
+    def parse(cls, text: str) -> MiningSummary:
+        """A mining summary, ours or another tool's (`key: value` or `key = value`; other
+        spellings of our keys are mapped to ours); the first line of a key wins."""
+        counts: dict[str, int] = {}
+        label_filter = None
+        for line in text.splitlines():
+            match = re.match(r"\s*([^:=]+?)\s*[:=]\s*(.+?)\s*$", line)
+            if not match:
+                continue
+            key = re.sub(r"[^a-z0-9]+", "_", match.group(1).lower()).strip("_")
+            key, value = SUMMARY_ALIASES.get(key, key), match.group(2)
+            if key == "label_filter":
+                label_filter = value if value in LabelFilter.__members__ else None
+            elif re.fullmatch(r"[+-]?\d+", value):
+                counts.setdefault(key, int(value))
+        return cls.of(counts, label_filter)
 
 
-def parse_summary(text: str) -> tuple[dict[str, int], str | None]:
-    """The counts and label filter of a mining summary, ours or another tool's (`key: value` or
-    `key = value`; other spellings of our keys are mapped to ours)."""
-    summary: dict[str, int] = {}
-    label_filter = None
-    for line in text.splitlines():
-        match = re.match(r"\s*([^:=]+?)\s*[:=]\s*(.+?)\s*$", line)
-        if not match:
-            continue
-        key = re.sub(r"[^a-z0-9]+", "_", match.group(1).lower()).strip("_")
-        key = SUMMARY_ALIASES.get(key, key)
-        value = match.group(2)
-        if key == "label_filter":
-            label_filter = value if value in ("off", "applied", "noop") else None
-        elif re.fullmatch(r"[+-]?\d+", value):
-            summary.setdefault(key, int(value))
-    return summary, label_filter
+_COUNTS = tuple(f.name for f in fields(MiningSummary) if f.name not in ("label_filter", "extra", "order"))

@@ -15,7 +15,7 @@ from deft_mine.engine.mining import lexically_normal
 from deft_mine.schemas import warnings
 from deft_mine.schemas.inputs import PreflightInput, StoreInfoInput
 from deft_mine.schemas.results import Check, PreflightResult
-from deft_mine.schemas.specs import MiningSpec, load_spec, split_overrides
+from deft_mine.schemas.specs import LabelFilter, MiningSpec, load_spec, split_overrides
 from deft_mine.schemas.warnings import ToolWarning
 from deft_mine.tools.registry import Tool, ToolContext, register
 from deft_mine.tools.store import describe_store
@@ -78,7 +78,7 @@ def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
                  for name, path in sides.items()}
     if len(sides) == 2:
         missing = [n for n in ("source", "targets") if "label" not in schemas[n].names]
-        if mining.label_filter(missing) == "noop":
+        if mining.label_filter(missing) is LabelFilter.noop:
             found.append(warnings.filter_by_label_noop(missing, predicted=True))
         queries, pool = tables.num_rows(sides["targets"]), tables.num_rows(sides["source"])
         if queries and mining.topn * queries > pool:
