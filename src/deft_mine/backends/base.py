@@ -20,7 +20,6 @@ class BackendMine:
     summary: MiningSummary  # the label filter's outcome among it
     label_missing: list[Side]
     searched_rows: int
-    target_in_pool: int
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[ToolWarning] = field(default_factory=list)  # what the engine saw in the data
     cluster: ClusterFacts | None = None  # where it ran (backend ray)

@@ -195,7 +195,7 @@ class DockerBackend:
         return BackendMine(
             summary=summary, label_missing=label_missing or (both if summary.label_filter is LabelFilter.noop else []),
             searched_rows=tables.num_rows(source_path) if summary.pool is None else summary.pool,
-            target_in_pool=summary.target_in_pool or 0, timings=timings, warnings=found)
+            timings=timings, warnings=found)
 
     def _device(self) -> str:
         """Where an embedding ran: the image by name and by content digest (set by _run)."""

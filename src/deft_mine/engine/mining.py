@@ -30,7 +30,6 @@ class MiningOutcome:
     pairs: pa.Table  # every (target, neighbour) pair found, in target then rank order
     summary: MiningSummary  # the label filter's outcome among it
     searched_rows: int  # rows searched (pool less excluded targets)
-    target_in_pool: int
     label_missing: list[Side]  # sides without a `label` column
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[ToolWarning] = field(default_factory=list)  # duplicate_paths, zero_vectors
@@ -123,11 +122,10 @@ def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
     target_set = {lexically_normal(str(p)) for p in targets.column("filepath").to_pylist()}
     # Under cosine an all-zero vector (the thumbnail encoder's flat image) has no direction:
     # as a query every pool row would tie at 0, and the "neighbours" would be the first rows.
-    zero_examples: list[str] = []
     target_rows = np.arange(len(queries))
     flat = ~queries.any(axis=1) if metric is Metric.cosine else np.zeros(len(queries), bool)
+    zero_examples = [str(p) for p in targets.column("filepath").take(pa.array(np.flatnonzero(flat)[:3])).to_pylist()]
     if flat.any():
-        zero_examples += [str(p) for p in targets.column("filepath").take(pa.array(np.flatnonzero(flat)[:3])).to_pylist()]
         if flat.all():
             raise _all_zero(target_path, "target_parquet", target_column)
         target_rows = np.flatnonzero(~flat)
@@ -255,8 +253,7 @@ def finish(prep: Prepared, found: Searched) -> MiningOutcome:
     raised += _control_warnings(prep, cands, within, keep)
     prep.timings["total"] = time.perf_counter() - prep.started
     return MiningOutcome(mined=mined, pairs=pairs, summary=summary, searched_rows=found.searched,
-                         target_in_pool=prep.in_pool, label_missing=prep.label_missing, timings=prep.timings,
-                         warnings=raised)
+                         label_missing=prep.label_missing, timings=prep.timings, warnings=raised)
 
 
 def candidates(prep: Prepared, found: Searched) -> Candidates:
@@ -269,18 +266,19 @@ def candidates(prep: Prepared, found: Searched) -> Candidates:
     else:
         rows, scores = np.zeros((len(prep.queries), 0), np.int64), np.zeros((len(prep.queries), 0), np.float64)
     found_mask = rows >= 0  # a per-label search leaves the slots of a small label group empty (row -1)
+    # The filepath (and label) of just the rows found: the columns are small beside the vectors.
     wanted = np.unique(rows[found_mask])
     source_labelled = Side.source not in prep.label_missing
-    picked = _take_rows(prep.source_path, wanted, ["filepath"] + (["label"] if source_labelled else []),
-                        prep.spec.block_rows)
+    picked = tables.read_columns(prep.source_path, ["filepath"] + (["label"] if source_labelled else [])) \
+        .take(pa.array(wanted))
     position = np.searchsorted(wanted, rows)
     target_labels = None
     if Side.target not in prep.label_missing:
         target_labels = np.asarray(label_keys(prep.targets.column("label")).to_pylist(), dtype=object)[:, None]
     return Candidates(
         target_paths=prep.targets.column("filepath").to_pylist(), rows=rows, scores=scores,
-        paths=_gathered(picked["filepath"], position, found_mask), target_labels=target_labels,
-        source_labels=_gathered(label_keys(picked["label"]).to_pylist(), position, found_mask)
+        paths=_gathered(picked.column("filepath").to_pylist(), position, found_mask), target_labels=target_labels,
+        source_labels=_gathered(label_keys(picked.column("label")).to_pylist(), position, found_mask)
         if source_labelled else None)
 
 
@@ -515,23 +513,6 @@ def _pool_paths(path: Path, target_set: set[str]) -> tuple[pa.StringArray, np.nd
     return paths, repeated, is_target
 
 
-def _take_rows(path: Path, rows: np.ndarray, columns: list[str], block_rows: int) -> dict[str, list]:
-    """The given (sorted, unique) row numbers of `columns`, in that order, read in blocks."""
-    out: dict[str, list] = {c: [] for c in columns}
-    start = 0
-    for batch in tables.iter_batches(path, block_rows, columns):
-        end = start + batch.num_rows
-        lo, hi = np.searchsorted(rows, [start, end])
-        if hi > lo:
-            taken = batch.take(pa.array(rows[lo:hi] - start))
-            for c in columns:
-                out[c].extend(taken.column(c).to_pylist())
-        start = end
-        if hi == len(rows):
-            break
-    return out
-
-
 def label_keys(labels: pa.Array | pa.ChunkedArray | list[Any]) -> pa.Array:
     """Labels as they are compared wherever they are (the post-filter, per-label groups, the
     breakdowns): as strings, so 3 and "3" agree; a null stays null and matches nothing."""
@@ -542,11 +523,9 @@ def label_keys(labels: pa.Array | pa.ChunkedArray | list[Any]) -> pa.Array:
 
 def count_labels(labels: list[Any]) -> dict[str, int]:
     """How many rows carry each label (by its key; nulls counted under "(null)"), sorted."""
-    tally: dict[str, int] = {}
-    for label in label_keys(labels).to_pylist():
-        key = "(null)" if label is None else label
-        tally[key] = tally.get(key, 0) + 1
-    return dict(sorted(tally.items()))
+    counts = pc.value_counts(label_keys(labels))
+    return dict(sorted(("(null)" if label is None else label, int(n)) for label, n in
+                       zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
 
 
 def label_counts(target_embed: Path, source_embed: Path, mined: Path) -> dict[str, Any] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -58,26 +59,20 @@ def dedupe(paths: np.ndarray, scores: np.ndarray, keep: np.ndarray, target_paths
            metric: Metric) -> pa.Table:
     """Unique mined paths in order of first appearance (target order, then rank), with the
     best score any target gave each, which target that was, and how many kept pairs hit it."""
-    order: dict[str, int] = {}
-    best_score: list[float] = []
-    best_target: list[str] = []
-    hits: list[int] = []
-    better = (lambda a, b: a > b) if metric.higher_is_nearer else (lambda a, b: a < b)
+    best: dict[str, list[Any]] = {}  # path -> [best score, its target, hits], in order of first appearance
+    better = operator.gt if metric.higher_is_nearer else operator.lt
     for t, r in zip(*np.nonzero(keep)):
-        path, score = paths[t, r], float(scores[t, r])
-        slot = order.get(path)
-        if slot is None:
-            order[path] = len(best_score)
-            best_score.append(score)
-            best_target.append(target_paths[t])
-            hits.append(1)
-        else:
-            hits[slot] += 1
-            if better(score, best_score[slot]):
-                best_score[slot], best_target[slot] = score, target_paths[t]
+        score, entry = float(scores[t, r]), best.get(paths[t, r])
+        if entry is None:
+            best[paths[t, r]] = [score, target_paths[t], 1]
+            continue
+        entry[2] += 1
+        if better(score, entry[0]):
+            entry[:2] = score, target_paths[t]
+    found = list(best.values())
     return pa.table({
-        "filepath": pa.array(list(order), pa.string()),
-        "score": pa.array(best_score, pa.float64()),
-        "best_target": pa.array([str(p) for p in best_target], pa.string()),
-        "hits": pa.array(hits, pa.int32()),
+        "filepath": pa.array(list(best), pa.string()),
+        "score": pa.array([e[0] for e in found], pa.float64()),
+        "best_target": pa.array([str(e[1]) for e in found], pa.string()),
+        "hits": pa.array([e[2] for e in found], pa.int32()),
     })

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from deft_mine.report.facts import SPEC_PARQUETS, ReportFacts
-from deft_mine.schemas.artifacts import MiningSummary
+from deft_mine.schemas.artifacts import SUMMARY_MEANING, MiningSummary
 from deft_mine.schemas.manifest import EmbedFacts, InputFacts, RunManifest
-from deft_mine.schemas.specs import LabelFilter
+from deft_mine.schemas.specs import LabelFilter, Side
 from deft_mine.schemas.results import EncoderIdentity
 from deft_mine.schemas.warnings import WarningCode
 
@@ -21,21 +21,6 @@ SKIP_SENTENCE = "The per-label breakdown is skipped because the targets have no 
 NOT_RECORDED = "not recorded"
 IDENTITY_FIELDS = ("model", "model_path", "model_config_path", "weights_digest", "preprocessing")
 
-# What each mining_summary.txt count means (the Mining Run table explains its own numbers).
-SUMMARY_MEANING = {
-    "queries": "targets searched (embedded target rows)",
-    "topn": "neighbours asked for per target",
-    "neighbours_requested": "queries × topn",
-    "pool": "pool rows searched",
-    "pairs": "(target, neighbour) pairs found",
-    "below_floor": "pairs beyond the similarity floor (dropped before de-duplication)",
-    "kept_pairs": "pairs whose labels agree (kept by the filter)",
-    "dropped_pairs": "pairs whose labels differ (dropped)",
-    "duplicates_removed": "kept pairs that repeat an image already mined",
-    "mined": "unique images written to the mined parquet",
-    "target_in_pool": "pool rows whose filepath is also a target",
-    "targets_without_neighbours": "targets that kept no pair (floor or per-label search)",
-}
 # What to do about the mining controls' warnings (the rest of the run's warnings carry none).
 CONTROL_ACTIONS = {
     "floor_removed_all": "Loosen the floor (a lower `min_similarity`, a higher `max_distance`; the score "
@@ -160,7 +145,7 @@ class _View:
         self.mined_count = _first(self.summary.mined, facts.mined.rows if facts.mined is not None else None)
         self.enc_t, self.enc_s, self.match = m.encoder.target, m.encoder.source, m.encoder.match
         self.differing = [k for k in IDENTITY_FIELDS if getattr(self.enc_t, k, None) != getattr(self.enc_s, k, None)]
-        self.fingerprint = _first(m.encoder.fingerprint, facts.fingerprints.get("target"))
+        self.fingerprint = _first(m.encoder.fingerprint, facts.fingerprints.get(Side.target))
         self.skipped = {side: emb.skipped for side, emb in self.embedded.items()}
         self.mined_name = facts.files.get("mined") or "mined.parquet"
         self.score_words = ("cosine similarity, higher is nearer" if self.metric == "cosine" else
@@ -231,9 +216,8 @@ def findings(facts: ReportFacts) -> list[Finding]:
                            + ", so each target can get neighbours of its own; this run mined "
                            f"{_plural(v.mined_count, 'unique image')}."))
     if any(v.skipped.values()):
-        roots = ", ".join(f"{side} images from `{facts.image_roots.get(k)}`"
-                          for side, k in (("target", "targets"), ("source", "source"))
-                          if v.skipped[side] and facts.image_roots.get(k))
+        roots = ", ".join(f"{side} images from `{facts.image_roots.get(side.input)}`"
+                          for side in (Side.target, Side.source) if v.skipped[side] and facts.image_roots.get(side.input))
         examples = [str(e) for w in facts.warnings if w.code == "images_skipped"
                     for e in (w.details.get("examples") or [])[:2]][:3]
         out.append(Finding("images_skipped", "attention",
@@ -388,8 +372,8 @@ def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     device = v.embedded["target"].device
     if dim is not None:
         lines.append(f"Embedding vectors have {dim} dimensions" + (f" and were computed on `{device}`." if device else "."))
-    roots = [f"{name} images from `{facts.image_roots[k]}`" for k, name in (("targets", "target"), ("source", "pool"))
-             if facts.image_roots.get(k)]
+    roots = [f"{name} images from `{facts.image_roots[side.input]}`" for side, name in ((Side.target, "target"),
+             (Side.source, "pool")) if facts.image_roots.get(side.input)]
     if roots:
         lines.append("Relative image paths resolve against: " + "; ".join(roots) + ".")
     if lines:
@@ -409,7 +393,7 @@ def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool)
 def _encoder_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
     rows = [(f"`{key}`", _identity_cell(v.enc_t, key), _identity_cell(v.enc_s, key))
             for key in IDENTITY_FIELDS]
-    fps = [v.facts.fingerprints.get(side) for side in ("target", "source")]
+    fps = [v.facts.fingerprints.get(side) for side in (Side.target, Side.source)]
     if any(fps):
         rows.append(("fingerprint", _cell(fps[0]), _cell(fps[1])))
     if v.match is True:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields
-from typing import Mapping
+from typing import Any, Mapping
 
 from deft_mine.schemas.specs import LabelFilter
 
@@ -39,26 +39,31 @@ SUMMARY_ALIASES = {"num_queries": "queries", "number_of_queries": "queries", "ta
                    "kept": "kept_pairs", "dropped": "dropped_pairs", "unique_mined": "mined"}
 
 
+def _count(meaning: str = "") -> Any:
+    """An optional count of the summary, and what it means (the report's table explains it)."""
+    return field(default=None, metadata={"meaning": meaning})
+
+
 @dataclass
 class MiningSummary:
     """mining_summary.txt: one mining step's counts and the label filter's outcome. The fields'
     order is the file's; an optional count is written only when set (a default run's summary
     reads as it always has)."""
 
-    queries: int | None = None  # targets searched
-    topn: int | None = None  # candidates asked for per query
-    neighbours_requested: int | None = None  # queries × topn
-    pool: int | None = None  # pool rows searched
-    pairs: int | None = None  # pairs found
-    below_floor: int | None = None  # pairs beyond the floor (a floor set)
-    kept_pairs: int | None = None  # pairs the label filter kept (filter applied)
-    dropped_pairs: int | None = None  # ...and dropped
-    duplicates_removed: int | None = None  # kept pairs - mined
-    mined: int | None = None  # unique mined images
-    target_in_pool: int | None = None  # pool files that are targets
-    targets_without_neighbours: int | None = None  # a floor or per-label search set
-    duplicate_paths: int | None = None  # pool rows repeating an earlier row's file (some)
-    zero_vectors: int | None = None  # all-zero vectors left out under cosine (some)
+    queries: int | None = _count("targets searched (embedded target rows)")
+    topn: int | None = _count("neighbours asked for per target")
+    neighbours_requested: int | None = _count("queries × topn")
+    pool: int | None = _count("pool rows searched")
+    pairs: int | None = _count("(target, neighbour) pairs found")
+    below_floor: int | None = _count("pairs beyond the similarity floor (dropped before de-duplication)")
+    kept_pairs: int | None = _count("pairs whose labels agree (kept by the filter)")
+    dropped_pairs: int | None = _count("pairs whose labels differ (dropped)")
+    duplicates_removed: int | None = _count("kept pairs that repeat an image already mined")
+    mined: int | None = _count("unique images written to the mined parquet")
+    target_in_pool: int | None = _count("pool rows whose filepath is also a target")
+    targets_without_neighbours: int | None = _count("targets that kept no pair (floor or per-label search)")
+    duplicate_paths: int | None = _count()  # pool rows repeating an earlier row's file
+    zero_vectors: int | None = _count()  # all-zero vectors left out under cosine
     label_filter: LabelFilter | None = None
     extra: dict[str, int] = field(default_factory=dict)  # another tool's counts, under its names
     order: tuple[str, ...] = field(default=(), repr=False, compare=False)  # a read file's key order
@@ -100,4 +105,6 @@ class MiningSummary:
         return cls.of(counts, label_filter)
 
 
-_COUNTS = tuple(f.name for f in fields(MiningSummary) if f.name not in ("label_filter", "extra", "order"))
+_COUNTS = tuple(f.name for f in fields(MiningSummary) if "meaning" in f.metadata)
+# What each count means, where the report explains it.
+SUMMARY_MEANING = {f.name: f.metadata["meaning"] for f in fields(MiningSummary) if f.metadata.get("meaning")}

@@ -49,8 +49,8 @@ def mine_spec(spec: MiningSpec, inputs: MineInput, ctx: ToolContext, pairs_path:
     queries, searched = summary.queries or 0, done.searched_rows
     if queries and spec.topn * queries > searched:
         found.append(warnings.pool_exhausted(spec.topn, queries, searched, summary.mined))
-    if done.target_in_pool:
-        found.append(warnings.target_in_pool(done.target_in_pool, spec.exclude_targets))
+    if summary.target_in_pool:
+        found.append(warnings.target_in_pool(summary.target_in_pool, spec.exclude_targets))
     return MineResult(
         output_parquet=str(output), summary_path=str(summary_path), mined=summary.mined,
         summary=summary.as_dict(), knn_metric=spec.knn_metric.value, topn=spec.topn,

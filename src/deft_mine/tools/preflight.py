@@ -15,7 +15,7 @@ from deft_mine.engine.mining import lexically_normal
 from deft_mine.schemas import warnings
 from deft_mine.schemas.inputs import PreflightInput, StoreInfoInput
 from deft_mine.schemas.results import Check, PreflightResult
-from deft_mine.schemas.specs import LabelFilter, MiningSpec, load_spec, split_overrides
+from deft_mine.schemas.specs import LabelFilter, MiningSpec, Side, load_spec, split_overrides
 from deft_mine.schemas.warnings import ToolWarning
 from deft_mine.tools.registry import Tool, ToolContext, register
 from deft_mine.tools.store import describe_store
@@ -77,7 +77,7 @@ def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
     filepaths = {name: tables.read_columns(path, ["filepath"]).column("filepath").to_pylist()
                  for name, path in sides.items()}
     if len(sides) == 2:
-        missing = [n for n in ("source", "targets") if "label" not in schemas[n].names]
+        missing = [side.input for side in Side if "label" not in schemas[side.input].names]
         if mining.label_filter(missing) is LabelFilter.noop:
             found.append(warnings.filter_by_label_noop(missing, predicted=True))
         queries, pool = tables.num_rows(sides["targets"]), tables.num_rows(sides["source"])
