@@ -283,9 +283,12 @@ def candidates(prep: Prepared, found: Searched) -> Candidates:
 
 
 def pair_filters(prep: Prepared, cands: Candidates) -> tuple[np.ndarray, np.ndarray]:
-    """Which pairs are within the floor (a property of the pair alone, so judged first), and
-    which of those the label rule keeps (every one unless the filter is applied)."""
-    within = cands.found & within_floor(prep.spec, cands.scores)
+    """Which pairs reach the floor (a property of the pair alone, so judged first; on the exact
+    float64 scores, so a pair on the floor itself is kept, reproducibly), and which of those the
+    label rule keeps (every one unless the filter is applied)."""
+    scores, floor = cands.scores, prep.spec.floor
+    within = cands.found.copy() if floor is None else \
+        cands.found & (scores >= floor if prep.spec.knn_metric.higher_is_nearer else scores <= floor)
     if prep.label_filter is not LabelFilter.applied:
         return within, within.copy()
     src, tgt = cands.source_labels, cands.target_labels
@@ -351,15 +354,6 @@ def _control_warnings(prep: Prepared, cands: Candidates, within: np.ndarray, kee
         best = scores.max() if spec.knn_metric.higher_is_nearer else scores.min()
         raised.append(warnings.floor_removed_all(pairs, _floor_key(spec), spec.floor, float(best)))
     return raised
-
-
-def within_floor(spec: MiningSpec, scores: np.ndarray) -> np.ndarray:
-    """Which scores (the metric's own scale) reach the spec's floor; every one when it is off.
-    The scores are the exact float64 ones, so a pair on the floor itself is kept, reproducibly."""
-    floor = spec.floor
-    if floor is None:
-        return np.ones(scores.shape, dtype=bool)
-    return scores >= floor if spec.knn_metric.higher_is_nearer else scores <= floor
 
 
 def _floor_key(spec: MiningSpec) -> str:

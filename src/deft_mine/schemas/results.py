@@ -193,7 +193,7 @@ class RunResult(_Result):
         lines = [f"run folder {self.run_dir}: mined {self.mined} unique images ({summary.pairs or 0} "
                  f"pairs for {summary.queries or 0} targets) in {self.timings.get('total', 0):.1f}s; "
                  f"report {self.report.verdict.upper()}: {self.report.report_path}",
-                 "summary: " + ", ".join(f"{key}={value}" for key, value in summary.items())]
+                 "summary: " + ", ".join(f"{key}={value}" for key, value in summary.as_dict().items())]
         t, p = self.target_embed, self.source_embed
         if t.store:
             lines.append(f"store {t.store}: targets {t.reused} reused / {t.embedded} embedded, pool {p.reused} "
