@@ -33,15 +33,10 @@ def task_result(output_name: str) -> str:
     return f".{output_name}.result.json"
 
 
-# Spellings of summary keys other tools may use, mapped to ours.
-SUMMARY_ALIASES = {"num_queries": "queries", "number_of_queries": "queries", "targets": "queries",
-                   "neighbors_requested": "neighbours_requested", "duplicates": "duplicates_removed",
-                   "kept": "kept_pairs", "dropped": "dropped_pairs", "unique_mined": "mined"}
-
-
-def _count(meaning: str = "") -> Any:
-    """An optional count of the summary, and what it means (the report's table explains it)."""
-    return field(default=None, metadata={"meaning": meaning})
+def _count(meaning: str = "", *aliases: str) -> Any:
+    """An optional count of the summary, what it means (the report's table explains it), and
+    how other tools may spell it (read as ours)."""
+    return field(default=None, metadata={"meaning": meaning, "aliases": aliases})
 
 
 @dataclass
@@ -50,16 +45,17 @@ class MiningSummary:
     order is the file's; an optional count is written only when set (a default run's summary
     reads as it always has)."""
 
-    queries: int | None = _count("targets searched (embedded target rows)")
+    queries: int | None = _count("targets searched (embedded target rows)", "num_queries", "number_of_queries",
+                                  "targets")
     topn: int | None = _count("neighbours asked for per target")
-    neighbours_requested: int | None = _count("queries × topn")
+    neighbours_requested: int | None = _count("queries × topn", "neighbors_requested")
     pool: int | None = _count("pool rows searched")
     pairs: int | None = _count("(target, neighbour) pairs found")
     below_floor: int | None = _count("pairs beyond the similarity floor (dropped before de-duplication)")
-    kept_pairs: int | None = _count("pairs whose labels agree (kept by the filter)")
-    dropped_pairs: int | None = _count("pairs whose labels differ (dropped)")
-    duplicates_removed: int | None = _count("kept pairs that repeat an image already mined")
-    mined: int | None = _count("unique images written to the mined parquet")
+    kept_pairs: int | None = _count("pairs whose labels agree (kept by the filter)", "kept")
+    dropped_pairs: int | None = _count("pairs whose labels differ (dropped)", "dropped")
+    duplicates_removed: int | None = _count("kept pairs that repeat an image already mined", "duplicates")
+    mined: int | None = _count("unique images written to the mined parquet", "unique_mined")
     target_in_pool: int | None = _count("pool rows whose filepath is also a target")
     targets_without_neighbours: int | None = _count("targets that kept no pair (floor or per-label search)")
     duplicate_paths: int | None = _count()  # pool rows repeating an earlier row's file
@@ -106,5 +102,6 @@ class MiningSummary:
 
 
 _COUNTS = tuple(f.name for f in fields(MiningSummary) if "meaning" in f.metadata)
+SUMMARY_ALIASES = {alias: f.name for f in fields(MiningSummary) for alias in f.metadata.get("aliases", ())}
 # What each count means, where the report explains it.
 SUMMARY_MEANING = {f.name: f.metadata["meaning"] for f in fields(MiningSummary) if f.metadata.get("meaning")}
