@@ -242,7 +242,7 @@ def test_zero_vectors_under_cosine_are_left_out_and_counted(bad: Path) -> None:
     outcome = mine_files(bad / "zero_pool.parquet", bad / "zero_t.parquet", MiningSpec(topn=10), NullEvents())
     (warning,) = outcome.warnings
     assert warning.code == "zero_vectors" and warning.details["by_side"] == {"targets": 1, "source": 2}
-    assert outcome.summary["zero_vectors"] == 3 and outcome.summary["queries"] == 2
+    assert outcome.summary.zero_vectors == 3 and outcome.summary.queries == 2
     assert set(outcome.pairs.column("target_row").to_pylist()) == {0, 2}
     assert not {2, 7} & set(outcome.pairs.column("source_row").to_pylist())
     result = mine(bad / "zero_pool.parquet", bad / "zero_t.parquet", bad / "zero_out.parquet",

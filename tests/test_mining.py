@@ -312,4 +312,4 @@ def test_shards_searched_apart_and_merged_in_any_order_equal_one_search(tmp_path
     assert merged.flat_rows == whole.flat_rows  # the examples, in pool order
     one, split = finish(prep, whole), finish(prepare(pool_path, targets, spec), merged)
     assert one.mined.equals(split.mined) and one.pairs.equals(split.pairs) and one.summary == split.summary
-    assert split.summary["duplicate_paths"] == 7
+    assert split.summary.duplicate_paths == 7

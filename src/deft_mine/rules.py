@@ -9,10 +9,11 @@ never disagree on whether a rule fires.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from deft_mine.schemas import warnings
 from deft_mine.schemas.results import ErrorInfo
+from deft_mine.schemas.specs import LabelFilter
 from deft_mine.schemas.warnings import ToolWarning, WarningCode
 
 NOT_RECORDED = "not recorded"
@@ -37,7 +38,7 @@ class Facts:
     pool: int | None = None  # pool rows searched (preflight: pool rows listed)
     mined: int | None = None
     filter_by_label: bool | None = None
-    label_filter: str | None = None  # the outcome when already known ("off" | "applied" | "noop")
+    label_filter: LabelFilter | None = None  # the outcome, when already known
     sides_without_label: tuple[str, ...] = ()
     target_in_pool: int | None = None
     exclude_targets: bool | None = None  # None: predicted (preflight does not judge it)
@@ -99,11 +100,12 @@ def _count(n: int | None, one: str) -> str:
     return f"{NOT_RECORDED if n is None else n} {one if n == 1 else one + 's'}"
 
 
-def label_filter(filter_by_label: bool | None, sides_without_label: tuple[str, ...] | list[str]) -> str:
-    """What filter_by_label does, given which sides lack a `label` column: the no-op rule."""
+def label_filter(filter_by_label: bool | None, sides_without_label: Sequence[str]) -> LabelFilter:
+    """What filter_by_label does, given which sides lack a `label` column: the no-op rule (mining
+    applies the filter by it, the rules below warn by it)."""
     if not filter_by_label:
-        return "off"
-    return "noop" if sides_without_label else "applied"
+        return LabelFilter.off
+    return LabelFilter.noop if sides_without_label else LabelFilter.applied
 
 
 def provenance_unknown(f: Facts) -> Ruling | None:
@@ -119,7 +121,7 @@ def provenance_unknown(f: Facts) -> Ruling | None:
 
 def filter_by_label_noop(f: Facts) -> Ruling | None:
     outcome = f.label_filter or label_filter(f.filter_by_label, f.sides_without_label)
-    if outcome != "noop":
+    if outcome != LabelFilter.noop:
         return None
     sides = " and ".join(f.sides_without_label) or "one"
     return Ruling("filter_by_label_noop", warnings.filter_by_label_noop(list(f.sides_without_label),

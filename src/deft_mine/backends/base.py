@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Protocol
 
 from deft_mine.events import Events
+from deft_mine.schemas.artifacts import MiningSummary
 from deft_mine.schemas.results import Check, ClusterFacts, EmbedResult
-from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
+from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, Side
 from deft_mine.schemas.warnings import ToolWarning
 
 
@@ -16,11 +17,9 @@ from deft_mine.schemas.warnings import ToolWarning
 class BackendMine:
     """Facts about one finished mining step (mined parquet and summary already written)."""
 
-    summary: dict[str, int]
-    label_filter: str
-    label_missing: list[str]
+    summary: MiningSummary  # the label filter's outcome among it
+    label_missing: list[Side]
     searched_rows: int
-    target_in_pool: int
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[ToolWarning] = field(default_factory=list)  # what the engine saw in the data
     cluster: ClusterFacts | None = None  # where it ran (backend ray)

@@ -15,6 +15,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, TypeVar
 
+from deft_mine import rules
 from deft_mine.backends.base import BackendMine, Capabilities
 from deft_mine.engine import tables
 from deft_mine.engine.images import resolve_image_path
@@ -23,7 +24,8 @@ from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts
 from deft_mine.schemas.results import Check, EmbedResult, EncoderIdentity, MineResult
-from deft_mine.schemas.specs import MINING_CONTROLS, EmbeddingSpec, MiningSpec, controls_at_default, spec_to_yaml
+from deft_mine.schemas.specs import (MINING_CONTROLS, EmbeddingSpec, LabelFilter, MiningSpec, Side, controls_at_default,
+                                     spec_to_yaml)
 
 ResultT = TypeVar("ResultT", EmbedResult, MineResult)
 
@@ -177,25 +179,24 @@ class DockerBackend:
         lines = self._run(["tmm", "nearest_neighbors", "-e", str(spec_file)], workspace, [], events,
                           outputs=[output_path, summary_path])
         timings = {"container": time.perf_counter() - t0, "total": time.perf_counter() - t0}
-        summary, label_filter = artifacts.parse_summary(summary_path.read_text(encoding="utf-8"))
+        summary = artifacts.MiningSummary.parse(summary_path.read_text(encoding="utf-8"))
         told = _task_result(output_path, MineResult)
         # An image other than ours may name fewer counts: the files still tell these two.
-        summary.setdefault("queries", tables.num_rows(target_path))
-        summary.setdefault("mined", tables.num_rows(output_path))
-        label_missing = [side for side, path in (("source", source_path), ("target", target_path))
+        summary.queries = tables.num_rows(target_path) if summary.queries is None else summary.queries
+        summary.mined = tables.num_rows(output_path) if summary.mined is None else summary.mined
+        label_missing = [side for side, path in ((Side.source, source_path), (Side.target, target_path))
                          if "label" not in tables.schema_of(path).names]
+        both = [Side.source, Side.target]
         if told is not None:
-            label_filter = told.label_filter
-        elif label_filter is None:  # NVIDIA's image: its log is all there is
-            label_filter = spec.label_filter(label_missing or
-                                             (["source", "target"] if any(map(_NOOP.search, lines)) else []))
+            summary.label_filter = LabelFilter(told.label_filter)
+        elif summary.label_filter is None:  # NVIDIA's image: its log is all there is
+            summary.label_filter = rules.label_filter(spec.filter_by_label, label_missing or (both if any(map(_NOOP.search, lines)) else []))
         # What the mining controls found in the data, as our image's engine said it.
         found = [w for w in (told.warnings if told is not None else []) if w.code in _CONTROL_WARNINGS]
         return BackendMine(
-            summary=summary, label_filter=label_filter, label_missing=label_missing or
-            (["source", "target"] if label_filter == "noop" else []),
-            searched_rows=summary["pool"] if "pool" in summary else tables.num_rows(source_path),
-            target_in_pool=summary.get("target_in_pool", 0), timings=timings, warnings=found)
+            summary=summary, label_missing=label_missing or (both if summary.label_filter is LabelFilter.noop else []),
+            searched_rows=tables.num_rows(source_path) if summary.pool is None else summary.pool,
+            timings=timings, warnings=found)
 
     def _device(self) -> str:
         """Where an embedding ran: the image by name and by content digest (set by _run)."""

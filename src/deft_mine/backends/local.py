@@ -14,7 +14,6 @@ from deft_mine.engine.encoders import Encoder, build_encoder
 from deft_mine.engine.mining import MiningOutcome, mine_files
 from deft_mine.engine.store import Shelf
 from deft_mine.events import Events
-from deft_mine.schemas import artifacts
 from deft_mine.schemas.results import Check, EmbedResult
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
 
@@ -96,7 +95,7 @@ def write_mining(outcome: MiningOutcome, output_path: Path, summary_path: Path,
     tables.write_table_atomic(output_path, outcome.mined)
     if pairs_path is not None:
         tables.write_table_atomic(pairs_path, outcome.pairs)
-    tables.write_text_atomic(summary_path, artifacts.summary_text(outcome.summary, outcome.label_filter))
+    tables.write_text_atomic(summary_path, outcome.summary.text())
     outcome.timings["write"] = time.perf_counter() - t0
     return BackendMine(**{name: getattr(outcome, name) for name in BackendMine.__dataclass_fields__
                           if hasattr(outcome, name)})

@@ -14,6 +14,7 @@ from deft_mine.backends.local import write_mining
 from deft_mine.backends.ray import HeadWatch, Workers, as_data, cluster_cpus_gpus, task_error
 from deft_mine.engine import tables
 from deft_mine.engine.mining import Prepared, Searched, finish, merge, pool_dim, prepare, search_range
+from deft_mine.engine.selection import mode_of
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas.specs import MiningSpec
@@ -89,7 +90,7 @@ def _search(ray: Any, prep: Prepared, events: Events, watch: HeadWatch) -> tuple
     for part in parts:  # the first bad shard in pool order: the error the local backend reports
         if "error" in part:
             raise task_error(part["error"])
-    return (merge([part["found"] for part in parts], spec.topn),
+    return (merge([part["found"] for part in parts], mode_of(spec).candidates),
             Workers(len(shards), len({part["node"] for part in parts})))
 
 

@@ -1,4 +1,4 @@
-"""Mining semantics: pool streamed in blocks through exact k-NN, label post-filter, de-duplication."""
+"""Mining: the pool streamed in blocks through exact k-NN, then candidates → pair filters → selection → summary."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from deft_mine import rules
 from deft_mine.engine import tables
 from deft_mine.engine.knn import GroupedTopK, RunningTopK, TopKState
+from deft_mine.engine.selection import Candidates, mode_of
 from deft_mine.schemas import warnings
-from deft_mine.schemas.specs import Metric, MiningSpec
+from deft_mine.schemas.artifacts import MiningSummary
+from deft_mine.schemas.specs import LabelFilter, Metric, MiningSpec, Side
 from deft_mine.schemas.warnings import ToolWarning
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
@@ -26,11 +29,9 @@ from deft_mine.events import Events
 class MiningOutcome:
     mined: pa.Table  # filepath first, then score, best_target, hits
     pairs: pa.Table  # every (target, neighbour) pair found, in target then rank order
-    summary: dict[str, int]
+    summary: MiningSummary  # the label filter's outcome among it
     searched_rows: int  # rows searched (pool less excluded targets)
-    target_in_pool: int
-    label_filter: str  # "off" | "applied" | "noop"
-    label_missing: list[str]  # sides ("source", "target") without a `label` column
+    label_missing: list[Side]  # sides without a `label` column
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[ToolWarning] = field(default_factory=list)  # duplicate_paths, zero_vectors
 
@@ -61,8 +62,8 @@ class Prepared:
     spec: MiningSpec
     source_path: Path
     target_path: Path
-    label_missing: list[str]  # sides without a `label` column
-    label_filter: str  # "off" | "applied" | "noop"
+    label_missing: list[Side]  # sides without a `label` column
+    label_filter: LabelFilter
     targets: pa.Table  # the searched target rows: filepath, vector (and label)
     target_rows: np.ndarray  # ...their rows in the target file
     queries: np.ndarray
@@ -70,7 +71,7 @@ class Prepared:
     repeated: np.ndarray  # pool rows that repeat an earlier row's file
     drop: np.ndarray  # pool rows left out before the search (targets, with exclude_targets)
     in_pool: int  # pool files that are targets
-    zero: dict[str, int]  # all-zero vectors left out under cosine, per side
+    zero_targets: int  # targets with an all-zero vector, left out under cosine
     zero_examples: list[str]
     started: float
     search_started: float
@@ -106,15 +107,15 @@ def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
     started = time.perf_counter()
     src_schema = tables.schema_of(source_path)
     tgt_schema = tables.schema_of(target_path)
-    for path, schema, column, side in ((source_path, src_schema, source_column, "source"),
-                                       (target_path, tgt_schema, target_column, "target")):
+    for path, schema, column, side in ((source_path, src_schema, source_column, Side.source),
+                                       (target_path, tgt_schema, target_column, Side.target)):
         _require_vector_column(path, schema, column, side)
         tables.require_columns(path, schema, ["filepath", column], f"{side}_parquet")
-    label_missing = [side for side, sch in (("source", src_schema), ("target", tgt_schema))
+    label_missing = [side for side, sch in ((Side.source, src_schema), (Side.target, tgt_schema))
                      if "label" not in sch.names]
 
     # Labels are read whenever a side has them: the pairs table records them for the report.
-    tgt_cols = ["filepath", target_column] + (["label"] if "target" not in label_missing else [])
+    tgt_cols = ["filepath", target_column] + (["label"] if Side.target not in label_missing else [])
     targets = tables.read_columns(target_path, tgt_cols)
     _require_no_null_paths(targets.column("filepath"), target_path, "target_parquet")
     queries = tables.vectors_from_column(targets.column(target_column), path=target_path,
@@ -122,13 +123,10 @@ def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
     target_set = {lexically_normal(str(p)) for p in targets.column("filepath").to_pylist()}
     # Under cosine an all-zero vector (the thumbnail encoder's flat image) has no direction:
     # as a query every pool row would tie at 0, and the "neighbours" would be the first rows.
-    zero = {"targets": 0, "source": 0}
-    zero_examples: list[str] = []
     target_rows = np.arange(len(queries))
     flat = ~queries.any(axis=1) if metric is Metric.cosine else np.zeros(len(queries), bool)
+    zero_examples = [str(p) for p in targets.column("filepath").take(pa.array(np.flatnonzero(flat)[:3])).to_pylist()]
     if flat.any():
-        zero["targets"] = int(flat.sum())
-        zero_examples += [str(p) for p in targets.column("filepath").take(pa.array(np.flatnonzero(flat)[:3])).to_pylist()]
         if flat.all():
             raise _all_zero(target_path, "target_parquet", target_column)
         target_rows = np.flatnonzero(~flat)
@@ -140,12 +138,12 @@ def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
     search_started = time.perf_counter()
     pool_paths, repeated, is_target = _pool_paths(source_path, target_set)
     prep = Prepared(spec=spec, source_path=source_path, target_path=target_path, label_missing=label_missing,
-                    label_filter=spec.label_filter(label_missing), targets=targets, target_rows=target_rows,
+                    label_filter=rules.label_filter(spec.filter_by_label, label_missing), targets=targets, target_rows=target_rows,
                     queries=queries, pool_paths=pool_paths, repeated=repeated,
                     drop=is_target if spec.exclude_targets else np.zeros(len(pool_paths), dtype=bool),
-                    in_pool=int(is_target.sum()), zero=zero, zero_examples=zero_examples,
+                    in_pool=int(is_target.sum()), zero_targets=int(flat.sum()), zero_examples=zero_examples,
                     started=started, search_started=search_started)
-    if spec.label_mode == "per_label" and prep.label_filter == "applied":
+    if spec.label_mode == "per_label" and prep.label_filter is LabelFilter.applied:
         _label_groups(prep)
     return prep
 
@@ -155,22 +153,16 @@ def _label_groups(prep: Prepared) -> None:
     query and every pool row its label's number; a null label, or a pool label no target has,
     is -1 and is never searched. The pool's labels are read whole, like its paths (small beside
     its vectors), so the search can stay streamed block by block."""
-    target_labels = _label_array(prep.targets.column("label"))
+    target_labels = label_keys(prep.targets.column("label"))
     groups = pc.unique(target_labels.drop_null())
     prep.query_groups = _group_codes(target_labels, groups)
-    pool_labels = _label_array(tables.read_columns(prep.source_path, ["label"]).column("label"))
+    pool_labels = label_keys(tables.read_columns(prep.source_path, ["label"]).column("label"))
     prep.pool_groups = _group_codes(pool_labels, groups)
     searchable = prep.pool_groups[(prep.pool_groups >= 0) & ~prep.drop]
     rows_per_group = np.bincount(searchable, minlength=len(groups))
     targets_per_group = np.bincount(prep.query_groups[prep.query_groups >= 0], minlength=len(groups))
     names = groups.to_pylist()
     prep.missing_in_pool = {names[g]: int(targets_per_group[g]) for g in np.flatnonzero(rows_per_group == 0)}
-
-
-def _label_array(labels: pa.ChunkedArray) -> pa.Array:
-    """Labels as one string array (3 and "3" agree, nulls stay null)."""
-    array = labels.combine_chunks()
-    return array if pa.types.is_string(array.type) else pc.cast(array, pa.string())
 
 
 def _group_codes(labels: pa.Array, groups: pa.Array) -> np.ndarray:
@@ -192,8 +184,8 @@ def search_range(spec: MiningSpec, source_path: Path, target_path: Path, queries
     metric, column = spec.knn_metric, spec.source_embed_column_name
     top: RunningTopK | GroupedTopK | None = None
     if len(queries):
-        top = RunningTopK(queries, spec.topn, metric) if query_groups is None else \
-            GroupedTopK(queries, query_groups, spec.topn, metric)
+        k = mode_of(spec).candidates
+        top = RunningTopK(queries, k, metric) if query_groups is None else GroupedTopK(queries, query_groups, k, metric)
     found = Searched(state=None)
     seen = start
     for vectors in tables.read_ahead(pool_vectors(source_path, column, spec.block_rows, start, end, dim)):
@@ -249,110 +241,120 @@ def merge(parts: list[Searched], k: int) -> Searched:
 
 
 def finish(prep: Prepared, found: Searched) -> MiningOutcome:
-    """The search's pairs turned into the outcome: the pairs' paths and labels read back, the
-    similarity floor, the label post-filter, de-duplication, the summary and the warnings."""
-    spec, zero, zero_examples = prep.spec, dict(prep.zero), list(prep.zero_examples)
-    topn, metric = spec.topn, spec.knn_metric
-    timings, targets, queries = prep.timings, prep.targets, prep.queries
-    label_missing, label_filter, repeated = prep.label_missing, prep.label_filter, prep.repeated
-    zero["source"] = found.flat
-    for rows in found.flat_rows:  # the examples, block by block in pool order
-        if len(zero_examples) < 5:
-            zero_examples += [str(p) for p in prep.pool_paths.take(pa.array(rows)).to_pylist()]
-    searched = found.searched
-    if not searched and zero["source"]:
-        raise _all_zero(prep.source_path, "source_parquet", spec.source_embed_column_name)
-    found_warnings: list[ToolWarning] = []
-    if repeated.any():
-        rows_repeated = np.flatnonzero(repeated)
-        found_warnings.append(warnings.duplicate_paths(
-            len(rows_repeated), list(dict.fromkeys(prep.pool_paths.take(pa.array(rows_repeated[:20])).to_pylist()))[:5]))
-    if zero["targets"] or zero["source"]:
-        found_warnings.append(warnings.zero_vectors(zero, zero_examples[:5]))
-    if prep.missing_in_pool:
-        found_warnings.append(warnings.label_missing_in_pool(prep.missing_in_pool))
-
-    k = min(topn, searched)
-    if found.state is not None and k:
-        best = found.state.neighbours(metric)
-        indices, scores = best.indices[:, :k], best.scores[:, :k]
-    else:
-        indices = np.zeros((len(queries), 0), np.int64)
-        scores = np.zeros((len(queries), 0), np.float64)
-    # A per-label search leaves the slots of a small label group empty (row -1): no pair there.
-    found_mask = indices >= 0
-
-    # The filepath (and label) of just the rows that were found.
+    """The search turned into the outcome, stage by stage: candidates read back, the pair
+    filters (the floor, the label rule), the mode's selection, the summary; and their warnings."""
+    raised = _search_warnings(prep, found)
     t0 = time.perf_counter()
-    wanted = np.unique(indices[found_mask])
-    src_cols = ["filepath"] + (["label"] if "source" not in label_missing else [])
-    picked = _take_rows(prep.source_path, wanted, src_cols, spec.block_rows)
-    position = np.searchsorted(wanted, indices)
-    src_paths = _gathered(picked["filepath"], position, found_mask)
+    cands = candidates(prep, found)
+    within, keep = pair_filters(prep, cands)
+    mined = mode_of(prep.spec).select(cands, keep)
+    pairs = _pairs_table(prep, cands, keep, None if prep.spec.floor is None else ~within)
+    prep.timings["collect"] = time.perf_counter() - t0
+    summary = summarise(prep, found, cands, within, keep, mined.num_rows)
+    raised += _control_warnings(prep, cands, within, keep)
+    prep.timings["total"] = time.perf_counter() - prep.started
+    return MiningOutcome(mined=mined, pairs=pairs, summary=summary, searched_rows=found.searched,
+                         label_missing=prep.label_missing, timings=prep.timings, warnings=raised)
 
+
+def candidates(prep: Prepared, found: Searched) -> Candidates:
+    """Each query's best pool rows (the mode's candidate count; the whole pool when smaller),
+    their scores, and the filepaths and label keys of just the rows found, read back."""
+    k = min(mode_of(prep.spec).candidates, found.searched)
+    if found.state is not None and k:
+        best = found.state.neighbours(prep.spec.knn_metric)
+        rows, scores = best.indices[:, :k], best.scores[:, :k]
+    else:
+        rows, scores = np.zeros((len(prep.queries), 0), np.int64), np.zeros((len(prep.queries), 0), np.float64)
+    found_mask = rows >= 0  # a per-label search leaves the slots of a small label group empty (row -1)
+    # The filepath (and label) of just the rows found: the columns are small beside the vectors.
+    wanted = np.unique(rows[found_mask])
+    source_labelled = Side.source not in prep.label_missing
+    picked = tables.read_columns(prep.source_path, ["filepath"] + (["label"] if source_labelled else [])) \
+        .take(pa.array(wanted))
+    position = np.searchsorted(wanted, rows)
+    target_labels = None
+    if Side.target not in prep.label_missing:
+        target_labels = np.asarray(label_keys(prep.targets.column("label")).to_pylist(), dtype=object)[:, None]
+    return Candidates(
+        target_paths=prep.targets.column("filepath").to_pylist(), rows=rows, scores=scores,
+        paths=_gathered(picked.column("filepath").to_pylist(), position, found_mask), target_labels=target_labels,
+        source_labels=_gathered(label_keys(picked.column("label")).to_pylist(), position, found_mask)
+        if source_labelled else None)
+
+
+def pair_filters(prep: Prepared, cands: Candidates) -> tuple[np.ndarray, np.ndarray]:
+    """Which pairs reach the floor (a property of the pair alone, so judged first; on the exact
+    float64 scores, so a pair on the floor itself is kept, reproducibly), and which of those the
+    label rule keeps (every one unless the filter is applied)."""
+    scores, floor = cands.scores, prep.spec.floor
+    within = cands.found.copy() if floor is None else \
+        cands.found & (scores >= floor if prep.spec.knn_metric.higher_is_nearer else scores <= floor)
+    if prep.label_filter is not LabelFilter.applied:
+        return within, within.copy()
+    src, tgt = cands.source_labels, cands.target_labels
+    return within, within & (src == tgt) & (src != None) & (tgt != None)  # noqa: E711
+
+
+def summarise(prep: Prepared, found: Searched, cands: Candidates, within: np.ndarray, keep: np.ndarray,
+              mined: int) -> MiningSummary:
+    """The summary from the stages' counts; the controls' and the left-out rows' counts only
+    when there are some (a default run's summary reads as it always has)."""
+    spec, queries, pairs, kept = prep.spec, len(prep.queries), int(cands.found.sum()), int(keep.sum())
+    applied = prep.label_filter is LabelFilter.applied
+    controls = spec.floor is not None or prep.query_groups is not None
+    return MiningSummary(
+        queries=queries, topn=spec.topn, neighbours_requested=queries * spec.topn, pool=found.searched,
+        pairs=pairs, below_floor=None if spec.floor is None else pairs - int(within.sum()),
+        kept_pairs=kept if applied else None, dropped_pairs=int(within.sum()) - kept if applied else None,
+        duplicates_removed=kept - mined, mined=mined, target_in_pool=prep.in_pool,
+        targets_without_neighbours=len(_alone(keep)) if controls else None,
+        duplicate_paths=int(prep.repeated.sum()) or None, zero_vectors=prep.zero_targets + found.flat or None,
+        label_filter=prep.label_filter)
+
+
+def _alone(keep: np.ndarray) -> np.ndarray:
+    """The targets that kept no pair."""
+    return np.flatnonzero(~keep.any(axis=1))
+
+
+def _search_warnings(prep: Prepared, found: Searched) -> list[ToolWarning]:
+    """What the search left out: repeated pool files, all-zero vectors (none searchable at all is
+    an error), target labels no pool row has."""
+    examples = list(prep.zero_examples)
+    for rows in found.flat_rows:  # the examples, block by block in pool order
+        if len(examples) < 5:
+            examples += [str(p) for p in prep.pool_paths.take(pa.array(rows)).to_pylist()]
+    if not found.searched and found.flat:
+        raise _all_zero(prep.source_path, "source_parquet", prep.spec.source_embed_column_name)
+    raised: list[ToolWarning] = []
+    if prep.repeated.any():
+        repeated = np.flatnonzero(prep.repeated)
+        raised.append(warnings.duplicate_paths(
+            len(repeated), list(dict.fromkeys(prep.pool_paths.take(pa.array(repeated[:20])).to_pylist()))[:5]))
+    if prep.zero_targets or found.flat:
+        raised.append(warnings.zero_vectors({Side.target.input: prep.zero_targets, Side.source.input: found.flat},
+                                            examples[:5]))
+    if prep.missing_in_pool:
+        raised.append(warnings.label_missing_in_pool(prep.missing_in_pool))
+    return raised
+
+
+def _control_warnings(prep: Prepared, cands: Candidates, within: np.ndarray, keep: np.ndarray) -> list[ToolWarning]:
+    """With a floor or a per-label search: the targets left without a pair, a floor that dropped all."""
+    spec, found_mask, raised = prep.spec, cands.found, []
+    if spec.floor is None and prep.query_groups is None:
+        return raised
+    if len(alone := _alone(keep)):
+        raised.append(warnings.targets_without_neighbours(
+            [str(cands.target_paths[i]) for i in alone[:10]], len(alone), len(prep.queries),
+            spec.floor is not None, prep.query_groups is not None))
     pairs = int(found_mask.sum())
-    tgt_col = src_labels = None
-    if "target" not in label_missing:
-        tgt_col = np.asarray(_labels_as_str(targets.column("label")), dtype=object)[:, None]
-    if "source" not in label_missing:
-        src_labels = _gathered(_labels_as_str(picked["label"]) if wanted.size else [], position, found_mask)
-    # The floor first (a property of the pair alone), then the label filter on what is left.
-    within = found_mask & within_floor(spec, scores)
-    keep = within.copy()
-    if label_filter == "applied":
-        keep &= (src_labels == tgt_col) & (src_labels != None) & (tgt_col != None)  # noqa: E711
-
-    target_paths = targets.column("filepath").to_pylist()
-    mined = _dedupe(src_paths, scores, keep, target_paths, metric)
-    pairs_table = _pairs_table(target_paths, prep.target_rows, indices, src_paths, scores, keep, tgt_col,
-                               src_labels, found_mask, None if spec.floor is None else ~within)
-    timings["collect"] = time.perf_counter() - t0
-    summary = {
-        "queries": len(queries),
-        "topn": topn,
-        "neighbours_requested": len(queries) * topn,
-        "pool": searched,
-        "pairs": pairs,
-    }
-    below = pairs - int(within.sum())
-    if spec.floor is not None:
-        summary["below_floor"] = below
-    if label_filter == "applied":
-        summary["kept_pairs"] = int(keep.sum())
-        summary["dropped_pairs"] = int(within.sum()) - int(keep.sum())
-    summary["duplicates_removed"] = int(keep.sum()) - mined.num_rows
-    summary["mined"] = mined.num_rows
-    summary["target_in_pool"] = prep.in_pool
-    # The new controls' outcome, only when one is on (a default run's summary reads as it always has).
-    if spec.floor is not None or prep.query_groups is not None:
-        alone = np.flatnonzero(~keep.any(axis=1)) if len(queries) else np.zeros(0, np.int64)
-        summary["targets_without_neighbours"] = len(alone)
-        if len(alone):
-            found_warnings.append(warnings.targets_without_neighbours(
-                [str(target_paths[i]) for i in alone[:10]], len(alone), len(queries), spec.floor is not None,
-                prep.query_groups is not None))
-        if spec.floor is not None and pairs and not within.any():
-            found_warnings.append(warnings.floor_removed_all(pairs, _floor_key(spec), spec.floor,
-                                                             float(scores[found_mask].max() if metric.higher_is_nearer
-                                                                   else scores[found_mask].min())))
-    # Rows left out of the search, only when there are some (the summary's usual keys stay as they were).
-    if repeated.any():
-        summary["duplicate_paths"] = int(repeated.sum())
-    if zero["targets"] or zero["source"]:
-        summary["zero_vectors"] = zero["targets"] + zero["source"]
-    timings["total"] = time.perf_counter() - prep.started
-    return MiningOutcome(mined=mined, pairs=pairs_table, summary=summary, searched_rows=searched,
-                         target_in_pool=prep.in_pool, label_filter=label_filter,
-                         label_missing=label_missing, timings=timings, warnings=found_warnings)
-
-
-def within_floor(spec: MiningSpec, scores: np.ndarray) -> np.ndarray:
-    """Which scores (the metric's own scale) reach the spec's floor; every one when it is off.
-    The scores are the exact float64 ones, so a pair on the floor itself is kept, reproducibly."""
-    floor = spec.floor
-    if floor is None:
-        return np.ones(scores.shape, dtype=bool)
-    return scores >= floor if spec.knn_metric.higher_is_nearer else scores <= floor
+    if spec.floor is not None and pairs and not within.any():
+        scores = cands.scores[found_mask]
+        best = scores.max() if spec.knn_metric.higher_is_nearer else scores.min()
+        raised.append(warnings.floor_removed_all(pairs, _floor_key(spec), spec.floor, float(best)))
+    return raised
 
 
 def _floor_key(spec: MiningSpec) -> str:
@@ -367,7 +369,7 @@ def _gathered(values: list, position: np.ndarray, found_mask: np.ndarray) -> np.
     return out
 
 
-def _require_vector_column(path: Path, schema: pa.Schema, column: str, side: str) -> None:
+def _require_vector_column(path: Path, schema: pa.Schema, column: str, side: Side) -> None:
     """A vector column under another name is named in the refusal, with the two ways out."""
     if column in schema.names:
         return
@@ -407,31 +409,29 @@ def _all_zero(path: Path, field: str, column: str) -> DeftError:
     )
 
 
-def _pairs_table(target_paths: list, target_rows: np.ndarray, indices: np.ndarray, src_paths: np.ndarray,
-                 scores: np.ndarray, keep: np.ndarray, tgt_labels: np.ndarray | None,
-                 src_labels: np.ndarray | None, found_mask: np.ndarray, below_floor: np.ndarray | None) -> pa.Table:
+def _pairs_table(prep: Prepared, cands: Candidates, keep: np.ndarray, below_floor: np.ndarray | None) -> pa.Table:
     """One row per pair found: which target (its row in the target file), its rank-th
     neighbour, the score, whether it was kept (by the floor and the label filter), both labels
     when the files have them, and with a floor whether the pair fell below it. Empty slots of a
     per-label search are no pairs."""
-    queries, k = indices.shape
+    queries, k = cands.rows.shape
     columns = {
-        "target_filepath": pa.array(np.repeat(np.asarray(target_paths, dtype=object), k).tolist(), pa.string()),
-        "target_row": pa.array(np.repeat(target_rows, k), pa.int64()),
+        "target_filepath": pa.array(np.repeat(np.asarray(cands.target_paths, dtype=object), k).tolist(), pa.string()),
+        "target_row": pa.array(np.repeat(prep.target_rows, k), pa.int64()),
         "rank": pa.array(np.tile(np.arange(1, k + 1), queries), pa.int32()),
-        "filepath": pa.array(src_paths.reshape(-1).tolist(), pa.string()),
-        "source_row": pa.array(indices.reshape(-1), pa.int64()),
-        "score": pa.array(scores.reshape(-1), pa.float64()),
+        "filepath": pa.array(cands.paths.reshape(-1).tolist(), pa.string()),
+        "source_row": pa.array(cands.rows.reshape(-1), pa.int64()),
+        "score": pa.array(cands.scores.reshape(-1), pa.float64()),
         "kept": pa.array(keep.reshape(-1), pa.bool_()),
     }
-    if tgt_labels is not None:
-        columns["target_label"] = pa.array(np.repeat(tgt_labels[:, 0], k).tolist(), pa.string())
-    if src_labels is not None:
-        columns["source_label"] = pa.array(src_labels.reshape(-1).tolist(), pa.string())
+    if cands.target_labels is not None:
+        columns["target_label"] = pa.array(np.repeat(cands.target_labels[:, 0], k).tolist(), pa.string())
+    if cands.source_labels is not None:
+        columns["source_label"] = pa.array(cands.source_labels.reshape(-1).tolist(), pa.string())
     if below_floor is not None:
         columns["below_floor"] = pa.array(below_floor.reshape(-1), pa.bool_())
     table = pa.table(columns)
-    return table if found_mask.all() else table.filter(pa.array(found_mask.reshape(-1)))
+    return table if cands.found.all() else table.filter(pa.array(cands.found.reshape(-1)))
 
 
 def pool_vectors(path: Path, column: str, block_rows: int, start: int = 0, end: int | None = None,
@@ -508,30 +508,19 @@ def _pool_paths(path: Path, target_set: set[str]) -> tuple[pa.StringArray, np.nd
     return paths, repeated, is_target
 
 
-def _take_rows(path: Path, rows: np.ndarray, columns: list[str], block_rows: int) -> dict[str, list]:
-    """The given (sorted, unique) row numbers of `columns`, in that order, read in blocks."""
-    out: dict[str, list] = {c: [] for c in columns}
-    start = 0
-    for batch in tables.iter_batches(path, block_rows, columns):
-        end = start + batch.num_rows
-        lo, hi = np.searchsorted(rows, [start, end])
-        if hi > lo:
-            taken = batch.take(pa.array(rows[lo:hi] - start))
-            for c in columns:
-                out[c].extend(taken.column(c).to_pylist())
-        start = end
-        if hi == len(rows):
-            break
-    return out
+def label_keys(labels: pa.Array | pa.ChunkedArray | list[Any]) -> pa.Array:
+    """Labels as they are compared wherever they are (the post-filter, per-label groups, the
+    breakdowns): as strings, so 3 and "3" agree; a null stays null and matches nothing."""
+    array = labels.combine_chunks() if isinstance(labels, pa.ChunkedArray) else \
+        labels if isinstance(labels, pa.Array) else pa.array(labels)
+    return array if pa.types.is_string(array.type) else pc.cast(array, pa.string())
 
 
 def count_labels(labels: list[Any]) -> dict[str, int]:
-    """How many rows carry each label (as a string; nulls counted under "(null)"), sorted."""
-    tally: dict[str, int] = {}
-    for label in labels:
-        key = "(null)" if label is None else str(label)
-        tally[key] = tally.get(key, 0) + 1
-    return dict(sorted(tally.items()))
+    """How many rows carry each label (by its key; nulls counted under "(null)"), sorted."""
+    counts = pc.value_counts(label_keys(labels))
+    return dict(sorted(("(null)" if label is None else label, int(n)) for label, n in
+                       zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
 
 
 def label_counts(target_embed: Path, source_embed: Path, mined: Path) -> dict[str, Any] | None:
@@ -548,40 +537,3 @@ def label_counts(target_embed: Path, source_embed: Path, mined: Path) -> dict[st
 
     return {"targets": count_labels(targets.to_pylist()),
             "mined": count_labels([label_of.get(p) for p in mined_paths.to_pylist()])}
-
-
-def _labels_as_str(labels: pa.ChunkedArray | pa.Array | list) -> list[str | None]:
-    """Labels compare as strings (3 and "3" agree); nulls stay None and match nothing."""
-    array = pa.array(labels) if isinstance(labels, list) else labels
-    if not pa.types.is_string(array.type) and not pa.types.is_large_string(array.type):
-        array = pc.cast(array, pa.string())
-    return array.to_pylist()
-
-
-def _dedupe(paths: np.ndarray, scores: np.ndarray, keep: np.ndarray, target_paths: list,
-            metric: Metric) -> pa.Table:
-    """Unique mined paths in order of first appearance (target order, then rank), with the
-    best score any target gave each, which target that was, and how many kept pairs hit it."""
-    order: dict[str, int] = {}
-    best_score: list[float] = []
-    best_target: list[str] = []
-    hits: list[int] = []
-    better = (lambda a, b: a > b) if metric.higher_is_nearer else (lambda a, b: a < b)
-    for t, r in zip(*np.nonzero(keep)):
-        path, score = paths[t, r], float(scores[t, r])
-        slot = order.get(path)
-        if slot is None:
-            order[path] = len(best_score)
-            best_score.append(score)
-            best_target.append(target_paths[t])
-            hits.append(1)
-        else:
-            hits[slot] += 1
-            if better(score, best_score[slot]):
-                best_score[slot], best_target[slot] = score, target_paths[t]
-    return pa.table({
-        "filepath": pa.array(list(order), pa.string()),
-        "score": pa.array(best_score, pa.float64()),
-        "best_target": pa.array([str(p) for p in best_target], pa.string()),
-        "hits": pa.array(hits, pa.int32()),
-    })

@@ -22,6 +22,7 @@ from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts
 from deft_mine.schemas.manifest import EmbedFacts, InputFacts, LabelCounts, MiningFacts, RunManifest
+from deft_mine.schemas.specs import LabelFilter, Side
 from deft_mine.schemas.warnings import ToolWarning
 
 MISSING_LISTED = 10
@@ -86,8 +87,8 @@ class ReportFacts:
     contact_neighbours: int = 0  # neighbours drawn per target at most
     contact_from: str = "pairs"  # "pairs" | "best_target"
     histogram_from: str = "pairs"  # "pairs" | "mined"
-    image_roots: dict[str, str | None] = field(default_factory=dict)  # "targets"/"source" -> folder
-    fingerprints: dict[str, str | None] = field(default_factory=dict)  # "target"/"source" -> identity hash
+    image_roots: dict[str, str | None] = field(default_factory=dict)  # Side.input -> where its images resolve
+    fingerprints: dict[Side, str | None] = field(default_factory=dict)  # each side's encoder identity hash
     image_allowed: Callable[[Path], bool] = lambda path: True  # which image files the pictures may read
 
     def path(self, role: str) -> Path | None:
@@ -128,7 +129,7 @@ def gather(folder: Path, manifest: RunManifest | None, files: Files, missing: li
                         missing_facts=missing, warnings=list(manifest.warnings),
                         files={role: (p.name if p is not None else None) for role, p in files.items()},
                         fingerprints={side: None if ident is None else ident.fingerprint
-                                      for side, ident in (("target", encoder.target), ("source", encoder.source))})
+                                      for side, ident in ((Side.target, encoder.target), (Side.source, encoder.source))})
     facts.image_roots = _image_roots(folder, manifest, files, has_manifest)
     _optional(events, missing, "target labels", lambda: _labels(facts, files))
     _optional(events, missing, "mined_pairs statistics", lambda: _pair_stats(facts, files))
@@ -258,20 +259,20 @@ def _rebuild(folder: Path, files: Files, missing: list[str]) -> RunManifest:
     mining_spec = dict(mining_spec or {}) | {key: str(files[role]) for key, (role, _) in SPEC_PARQUETS.items()
                                              if files.get(role) is not None}
     summary_path = files.get("summary")
-    summary, label_filter = ({}, None) if summary_path is None else \
-        artifacts.parse_summary(summary_path.read_text(encoding="utf-8", errors="replace"))
+    summary = artifacts.MiningSummary() if summary_path is None else \
+        artifacts.MiningSummary.parse(summary_path.read_text(encoding="utf-8", errors="replace"))
     if summary_path is None:
         missing.append(artifacts.SUMMARY)
-    elif "queries" not in summary:
+    elif summary.queries is None:
         missing.append("mining summary counts")
     filter_by_label = _bool(mining_spec.get("filter_by_label"))
     has_label = (m.inputs.targets.has_label, m.inputs.source.has_label)
-    if label_filter is None:
-        label_filter = ("applied" if "kept_pairs" in summary else
-                        "noop" if filter_by_label and False in has_label else
-                        "off" if filter_by_label is False else None)
-    if filter_by_label is None and label_filter is not None:
-        filter_by_label = label_filter != "off"
+    if summary.label_filter is None:
+        summary.label_filter = (LabelFilter.applied if summary.kept_pairs is not None else
+                                LabelFilter.noop if filter_by_label and False in has_label else
+                                LabelFilter.off if filter_by_label is False else None)
+    if filter_by_label is None and summary.label_filter is not None:
+        filter_by_label = summary.label_filter is not LabelFilter.off
     labels = None
     paths = [files.get(r) for r in ("target_embeddings", "source_embeddings", "mined")]
     if all(p is not None for p in paths) and all(has_label):
@@ -284,7 +285,7 @@ def _rebuild(folder: Path, files: Files, missing: list[str]) -> RunManifest:
                     "embeddings.skipped", "timings", "warnings"])
     metric = mining_spec.get("knn_metric")
     m.mining_spec = mining_spec
-    m.mining = MiningFacts(summary=summary, label_filter=label_filter, topn=_int(mining_spec.get("topn")),
+    m.mining = MiningFacts(summary=summary.as_dict(), label_filter=summary.label_filter, topn=_int(mining_spec.get("topn")),
                            knn_metric=None if metric is None else str(metric), filter_by_label=filter_by_label,
                            labels=labels)
     return m
@@ -331,16 +332,16 @@ def _image_roots(folder: Path, manifest: RunManifest, files: Files, has_manifest
     without run.json, the folder (or a parent) under which the listed images are found."""
     root = (manifest.embedding_spec or {}).get("image_root")
     if root:
-        return dict.fromkeys(("targets", "source"), str(Path(root).expanduser().absolute()))
+        return dict.fromkeys((Side.target.input, Side.source.input), str(Path(root).expanduser().absolute()))
     if has_manifest:
-        paths = {"targets": manifest.inputs.targets.path, "source": manifest.inputs.source.path}
+        paths = {Side.target.input: manifest.inputs.targets.path, Side.source.input: manifest.inputs.source.path}
         return {side: str(Path(path).parent) if path else str(folder) for side, path in paths.items()}
     candidates = list(dict.fromkeys([folder, folder.parent, folder.parent.parent]))
     out: dict[str, str | None] = {}
-    for side, role in (("targets", "target_embeddings"), ("source", "mined")):
+    for side, role in ((Side.target, "target_embeddings"), (Side.source, "mined")):
         paths = _sample_paths(files.get(role))
         hits = [sum(resolve_image_path(p, c).is_file() for p in paths) for c in candidates]
-        out[side] = str(candidates[max(range(len(candidates)), key=lambda i: (hits[i], -i))])
+        out[side.input] = str(candidates[max(range(len(candidates)), key=lambda i: (hits[i], -i))])
     return out
 
 
@@ -390,7 +391,7 @@ def _check_mined(facts: ReportFacts, files: Files) -> None:
         return
     schema = tables.schema_of(path)
     rows = tables.num_rows(path)
-    root = facts.image_roots.get("source")
+    root = facts.image_roots.get(Side.source.input)
     guessed = not facts.has_manifest and not (facts.manifest.embedding_spec or {}).get("image_root")
     facts.mined = check = MinedCheck(name=path.name, columns=[(f.name, str(f.type)) for f in schema],
                                      rows=rows, root=root, root_guessed=guessed)

@@ -16,6 +16,7 @@ from deft_mine.engine.images import LoadFailure, load_rgb, resolve_image_path
 from deft_mine.events import Events
 from deft_mine.report.facts import ReportFacts
 from deft_mine.report.render import labels_shown
+from deft_mine.schemas.specs import LabelFilter, Side
 from deft_mine.schemas.warnings import ToolWarning, picture_failed
 
 CONTACT_TARGETS = 8  # targets drawn on the contact sheet
@@ -73,8 +74,8 @@ def _label_text(label: Any) -> str:
 
 
 def _contact_sheet(facts: ReportFacts, path: Path) -> bool:
-    t_root = Path(facts.image_roots.get("targets") or facts.folder)
-    s_root = Path(facts.image_roots.get("source") or facts.folder)
+    t_root = Path(facts.image_roots.get(Side.target.input) or facts.folder)
+    s_root = Path(facts.image_roots.get(Side.source.input) or facts.folder)
     rows: list[list[Tile]] = []
     pairs_path, mined = facts.path("pairs"), facts.path("mined")
     if pairs_path is not None:
@@ -128,7 +129,7 @@ def _histogram(facts: ReportFacts, path: Path) -> bool:
     if pairs_path is not None:
         table = tables.read_columns(pairs_path, ["score", "kept"])
         scores = table.column("score").to_numpy()
-        if mining.label_filter == "applied" or floor is not None:
+        if mining.label_filter is LabelFilter.applied or floor is not None:
             kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
         title = f"Neighbour scores of all {len(scores)} pairs found"
     else:

@@ -9,7 +9,9 @@ from typing import Any, Callable, Iterable, Sequence
 from deft_mine import rules
 from deft_mine.report.facts import SPEC_PARQUETS, ReportFacts
 from deft_mine.rules import NOT_RECORDED
+from deft_mine.schemas.artifacts import SUMMARY_MEANING, MiningSummary
 from deft_mine.schemas.manifest import EmbedFacts, InputFacts, RunManifest
+from deft_mine.schemas.specs import LabelFilter, Side
 from deft_mine.schemas.results import EncoderIdentity
 from deft_mine.schemas.warnings import WarningCode
 
@@ -19,22 +21,6 @@ MIN_WORDS, MAX_WORDS = 600, 1200
 MAX_LABELS = 20  # label rows shown at most
 SKIP_SENTENCE = "The per-label breakdown is skipped because the targets have no `label` column."
 IDENTITY_FIELDS = ("model", "model_path", "model_config_path", "weights_digest", "preprocessing")
-
-# What each mining_summary.txt count means (the Mining Run table explains its own numbers).
-SUMMARY_MEANING = {
-    "queries": "targets searched (embedded target rows)",
-    "topn": "neighbours asked for per target",
-    "neighbours_requested": "queries × topn",
-    "pool": "pool rows searched",
-    "pairs": "(target, neighbour) pairs found",
-    "below_floor": "pairs beyond the similarity floor (dropped before de-duplication)",
-    "kept_pairs": "pairs whose labels agree (kept by the filter)",
-    "dropped_pairs": "pairs whose labels differ (dropped)",
-    "duplicates_removed": "kept pairs that repeat an image already mined",
-    "mined": "unique images written to the mined parquet",
-    "target_in_pool": "pool rows whose filepath is also a target",
-    "targets_without_neighbours": "targets that kept no pair (floor or per-label search)",
-}
 
 
 @dataclass
@@ -134,18 +120,18 @@ class _View:
         self.spec: dict[str, Any] = m.mining_spec or {}
         self.inputs: dict[str, InputFacts] = {"target": m.inputs.targets, "source": m.inputs.source}
         self.embedded: dict[str, EmbedFacts] = {"target": m.embeddings.target, "source": m.embeddings.source}
-        self.summary: dict[str, int] = m.mining.summary
-        self.topn = _first(m.mining.topn, self.summary.get("topn"), self.spec.get("topn"))
+        self.summary = MiningSummary.of(m.mining.summary, m.mining.label_filter)
+        self.topn = _first(m.mining.topn, self.summary.topn, self.spec.get("topn"))
         self.metric = _first(m.mining.knn_metric, self.spec.get("knn_metric"))
         self.filter_by_label = _first(m.mining.filter_by_label, self.spec.get("filter_by_label"))
         self.label_filter = m.mining.label_filter
         self.exclude_targets = self.spec.get("exclude_targets")
-        self.queries = self.summary.get("queries")
-        self.pool = _first(self.summary.get("pool"), m.embeddings.source.rows)
-        self.mined_count = _first(self.summary.get("mined"), facts.mined.rows if facts.mined is not None else None)
+        self.queries = self.summary.queries
+        self.pool = _first(self.summary.pool, m.embeddings.source.rows)
+        self.mined_count = _first(self.summary.mined, facts.mined.rows if facts.mined is not None else None)
         self.enc_t, self.enc_s, self.match = m.encoder.target, m.encoder.source, m.encoder.match
         self.differing = [k for k in IDENTITY_FIELDS if getattr(self.enc_t, k, None) != getattr(self.enc_s, k, None)]
-        self.fingerprint = _first(m.encoder.fingerprint, facts.fingerprints.get("target"))
+        self.fingerprint = _first(m.encoder.fingerprint, facts.fingerprints.get(Side.target))
         self.skipped = {side: emb.skipped for side, emb in self.embedded.items()}
         self.mined_name = facts.files.get("mined") or "mined.parquet"
         self.score_words = ("cosine similarity, higher is nearer" if self.metric == "cosine" else
@@ -158,7 +144,7 @@ class _View:
 
     def controls(self) -> str:
         """The mining controls a run set beyond TAO's (empty when none): for parameter lines."""
-        parts = ([f"label_mode={self.label_mode}"] if self.label_filter == "applied" and self.label_mode else []) \
+        parts = ([f"label_mode={self.label_mode}"] if self.label_filter is LabelFilter.applied and self.label_mode else []) \
             + ([f"{self.floor_key}={_fmt(self.floor)}"] if self.floor_key else [])
         return ", ".join(parts)
 
@@ -170,15 +156,14 @@ def _first(*values: Any) -> Any:
 def _rule_facts(v: _View) -> rules.Facts:
     """What the rulebook looks at, as the run folder records it."""
     facts, mined = v.facts, v.facts.mined
-    unknown = tuple(side for side, ident in (("target", v.enc_t), ("source", v.enc_s)) if not ident)
-    roots = ", ".join(f"{side} images from `{facts.image_roots.get(k)}`"
-                      for side, k in (("target", "targets"), ("source", "source"))
-                      if v.skipped[side] and facts.image_roots.get(k))
+    unknown = tuple(side for side, ident in ((Side.target, v.enc_t), (Side.source, v.enc_s)) if not ident)
+    roots = ", ".join(f"{side} images from `{facts.image_roots.get(side.input)}`"
+                      for side in (Side.target, Side.source) if v.skipped[side] and facts.image_roots.get(side.input))
     examples = [str(e) for w in facts.warnings if w.code == "images_skipped"
                 for e in (w.details.get("examples") or [])[:2]][:3]
     return rules.Facts(
         topn=v.topn, queries=v.queries, pool=v.pool, mined=v.mined_count, label_filter=v.label_filter,
-        sides_without_label=tuple(v.no_label_sides), target_in_pool=v.summary.get("target_in_pool"),
+        sides_without_label=tuple(v.no_label_sides), target_in_pool=v.summary.target_in_pool,
         exclude_targets=v.exclude_targets, mine_command=_mine_command(v, inline=True),
         # an unfinished run's encoders are judged by the run_failed finding
         sides_without_identity=(unknown or ("embedding",)) if v.match is None and v.m.status in (None, "finished")
@@ -189,8 +174,8 @@ def _rule_facts(v: _View) -> rules.Facts:
             rows=mined.rows, paths_checked=mined.checked, paths_missing=mined.missing,
             odd_paths=sum(mined.encoding.values()),
             schema_ok=bool(mined.columns) and mined.columns[0][0] == "filepath" and not mined.duplicates),
-        summary_mined=v.summary.get("mined"),
-        floored=v.floor_key if v.floor_key is not None and v.summary.get("below_floor") == v.summary.get("pairs")
+        summary_mined=v.summary.mined,
+        floored=v.floor_key if v.floor_key is not None and v.summary.below_floor == v.summary.pairs
         else None,
         skipped=(v.skipped["target"] or 0, v.skipped["source"] or 0), skipped_roots=roots,
         skipped_examples=tuple(examples))
@@ -303,8 +288,8 @@ def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     device = v.embedded["target"].device
     if dim is not None:
         lines.append(f"Embedding vectors have {dim} dimensions" + (f" and were computed on `{device}`." if device else "."))
-    roots = [f"{name} images from `{facts.image_roots[k]}`" for k, name in (("targets", "target"), ("source", "pool"))
-             if facts.image_roots.get(k)]
+    roots = [f"{name} images from `{facts.image_roots[side.input]}`" for side, name in ((Side.target, "target"),
+             (Side.source, "pool")) if facts.image_roots.get(side.input)]
     if roots:
         lines.append("Relative image paths resolve against: " + "; ".join(roots) + ".")
     if lines:
@@ -324,7 +309,7 @@ def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool)
 def _encoder_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
     rows = [(f"`{key}`", _identity_cell(v.enc_t, key), _identity_cell(v.enc_s, key))
             for key in IDENTITY_FIELDS]
-    fps = [v.facts.fingerprints.get(side) for side in ("target", "source")]
+    fps = [v.facts.fingerprints.get(side) for side in (Side.target, Side.source)]
     if any(fps):
         rows.append(("fingerprint", _cell(fps[0]), _cell(fps[1])))
     if v.match is True:
@@ -388,38 +373,38 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
                   f"{v.score_words}), `filter_by_label` = {_flag(v.filter_by_label)}, "
                   f"`exclude_targets` = {_flag(v.exclude_targets)}"
                   + "".join(f", `{key}` = {_fmt(value)}" for key, value in (
-                      ("label_mode", v.label_mode if v.label_filter == "applied" else None),
+                      ("label_mode", v.label_mode if v.label_filter is LabelFilter.applied else None),
                       (v.floor_key, v.floor)) if key and value is not None) + ".")]
-    if v.summary:
+    if counts := v.summary.as_dict():
         table = _table("Count | Value | Meaning", [(f"`{key}`", _cell(value), SUMMARY_MEANING.get(key, ""))
-                                                  for key, value in v.summary.items()])
+                                                  for key, value in counts.items()])
         name = facts.files.get("summary") or "mining_summary.txt"
         blocks.append((0, f"Every count of `{name}`:\n\n{table}"))
     else:
         blocks.append((0, "No mining summary was recorded, so the counts of the mining step are not known."))
-    kept, dropped = v.summary.get("kept_pairs"), v.summary.get("dropped_pairs")
+    kept, dropped = v.summary.kept_pairs, v.summary.dropped_pairs
     if v.floor_key:
         blocks.append((0, _floor_words(v)))
-    within = (f"Of {_fmt(v.summary.get('pairs'))} pairs found" if not v.floor_key else
-              f"Of the {_fmt(_minus(v.summary.get('pairs'), v.summary.get('below_floor')))} pairs within the floor")
+    within = (f"Of {_fmt(v.summary.pairs)} pairs found" if not v.floor_key else
+              f"Of the {_fmt(_minus(v.summary.pairs, v.summary.below_floor))} pairs within the floor")
     blocks.append((0, {
-        "applied": (f"Label filter: applied per label (`label_mode` = per_label): each target's `topn` was "
-                    f"searched among the pool rows of its own label only, so every pair found shares its "
-                    f"target's label; {_fmt(kept)} pairs were kept." if v.label_mode == "per_label" else
-                    "Label filter: applied" + (" as a post-filter (`label_mode` = post_filter)" if v.label_mode else "")
-                    + f". {within}, {_fmt(kept)} had "
-                    f"matching labels and were kept, {_fmt(dropped)} were dropped; the filter no-op did not fire."),
-        "noop": "Label filter: **no-op**. `filter_by_label` was true, but the "
-                f"{' and '.join(v.no_label_sides) or 'one'} side has no `label` column, so every pair was kept "
-                "unfiltered (warning `filter_by_label_noop`).",
-        "off": "Label filter: off (`filter_by_label` = false), so every pair found was kept and the no-op cannot fire.",
+        LabelFilter.applied: (f"Label filter: applied per label (`label_mode` = per_label): each target's "
+                              "`topn` was searched among the pool rows of its own label only, so every pair found "
+                              f"shares its target's label; {_fmt(kept)} pairs were kept." if v.label_mode == "per_label" else
+                              "Label filter: applied" + (" as a post-filter (`label_mode` = post_filter)" if v.label_mode else "")
+                              + f". {within}, {_fmt(kept)} had "
+                              f"matching labels and were kept, {_fmt(dropped)} were dropped; the filter no-op did not fire."),
+        LabelFilter.noop: "Label filter: **no-op**. `filter_by_label` was true, but the "
+                          f"{' and '.join(v.no_label_sides) or 'one'} side has no `label` column, so every pair was kept "
+                          "unfiltered (warning `filter_by_label_noop`).",
+        LabelFilter.off: "Label filter: off (`filter_by_label` = false), so every pair found was kept and the no-op cannot fire.",
     }.get(v.label_filter or "", "Label filter: whether it was applied is not recorded.")))
     if facts.pairs is not None and facts.pairs.pairs:
         p = facts.pairs
         blocks.append((0, f"Neighbour scores ({v.score_words}) of the {p.pairs} pairs range from "
                           f"{_fmt(p.score_min)} to {_fmt(p.score_max)}, median {_fmt(p.score_median)}."))
     if "score_histogram" in facts.pictures:
-        stacked = v.label_filter == "applied" or v.floor_key is not None
+        stacked = v.label_filter is LabelFilter.applied or v.floor_key is not None
         what = ("every pair found" + (", kept and dropped pairs stacked" if stacked else "")
                 if facts.histogram_from == "pairs" else "the best score of each mined image")
         what += f"; the vertical line is the floor, `{v.floor_key}` = {_fmt(v.floor)}" if v.floor_key else ""
@@ -457,9 +442,9 @@ def _minus(a: int | None, b: int | None) -> int | None:
 def _floor_words(v: _View) -> str:
     """What the similarity floor did: pairs below it, targets left with nothing."""
     side = "below" if v.floor_key == "min_similarity" else "beyond"
-    alone = v.summary.get("targets_without_neighbours")
-    return (f"Similarity floor: `{v.floor_key}` = {_fmt(v.floor)}; {_fmt(v.summary.get('below_floor'))} of the "
-            f"{_fmt(v.summary.get('pairs'))} pairs found scored {side} it and were dropped before the label "
+    alone = v.summary.targets_without_neighbours
+    return (f"Similarity floor: `{v.floor_key}` = {_fmt(v.floor)}; {_fmt(v.summary.below_floor)} of the "
+            f"{_fmt(v.summary.pairs)} pairs found scored {side} it and were dropped before the label "
             f"filter and de-duplication, and {_plural(alone, 'target')} kept no neighbour at all"
             + (" (warning `targets_without_neighbours`)." if alone else "."))
 
@@ -532,7 +517,7 @@ def _labels_section(v: _View, found: list[Finding], verdict: str, compact: bool)
                       + ("With the label filter applied, every kept pair joins a target and a pool image "
                          "of the same label" + (" (searched per label, so a label rare in the pool keeps "
                                                 "up to `topn` pairs per target)." if v.label_mode == "per_label"
-                                                else ".") if v.label_filter == "applied" else
+                                                else ".") if v.label_filter is LabelFilter.applied else
                          "Without the label filter, a target's neighbours may carry other labels, which "
                          "the contact sheet shows pair by pair.")))
     return blocks
@@ -547,7 +532,7 @@ def _sanity_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     else:
         schema = ", ".join(f"`{name}` ({kind})" for name, kind in mined.columns)
         first = bool(mined.columns) and mined.columns[0][0] == "filepath"
-        agree = v.summary.get("mined")
+        agree = v.summary.mined
         blocks.append((0, f"Schema of `{mined.name}`: {schema}. `filepath` is the first column: "
                           f"{_fmt(first)}. Rows: {mined.rows}"
                           + (f" (the summary records {agree}: " + ("they agree" if agree == mined.rows else "they DIFFER") + ")"
@@ -568,7 +553,7 @@ def _sanity_section(v: _View, found: list[Finding], verdict: str, compact: bool)
                            for k in names if mined.encoding.get(k))
         none = f"none of the {mined.rows} paths holds non-UTF-8 characters, control characters or backslashes"
         blocks.append((0, f"Path encoding check: {issues or none}."))
-    in_pool = v.summary.get("target_in_pool")
+    in_pool = v.summary.target_in_pool
     blocks.append((0, "Targets found in the pool: " + (
         "not recorded." if in_pool is None else f"{_plural(in_pool, 'pool row')} with a target's filepath"
         + (" (removed before the search, exclude_targets=true)." if v.exclude_targets else

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from deft_mine.schemas.results import ClusterFacts, EncoderIdentity, ErrorInfo, SelectResult
+from deft_mine.schemas.specs import LabelFilter
 from deft_mine.schemas.warnings import ToolWarning
 
 
@@ -79,7 +80,7 @@ class LabelCounts(BaseModel):
 
 class MiningFacts(_StepFacts):
     summary: dict[str, int] = Field(default_factory=dict)  # the counts of mining_summary.txt
-    label_filter: str | None = None  # "off" | "applied" | "noop"
+    label_filter: LabelFilter | None = None
     knn_metric: str | None = None
     topn: int | None = None
     filter_by_label: bool | None = None

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from deft_mine.errors import DeftError
+from deft_mine.schemas.artifacts import MiningSummary
 from deft_mine.schemas.warnings import ToolWarning
 
 
@@ -188,11 +189,11 @@ class RunResult(_Result):
     timings: dict[str, float] = Field(default_factory=dict)
 
     def text(self) -> str:
-        summary = self.mine.summary
-        lines = [f"run folder {self.run_dir}: mined {self.mined} unique images ({summary.get('pairs', 0)} "
-                 f"pairs for {summary.get('queries', 0)} targets) in {self.timings.get('total', 0):.1f}s; "
+        summary = MiningSummary.of(self.mine.summary)
+        lines = [f"run folder {self.run_dir}: mined {self.mined} unique images ({summary.pairs or 0} "
+                 f"pairs for {summary.queries or 0} targets) in {self.timings.get('total', 0):.1f}s; "
                  f"report {self.report.verdict.upper()}: {self.report.report_path}",
-                 "summary: " + ", ".join(f"{key}={value}" for key, value in summary.items())]
+                 "summary: " + ", ".join(f"{key}={value}" for key, value in summary.as_dict().items())]
         t, p = self.target_embed, self.source_embed
         if t.store:
             lines.append(f"store {t.store}: targets {t.reused} reused / {t.embedded} embedded, pool {p.reused} "

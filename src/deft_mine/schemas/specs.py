@@ -43,6 +43,26 @@ class Metric(StrEnum):
         return self is Metric.cosine
 
 
+class LabelFilter(StrEnum):
+    """What filter_by_label did: `off`, `applied`, or `noop` (asked for, but a side has no label)."""
+
+    off = "off"
+    applied = "applied"
+    noop = "noop"
+
+
+class Side(StrEnum):
+    """One side of a mining job: the pool (`source`) or the queries (`target`)."""
+
+    source = "source"
+    target = "target"
+
+    @property
+    def input(self) -> str:
+        """The side as a run's input is named (`targets`, `source`): per-side counts use it too."""
+        return "targets" if self is Side.target else "source"
+
+
 def _canonical_model(value: Any) -> Any:
     """A local model's name as we spell it (`siglip`, `dinov2`, `HF` are accepted)."""
     if isinstance(value, str):
@@ -235,13 +255,6 @@ class MiningSpec(_Spec):
     def floor(self) -> float | None:
         """The score limit a kept pair must reach (min_similarity or max_distance), None when off."""
         return self.min_similarity if self.knn_metric is Metric.cosine else self.max_distance
-
-    def label_filter(self, sides_without_label: Sequence[str]) -> Literal["off", "applied", "noop"]:
-        """What filter_by_label does given which sides lack a `label` column (the no-op rule,
-        judged here only)."""
-        if not self.filter_by_label:
-            return "off"
-        return "noop" if sides_without_label else "applied"
 
 
 SpecT = TypeVar("SpecT", bound=_Spec)

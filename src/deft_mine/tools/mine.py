@@ -8,10 +8,10 @@ from deft_mine import rules
 from deft_mine.backends import Backend, resolve
 from deft_mine.engine import tables
 from deft_mine.errors import DeftError
-from deft_mine.schemas import artifacts, warnings
+from deft_mine.schemas import artifacts
 from deft_mine.schemas.inputs import MineInput
 from deft_mine.schemas.results import EncoderIdentity, MineResult
-from deft_mine.schemas.specs import MiningSpec
+from deft_mine.schemas.specs import MiningSpec, Side
 from deft_mine.schemas.warnings import ToolWarning
 from deft_mine.tools._common import distinct_output, existing_input, required_path, spec_with_paths
 from deft_mine.tools.registry import Tool, ToolContext, register
@@ -44,15 +44,16 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
         spec, source, target, output, summary_path, ctx.events, pairs_path)
 
     found.extend(done.warnings)
+    summary = done.summary
     found += [ruling.warning for ruling in rules.rule(rules.Facts(
-        topn=spec.topn, queries=done.summary.get("queries", 0), pool=done.searched_rows, mined=done.summary["mined"],
-        filter_by_label=spec.filter_by_label, label_filter=done.label_filter,
-        sides_without_label=tuple(done.label_missing), target_in_pool=done.target_in_pool,
+        topn=spec.topn, queries=summary.queries or 0, pool=done.searched_rows, mined=summary.mined,
+        filter_by_label=spec.filter_by_label, label_filter=summary.label_filter,
+        sides_without_label=tuple(done.label_missing), target_in_pool=summary.target_in_pool,
         exclude_targets=spec.exclude_targets))]
     return MineResult(
-        output_parquet=str(output), summary_path=str(summary_path), mined=done.summary["mined"],
-        summary=done.summary, knn_metric=spec.knn_metric.value, topn=spec.topn,
-        filter_by_label=spec.filter_by_label, label_filter=done.label_filter, label_mode=spec.label_mode,
+        output_parquet=str(output), summary_path=str(summary_path), mined=summary.mined,
+        summary=summary.as_dict(), knn_metric=spec.knn_metric.value, topn=spec.topn,
+        filter_by_label=spec.filter_by_label, label_filter=summary.label_filter, label_mode=spec.label_mode,
         min_similarity=spec.min_similarity, max_distance=spec.max_distance, encoder=identity,
         backend=backend.name, timings=done.timings, cluster=done.cluster, warnings=found,
     )
@@ -61,12 +62,12 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
 def check_same_encoder(source: Path, target: Path, found: list[ToolWarning]) -> EncoderIdentity | None:
     """Refuse two embedding files made by different encoders; warn when that can't be known."""
     ids = {side: (None if tables.is_csv(path) else tables.read_identity(path))
-           for side, path in (("source", source), ("target", target))}
+           for side, path in ((Side.source, source), (Side.target, target))}
     unknown = tuple(side for side, ident in ids.items() if ident is None)
     if unknown:
         found += [r.warning for r in rules.rule(rules.Facts(sides_without_identity=unknown))]
         return None
-    src, tgt = ids["source"], ids["target"]
+    src, tgt = ids[Side.source], ids[Side.target]
     assert src is not None and tgt is not None
     if src != tgt:
         differing = src.differing(tgt)

@@ -15,7 +15,7 @@ from deft_mine.engine.mining import lexically_normal
 from deft_mine.schemas import warnings
 from deft_mine.schemas.inputs import PreflightInput, StoreInfoInput
 from deft_mine.schemas.results import Check, PreflightResult
-from deft_mine.schemas.specs import MiningSpec, load_spec, split_overrides
+from deft_mine.schemas.specs import MiningSpec, Side, load_spec, split_overrides
 from deft_mine.schemas.warnings import ToolWarning
 from deft_mine.tools.registry import Tool, ToolContext, register
 from deft_mine.tools.store import describe_store
@@ -85,7 +85,7 @@ def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
             # the rows mining will search: exclude_targets takes the targets out of the pool first
             pool=tables.num_rows(sides["source"]) - (in_pool if mining.exclude_targets else 0),
             filter_by_label=mining.filter_by_label,
-            sides_without_label=tuple(n for n in ("source", "targets") if "label" not in schemas[n].names),
+            sides_without_label=tuple(side.input for side in Side if "label" not in schemas[side.input].names),
             target_in_pool=in_pool, predicted=True))]
     for name, path in sides.items():
         paths = filepaths[name][:_IMAGE_SAMPLE]

@@ -1,0 +1,78 @@
+"""Mining modes: how many candidates a query asks the k-NN for, and which kept pairs are mined."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from deft_mine.schemas.specs import Metric, MiningSpec
+
+
+@dataclass
+class Candidates:
+    """The k-NN's pairs read back: each query's best pool rows in rank order (row -1: an empty
+    slot of a per-label search, no pair), their scores, and the rows' filepaths and label keys."""
+
+    target_paths: list[Any]  # each query's filepath, in target order
+    rows: np.ndarray  # (queries, k) pool rows
+    scores: np.ndarray  # (queries, k) in the metric's own scale
+    paths: np.ndarray  # (queries, k) object: the rows' filepaths, None in empty slots
+    source_labels: np.ndarray | None  # (queries, k) object: label keys, when the pool has labels
+    target_labels: np.ndarray | None  # (queries, 1) object: label keys, when the targets have labels
+
+    @property
+    def found(self) -> np.ndarray:
+        return self.rows >= 0
+
+
+class Mode(Protocol):
+    """A mining mode: its candidate count per query, and its selection stage over the kept pairs."""
+
+    candidates: int
+
+    def select(self, found: Candidates, keep: np.ndarray) -> pa.Table:
+        """The mined table (filepath first) from the pairs `keep` marks."""
+
+
+@dataclass(frozen=True)
+class NearestNeighbours:
+    """`tmm nearest_neighbors`, the container's: each target's topn; the kept pairs' pool files,
+    each once, in order of first appearance (target order, then rank)."""
+
+    candidates: int
+    metric: Metric
+
+    def select(self, found: Candidates, keep: np.ndarray) -> pa.Table:
+        return dedupe(found.paths, found.scores, keep, found.target_paths, self.metric)
+
+
+def mode_of(spec: MiningSpec) -> Mode:
+    """The spec's mining mode (a new mode is a selection stage here, picked by its spec key)."""
+    return NearestNeighbours(candidates=spec.topn, metric=spec.knn_metric)
+
+
+def dedupe(paths: np.ndarray, scores: np.ndarray, keep: np.ndarray, target_paths: list[Any],
+           metric: Metric) -> pa.Table:
+    """Unique mined paths in order of first appearance (target order, then rank), with the
+    best score any target gave each, which target that was, and how many kept pairs hit it."""
+    best: dict[str, list[Any]] = {}  # path -> [best score, its target, hits], in order of first appearance
+    better = operator.gt if metric.higher_is_nearer else operator.lt
+    for t, r in zip(*np.nonzero(keep)):
+        score, entry = float(scores[t, r]), best.get(paths[t, r])
+        if entry is None:
+            best[paths[t, r]] = [score, target_paths[t], 1]
+            continue
+        entry[2] += 1
+        if better(score, entry[0]):
+            entry[:2] = score, target_paths[t]
+    found = list(best.values())
+    return pa.table({
+        "filepath": pa.array(list(best), pa.string()),
+        "score": pa.array([e[0] for e in found], pa.float64()),
+        "best_target": pa.array([str(e[1]) for e in found], pa.string()),
+        "hits": pa.array([e[2] for e in found], pa.int32()),
+    })
