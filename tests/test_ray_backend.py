@@ -168,6 +168,7 @@ def test_mine_equals_local(cluster, embedded, tmp_path, params):
 
 def test_mined_pairs_equal_local(cluster, embedded, tmp_path):
     from deft_mine.backends import BackendOptions, resolve
+    from deft_mine.backends.base import MineOutputs
     from deft_mine.events import NullEvents
     from deft_mine.schemas.specs import MiningSpec
 
@@ -176,9 +177,8 @@ def test_mined_pairs_equal_local(cluster, embedded, tmp_path):
     for name in ("local", "ray"):
         folder = tmp_path / name
         folder.mkdir()
-        resolve(BackendOptions(backend=name, ray_address=cluster)).mine(spec, pool, targets, folder / "mined.parquet",
-                                                    folder / "mining_summary.txt", NullEvents(),
-                                                    folder / "mined_pairs.parquet")
+        resolve(BackendOptions(backend=name, ray_address=cluster)).mine(
+            spec, pool, targets, MineOutputs(folder / "mined.parquet", folder / "mined_pairs.parquet"), NullEvents())
     assert pq.read_table(tmp_path / "ray" / "mined_pairs.parquet").equals(
         pq.read_table(tmp_path / "local" / "mined_pairs.parquet"))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from deft_mine.events import Events
+from deft_mine.schemas import artifacts
 from deft_mine.schemas.artifacts import MiningSummary
 from deft_mine.schemas.results import Check, ClusterFacts, EmbedResult
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, Side
@@ -26,8 +27,21 @@ class BackendMine:
 
 
 @dataclass(frozen=True)
+class MineOutputs:
+    """Where a mining step writes: the mined parquet, mining_summary.txt beside it, and (when
+    the backend can and the caller wants them) every pair found."""
+
+    mined: Path
+    pairs: Path | None = None
+
+    @property
+    def summary(self) -> Path:
+        return self.mined.parent / artifacts.SUMMARY
+
+
+@dataclass(frozen=True)
 class Capabilities:
-    writes_pairs: bool  # mine() fills `pairs_path` (the report's contact sheet and score histogram)
+    writes_pairs: bool  # mine() fills `outputs.pairs` (the report's contact sheet and score histogram)
     runs_tao_checkpoints: bool  # embeds model=<TAO kind> with a .pth/.ckpt model_path
 
 
@@ -44,6 +58,6 @@ class Backend(Protocol):
         """Write `output_path`, reusing and adding to the embedding `store` (None: off); the
         result's warnings are the tool's to add."""
 
-    def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
-             summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
-        """Write `output_path` and `summary_path` (and every pair found to `pairs_path`)."""
+    def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
+             events: Events) -> BackendMine:
+        """Write the `outputs` (each atomically) and say what was found."""

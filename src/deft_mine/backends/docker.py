@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from deft_mine import rules
-from deft_mine.backends.base import BackendMine, Capabilities
+from deft_mine.backends.base import BackendMine, Capabilities, MineOutputs
 from deft_mine.engine import tables
 from deft_mine.engine.images import resolve_image_path
 from deft_mine.engine.store import open_store
@@ -165,8 +165,9 @@ class DockerBackend:
                 model=spec.model, model_path=spec.model_path, model_config_path=spec.model_config_path,
                 preprocessing={"image": self.image}))
 
-    def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
-             summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
+    def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
+             events: Events) -> BackendMine:
+        output_path, summary_path = outputs.mined, outputs.summary  # the container writes no pairs
         workspace = _common_folder([source_path.parent, target_path.parent, output_path.parent])
         unset = controls_at_default(spec)
         if len(unset) < len(MINING_CONTROLS):

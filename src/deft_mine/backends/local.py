@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deft_mine.backends.base import BackendMine, Capabilities
+from deft_mine.backends.base import BackendMine, Capabilities, MineOutputs
 from deft_mine.engine import tables
 from deft_mine.engine.embedding import EmbedStats, embed_file
 from deft_mine.engine.encoders import Encoder, build_encoder
@@ -69,10 +69,9 @@ class LocalBackend:
                            events=events, shelf=Shelf(store, encoder.identity) if store else None)
         return embed_result(stats, encoder, output_path, self.name, store, load_seconds)
 
-    def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
-             summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
-        return write_mining(mine_files(source_path, target_path, spec, events=events), output_path, summary_path,
-                            pairs_path)
+    def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
+             events: Events) -> BackendMine:
+        return write_mining(mine_files(source_path, target_path, spec, events=events), outputs)
 
 
 def embed_result(stats: EmbedStats, encoder: Encoder, output_path: Path, backend: str, store: Path | None,
@@ -88,14 +87,13 @@ def embed_result(stats: EmbedStats, encoder: Encoder, output_path: Path, backend
         timings={"load_encoder": load_seconds, **stats.timings})
 
 
-def write_mining(outcome: MiningOutcome, output_path: Path, summary_path: Path,
-                 pairs_path: Path | None) -> BackendMine:
+def write_mining(outcome: MiningOutcome, outputs: MineOutputs) -> BackendMine:
     """Write a mining outcome's files (each atomically) and say what was found."""
     t0 = time.perf_counter()
-    tables.write_table_atomic(output_path, outcome.mined)
-    if pairs_path is not None:
-        tables.write_table_atomic(pairs_path, outcome.pairs)
-    tables.write_text_atomic(summary_path, outcome.summary.text())
+    tables.write_table_atomic(outputs.mined, outcome.mined)
+    if outputs.pairs is not None:
+        tables.write_table_atomic(outputs.pairs, outcome.pairs)
+    tables.write_text_atomic(outputs.summary, outcome.summary.text())
     outcome.timings["write"] = time.perf_counter() - t0
     return BackendMine(**{name: getattr(outcome, name) for name in BackendMine.__dataclass_fields__
                           if hasattr(outcome, name)})

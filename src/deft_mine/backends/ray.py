@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
-from deft_mine.backends.base import BackendMine, Capabilities
+from deft_mine.backends.base import BackendMine, Capabilities, MineOutputs
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas.results import Check, ClusterFacts, EmbedResult
@@ -312,14 +312,14 @@ class RayBackend:
             result.cluster = self.facts(ray, used)
         return result
 
-    def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
-             summary_path: Path, events: Events, pairs_path: Path | None = None) -> BackendMine:
+    def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
+             events: Events) -> BackendMine:
         from deft_mine.backends.ray_mine import mine_on_ray
 
         with attached(self.address) as ray:
             with self._cluster_errors(ray):
-                done, used = mine_on_ray(ray, spec, source_path, target_path, output_path, summary_path, events,
-                                         pairs_path, HeadWatch(ray, wanted_address(self.address)))
+                done, used = mine_on_ray(ray, spec, source_path, target_path, outputs, events,
+                                         HeadWatch(ray, wanted_address(self.address)))
             done.cluster = self.facts(ray, used)
         return done
 

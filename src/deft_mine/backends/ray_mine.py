@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from deft_mine.backends.base import BackendMine
+from deft_mine.backends.base import BackendMine, MineOutputs
 from deft_mine.backends.local import write_mining
 from deft_mine.backends.ray import HeadWatch, Workers, as_data, cluster_cpus_gpus, task_error
 from deft_mine.engine import tables
@@ -94,9 +94,8 @@ def _search(ray: Any, prep: Prepared, events: Events, watch: HeadWatch) -> tuple
             Workers(len(shards), len({part["node"] for part in parts})))
 
 
-def mine_on_ray(ray: Any, spec: MiningSpec, source_path: Path, target_path: Path, output_path: Path,
-                summary_path: Path, events: Events, pairs_path: Path | None,
-                watch: HeadWatch) -> tuple[BackendMine, Workers]:
+def mine_on_ray(ray: Any, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
+                events: Events, watch: HeadWatch) -> tuple[BackendMine, Workers]:
     """The local backend's prepare → search → finish → write, with the search on the cluster."""
     if tables.is_csv(source_path):
         raise DeftError("backend_unsupported", f"source_parquet {source_path}: the ray backend mines "
@@ -105,4 +104,4 @@ def mine_on_ray(ray: Any, spec: MiningSpec, source_path: Path, target_path: Path
     prep = prepare(source_path, target_path, spec)
     found, used = _search(ray, prep, events, watch)
     prep.timings["search"] = time.perf_counter() - prep.search_started
-    return write_mining(finish(prep, found), output_path, summary_path, pairs_path), used
+    return write_mining(finish(prep, found), outputs), used

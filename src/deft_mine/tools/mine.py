@@ -6,9 +6,9 @@ from pathlib import Path
 
 from deft_mine import rules
 from deft_mine.backends import Backend, resolve
+from deft_mine.backends.base import MineOutputs
 from deft_mine.engine import tables
 from deft_mine.errors import DeftError
-from deft_mine.schemas import artifacts
 from deft_mine.schemas.inputs import MineInput
 from deft_mine.schemas.results import EncoderIdentity, MineResult
 from deft_mine.schemas.specs import MiningSpec, Side
@@ -37,11 +37,11 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
     source = existing_input(spec, "source_parquet")
     target = existing_input(spec, "target_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source, target)
-    summary_path = output.parent / artifacts.SUMMARY
+    outputs = MineOutputs(output, pairs_path if backend.capabilities.writes_pairs else None)
     found: list[ToolWarning] = []
     identity = check_same_encoder(source, target, found)
     done = backend.mine(
-        spec, source, target, output, summary_path, ctx.events, pairs_path)
+        spec, source, target, outputs, ctx.events)
 
     found.extend(done.warnings)
     summary = done.summary
@@ -51,7 +51,7 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
         sides_without_label=tuple(done.label_missing), target_in_pool=summary.target_in_pool,
         exclude_targets=spec.exclude_targets))]
     return MineResult(
-        output_parquet=str(output), summary_path=str(summary_path), mined=summary.mined,
+        output_parquet=str(output), summary_path=str(outputs.summary), mined=summary.mined,
         summary=summary.as_dict(), knn_metric=spec.knn_metric.value, topn=spec.topn,
         filter_by_label=spec.filter_by_label, label_filter=summary.label_filter, label_mode=spec.label_mode,
         min_similarity=spec.min_similarity, max_distance=spec.max_distance, encoder=identity,

@@ -87,7 +87,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
                                 fix="check the paths and image_root (relative paths resolve against it)",
                                 field=name, skipped_by_reason=done.skipped_by_reason)
         mine_result = mine_spec(mining, backend, ctx.stage("mine"),
-                                pairs_path=folder / artifacts.PAIRS if backend.capabilities.writes_pairs else None)
+                                pairs_path=folder / artifacts.PAIRS)
         selected = None
         if inputs.history is not None:
             ledger_path = Path(inputs.history).expanduser().absolute()
