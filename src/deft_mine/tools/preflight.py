@@ -10,7 +10,7 @@ from pathlib import Path
 from deft_mine import __version__
 from deft_mine.backends import get_backend
 from deft_mine.engine import tables
-from deft_mine.engine.images import resolve_image_path
+from deft_mine.engine.listings import open_listing
 from deft_mine.engine.mining import lexically_normal
 from deft_mine.schemas import warnings
 from deft_mine.schemas.inputs import PreflightInput, StoreInfoInput
@@ -57,10 +57,8 @@ def sample_images(inputs: PreflightInput, per_side: int = _NODE_SAMPLE) -> list[
     found: list[Path] = []
     for name, value in (("targets", inputs.targets), ("source", inputs.source)):
         if value is not None:
-            path = tables.require_file(Path(value).expanduser().absolute(), name)
-            column = next(tables.iter_batches(path, per_side, ["filepath"]), None)
-            found += [resolve_image_path(str(p), path.parent) for p in
-                      (column.column("filepath").to_pylist() if column is not None else []) if p]
+            listing = open_listing(tables.require_file(Path(value).expanduser().absolute(), name), name)
+            found += [path for _, filepath, path in listing.resolved(per_side) if filepath]
     return found
 
 
@@ -69,18 +67,15 @@ def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
     _, mine_over = split_overrides(inputs.overrides or ())
     mining = load_spec(MiningSpec, inputs.mining_spec_path, mine_over)
     found: list[ToolWarning] = []
-    sides = {name: tables.require_file(Path(p).expanduser().absolute(), name)
+    sides = {name: open_listing(tables.require_file(Path(p).expanduser().absolute(), name), name)
              for name, p in (("targets", inputs.targets), ("source", inputs.source)) if p is not None}
-    schemas = {name: tables.schema_of(path) for name, path in sides.items()}
-    for name, path in sides.items():
-        tables.require_columns(path, schemas[name], ["filepath"], name)
-    filepaths = {name: tables.read_columns(path, ["filepath"]).column("filepath").to_pylist()
-                 for name, path in sides.items()}
+    schemas = {name: listing.schema for name, listing in sides.items()}
+    filepaths = {name: list(listing.filepaths()) for name, listing in sides.items()}
     if len(sides) == 2:
         missing = [n for n in ("source", "targets") if "label" not in schemas[n].names]
         if mining.label_filter(missing) == "noop":
             found.append(warnings.filter_by_label_noop(missing, predicted=True))
-        queries, pool = tables.num_rows(sides["targets"]), tables.num_rows(sides["source"])
+        queries, pool = sides["targets"].rows, sides["source"].rows
         if queries and mining.topn * queries > pool:
             found.append(warnings.pool_exhausted(mining.topn, queries, pool))
         # the same comparison mining makes
@@ -88,13 +83,13 @@ def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
         overlap = sum(p is not None and lexically_normal(str(p)) in target_paths for p in filepaths["source"])
         if overlap:
             found.append(warnings.target_in_pool(overlap, None))
-    for name, path in sides.items():
-        paths = filepaths[name][:_IMAGE_SAMPLE]
-        missing_images = [p for p in paths if p is None or not resolve_image_path(str(p), path.parent).is_file()]
+    for name, listing in sides.items():
+        sample = list(listing.resolved(_IMAGE_SAMPLE))
+        missing_images = [filepath for _, filepath, path in sample if path is None or not path.is_file()]
         if missing_images:
-            found.append(warnings.images_missing(name, missing_images, len(paths), str(path.parent)))
-    for name, path in sides.items():
-        if not tables.is_csv(path) and "embedding" in schemas[name].names and tables.read_identity(path) is None:
+            found.append(warnings.images_missing(name, missing_images, len(sample), str(listing.images_root)))
+    for name, listing in sides.items():
+        if listing.format != "csv" and "embedding" in schemas[name].names and tables.read_identity(listing.path) is None:
             found.append(warnings.provenance_unknown([name], predicted=True))
     return found
 

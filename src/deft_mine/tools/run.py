@@ -11,6 +11,7 @@ from deft_mine import __version__
 from deft_mine.backends import get_backend
 from deft_mine.engine import ledger as ledgers
 from deft_mine.engine import tables
+from deft_mine.engine.listings import Listing, open_listing
 from deft_mine.engine.mining import label_counts
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled
@@ -50,7 +51,10 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
             pass
     # What can be refused without a run folder is refused before one exists.
     backend = get_backend(inputs.backend, inputs.image, inputs.mounts, inputs.ray_address)
-    described = Inputs(targets=_describe_input(targets_path, "targets"), source=_describe_input(source_path, "source"))
+    # Each side's listing, read once: described in run.json and embedded from.
+    sides = {name: open_listing(path, name, embedding.images_root(path))
+             for name, path in (("targets", targets_path), ("source", source_path))}
+    described = Inputs(targets=_describe_input(sides["targets"]), source=_describe_input(sides["source"]))
     folder = _make_run_dir(inputs.output_dir, inputs.run_dir)
     ctx.events.log("info", f"run folder {folder}")
 
@@ -79,8 +83,8 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         tables.write_text_atomic(folder / artifacts.EMBEDDING_SPEC, spec_to_yaml(
             embedding.model_copy(update={"input_parquet": None, "output_parquet": None})))
         tables.write_text_atomic(folder / artifacts.MINING_SPEC, spec_to_yaml(mining))
-        tgt = embed_spec(target_spec, side, ctx.stage("embed targets"))
-        src = embed_spec(source_spec, side, ctx.stage("embed source"))
+        tgt = embed_spec(target_spec, side, ctx.stage("embed targets"), sides["targets"])
+        src = embed_spec(source_spec, side, ctx.stage("embed source"), sides["source"])
         for name, done in (("targets", tgt), ("source", src)):
             if done.input_rows and not done.rows:  # mining nothing would look like a finished run
                 raise DeftError("no_readable_images", f"{name}: none of the {done.input_rows} images could be "
@@ -194,11 +198,9 @@ def _make_run_dir(output_dir: str | Path | None, run_dir: str | Path | None) -> 
                     fix="retry in a second", field="output_dir")
 
 
-def _describe_input(path: Path, field: str) -> InputFacts:
-    schema = tables.schema_of(path)
-    tables.require_columns(path, schema, ["filepath"], field)  # refused before a run folder exists
-    return InputFacts(path=str(path), format="csv" if tables.is_csv(path) else "parquet",
-                      rows=tables.num_rows(path), columns=list(schema.names), has_label="label" in schema.names)
+def _describe_input(listing: Listing) -> InputFacts:
+    return InputFacts(path=str(listing.path), format=listing.format, rows=listing.rows, columns=listing.columns,
+                      has_label="label" in listing.columns)
 
 
 def _embed_facts(result: EmbedResult) -> EmbedFacts:
