@@ -19,7 +19,7 @@ ROWS = {"filepath": ["a.png", None, "sub/b.png", "/abs/c.png"], "label": ["ok", 
 def _standard(listing) -> tuple:
     table = pa.Table.from_batches(list(listing.batches(2)))
     # a CSV's empty field reads as "" (embedding skips it as it skips a null: "null filepath")
-    return (listing.columns, listing.rows, listing.images_root, [p or None for p in table.column("filepath").to_pylist()],
+    return (listing.schema.names, listing.rows, listing.images_root, [p or None for p in table.column("filepath").to_pylist()],
             table.column("label").to_pylist(), listing.null_filepaths)
 
 

@@ -227,15 +227,12 @@ class DockerBackend:
     def _check_images(self, listing: Listing, workspace: Path) -> None:
         """Every image the container will open must be inside a mount; refuse before starting."""
         allowed = [workspace, *self.mounts]
-        for _, filepath, resolved in listing.resolved():
-            path = resolved.absolute() if resolved is not None else None
-            if path is not None and not any(path == root or path.is_relative_to(root) for root in allowed):
-                raise DeftError(
-                    "path_outside_workspace",
-                    f"{listing.path}: image {filepath} lies outside the workspace {workspace} "
-                    "mounted into the container",
-                    fix="move the images under the workspace, or add --mount for their folder",
-                    path=str(path), workspace=str(workspace))
+        for _, filepath, path in listing.outside(lambda p: any(p.absolute() == root or p.absolute().is_relative_to(root)
+                                                               for root in allowed), 1):
+            raise DeftError("path_outside_workspace", f"{listing.path}: image {filepath} lies outside the workspace "
+                            f"{workspace} mounted into the container", path=str(path.absolute()),
+                            fix="move the images under the workspace, or add --mount for their folder",
+                            workspace=str(workspace))
 
     def _run(self, command: list[str], workspace: Path, read_only: list[Path], events: Events,
              outputs: list[Path], store: Path | None = None) -> list[str]:

@@ -4,7 +4,9 @@ the local backend writes, reusing and filling the embedding store."""
 
 from __future__ import annotations
 
+import functools
 import os
+import pickle
 import queue
 import threading
 import time
@@ -18,14 +20,12 @@ import pyarrow as pa
 from deft_mine.backends.ray import HeadWatch, Workers, cluster_cpus_gpus
 from deft_mine.engine.embedding import EmbedStats, Prepared, Preparer, embedding_step, encode, held_in, timed
 from deft_mine.engine.encoders import Encoder, build_encoder, build_preprocessor
-from deft_mine.engine.images import LoadFailure
 from deft_mine.engine.listings import Listing, filepaths_of
 from deft_mine.engine.store import Shelf
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas.specs import EmbeddingSpec
 
-FAILED, STORED, NEW = 0, 1, 2  # what became of a row in the read task
 READ_CPUS = 0.5
 # No result for this long means a stuck pipeline (e.g. no CPU left for the read tasks), not a
 # slow one: a batch takes seconds.
@@ -61,36 +61,22 @@ def plan_pool(cpus: float, gpus: float, use_gpu: bool, actors: int | None = None
     return PoolPlan(1, 0.0, 0.0, min(READ_CPUS, cpus))
 
 
-_PREPROCESS: dict[tuple[str, str | None], Callable[[list[Any]], np.ndarray]] = {}
-
-
-def _preprocessor(model: str, model_path: str | None) -> Callable[[list[Any]], np.ndarray]:
-    """The encoder's CPU half, without its weights (once per worker process)."""
-    key = (model, model_path)
-    if key not in _PREPROCESS:
-        _PREPROCESS[key] = build_preprocessor(model, model_path)
-    return _PREPROCESS[key]
+# The encoder's CPU half, without its weights (once per worker process).
+_preprocessor = functools.lru_cache(maxsize=None)(build_preprocessor)
 
 
 def read_decode(batch: pa.Table, image_root: str, model: str, model_path: str | None,
                 stored: np.ndarray) -> pa.Table:
-    """A read task: the batch step's prepare stage, its outcome as a table for the actors (the
-    pixels of each row to encode, flattened) and the driver (digests, failures, seconds)."""
+    """A read task: the batch step's prepare stage; per row (its prepared form, digest, seconds,
+    no vector yet), pickled for the actors and the driver."""
     prep = Preparer(Path(image_root), held_in(stored), _preprocessor(model, model_path))(filepaths_of(batch))
-    status = [FAILED if isinstance(r, LoadFailure) else STORED if r is None else NEW for r in prep.rows]
-    failed = [r if isinstance(r, LoadFailure) else None for r in prep.rows]
-    pixels = [r if isinstance(r, np.ndarray) else None for r in prep.rows]
-    return pa.table({"digest": pa.array(prep.digests, pa.binary(32)), "status": pa.array(status, pa.int8()),
-                     "reason": pa.array([f and f.reason for f in failed], pa.string()),
-                     "failpath": pa.array([f and f.filepath for f in failed], pa.string()),
-                     "pixels": pa.array([p if p is None else p.tobytes() for p in pixels], pa.large_binary()),
-                     "shape": pa.array([p if p is None else list(p.shape) for p in pixels], pa.list_(pa.int64())),
-                     "seconds": pa.array(prep.seconds)})
+    return pa.table({"row": pa.array([pickle.dumps((*row, None)) for row in zip(prep.rows, prep.digests, prep.seconds)],
+                                     pa.large_binary())})
 
 
 class EncodeActor:
     """One encoder per actor (weights loaded once): the batch step's encode stage, run on the
-    rows the read tasks decoded."""
+    rows the read tasks decoded; each row leaves with its vector instead of its pixels."""
 
     def __init__(self, model: str, model_path: str | None, device: str, pooling: str | None = None) -> None:
         import ray
@@ -99,30 +85,23 @@ class EncodeActor:
         self.node = ray.get_runtime_context().get_node_id()  # the report says how many nodes did the work
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        new = np.flatnonzero(batch.column("status").to_numpy() == NEW)
-        vectors: list[bytes | None] = [None] * batch.num_rows
-        seconds = batch.column("seconds").to_numpy().copy()
-        if len(new):
-            blobs, shapes = batch.column("pixels").to_pylist(), batch.column("shape").to_pylist()
-            t0 = time.perf_counter()
-            fresh = encode(self.encoder, [np.frombuffer(blobs[i], np.float32).reshape(shapes[i]) for i in new])
-            seconds[new] += (time.perf_counter() - t0) / len(new)
-            for row, vector in zip(new, fresh):
-                vectors[row] = vector.tobytes()
-        out = batch.drop_columns(["pixels", "shape", "seconds"])
-        return out.append_column("vector", pa.array(vectors, pa.binary())).append_column(
-            "seconds", pa.array(seconds)).append_column("node", pa.array([self.node] * batch.num_rows, pa.string()))
+        rows = [pickle.loads(blob) for blob in batch.column("row").to_pylist()]
+        new = [i for i, row in enumerate(rows) if isinstance(row[0], np.ndarray)]
+        t0 = time.perf_counter()
+        fresh = encode(self.encoder, [rows[i][0] for i in new])
+        share = (time.perf_counter() - t0) / max(len(new), 1)
+        for i, vector in zip(new, fresh):
+            rows[i] = (None, rows[i][1], rows[i][2] + share, vector)
+        return pa.table({"row": pa.array([pickle.dumps(row) for row in rows], pa.large_binary()),
+                         "node": pa.array([self.node] * len(rows), pa.string())})
 
 
 def prepared(got: pa.Table) -> Prepared:
-    """The cluster's answer for one listing batch as the batch step's prepared form, its new
-    rows encoded already."""
-    status, seconds = got.column("status").to_numpy(), got.column("seconds").to_numpy()
-    reasons, failpaths = got.column("reason").to_pylist(), got.column("failpath").to_pylist()
-    blobs = got.column("vector").to_pylist()
-    return Prepared([LoadFailure(failpaths[i], reasons[i]) if status[i] == FAILED else None for i in range(len(status))],
-                    got.column("digest").to_pylist(), seconds, float(seconds.sum()),
-                    encoded={int(i): np.frombuffer(blobs[i], np.float32) for i in np.flatnonzero(status == NEW)})
+    """The cluster's rows of one listing batch as the batch step's prepared form, new rows encoded."""
+    rows = [pickle.loads(blob) for blob in got.column("row").to_pylist()]
+    seconds = np.array([row[2] for row in rows], np.float64)
+    return Prepared([row[0] for row in rows], [row[1] for row in rows], seconds, float(seconds.sum()),
+                    encoded={i: row[3] for i, row in enumerate(rows) if row[3] is not None})
 
 
 def listing_blocks(rows: int, batch_size: int, actors: int) -> int:
@@ -131,12 +110,6 @@ def listing_blocks(rows: int, batch_size: int, actors: int) -> int:
     per actor at least, none over eight batches."""
     per_block = max(batch_size, min(rows // max(1, 4 * actors), 8 * batch_size))
     return max(1, -(-rows // per_block))
-
-
-def _listing(ray: Any, listing: Listing, read_cpus: float, blocks: int) -> Any:
-    """The listing's filepaths as a Ray dataset of `blocks` blocks, in file order."""
-    # Without a shuffle, blocks are split and joined where they stand: the order stays the file's.
-    return listing.ray_dataset(ray, read_cpus).repartition(blocks, shuffle=False)
 
 
 class _Results:
@@ -208,25 +181,6 @@ class _Results:
         self._stop.set()
 
 
-@dataclass
-class _Progress:
-    """What the progress bar and the MCP notifications say: rows, and listing batches back from
-    the cluster."""
-
-    events: Events
-    total: int
-    stats: EmbedStats
-    store: bool
-    batches: int = 0
-
-    def report(self) -> None:
-        # no batch total: a parquet's row groups may cut the listing into a few more than rows/batch
-        note = f"{self.batches} batch(es) done on the cluster"
-        if self.store:
-            note += f", {self.stats.reused} reused from the store"
-        self.events.progress("embed", self.stats.rows_in, self.total, note)
-
-
 def embed_on_ray(ray: Any, spec: EmbeddingSpec, listing: Listing, output_path: Path, encoder: Encoder,
                  events: Events, store: Path | None, watch: HeadWatch,
                  actors: int | None = None) -> tuple[EmbedStats, Workers]:
@@ -240,12 +194,13 @@ def embed_on_ray(ray: Any, spec: EmbeddingSpec, listing: Listing, output_path: P
     events.log("info", f"Ray: {nodes} node(s), {cpus:g} CPU(s), {gpus:g} GPU(s); {plan.actors} encoder "
                        f"actor(s) of {plan.actor_cpus:g} CPU / {plan.actor_gpus:g} GPU")
     with embedding_step(listing, output_path, encoder, shelf, events) as step:
+        # Without a shuffle, blocks are split and joined where they stand: the order stays the file's.
         # The read tasks skip what the store holds: only the other rows reach the encoder actors.
-        ds = _listing(ray, listing, plan.read_cpus, listing_blocks(listing.rows, spec.batch_size, plan.actors))
-        ds = ds.map_batches(read_decode, batch_size=spec.batch_size, batch_format="pyarrow", num_cpus=plan.read_cpus,
-                            fn_kwargs={"image_root": str(listing.images_root), "model": model,
-                                       "model_path": model_path,
-                                       "stored": shelf.digests() if shelf is not None else np.zeros(0, "S32")})
+        ds = listing.ray_dataset(ray, plan.read_cpus).repartition(
+            listing_blocks(listing.rows, spec.batch_size, plan.actors), shuffle=False).map_batches(
+            read_decode, batch_size=spec.batch_size, batch_format="pyarrow", num_cpus=plan.read_cpus,
+            fn_kwargs={"image_root": str(listing.images_root), "model": model, "model_path": model_path,
+                       "stored": shelf.digests() if shelf is not None else np.zeros(0, "S32")})
         ds = ds.map_batches(
             EncodeActor, batch_size=spec.batch_size, batch_format="pyarrow",
             fn_constructor_kwargs={"model": model, "model_path": model_path, "pooling": spec.pooling,
@@ -253,17 +208,22 @@ def embed_on_ray(ray: Any, spec: EmbeddingSpec, listing: Listing, output_path: P
             compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus,
             num_gpus=plan.actor_gpus)
         used: set[str] = set()
-        progress = _Progress(events, listing.rows, step.stats, shelf is not None)
+        batches = [0]  # back from the cluster; no total: a parquet's row groups may cut a few more
+
+        def report() -> None:
+            events.progress("embed", step.stats.rows_in, listing.rows, f"{batches[0]} batch(es) done on the cluster"
+                            + (f", {step.stats.reused} reused from the store" if shelf is not None else ""))
+
         results = _Results(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1),
-                           STALL_SECONDS, watch, progress.report)
-        progress.report()
+                           STALL_SECONDS, watch, report)
+        report()
         try:
             for batch in timed(listing.batches(spec.batch_size), step.stats.timings):
                 got = results.take(batch.num_rows)
                 used.update(got.column("node").unique().to_pylist())
                 step.finish(batch, prepared(got))
-                progress.batches += 1
-                progress.report()
+                batches[0] += 1
+                report()
         finally:
             results.close()
     return step.stats, Workers(plan.actors, len(used), plan.actors * plan.actor_gpus)

@@ -4,6 +4,7 @@ finish), run in-process here or by Ray (backends/ray_embed.py), into one parquet
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -40,8 +41,7 @@ def _rows_per_group(dim: int) -> int:
 
 @dataclass
 class BatchOutcome:
-    """What one batch step did: its rows in and written, where their vectors came from, the
-    images it could not read, and the seconds of each stage."""
+    """What one batch step did: rows in and written, vectors reused and made, unreadable images."""
 
     rows_in: int
     rows_out: int
@@ -66,33 +66,26 @@ class EmbedStats:
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("read", "digest", "decode", "encode", "write", "total"), 0.0))
 
-    @property
-    def skipped(self) -> int:
-        return sum(self.skipped_by_reason.values())
-
-    def add(self, outcome: BatchOutcome, events: Events) -> None:
-        """A finished batch counted (the one place the counts change); its unreadable images
-        counted by reason (the first few named) and told."""
+    def add(self, done: BatchOutcome, events: Events) -> None:
+        """A finished batch counted (the one place the counts change), its unreadable images by
+        reason, the first few named, and told."""
         for name in ("rows_in", "rows_out", "reused", "embedded", "seconds_saved"):
-            setattr(self, name, getattr(self, name) + getattr(outcome, name))
-        for stage, seconds in outcome.timings.items():
+            setattr(self, name, getattr(self, name) + getattr(done, name))
+        for stage, seconds in done.timings.items():
             self.timings[stage] += seconds
-        for failure in outcome.failures:
-            self.skipped_by_reason[failure.reason.split(" (")[0]] += 1
-            if len(self.skipped_examples) < _SKIPPED_EXAMPLES:
-                self.skipped_examples.append(f"{failure.filepath}: {failure.reason}")
-        if outcome.failures:
-            first = outcome.failures[0]
-            events.log("warning", f"skipped {len(outcome.failures)} unreadable image(s), e.g. "
-                                  f"{first.filepath}: {first.reason}")
+        self.skipped_by_reason.update(failure.reason.split(" (")[0] for failure in done.failures)
+        room = _SKIPPED_EXAMPLES - len(self.skipped_examples)
+        self.skipped_examples += [f"{failure.filepath}: {failure.reason}" for failure in done.failures][:room]
+        if done.failures:
+            events.log("warning", f"skipped {len(done.failures)} unreadable image(s), e.g. "
+                                  f"{done.failures[0].filepath}: {done.failures[0].reason}")
 
 
 @dataclass
 class Prepared:
-    """One listing batch made ready for the encoder. Per row: a LoadFailure, the pixels to
-    encode, or None (no pixels here: the store held its vector when prepared, or it is in
-    `encoded` already, made where the batch was prepared); its digest (None: not read); the
-    seconds it took. `wall`: the batch's preparing time as the step counts it."""
+    """One listing batch ready for the encoder. Per row: a LoadFailure, the pixels to encode, or
+    None (the store held it when prepared, or `encoded` has its vector, made where it was
+    prepared); its digest; its seconds. `wall`: the batch's preparing time as the step counts it."""
 
     rows: list[LoadFailure | np.ndarray | None]
     digests: list[bytes | None]
@@ -117,33 +110,28 @@ class Preparer:
         if isinstance(data, LoadFailure):
             return data, None, 0.0, 0.0
         t1 = time.perf_counter()
-        found = digest(data)
-        digest_seconds = time.perf_counter() - t1
+        found, digest_seconds = digest(data), time.perf_counter() - t1
         if self.held(found):
             return None, found, 0.0, digest_seconds
-        return self.pixels(filepath, data), found, time.perf_counter() - t0, digest_seconds
-
-    def pixels(self, filepath: object, data: bytes) -> np.ndarray | LoadFailure:
         image = decode_rgb(data, str(filepath))
-        return image if isinstance(image, LoadFailure) else \
+        pixels = image if isinstance(image, LoadFailure) else \
             np.ascontiguousarray(self.preprocess([image]), dtype=np.float32)
+        return pixels, found, time.perf_counter() - t0, digest_seconds
 
     def again(self, filepath: str) -> np.ndarray:
-        """A row the store held when prepared but has lost since (its shard set aside): read and
-        decoded now, for the encoder after all."""
-        data = read_bytes(filepath, self.images_root)
-        pixels = data if isinstance(data, LoadFailure) else self.pixels(filepath, data)
+        """A row the store held when prepared but has lost since: read and decoded now."""
+        pixels = dataclasses.replace(self, held=lambda found: False).row(filepath)[0]
         if isinstance(pixels, LoadFailure):  # it read fine a moment ago
             raise DeftError("image_changed", f"{filepath} changed while it was being embedded ({pixels.reason})",
                             fix="run again once the images are no longer being written", path=str(filepath))
         return pixels
 
     def __call__(self, filepaths: list[str | None], mapper: Callable[..., Iterable[Any]] = map) -> Prepared:
-        """The batch prepared, row by row (`mapper`: a thread pool's map runs them side by side)."""
+        """The batch prepared row by row (`mapper`: a thread pool's map runs them side by side)."""
         t0 = time.perf_counter()
-        done = list(mapper(self.row, filepaths))
-        return Prepared([d[0] for d in done], [d[1] for d in done], np.array([d[2] for d in done], np.float64),
-                        time.perf_counter() - t0, sum(d[3] for d in done))
+        rows, digests, seconds, digest_seconds = zip(*mapper(self.row, filepaths)) if filepaths else ((),) * 4
+        return Prepared(list(rows), list(digests), np.array(seconds, np.float64), time.perf_counter() - t0,
+                        sum(digest_seconds))
 
 
 def held_in(index: np.ndarray) -> Callable[[bytes], bool]:
@@ -156,17 +144,15 @@ def held_in(index: np.ndarray) -> Callable[[bytes], bool]:
 
 def encode(encoder: Encoder, pixels: list[np.ndarray]) -> np.ndarray:
     """The encode stage: the rows' vectors, (rows, dim) float32."""
-    if not pixels:
-        return np.zeros((0, encoder.dim), np.float32)
-    return np.asarray(encoder.encode(np.concatenate(pixels)), np.float32)
+    return np.asarray(encoder.encode(np.concatenate(pixels)), np.float32) if pixels else \
+        np.zeros((0, encoder.dim), np.float32)
 
 
 @dataclass
 class Step:
-    """One embedding step under way: the listing, the encoder, the store's shelf (None: off),
-    the output being written and the counts. Each prepared batch goes through `finish`."""
+    """One embedding step under way: the encoder, the store's shelf (None: off), the output
+    being written and the counts. Each prepared batch goes through `finish`."""
 
-    listing: Listing
     encoder: Encoder
     shelf: Shelf | None
     preparer: Preparer
@@ -176,26 +162,71 @@ class Step:
     stats: EmbedStats
 
     def finish(self, batch: pa.RecordBatch, prep: Prepared) -> BatchOutcome:
-        outcome = finish(self, batch, prep)
+        """The finish stage: rows the store holds now take its vectors, the other readable rows
+        are encoded (unless `prep.encoded` has them); the new vectors go into the store first, so
+        that a run killed after this batch resumes past it, then the kept rows into the output."""
+        n = batch.num_rows
+        hits, stored, saved = self._from_store(batch, prep)
+        held = set(hits.tolist())
+        todo = [i for i, r in enumerate(prep.rows) if isinstance(r, np.ndarray) and i not in held]
+        t0 = time.perf_counter()
+        vectors = np.zeros((n, self.encoder.dim), np.float32)
+        vectors[todo] = encode(self.encoder, [prep.rows[i] for i in todo])
+        encode_seconds = time.perf_counter() - t0
+        if len(hits):
+            vectors[hits] = stored
+        made_there = [i for i in prep.encoded if i not in held]
+        for i in made_there:
+            vectors[i] = prep.encoded[i]
+        new = np.array(sorted([*todo, *made_there]), np.int64)
+        keep = np.zeros(n, bool)
+        keep[hits], keep[new] = True, True
+        if self.shelf is not None and len(new):
+            self.shelf.add(pa.array([prep.digests[i] for i in new], pa.binary(32)), vectors[new],
+                           (prep.wall + encode_seconds) / len(new))
+        t0 = time.perf_counter()
+        kept = batch.filter(pa.array(keep)) if not keep.all() else batch
+        columns = {name: kept.column(name) for name in kept.schema.names}
+        columns[EMBEDDING_COLUMN] = tables.vector_array(vectors[keep])
+        self.writer.write(pa.RecordBatch.from_arrays([columns[c] for c in self.schema.names], schema=self.schema))
+        outcome = BatchOutcome(n, kept.num_rows, len(hits), len(new), saved,
+                               [r for r in prep.rows if isinstance(r, LoadFailure)],
+                               {"decode": prep.wall, "digest": prep.digest_seconds, "encode": encode_seconds,
+                                "write": time.perf_counter() - t0})
         self.stats.add(outcome, self.events)
         return outcome
+
+    def _from_store(self, batch: pa.RecordBatch, prep: Prepared) -> tuple[np.ndarray, np.ndarray | None, float]:
+        """The rows whose vector the store holds now, those vectors and what they once cost; a
+        row held when prepared whose shard fails its checksum now (set aside) is prepared again."""
+        while self.shelf is not None:
+            where = self.shelf.find(prep.digests)
+            hits = np.flatnonzero(where >= 0)
+            lost = [i for i in np.flatnonzero(where < 0) if prep.rows[i] is None and i not in prep.encoded]
+            paths = filepaths_of(batch) if lost else []
+            for i in lost:
+                prep.rows[i] = self.preparer.again(paths[i])
+            vectors = self.shelf.vectors(where[hits]) if len(hits) else None
+            if vectors is not None or not len(hits):
+                return hits, vectors, self.shelf.seconds_saved(where[hits]) if len(hits) else 0.0
+        return np.zeros(0, np.int64), None, 0.0
 
 
 @contextlib.contextmanager
 def embedding_step(listing: Listing, output_path: Path, encoder: Encoder, shelf: Shelf | None,
                    events: Events) -> Iterator[Step]:
-    """An embedding step from start to end: the output's schema, the store's index read; then
-    the output written (atomically: only if the block finishes), the store compacted and its
-    trouble counted and told."""
+    """An embedding step: the store's index read; the output written through a temp name (renamed
+    only if the block finishes) in row groups sized for the vectors; the store compacted."""
     started = time.perf_counter()
     schema = output_schema(listing.schema, encoder.identity)
     stats = EmbedStats(columns=list(schema.names))
     if shelf is not None:
         shelf.load_index()
     held = (lambda found: bool(shelf.find([found])[0] >= 0)) if shelf is not None else (lambda found: False)
-    with output_writer(output_path, schema, encoder.dim) as writer:
-        yield Step(listing, encoder, shelf, Preparer(listing.images_root, held, encoder.preprocess), events, schema,
-                   writer, stats)
+    with tables.atomic_output(output_path) as tmp, \
+            RowGroupWriter(tmp, schema, _rows_per_group(encoder.dim)) as writer:
+        yield Step(encoder, shelf, Preparer(listing.images_root, held, encoder.preprocess), events, schema, writer,
+                   stats)
     if shelf is not None:
         shelf.compact()
         stats.corrupt_shards = list(shelf.corrupt)
@@ -207,14 +238,9 @@ def embedding_step(listing: Listing, output_path: Path, encoder: Encoder, shelf:
 
 def embed_file(listing: Listing, output_path: Path, encoder: Encoder, *, batch_size: int, events: Events,
                shelf: Shelf | None = None, workers: int | None = None) -> EmbedStats:
-    """Embed every row's image of `listing` into `output_path` (written atomically), in-process:
-    batches prepared ahead in a thread (rows side by side in `workers` threads), encoded and
-    finished in order.
-
-    With a `shelf` (the store's vectors for this encoder), an image whose bytes were embedded
-    before is not decoded nor encoded again, and every finished batch is stored as it goes.
-    Rows whose image cannot be read are left out of the output and counted by reason.
-    """
+    """Embed `listing` into `output_path` in-process: batches prepared ahead in a thread (rows side
+    by side in `workers` threads), then encoded and finished in order. With a `shelf` (the
+    store's vectors for this encoder), an image embedded before is not decoded nor encoded again."""
     workers = workers or min(8, (os.cpu_count() or 2))
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as decoders, \
             ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer, \
@@ -245,73 +271,6 @@ def timed(batches: Iterator[pa.RecordBatch], timings: dict[str, float]) -> Itera
         if batch is None:
             return
         yield batch
-
-
-def finish(step: Step, batch: pa.RecordBatch, prep: Prepared) -> BatchOutcome:
-    """The finish stage: rows the store holds now take its vectors, the other readable rows are
-    encoded (unless `prep.encoded` has them); the new vectors go into the store first, so that a
-    run killed after this batch resumes past it, then the kept rows into the output."""
-    n = batch.num_rows
-    hits, stored, saved = _from_store(step, batch, prep)
-    held = set(hits.tolist())
-    todo = [i for i, r in enumerate(prep.rows) if isinstance(r, np.ndarray) and i not in held]
-    t0 = time.perf_counter()
-    fresh = encode(step.encoder, [prep.rows[i] for i in todo])
-    encode_seconds = time.perf_counter() - t0
-    vectors = np.zeros((n, step.encoder.dim), np.float32)
-    if len(hits):
-        vectors[hits] = stored
-    vectors[todo] = fresh
-    made_there = [i for i in prep.encoded if i not in held]
-    for i in made_there:
-        vectors[i] = prep.encoded[i]
-    new = np.array(sorted([*todo, *made_there]), np.int64)
-    keep = np.zeros(n, bool)
-    keep[hits], keep[new] = True, True
-    if step.shelf is not None and len(new):
-        step.shelf.add(pa.array([prep.digests[i] for i in new], pa.binary(32)), vectors[new],
-                       (prep.wall + encode_seconds) / len(new))
-    t0 = time.perf_counter()
-    rows_out = write_rows(batch, vectors, keep, step.writer, step.schema)
-    return BatchOutcome(n, rows_out, len(hits), len(new), saved, [r for r in prep.rows if isinstance(r, LoadFailure)],
-                        {"decode": prep.wall, "digest": prep.digest_seconds, "encode": encode_seconds,
-                         "write": time.perf_counter() - t0})
-
-
-def _from_store(step: Step, batch: pa.RecordBatch, prep: Prepared) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """The rows whose vector the store holds now, those vectors and what they once cost to
-    embed; a row held when prepared whose shard fails its checksum now (the shard is set aside)
-    is prepared again, for the encoder after all."""
-    while step.shelf is not None:
-        where = step.shelf.find(prep.digests)
-        hits = np.flatnonzero(where >= 0)
-        lost = [i for i in np.flatnonzero(where < 0) if prep.rows[i] is None and i not in prep.encoded]
-        if lost:
-            paths = filepaths_of(batch)
-            for i in lost:
-                prep.rows[i] = step.preparer.again(paths[i])
-        vectors = step.shelf.vectors(where[hits]) if len(hits) else None
-        if vectors is not None or not len(hits):
-            return hits, vectors, step.shelf.seconds_saved(where[hits]) if len(hits) else 0.0
-    return np.zeros(0, np.int64), None, 0.0
-
-
-def write_rows(batch: pa.RecordBatch, vectors: np.ndarray, keep: np.ndarray, writer: "RowGroupWriter",
-               schema: pa.Schema) -> int:
-    """The batch's kept rows, their input columns as they were and `vectors` as the embedding;
-    how many were written."""
-    kept = batch.filter(pa.array(keep)) if not keep.all() else batch
-    columns = {name: kept.column(name) for name in kept.schema.names}
-    columns[EMBEDDING_COLUMN] = tables.vector_array(vectors[keep])
-    writer.write(pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema))
-    return kept.num_rows
-
-
-@contextlib.contextmanager
-def output_writer(output_path: Path, schema: pa.Schema, dim: int) -> Iterator["RowGroupWriter"]:
-    """An embedding parquet written through a temp name, in row groups sized for `dim`."""
-    with tables.atomic_output(output_path) as tmp, RowGroupWriter(tmp, schema, _rows_per_group(dim)) as writer:
-        yield writer
 
 
 class RowGroupWriter:

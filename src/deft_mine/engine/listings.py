@@ -1,13 +1,10 @@
-"""Listings: any input that names images, turned into the one standard listing every step reads.
-
-The only reader of a raw input's `filepath` column. A format is one function below, registered
-in FORMATS: it takes the file and gives its rows as a standard listing (`filepath`, then every
-carried column); the listing knows where relative filepaths resolve (its images root). Embedding
-(local, Ray, docker), preflight, the roots guard and the run's input facts read it from here.
-"""
+"""Listings: any input naming images turned into the one standard listing every step reads (its
+rows: `filepath`, then every carried column; the images root relative filepaths resolve
+against), the only reader of a raw input's `filepath`. A format is one function in FORMATS."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,8 +19,7 @@ FILEPATH = "filepath"
 
 @dataclass(frozen=True)
 class Listing:
-    """One input as the steps read it, in file order. `table` holds the rows of a format read
-    whole (a CSV); None streams the file itself (a filepath parquet)."""
+    """One input as the steps read it, in file order; `table`: the rows of a format read whole."""
 
     path: Path
     format: str
@@ -32,31 +28,27 @@ class Listing:
     rows: int
     table: pa.Table | None = None
 
-    @property
-    def columns(self) -> list[str]:
-        return list(self.schema.names)
-
     def batches(self, rows: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-        """Row batches of at most `rows` rows (the whole listing, or these columns)."""
         if self.table is None:
-            yield from tables.iter_batches(self.path, rows, columns)
-        else:
-            yield from (self.table if columns is None else self.table.select(columns)).to_batches(max_chunksize=rows)
+            return tables.iter_batches(self.path, rows, columns)
+        return iter((self.table if columns is None else self.table.select(columns)).to_batches(max_chunksize=rows))
 
     def filepaths(self, limit: int | None = None) -> Iterator[str | None]:
-        """The rows' filepaths as written (None: a null filepath), streamed: the first `limit` or all."""
+        """The rows' filepaths as written (None: a null), streamed: the first `limit` or all."""
         for batch in self.batches(min(limit or 65536, 65536), [FILEPATH]):
-            for filepath in filepaths_of(batch)[:limit]:
-                yield filepath
-            if limit is not None:
-                limit -= batch.num_rows
-                if limit <= 0:
-                    return
+            yield from filepaths_of(batch)[:limit]
+            if limit is not None and (limit := limit - batch.num_rows) <= 0:
+                return
 
     def resolved(self, limit: int | None = None) -> Iterator[tuple[int, str | None, Path | None]]:
         """(row, filepath, where it resolves; None for a null filepath), in order."""
         for row, filepath in enumerate(self.filepaths(limit)):
             yield row, filepath, None if filepath is None else resolve_image_path(filepath, self.images_root)
+
+    def outside(self, allowed: Callable[[Path], bool], shown: int) -> list[tuple[int, str, Path]]:
+        """The first `shown` rows whose image resolves where `allowed` refuses: (row, filepath, path)."""
+        return list(itertools.islice(((row, filepath, path) for row, filepath, path in self.resolved()
+                                      if path is not None and not allowed(path)), shown))
 
     @property
     def null_filepaths(self) -> int:
@@ -64,20 +56,19 @@ class Listing:
         return sum(not filepath for filepath in self.filepaths())
 
     def ray_dataset(self, ray: Any, read_cpus: float) -> Any:
-        """The filepaths as a Ray dataset, in file order."""
-        if self.table is not None:  # parsed whole anyway (types inferred over the file)
+        """The filepaths as a Ray dataset, in file order; from a parquet, the read tasks read only them."""
+        if self.table is not None:
             return ray.data.from_arrow(self.table.select([FILEPATH]))
-        # Ray Data pushes the column selection down into the read: only filepath leaves the disk
         return ray.data.read_parquet(str(self.path), file_extensions=None, num_cpus=read_cpus).select_columns([FILEPATH])
 
 
 def filepath_parquet(path: Path, images_root: Path) -> Listing:
-    """A parquet with a `filepath` column: streamed from the file as it is."""
+    """A parquet with a `filepath` column, streamed as it is."""
     return Listing(path, "parquet", images_root, tables.schema_of(path), tables.num_rows(path))
 
 
 def csv(path: Path, images_root: Path) -> Listing:
-    """A CSV (or TSV) with a `filepath` column; its separator is taken from the header line."""
+    """A CSV (or TSV) with a `filepath` column, its separator taken from the header line."""
     table = tables.read_csv(path)
     return Listing(path, "csv", images_root, table.schema, table.num_rows, table)
 
@@ -86,8 +77,8 @@ FORMATS: dict[str, Callable[[Path, Path], Listing]] = {"parquet": filepath_parqu
 
 
 def open_listing(path: Path, field: str, images_root: Path | None = None) -> Listing:
-    """The standard listing of `path` (relative filepaths resolve against `images_root`, else
-    the file's folder); a file without a text `filepath` column is refused naming `field`."""
+    """`path` as a standard listing (images root: `images_root`, else the file's folder); a file
+    without a text `filepath` column is refused naming `field`."""
     listing = FORMATS["csv" if tables.is_csv(path) else "parquet"](path, images_root or path.parent)
     tables.require_columns(path, listing.schema, [FILEPATH], field)
     return listing

@@ -52,21 +52,16 @@ class PathPolicy:
     def check_listing(self, listing: Listing, shown: int = 5) -> None:
         """The images a listing names are paths too: each (relative ones joined to its images
         root, symlinks resolved) must lie under the roots, or nothing is read."""
-        outside: list[tuple[int, str]] = []
-        for row, filepath, path in listing.resolved():
-            if path is not None and not self.allows(path):
-                outside.append((row, str(filepath)))
-                if len(outside) >= shown:
-                    break
+        outside = listing.outside(self.allows, shown)
         if outside:
-            row, first = outside[0]
+            row, first, _ = outside[0]
             raise DeftError(
                 "path_outside_roots",
                 f"{listing.path}: row {row} names the image {first}, outside the allowed roots "
-                f"({', '.join(map(str, self.roots))})" + (f"; so do rows {', '.join(str(r) for r, _ in outside[1:])}"
+                f"({', '.join(map(str, self.roots))})" + (f"; so do rows {', '.join(str(r) for r, _, _ in outside[1:])}"
                                                           if len(outside) > 1 else ""),
                 fix="list only images under an allowed root, or start the server with --root for their folder",
-                field="filepath", rows=[r for r, _ in outside], paths=[p for _, p in outside],
+                field="filepath", rows=[r for r, _, _ in outside], paths=[p for _, p, _ in outside],
                 roots=[str(r) for r in self.roots])
 
     def check_model(self, model: BaseModel) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from deft_mine import __version__
 from deft_mine.backends import get_backend
 from deft_mine.engine import tables
-from deft_mine.engine.listings import open_listing
+from deft_mine.engine.listings import Listing, open_listing
 from deft_mine.engine.mining import lexically_normal
 from deft_mine.schemas import warnings
 from deft_mine.schemas.inputs import PreflightInput, StoreInfoInput
@@ -52,14 +52,15 @@ def check_before_mining(inputs: PreflightInput, ctx: ToolContext) -> PreflightRe
                            warnings=predict_warnings(inputs))
 
 
+def _listings(inputs: PreflightInput) -> dict[str, Listing]:
+    return {name: open_listing(tables.require_file(Path(p).expanduser().absolute(), name), name)
+            for name, p in (("targets", inputs.targets), ("source", inputs.source)) if p is not None}
+
+
 def sample_images(inputs: PreflightInput, per_side: int = _NODE_SAMPLE) -> list[Path]:
     """The first images each given listing names (resolved as embed resolves them)."""
-    found: list[Path] = []
-    for name, value in (("targets", inputs.targets), ("source", inputs.source)):
-        if value is not None:
-            listing = open_listing(tables.require_file(Path(value).expanduser().absolute(), name), name)
-            found += [path for _, filepath, path in listing.resolved(per_side) if filepath]
-    return found
+    return [path for listing in _listings(inputs).values() for _, filepath, path in listing.resolved(per_side)
+            if filepath]
 
 
 def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
@@ -67,12 +68,10 @@ def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
     _, mine_over = split_overrides(inputs.overrides or ())
     mining = load_spec(MiningSpec, inputs.mining_spec_path, mine_over)
     found: list[ToolWarning] = []
-    sides = {name: open_listing(tables.require_file(Path(p).expanduser().absolute(), name), name)
-             for name, p in (("targets", inputs.targets), ("source", inputs.source)) if p is not None}
-    schemas = {name: listing.schema for name, listing in sides.items()}
+    sides = _listings(inputs)
     filepaths = {name: list(listing.filepaths()) for name, listing in sides.items()}
     if len(sides) == 2:
-        missing = [n for n in ("source", "targets") if "label" not in schemas[n].names]
+        missing = [n for n in ("source", "targets") if "label" not in sides[n].schema.names]
         if mining.label_filter(missing) == "noop":
             found.append(warnings.filter_by_label_noop(missing, predicted=True))
         queries, pool = sides["targets"].rows, sides["source"].rows
@@ -89,7 +88,7 @@ def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
         if missing_images:
             found.append(warnings.images_missing(name, missing_images, len(sample), str(listing.images_root)))
     for name, listing in sides.items():
-        if listing.format != "csv" and "embedding" in schemas[name].names and tables.read_identity(listing.path) is None:
+        if listing.format != "csv" and "embedding" in listing.schema.names and tables.read_identity(listing.path) is None:
             found.append(warnings.provenance_unknown([name], predicted=True))
     return found
 
