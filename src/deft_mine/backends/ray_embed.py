@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from deft_mine.backends.ray import HeadWatch, Workers, cluster_cpus_gpus
-from deft_mine.engine.embedding import EmbedStats, Prepared, Preparer, embedding_step, encode, held_in, timed
+from deft_mine.engine.embedding import EmbedStats, Prepared, Preparer, embedding_step, encode, timed
 from deft_mine.engine.encoders import Encoder, build_encoder, build_preprocessor
 from deft_mine.engine.listings import Listing, filepaths_of
 from deft_mine.engine.store import Shelf
@@ -67,16 +67,14 @@ _preprocessor = functools.lru_cache(maxsize=None)(build_preprocessor)
 
 def read_decode(batch: pa.Table, image_root: str, model: str, model_path: str | None,
                 stored: np.ndarray) -> pa.Table:
-    """A read task: the batch step's prepare stage; per row (its prepared form, digest, seconds,
-    no vector yet), pickled for the actors and the driver."""
-    prep = Preparer(Path(image_root), held_in(stored), _preprocessor(model, model_path))(filepaths_of(batch))
+    """A read task: the prepare stage; per row (prepared form, digest, seconds, no vector), pickled."""
+    prep = Preparer(Path(image_root), stored, _preprocessor(model, model_path))(filepaths_of(batch))
     return pa.table({"row": pa.array([pickle.dumps((*row, None)) for row in zip(prep.rows, prep.digests, prep.seconds)],
                                      pa.large_binary())})
 
 
 class EncodeActor:
-    """One encoder per actor (weights loaded once): the batch step's encode stage, run on the
-    rows the read tasks decoded; each row leaves with its vector instead of its pixels."""
+    """The encode stage, one encoder per actor: each row with pixels leaves with its vector instead."""
 
     def __init__(self, model: str, model_path: str | None, device: str, pooling: str | None = None) -> None:
         import ray
@@ -184,8 +182,7 @@ class _Results:
 def embed_on_ray(ray: Any, spec: EmbeddingSpec, listing: Listing, output_path: Path, encoder: Encoder,
                  events: Events, store: Path | None, watch: HeadWatch,
                  actors: int | None = None) -> tuple[EmbedStats, Workers]:
-    """Embed `listing` into `output_path` on the cluster (the batch step's prepare in read tasks,
-    its encode in an actor pool, its finish here); the stats, and the encoder actors that did it."""
+    """Embed `listing` on the cluster: prepare in read tasks, encode in actors, finish here."""
     shelf = Shelf(store, encoder.identity) if store else None
     cpus, gpus, nodes = cluster_cpus_gpus(ray)
     model, model_path = spec.encoder_key()[0], spec.encoder_key()[1]
@@ -200,7 +197,7 @@ def embed_on_ray(ray: Any, spec: EmbeddingSpec, listing: Listing, output_path: P
             listing_blocks(listing.rows, spec.batch_size, plan.actors), shuffle=False).map_batches(
             read_decode, batch_size=spec.batch_size, batch_format="pyarrow", num_cpus=plan.read_cpus,
             fn_kwargs={"image_root": str(listing.images_root), "model": model, "model_path": model_path,
-                       "stored": shelf.digests() if shelf is not None else np.zeros(0, "S32")})
+                       "stored": step.preparer.held})
         ds = ds.map_batches(
             EncodeActor, batch_size=spec.batch_size, batch_format="pyarrow",
             fn_constructor_kwargs={"model": model, "model_path": model_path, "pooling": spec.pooling,

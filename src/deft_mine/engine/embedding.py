@@ -67,8 +67,7 @@ class EmbedStats:
         ("read", "digest", "decode", "encode", "write", "total"), 0.0))
 
     def add(self, done: BatchOutcome, events: Events) -> None:
-        """A finished batch counted (the one place the counts change), its unreadable images by
-        reason, the first few named, and told."""
+        """A finished batch counted (the one place the counts change), its skips told."""
         for name in ("rows_in", "rows_out", "reused", "embedded", "seconds_saved"):
             setattr(self, name, getattr(self, name) + getattr(done, name))
         for stage, seconds in done.timings.items():
@@ -83,9 +82,8 @@ class EmbedStats:
 
 @dataclass
 class Prepared:
-    """One listing batch ready for the encoder. Per row: a LoadFailure, the pixels to encode, or
-    None (the store held it when prepared, or `encoded` has its vector, made where it was
-    prepared); its digest; its seconds. `wall`: the batch's preparing time as the step counts it."""
+    """A listing batch ready for the encoder; per row: a LoadFailure, pixels, or None (held by the
+    store when prepared, or its vector in `encoded`), its digest, its seconds; `wall`: the batch's."""
 
     rows: list[LoadFailure | np.ndarray | None]
     digests: list[bytes | None]
@@ -97,11 +95,11 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Preparer:
-    """The prepare stage: each row read, digested, looked up in the store (`held`), and unless
-    held, decoded and preprocessed (the encoder's CPU half)."""
+    """The prepare stage: each row read, digested, looked up in `held` (the store's sorted digests
+    when the step began), else decoded and preprocessed."""
 
     images_root: Path
-    held: Callable[[bytes], bool]
+    held: np.ndarray
     preprocess: Callable[[list[Any]], np.ndarray]
 
     def row(self, filepath: str | None) -> tuple[LoadFailure | np.ndarray | None, bytes | None, float, float]:
@@ -111,7 +109,8 @@ class Preparer:
             return data, None, 0.0, 0.0
         t1 = time.perf_counter()
         found, digest_seconds = digest(data), time.perf_counter() - t1
-        if self.held(found):
+        at = int(np.searchsorted(self.held, np.array([found], "S32"))[0])
+        if at < len(self.held) and self.held[at] == found:
             return None, found, 0.0, digest_seconds
         image = decode_rgb(data, str(filepath))
         pixels = image if isinstance(image, LoadFailure) else \
@@ -120,7 +119,7 @@ class Preparer:
 
     def again(self, filepath: str) -> np.ndarray:
         """A row the store held when prepared but has lost since: read and decoded now."""
-        pixels = dataclasses.replace(self, held=lambda found: False).row(filepath)[0]
+        pixels = dataclasses.replace(self, held=np.zeros(0, "S32")).row(filepath)[0]
         if isinstance(pixels, LoadFailure):  # it read fine a moment ago
             raise DeftError("image_changed", f"{filepath} changed while it was being embedded ({pixels.reason})",
                             fix="run again once the images are no longer being written", path=str(filepath))
@@ -134,14 +133,6 @@ class Preparer:
                         sum(digest_seconds))
 
 
-def held_in(index: np.ndarray) -> Callable[[bytes], bool]:
-    """A lookup in a snapshot of the store's sorted digests (what a worker elsewhere holds)."""
-    def held(found: bytes) -> bool:
-        at = int(np.searchsorted(index, np.array([found], "S32"))[0])
-        return at < len(index) and index[at] == found
-    return held
-
-
 def encode(encoder: Encoder, pixels: list[np.ndarray]) -> np.ndarray:
     """The encode stage: the rows' vectors, (rows, dim) float32."""
     return np.asarray(encoder.encode(np.concatenate(pixels)), np.float32) if pixels else \
@@ -150,8 +141,7 @@ def encode(encoder: Encoder, pixels: list[np.ndarray]) -> np.ndarray:
 
 @dataclass
 class Step:
-    """One embedding step under way: the encoder, the store's shelf (None: off), the output
-    being written and the counts. Each prepared batch goes through `finish`."""
+    """An embedding step under way: the encoder, the store's shelf, the output, the counts."""
 
     encoder: Encoder
     shelf: Shelf | None
@@ -162,9 +152,8 @@ class Step:
     stats: EmbedStats
 
     def finish(self, batch: pa.RecordBatch, prep: Prepared) -> BatchOutcome:
-        """The finish stage: rows the store holds now take its vectors, the other readable rows
-        are encoded (unless `prep.encoded` has them); the new vectors go into the store first, so
-        that a run killed after this batch resumes past it, then the kept rows into the output."""
+        """The finish stage: the store's vectors where it holds them now, the rest encoded (unless in
+        `prep.encoded`); new vectors stored first (a killed run resumes past them), then written."""
         n = batch.num_rows
         hits, stored, saved = self._from_store(batch, prep)
         held = set(hits.tolist())
@@ -173,8 +162,7 @@ class Step:
         vectors = np.zeros((n, self.encoder.dim), np.float32)
         vectors[todo] = encode(self.encoder, [prep.rows[i] for i in todo])
         encode_seconds = time.perf_counter() - t0
-        if len(hits):
-            vectors[hits] = stored
+        vectors[hits] = stored if stored is not None else 0.0
         made_there = [i for i in prep.encoded if i not in held]
         for i in made_there:
             vectors[i] = prep.encoded[i]
@@ -197,15 +185,13 @@ class Step:
         return outcome
 
     def _from_store(self, batch: pa.RecordBatch, prep: Prepared) -> tuple[np.ndarray, np.ndarray | None, float]:
-        """The rows whose vector the store holds now, those vectors and what they once cost; a
-        row held when prepared whose shard fails its checksum now (set aside) is prepared again."""
+        """Rows the store holds now, their vectors and cost; a row whose shard was lost is prepared again."""
         while self.shelf is not None:
             where = self.shelf.find(prep.digests)
             hits = np.flatnonzero(where >= 0)
             lost = [i for i in np.flatnonzero(where < 0) if prep.rows[i] is None and i not in prep.encoded]
-            paths = filepaths_of(batch) if lost else []
-            for i in lost:
-                prep.rows[i] = self.preparer.again(paths[i])
+            for i in lost:  # rare: a shard set aside since
+                prep.rows[i] = self.preparer.again(filepaths_of(batch)[i])
             vectors = self.shelf.vectors(where[hits]) if len(hits) else None
             if vectors is not None or not len(hits):
                 return hits, vectors, self.shelf.seconds_saved(where[hits]) if len(hits) else 0.0
@@ -222,7 +208,7 @@ def embedding_step(listing: Listing, output_path: Path, encoder: Encoder, shelf:
     stats = EmbedStats(columns=list(schema.names))
     if shelf is not None:
         shelf.load_index()
-    held = (lambda found: bool(shelf.find([found])[0] >= 0)) if shelf is not None else (lambda found: False)
+    held = shelf.digests() if shelf is not None else np.zeros(0, "S32")
     with tables.atomic_output(output_path) as tmp, \
             RowGroupWriter(tmp, schema, _rows_per_group(encoder.dim)) as writer:
         yield Step(encoder, shelf, Preparer(listing.images_root, held, encoder.preprocess), events, schema, writer,
@@ -238,9 +224,8 @@ def embedding_step(listing: Listing, output_path: Path, encoder: Encoder, shelf:
 
 def embed_file(listing: Listing, output_path: Path, encoder: Encoder, *, batch_size: int, events: Events,
                shelf: Shelf | None = None, workers: int | None = None) -> EmbedStats:
-    """Embed `listing` into `output_path` in-process: batches prepared ahead in a thread (rows side
-    by side in `workers` threads), then encoded and finished in order. With a `shelf` (the
-    store's vectors for this encoder), an image embedded before is not decoded nor encoded again."""
+    """Embed `listing` into `output_path` in-process: batches prepared ahead (rows side by side in
+    `workers` threads), encoded and finished in order; what the `shelf` holds is not encoded again."""
     workers = workers or min(8, (os.cpu_count() or 2))
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as decoders, \
             ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer, \

@@ -77,8 +77,7 @@ FORMATS: dict[str, Callable[[Path, Path], Listing]] = {"parquet": filepath_parqu
 
 
 def open_listing(path: Path, field: str, images_root: Path | None = None) -> Listing:
-    """`path` as a standard listing (images root: `images_root`, else the file's folder); a file
-    without a text `filepath` column is refused naming `field`."""
+    """`path` as a standard listing; a file with no text `filepath` column is refused naming `field`."""
     listing = FORMATS["csv" if tables.is_csv(path) else "parquet"](path, images_root or path.parent)
     tables.require_columns(path, listing.schema, [FILEPATH], field)
     return listing

@@ -50,8 +50,7 @@ class PathPolicy:
         return resolved
 
     def check_listing(self, listing: Listing, shown: int = 5) -> None:
-        """The images a listing names are paths too: each (relative ones joined to its images
-        root, symlinks resolved) must lie under the roots, or nothing is read."""
+        """The images a listing names (resolved, symlinks too) must lie under the roots, or nothing is read."""
         outside = listing.outside(self.allows, shown)
         if outside:
             row, first, _ = outside[0]

@@ -1,6 +1,5 @@
-"""The run tool: embed targets and pool, mine, and leave an auditable run folder, whose
-RunFolder owns the paths and run.json's lifecycle: written first as "running", then rewritten
-once, "finished", "failed" or "interrupted"."""
+"""The run tool: embed targets and pool, mine, and leave an auditable run folder (a RunFolder:
+its paths, and run.json, "running" first, then "finished", "failed" or "interrupted")."""
 
 from __future__ import annotations
 
@@ -75,9 +74,8 @@ class RunFolder:
 
     @contextlib.contextmanager
     def running(self, embedding: EmbeddingSpec, mining: MiningSpec, **facts: Any) -> Iterator[RunManifest]:
-        """run.json first, "running": a folder whose process is killed outright (SIGKILL, power)
-        never looks finished; then the specs. The block fills the manifest and calls `finish`;
-        every way out of it that Python sees rewrites run.json saying why."""
+        """run.json first, "running" (a process killed outright never looks finished), then the specs;
+        every way out of the block that Python sees, but `finish`, rewrites run.json saying why."""
         self.manifest = RunManifest(
             deft_mine_version=__version__, status="running", host=platform.node(), run_dir=str(self.path),
             started_at=dt.datetime.now().astimezone().isoformat(timespec="seconds"), **facts,
