@@ -109,8 +109,8 @@ class Preparer:
             return data, None, 0.0, 0.0
         t1 = time.perf_counter()
         found, digest_seconds = digest(data), time.perf_counter() - t1
-        at = int(np.searchsorted(self.held, np.array([found], "S32"))[0])
-        if at < len(self.held) and self.held[at] == found:
+        key = np.array([found], "S32")  # compared as the store compares them (Shelf.find)
+        if (at := int(np.searchsorted(self.held, key)[0])) < len(self.held) and self.held[at] == key[0]:
             return None, found, 0.0, digest_seconds
         image = decode_rgb(data, str(filepath))
         pixels = image if isinstance(image, LoadFailure) else \
