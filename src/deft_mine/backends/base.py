@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from deft_mine.engine.listings import Listing
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts
 from deft_mine.schemas.artifacts import MiningSummary
@@ -53,9 +54,9 @@ class Backend(Protocol):
         """Preflight: can this backend run here (its checks, the embedding `store`'s use
         among them), and the GPUs it would use."""
 
-    def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
-              events: Events, store: Path | None) -> EmbedResult:
-        """Write `output_path`, reusing and adding to the embedding `store` (None: off); the
+    def embed(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
+              store: Path | None) -> EmbedResult:
+        """Write `output_path` from the `listing`, reusing and adding to the embedding `store` (None: off); the
         result's warnings are the tool's to add."""
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,

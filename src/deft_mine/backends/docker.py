@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from deft_mine import rules
 from deft_mine.backends.base import BackendMine, Capabilities, MineOutputs
 from deft_mine.engine import tables
-from deft_mine.engine.images import resolve_image_path
+from deft_mine.engine.listings import Listing
 from deft_mine.engine.store import open_store
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
@@ -130,10 +130,11 @@ class DockerBackend:
 
     # ------------------------------------------------------------------ the two steps
 
-    def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
-              events: Events, store: Path | None) -> EmbedResult:
+    def embed(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
+              store: Path | None) -> EmbedResult:
+        input_path, image_root = listing.path, listing.images_root
         workspace = _common_folder([input_path.parent, output_path.parent, image_root])
-        self._check_images(input_path, image_root, workspace)
+        self._check_images(listing, workspace)
         read_only = [p for p in (spec.model_path, spec.model_config_path)
                      if p and Path(p).expanduser().exists()]
         hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
@@ -151,7 +152,7 @@ class DockerBackend:
         if told is not None:
             return told.model_copy(update={"device": self._device(), "backend": self.name,
                                            "timings": timings, "warnings": []})
-        rows_in, rows = tables.num_rows(input_path), tables.num_rows(output_path)
+        rows_in, rows = listing.rows, tables.num_rows(output_path)
         dim = 0
         if rows:
             first = next(tables.iter_batches(output_path, 1, ["embedding"]))
@@ -225,21 +226,15 @@ class DockerBackend:
         tables.write_text_atomic(path, spec_to_yaml(spec, exclude))
         return path
 
-    def _check_images(self, input_path: Path, image_root: Path, workspace: Path) -> None:
+    def _check_images(self, listing: Listing, workspace: Path) -> None:
         """Every image the container will open must be inside a mount; refuse before starting."""
         allowed = [workspace, *self.mounts]
-        for batch in tables.iter_batches(input_path, 65536, ["filepath"]):
-            for filepath in batch.column("filepath").to_pylist():
-                if filepath is None:
-                    continue
-                path = resolve_image_path(str(filepath), image_root).absolute()
-                if not any(path == root or path.is_relative_to(root) for root in allowed):
-                    raise DeftError(
-                        "path_outside_workspace",
-                        f"{input_path}: image {filepath} lies outside the workspace {workspace} "
-                        "mounted into the container",
-                        fix="move the images under the workspace, or add --mount for their folder",
-                        path=str(path), workspace=str(workspace))
+        for _, filepath, path in listing.outside(lambda p: any(p.absolute() == root or p.absolute().is_relative_to(root)
+                                                               for root in allowed), 1):
+            raise DeftError("path_outside_workspace", f"{listing.path}: image {filepath} lies outside the workspace "
+                            f"{workspace} mounted into the container", path=str(path.absolute()),
+                            fix="move the images under the workspace, or add --mount for their folder",
+                            workspace=str(workspace))
 
     def _run(self, command: list[str], workspace: Path, read_only: list[Path], events: Events,
              outputs: list[Path], store: Path | None = None) -> list[str]:

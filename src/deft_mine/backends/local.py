@@ -11,6 +11,7 @@ from deft_mine.backends.base import BackendMine, Capabilities, MineOutputs
 from deft_mine.engine import tables
 from deft_mine.engine.embedding import EmbedStats, embed_file
 from deft_mine.engine.encoders import Encoder, build_encoder
+from deft_mine.engine.listings import Listing
 from deft_mine.engine.mining import MiningOutcome, mine_files
 from deft_mine.engine.store import Shelf
 from deft_mine.events import Events
@@ -60,13 +61,13 @@ class LocalBackend:
                                    f"in {time.perf_counter() - t0:.1f}s")
             return self._encoders[key]
 
-    def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
-              events: Events, store: Path | None) -> EmbedResult:
+    def embed(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
+              store: Path | None) -> EmbedResult:
         t0 = time.perf_counter()
         encoder = self.encoder(spec, events)
         load_seconds = time.perf_counter() - t0
-        stats = embed_file(input_path, output_path, encoder, batch_size=spec.batch_size, image_root=image_root,
-                           events=events, shelf=Shelf(store, encoder.identity) if store else None)
+        stats = embed_file(listing, output_path, encoder, batch_size=spec.batch_size, events=events,
+                           shelf=Shelf(store, encoder.identity) if store else None)
         return embed_result(stats, encoder, output_path, self.name, store, load_seconds)
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlsplit
 
 from deft_mine.backends.base import BackendMine, Capabilities, MineOutputs
@@ -20,6 +20,9 @@ from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas.results import Check, ClusterFacts, EmbedResult
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
+
+if TYPE_CHECKING:
+    from deft_mine.engine.listings import Listing
 
 INSTALL_FIX = "pip install 'deft-mine[ray]'"
 # A Ray started here (no address given) takes at most this many CPUs: the driver, the store and
@@ -289,8 +292,8 @@ class RayBackend:
         with self._cluster_errors(ray):
             return node_checks(ray, samples, output_dir)
 
-    def embed(self, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
-              events: Events, store: Path | None) -> EmbedResult:
+    def embed(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
+              store: Path | None) -> EmbedResult:
         from deft_mine.backends.local import LocalBackend, embed_result
         from deft_mine.backends.ray_client import embed_through_client
         from deft_mine.backends.ray_embed import embed_on_ray
@@ -303,11 +306,10 @@ class RayBackend:
             watch = HeadWatch(ray, wanted_address(self.address))
             with self._cluster_errors(ray):
                 if wanted_address(self.address).startswith("ray://"):
-                    stats, used = embed_through_client(ray, spec, input_path, output_path, image_root, events, store,
-                                                       watch)
+                    stats, used = embed_through_client(ray, spec, listing, output_path, events, store, watch)
                 else:
-                    stats, used = embed_on_ray(ray, spec, input_path, output_path, image_root, encoder, events, store,
-                                               watch, actors=spec.workers)
+                    stats, used = embed_on_ray(ray, spec, listing, output_path, encoder, events, store, watch,
+                                               actors=spec.workers)
             result = embed_result(stats, encoder, output_path, self.name, store, load_seconds)
             result.cluster = self.facts(ray, used)
         return result

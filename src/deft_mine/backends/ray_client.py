@@ -11,6 +11,7 @@ from typing import Any
 
 from deft_mine.backends.ray import HeadWatch, Workers, as_data, quiet_ray_data, task_error
 from deft_mine.engine.embedding import EmbedStats
+from deft_mine.engine.listings import Listing
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas.specs import EmbeddingSpec
@@ -29,7 +30,7 @@ class _QueueEvents:
         self.queue.put(("log", (level, message)))
 
 
-def drive_embedding(spec: EmbeddingSpec, input_path: str, output_path: str, image_root: str, store: str | None,
+def drive_embedding(spec: EmbeddingSpec, listing: Listing, output_path: str, store: str | None,
                     queue: Any) -> dict[str, Any]:
     """A Ray task holding no resources: the embedding's driver, run inside the cluster. The
     output and the store are written from here, so they must be on storage the cluster sees
@@ -43,7 +44,7 @@ def drive_embedding(spec: EmbeddingSpec, input_path: str, output_path: str, imag
     quiet_ray_data(ray)
     try:
         encoder = LocalBackend.shared().encoder(spec, events)
-        stats, used = embed_on_ray(ray, spec, Path(input_path), Path(output_path), Path(image_root), encoder, events,
+        stats, used = embed_on_ray(ray, spec, listing, Path(output_path), encoder, events,
                                    Path(store) if store else None, HeadWatch(ray, "the cluster's own head"),
                                    actors=spec.workers)
     except DeftError as exc:
@@ -51,16 +52,15 @@ def drive_embedding(spec: EmbeddingSpec, input_path: str, output_path: str, imag
     return {"stats": stats, "used": used}
 
 
-def embed_through_client(ray: Any, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
-                         events: Events, store: Path | None, watch: HeadWatch) -> tuple[EmbedStats, Workers]:
+def embed_through_client(ray: Any, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
+                         store: Path | None, watch: HeadWatch) -> tuple[EmbedStats, Workers]:
     """embed_on_ray's answer, computed by a driver task in the cluster; cancelling here (or
     failing) cancels that task and with it every actor and task it started."""
     from ray.util.queue import Queue
 
     queue = Queue(actor_options={"num_cpus": 0})
     driver = ray.remote(drive_embedding).options(num_cpus=0, max_retries=0)
-    ref = driver.remote(spec, str(input_path), str(output_path), str(image_root), str(store) if store else None,
-                        queue)
+    ref = driver.remote(spec, listing, str(output_path), str(store) if store else None, queue)
     last: tuple[str, int, int | None, str] | None = None
     try:
         while True:

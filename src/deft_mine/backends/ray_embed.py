@@ -4,7 +4,9 @@ the local backend writes, reusing and filling the embedding store."""
 
 from __future__ import annotations
 
+import functools
 import os
+import pickle
 import queue
 import threading
 import time
@@ -16,17 +18,14 @@ import numpy as np
 import pyarrow as pa
 
 from deft_mine.backends.ray import HeadWatch, Workers, cluster_cpus_gpus
-from deft_mine.engine import tables
-from deft_mine.engine.embedding import (EmbedStats, RowGroupWriter, close_shelf, count_skips, output_writer,
-                                        start_step, store_and_write)
+from deft_mine.engine.embedding import EmbedStats, Prepared, Preparer, embedding_step, encode, timed
 from deft_mine.engine.encoders import Encoder, build_encoder, build_preprocessor
-from deft_mine.engine.images import LoadFailure, decode_rgb, digest, read_bytes
+from deft_mine.engine.listings import Listing, filepaths_of
 from deft_mine.engine.store import Shelf
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas.specs import EmbeddingSpec
 
-FAILED, STORED, NEW = 0, 1, 2  # what became of a row in the read task
 READ_CPUS = 0.5
 # No result for this long means a stuck pipeline (e.g. no CPU left for the read tasks), not a
 # slow one: a batch takes seconds.
@@ -62,56 +61,20 @@ def plan_pool(cpus: float, gpus: float, use_gpu: bool, actors: int | None = None
     return PoolPlan(1, 0.0, 0.0, min(READ_CPUS, cpus))
 
 
-_PREPROCESS: dict[tuple[str, str | None], Callable[[list[Any]], np.ndarray]] = {}
-
-
-def _preprocessor(model: str, model_path: str | None) -> Callable[[list[Any]], np.ndarray]:
-    """The encoder's CPU half, without its weights (once per worker process)."""
-    key = (model, model_path)
-    if key not in _PREPROCESS:
-        _PREPROCESS[key] = build_preprocessor(model, model_path)
-    return _PREPROCESS[key]
+# The encoder's CPU half, without its weights (once per worker process).
+_preprocessor = functools.lru_cache(maxsize=None)(build_preprocessor)
 
 
 def read_decode(batch: pa.Table, image_root: str, model: str, model_path: str | None,
                 stored: np.ndarray) -> pa.Table:
-    """A read task: each row's bytes, digest, and (unless the store holds its vector) its
-    pixels; a row that fails says why, in the local backend's words."""
-    preprocess = _preprocessor(model, model_path)
-    root = Path(image_root)
-    n = batch.num_rows
-    status = np.full(n, FAILED, np.int8)
-    digests: list[bytes | None] = [None] * n
-    reasons: list[str | None] = [None] * n
-    failpaths: list[str | None] = [None] * n
-    pixels: list[bytes | None] = [None] * n
-    shapes: list[list[int] | None] = [None] * n
-    seconds = np.zeros(n)
-    for i, filepath in enumerate(batch.column("filepath").to_pylist()):
-        t0 = time.perf_counter()
-        data = read_bytes(filepath, root)
-        if not isinstance(data, LoadFailure):
-            digests[i] = digest(data)
-            at = np.searchsorted(stored, np.array([digests[i]], "S32"))[0]
-            if at < len(stored) and stored[at] == digests[i]:
-                status[i] = STORED
-                continue
-            image = decode_rgb(data, str(filepath))
-            if not isinstance(image, LoadFailure):
-                array = np.ascontiguousarray(preprocess([image]), dtype=np.float32)
-                pixels[i], shapes[i], status[i] = array.tobytes(), list(array.shape), NEW
-                seconds[i] = time.perf_counter() - t0
-                continue
-            data = image
-        reasons[i], failpaths[i] = data.reason, data.filepath
-    return pa.table({"digest": pa.array(digests, pa.binary(32)), "status": pa.array(status),
-                     "reason": pa.array(reasons, pa.string()), "failpath": pa.array(failpaths, pa.string()),
-                     "pixels": pa.array(pixels, pa.large_binary()), "shape": pa.array(shapes, pa.list_(pa.int64())),
-                     "seconds": pa.array(seconds)})
+    """A read task: the prepare stage; per row (prepared form, digest, seconds, no vector), pickled."""
+    prep = Preparer(Path(image_root), stored, _preprocessor(model, model_path))(filepaths_of(batch))
+    return pa.table({"row": pa.array([pickle.dumps((*row, None)) for row in zip(prep.rows, prep.digests, prep.seconds)],
+                                     pa.large_binary())})
 
 
 class EncodeActor:
-    """One encoder per actor (weights loaded once), run on the rows the read tasks decoded."""
+    """The encode stage, one encoder per actor: each row with pixels leaves with its vector instead."""
 
     def __init__(self, model: str, model_path: str | None, device: str, pooling: str | None = None) -> None:
         import ray
@@ -120,21 +83,23 @@ class EncodeActor:
         self.node = ray.get_runtime_context().get_node_id()  # the report says how many nodes did the work
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        status = batch.column("status").to_numpy()
-        new = np.flatnonzero(status == NEW)
-        vectors: list[bytes | None] = [None] * batch.num_rows
-        seconds = batch.column("seconds").to_numpy().copy()
-        if len(new):
-            blobs, shapes = batch.column("pixels").to_pylist(), batch.column("shape").to_pylist()
-            t0 = time.perf_counter()
-            fresh = self.encoder.encode(np.concatenate(
-                [np.frombuffer(blobs[i], np.float32).reshape(shapes[i]) for i in new]))
-            seconds[new] += (time.perf_counter() - t0) / len(new)
-            for row, vector in zip(new, np.asarray(fresh, np.float32)):
-                vectors[row] = vector.tobytes()
-        out = batch.drop_columns(["pixels", "shape", "seconds"])
-        return out.append_column("vector", pa.array(vectors, pa.binary())).append_column(
-            "seconds", pa.array(seconds)).append_column("node", pa.array([self.node] * batch.num_rows, pa.string()))
+        rows = [pickle.loads(blob) for blob in batch.column("row").to_pylist()]
+        new = [i for i, row in enumerate(rows) if isinstance(row[0], np.ndarray)]
+        t0 = time.perf_counter()
+        fresh = encode(self.encoder, [rows[i][0] for i in new])
+        share = (time.perf_counter() - t0) / max(len(new), 1)
+        for i, vector in zip(new, fresh):
+            rows[i] = (None, rows[i][1], rows[i][2] + share, vector)
+        return pa.table({"row": pa.array([pickle.dumps(row) for row in rows], pa.large_binary()),
+                         "node": pa.array([self.node] * len(rows), pa.string())})
+
+
+def prepared(got: pa.Table) -> Prepared:
+    """The cluster's rows of one listing batch as the batch step's prepared form, new rows encoded."""
+    rows = [pickle.loads(blob) for blob in got.column("row").to_pylist()]
+    seconds = np.array([row[2] for row in rows], np.float64)
+    return Prepared([row[0] for row in rows], [row[1] for row in rows], seconds, float(seconds.sum()),
+                    encoded={i: row[3] for i, row in enumerate(rows) if row[3] is not None})
 
 
 def listing_blocks(rows: int, batch_size: int, actors: int) -> int:
@@ -143,16 +108,6 @@ def listing_blocks(rows: int, batch_size: int, actors: int) -> int:
     per actor at least, none over eight batches."""
     per_block = max(batch_size, min(rows // max(1, 4 * actors), 8 * batch_size))
     return max(1, -(-rows // per_block))
-
-
-def _listing(ray: Any, path: Path, read_cpus: float, blocks: int) -> Any:
-    """The listing's filepaths as a Ray dataset of `blocks` blocks, in file order."""
-    if tables.is_csv(path):  # parsed whole anyway (types inferred over the file), as locally
-        ds = ray.data.from_arrow(tables.read_csv(path).select(["filepath"]))
-    else:  # Ray Data pushes the column selection down into the read: only filepath leaves the disk
-        ds = ray.data.read_parquet(str(path), file_extensions=None, num_cpus=read_cpus).select_columns(["filepath"])
-    # Without a shuffle, blocks are split and joined where they stand: the order stays the file's.
-    return ds.repartition(blocks, shuffle=False)
 
 
 class _Results:
@@ -224,118 +179,48 @@ class _Results:
         self._stop.set()
 
 
-@dataclass
-class _Progress:
-    """What the progress bar and the MCP notifications say: rows, and listing batches back from
-    the cluster."""
-
-    events: Events
-    total: int
-    stats: EmbedStats
-    store: bool
-    batches: int = 0
-
-    def report(self) -> None:
-        # no batch total: a parquet's row groups may cut the listing into a few more than rows/batch
-        note = f"{self.batches} batch(es) done on the cluster"
-        if self.store:
-            note += f", {self.stats.reused} reused from the store"
-        self.events.progress("embed", self.stats.rows_in, self.total, note)
-
-
-def embed_on_ray(ray: Any, spec: EmbeddingSpec, input_path: Path, output_path: Path, image_root: Path,
-                 encoder: Encoder, events: Events, store: Path | None, watch: HeadWatch,
+def embed_on_ray(ray: Any, spec: EmbeddingSpec, listing: Listing, output_path: Path, encoder: Encoder,
+                 events: Events, store: Path | None, watch: HeadWatch,
                  actors: int | None = None) -> tuple[EmbedStats, Workers]:
-    """Embed `input_path` into `output_path` on the cluster; the stats, and the encoder actors
-    that did it."""
-    started = time.perf_counter()
+    """Embed `listing` on the cluster: prepare in read tasks, encode in actors, finish here."""
     shelf = Shelf(store, encoder.identity) if store else None
-    stats, out_schema, total = start_step(input_path, encoder, shelf)
-    # The read tasks skip what the store holds: only the other rows reach the encoder actors.
-    stored = shelf.digests() if shelf is not None else np.zeros(0, "S32")
     cpus, gpus, nodes = cluster_cpus_gpus(ray)
     model, model_path = spec.encoder_key()[0], spec.encoder_key()[1]
     use_gpu = spec.device != "cpu" and model != "thumbnail"
     plan = plan_pool(cpus, gpus, use_gpu, actors)
     events.log("info", f"Ray: {nodes} node(s), {cpus:g} CPU(s), {gpus:g} GPU(s); {plan.actors} encoder "
                        f"actor(s) of {plan.actor_cpus:g} CPU / {plan.actor_gpus:g} GPU")
-    ds = _listing(ray, input_path, plan.read_cpus, listing_blocks(total, spec.batch_size, plan.actors)).map_batches(
-        read_decode, batch_size=spec.batch_size, batch_format="pyarrow", num_cpus=plan.read_cpus,
-        fn_kwargs={"image_root": str(image_root), "model": model, "model_path": model_path,
-                   "stored": stored})
-    ds = ds.map_batches(
-        EncodeActor, batch_size=spec.batch_size, batch_format="pyarrow",
-        fn_constructor_kwargs={"model": model, "model_path": model_path, "pooling": spec.pooling,
-                               "device": "auto" if spec.device.startswith("cuda") else spec.device},
-        compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus,
-        num_gpus=plan.actor_gpus)
-    nodes: set[str] = set()
-    progress = _Progress(events, total, stats, shelf is not None)
-    results = _Results(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1), STALL_SECONDS,
-                       watch, progress.report)
-    progress.report()
-    try:
-        with output_writer(output_path, out_schema, encoder.dim) as writer:
-            listing = tables.iter_batches(input_path, spec.batch_size)
-            while True:
-                t0 = time.perf_counter()
-                batch = next(listing, None)
-                stats.timings["read"] += time.perf_counter() - t0
-                if batch is None:
-                    break
+    with embedding_step(listing, output_path, encoder, shelf, events) as step:
+        # Without a shuffle, blocks are split and joined where they stand: the order stays the file's.
+        # The read tasks skip what the store holds: only the other rows reach the encoder actors.
+        ds = listing.ray_dataset(ray, plan.read_cpus).repartition(
+            listing_blocks(listing.rows, spec.batch_size, plan.actors), shuffle=False).map_batches(
+            read_decode, batch_size=spec.batch_size, batch_format="pyarrow", num_cpus=plan.read_cpus,
+            fn_kwargs={"image_root": str(listing.images_root), "model": model, "model_path": model_path,
+                       "stored": step.preparer.held})
+        ds = ds.map_batches(
+            EncodeActor, batch_size=spec.batch_size, batch_format="pyarrow",
+            fn_constructor_kwargs={"model": model, "model_path": model_path, "pooling": spec.pooling,
+                                   "device": "auto" if spec.device.startswith("cuda") else spec.device},
+            compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus,
+            num_gpus=plan.actor_gpus)
+        used: set[str] = set()
+        batches = [0]  # back from the cluster; no total: a parquet's row groups may cut a few more
+
+        def report() -> None:
+            events.progress("embed", step.stats.rows_in, listing.rows, f"{batches[0]} batch(es) done on the cluster"
+                            + (f", {step.stats.reused} reused from the store" if shelf is not None else ""))
+
+        results = _Results(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1),
+                           STALL_SECONDS, watch, report)
+        report()
+        try:
+            for batch in timed(listing.batches(spec.batch_size), step.stats.timings):
                 got = results.take(batch.num_rows)
-                nodes.update(got.column("node").unique().to_pylist())
-                _finish(batch, got, encoder, shelf, writer, out_schema, stats, events, image_root)
-                progress.batches += 1
-                progress.report()
-    finally:
-        results.close()
-    return close_shelf(shelf, stats, events, started), Workers(plan.actors, len(nodes), plan.actors * plan.actor_gpus)
-
-
-def _finish(batch: pa.RecordBatch, got: pa.Table, encoder: Encoder, shelf: Shelf | None,
-            writer: RowGroupWriter, schema: pa.Schema, stats: EmbedStats, events: Events,
-            image_root: Path) -> None:
-    """One listing batch: count its skips, take stored vectors from the store and new ones from
-    the cluster, then store and write as the local backend does."""
-    n = batch.num_rows
-    stats.rows_in += n
-    status = got.column("status").to_numpy()
-    digests = got.column("digest").to_pylist()
-    reasons, failpaths = got.column("reason").to_pylist(), got.column("failpath").to_pylist()
-    count_skips([LoadFailure(failpaths[i], reasons[i]) for i in np.flatnonzero(status == FAILED)], stats, events)
-    vectors = np.zeros((n, encoder.dim), np.float32)
-    new = np.flatnonzero(status == NEW)
-    blobs = got.column("vector").to_pylist()
-    for i in new:
-        vectors[i] = np.frombuffer(blobs[i], np.float32)
-    stored = np.flatnonzero(status == STORED)
-    while shelf is not None and len(stored):
-        where = shelf.find([digests[i] for i in stored])
-        gone = stored[where < 0]  # its shard failed its checksum since: embed it here after all
-        if len(gone):
-            vectors[gone] = _embed_here(batch, gone, encoder, image_root)
-            new, stored, where = np.sort(np.concatenate([new, gone])), stored[where >= 0], where[where >= 0]
-        found = shelf.vectors(where) if len(stored) else np.zeros((0, encoder.dim), np.float32)
-        if found is not None:
-            vectors[stored] = found
-            stats.seconds_saved += shelf.seconds_saved(where) if len(stored) else 0.0
-            break
-    seconds = got.column("seconds").to_numpy()
-    stats.timings["decode"] += float(seconds.sum())
-    store_and_write(batch, vectors, status != FAILED, new, [digests[i] for i in new],
-                    float(seconds[new].mean()) if len(new) else 0.0, len(stored), shelf, writer, schema, stats)
-
-
-def _embed_here(batch: pa.RecordBatch, rows: np.ndarray, encoder: Encoder, image_root: Path) -> np.ndarray:
-    """Rows the store lost between the read task and now, embedded on the driver (rare)."""
-    paths = batch.column("filepath").to_pylist()
-    pixels = []
-    for i in rows:
-        data = read_bytes(paths[i], image_root)
-        image = data if isinstance(data, LoadFailure) else decode_rgb(data, str(paths[i]))
-        if isinstance(image, LoadFailure):  # it read fine a moment ago
-            raise DeftError("image_changed", f"{paths[i]} changed while it was being embedded ({image.reason})",
-                            fix="run again once the images are no longer being written", path=str(paths[i]))
-        pixels.append(encoder.preprocess([image]))
-    return encoder.encode(np.concatenate(pixels))
+                used.update(got.column("node").unique().to_pylist())
+                step.finish(batch, prepared(got))
+                batches[0] += 1
+                report()
+        finally:
+            results.close()
+    return step.stats, Workers(plan.actors, len(used), plan.actors * plan.actor_gpus)

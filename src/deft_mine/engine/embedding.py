@@ -1,8 +1,10 @@
-"""The embedding loop: read rows → decode images → encode → write parquet, with stage timings."""
+"""The embedding step: a listing's batches, each through one batch step (prepare → encode →
+finish), run in-process here or by Ray (backends/ray_embed.py), into one parquet, with timings."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -10,7 +12,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +21,9 @@ import pyarrow.parquet as pq
 from deft_mine.engine import tables
 from deft_mine.engine.encoders import Encoder
 from deft_mine.engine.images import LoadFailure, decode_rgb, digest, read_bytes
+from deft_mine.engine.listings import Listing, filepaths_of
 from deft_mine.engine.store import Shelf
+from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas.results import EncoderIdentity
 
@@ -36,6 +40,19 @@ def _rows_per_group(dim: int) -> int:
 
 
 @dataclass
+class BatchOutcome:
+    """What one batch step did: rows in and written, vectors reused and made, unreadable images."""
+
+    rows_in: int
+    rows_out: int
+    reused: int
+    embedded: int
+    seconds_saved: float
+    failures: list[LoadFailure]
+    timings: dict[str, float]
+
+
+@dataclass
 class EmbedStats:
     rows_in: int = 0
     rows_out: int = 0
@@ -49,86 +66,153 @@ class EmbedStats:
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("read", "digest", "decode", "encode", "write", "total"), 0.0))
 
-    @property
-    def skipped(self) -> int:
-        return sum(self.skipped_by_reason.values())
+    def add(self, done: BatchOutcome, events: Events) -> None:
+        """A finished batch counted (the one place the counts change), its skips told."""
+        for name in ("rows_in", "rows_out", "reused", "embedded", "seconds_saved"):
+            setattr(self, name, getattr(self, name) + getattr(done, name))
+        for stage, seconds in done.timings.items():
+            self.timings[stage] += seconds
+        self.skipped_by_reason.update(failure.reason.split(" (")[0] for failure in done.failures)
+        room = _SKIPPED_EXAMPLES - len(self.skipped_examples)
+        self.skipped_examples += [f"{failure.filepath}: {failure.reason}" for failure in done.failures][:room]
+        if done.failures:
+            events.log("warning", f"skipped {len(done.failures)} unreadable image(s), e.g. "
+                                  f"{done.failures[0].filepath}: {done.failures[0].reason}")
 
 
 @dataclass
-class _Prepared:
-    batch: pa.RecordBatch
-    digests: list[bytes | None]  # of each row's bytes (None: unreadable)
-    rows: list[Any]  # per row: a LoadFailure, the pixels to encode, or the bytes of a stored image
-    seconds: float
+class Prepared:
+    """A listing batch ready for the encoder; per row: a LoadFailure, pixels, or None (held by the
+    store when prepared, or its vector in `encoded`), its digest, its seconds; `wall`: the batch's."""
+
+    rows: list[LoadFailure | np.ndarray | None]
+    digests: list[bytes | None]
+    seconds: np.ndarray
+    wall: float
+    digest_seconds: float = 0.0
+    encoded: dict[int, np.ndarray] = field(default_factory=dict)
 
 
-def embed_file(
-    input_path: Path,
-    output_path: Path,
-    encoder: Encoder,
-    *,
-    batch_size: int,
-    image_root: Path,
-    events: Events,
-    shelf: Shelf | None = None,
-    workers: int | None = None,
-) -> EmbedStats:
-    """Embed every row's image of `input_path` into `output_path` (written atomically).
+@dataclass(frozen=True)
+class Preparer:
+    """The prepare stage: each row read, digested, looked up in `held` (the store's sorted digests
+    when the step began), else decoded and preprocessed."""
 
-    With a `shelf` (the store's vectors for this encoder), an image whose bytes were embedded
-    before is not decoded nor encoded again, and every finished batch is stored as it goes.
-    Rows whose image cannot be read are left out of the output and counted by reason.
-    """
+    images_root: Path
+    held: np.ndarray
+    preprocess: Callable[[list[Any]], np.ndarray]
+
+    def row(self, filepath: str | None) -> tuple[LoadFailure | np.ndarray | None, bytes | None, float, float]:
+        t0 = time.perf_counter()
+        data = read_bytes(filepath, self.images_root)
+        if isinstance(data, LoadFailure):
+            return data, None, 0.0, 0.0
+        t1 = time.perf_counter()
+        found, digest_seconds = digest(data), time.perf_counter() - t1
+        key = np.array([found], "S32")  # compared as the store compares them (Shelf.find)
+        if (at := int(np.searchsorted(self.held, key)[0])) < len(self.held) and self.held[at] == key[0]:
+            return None, found, 0.0, digest_seconds
+        image = decode_rgb(data, str(filepath))
+        pixels = image if isinstance(image, LoadFailure) else \
+            np.ascontiguousarray(self.preprocess([image]), dtype=np.float32)
+        return pixels, found, time.perf_counter() - t0, digest_seconds
+
+    def again(self, filepath: str) -> np.ndarray:
+        """A row the store held when prepared but has lost since: read and decoded now."""
+        pixels = dataclasses.replace(self, held=np.zeros(0, "S32")).row(filepath)[0]
+        if isinstance(pixels, LoadFailure):  # it read fine a moment ago
+            raise DeftError("image_changed", f"{filepath} changed while it was being embedded ({pixels.reason})",
+                            fix="run again once the images are no longer being written", path=str(filepath))
+        return pixels
+
+    def __call__(self, filepaths: list[str | None], mapper: Callable[..., Iterable[Any]] = map) -> Prepared:
+        """The batch prepared row by row (`mapper`: a thread pool's map runs them side by side)."""
+        t0 = time.perf_counter()
+        rows, digests, seconds, digest_seconds = zip(*mapper(self.row, filepaths)) if filepaths else ((),) * 4
+        return Prepared(list(rows), list(digests), np.array(seconds, np.float64), time.perf_counter() - t0,
+                        sum(digest_seconds))
+
+
+def encode(encoder: Encoder, pixels: list[np.ndarray]) -> np.ndarray:
+    """The encode stage: the rows' vectors, (rows, dim) float32."""
+    return np.asarray(encoder.encode(np.concatenate(pixels)), np.float32) if pixels else \
+        np.zeros((0, encoder.dim), np.float32)
+
+
+@dataclass
+class Step:
+    """An embedding step under way: the encoder, the store's shelf, the output, the counts."""
+
+    encoder: Encoder
+    shelf: Shelf | None
+    preparer: Preparer
+    events: Events
+    schema: pa.Schema
+    writer: "RowGroupWriter"
+    stats: EmbedStats
+
+    def finish(self, batch: pa.RecordBatch, prep: Prepared) -> BatchOutcome:
+        """The finish stage: the store's vectors where it holds them now, the rest encoded (unless in
+        `prep.encoded`); new vectors stored first (a killed run resumes past them), then written."""
+        n = batch.num_rows
+        hits, stored, saved = self._from_store(batch, prep)
+        held = set(hits.tolist())
+        todo = [i for i, r in enumerate(prep.rows) if isinstance(r, np.ndarray) and i not in held]
+        t0 = time.perf_counter()
+        vectors = np.zeros((n, self.encoder.dim), np.float32)
+        vectors[todo] = encode(self.encoder, [prep.rows[i] for i in todo])
+        encode_seconds = time.perf_counter() - t0
+        vectors[hits] = stored if stored is not None else 0.0
+        made_there = [i for i in prep.encoded if i not in held]
+        for i in made_there:
+            vectors[i] = prep.encoded[i]
+        new = np.array(sorted([*todo, *made_there]), np.int64)
+        keep = np.zeros(n, bool)
+        keep[hits], keep[new] = True, True
+        if self.shelf is not None and len(new):
+            self.shelf.add(pa.array([prep.digests[i] for i in new], pa.binary(32)), vectors[new],
+                           (prep.wall + encode_seconds) / len(new))
+        t0 = time.perf_counter()
+        kept = batch.filter(pa.array(keep)) if not keep.all() else batch
+        columns = {name: kept.column(name) for name in kept.schema.names}
+        columns[EMBEDDING_COLUMN] = tables.vector_array(vectors[keep])
+        self.writer.write(pa.RecordBatch.from_arrays([columns[c] for c in self.schema.names], schema=self.schema))
+        outcome = BatchOutcome(n, kept.num_rows, len(hits), len(new), saved,
+                               [r for r in prep.rows if isinstance(r, LoadFailure)],
+                               {"decode": prep.wall, "digest": prep.digest_seconds, "encode": encode_seconds,
+                                "write": time.perf_counter() - t0})
+        self.stats.add(outcome, self.events)
+        return outcome
+
+    def _from_store(self, batch: pa.RecordBatch, prep: Prepared) -> tuple[np.ndarray, np.ndarray | None, float]:
+        """Rows the store holds now, their vectors and cost; a row whose shard was lost is prepared again."""
+        while self.shelf is not None:
+            where = self.shelf.find(prep.digests)
+            hits = np.flatnonzero(where >= 0)
+            lost = [i for i in np.flatnonzero(where < 0) if prep.rows[i] is None and i not in prep.encoded]
+            for i in lost:  # rare: a shard set aside since
+                prep.rows[i] = self.preparer.again(filepaths_of(batch)[i])
+            vectors = self.shelf.vectors(where[hits]) if len(hits) else None
+            if vectors is not None or not len(hits):
+                return hits, vectors, self.shelf.seconds_saved(where[hits]) if len(hits) else 0.0
+        return np.zeros(0, np.int64), None, 0.0
+
+
+@contextlib.contextmanager
+def embedding_step(listing: Listing, output_path: Path, encoder: Encoder, shelf: Shelf | None,
+                   events: Events) -> Iterator[Step]:
+    """An embedding step: the store's index read; the output written through a temp name (renamed
+    only if the block finishes) in row groups sized for the vectors; the store compacted."""
     started = time.perf_counter()
-    stats, out_schema, total = start_step(input_path, encoder, shelf)
-    workers = workers or min(8, (os.cpu_count() or 2))
-
-    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as decoders, \
-            ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer, \
-            output_writer(output_path, out_schema, encoder.dim) as writer:
-
-        def read_one(filepath: object) -> tuple[bytes, bytes] | LoadFailure:
-            data = read_bytes(filepath, image_root)
-            if isinstance(data, LoadFailure):
-                return data
-            t0 = time.perf_counter()
-            found = digest(data)
-            stats.timings["digest"] += time.perf_counter() - t0  # summed over the workers
-            return found, data
-
-        def pixels_of(filepath: object, data: bytes) -> np.ndarray | LoadFailure:
-            # Preprocessing per image in the worker keeps every core busy, not just one.
-            image = decode_rgb(data, str(filepath))
-            return image if isinstance(image, LoadFailure) else encoder.preprocess([image])
-
-        def prepare(batch: pa.RecordBatch) -> _Prepared:
-            t0 = time.perf_counter()
-            paths = batch.column("filepath").to_pylist()
-            read = list(decoders.map(read_one, paths))
-            digests = [None if isinstance(r, LoadFailure) else r[0] for r in read]
-            stored = shelf.find(digests) >= 0 if shelf is not None else np.zeros(len(read), bool)
-            todo = [i for i, r in enumerate(read) if not isinstance(r, LoadFailure) and not stored[i]]
-            rows: list[Any] = [r if isinstance(r, LoadFailure) else r[1] for r in read]
-            for i, pixels in zip(todo, decoders.map(lambda i: pixels_of(paths[i], rows[i]), todo)):
-                rows[i] = pixels
-            return _Prepared(batch, digests, rows, time.perf_counter() - t0)
-
-        def finish(prep: _Prepared) -> None:
-            _finish(prep, encoder, shelf, writer, out_schema, stats, events, total, pixels_of)
-
-        events.progress("embed", 0, total)
-        pending: deque[Future[_Prepared]] = deque()
-        for batch in _timed(tables.iter_batches(input_path, batch_size), stats.timings):
-            pending.append(preparer.submit(prepare, batch))
-            if len(pending) > _PREFETCH:
-                finish(pending.popleft().result())
-        while pending:
-            finish(pending.popleft().result())
-    return close_shelf(shelf, stats, events, started)
-
-
-def close_shelf(shelf: Shelf | None, stats: EmbedStats, events: Events, started: float) -> EmbedStats:
-    """The end of an embedding step: the store compacted, its trouble counted and told."""
+    schema = output_schema(listing.schema, encoder.identity)
+    stats = EmbedStats(columns=list(schema.names))
+    if shelf is not None:
+        shelf.load_index()
+    held = shelf.digests() if shelf is not None else np.zeros(0, "S32")
+    with tables.atomic_output(output_path) as tmp, \
+            RowGroupWriter(tmp, schema, _rows_per_group(encoder.dim)) as writer:
+        yield Step(encoder, shelf, Preparer(listing.images_root, held, encoder.preprocess), events, schema, writer,
+                   stats)
     if shelf is not None:
         shelf.compact()
         stats.corrupt_shards = list(shelf.corrupt)
@@ -136,23 +220,35 @@ def close_shelf(shelf: Shelf | None, stats: EmbedStats, events: Events, started:
             events.log("warning", f"the embedding store could not be written ({shelf.write_error}); "
                                   "this run's later vectors were not kept for reuse")
     stats.timings["total"] = time.perf_counter() - started
-    return stats
 
 
-def start_step(input_path: Path, encoder: Encoder, shelf: Shelf | None) -> tuple[EmbedStats, pa.Schema, int]:
-    """The start of an embedding step: the listing checked and counted, the output's schema,
-    the store's index read."""
-    stats = EmbedStats()
-    schema = tables.schema_of(input_path)
-    tables.require_columns(input_path, schema, ["filepath"], "input_parquet")
-    out_schema = output_schema(schema, encoder.identity)
-    stats.columns = list(out_schema.names)
-    if shelf is not None:
-        shelf.load_index()
-    return stats, out_schema, tables.num_rows(input_path)
+def embed_file(listing: Listing, output_path: Path, encoder: Encoder, *, batch_size: int, events: Events,
+               shelf: Shelf | None = None, workers: int | None = None) -> EmbedStats:
+    """Embed `listing` into `output_path` in-process: batches prepared ahead (rows side by side in
+    `workers` threads), encoded and finished in order; what the `shelf` holds is not encoded again."""
+    workers = workers or min(8, (os.cpu_count() or 2))
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as decoders, \
+            ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer, \
+            embedding_step(listing, output_path, encoder, shelf, events) as step:
+
+        def finish(batch: pa.RecordBatch, prepared: Future[Prepared]) -> None:
+            step.finish(batch, prepared.result())
+            events.progress("embed", step.stats.rows_in, listing.rows,
+                            f"{step.stats.reused} reused from the store" if shelf else "")
+
+        events.progress("embed", 0, listing.rows)
+        pending: deque[tuple[pa.RecordBatch, Future[Prepared]]] = deque()
+        for batch in timed(listing.batches(batch_size), step.stats.timings):
+            pending.append((batch, preparer.submit(step.preparer, filepaths_of(batch), decoders.map)))
+            if len(pending) > _PREFETCH:
+                finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
+    return step.stats
 
 
-def _timed(batches: Iterator[pa.RecordBatch], timings: dict[str, float]) -> Iterator[pa.RecordBatch]:
+def timed(batches: Iterator[pa.RecordBatch], timings: dict[str, float]) -> Iterator[pa.RecordBatch]:
+    """The listing's batches, the time reading them counted as `read`."""
     while True:
         t0 = time.perf_counter()
         batch = next(batches, None)
@@ -160,91 +256,6 @@ def _timed(batches: Iterator[pa.RecordBatch], timings: dict[str, float]) -> Iter
         if batch is None:
             return
         yield batch
-
-
-def _reused(prep: _Prepared, shelf: Shelf | None,
-            pixels_of: Callable[[object, bytes], Any]) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """The rows whose vector the store holds, those vectors and what they once cost to embed;
-    a row whose shard fails its checksum now (the shard is set aside) is decoded for the
-    encoder after all."""
-    paths = prep.batch.column("filepath").to_pylist()
-    while shelf is not None:
-        where = shelf.find(prep.digests)
-        hits = np.flatnonzero(where >= 0)
-        for i in range(len(prep.rows)):  # stored when prepared, but no longer
-            if where[i] < 0 and isinstance(prep.rows[i], bytes):
-                prep.rows[i] = pixels_of(paths[i], prep.rows[i])
-        vectors = shelf.vectors(where[hits]) if len(hits) else None
-        if vectors is not None or not len(hits):
-            return hits, vectors, shelf.seconds_saved(where[hits]) if len(hits) else 0.0
-    return np.zeros(0, np.int64), None, 0.0
-
-
-def _finish(prep: _Prepared, encoder: Encoder, shelf: Shelf | None, writer: "RowGroupWriter",
-            schema: pa.Schema, stats: EmbedStats, events: Events, total: int,
-            pixels_of: Callable[[object, bytes], Any]) -> None:
-    stats.timings["decode"] += prep.seconds
-    stats.rows_in += prep.batch.num_rows
-    hits, stored, saved = _reused(prep, shelf, pixels_of)
-    stats.seconds_saved += saved
-    count_skips([r for r in prep.rows if isinstance(r, LoadFailure)], stats, events)
-    reused = set(hits.tolist())
-    new = np.array([i for i, r in enumerate(prep.rows) if isinstance(r, np.ndarray) and i not in reused], np.int64)
-    t0 = time.perf_counter()
-    fresh = encoder.encode(np.concatenate([prep.rows[i] for i in new])) if len(new) else \
-        np.zeros((0, encoder.dim), np.float32)
-    stats.timings["encode"] += time.perf_counter() - t0
-    vectors = np.zeros((prep.batch.num_rows, encoder.dim), np.float32)
-    keep = np.zeros(prep.batch.num_rows, bool)
-    if len(hits):
-        vectors[hits], keep[hits] = stored, True
-    vectors[new], keep[new] = fresh, True
-    store_and_write(prep.batch, vectors, keep, new, [prep.digests[i] for i in new],
-                    (prep.seconds + time.perf_counter() - t0) / max(len(new), 1), len(hits), shelf, writer, schema,
-                    stats)
-    events.progress("embed", stats.rows_in, total, f"{stats.reused} reused from the store" if shelf else "")
-
-
-def count_skips(failures: list[LoadFailure], stats: EmbedStats, events: Events) -> None:
-    """A batch's unreadable images, counted by reason (the first few named) and told."""
-    for failure in failures:
-        stats.skipped_by_reason[failure.reason.split(" (")[0]] += 1
-        if len(stats.skipped_examples) < _SKIPPED_EXAMPLES:
-            stats.skipped_examples.append(f"{failure.filepath}: {failure.reason}")
-    if failures:
-        events.log("warning", f"skipped {len(failures)} unreadable image(s), e.g. "
-                              f"{failures[0].filepath}: {failures[0].reason}")
-
-
-def store_and_write(batch: pa.RecordBatch, vectors: np.ndarray, keep: np.ndarray, new: np.ndarray,
-                    new_digests: list[bytes], seconds_each: float, reused: int, shelf: Shelf | None,
-                    writer: "RowGroupWriter", schema: pa.Schema, stats: EmbedStats) -> None:
-    """A finished batch: its newly embedded rows (`new`) into the store first, so that a run
-    killed after this batch resumes past it; then its kept rows into the output; then counted."""
-    if shelf is not None and len(new):
-        shelf.add(pa.array(new_digests, pa.binary(32)), vectors[new], seconds_each)
-    write_rows(batch, vectors, keep, writer, schema, stats)
-    stats.reused += reused
-    stats.embedded += len(new)
-
-
-def write_rows(batch: pa.RecordBatch, vectors: np.ndarray, keep: np.ndarray, writer: "RowGroupWriter",
-               schema: pa.Schema, stats: EmbedStats) -> None:
-    """The batch's kept rows, their input columns as they were and `vectors` as the embedding."""
-    t0 = time.perf_counter()
-    kept = batch.filter(pa.array(keep)) if not keep.all() else batch
-    columns = {name: kept.column(name) for name in kept.schema.names}
-    columns[EMBEDDING_COLUMN] = tables.vector_array(vectors[keep])
-    writer.write(pa.RecordBatch.from_arrays([columns[n] for n in schema.names], schema=schema))
-    stats.timings["write"] += time.perf_counter() - t0
-    stats.rows_out += kept.num_rows
-
-
-@contextlib.contextmanager
-def output_writer(output_path: Path, schema: pa.Schema, dim: int) -> Iterator["RowGroupWriter"]:
-    """An embedding parquet written through a temp name, in row groups sized for `dim`."""
-    with tables.atomic_output(output_path) as tmp, RowGroupWriter(tmp, schema, _rows_per_group(dim)) as writer:
-        yield writer
 
 
 class RowGroupWriter:

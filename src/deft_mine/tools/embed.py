@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 from deft_mine.backends import Backend, resolve
+from deft_mine.engine.listings import Listing, open_listing
 from deft_mine.errors import DeftError
 from deft_mine.schemas import warnings
 from deft_mine.schemas.inputs import EmbedInput
@@ -25,9 +26,10 @@ def embed_images(inputs: EmbedInput, ctx: ToolContext) -> EmbedResult:
     return embed_spec(spec, resolve(inputs.backend_options()), ctx.store_for(inputs.store, inputs.no_store), ctx)
 
 
-def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: ToolContext) -> EmbedResult:
-    """Embed with an already-resolved spec and backend (what `run` calls for each side), reusing
-    and filling `store` (None: off)."""
+def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: ToolContext,
+               listing: Listing | None = None) -> EmbedResult:
+    """Embed with an already-resolved spec and backend (what `run` calls for each side, with the
+    side's listing already read), reusing and filling `store` (None: off)."""
     ctx.check_paths(spec)
     source = existing_input(spec, "input_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source)
@@ -35,14 +37,15 @@ def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: T
     if spec.image_root and not image_root.is_dir():
         raise DeftError("file_not_found", f"image_root {image_root} is not a folder", field="image_root",
                         fix="name the folder the listing's relative filepaths resolve against", path=str(image_root))
+    listing = listing or open_listing(source, "input_parquet", image_root)
     if ctx.policy is not None:
-        ctx.policy.check_listing(source, image_root)
+        ctx.policy.check_listing(listing)
     if spec.is_tao_checkpoint and not backend.capabilities.runs_tao_checkpoints:
         raise DeftError("backend_unsupported", f"model={spec.model} (a TAO checkpoint) runs only in the TAO "
                         f"container, not on the {backend.name} backend", field="model",
                         fix="use backend=docker for TAO checkpoints, or model=SigLIP|CLIP|DINOv2|hf|thumbnail locally")
     with ctx.lock.bind(spec) if ctx.lock is not None else contextlib.nullcontext() as key:
-        done = backend.embed(spec, source, output, image_root, ctx.events, store)
+        done = backend.embed(spec, listing, output, ctx.events, store)
         if ctx.lock is not None:
             ctx.lock.record(done.encoder, key)
     done.warnings = [warnings.store_shard_corrupt(done.store, done.corrupt_shards)] if done.corrupt_shards else []

@@ -10,8 +10,7 @@ from typing import Iterable, Iterator
 
 from pydantic import BaseModel
 
-from deft_mine.engine import tables
-from deft_mine.engine.images import resolve_image_path
+from deft_mine.engine.listings import Listing
 from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import PathField
 from deft_mine.schemas.results import EncoderIdentity
@@ -50,29 +49,18 @@ class PathPolicy:
             )
         return resolved
 
-    def check_listing(self, listing: Path, image_root: Path, shown: int = 5) -> None:
-        """The images a listing names are paths too: each (relative ones joined to image_root,
-        symlinks resolved) must lie under the roots, or nothing is read."""
-        if "filepath" not in tables.schema_of(listing).names:
-            return  # the tool's own column check says so
-        outside: list[tuple[int, str]] = []
-        first_row = 0  # batches end at row-group boundaries, so rows are counted, not assumed
-        for batch in tables.iter_batches(listing, 65536, ["filepath"]):
-            for row, filepath in enumerate(batch.column("filepath").to_pylist(), first_row):
-                if filepath is not None and not self.allows(resolve_image_path(str(filepath), image_root)):
-                    outside.append((row, str(filepath)))
-            first_row += batch.num_rows
-            if len(outside) >= shown:
-                break
+    def check_listing(self, listing: Listing, shown: int = 5) -> None:
+        """The images a listing names (resolved, symlinks too) must lie under the roots, or nothing is read."""
+        outside = listing.outside(self.allows, shown)
         if outside:
-            row, first = outside[0]
+            row, first, _ = outside[0]
             raise DeftError(
                 "path_outside_roots",
-                f"{listing}: row {row} names the image {first}, outside the allowed roots "
-                f"({', '.join(map(str, self.roots))})" + (f"; so do rows {', '.join(str(r) for r, _ in outside[1:])}"
+                f"{listing.path}: row {row} names the image {first}, outside the allowed roots "
+                f"({', '.join(map(str, self.roots))})" + (f"; so do rows {', '.join(str(r) for r, _, _ in outside[1:])}"
                                                           if len(outside) > 1 else ""),
                 fix="list only images under an allowed root, or start the server with --root for their folder",
-                field="filepath", rows=[r for r, _ in outside], paths=[p for _, p in outside],
+                field="filepath", rows=[r for r, _, _ in outside], paths=[p for _, p, _ in outside],
                 roots=[str(r) for r in self.roots])
 
     def check_model(self, model: BaseModel) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from deft_mine import __version__, rules
 from deft_mine.backends import resolve
 from deft_mine.engine import tables
-from deft_mine.engine.images import resolve_image_path
+from deft_mine.engine.listings import Listing, open_listing
 from deft_mine.engine.mining import lexically_normal
 from deft_mine.schemas import warnings
 from deft_mine.schemas.inputs import PreflightInput, StoreInfoInput
@@ -52,16 +52,15 @@ def check_before_mining(inputs: PreflightInput, ctx: ToolContext) -> PreflightRe
                            warnings=predict_warnings(inputs))
 
 
+def _listings(inputs: PreflightInput) -> dict[str, Listing]:
+    return {name: open_listing(tables.require_file(Path(p).expanduser().absolute(), name), name)
+            for name, p in (("targets", inputs.targets), ("source", inputs.source)) if p is not None}
+
+
 def sample_images(inputs: PreflightInput, per_side: int = _NODE_SAMPLE) -> list[Path]:
     """The first images each given listing names (resolved as embed resolves them)."""
-    found: list[Path] = []
-    for name, value in (("targets", inputs.targets), ("source", inputs.source)):
-        if value is not None:
-            path = tables.require_file(Path(value).expanduser().absolute(), name)
-            column = next(tables.iter_batches(path, per_side, ["filepath"]), None)
-            found += [resolve_image_path(str(p), path.parent) for p in
-                      (column.column("filepath").to_pylist() if column is not None else []) if p]
-    return found
+    return [path for listing in _listings(inputs).values() for _, filepath, path in listing.resolved(per_side)
+            if filepath]
 
 
 def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
@@ -69,31 +68,26 @@ def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
     _, mine_over = split_overrides(inputs.overrides or ())
     mining = load_spec(MiningSpec, inputs.mining_spec_path, mine_over)
     found: list[ToolWarning] = []
-    sides = {name: tables.require_file(Path(p).expanduser().absolute(), name)
-             for name, p in (("targets", inputs.targets), ("source", inputs.source)) if p is not None}
-    schemas = {name: tables.schema_of(path) for name, path in sides.items()}
-    for name, path in sides.items():
-        tables.require_columns(path, schemas[name], ["filepath"], name)
-    filepaths = {name: tables.read_columns(path, ["filepath"]).column("filepath").to_pylist()
-                 for name, path in sides.items()}
+    sides = _listings(inputs)
+    filepaths = {name: list(listing.filepaths()) for name, listing in sides.items()}
     if len(sides) == 2:
         # the same comparison mining makes
         target_paths = {lexically_normal(str(p)) for p in filepaths["targets"] if p is not None}
         in_pool = sum(p is not None and lexically_normal(str(p)) in target_paths for p in filepaths["source"])
         found += [ruling.warning for ruling in rules.rule(rules.Facts(
-            topn=mining.topn, queries=tables.num_rows(sides["targets"]),
+            topn=mining.topn, queries=sides["targets"].rows,
             # the rows mining will search: exclude_targets takes the targets out of the pool first
-            pool=tables.num_rows(sides["source"]) - (in_pool if mining.exclude_targets else 0),
+            pool=sides["source"].rows - (in_pool if mining.exclude_targets else 0),
             filter_by_label=mining.filter_by_label,
-            sides_without_label=tuple(side.input for side in Side if "label" not in schemas[side.input].names),
+            sides_without_label=tuple(side.input for side in Side if "label" not in sides[side.input].schema.names),
             target_in_pool=in_pool, predicted=True))]
-    for name, path in sides.items():
-        paths = filepaths[name][:_IMAGE_SAMPLE]
-        missing_images = [p for p in paths if p is None or not resolve_image_path(str(p), path.parent).is_file()]
+    for name, listing in sides.items():
+        sample = list(listing.resolved(_IMAGE_SAMPLE))
+        missing_images = [filepath for _, filepath, path in sample if path is None or not path.is_file()]
         if missing_images:
-            found.append(warnings.images_missing(name, missing_images, len(paths), str(path.parent)))
-    for name, path in sides.items():
-        if not tables.is_csv(path) and "embedding" in schemas[name].names and tables.read_identity(path) is None:
+            found.append(warnings.images_missing(name, missing_images, len(sample), str(listing.images_root)))
+    for name, listing in sides.items():
+        if listing.format != "csv" and "embedding" in listing.schema.names and tables.read_identity(listing.path) is None:
             found += [r.warning for r in rules.rule(rules.Facts(sides_without_identity=(name,), predicted=True))]
     return found
 

@@ -1,0 +1,88 @@
+"""Listings: any input naming images turned into the one standard listing every step reads (its
+rows: `filepath`, then every carried column; the images root relative filepaths resolve
+against), the only reader of a raw input's `filepath`. A format is one function in FORMATS."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+
+from deft_mine.engine import tables
+from deft_mine.engine.images import resolve_image_path
+
+FILEPATH = "filepath"
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One input as the steps read it, in file order; `table`: the rows of a format read whole."""
+
+    path: Path
+    format: str
+    images_root: Path
+    schema: pa.Schema
+    rows: int
+    table: pa.Table | None = None
+
+    def batches(self, rows: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        if self.table is None:
+            return tables.iter_batches(self.path, rows, columns)
+        return iter((self.table if columns is None else self.table.select(columns)).to_batches(max_chunksize=rows))
+
+    def filepaths(self, limit: int | None = None) -> Iterator[str | None]:
+        """The rows' filepaths as written (None: a null), streamed: the first `limit` or all."""
+        for batch in self.batches(min(limit or 65536, 65536), [FILEPATH]):
+            yield from filepaths_of(batch)[:limit]
+            if limit is not None and (limit := limit - batch.num_rows) <= 0:
+                return
+
+    def resolved(self, limit: int | None = None) -> Iterator[tuple[int, str | None, Path | None]]:
+        """(row, filepath, where it resolves; None for a null filepath), in order."""
+        for row, filepath in enumerate(self.filepaths(limit)):
+            yield row, filepath, None if filepath is None else resolve_image_path(filepath, self.images_root)
+
+    def outside(self, allowed: Callable[[Path], bool], shown: int) -> list[tuple[int, str, Path]]:
+        """The first `shown` rows whose image resolves where `allowed` refuses: (row, filepath, path)."""
+        return list(itertools.islice(((row, filepath, path) for row, filepath, path in self.resolved()
+                                      if path is not None and not allowed(path)), shown))
+
+    @property
+    def null_filepaths(self) -> int:
+        """Rows that name no image (null, or empty in a CSV): embedding skips them ("null filepath")."""
+        return sum(not filepath for filepath in self.filepaths())
+
+    def ray_dataset(self, ray: Any, read_cpus: float) -> Any:
+        """The filepaths as a Ray dataset, in file order; from a parquet, the read tasks read only them."""
+        if self.table is not None:
+            return ray.data.from_arrow(self.table.select([FILEPATH]))
+        return ray.data.read_parquet(str(self.path), file_extensions=None, num_cpus=read_cpus).select_columns([FILEPATH])
+
+
+def filepath_parquet(path: Path, images_root: Path) -> Listing:
+    """A parquet with a `filepath` column, streamed as it is."""
+    return Listing(path, "parquet", images_root, tables.schema_of(path), tables.num_rows(path))
+
+
+def csv(path: Path, images_root: Path) -> Listing:
+    """A CSV (or TSV) with a `filepath` column, its separator taken from the header line."""
+    table = tables.read_csv(path)
+    return Listing(path, "csv", images_root, table.schema, table.num_rows, table)
+
+
+FORMATS: dict[str, Callable[[Path, Path], Listing]] = {"parquet": filepath_parquet, "csv": csv}
+
+
+def open_listing(path: Path, field: str, images_root: Path | None = None) -> Listing:
+    """`path` as a standard listing; a file with no text `filepath` column is refused naming `field`."""
+    listing = FORMATS["csv" if tables.is_csv(path) else "parquet"](path, images_root or path.parent)
+    tables.require_columns(path, listing.schema, [FILEPATH], field)
+    return listing
+
+
+def filepaths_of(batch: pa.RecordBatch | pa.Table) -> list[str | None]:
+    """A listing batch's filepaths, as written (None: a null filepath)."""
+    return batch.column(FILEPATH).to_pylist()
