@@ -19,6 +19,7 @@ from _machine import machine_lines
 from deft_mine.engine.embedding import embed_file
 from deft_mine.engine.encoders import build_encoder
 from deft_mine.engine.images import LoadFailure, load_rgb
+from deft_mine.engine.listings import open_listing
 from deft_mine.events import NullEvents
 
 GOAL = 0.9
@@ -92,13 +93,13 @@ def forward_only(encoder, image_dir: Path, names: list[str], batch_size: int) ->
 def end_to_end(encoder, root: Path, image_dir: Path, names: list[str], batch_size: int):
     warm = root / "warm_up.parquet"
     write_listing(warm, names[:WARM_UP_ROWS])
-    embed_file(warm, root / "warm_up_out.parquet", encoder, batch_size=batch_size,
-               image_root=image_dir, events=NullEvents())
+    embed_file(open_listing(warm, "input_parquet", image_dir), root / "warm_up_out.parquet", encoder,
+               batch_size=batch_size, events=NullEvents())
     listing = root / "input.parquet"
     write_listing(listing, names)
     t0 = time.perf_counter()
-    stats = embed_file(listing, root / "output.parquet", encoder, batch_size=batch_size,
-                       image_root=image_dir, events=NullEvents())
+    stats = embed_file(open_listing(listing, "input_parquet", image_dir), root / "output.parquet", encoder,
+                       batch_size=batch_size, events=NullEvents())
     wall = time.perf_counter() - t0
     return stats, wall
 
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"goal: end_to_end / forward >= {GOAL}")
         print(f"forward only: {fwd_s:.2f}s for {args.images} images (one preprocessed batch of "
               f"{fwd_batch} re-encoded)")
-        print(f"end to end: rows_out={stats.rows_out} skipped={stats.skipped} "
+        print(f"end to end: rows_out={stats.rows_out} skipped={sum(stats.skipped_by_reason.values())} "
               f"wall={wall:.2f}s; stage seconds: "
               + ", ".join(f"{k}={v:.2f}" for k, v in timings.items()))
         print(f"  encode inside embed_file: {enc_ips:.2f} img/s "

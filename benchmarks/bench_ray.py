@@ -97,6 +97,7 @@ def bench_embedding(args: argparse.Namespace) -> None:
     from deft_mine.backends.local import LocalBackend
     from deft_mine.backends.ray import HeadWatch, connect, disconnect
     from deft_mine.backends.ray_embed import embed_on_ray
+    from deft_mine.engine.listings import open_listing
     from deft_mine.events import NullEvents
     from deft_mine.schemas.specs import EmbeddingSpec
 
@@ -123,13 +124,14 @@ def bench_embedding(args: argparse.Namespace) -> None:
             # Worker processes, Ray Data and the encoder's imports start once, untimed: both timed
             # runs then pay only what a run pays on a warm cluster (its actors and their weights).
             pq.write_table(pa.table({"filepath": [f"imgs/{n}" for n in names[:4]]}), root / "warm.parquet")
-            embed_on_ray(ray, spec, root / "warm.parquet", root / "warm_out.parquet", root, encoder, NullEvents(),
-                         None, HeadWatch(ray, cluster.address), actors=2)
+            embed_on_ray(ray, spec, open_listing(root / "warm.parquet", "input_parquet", root), root / "warm_out.parquet",
+                         encoder, NullEvents(), None, HeadWatch(ray, cluster.address), actors=2)
             rates = {}
             for actors in (1, 2):
                 t0 = time.perf_counter()
-                stats, used = embed_on_ray(ray, spec, root / "list.parquet", root / f"out{actors}.parquet", root,
-                                           encoder, NullEvents(), None, HeadWatch(ray, cluster.address), actors=actors)
+                stats, used = embed_on_ray(ray, spec, open_listing(root / "list.parquet", "input_parquet", root),
+                                           root / f"out{actors}.parquet", encoder, NullEvents(), None,
+                                           HeadWatch(ray, cluster.address), actors=actors)
                 seconds = time.perf_counter() - t0
                 rates[actors] = stats.rows_out / seconds
                 print(f"{actors} encoder actor(s) on {used.nodes} node(s): {stats.rows_out} images in "
