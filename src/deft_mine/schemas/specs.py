@@ -15,7 +15,6 @@ from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import PathField
 
 #: `model` values the local backend runs; anything else must be a TAO checkpoint.
-HF_MODELS = ("SigLIP", "CLIP", "DINOv2", "hf")
 LOCAL_MODELS = ("SigLIP", "CLIP", "thumbnail", "DINOv2", "hf")
 TAO_CHECKPOINT_SUFFIXES = (".pth", ".ckpt")
 #: Where each model's vector comes from (`pooling`): `cls` the first token of the last hidden
@@ -270,7 +269,7 @@ def load_spec(
     if spec_path is not None:
         config = _load_yaml(Path(spec_path))
     try:
-        over = OmegaConf.create(_dotlist(overrides) if _is_dotlist(overrides) else dict(overrides))
+        over = OmegaConf.create(dict(overrides) if isinstance(overrides, Mapping) else _dotlist(overrides))
     except OmegaConfBaseException as exc:
         raise DeftError("spec_invalid", f"cannot parse overrides {list(overrides)}: {exc}",
                         fix="write each override as key=value") from exc
@@ -311,10 +310,6 @@ MINING_CONTROLS = ("min_similarity", "max_distance", "label_mode")
 def controls_at_default(spec: MiningSpec) -> set[str]:
     """The mining controls a spec leaves at their defaults."""
     return {key for key in MINING_CONTROLS if getattr(spec, key) == MiningSpec.model_fields[key].default}
-
-
-def _is_dotlist(overrides: Any) -> bool:
-    return not isinstance(overrides, Mapping)
 
 
 def _dotlist(pairs: Sequence[str]) -> dict[str, Any]:
