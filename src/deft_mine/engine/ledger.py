@@ -39,8 +39,9 @@ class Ledger:
     def last_iteration(self) -> int:
         return self.iterations[-1]["iteration"] if self.iterations else 0
 
-    def entry(self, iteration: int) -> dict[str, Any] | None:
-        return next((it for it in self.iterations if it["iteration"] == iteration), None)
+    def entry(self, iteration: int) -> dict[str, Any]:
+        """A recorded iteration (`load` checks they are numbered 1, 2, … in order)."""
+        return self.iterations[iteration - 1]
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "version": VERSION, "selected": self.selected,
