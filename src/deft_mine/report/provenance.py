@@ -119,15 +119,11 @@ def write_provenance(folder: Path, manifest: RunManifest | None, invocation: Inv
         record = {"produced_by": None, "report_by": invocation.wire() if invocation else None}
         tables.write_text_atomic(called, json.dumps(record, indent=2) + "\n")
         unavailable.append(f"{artifacts.MINING_CONFIG}/{artifacts.INVOCATION}: the call that made the run")
-    _write_session(folder, invocation, session)
-    return unavailable
-
-
-def _write_session(folder: Path, invocation: Invocation | None, session: SessionLog | None) -> None:
     if session is not None:  # MCP: the calls so far; this call's own line follows when it ends
         session.join(folder)
     elif invocation is not None and invocation.via == "cli":  # the command line alone
         _append_line(folder / artifacts.SESSION_LOG, {"time": _now(), **invocation.wire()})
+    return unavailable
 
 
 def _append_line(path: Path, line: dict[str, Any]) -> None:

@@ -265,9 +265,7 @@ def load_spec(
     overrides: Mapping[str, Any] | Sequence[str] = (),
 ) -> SpecT:
     """The spec from a YAML file with overrides on top (a mapping, or `key=value` strings)."""
-    config = OmegaConf.create({})
-    if spec_path is not None:
-        config = _load_yaml(Path(spec_path))
+    config = OmegaConf.create({}) if spec_path is None else _load_yaml(Path(spec_path))
     try:
         over = OmegaConf.create(dict(overrides) if isinstance(overrides, Mapping) else _dotlist(overrides))
     except OmegaConfBaseException as exc:
@@ -275,7 +273,9 @@ def load_spec(
                         fix="write each override as key=value") from exc
     merged = OmegaConf.merge(config, over)
     where = f"{spec_path}" if spec_path else "overrides"
-    _check_keys(cls, [str(k) for k in merged.keys()], where)
+    for key in merged.keys():
+        if key not in cls.model_fields:
+            raise _unknown_key(str(key), list(cls.model_fields), f"{where}: unknown key '{key}' for {cls.__name__}")
     for key in merged.keys():
         if OmegaConf.is_missing(merged, key):
             raise DeftError(
@@ -338,12 +338,6 @@ def _load_yaml(path: Path) -> Any:
         raise DeftError("spec_invalid", f"{path}: the spec must be a mapping of key: value",
                         fix="write one key: value per line", path=str(path))
     return config
-
-
-def _check_keys(cls: type[_Spec], keys: list[str], where: str) -> None:
-    for key in keys:
-        if key not in cls.model_fields:
-            raise _unknown_key(key, list(cls.model_fields), f"{where}: unknown key '{key}' for {cls.__name__}")
 
 
 def _unknown_key(key: str, valid: list[str], what: str) -> DeftError:
