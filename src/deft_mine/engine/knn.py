@@ -76,8 +76,8 @@ class TopKState:
 
 
 class RunningTopK:
-    """Feed pool blocks in order with `add`; `result` gives the exact top-k over all of them.
-    Searches of other parts of the pool come in with `merge` (their `state`)."""
+    """Feed pool blocks in order with `add`; `result` gives the exact top-k over all of them
+    (`state` is what a search of one part of the pool hands back, to merge with the others)."""
 
     def __init__(self, queries: np.ndarray, k: int, metric: Metric) -> None:
         if k < 1:
@@ -99,12 +99,9 @@ class RunningTopK:
             # (ties go to the earlier, lower row); that spares most of the rescoring.
             bound = self.state.keys[:, -1] if self.state.keys.shape[1] == self.k else None
             keys, local = _block_topk(self.queries, block, self.k, self.metric, bound)
-            self.merge(TopKState(keys, np.where(local >= 0, ids[np.maximum(local, 0)], -1)))
+            found = TopKState(keys, np.where(local >= 0, ids[np.maximum(local, 0)], -1))
+            self.state = self.state.merged(found, self.k)
         self.seen += len(block)
-
-    def merge(self, other: TopKState) -> None:
-        """Fold in the top-k of other pool rows (another shard's search of the same queries)."""
-        self.state = self.state.merged(other, self.k)
 
     def result(self) -> Neighbours:
         return self.state.neighbours(self.metric)

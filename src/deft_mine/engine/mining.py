@@ -102,17 +102,13 @@ class Searched:
 def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
     """Check both files' columns, read the targets (all-zero ones under cosine left out and
     counted), and read the pool's filepaths whole: which rows repeat a file, which are targets."""
-    metric = spec.knn_metric
     source_column, target_column = spec.source_embed_column_name, spec.target_embed_column_name
     started = time.perf_counter()
-    src_schema = tables.schema_of(source_path)
-    tgt_schema = tables.schema_of(target_path)
-    for path, schema, column, side in ((source_path, src_schema, source_column, Side.source),
-                                       (target_path, tgt_schema, target_column, Side.target)):
-        _require_vector_column(path, schema, column, side)
-        tables.require_columns(path, schema, ["filepath", column], f"{side}_parquet")
-    label_missing = [side for side, sch in ((Side.source, src_schema), (Side.target, tgt_schema))
-                     if "label" not in sch.names]
+    schemas = {Side.source: tables.schema_of(source_path), Side.target: tables.schema_of(target_path)}
+    for side, path, column in ((Side.source, source_path, source_column), (Side.target, target_path, target_column)):
+        _require_vector_column(path, schemas[side], column, side)
+        tables.require_columns(path, schemas[side], ["filepath", column], f"{side}_parquet")
+    label_missing = [side for side, schema in schemas.items() if "label" not in schema.names]
 
     # Labels are read whenever a side has them: the pairs table records them for the report.
     tgt_cols = ["filepath", target_column] + (["label"] if Side.target not in label_missing else [])
@@ -124,7 +120,7 @@ def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
     # Under cosine an all-zero vector (the thumbnail encoder's flat image) has no direction:
     # as a query every pool row would tie at 0, and the "neighbours" would be the first rows.
     target_rows = np.arange(len(queries))
-    flat = ~queries.any(axis=1) if metric is Metric.cosine else np.zeros(len(queries), bool)
+    flat = ~queries.any(axis=1) if spec.knn_metric is Metric.cosine else np.zeros(len(queries), bool)
     zero_examples = [str(p) for p in targets.column("filepath").take(pa.array(np.flatnonzero(flat)[:3])).to_pylist()]
     if flat.any():
         if flat.all():
