@@ -43,10 +43,6 @@ class Ledger:
         """A recorded iteration (`load` checks they are numbered 1, 2, … in order)."""
         return self.iterations[iteration - 1]
 
-    def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, "version": VERSION, "selected": self.selected,
-                           "iterations": self.iterations}, indent=2, sort_keys=False) + "\n"
-
 
 def load(path: Path) -> Ledger:
     """The ledger at `path` (an empty one if the file does not exist yet)."""
@@ -91,7 +87,8 @@ def load(path: Path) -> Ledger:
 
 
 def save(ledger: Ledger) -> None:
-    tables.write_text_atomic(ledger.path, ledger.to_json())
+    data = {"format": FORMAT, "version": VERSION, "selected": ledger.selected, "iterations": ledger.iterations}
+    tables.write_text_atomic(ledger.path, json.dumps(data, indent=2) + "\n")
 
 
 @contextlib.contextmanager

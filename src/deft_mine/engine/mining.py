@@ -348,13 +348,10 @@ def _control_warnings(prep: Prepared, cands: Candidates, within: np.ndarray, kee
     pairs = int(found_mask.sum())
     if spec.floor is not None and pairs and not within.any():
         scores = cands.scores[found_mask]
-        best = scores.max() if spec.knn_metric.higher_is_nearer else scores.min()
-        raised.append(warnings.floor_removed_all(pairs, _floor_key(spec), spec.floor, float(best)))
+        key, best = ("min_similarity", scores.max()) if spec.knn_metric.higher_is_nearer else \
+            ("max_distance", scores.min())
+        raised.append(warnings.floor_removed_all(pairs, key, spec.floor, float(best)))
     return raised
-
-
-def _floor_key(spec: MiningSpec) -> str:
-    return "min_similarity" if spec.knn_metric.higher_is_nearer else "max_distance"
 
 
 def _gathered(values: list, position: np.ndarray, found_mask: np.ndarray) -> np.ndarray:

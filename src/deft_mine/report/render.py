@@ -381,8 +381,9 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     kept, dropped = v.summary.kept_pairs, v.summary.dropped_pairs
     if v.floor_key:
         blocks.append((0, _floor_words(v)))
-    within = (f"Of {_fmt(v.summary.pairs)} pairs found" if not v.floor_key else
-              f"Of the {_fmt(_minus(v.summary.pairs, v.summary.below_floor))} pairs within the floor")
+    pairs, below = v.summary.pairs, v.summary.below_floor
+    within = (f"Of {_fmt(pairs)} pairs found" if not v.floor_key else
+              f"Of the {_fmt(None if pairs is None or below is None else pairs - below)} pairs within the floor")
     blocks.append((0, {
         LabelFilter.applied: (f"Label filter: applied per label (`label_mode` = per_label): each target's "
                               "`topn` was searched among the pool rows of its own label only, so every pair found "
@@ -429,10 +430,6 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
                       "the mined count falls below the request; that is normal, and the report states "
                       "the actual number rather than the requested one."))
     return blocks
-
-
-def _minus(a: int | None, b: int | None) -> int | None:
-    return None if a is None or b is None else a - b
 
 
 def _floor_words(v: _View) -> str:
