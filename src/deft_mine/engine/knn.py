@@ -125,8 +125,7 @@ class GroupedTopK:
         """Add pool rows (`ids` increasing, as for RunningTopK.add) with their groups: each group
         searches only its own rows. A stable sort keeps each group's rows in pool order."""
         order = np.argsort(block_groups, kind="stable")
-        sorted_groups = block_groups[order]
-        present, starts = np.unique(sorted_groups, return_index=True)
+        present, starts = np.unique(block_groups[order], return_index=True)
         ends = np.append(starts[1:], len(order))
         for group, lo, hi in zip(present.tolist(), starts.tolist(), ends.tolist()):
             top = self.tops.get(group)

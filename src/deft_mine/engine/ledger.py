@@ -24,9 +24,8 @@ COUNTS = ("candidates", "previously_selected", "duplicates_in_candidates", "newl
 
 def absolute_normal(filepath: str, base: Path) -> str:
     """Absolute (relative paths join `base`), `os.path.normpath`, no trailing slash, case kept."""
-    path = filepath if os.path.isabs(filepath) else os.path.join(str(base), filepath)
-    normal = os.path.normpath(path)
-    return normal.rstrip("/") or "/"
+    # os.path.join drops `base` when filepath is absolute
+    return os.path.normpath(os.path.join(str(base), filepath)).rstrip("/") or "/"
 
 
 @dataclass

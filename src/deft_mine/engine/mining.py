@@ -163,8 +163,7 @@ def _label_groups(prep: Prepared) -> None:
 
 def _group_codes(labels: pa.Array, groups: pa.Array) -> np.ndarray:
     """Each label's position in `groups` (int32), -1 for a null or a label not among them."""
-    codes = pc.index_in(labels, value_set=groups)
-    return codes.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+    return pc.index_in(labels, value_set=groups).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
 
 
 def search_range(spec: MiningSpec, source_path: Path, target_path: Path, queries: np.ndarray, drop: np.ndarray,
