@@ -114,12 +114,10 @@ class GroupedTopK:
 
     def __init__(self, queries: np.ndarray, query_groups: np.ndarray, k: int, metric: Metric) -> None:
         self.k, self.total = k, len(queries)
-        self.members: dict[int, np.ndarray] = {}  # group -> its query rows, in file order
-        self.tops: dict[int, RunningTopK] = {}
-        for group in np.unique(query_groups[query_groups >= 0]).tolist():
-            rows = np.flatnonzero(query_groups == group)
-            self.members[group] = rows
-            self.tops[group] = RunningTopK(queries[rows], k, metric)
+        groups = np.unique(query_groups[query_groups >= 0]).tolist()
+        # group -> its query rows, in file order; and its search
+        self.members = {group: np.flatnonzero(query_groups == group) for group in groups}
+        self.tops = {group: RunningTopK(queries[rows], k, metric) for group, rows in self.members.items()}
 
     def add(self, block: np.ndarray, ids: np.ndarray, block_groups: np.ndarray) -> None:
         """Add pool rows (`ids` increasing, as for RunningTopK.add) with their groups: each group
