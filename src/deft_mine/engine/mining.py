@@ -268,9 +268,8 @@ def candidates(prep: Prepared, found: Searched) -> Candidates:
     picked = tables.read_columns(prep.source_path, ["filepath"] + (["label"] if source_labelled else [])) \
         .take(pa.array(wanted))
     position = np.searchsorted(wanted, rows)
-    target_labels = None
-    if Side.target not in prep.label_missing:
-        target_labels = np.asarray(label_keys(prep.targets.column("label")).to_pylist(), dtype=object)[:, None]
+    target_labels = None if Side.target in prep.label_missing else \
+        np.asarray(label_keys(prep.targets.column("label")).to_pylist(), dtype=object)[:, None]
     return Candidates(
         target_paths=prep.targets.column("filepath").to_pylist(), rows=rows, scores=scores,
         paths=_gathered(picked.column("filepath").to_pylist(), position, found_mask), target_labels=target_labels,

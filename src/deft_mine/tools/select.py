@@ -108,9 +108,7 @@ def _resume(book: ledgers.Ledger, iteration: int, source: Path, target: Path, su
     """Re-run of the last recorded iteration: every recorded file must be unchanged."""
     entry = book.entry(iteration)
     files = entry["files"]
-    checks = [("candidates", source), ("summary", summary)]
-    if target.exists():
-        checks.append(("output", target))
+    checks = [("candidates", source), ("summary", summary)] + ([("output", target)] if target.exists() else [])
     for role, path in checks:
         recorded = files.get(role)
         current = _file_fact(path)
