@@ -517,8 +517,7 @@ def _labels_section(v: _View, found: list[Finding], verdict: str, compact: bool)
 
 
 def _sanity_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
-    facts = v.facts
-    mined = facts.mined
+    facts, mined = v.facts, v.facts.mined
     blocks: list[tuple[int, str]] = []
     if mined is None:
         blocks.append((0, "No mined parquet exists in this folder, so its schema and paths cannot be checked."))
