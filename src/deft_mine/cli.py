@@ -103,8 +103,7 @@ def _emit(text: str) -> None:
 
 
 def _run_tool(tool: Tool[Any, Any], args: argparse.Namespace, events: RichEvents) -> BaseModel:
-    fields = tool.input.model_fields
-    given = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    given = {name: getattr(args, name) for name in tool.input.model_fields if hasattr(args, name)}
     invocation = Invocation("cli", tool.name, argv=["deft-mine", *args.words])
     result = tool.invoke(tool.input(**given), ToolContext(events, invocation=invocation))
     if not args.json:

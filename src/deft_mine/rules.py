@@ -96,7 +96,8 @@ def short(text: str, words: int) -> str:
     return text if len(parts) <= words else " ".join(parts[:words]) + " …"
 
 
-def _count(n: int | None, one: str) -> str:
+def plural(n: int | None, one: str) -> str:
+    """`n` and the noun, made plural unless n is 1 (NOT_RECORDED when n is unknown)."""
     return f"{NOT_RECORDED if n is None else n} {one if n == 1 else one + 's'}"
 
 
@@ -142,7 +143,7 @@ def pool_exhausted(f: Facts) -> Ruling | None:
                   f"topn × targets = {topn} × {queries} = {topn * queries} is more than the {pool} pool rows "
                   "searched",
                   "Grow the pool with more unused images, or lower topn" + (f" to at most {most}" if most else "")
-                  + f", so each target can get neighbours of its own; this run mined {_count(f.mined, 'unique image')}.")
+                  + f", so each target can get neighbours of its own; this run mined {plural(f.mined, 'unique image')}.")
 
 
 def target_in_pool(f: Facts) -> Ruling | None:
@@ -190,8 +191,8 @@ def images_skipped(f: Facts) -> Ruling | None:
     if not (f.folder and any(f.skipped)):
         return None
     examples = ", ".join(f"`{e}`" for e in f.skipped_examples)
-    return _found("images_skipped", f"images could not be read while embedding: {_count(f.skipped[0], 'target')} "
-                  f"and {_count(f.skipped[1], 'pool row')} left out",
+    return _found("images_skipped", f"images could not be read while embedding: {plural(f.skipped[0], 'target')} "
+                  f"and {plural(f.skipped[1], 'pool row')} left out",
                   "Fix the missing or unreadable image paths, or set `image_root` in the embedding spec to the "
                   "folder relative paths resolve against" + (f" (this run read {f.skipped_roots})"
                                                              if f.skipped_roots else "")

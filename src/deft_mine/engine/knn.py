@@ -76,8 +76,8 @@ class TopKState:
 
 
 class RunningTopK:
-    """Feed pool blocks in order with `add`; `result` gives the exact top-k over all of them.
-    Searches of other parts of the pool come in with `merge` (their `state`)."""
+    """Feed pool blocks in order with `add`; `result` gives the exact top-k over all of them
+    (`state` is what a search of one part of the pool hands back, to merge with the others)."""
 
     def __init__(self, queries: np.ndarray, k: int, metric: Metric) -> None:
         if k < 1:
@@ -99,12 +99,9 @@ class RunningTopK:
             # (ties go to the earlier, lower row); that spares most of the rescoring.
             bound = self.state.keys[:, -1] if self.state.keys.shape[1] == self.k else None
             keys, local = _block_topk(self.queries, block, self.k, self.metric, bound)
-            self.merge(TopKState(keys, np.where(local >= 0, ids[np.maximum(local, 0)], -1)))
+            found = TopKState(keys, np.where(local >= 0, ids[np.maximum(local, 0)], -1))
+            self.state = self.state.merged(found, self.k)
         self.seen += len(block)
-
-    def merge(self, other: TopKState) -> None:
-        """Fold in the top-k of other pool rows (another shard's search of the same queries)."""
-        self.state = self.state.merged(other, self.k)
 
     def result(self) -> Neighbours:
         return self.state.neighbours(self.metric)
@@ -117,19 +114,16 @@ class GroupedTopK:
 
     def __init__(self, queries: np.ndarray, query_groups: np.ndarray, k: int, metric: Metric) -> None:
         self.k, self.total = k, len(queries)
-        self.members: dict[int, np.ndarray] = {}  # group -> its query rows, in file order
-        self.tops: dict[int, RunningTopK] = {}
-        for group in np.unique(query_groups[query_groups >= 0]).tolist():
-            rows = np.flatnonzero(query_groups == group)
-            self.members[group] = rows
-            self.tops[group] = RunningTopK(queries[rows], k, metric)
+        groups = np.unique(query_groups[query_groups >= 0]).tolist()
+        # group -> its query rows, in file order; and its search
+        self.members = {group: np.flatnonzero(query_groups == group) for group in groups}
+        self.tops = {group: RunningTopK(queries[rows], k, metric) for group, rows in self.members.items()}
 
     def add(self, block: np.ndarray, ids: np.ndarray, block_groups: np.ndarray) -> None:
         """Add pool rows (`ids` increasing, as for RunningTopK.add) with their groups: each group
         searches only its own rows. A stable sort keeps each group's rows in pool order."""
         order = np.argsort(block_groups, kind="stable")
-        sorted_groups = block_groups[order]
-        present, starts = np.unique(sorted_groups, return_index=True)
+        present, starts = np.unique(block_groups[order], return_index=True)
         ends = np.append(starts[1:], len(order))
         for group, lo, hi in zip(present.tolist(), starts.tolist(), ends.tolist()):
             top = self.tops.get(group)

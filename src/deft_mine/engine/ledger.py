@@ -24,9 +24,8 @@ COUNTS = ("candidates", "previously_selected", "duplicates_in_candidates", "newl
 
 def absolute_normal(filepath: str, base: Path) -> str:
     """Absolute (relative paths join `base`), `os.path.normpath`, no trailing slash, case kept."""
-    path = filepath if os.path.isabs(filepath) else os.path.join(str(base), filepath)
-    normal = os.path.normpath(path)
-    return normal.rstrip("/") or "/"
+    # os.path.join drops `base` when filepath is absolute
+    return os.path.normpath(os.path.join(str(base), filepath)).rstrip("/") or "/"
 
 
 @dataclass
@@ -39,12 +38,9 @@ class Ledger:
     def last_iteration(self) -> int:
         return self.iterations[-1]["iteration"] if self.iterations else 0
 
-    def entry(self, iteration: int) -> dict[str, Any] | None:
-        return next((it for it in self.iterations if it["iteration"] == iteration), None)
-
-    def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, "version": VERSION, "selected": self.selected,
-                           "iterations": self.iterations}, indent=2, sort_keys=False) + "\n"
+    def entry(self, iteration: int) -> dict[str, Any]:
+        """A recorded iteration (`load` checks they are numbered 1, 2, … in order)."""
+        return self.iterations[iteration - 1]
 
 
 def load(path: Path) -> Ledger:
@@ -90,7 +86,8 @@ def load(path: Path) -> Ledger:
 
 
 def save(ledger: Ledger) -> None:
-    tables.write_text_atomic(ledger.path, ledger.to_json())
+    data = {"format": FORMAT, "version": VERSION, "selected": ledger.selected, "iterations": ledger.iterations}
+    tables.write_text_atomic(ledger.path, json.dumps(data, indent=2) + "\n")
 
 
 @contextlib.contextmanager

@@ -102,17 +102,13 @@ class Searched:
 def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
     """Check both files' columns, read the targets (all-zero ones under cosine left out and
     counted), and read the pool's filepaths whole: which rows repeat a file, which are targets."""
-    metric = spec.knn_metric
     source_column, target_column = spec.source_embed_column_name, spec.target_embed_column_name
     started = time.perf_counter()
-    src_schema = tables.schema_of(source_path)
-    tgt_schema = tables.schema_of(target_path)
-    for path, schema, column, side in ((source_path, src_schema, source_column, Side.source),
-                                       (target_path, tgt_schema, target_column, Side.target)):
-        _require_vector_column(path, schema, column, side)
-        tables.require_columns(path, schema, ["filepath", column], f"{side}_parquet")
-    label_missing = [side for side, sch in ((Side.source, src_schema), (Side.target, tgt_schema))
-                     if "label" not in sch.names]
+    schemas = {Side.source: tables.schema_of(source_path), Side.target: tables.schema_of(target_path)}
+    for side, path, column in ((Side.source, source_path, source_column), (Side.target, target_path, target_column)):
+        _require_vector_column(path, schemas[side], column, side)
+        tables.require_columns(path, schemas[side], ["filepath", column], f"{side}_parquet")
+    label_missing = [side for side, schema in schemas.items() if "label" not in schema.names]
 
     # Labels are read whenever a side has them: the pairs table records them for the report.
     tgt_cols = ["filepath", target_column] + (["label"] if Side.target not in label_missing else [])
@@ -124,7 +120,7 @@ def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
     # Under cosine an all-zero vector (the thumbnail encoder's flat image) has no direction:
     # as a query every pool row would tie at 0, and the "neighbours" would be the first rows.
     target_rows = np.arange(len(queries))
-    flat = ~queries.any(axis=1) if metric is Metric.cosine else np.zeros(len(queries), bool)
+    flat = ~queries.any(axis=1) if spec.knn_metric is Metric.cosine else np.zeros(len(queries), bool)
     zero_examples = [str(p) for p in targets.column("filepath").take(pa.array(np.flatnonzero(flat)[:3])).to_pylist()]
     if flat.any():
         if flat.all():
@@ -167,8 +163,7 @@ def _label_groups(prep: Prepared) -> None:
 
 def _group_codes(labels: pa.Array, groups: pa.Array) -> np.ndarray:
     """Each label's position in `groups` (int32), -1 for a null or a label not among them."""
-    codes = pc.index_in(labels, value_set=groups)
-    return codes.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+    return pc.index_in(labels, value_set=groups).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
 
 
 def search_range(spec: MiningSpec, source_path: Path, target_path: Path, queries: np.ndarray, drop: np.ndarray,
@@ -273,9 +268,8 @@ def candidates(prep: Prepared, found: Searched) -> Candidates:
     picked = tables.read_columns(prep.source_path, ["filepath"] + (["label"] if source_labelled else [])) \
         .take(pa.array(wanted))
     position = np.searchsorted(wanted, rows)
-    target_labels = None
-    if Side.target not in prep.label_missing:
-        target_labels = np.asarray(label_keys(prep.targets.column("label")).to_pylist(), dtype=object)[:, None]
+    target_labels = None if Side.target in prep.label_missing else \
+        np.asarray(label_keys(prep.targets.column("label")).to_pylist(), dtype=object)[:, None]
     return Candidates(
         target_paths=prep.targets.column("filepath").to_pylist(), rows=rows, scores=scores,
         paths=_gathered(picked.column("filepath").to_pylist(), position, found_mask), target_labels=target_labels,
@@ -352,13 +346,10 @@ def _control_warnings(prep: Prepared, cands: Candidates, within: np.ndarray, kee
     pairs = int(found_mask.sum())
     if spec.floor is not None and pairs and not within.any():
         scores = cands.scores[found_mask]
-        best = scores.max() if spec.knn_metric.higher_is_nearer else scores.min()
-        raised.append(warnings.floor_removed_all(pairs, _floor_key(spec), spec.floor, float(best)))
+        key, best = ("min_similarity", scores.max()) if spec.knn_metric.higher_is_nearer else \
+            ("max_distance", scores.min())
+        raised.append(warnings.floor_removed_all(pairs, key, spec.floor, float(best)))
     return raised
-
-
-def _floor_key(spec: MiningSpec) -> str:
-    return "min_similarity" if spec.knn_metric.higher_is_nearer else "max_distance"
 
 
 def _gathered(values: list, position: np.ndarray, found_mask: np.ndarray) -> np.ndarray:

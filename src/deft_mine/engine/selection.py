@@ -47,32 +47,28 @@ class NearestNeighbours:
     metric: Metric
 
     def select(self, found: Candidates, keep: np.ndarray) -> pa.Table:
-        return dedupe(found.paths, found.scores, keep, found.target_paths, self.metric)
+        """Each mined path with the best score any target gave it, which target that was, and
+        how many kept pairs hit it."""
+        paths, scores, target_paths = found.paths, found.scores, found.target_paths
+        best: dict[str, list[Any]] = {}  # path -> [best score, its target, hits], in order of first appearance
+        better = operator.gt if self.metric.higher_is_nearer else operator.lt
+        for t, r in zip(*np.nonzero(keep)):
+            score, entry = float(scores[t, r]), best.get(paths[t, r])
+            if entry is None:
+                best[paths[t, r]] = [score, target_paths[t], 1]
+                continue
+            entry[2] += 1
+            if better(score, entry[0]):
+                entry[:2] = score, target_paths[t]
+        entries = list(best.values())
+        return pa.table({
+            "filepath": pa.array(list(best), pa.string()),
+            "score": pa.array([e[0] for e in entries], pa.float64()),
+            "best_target": pa.array([str(e[1]) for e in entries], pa.string()),
+            "hits": pa.array([e[2] for e in entries], pa.int32()),
+        })
 
 
 def mode_of(spec: MiningSpec) -> Mode:
     """The spec's mining mode (a new mode is a selection stage here, picked by its spec key)."""
     return NearestNeighbours(candidates=spec.topn, metric=spec.knn_metric)
-
-
-def dedupe(paths: np.ndarray, scores: np.ndarray, keep: np.ndarray, target_paths: list[Any],
-           metric: Metric) -> pa.Table:
-    """Unique mined paths in order of first appearance (target order, then rank), with the
-    best score any target gave each, which target that was, and how many kept pairs hit it."""
-    best: dict[str, list[Any]] = {}  # path -> [best score, its target, hits], in order of first appearance
-    better = operator.gt if metric.higher_is_nearer else operator.lt
-    for t, r in zip(*np.nonzero(keep)):
-        score, entry = float(scores[t, r]), best.get(paths[t, r])
-        if entry is None:
-            best[paths[t, r]] = [score, target_paths[t], 1]
-            continue
-        entry[2] += 1
-        if better(score, entry[0]):
-            entry[:2] = score, target_paths[t]
-    found = list(best.values())
-    return pa.table({
-        "filepath": pa.array(list(best), pa.string()),
-        "score": pa.array([e[0] for e in found], pa.float64()),
-        "best_target": pa.array([str(e[1]) for e in found], pa.string()),
-        "hits": pa.array([e[2] for e in found], pa.int32()),
-    })

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from deft_mine.engine import tables
 from deft_mine.errors import DeftError
-from deft_mine.schemas.results import EncoderIdentity
+from deft_mine.schemas.results import EncoderIdentity, StoreShelf
 
 MARKER = "deft-mine-store.json"
 FORMAT = {"format": "deft-mine-embedding-store", "version": 1}
@@ -249,19 +249,6 @@ def _shards(folder: Path) -> list[Path]:
 
 # -------------------------------------------------------------------- keeping it in bounds
 
-@dataclass
-class ShelfInfo:
-    fingerprint: str
-    model: str | None
-    model_path: str | None
-    shards: int
-    vectors: int
-    bytes: int
-    oldest: float | None  # mtime of the oldest shard
-    newest: float | None
-    corrupt: int  # quarantined shards
-
-
 def _stat(path: Path) -> os.stat_result | None:
     try:
         return path.stat()
@@ -269,7 +256,7 @@ def _stat(path: Path) -> os.stat_result | None:
         return None
 
 
-def describe(root: Path) -> list[ShelfInfo]:
+def describe(root: Path) -> list[StoreShelf]:
     """What the store holds, per encoder (footers only: cheap for any size)."""
     out = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
@@ -286,10 +273,10 @@ def describe(root: Path) -> list[ShelfInfo]:
             except (pa.ArrowException, OSError):
                 pass
         sizes = [st.st_size for p in folder.iterdir() if (st := _stat(p)) is not None]
-        out.append(ShelfInfo(folder.name, identity and identity.model, identity and identity.model_path,
-                             len(stats), rows, sum(sizes), min((st.st_mtime for st in stats), default=None),
-                             max((st.st_mtime for st in stats), default=None),
-                             len(list(folder.glob(".corrupt-*")))))
+        out.append(StoreShelf(
+            fingerprint=folder.name, model=identity and identity.model, model_path=identity and identity.model_path,
+            shards=len(stats), vectors=rows, bytes=sum(sizes), oldest=min((st.st_mtime for st in stats), default=None),
+            newest=max((st.st_mtime for st in stats), default=None), corrupt=len(list(folder.glob(".corrupt-*")))))
     return out
 
 

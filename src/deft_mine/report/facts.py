@@ -371,8 +371,7 @@ def _pair_stats(facts: ReportFacts, files: Files) -> None:
         return
     names = tables.schema_of(path).names
     labelled, floored = "target_label" in names, "below_floor" in names
-    table = tables.read_columns(path, ["score", "kept"] + (["target_label"] if labelled else [])
-                                + (["below_floor"] if floored else []))
+    table = tables.read_columns(path, ["score", "kept", *(c for c in ("target_label", "below_floor") if c in names)])
     scores = table.column("score").to_numpy()
     kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
     labels = table.column("target_label").to_pylist() if labelled else None

@@ -35,12 +35,8 @@ class Invocation:
     argv: list[str] | None = None  # the command line's words, "deft-mine" first
 
     def wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"via": self.via, "tool": self.tool}
-        if self.argv is not None:
-            out["command"] = self.argv
-        else:
-            out["arguments"] = self.arguments
-        return out
+        said = {"command": self.argv} if self.argv is not None else {"arguments": self.arguments}
+        return {"via": self.via, "tool": self.tool, **said}
 
 
 class SessionLog:
@@ -111,23 +107,17 @@ def write_provenance(folder: Path, manifest: RunManifest | None, invocation: Inv
         if not producing:
             unavailable.append(f"{artifacts.MINING_CONFIG}/{artifacts.ENVIRONMENT}: the versions and device "
                                "at run time (these are the report writer's)")
-    called = config / artifacts.INVOCATION
+    called, wired = config / artifacts.INVOCATION, invocation.wire() if invocation else None
     if producing:
-        made_by = invocation.wire() if invocation else None
-        tables.write_text_atomic(called, json.dumps({"produced_by": made_by}, indent=2) + "\n")
+        tables.write_text_atomic(called, json.dumps({"produced_by": wired}, indent=2) + "\n")
     elif not called.is_file():
-        record = {"produced_by": None, "report_by": invocation.wire() if invocation else None}
-        tables.write_text_atomic(called, json.dumps(record, indent=2) + "\n")
+        tables.write_text_atomic(called, json.dumps({"produced_by": None, "report_by": wired}, indent=2) + "\n")
         unavailable.append(f"{artifacts.MINING_CONFIG}/{artifacts.INVOCATION}: the call that made the run")
-    _write_session(folder, invocation, session)
-    return unavailable
-
-
-def _write_session(folder: Path, invocation: Invocation | None, session: SessionLog | None) -> None:
     if session is not None:  # MCP: the calls so far; this call's own line follows when it ends
         session.join(folder)
     elif invocation is not None and invocation.via == "cli":  # the command line alone
         _append_line(folder / artifacts.SESSION_LOG, {"time": _now(), **invocation.wire()})
+    return unavailable
 
 
 def _append_line(path: Path, line: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from deft_mine import rules
 from deft_mine.report.facts import SPEC_PARQUETS, ReportFacts
-from deft_mine.rules import NOT_RECORDED
+from deft_mine.rules import NOT_RECORDED, plural
 from deft_mine.schemas.artifacts import SUMMARY_MEANING, MiningSummary
 from deft_mine.schemas.manifest import EmbedFacts, InputFacts, RunManifest
 from deft_mine.schemas.specs import LabelFilter, Side
@@ -106,10 +106,6 @@ def _table(header: str, rows: Iterable[Sequence[Any]]) -> str:
     """A Markdown table: the column titles (separated by " | "), then one line per row of cells."""
     lines = [f"| {header} |", "|" + "---|" * len(header.split(" | "))]
     return "\n".join(lines + ["| " + " | ".join(_fmt(cell) for cell in row) + " |" for row in rows])
-
-
-def _plural(n: int | None, one: str) -> str:
-    return f"{_fmt(n)} {one if n == 1 else one + 's'}"
 
 
 class _View:
@@ -213,11 +209,11 @@ def _assemble(facts: ReportFacts, found: list[Finding], verdict: str, level: int
 
 
 def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
-    mined = (f"{_plural(v.queries, 'target')} mined {_plural(v.mined_count, 'unique pool image')} "
-             f"from {_plural(v.pool, 'pool row')}")
+    mined = (f"{plural(v.queries, 'target')} mined {plural(v.mined_count, 'unique pool image')} "
+             f"from {plural(v.pool, 'pool row')}")
     headline = {
         "ok": f"{mined} with one encoder on both sides; nothing needs attention.",
-        "attention": f"{mined}, but {_plural(len(found), 'finding')} "
+        "attention": f"{mined}, but {plural(len(found), 'finding')} "
                      f"{'needs' if len(found) == 1 else 'need'} a look before the images go to training.",
         "failed": "the mined set must not be used: " + "; ".join(f.reason for f in found if f.severity == "failed") + ".",
     }[verdict]
@@ -385,8 +381,9 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     kept, dropped = v.summary.kept_pairs, v.summary.dropped_pairs
     if v.floor_key:
         blocks.append((0, _floor_words(v)))
-    within = (f"Of {_fmt(v.summary.pairs)} pairs found" if not v.floor_key else
-              f"Of the {_fmt(_minus(v.summary.pairs, v.summary.below_floor))} pairs within the floor")
+    pairs, below = v.summary.pairs, v.summary.below_floor
+    within = (f"Of {_fmt(pairs)} pairs found" if not v.floor_key else
+              f"Of the {_fmt(None if pairs is None or below is None else pairs - below)} pairs within the floor")
     blocks.append((0, {
         LabelFilter.applied: (f"Label filter: applied per label (`label_mode` = per_label): each target's "
                               "`topn` was searched among the pool rows of its own label only, so every pair found "
@@ -435,17 +432,13 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     return blocks
 
 
-def _minus(a: int | None, b: int | None) -> int | None:
-    return None if a is None or b is None else a - b
-
-
 def _floor_words(v: _View) -> str:
     """What the similarity floor did: pairs below it, targets left with nothing."""
     side = "below" if v.floor_key == "min_similarity" else "beyond"
     alone = v.summary.targets_without_neighbours
     return (f"Similarity floor: `{v.floor_key}` = {_fmt(v.floor)}; {_fmt(v.summary.below_floor)} of the "
             f"{_fmt(v.summary.pairs)} pairs found scored {side} it and were dropped before the label "
-            f"filter and de-duplication, and {_plural(alone, 'target')} kept no neighbour at all"
+            f"filter and de-duplication, and {plural(alone, 'target')} kept no neighbour at all"
             + (" (warning `targets_without_neighbours`)." if alone else "."))
 
 
@@ -457,9 +450,9 @@ def _cluster_words(m: RunManifest) -> str | None:
     if not steps:
         return None
     c = steps[-1][1]
-    used = "; ".join(f"{what} ran {_plural(f.workers, kind)} on {_plural(f.nodes_used, 'node')}"
+    used = "; ".join(f"{what} ran {plural(f.workers, kind)} on {plural(f.nodes_used, 'node')}"
                      + (f" with {f.gpus_used:g} GPU(s)" if f.gpus_used else "") for what, f, kind in steps)
-    return (f"Cluster: Ray {c.ray_version} at {_code(c.address)}, {_plural(c.nodes, 'node')} with {c.cpus:g} "
+    return (f"Cluster: Ray {c.ray_version} at {_code(c.address)}, {plural(c.nodes, 'node')} with {c.cpus:g} "
             f"CPU(s) and {c.gpus:g} GPU(s); {used}.")
 
 
@@ -524,8 +517,7 @@ def _labels_section(v: _View, found: list[Finding], verdict: str, compact: bool)
 
 
 def _sanity_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
-    facts = v.facts
-    mined = facts.mined
+    facts, mined = v.facts, v.facts.mined
     blocks: list[tuple[int, str]] = []
     if mined is None:
         blocks.append((0, "No mined parquet exists in this folder, so its schema and paths cannot be checked."))
@@ -555,12 +547,12 @@ def _sanity_section(v: _View, found: list[Finding], verdict: str, compact: bool)
         blocks.append((0, f"Path encoding check: {issues or none}."))
     in_pool = v.summary.target_in_pool
     blocks.append((0, "Targets found in the pool: " + (
-        "not recorded." if in_pool is None else f"{_plural(in_pool, 'pool row')} with a target's filepath"
+        "not recorded." if in_pool is None else f"{plural(in_pool, 'pool row')} with a target's filepath"
         + (" (removed before the search, exclude_targets=true)." if v.exclude_targets else
            " (searched like any other row; exclude_targets=false)." if in_pool else "."))))
     skipped = [v.skipped["target"], v.skipped["source"]]
     blocks.append((0, "Images skipped while embedding: " + ("not recorded." if skipped == [None, None] else
-                      f"{_plural(skipped[0], 'target')}, {_plural(skipped[1], 'pool row')}.")))
+                      f"{plural(skipped[0], 'target')}, {plural(skipped[1], 'pool row')}.")))
     codes = list(dict.fromkeys(w.code for w in facts.warnings))
     listed = ", ".join(f"`{c}`" for c in codes[:12]) + (f" and {len(codes) - 12} more" if codes[12:] else "")
     warned = (": none could be, without run.json; the findings under Verdict are derived from the files "
@@ -597,10 +589,10 @@ def _history_section(v: _View, found: list[Finding], verdict: str, compact: bool
             for it in history.iterations]
     return [
         (0, f"This run is iteration {_fmt(history.iteration)} of the ledger "
-            f"{_path_md(history.ledger)}: of {_plural(history.candidates, 'mined candidate')} "
+            f"{_path_md(history.ledger)}: of {plural(history.candidates, 'mined candidate')} "
             f"in `mined_candidates.parquet`, {_fmt(history.previously_selected)} were selected by "
             f"earlier iterations and {_fmt(history.duplicates_in_candidates)} repeated a candidate, "
-            f"so `mined.parquet` holds {_plural(history.newly_selected, 'newly selected image')}."),
+            f"so `mined.parquet` holds {plural(history.newly_selected, 'newly selected image')}."),
         (0, _table("Iteration | Candidates | Previously selected | Newly selected | Cumulative total", rows)),
         (1, "The ledger records, per iteration, the selected paths (absolute, normalised) and the "
             "SHA-256 of its candidate, output and summary files; re-running an iteration re-checks "
@@ -614,8 +606,8 @@ def _actions_section(v: _View, found: list[Finding], verdict: str, compact: bool
         first = (f"Do not use `{v.mined_name}` as the next round's augmentation queue yet; once the "
                  f"failure below is fixed and mining is re-run, the new `{v.mined_name}` is that queue.")
     else:
-        queue = (f"`mined.parquet` ({_plural(history.newly_selected, 'image')} no earlier iteration selected)"
-                 if history is not None else f"`{v.mined_name}` ({_plural(v.mined_count, 'image')})")
+        queue = (f"`mined.parquet` ({plural(history.newly_selected, 'image')} no earlier iteration selected)"
+                 if history is not None else f"`{v.mined_name}` ({plural(v.mined_count, 'image')})")
         first = (f"Use {queue} as the next round's augmentation queue: label or review those images and add "
                  "them to the training set" + (", after the decisions below." if found else "."))
     actions = [first] + [f.action for f in found if f.action]

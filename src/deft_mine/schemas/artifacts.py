@@ -26,7 +26,6 @@ INVOCATION = "invocation.json"  # the exact command or MCP call that made the ru
 SESSION_LOG = "session.jsonl"  # one line per tool call of the MCP session (the CLI: the command)
 
 
-
 def task_result(output_name: str) -> str:
     """deft-mine-task's result JSON (an EmbedResult or MineResult), hidden beside its output: the
     docker backend reads its facts from there instead of from the container's log."""

@@ -15,7 +15,6 @@ from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import PathField
 
 #: `model` values the local backend runs; anything else must be a TAO checkpoint.
-HF_MODELS = ("SigLIP", "CLIP", "DINOv2", "hf")
 LOCAL_MODELS = ("SigLIP", "CLIP", "thumbnail", "DINOv2", "hf")
 TAO_CHECKPOINT_SUFFIXES = (".pth", ".ckpt")
 #: Where each model's vector comes from (`pooling`): `cls` the first token of the last hidden
@@ -266,17 +265,17 @@ def load_spec(
     overrides: Mapping[str, Any] | Sequence[str] = (),
 ) -> SpecT:
     """The spec from a YAML file with overrides on top (a mapping, or `key=value` strings)."""
-    config = OmegaConf.create({})
-    if spec_path is not None:
-        config = _load_yaml(Path(spec_path))
+    config = OmegaConf.create({}) if spec_path is None else _load_yaml(Path(spec_path))
     try:
-        over = OmegaConf.create(_dotlist(overrides) if _is_dotlist(overrides) else dict(overrides))
+        over = OmegaConf.create(dict(overrides) if isinstance(overrides, Mapping) else _dotlist(overrides))
     except OmegaConfBaseException as exc:
         raise DeftError("spec_invalid", f"cannot parse overrides {list(overrides)}: {exc}",
                         fix="write each override as key=value") from exc
     merged = OmegaConf.merge(config, over)
     where = f"{spec_path}" if spec_path else "overrides"
-    _check_keys(cls, [str(k) for k in merged.keys()], where)
+    for key in merged.keys():
+        if key not in cls.model_fields:
+            raise _unknown_key(str(key), list(cls.model_fields), f"{where}: unknown key '{key}' for {cls.__name__}")
     for key in merged.keys():
         if OmegaConf.is_missing(merged, key):
             raise DeftError(
@@ -313,10 +312,6 @@ def controls_at_default(spec: MiningSpec) -> set[str]:
     return {key for key in MINING_CONTROLS if getattr(spec, key) == MiningSpec.model_fields[key].default}
 
 
-def _is_dotlist(overrides: Any) -> bool:
-    return not isinstance(overrides, Mapping)
-
-
 def _dotlist(pairs: Sequence[str]) -> dict[str, Any]:
     """`key=value` words as strings for the spec to judge, as an MCP client's strings are (no
     YAML reading of `yes`/`on` as true on one face only); `???` stays "not set", `null` is None."""
@@ -343,12 +338,6 @@ def _load_yaml(path: Path) -> Any:
         raise DeftError("spec_invalid", f"{path}: the spec must be a mapping of key: value",
                         fix="write one key: value per line", path=str(path))
     return config
-
-
-def _check_keys(cls: type[_Spec], keys: list[str], where: str) -> None:
-    for key in keys:
-        if key not in cls.model_fields:
-            raise _unknown_key(key, list(cls.model_fields), f"{where}: unknown key '{key}' for {cls.__name__}")
 
 
 def _unknown_key(key: str, valid: list[str], what: str) -> DeftError:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -32,14 +32,10 @@ class ToolWarning(BaseModel):
                                        "message": f"{side}: {self.message}"})
 
 
-def _joined(sides: Sequence[str]) -> str:
-    return " and ".join(sides)
-
-
 def filter_by_label_noop(sides: list[str], *, predicted: bool = False) -> ToolWarning:
-    message = (f"filter_by_label=true will do nothing: the {_joined(sides)} file has no 'label' column, "
+    message = (f"filter_by_label=true will do nothing: the {' and '.join(sides)} file has no 'label' column, "
                "so mining would run unfiltered" if predicted else
-               f"filter_by_label=true did nothing: the {_joined(sides)} parquet has no 'label' column, "
+               f"filter_by_label=true did nothing: the {' and '.join(sides)} parquet has no 'label' column, "
                "so mining ran unfiltered")
     return ToolWarning(code="filter_by_label_noop", message=message, fields=["filter_by_label", "label"],
                        details={"sides_without_label": sides})
@@ -48,10 +44,10 @@ def filter_by_label_noop(sides: list[str], *, predicted: bool = False) -> ToolWa
 def provenance_unknown(sides: list[str], *, predicted: bool = False) -> ToolWarning:
     if predicted:  # preflight judges one file at a time
         return ToolWarning(code="provenance_unknown", fields=list(sides), details={"sides": sides},
-                           message=f"{_joined(sides)}: this embedding parquet records no encoder identity")
+                           message=f"{' and '.join(sides)}: this embedding parquet records no encoder identity")
     return ToolWarning(
         code="provenance_unknown", fields=[f"{side}_parquet" for side in sides], details={"sides": sides},
-        message=f"the {_joined(sides)} parquet records no encoder identity (written by another tool, "
+        message=f"the {' and '.join(sides)} parquet records no encoder identity (written by another tool, "
                 "e.g. the TAO container): cannot check both sides used the same encoder")
 
 

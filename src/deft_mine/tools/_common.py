@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Mapping, Sequence
 
 from deft_mine.engine import tables
 from deft_mine.errors import DeftError
-from deft_mine.schemas.specs import _Spec, load_spec
-
-SpecT = TypeVar("SpecT", bound=_Spec)
+from deft_mine.schemas.specs import SpecT, _Spec, load_spec
 
 
 def spec_with_paths(cls: type[SpecT], spec_path: str | Path | None,

@@ -40,9 +40,7 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
     outputs = MineOutputs(output, pairs_path if backend.capabilities.writes_pairs else None)
     found: list[ToolWarning] = []
     identity = check_same_encoder(source, target, found)
-    done = backend.mine(
-        spec, source, target, outputs, ctx.events)
-
+    done = backend.mine(spec, source, target, outputs, ctx.events)
     found.extend(done.warnings)
     summary = done.summary
     found += [ruling.warning for ruling in rules.rule(rules.Facts(
@@ -63,12 +61,11 @@ def check_same_encoder(source: Path, target: Path, found: list[ToolWarning]) -> 
     """Refuse two embedding files made by different encoders; warn when that can't be known."""
     ids = {side: (None if tables.is_csv(path) else tables.read_identity(path))
            for side, path in ((Side.source, source), (Side.target, target))}
-    unknown = tuple(side for side, ident in ids.items() if ident is None)
-    if unknown:
+    src, tgt = ids[Side.source], ids[Side.target]
+    if src is None or tgt is None:
+        unknown = tuple(side for side, ident in ids.items() if ident is None)
         found += [r.warning for r in rules.rule(rules.Facts(sides_without_identity=unknown))]
         return None
-    src, tgt = ids[Side.source], ids[Side.target]
-    assert src is not None and tgt is not None
     if src != tgt:
         differing = src.differing(tgt)
         raise DeftError(

@@ -91,8 +91,7 @@ class Tool(Generic[InputT, ResultT]):
                  lock: EncoderLock | None = None, invocation: Invocation | None = None, **fields: Any) -> ResultT:
         """The Python face: arguments by position (in the input model's field order) or name;
         `invocation` says how the call came when not from Python itself (e.g. `deft-mine demo`)."""
-        names = list(self.input.model_fields)
-        fields.update(zip(names, args))
+        fields.update(zip(self.input.model_fields, args))
         try:
             inputs = self.input(**{name: os.fspath(value) if isinstance(value, os.PathLike) else value
                                    for name, value in fields.items()})

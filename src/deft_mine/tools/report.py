@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deft_mine.errors import DeftError
 from deft_mine.report import write_report
 from deft_mine.schemas.inputs import ReportInput
 from deft_mine.schemas.results import ReportResult
@@ -17,12 +16,8 @@ def write_mining_report(inputs: ReportInput, ctx: ToolContext) -> ReportResult:
     `run` already does this as its last step. Works on folders without run.json too and
     says which facts were unavailable. Returns the report path, word count, verdict and
     warnings."""
-    folder = Path(inputs.run_dir).expanduser().absolute()
-    if not folder.is_dir():
-        raise DeftError("report_no_run", f"run_dir {folder} is not a folder",
-                        fix="give the run folder (the one holding run.json or mined.parquet)",
-                        field="run_dir", path=str(folder))
-    return write_report(folder, ctx.events, ctx.image_allowed, ctx.invocation, ctx.session)
+    # write_report refuses a run_dir that is not a folder (report_no_run).
+    return write_report(Path(inputs.run_dir), ctx.events, ctx.image_allowed, ctx.invocation, ctx.session)
 
 
 report = register(Tool("report", "Write the mining report",

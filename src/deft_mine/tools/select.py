@@ -107,11 +107,8 @@ def _resume(book: ledgers.Ledger, iteration: int, source: Path, target: Path, su
             base: Path) -> SelectResult:
     """Re-run of the last recorded iteration: every recorded file must be unchanged."""
     entry = book.entry(iteration)
-    assert entry is not None
     files = entry["files"]
-    checks = [("candidates", source), ("summary", summary)]
-    if target.exists():
-        checks.append(("output", target))
+    checks = [("candidates", source), ("summary", summary)] + ([("output", target)] if target.exists() else [])
     for role, path in checks:
         recorded = files.get(role)
         current = _file_fact(path)
@@ -141,7 +138,6 @@ def _resume(book: ledgers.Ledger, iteration: int, source: Path, target: Path, su
 
 def _result(book: ledgers.Ledger, iteration: int, target: Path, resumed: bool) -> SelectResult:
     entry = book.entry(iteration)
-    assert entry is not None
     found = [warnings.selection_empty(iteration, entry["candidates"])] if entry["newly_selected"] == 0 else []
     return SelectResult(
         output=str(target), ledger=str(book.path), iteration=iteration, resumed=resumed, warnings=found,

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import asdict
 
 from deft_mine.engine import store as stores
 from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import StoreInfoInput, StorePruneInput
-from deft_mine.schemas.results import StoreInfoResult, StorePruneResult, StoreShelf
+from deft_mine.schemas.results import StoreInfoResult, StorePruneResult
 from deft_mine.tools.registry import Tool, ToolContext, register
 
 _UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -22,7 +21,7 @@ def describe_store(inputs: StoreInfoInput, ctx: ToolContext) -> StoreInfoResult:
     assert root is not None
     if root.exists():
         stores.open_store(root)  # refuses a file, or a folder that is not a store
-    shelves = [StoreShelf(**asdict(info)) for info in stores.describe(root)]
+    shelves = stores.describe(root)
     existing = root if root.exists() else next(p for p in root.parents if p.exists())
     return StoreInfoResult(store=str(root), bytes=sum(s.bytes for s in shelves), encoders=shelves,
                            free_bytes=shutil.disk_usage(existing).free)
