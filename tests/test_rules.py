@@ -5,19 +5,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_image
+from conftest import THUMB_ID, write_embeddings, write_image
 from deft_mine import rules
 from deft_mine.events import NullEvents
 from deft_mine.report.facts import gather, locate
 from deft_mine.report.render import findings
+from deft_mine.tools.mine import mine
 from deft_mine.tools.preflight import preflight
 from deft_mine.tools.run import run
 
-SHARED = {"filter_by_label_noop", "pool_exhausted", "target_in_pool"}
+SHARED = {"filter_by_label_noop", "pool_exhausted", "target_in_pool"}  # and provenance_unknown, below
 
 
 @dataclass(frozen=True)
@@ -106,3 +108,23 @@ def test_each_rule_reads_only_its_facts():
     (excluded,) = rules.rule(rules.Facts(target_in_pool=2, exclude_targets=True))
     assert excluded.reason is None and excluded.warning.details["excluded"] is True
     assert rules.label_filter(True, []) == "applied" and rules.label_filter(False, ["source"]) == "off"
+
+
+@pytest.mark.parametrize("recorded", [("target", "source"), ("target",), ("source",), ()])
+def test_mine_preflight_and_report_agree_on_provenance(tmp_path, recorded):
+    """Embedding parquets with and without our identity (the TAO container writes none), mined
+    into a folder the report then reads as the container's (no run.json)."""
+    rng = np.random.default_rng(7)
+    paths = {}
+    for side, rows in (("target", 3), ("source", 8)):
+        paths[side] = write_embeddings(tmp_path / f"{side}_embeddings.parquet", rng.normal(size=(rows, 8)),
+                                       identity=THUMB_ID if side in recorded else None)
+    predicted = {w.code for w in preflight(targets=paths["target"], source=paths["source"]).warnings}
+    mined = {w.code for w in mine(paths["source"], paths["target"], tmp_path / "mined.parquet",
+                                  overrides={"topn": 2}).warnings}
+    manifest, files, missing = locate(tmp_path)
+    reported = {f.code for f in findings(gather(tmp_path, manifest, files, missing, NullEvents()))}
+    expected = {"provenance_unknown"} if len(recorded) < 2 else set()
+    assert predicted & {"provenance_unknown"} == expected
+    assert mined & {"provenance_unknown"} == expected
+    assert reported & {"provenance_unknown"} == expected
