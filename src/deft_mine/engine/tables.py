@@ -254,23 +254,14 @@ def read_ahead(items: Iterator[T], depth: int = 1) -> Iterator[T]:
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
-    def put(entry: tuple) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def produce() -> None:
         try:
             for item in items:
-                if not put((item, None)):
+                if not offer(slots, (item, None), stop):
                     return
-            put((_END, None))
+            offer(slots, (_END, None), stop)
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            put((_END, exc))
+            offer(slots, (_END, exc), stop)
 
     worker = threading.Thread(target=produce, name="read-ahead", daemon=True)
     worker.start()
@@ -284,6 +275,18 @@ def read_ahead(items: Iterator[T], depth: int = 1) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+
+
+def offer(slots: queue.Queue, entry: object, stop: threading.Event) -> bool:
+    """Put `entry` on a bounded queue unless `stop` is set first (its consumer has gone): a
+    producer thread never blocks for good on a queue no one reads."""
+    while not stop.is_set():
+        try:
+            slots.put(entry, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
