@@ -231,9 +231,7 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
             return state
         if connection is None or str(ctx.session.protocol_version) >= _SESSIONLESS_PROTOCOL:
             return process_wide
-        if connection not in sessions:
-            sessions[connection] = _Session()
-        return sessions[connection]
+        return sessions.setdefault(connection, _Session())
 
     async def policy(ctx: Context) -> PathPolicy:
         extra: list[Path] = []

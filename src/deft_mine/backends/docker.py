@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -105,10 +104,9 @@ class DockerBackend:
                   Check.of("gpu", "ok" if gpu else "warn", "nvidia-smi found" if gpu else "no nvidia-smi on this host",
                            None if gpu else "TAO checkpoints need a GPU machine; SigLIP/CLIP/thumbnail run on CPU")]
         try:
-            entrypoint = client.images.get(self.image).attrs.get("Config", {}).get("Entrypoint") or []
+            entrypoint, ours = _entrypoint(client, self.image)
             checks.append(Check.of("image", "ok", f"{self.image} is present locally"))
             if store is not None:
-                ours = any("deft-mine-task" in str(part) for part in entrypoint)
                 checks.append(Check.of("store in container", "ok" if ours else "warn", (
                     f"{store} is mounted read-write: embeddings are reused across rounds" if ours else
                     f"{self.image} is not deft-mine's image (entrypoint {entrypoint}): it cannot use the "
@@ -209,10 +207,10 @@ class DockerBackend:
         import docker
 
         try:
-            entrypoint = _client().images.get(self.image).attrs.get("Config", {}).get("Entrypoint") or []
+            entrypoint, ours = _entrypoint(_client(), self.image)
         except docker.errors.ImageNotFound:
             return  # the run itself says image_missing, with its fix
-        if not any("deft-mine-task" in str(part) for part in entrypoint):
+        if not ours:
             raise DeftError(
                 "backend_unsupported", f"{', '.join(keys)}: {self.image} is not deft-mine's image (entrypoint "
                 f"{entrypoint}), and the TAO container has no similarity floor or per-label search",
@@ -266,11 +264,9 @@ class DockerBackend:
             network_mode=self.network, volumes=volumes, working_dir=str(workspace),
             device_requests=gpus, environment=environment)
         lines: list[str] = []
-        tail: deque[str] = deque(maxlen=_LOG_TAIL)
         try:
             for line in _lines(container.logs(stream=True, follow=True)):
                 lines.append(line)
-                tail.append(line)
                 _forward(line, events)
             status = container.wait()
         finally:
@@ -278,19 +274,24 @@ class DockerBackend:
                 container.remove(force=True)  # also stops it when the call was cancelled
             except docker.errors.APIError:
                 pass
-        code = status.get("StatusCode", 1)
+        code, tail = status.get("StatusCode", 1), lines[-_LOG_TAIL:]
         if code != 0:
             raise DeftError(
                 "container_failed",
                 f"{self.image} {' '.join(command[:2])} exited with {code}; last lines:\n" + "\n".join(tail),
                 fix="read the log lines above; the spec the container ran is in "
-                    f"{SPEC_FOLDER}/ beside the output", exit_code=code, log_tail=list(tail))
+                    f"{SPEC_FOLDER}/ beside the output", exit_code=code, log_tail=tail)
         missing = [str(p) for p in outputs if not p.exists()]
         if missing:
             raise DeftError("container_failed", f"{self.image} finished but wrote no {', '.join(missing)}",
-                            fix="check that the image follows the TAO entrypoint contract",
-                            log_tail=list(tail))
+                            fix="check that the image follows the TAO entrypoint contract", log_tail=tail)
         return lines
+
+
+def _entrypoint(client: Any, image: str) -> tuple[list[Any], bool]:
+    """The image's entrypoint, and whether it is deft-mine's own (deft-mine-task)."""
+    entrypoint = client.images.get(image).attrs.get("Config", {}).get("Entrypoint") or []
+    return entrypoint, any("deft-mine-task" in str(part) for part in entrypoint)
 
 
 def _lines(chunks: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from pathlib import Path
@@ -22,7 +23,6 @@ from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
 class LocalBackend:
     name = "local"
     capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=False)
-    _shared: "LocalBackend | None" = None
 
     def __init__(self) -> None:
         # A run embeds targets and pool with one encoder: load its weights once per process.
@@ -30,10 +30,9 @@ class LocalBackend:
         self._lock = threading.Lock()
 
     @classmethod
+    @functools.cache  # one per process: its encoders' weights are loaded once
     def shared(cls) -> "LocalBackend":
-        if cls._shared is None:
-            cls._shared = cls()
-        return cls._shared
+        return cls()
 
     def check(self, output_dir: Path, store: Path | None = None) -> tuple[list[Check], list[str]]:
         try:

@@ -5,7 +5,6 @@ sends its progress and log lines back to this process, which replays them."""
 from __future__ import annotations
 
 import contextlib
-
 from pathlib import Path
 from typing import Any
 

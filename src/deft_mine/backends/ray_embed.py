@@ -22,6 +22,7 @@ from deft_mine.engine.embedding import EmbedStats, Prepared, Preparer, embedding
 from deft_mine.engine.encoders import Encoder, build_encoder, build_preprocessor
 from deft_mine.engine.listings import Listing, filepaths_of
 from deft_mine.engine.store import Shelf
+from deft_mine.engine.tables import offer
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas.specs import EmbeddingSpec
@@ -130,13 +131,7 @@ class _Results:
     def _pump(self, batches: Iterator[pa.Table]) -> None:
         try:
             for batch in batches:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(("batch", batch), timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not offer(self._queue, ("batch", batch), self._stop):
                     return
             self._queue.put(("end", None))
         except BaseException as exc:  # handed to the consumer, which raises it

@@ -223,11 +223,10 @@ def embedding_step(listing: Listing, output_path: Path, encoder: Encoder, shelf:
 
 
 def embed_file(listing: Listing, output_path: Path, encoder: Encoder, *, batch_size: int, events: Events,
-               shelf: Shelf | None = None, workers: int | None = None) -> EmbedStats:
+               shelf: Shelf | None = None) -> EmbedStats:
     """Embed `listing` into `output_path` in-process: batches prepared ahead (rows side by side in
-    `workers` threads), encoded and finished in order; what the `shelf` holds is not encoded again."""
-    workers = workers or min(8, (os.cpu_count() or 2))
-    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as decoders, \
+    up to 8 threads), encoded and finished in order; what the `shelf` holds is not encoded again."""
+    with ThreadPoolExecutor(min(8, (os.cpu_count() or 2)), thread_name_prefix="decode") as decoders, \
             ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer, \
             embedding_step(listing, output_path, encoder, shelf, events) as step:
 

@@ -214,8 +214,8 @@ def vectors_from_column(column: pa.Array | pa.ChunkedArray, *, path: Path, name:
         )
     if len(column) == 0:
         return np.zeros((0, dim or 0), dtype=np.float32)
-    if column.null_count:
-        raise bad(int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0]), "null vector")
+    if (row := first_null(column)) is not None:
+        raise bad(row, "null vector")
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
     expected = dim if dim is not None else int(lengths[0])
     wrong = np.flatnonzero(lengths != expected)
@@ -225,8 +225,7 @@ def vectors_from_column(column: pa.Array | pa.ChunkedArray, *, path: Path, name:
     if expected == 0:
         raise bad(0, "empty vector")
     values = column.flatten()
-    if values.null_count:
-        flat = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+    if (flat := first_null(values)) is not None:
         raise bad(flat // expected, "null value inside the vector")
     if not pa.types.is_floating(values.type) and not pa.types.is_integer(values.type):
         raise bad(0, f"values of type {values.type}, expected floats")
@@ -242,9 +241,7 @@ def vectors_from_column(column: pa.Array | pa.ChunkedArray, *, path: Path, name:
 def vector_array(vectors: np.ndarray) -> pa.Array:
     """A (rows, dim) float32 array as an Arrow list<float32> column."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    offsets = np.arange(0, vectors.size + 1, max(vectors.shape[1], 1), dtype=np.int32)
-    if vectors.shape[1] == 0:
-        offsets = np.zeros(len(vectors) + 1, dtype=np.int32)
+    offsets = np.arange(len(vectors) + 1, dtype=np.int32) * np.int32(vectors.shape[1])
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(vectors.reshape(-1)))
 
 
@@ -257,23 +254,14 @@ def read_ahead(items: Iterator[T], depth: int = 1) -> Iterator[T]:
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
-    def put(entry: tuple) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def produce() -> None:
         try:
             for item in items:
-                if not put((item, None)):
+                if not offer(slots, (item, None), stop):
                     return
-            put((_END, None))
+            offer(slots, (_END, None), stop)
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            put((_END, exc))
+            offer(slots, (_END, exc), stop)
 
     worker = threading.Thread(target=produce, name="read-ahead", daemon=True)
     worker.start()
@@ -287,6 +275,18 @@ def read_ahead(items: Iterator[T], depth: int = 1) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+
+
+def offer(slots: queue.Queue, entry: object, stop: threading.Event) -> bool:
+    """Put `entry` on a bounded queue unless `stop` is set first (its consumer has gone): a
+    producer thread never blocks for good on a queue no one reads."""
+    while not stop.is_set():
+        try:
+            slots.put(entry, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -335,11 +335,8 @@ def _fsync(path: Path) -> None:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def write_text_atomic(path: Path, text: str) -> None:

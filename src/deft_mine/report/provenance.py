@@ -99,7 +99,7 @@ def write_provenance(folder: Path, manifest: RunManifest | None, invocation: Inv
             unavailable.append(f"{artifacts.MINING_CONFIG}/{name} (the run folder has no {name})")
     environment = {"recorded_by": "the run" if producing else "a later report (the run's own was not recorded)",
                    "deft_mine": __version__, "python": platform.python_version(),
-                   "packages": _versions(), "device": _device(), "host": platform.node(),
+                   "packages": package_versions(), "device": _device(), "host": platform.node(),
                    "backend": _backend(manifest)}
     made = config / artifacts.ENVIRONMENT
     if producing or not made.is_file():
@@ -142,9 +142,10 @@ def _backend(manifest: RunManifest | None) -> dict[str, Any] | None:
             **({"mine": {"cluster": cluster.model_dump(mode="json")}} if cluster else {})}
 
 
-def _versions() -> dict[str, str]:
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    """The installed version of each named distribution; one not installed is left out."""
     found: dict[str, str] = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

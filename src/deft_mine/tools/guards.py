@@ -30,16 +30,14 @@ class PathPolicy:
         self.roots = [_real(r) for r in roots]
 
     def allows(self, path: str | Path) -> bool:
-        return self._inside(_real(path))
-
-    def _inside(self, resolved: Path) -> bool:
+        resolved = _real(path)
         return any(resolved == root or resolved.is_relative_to(root) for root in self.roots)
 
     def check(self, path: str | Path | None, field: str) -> Path | None:
         if path is None:
             return None
         resolved = _real(path)
-        if not self._inside(resolved):
+        if not self.allows(resolved):  # already real: resolving it again changes nothing
             raise DeftError(
                 "path_outside_roots",
                 f"{field}: {path} resolves to {resolved}, outside the allowed roots "

@@ -3,7 +3,6 @@ which warnings will the given inputs raise, all before any work."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from deft_mine.backends import resolve
 from deft_mine.engine import tables
 from deft_mine.engine.listings import Listing, open_listing
 from deft_mine.engine.mining import lexically_normal
+from deft_mine.report.provenance import package_versions
 from deft_mine.schemas import warnings
 from deft_mine.schemas.inputs import PreflightInput, StoreInfoInput
 from deft_mine.schemas.results import Check, PreflightResult
@@ -31,21 +31,16 @@ def check_before_mining(inputs: PreflightInput, ctx: ToolContext) -> PreflightRe
     Reads only; refuses paths outside the allowed roots."""
     backend = resolve(inputs.backend_options())
     store = describe_store(StoreInfoInput(store=inputs.store), ctx)
-    checks, gpu = backend.check(Path(inputs.output_dir).expanduser().absolute() if inputs.output_dir
-                                else Path.cwd(), Path(store.store))
+    output_dir = Path(inputs.output_dir).expanduser().absolute() if inputs.output_dir else Path.cwd()
+    checks, gpu = backend.check(output_dir, Path(store.store))
     check_nodes = getattr(backend, "check_nodes", None)  # a backend whose work runs elsewhere checks from there
     if check_nodes is not None:
-        checks += check_nodes(sample_images(inputs), Path(inputs.output_dir).expanduser().absolute()
-                              if inputs.output_dir else Path.cwd())
+        checks += check_nodes(sample_images(inputs), output_dir)
     roomy = store.free_bytes >= 5 * 2**30
     checks.append(Check.of("store", "ok" if roomy else "warn", store.summary(),
                            None if roomy else "free disk space, or prune the store (deft-mine store prune)"))
-    versions = {"deft-mine": __version__, "python": platform.python_version()}
-    for package in ("torch", "transformers", "faiss-cpu", "pyarrow", "pillow"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    versions = {"deft-mine": __version__, "python": platform.python_version(),
+                **package_versions(("torch", "transformers", "faiss-cpu", "pyarrow", "pillow"))}
     return PreflightResult(ok=all(c.ok for c in checks), backend=backend.name, checks=checks,
                            versions=versions, gpu=gpu,
                            session_encoder=ctx.lock.identity if ctx.lock is not None else None,
