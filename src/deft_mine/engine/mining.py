@@ -134,7 +134,8 @@ def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
     search_started = time.perf_counter()
     pool_paths, repeated, is_target = _pool_paths(source_path, target_set)
     prep = Prepared(spec=spec, source_path=source_path, target_path=target_path, label_missing=label_missing,
-                    label_filter=rules.label_filter(spec.filter_by_label, label_missing), targets=targets, target_rows=target_rows,
+                    label_filter=rules.label_filter(spec.filter_by_label, label_missing), targets=targets,
+                    target_rows=target_rows,
                     queries=queries, pool_paths=pool_paths, repeated=repeated,
                     drop=is_target if spec.exclude_targets else np.zeros(len(pool_paths), dtype=bool),
                     in_pool=int(is_target.sum()), zero_targets=int(flat.sum()), zero_examples=zero_examples,
@@ -265,8 +266,8 @@ def candidates(prep: Prepared, found: Searched) -> Candidates:
     # The filepath (and label) of just the rows found: the columns are small beside the vectors.
     wanted = np.unique(rows[found_mask])
     source_labelled = Side.source not in prep.label_missing
-    picked = tables.read_columns(prep.source_path, ["filepath"] + (["label"] if source_labelled else [])) \
-        .take(pa.array(wanted))
+    picked = _take_rows(prep.source_path, wanted, ["filepath"] + (["label"] if source_labelled else []),
+                        prep.spec.block_rows)
     position = np.searchsorted(wanted, rows)
     target_labels = None if Side.target in prep.label_missing else \
         np.asarray(label_keys(prep.targets.column("label")).to_pylist(), dtype=object)[:, None]
@@ -275,6 +276,21 @@ def candidates(prep: Prepared, found: Searched) -> Candidates:
         paths=_gathered(picked.column("filepath").to_pylist(), position, found_mask), target_labels=target_labels,
         source_labels=_gathered(label_keys(picked.column("label")).to_pylist(), position, found_mask)
         if source_labelled else None)
+
+
+def _take_rows(path: Path, rows: np.ndarray, columns: list[str], block_rows: int) -> pa.Table:
+    """The given (sorted, unique) rows of `columns`, in that order, read block by block: a large
+    pool's filepath and label columns are never held whole (prepare already holds its paths)."""
+    taken, start = [], 0
+    for batch in tables.iter_batches(path, block_rows, columns):
+        lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
+        if hi > lo:
+            taken.append(pa.Table.from_batches([batch.take(pa.array(rows[lo:hi] - start))]))
+        start += batch.num_rows
+        if hi == len(rows):
+            break
+    schema = tables.schema_of(path)
+    return pa.concat_tables(taken) if taken else pa.schema([schema.field(c) for c in columns]).empty_table()
 
 
 def pair_filters(prep: Prepared, cands: Candidates) -> tuple[np.ndarray, np.ndarray]:
