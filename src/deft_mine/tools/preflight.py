@@ -33,9 +33,12 @@ def check_before_mining(inputs: PreflightInput, ctx: ToolContext) -> PreflightRe
     store = describe_store(StoreInfoInput(store=inputs.store), ctx)
     output_dir = Path(inputs.output_dir).expanduser().absolute() if inputs.output_dir else Path.cwd()
     checks, gpu = backend.check(output_dir, Path(store.store))
+    _, mine_over = split_overrides(inputs.overrides or ())
+    mining = load_spec(MiningSpec, inputs.mining_spec_path, mine_over)  # refused before the files are read
+    sides = _listings(inputs)  # each given listing opened once (a CSV is parsed once)
     check_nodes = getattr(backend, "check_nodes", None)  # a backend whose work runs elsewhere checks from there
     if check_nodes is not None:
-        checks += check_nodes(sample_images(inputs), output_dir)
+        checks += check_nodes(sample_images(sides), output_dir)
     roomy = store.free_bytes >= 5 * 2**30
     checks.append(Check.of("store", "ok" if roomy else "warn", store.summary(),
                            None if roomy else "free disk space, or prune the store (deft-mine store prune)"))
@@ -44,7 +47,7 @@ def check_before_mining(inputs: PreflightInput, ctx: ToolContext) -> PreflightRe
     return PreflightResult(ok=all(c.ok for c in checks), backend=backend.name, checks=checks,
                            versions=versions, gpu=gpu,
                            session_encoder=ctx.lock.identity if ctx.lock is not None else None,
-                           warnings=predict_warnings(inputs))
+                           warnings=predict_warnings(mining, sides))
 
 
 def _listings(inputs: PreflightInput) -> dict[str, Listing]:
@@ -52,18 +55,14 @@ def _listings(inputs: PreflightInput) -> dict[str, Listing]:
             for name, p in (("targets", inputs.targets), ("source", inputs.source)) if p is not None}
 
 
-def sample_images(inputs: PreflightInput, per_side: int = _NODE_SAMPLE) -> list[Path]:
+def sample_images(sides: dict[str, Listing], per_side: int = _NODE_SAMPLE) -> list[Path]:
     """The first images each given listing names (resolved as embed resolves them)."""
-    return [path for listing in _listings(inputs).values() for _, filepath, path in listing.resolved(per_side)
-            if filepath]
+    return [path for listing in sides.values() for _, filepath, path in listing.resolved(per_side) if filepath]
 
 
-def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
-    """The warnings a run on these inputs will raise that the files already show."""
-    _, mine_over = split_overrides(inputs.overrides or ())
-    mining = load_spec(MiningSpec, inputs.mining_spec_path, mine_over)
+def predict_warnings(mining: MiningSpec, sides: dict[str, Listing]) -> list[ToolWarning]:
+    """The warnings a run with this spec on these listings will raise that the files already show."""
     found: list[ToolWarning] = []
-    sides = _listings(inputs)
     filepaths = {name: list(listing.filepaths()) for name, listing in sides.items()}
     if len(sides) == 2:
         # the same comparison mining makes
@@ -82,7 +81,8 @@ def predict_warnings(inputs: PreflightInput) -> list[ToolWarning]:
         if missing_images:
             found.append(warnings.images_missing(name, missing_images, len(sample), str(listing.images_root)))
     for name, listing in sides.items():
-        if listing.format != "csv" and "embedding" in listing.schema.names and tables.read_identity(listing.path) is None:
+        embedded = listing.format != "csv" and "embedding" in listing.schema.names
+        if embedded and tables.read_identity(listing.path) is None:
             found += [r.warning for r in rules.rule(rules.Facts(sides_without_identity=(name,), predicted=True))]
     return found
 
