@@ -143,7 +143,8 @@ def pool_exhausted(f: Facts) -> Ruling | None:
                   f"topn × targets = {topn} × {queries} = {topn * queries} is more than the {pool} pool rows "
                   "searched",
                   "Grow the pool with more unused images, or lower topn" + (f" to at most {most}" if most else "")
-                  + f", so each target can get neighbours of its own; this run mined {plural(f.mined, 'unique image')}.")
+                  + ", so each target can get neighbours of its own; this run mined "
+                  f"{plural(f.mined, 'unique image')}.")
 
 
 def target_in_pool(f: Facts) -> Ruling | None:

@@ -190,7 +190,8 @@ class DockerBackend:
         if told is not None:
             summary.label_filter = LabelFilter(told.label_filter)
         elif summary.label_filter is None:  # NVIDIA's image: its log is all there is
-            summary.label_filter = rules.label_filter(spec.filter_by_label, label_missing or (both if any(map(_NOOP.search, lines)) else []))
+            told_noop = any(map(_NOOP.search, lines))
+            summary.label_filter = rules.label_filter(spec.filter_by_label, label_missing or (both if told_noop else []))
         # What the mining controls found in the data, as our image's engine said it.
         found = [w for w in (told.warnings if told is not None else []) if w.code in _CONTROL_WARNINGS]
         return BackendMine(

@@ -59,7 +59,8 @@ class Listing:
         """The filepaths as a Ray dataset, in file order; from a parquet, the read tasks read only them."""
         if self.table is not None:
             return ray.data.from_arrow(self.table.select([FILEPATH]))
-        return ray.data.read_parquet(str(self.path), file_extensions=None, num_cpus=read_cpus).select_columns([FILEPATH])
+        dataset = ray.data.read_parquet(str(self.path), file_extensions=None, num_cpus=read_cpus)
+        return dataset.select_columns([FILEPATH])
 
 
 def filepath_parquet(path: Path, images_root: Path) -> Listing:

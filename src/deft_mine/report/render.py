@@ -385,16 +385,18 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     within = (f"Of {_fmt(pairs)} pairs found" if not v.floor_key else
               f"Of the {_fmt(None if pairs is None or below is None else pairs - below)} pairs within the floor")
     blocks.append((0, {
-        LabelFilter.applied: (f"Label filter: applied per label (`label_mode` = per_label): each target's "
-                              "`topn` was searched among the pool rows of its own label only, so every pair found "
-                              f"shares its target's label; {_fmt(kept)} pairs were kept." if v.label_mode == "per_label" else
-                              "Label filter: applied" + (" as a post-filter (`label_mode` = post_filter)" if v.label_mode else "")
-                              + f". {within}, {_fmt(kept)} had "
-                              f"matching labels and were kept, {_fmt(dropped)} were dropped; the filter no-op did not fire."),
+        LabelFilter.applied: (
+            "Label filter: applied per label (`label_mode` = per_label): each target's `topn` was searched among "
+            "the pool rows of its own label only, so every pair found shares its target's label; "
+            f"{_fmt(kept)} pairs were kept." if v.label_mode == "per_label" else
+            "Label filter: applied" + (" as a post-filter (`label_mode` = post_filter)" if v.label_mode else "")
+            + f". {within}, {_fmt(kept)} had matching labels and were kept, {_fmt(dropped)} were dropped; "
+            "the filter no-op did not fire."),
         LabelFilter.noop: "Label filter: **no-op**. `filter_by_label` was true, but the "
-                          f"{' and '.join(v.no_label_sides) or 'one'} side has no `label` column, so every pair was kept "
-                          "unfiltered (warning `filter_by_label_noop`).",
-        LabelFilter.off: "Label filter: off (`filter_by_label` = false), so every pair found was kept and the no-op cannot fire.",
+                          f"{' and '.join(v.no_label_sides) or 'one'} side has no `label` column, so every pair "
+                          "was kept unfiltered (warning `filter_by_label_noop`).",
+        LabelFilter.off: "Label filter: off (`filter_by_label` = false), so every pair found was kept and the no-op "
+                         "cannot fire.",
     }.get(v.label_filter or "", "Label filter: whether it was applied is not recorded.")))
     if facts.pairs is not None and facts.pairs.pairs:
         p = facts.pairs
