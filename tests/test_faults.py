@@ -139,7 +139,8 @@ def test_sigkill_mid_run_then_the_same_command_resumes_with_the_store(tmp_path: 
     names = {p.name for p in killed.iterdir()}
     assert names & FINISHED_LOOKING == {"target_embeddings.parquet"}, names  # temp names may remain
     assert all(n.startswith(".") and n.endswith(".tmp") for n in names - {
-        "run.json", "embedding_spec.yaml", "mining_spec.yaml", "target_embeddings.parquet"}), names
+        "run.json", "embedding_spec.yaml", "mining_spec.yaml", "target_listing.parquet", "source_listing.parquet",
+        "target_embeddings.parquet"}), names
 
     again = subprocess.run(run_command(targets, pool, store, "--output-dir", str(out)) + ["--json"],
                            capture_output=True, text=True, timeout=300)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from deft_mine.engine.listings import FORMATS, filepaths_of, open_listing
+from deft_mine.engine.listings import FORMATS, filepaths_of, open_listing, write_listing
 from deft_mine.errors import DeftError
 
 ROWS = {"filepath": ["a.png", None, "sub/b.png", "/abs/c.png"], "label": ["ok", "scratch", "ok", "dent"]}
@@ -50,6 +50,16 @@ def test_paths_resolve_against_the_images_root_and_a_null_filepath_is_counted(tm
                                         (3, "/abs/c.png", Path("/abs/c.png"))]
     assert list(listing.filepaths(2)) == ["a.png", None] and listing.null_filepaths == 1
     assert filepaths_of(next(listing.batches(3, ["filepath"]))) == ["a.png", None, "sub/b.png"]
+
+
+@pytest.mark.parametrize("sep", [",", ";"])
+def test_a_written_listing_is_a_filepath_parquet_that_reads_back_the_same(tmp_path: Path, sep: str) -> None:
+    given = open_listing(_csv(tmp_path / "pool.csv", sep), "source", tmp_path / "images")
+    kept = write_listing(given, tmp_path / "run" / "source_listing.parquet")
+    assert (kept.path, kept.format, kept.table) == (tmp_path / "run" / "source_listing.parquet", "parquet", None)
+    assert pq.read_table(kept.path).equals(given.table)  # every row and carried column, in file order
+    assert _standard(kept) == _standard(given)  # relative filepaths still resolve where the CSV's did
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["source_listing.parquet"]  # no temp file left
 
 
 @pytest.mark.parametrize("name", ["pool.parquet", "pool.csv"])

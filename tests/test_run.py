@@ -21,6 +21,10 @@ def test_run_with_a_csv_pool_and_inline_overrides(image_set):
     assert source.schema.names == ["filepath", "label", "lot", "embedding"]
     manifest = json.loads((image_set / "r" / "run.json").read_text())
     assert manifest["inputs"]["source"]["format"] == "csv"
+    # the CSV is kept as the run read it: a filepath parquet beside the embeddings, every row and column
+    listing = pq.read_table(image_set / "r" / "source_listing.parquet")
+    assert listing.to_pylist() == [{"filepath": f"imgs/{i}.png", "label": "ab"[i % 2], "lot": f"L{i}"} for i in range(2, 6)]
+    assert {"source_listing.parquet", "target_listing.parquet"} <= set(manifest["artifacts"])
     assert manifest["mining_spec"]["knn_metric"] == "manhattan"
     assert result.mine.summary["pairs"] == 4 and result.mined == pq.read_table(result.mined_parquet).num_rows
 

@@ -6,13 +6,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from deft_mine.engine.embedding import EmbedStats
 from deft_mine.engine.listings import Listing
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts
 from deft_mine.schemas.artifacts import MiningSummary
-from deft_mine.schemas.results import Check, ClusterFacts, EmbedResult
+from deft_mine.schemas.results import Check, ClusterFacts, EncoderIdentity
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, Side
 from deft_mine.schemas.warnings import ToolWarning
+
+
+@dataclass
+class BackendEmbed:
+    """Facts about one finished embedding step (the embedding parquet already written)."""
+
+    stats: EmbedStats
+    encoder: EncoderIdentity
+    dim: int
+    device: str
+    timings: dict[str, float]  # loading the encoder, then each stage of the batches
+    cluster: ClusterFacts | None = None  # where it ran (backend ray)
 
 
 @dataclass
@@ -55,9 +68,8 @@ class Backend(Protocol):
         among them), and the GPUs it would use."""
 
     def embed(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
-              store: Path | None) -> EmbedResult:
-        """Write `output_path` from the `listing`, reusing and adding to the embedding `store` (None: off); the
-        result's warnings are the tool's to add."""
+              store: Path | None) -> BackendEmbed:
+        """Write `output_path` from the `listing`, reusing and adding to the embedding `store` (None: off)."""
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
              events: Events) -> BackendMine:

@@ -11,12 +11,14 @@ import os
 import re
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, TypeVar
 
 from deft_mine import rules
-from deft_mine.backends.base import BackendMine, Capabilities, MineOutputs
+from deft_mine.backends.base import BackendEmbed, BackendMine, Capabilities, MineOutputs
 from deft_mine.engine import tables
+from deft_mine.engine.embedding import EmbedStats
 from deft_mine.engine.listings import Listing
 from deft_mine.engine.store import open_store
 from deft_mine.errors import DeftError
@@ -129,7 +131,7 @@ class DockerBackend:
     # ------------------------------------------------------------------ the two steps
 
     def embed(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
-              store: Path | None) -> EmbedResult:
+              store: Path | None) -> BackendEmbed:
         input_path, image_root = listing.path, listing.images_root
         workspace = _common_folder([input_path.parent, output_path.parent, image_root])
         self._check_images(listing, workspace)
@@ -148,21 +150,19 @@ class DockerBackend:
         timings = {"container": time.perf_counter() - t0, "total": time.perf_counter() - t0}
         told = _task_result(output_path, EmbedResult)  # our image says what it did
         if told is not None:
-            return told.model_copy(update={"device": self._device(), "backend": self.name,
-                                           "timings": timings, "warnings": []})
+            stats = EmbedStats(told.input_rows, told.rows, skipped_by_reason=Counter(told.skipped_by_reason), **told.model_dump(
+                include={"reused", "embedded", "seconds_saved", "corrupt_shards", "skipped_examples", "columns"}))
+            return BackendEmbed(stats, told.encoder, told.embedding_dim, self._device(), timings)
         rows_in, rows = listing.rows, tables.num_rows(output_path)
         dim = 0
         if rows:
             first = next(tables.iter_batches(output_path, 1, ["embedding"]))
             dim = len(first.column("embedding")[0].as_py())
-        return EmbedResult(
-            output_parquet=str(output_path), input_rows=rows_in, rows=rows, skipped=rows_in - rows,
-            columns=list(tables.schema_of(output_path).names), embedding_dim=dim, backend=self.name,
-            skipped_by_reason={"unreadable (in the container)": rows_in - rows} if rows_in > rows else {},
-            device=self._device(), timings=timings,
-            encoder=tables.read_identity(output_path) or EncoderIdentity(
-                model=spec.model, model_path=spec.model_path, model_config_path=spec.model_config_path,
-                preprocessing={"image": self.image}))
+        stats = EmbedStats(rows_in, rows, columns=list(tables.schema_of(output_path).names), skipped_by_reason=Counter(
+            {"unreadable (in the container)": rows_in - rows} if rows_in > rows else {}))
+        return BackendEmbed(stats, tables.read_identity(output_path) or EncoderIdentity(
+            model=spec.model, model_path=spec.model_path, model_config_path=spec.model_config_path,
+            preprocessing={"image": self.image}), dim, self._device(), timings)
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
              events: Events) -> BackendMine:

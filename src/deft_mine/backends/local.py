@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deft_mine.backends.base import BackendMine, Capabilities, MineOutputs
+from deft_mine.backends.base import BackendEmbed, BackendMine, Capabilities, MineOutputs
 from deft_mine.engine import tables
 from deft_mine.engine.embedding import EmbedStats, embed_file
 from deft_mine.engine.encoders import Encoder, build_encoder
@@ -16,7 +16,7 @@ from deft_mine.engine.listings import Listing
 from deft_mine.engine.mining import MiningOutcome, mine_files
 from deft_mine.engine.store import Shelf
 from deft_mine.events import Events
-from deft_mine.schemas.results import Check, EmbedResult
+from deft_mine.schemas.results import Check
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
 
 
@@ -61,30 +61,23 @@ class LocalBackend:
             return self._encoders[key]
 
     def embed(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
-              store: Path | None) -> EmbedResult:
+              store: Path | None) -> BackendEmbed:
         t0 = time.perf_counter()
         encoder = self.encoder(spec, events)
         load_seconds = time.perf_counter() - t0
         stats = embed_file(listing, output_path, encoder, batch_size=spec.batch_size, events=events,
                            shelf=Shelf(store, encoder.identity) if store else None)
-        return embed_result(stats, encoder, output_path, self.name, store, load_seconds)
+        return embedded_with(encoder, stats, load_seconds)
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
              events: Events) -> BackendMine:
         return write_mining(mine_files(source_path, target_path, spec, events=events), outputs)
 
 
-def embed_result(stats: EmbedStats, encoder: Encoder, output_path: Path, backend: str, store: Path | None,
-                 load_seconds: float) -> EmbedResult:
-    """What an embedding step reports, from its counts (the same for every in-process backend)."""
-    return EmbedResult(
-        output_parquet=str(output_path), input_rows=stats.rows_in, rows=stats.rows_out,
-        skipped=stats.rows_in - stats.rows_out, columns=stats.columns,
-        skipped_by_reason=dict(stats.skipped_by_reason), skipped_examples=stats.skipped_examples,
-        encoder=encoder.identity, embedding_dim=encoder.dim, device=encoder.device, backend=backend,
-        store=str(store) if store else None, reused=stats.reused, embedded=stats.embedded,
-        seconds_saved=stats.seconds_saved, corrupt_shards=stats.corrupt_shards,
-        timings={"load_encoder": load_seconds, **stats.timings})
+def embedded_with(encoder: Encoder, stats: EmbedStats, load_seconds: float) -> BackendEmbed:
+    """What an in-process encoder's embedding step did (local and Ray alike)."""
+    return BackendEmbed(stats, encoder.identity, encoder.dim, encoder.device,
+                        {"load_encoder": load_seconds, **stats.timings})
 
 
 def write_mining(outcome: MiningOutcome, outputs: MineOutputs) -> BackendMine:

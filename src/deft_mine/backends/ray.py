@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlsplit
 
-from deft_mine.backends.base import BackendMine, Capabilities, MineOutputs
+from deft_mine.backends.base import BackendEmbed, BackendMine, Capabilities, MineOutputs
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
-from deft_mine.schemas.results import Check, ClusterFacts, EmbedResult
+from deft_mine.schemas.results import Check, ClusterFacts
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
 
 if TYPE_CHECKING:
@@ -293,8 +293,8 @@ class RayBackend:
             return node_checks(ray, samples, output_dir)
 
     def embed(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
-              store: Path | None) -> EmbedResult:
-        from deft_mine.backends.local import LocalBackend, embed_result
+              store: Path | None) -> BackendEmbed:
+        from deft_mine.backends.local import LocalBackend, embedded_with
         from deft_mine.backends.ray_client import embed_through_client
         from deft_mine.backends.ray_embed import embed_on_ray
 
@@ -310,9 +310,9 @@ class RayBackend:
                 else:
                     stats, used = embed_on_ray(ray, spec, listing, output_path, encoder, events, store, watch,
                                                actors=spec.workers)
-            result = embed_result(stats, encoder, output_path, self.name, store, load_seconds)
-            result.cluster = self.facts(ray, used)
-        return result
+            done = embedded_with(encoder, stats, load_seconds)
+            done.cluster = self.facts(ray, used)
+        return done
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
              events: Events) -> BackendMine:

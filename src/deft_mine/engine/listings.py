@@ -4,12 +4,14 @@ against), the only reader of a raw input's `filepath`. A format is one function 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from deft_mine.engine import tables
 from deft_mine.engine.images import resolve_image_path
@@ -82,6 +84,16 @@ def open_listing(path: Path, field: str, images_root: Path | None = None) -> Lis
     listing = FORMATS["csv" if tables.is_csv(path) else "parquet"](path, images_root or path.parent)
     tables.require_columns(path, listing.schema, [FILEPATH], field)
     return listing
+
+
+def write_listing(listing: Listing, path: Path) -> Listing:
+    """The listing's rows written to `path` as a filepath parquet (streamed, atomically), and the
+    listing read from there: one file per side in a run folder that every later step — and the
+    TAO container, which reads parquet only — takes, whatever the input's format was."""
+    with tables.atomic_output(path) as temp, pq.ParquetWriter(temp, listing.schema) as writer:
+        for batch in listing.batches(65536):
+            writer.write_batch(batch)
+    return dataclasses.replace(listing, path=path, format="parquet", table=None)
 
 
 def filepaths_of(batch: pa.RecordBatch | pa.Table) -> list[str | None]:

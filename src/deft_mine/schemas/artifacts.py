@@ -16,6 +16,8 @@ MINED = "mined.parquet"
 CANDIDATES = "mined_candidates.parquet"  # with a history ledger: mined before selection
 SUMMARY = "mining_summary.txt"
 # Ours:
+TARGET_LISTING = "target_listing.parquet"  # each side's listing (engine/listings), as every step read it
+SOURCE_LISTING = "source_listing.parquet"
 PAIRS = "mined_pairs.parquet"  # every (target, neighbour) pair: what the report draws
 MANIFEST = "run.json"  # every fact the report states
 REPORT = "Mining_Report.md"

@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 from deft_mine.backends import Backend, resolve
+from deft_mine.backends.base import BackendEmbed
 from deft_mine.engine.listings import Listing, open_listing
 from deft_mine.errors import DeftError
 from deft_mine.schemas import warnings
@@ -29,7 +30,7 @@ def embed_images(inputs: EmbedInput, ctx: ToolContext) -> EmbedResult:
 def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: ToolContext,
                listing: Listing | None = None) -> EmbedResult:
     """Embed with an already-resolved spec and backend (what `run` calls for each side, with the
-    side's listing already read), reusing and filling `store` (None: off)."""
+    side's listing already read and checked against the roots), reusing and filling `store` (None: off)."""
     ctx.check_paths(spec)
     source = existing_input(spec, "input_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source)
@@ -37,15 +38,16 @@ def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: T
     if spec.image_root and not image_root.is_dir():
         raise DeftError("file_not_found", f"image_root {image_root} is not a folder", field="image_root",
                         fix="name the folder the listing's relative filepaths resolve against", path=str(image_root))
-    listing = listing or open_listing(source, "input_parquet", image_root)
-    if ctx.policy is not None:
-        ctx.policy.check_listing(listing)
+    if listing is None:
+        listing = open_listing(source, "input_parquet", image_root)
+        if ctx.policy is not None:
+            ctx.policy.check_listing(listing)
     if spec.is_tao_checkpoint and not backend.capabilities.runs_tao_checkpoints:
         raise DeftError("backend_unsupported", f"model={spec.model} (a TAO checkpoint) runs only in the TAO "
                         f"container, not on the {backend.name} backend", field="model",
                         fix="use backend=docker for TAO checkpoints, or model=SigLIP|CLIP|DINOv2|hf|thumbnail locally")
     with ctx.lock.bind(spec) if ctx.lock is not None else contextlib.nullcontext() as key:
-        done = backend.embed(spec, listing, output, ctx.events, store)
+        done = _result(backend.embed(spec, listing, output, ctx.events, store), output, backend.name, store)
         if ctx.lock is not None:
             ctx.lock.record(done.encoder, key)
     done.warnings = [warnings.store_shard_corrupt(done.store, done.corrupt_shards)] if done.corrupt_shards else []
@@ -53,6 +55,19 @@ def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: T
         done.warnings.append(warnings.images_skipped(str(source), done.input_rows, done.skipped_by_reason,
                                                      done.skipped_examples, str(image_root)))
     return done
+
+
+def _result(done: BackendEmbed, output: Path, backend: str, store: Path | None) -> EmbedResult:
+    """What an embedding step reports, from what the backend did."""
+    stats = done.stats
+    return EmbedResult(
+        output_parquet=str(output), input_rows=stats.rows_in, rows=stats.rows_out,
+        skipped=stats.rows_in - stats.rows_out, columns=stats.columns,
+        skipped_by_reason=dict(stats.skipped_by_reason), skipped_examples=stats.skipped_examples,
+        encoder=done.encoder, embedding_dim=done.dim, device=done.device, backend=backend,
+        store=str(store) if store else None, reused=stats.reused, embedded=stats.embedded,
+        seconds_saved=stats.seconds_saved, corrupt_shards=stats.corrupt_shards, timings=done.timings,
+        cluster=done.cluster)
 
 
 embed = register(Tool("embed", "Embed images", "embed the images of a parquet/CSV into an embedding parquet",

@@ -14,7 +14,7 @@ from deft_mine import __version__
 from deft_mine.backends import resolve
 from deft_mine.engine import ledger as ledgers
 from deft_mine.engine import tables
-from deft_mine.engine.listings import Listing, open_listing
+from deft_mine.engine.listings import Listing, open_listing, write_listing
 from deft_mine.engine.mining import label_counts
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled
@@ -40,6 +40,7 @@ class RunFolder:
 
     def __init__(self, path: Path, history: bool) -> None:
         self.path, self.manifest = path, RunManifest()
+        self.listings = {"targets": path / artifacts.TARGET_LISTING, "source": path / artifacts.SOURCE_LISTING}
         self.embeddings = {"targets": path / artifacts.TARGET_EMBEDDINGS, "source": path / artifacts.SOURCE_EMBEDDINGS}
         self.mined, self.pairs = path / artifacts.MINED, path / artifacts.PAIRS
         # With a history ledger, mining writes the candidates and selection writes mined.parquet.
@@ -142,8 +143,12 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     embedding, mining = _specs(inputs, ctx)
     # What can be refused without a run folder is refused before one exists.
     backend = resolve(inputs.backend_options())
-    # Each side's listing, read once: described in run.json and embedded from.
-    sides = {name: open_listing(path, name, embedding.images_root(path)) for name, path in paths.items()}
+    # Each side's listing, read once: checked at the door, described in run.json, and kept in the
+    # run folder, where every later step reads it.
+    given = {name: open_listing(path, name, embedding.images_root(path)) for name, path in paths.items()}
+    if ctx.policy is not None:
+        for listing in given.values():
+            ctx.policy.check_listing(listing)
     folder = RunFolder.make(inputs.output_dir, inputs.run_dir, history=inputs.history is not None)
     ctx.events.log("info", f"run folder {folder.path}")
     mining = mining.model_copy(update={"source_parquet": str(folder.embeddings["source"]),
@@ -151,10 +156,11 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
                                        "output_parquet": str(folder.candidates)})
     store = ctx.store_for(inputs.store, inputs.no_store)
     described = Inputs(**{name: InputFacts(path=str(s.path), format=s.format, rows=s.rows, columns=s.schema.names,
-                                           has_label="label" in s.schema.names) for name, s in sides.items()})
+                                           has_label="label" in s.schema.names) for name, s in given.items()})
     with folder.running(embedding, mining, backend=inputs.backend, inputs=described) as manifest:
+        sides = {name: write_listing(listing, folder.listings[name]) for name, listing in given.items()}
         embedded = {name: embed_spec(embedding.model_copy(update={
-            "input_parquet": str(listing.path), "output_parquet": str(folder.embeddings[name])}),
+            "input_parquet": str(paths[name]), "output_parquet": str(folder.embeddings[name])}),
             backend, store, ctx.stage(f"embed {name}"), listing) for name, listing in sides.items()}
         _require_readable(embedded)
         tgt, src = embedded["targets"], embedded["source"]
