@@ -287,8 +287,8 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
     # because MCPServer has no setting for it.
     mcp._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
 
-    for prompt in prompts.PROMPTS:
-        mcp.add_prompt(Prompt.from_function(prompt, name=prompt.__name__, title=prompts.title(prompt)))
+    for prompt, title in prompts.PROMPTS.items():
+        mcp.add_prompt(Prompt.from_function(prompt, name=prompt.__name__, title=title))
 
     for path in sorted(REFERENCES.glob("*.md")):
         mcp.add_resource(FileResource(
