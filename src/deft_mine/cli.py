@@ -181,20 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _complete(parser: argparse.ArgumentParser) -> None:
-    """Shell completion when argcomplete is installed (`eval "$(register-python-argcomplete
-    deft-mine)"`): it answers and exits only when the shell asks ($_ARGCOMPLETE set)."""
-    try:
-        import argcomplete
-    except ImportError:
-        return
-    argcomplete.autocomplete(parser)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    if argv is None:
-        _complete(parser)
+    if argv is None:  # shell completion when argcomplete is installed (`eval "$(register-python-argcomplete
+        # deft-mine)"`): it answers and exits only when the shell asks ($_ARGCOMPLETE set)
+        with contextlib.suppress(ImportError):
+            import argcomplete
+
+            argcomplete.autocomplete(parser)
     args, extra = parser.parse_known_args(argv)
     args.words = list(sys.argv[1:] if argv is None else argv)  # the command as typed, for provenance
     # key=value overrides may also come between or after options
