@@ -68,24 +68,22 @@ def _add_field(parser: argparse.ArgumentParser, groups: dict[str, Any], name: st
     if spec is None:
         return
     help_text = info.description if spec.help is None else spec.help
-    if not spec.flags:
-        if name == "overrides":
-            parser.add_argument(name, nargs="*", metavar="key=value", help=help_text or None)
-        else:
-            parser.add_argument(name, help=help_text)
+    if not spec.flags:  # a positional: overrides takes the key=value words
+        words = {"nargs": "*", "metavar": "key=value"} if name == "overrides" else {}
+        parser.add_argument(name, help=help_text or None, **words)
         return
     if spec.group is not None and spec.group not in groups:
         groups[spec.group] = parser.add_mutually_exclusive_group(required=True)
     target = groups[spec.group] if spec.group is not None else parser
     if info.annotation is bool:
-        target.add_argument(*spec.flags, dest=name, action="store_true", help=help_text)
-        return
-    if spec.choices is not None:
-        target.add_argument(*spec.flags, dest=name, choices=spec.choices, default=info.default, help=help_text)
-        return
-    metavar = spec.metavar or spec.flags[-1].lstrip("-").replace("-", "_").upper()
-    target.add_argument(*spec.flags, dest=name, metavar=metavar, help=help_text, required=spec.required,
-                        type=int if info.annotation is int else str, action="append" if spec.repeat else "store")
+        kind: dict[str, Any] = {"action": "store_true"}
+    elif spec.choices is not None:
+        kind = {"choices": spec.choices, "default": info.default}
+    else:
+        kind = {"metavar": spec.metavar or spec.flags[-1].lstrip("-").replace("-", "_").upper(),
+                "required": spec.required, "type": int if info.annotation is int else str,
+                "action": "append" if spec.repeat else "store"}
+    target.add_argument(*spec.flags, dest=name, help=help_text, **kind)
 
 
 def _flag(tool: Tool[Any, Any] | None, field: object) -> str | None:
@@ -181,20 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _complete(parser: argparse.ArgumentParser) -> None:
-    """Shell completion when argcomplete is installed (`eval "$(register-python-argcomplete
-    deft-mine)"`): it answers and exits only when the shell asks ($_ARGCOMPLETE set)."""
-    try:
-        import argcomplete
-    except ImportError:
-        return
-    argcomplete.autocomplete(parser)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    if argv is None:
-        _complete(parser)
+    if argv is None:  # shell completion when argcomplete is installed (`eval "$(register-python-argcomplete
+        # deft-mine)"`): it answers and exits only when the shell asks ($_ARGCOMPLETE set)
+        with contextlib.suppress(ImportError):
+            import argcomplete
+
+            argcomplete.autocomplete(parser)
     args, extra = parser.parse_known_args(argv)
     args.words = list(sys.argv[1:] if argv is None else argv)  # the command as typed, for provenance
     # key=value overrides may also come between or after options

@@ -21,14 +21,9 @@ class Events(Protocol):
         """A log line: level is 'debug' | 'info' | 'warning' | 'error'."""
 
 
-class NullEvents:
-    """Drops everything: the default when nobody listens (pytest, library use)."""
-
-    def progress(self, stage: str, done: int, total: int | None, note: str = "") -> None:
-        pass
-
-    def log(self, level: str, message: str) -> None:
-        pass
+class NullEvents(Events):
+    """Drops everything (the interface's methods do nothing): the default when nobody listens
+    (pytest, library use)."""
 
 
 class RecordingEvents:

@@ -19,11 +19,10 @@ _PREFLIGHT = (
     "whose status is fail, each with its `fix`, and stop. Its `warnings` predict what the run would warn "
     "about (`filter_by_label_noop`, `pool_exhausted`, `target_in_pool`, `images_skipped`, "
     "`provenance_unknown`): tell the user before running, and fix the inputs where the warning says so.\n")
-_ENCODER = (
+_CLOSING = (  # both prompts end with the encoder rule and how refusals read
     "One session serves one encoder: the first `run` or `embed` fixes it, and a later call with another "
     "`model`, `model_path`, `model_config_path` or `pooling` is refused (`encoder_mismatch`). To compare "
-    "encoders, use one session per encoder.\n")
-_REFUSALS = (
+    "encoders, use one session per encoder.\n"
     "A refused call comes back as isError with a stable `code` and a `fix`: apply the fix; do not retry "
     "unchanged. The resources deft-mine://references/troubleshooting.md and report-spec.md explain every "
     "code and the report.\n")
@@ -59,7 +58,7 @@ def first_round(targets: Targets, source: Source, output_dir: OutputDir = "runs"
         "4. Read `Mining_Report.md` in `run_dir`, Verdict first. Tell the user the verdict, the mined count, "
         "each warning with what to do, and the path of `mined.parquet`: the images for the next training "
         "round.\n\n"
-        + _ENCODER + _REFUSALS)
+        + _CLOSING)
 
 
 def next_round(targets: Targets, source: Source,
@@ -87,12 +86,9 @@ def next_round(targets: Targets, source: Source,
         "5. A ledger refusal (`ledger_iteration_invalid`, `ledger_hash_mismatch`, `ledger_corrupt`, "
         "`ledger_busy`) leaves the ledger and the outputs untouched: follow its `fix`. To record a selection "
         "made outside `run`, call `select` with `candidates`, `ledger`, `iteration` and `output`.\n\n"
-        + _ENCODER + _REFUSALS)
+        + _CLOSING)
 
 
-PROMPTS: tuple[Callable[..., str], ...] = (first_round, next_round)
-_TITLES = {"first_round": "DEFT: a first mining round", "next_round": "DEFT: the next round, with history"}
-
-
-def title(prompt: Callable[..., str]) -> str:
-    return _TITLES[prompt.__name__]
+#: Each prompt with its title.
+PROMPTS: dict[Callable[..., str], str] = {first_round: "DEFT: a first mining round",
+                                          next_round: "DEFT: the next round, with history"}

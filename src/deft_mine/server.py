@@ -27,7 +27,7 @@ from mcp.server.mcpserver.resources import FileResource
 from mcp.server.mcpserver.prompts import Prompt
 from mcp_types import (INVALID_PARAMS, CallToolResult, EmptyResult, LoggingLevel,
                        SetLevelRequestParams, TextContent, ToolAnnotations)
-from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
+from pydantic import Field, ValidationError, WithJsonSchema
 
 from deft_mine import __version__, prompts, wire
 from deft_mine.engine.store import default_location
@@ -145,21 +145,14 @@ def _refusal(error: ErrorInfo) -> CallToolResult:
 def _internal_error(tool: str, exc: Exception) -> CallToolResult:
     """A bug's answer and log line, both with the exception's text cut short: it may quote an
     argument of megabytes (the SDK's own log printed a 20 MB path, wrapped, for 20 s)."""
-    text = _shorten(str(exc))
+    text = str(exc)
+    if len(text) > 500:
+        text = f"{text[:500]}… ({len(text) - 500} more characters)"
     log.error("tool %s failed: %s: %s\n%s", tool, type(exc).__name__, text,
               "".join(traceback.format_tb(exc.__traceback__)).rstrip())
     return _refusal(ErrorInfo(code="internal_error", message=f"{tool}: {type(exc).__name__}: {text}",
                               fix="this is a bug in deft-mine, not in the request: report it with the server's "
                                   "log (standard error)"))
-
-
-def _shorten(text: str, limit: int = 500) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
-
-
-def _text(result: BaseModel) -> str:
-    """The result's text, then one line per warning."""
-    return "\n".join([result.text(), *(f"warning {w.code}: {w.message}" for w in result.warnings)])
 
 
 def _handler(tool: Tool[Any, Any], call: Callable[[Context, Tool[Any, Any], Any], Awaitable[CallToolResult]]
@@ -270,7 +263,8 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
             return _internal_error(tool.name, exc)
         session.log.record(call_line(invocation, "ok", warnings=[w.code for w in getattr(result, "warnings", [])],
                                      run_dir=getattr(result, "run_dir", None)))
-        return CallToolResult(content=[TextContent(type="text", text=_text(result))],
+        text = "\n".join([result.text(), *(f"warning {w.code}: {w.message}" for w in result.warnings)])
+        return CallToolResult(content=[TextContent(type="text", text=text)],
                               structured_content=result.model_dump(mode="json"))
 
     for tool in (t for t in TOOLS.values() if t.mcp):
@@ -287,8 +281,8 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
     # because MCPServer has no setting for it.
     mcp._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
 
-    for prompt in prompts.PROMPTS:
-        mcp.add_prompt(Prompt.from_function(prompt, name=prompt.__name__, title=prompts.title(prompt)))
+    for prompt, title in prompts.PROMPTS.items():
+        mcp.add_prompt(Prompt.from_function(prompt, name=prompt.__name__, title=title))
 
     for path in sorted(REFERENCES.glob("*.md")):
         mcp.add_resource(FileResource(

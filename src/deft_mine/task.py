@@ -11,7 +11,6 @@ from typing import Sequence
 from deft_mine.engine import tables
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts
-from deft_mine.schemas.results import ErrorInfo
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec, spec_to_yaml
 from deft_mine.stopping import exit_code, sigterm_unwinds, stop_signal
 from deft_mine.tools.registry import ToolContext
@@ -67,8 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         output = Path(result.output_parquet)
         tables.write_text_atomic(output.parent / artifacts.task_result(output.name), result.model_dump_json())
     except DeftError as exc:
-        error = ErrorInfo.of(exc)
-        print(f"ERROR [{error.code}]: {error.message}" + (f"\n  fix: {error.fix}" if error.fix else ""),
+        print(f"ERROR [{exc.code}]: {exc.message}" + (f"\n  fix: {exc.fix}" if exc.fix else ""),
               file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, Field
 
 from deft_mine.schemas.results import ClusterFacts, EncoderIdentity, ErrorInfo, SelectResult
 from deft_mine.schemas.specs import LabelFilter
@@ -32,19 +32,12 @@ class Inputs(BaseModel):
     source: InputFacts = Field(default_factory=InputFacts)
 
 
-class _StepFacts(BaseModel):
-    """A step's facts; its `cluster` is written only for a step that ran on a cluster, so a
-    local run's run.json reads as it always has."""
-
-    @model_serializer(mode="wrap")
-    def _without_no_cluster(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("cluster", ...) is None:
-            del data["cluster"]
-        return data
+#: A step's `cluster` is written only for a step that ran on a cluster, so a local run's run.json
+#: reads as it always has.
+ClusterField = Field(None, exclude_if=lambda cluster: cluster is None)
 
 
-class EmbedFacts(_StepFacts):
+class EmbedFacts(BaseModel):
     """One embedding step's outcome."""
 
     rows: int | None = None
@@ -58,7 +51,7 @@ class EmbedFacts(_StepFacts):
     embedded: int | None = None  # rows the encoder ran on
     seconds_saved: float | None = None
     timings: dict[str, float] | None = None
-    cluster: ClusterFacts | None = None  # backend ray: address, nodes, workers, GPUs
+    cluster: ClusterFacts | None = ClusterField  # backend ray: address, nodes, workers, GPUs
 
 
 class Embeddings(BaseModel):
@@ -78,14 +71,14 @@ class LabelCounts(BaseModel):
     mined: dict[str, int] | None = None  # mined images per pool label
 
 
-class MiningFacts(_StepFacts):
+class MiningFacts(BaseModel):
     summary: dict[str, int] = Field(default_factory=dict)  # the counts of mining_summary.txt
     label_filter: LabelFilter | None = None
     knn_metric: str | None = None
     topn: int | None = None
     filter_by_label: bool | None = None
     labels: LabelCounts | None = None
-    cluster: ClusterFacts | None = None  # backend ray: address, nodes, shard tasks
+    cluster: ClusterFacts | None = ClusterField  # backend ray: address, nodes, shard tasks
 
 
 class IterationFacts(BaseModel):

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Mapping, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import PathField
@@ -71,15 +71,30 @@ def _canonical_model(value: Any) -> Any:
     return value
 
 
-def _choice(value: Any, choices: tuple[str, ...], field: str, code: str, fix: str) -> Any:
+def _choice(choices: tuple[str, ...], field: str, code: str, fix: str) -> BeforeValidator:
     """A word from `choices`, whatever its case (`per-label` is `per_label`); any other word is
     refused naming the choices."""
-    if not isinstance(value, str):
-        return value
-    word = value.strip().lower().replace("-", "_")
-    if word not in choices:
-        raise DeftError(code, f"{field} must be one of {', '.join(choices)}; got {value!r}", fix=fix, field=field)
-    return word
+    def word(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        lowered = value.strip().lower().replace("-", "_")
+        if lowered not in choices:
+            raise DeftError(code, f"{field} must be one of {', '.join(choices)}; got {value!r}", fix=fix, field=field)
+        return lowered
+    return BeforeValidator(word)
+
+
+def _bool_word(value: Any) -> Any:
+    """The container reads filter_by_label as a string; accept both spellings, nothing else."""
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
+BoolWord = Annotated[bool, BeforeValidator(_bool_word)]
 
 
 class _Spec(BaseModel):
@@ -89,11 +104,14 @@ class _Spec(BaseModel):
 class EmbeddingSpec(_Spec):
     """How to embed images: the TAO `embedding image_embeddings` spec, plus per-run paths."""
 
-    model: str = Field("SigLIP", description="SigLIP | CLIP | DINOv2 | hf | thumbnail | a TAO checkpoint kind")
+    model: Annotated[str, BeforeValidator(_canonical_model)] = Field(
+        "SigLIP", description="SigLIP | CLIP | DINOv2 | hf | thumbnail | a TAO checkpoint kind")
     model_path: str = Field("google/siglip-base-patch16-224",
                             description="hub id, local folder, or .pth/.ckpt (TAO); DINOv2's default "
                                         "is facebook/dinov2-base, hf needs one")
-    pooling: Literal["cls", "mean", "pooled"] | None = Field(
+    pooling: Annotated[Literal["cls", "mean", "pooled"] | None, _choice(
+        POOLINGS, "pooling", "pooling_unsupported",
+        "set pooling to cls, mean or pooled (or leave it out for the model's default)")] = Field(
         None, description="DINOv2: cls (default) | mean; hf: pooled (default when the model has a "
                           "trained pooler, else cls) | cls | mean; not for SigLIP, CLIP, thumbnail")
     model_config_path: str | None = Field(None, description="required only for TAO checkpoints")
@@ -105,11 +123,6 @@ class EmbeddingSpec(_Spec):
     image_root: Annotated[str | None, PathField()] = Field(
         None, description="folder relative filepaths resolve against (default: the input's folder)")
     device: str = Field("auto", description="auto | cpu | cuda[:N]", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _canonical_model(cls, value: Any) -> Any:
-        return _canonical_model(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -125,12 +138,6 @@ class EmbeddingSpec(_Spec):
                                 "vision model's hub id or a local folder saved with save_pretrained",
                                 fix="pass model_path=ORG/NAME or model_path=/path/to/folder", field="model_path")
         return data
-
-    @field_validator("pooling", mode="before")
-    @classmethod
-    def _pooling_lower(cls, value: Any) -> Any:
-        return _choice(value, POOLINGS, "pooling", "pooling_unsupported",
-                       "set pooling to cls, mean or pooled (or leave it out for the model's default)")
 
     @model_validator(mode="after")
     def _pooling_fits_model(self) -> "EmbeddingSpec":
@@ -185,14 +192,14 @@ class MiningSpec(_Spec):
     """How to mine: the TAO `tmm nearest_neighbors` spec, plus per-run paths."""
 
     topn: int = Field(5, ge=1, le=100_000)
-    knn_metric: Metric = Metric.cosine
-    filter_by_label: bool = False
+    knn_metric: Annotated[Metric, BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)] = Metric.cosine
+    filter_by_label: BoolWord = False
     source_embed_column_name: str = "embedding"
     target_embed_column_name: str = "embedding"
     source_parquet: Annotated[str | None, PathField()] = None
     target_parquet: Annotated[str | None, PathField()] = None
     output_parquet: Annotated[str | None, PathField()] = None
-    exclude_targets: bool = Field(False, description="drop pool rows that are also targets")
+    exclude_targets: BoolWord = Field(False, description="drop pool rows that are also targets")
     block_rows: int = Field(32768, ge=1, description="pool rows searched at a time (memory ~ 2-3 blocks)")
     min_similarity: float | None = Field(
         None, ge=-1.0, le=1.0, allow_inf_nan=False,
@@ -200,32 +207,12 @@ class MiningSpec(_Spec):
     max_distance: float | None = Field(
         None, ge=0.0, allow_inf_nan=False,
         description="euclidean / manhattan only: drop pairs farther than it, before de-duplication (default off)")
-    label_mode: Literal["post_filter", "per_label"] = Field(
+    label_mode: Annotated[Literal["post_filter", "per_label"], _choice(
+        ("post_filter", "per_label"), "label_mode", "spec_invalid",
+        "set label_mode=post_filter (the TAO container's) or label_mode=per_label")] = Field(
         "post_filter", description="with filter_by_label=true: post_filter (the TAO container's: top-n over the "
                                    "whole pool, then cross-label pairs dropped) | per_label (top-n among the pool "
                                    "rows of the target's own label)")
-
-    @field_validator("filter_by_label", "exclude_targets", mode="before")
-    @classmethod
-    def _bool_from_string(cls, value: Any) -> Any:
-        # The container reads filter_by_label as a string; accept both spellings, nothing else.
-        if isinstance(value, str):
-            lowered = value.strip().lower()
-            if lowered in ("true", "false"):
-                return lowered == "true"
-            raise ValueError(f"must be true or false, got {value!r}")
-        return value
-
-    @field_validator("knn_metric", mode="before")
-    @classmethod
-    def _metric_lower(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
-
-    @field_validator("label_mode", mode="before")
-    @classmethod
-    def _label_mode_word(cls, value: Any) -> Any:
-        return _choice(value, ("post_filter", "per_label"), "label_mode", "spec_invalid",
-                       "set label_mode=post_filter (the TAO container's) or label_mode=per_label")
 
     @model_validator(mode="after")
     def _controls_fit(self) -> "MiningSpec":
