@@ -69,11 +69,7 @@ def _sniff_delimiter(path: str) -> str:
     write ';'); judged on the header only, so a ';' inside a path is never taken for one."""
     with open(path, "rb") as fh:
         header = fh.readline(1 << 16).decode("utf-8-sig", errors="replace")
-    if "," not in header:
-        for candidate in (";", "\t"):
-            if candidate in header:
-                return candidate
-    return ","
+    return "," if "," in header else next((c for c in (";", "\t") if c in header), ",")
 
 
 def _parquet(path: Path) -> pq.ParquetFile:
@@ -82,12 +78,11 @@ def _parquet(path: Path) -> pq.ParquetFile:
         # memory would grow with the pool, not with the block being mined.
         return pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DeftError(
-            "parquet_invalid",
-            f"{path}: not a readable parquet file ({exc})",
-            fix="point at a parquet file (or a .csv pool), or regenerate the file",
-            path=str(path),
-        ) from exc
+        raise _unreadable(path, exc, "point at a parquet file (or a .csv pool), or regenerate the file") from exc
+
+
+def _unreadable(path: Path, exc: Exception, fix: str) -> DeftError:
+    return DeftError("parquet_invalid", f"{path}: not a readable parquet file ({exc})", fix=fix, path=str(path))
 
 
 def schema_of(path: Path) -> pa.Schema:
@@ -122,8 +117,7 @@ def read_columns(path: Path, columns: list[str]) -> pa.Table:
     try:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DeftError("parquet_invalid", f"{path}: not a readable parquet file ({exc})",
-                        fix="regenerate the file", path=str(path)) from exc
+        raise _unreadable(path, exc, "regenerate the file") from exc
 
 
 def require_columns(path: Path, schema: pa.Schema, needed: list[str], field: str) -> None:
