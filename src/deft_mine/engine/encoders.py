@@ -97,13 +97,9 @@ class HuggingFaceEncoder:
                 net, info = AutoModel.from_pretrained(source, local_files_only=is_local, dtype=torch.float32,
                                                       output_loading_info=True)
         except (OSError, ValueError) as exc:
-            raise DeftError(
-                "model_load_failed",
-                f"model_path {model_path!r}: cannot load a {model} model ({exc})".strip(),
-                fix="give a local folder saved with save_pretrained, or a hub id this machine can "
-                "download (set HF_HOME to a pre-filled cache when offline)",
-                field="model_path",
-            ) from exc
+            raise _load_failed(model_path, f"cannot load a {model} model ({exc})",
+                               "give a local folder saved with save_pretrained, or a hub id this machine can "
+                               "download (set HF_HOME to a pre-filled cache when offline)") from exc
         model_type = getattr(net.config, "model_type", "?")
         accepted = HF_MODEL_TYPES[model]
         if accepted is not None and model_type not in accepted:
@@ -148,13 +144,9 @@ class HuggingFaceEncoder:
         # (a tolerance, not equality: GPU kernels may sum in another order from pass to pass)
         if model not in _FEATURE_MODELS and not np.allclose(first, self.encode(probe), rtol=0, atol=1e-4):
             # e.g. a masked-autoencoder that masks at random: its vectors cannot be stored or compared
-            raise DeftError(
-                "model_load_failed",
-                f"model_path {model_path!r}: the '{model_type}' model gives different vectors for the same "
-                "image on each pass (random masking or sampling at inference)",
-                fix="use an encoder whose forward pass is deterministic (ViT, DINOv2, ConvNeXt, Swin …)",
-                field="model_path",
-            )
+            raise _load_failed(model_path, f"the '{model_type}' model gives different vectors for the same "
+                               "image on each pass (random masking or sampling at inference)",
+                               "use an encoder whose forward pass is deterministic (ViT, DINOv2, ConvNeXt, Swin …)")
         self.dim = int(first.shape[1])
 
     def _choose_pooling(self, model: str, model_path: str, wanted: str | None, untrained_pooler: bool) -> str:
@@ -165,12 +157,9 @@ class HuggingFaceEncoder:
                 out = self.net(pixel_values=torch.from_numpy(np.ascontiguousarray(
                     self.preprocess([Image.new("RGB", (8, 8))]), dtype=np.float32)).to(self.device))
         except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a forward that also needs text
-            raise DeftError(
-                "model_load_failed",
-                f"model_path {model_path!r}: the model loads but cannot embed an image on its own ({exc})",
-                fix="point model_path at a vision backbone whose forward takes pixel_values alone "
-                    "(ViT, DINOv2, ConvNeXt, Swin, ResNet …)",
-                field="model_path") from exc
+            raise _load_failed(model_path, f"the model loads but cannot embed an image on its own ({exc})",
+                               "point model_path at a vision backbone whose forward takes pixel_values alone "
+                               "(ViT, DINOv2, ConvNeXt, Swin, ResNet …)") from exc
         hidden = getattr(out, "last_hidden_state", None)
         pooled = getattr(out, "pooler_output", None)
         fits = {
@@ -185,10 +174,8 @@ class HuggingFaceEncoder:
         fits = {name: fit for name, fit in fits.items() if name in allowed}
         choices = [name for name, (ok, _) in fits.items() if ok]
         if not choices:
-            raise DeftError("model_load_failed",
-                            f"model_path {model_path!r}: the model gives neither a pooler output nor a last hidden state",
-                            fix="point model_path at a vision backbone (ViT, DINOv2, ConvNeXt, Swin, ResNet …)",
-                            field="model_path")
+            raise _load_failed(model_path, "the model gives neither a pooler output nor a last hidden state",
+                               "point model_path at a vision backbone (ViT, DINOv2, ConvNeXt, Swin, ResNet …)")
         if wanted is None:
             # A trained pooler, where there is one, is what the model was built to be summarised by.
             return DEFAULT_POOLINGS.get(model, choices[0])
@@ -226,6 +213,10 @@ class HuggingFaceEncoder:
         if hidden.ndim == 4:  # a convolutional feature map (n, c, h, w): average its positions
             return hidden.mean(dim=(2, 3))
         return hidden[:, self._prefix:].mean(dim=1)
+
+
+def _load_failed(model_path: str, why: str, fix: str) -> DeftError:
+    return DeftError("model_load_failed", f"model_path {model_path!r}: {why}", fix=fix, field="model_path")
 
 
 def _prefix_tokens(net: Any) -> int:
