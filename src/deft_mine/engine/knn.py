@@ -38,6 +38,12 @@ class Neighbours:
     scores: np.ndarray  # (queries, k) float64: cosine similarity, L2 or L1 distance
 
 
+# Each metric's exact float64 key of (query, vector) pairs row by row, and its score from a key.
+_PAIR_KEY = {Metric.cosine: lambda q, x: -(q * x).sum(axis=1),
+             Metric.euclidean: lambda q, x: np.square(q - x).sum(axis=1),
+             Metric.manhattan: lambda q, x: np.abs(q - x).sum(axis=1)}
+_SCORE_OF_KEY = {Metric.cosine: np.negative, Metric.euclidean: np.sqrt, Metric.manhattan: np.copy}
+
 # Candidates asked of FAISS beyond k: enough that the error bound almost never forces a retry.
 _EXTRA = 16
 _RESCORE_BYTES = 64 << 20
@@ -66,13 +72,7 @@ class TopKState:
 
     def neighbours(self, metric: Metric) -> Neighbours:
         """The keys back on the metric's own scale."""
-        if metric is Metric.cosine:
-            scores = -self.keys
-        elif metric is Metric.euclidean:
-            scores = np.sqrt(self.keys)
-        else:
-            scores = self.keys.copy()
-        return Neighbours(indices=self.ids, scores=scores)
+        return Neighbours(indices=self.ids, scores=_SCORE_OF_KEY[metric](self.keys))
 
 
 class RunningTopK:
@@ -214,12 +214,7 @@ def _exact_keys(queries: np.ndarray, vectors: np.ndarray, metric: Metric) -> np.
     for start in range(0, len(queries), step):
         q = queries[start : start + step].astype(np.float64)
         x = vectors[start : start + step].astype(np.float64)
-        if metric is Metric.cosine:
-            out[start : start + step] = -(q * x).sum(axis=1)
-        elif metric is Metric.euclidean:
-            out[start : start + step] = np.square(q - x).sum(axis=1)
-        else:
-            out[start : start + step] = np.abs(q - x).sum(axis=1)
+        out[start : start + step] = _PAIR_KEY[metric](q, x)
     return out
 
 
