@@ -537,10 +537,7 @@ def label_counts(target_embed: Path, source_embed: Path, mined: Path) -> dict[st
     targets = tables.read_columns(target_embed, ["label"]).column("label")
     mined_paths = tables.read_columns(mined, ["filepath"]).column("filepath")
     pool = tables.read_columns(source_embed, ["filepath", "label"])
-    pool = pool.filter(pc.is_in(pool.column("filepath"), value_set=mined_paths.combine_chunks()))
-    label_of: dict[str, Any] = {}
-    for path, label in zip(pool.column("filepath").to_pylist(), pool.column("label").to_pylist()):
-        label_of.setdefault(path, label)  # a path listed twice in the pool counts once
-
+    # Each mined path's first pool row (a path listed twice in the pool counts once), null if none.
+    first = pc.index_in(mined_paths, value_set=pool.column("filepath").cast(pa.string()))
     return {"targets": count_labels(targets.to_pylist()),
-            "mined": count_labels([label_of.get(p) for p in mined_paths.to_pylist()])}
+            "mined": count_labels(pool.column("label").take(first).to_pylist())}
