@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -11,6 +12,7 @@ import queue
 import signal
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, TypeVar
 
@@ -245,30 +247,14 @@ _END = object()
 def read_ahead(items: Iterator[T], depth: int = 1) -> Iterator[T]:
     """Produce the next `depth` items in a background thread while the caller works on this
     one (parquet decoding overlaps the search, which releases the GIL). Errors come through."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not offer(slots, (item, None), stop):
-                    return
-            offer(slots, (_END, None), stop)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            offer(slots, (_END, exc), stop)
-
-    worker = threading.Thread(target=produce, name="read-ahead", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item, error = slots.get()
-            if item is _END:
-                if error is not None:
-                    raise error
-                return
+    worker = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+    try:  # `depth` items ready and one more being read, as a bounded queue and its producer would hold
+        ahead = collections.deque(worker.submit(next, items, _END) for _ in range(depth + 1))
+        while (item := ahead.popleft().result()) is not _END:
+            ahead.append(worker.submit(next, items, _END))
             yield item
-    finally:
-        stop.set()
+    finally:  # a consumer that stops early does not wait for the read in flight
+        worker.shutdown(wait=False, cancel_futures=True)
 
 
 def offer(slots: queue.Queue, entry: object, stop: threading.Event) -> bool:
