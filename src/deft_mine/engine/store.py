@@ -62,7 +62,6 @@ def _corrupt(exc: BaseException) -> bool:
 @dataclass
 class Shard:
     path: Path
-    rows: int
     seconds_per_row: float
     group_starts: np.ndarray  # first row of each row group
 
@@ -104,7 +103,7 @@ class Shelf:
                 continue
             starts = np.cumsum([0] + [file.metadata.row_group(i).num_rows
                                       for i in range(file.metadata.num_row_groups)])[:-1]
-            shard = Shard(path, len(column), float(meta.get(SECONDS_KEY, b"0")), starts)
+            shard = Shard(path, float(meta.get(SECONDS_KEY, b"0")), starts)
             digests.append(column)
             shard_of.append(np.full(len(column), len(self.shards), np.int32))
             row_of.append(np.arange(len(column), dtype=np.int64))
