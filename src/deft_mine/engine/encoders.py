@@ -103,23 +103,15 @@ class HuggingFaceEncoder:
         model_type = getattr(net.config, "model_type", "?")
         accepted = HF_MODEL_TYPES[model]
         if accepted is not None and model_type not in accepted:
-            raise DeftError(
-                "model_kind_mismatch",
-                f"model={model} but model_path {model_path!r} holds a '{model_type}' checkpoint",
-                fix=f"set model to match the checkpoint (model=hf takes any vision model), or point "
-                    f"model_path at a {model} checkpoint",
-                field="model",
-            )
+            raise _kind_mismatch(model, model_path, f"'{model_type}' checkpoint",
+                                 "set model to match the checkpoint (model=hf takes any vision model), or point "
+                                 f"model_path at a {model} checkpoint")
         if model not in _FEATURE_MODELS and hasattr(net, "get_image_features"):
             # A two-tower model's forward needs text too; its image side is what SigLIP/CLIP run.
             named = next((m for m in _FEATURE_MODELS if model_type in (HF_MODEL_TYPES[m] or ())), None)
-            raise DeftError(
-                "model_kind_mismatch",
-                f"model={model} but model_path {model_path!r} holds a '{model_type}' image-text model",
-                fix=f"use model={named} for this checkpoint" if named else
-                    "point model_path at a vision-only model (ViT, DINOv2, ConvNeXt, Swin, ResNet …)",
-                field="model",
-            )
+            raise _kind_mismatch(model, model_path, f"'{model_type}' image-text model",
+                                 f"use model={named} for this checkpoint" if named else
+                                 "point model_path at a vision-only model (ViT, DINOv2, ConvNeXt, Swin, ResNet …)")
         if model in _FEATURE_MODELS and pooling is not None:
             raise DeftError("pooling_unsupported", f"pooling={pooling} does not fit model={model}: it has a fixed "
                             "output (its projected image features)", fix="leave pooling out, or use model=DINOv2/hf",
@@ -217,6 +209,11 @@ class HuggingFaceEncoder:
 
 def _load_failed(model_path: str, why: str, fix: str) -> DeftError:
     return DeftError("model_load_failed", f"model_path {model_path!r}: {why}", fix=fix, field="model_path")
+
+
+def _kind_mismatch(model: str, model_path: str, holds: str, fix: str) -> DeftError:
+    return DeftError("model_kind_mismatch", f"model={model} but model_path {model_path!r} holds a {holds}",
+                     fix=fix, field="model")
 
 
 def _prefix_tokens(net: Any) -> int:
