@@ -195,8 +195,8 @@ def search_range(spec: MiningSpec, source_path: Path, target_path: Path, queries
                 field="source_parquet", source_dim=int(vectors.shape[1]), target_dim=int(queries.shape[1]),
             )
         rows = len(vectors)
-        ids = np.arange(seen, seen + rows, dtype=np.int64)
-        skip = drop[seen - start:seen - start + rows].copy()
+        ids, span = np.arange(seen, seen + rows, dtype=np.int64), slice(seen - start, seen - start + rows)
+        skip = drop[span].copy()
         if metric is Metric.cosine:
             flat = ~vectors.any(axis=1) & ~skip
             if flat.any():
@@ -205,15 +205,12 @@ def search_range(spec: MiningSpec, source_path: Path, target_path: Path, queries
                 if sum(map(len, found.flat_rows)) < 5:
                     found.flat_rows.append(ids[flat][:3].tolist())
                 skip |= flat
-        groups = None if pool_groups is None else pool_groups[seen - start:seen - start + rows]
+        # The grouped search (given query_groups, only ever with pool_groups) also takes the rows' groups.
+        groups = [] if pool_groups is None else [pool_groups[span]]
         if skip.any():
-            vectors, ids = vectors[~skip], ids[~skip]
-            groups = None if groups is None else groups[~skip]
-        if isinstance(top, GroupedTopK):
-            assert groups is not None  # the grouped search is only ever given both
-            top.add(vectors, ids, groups)
-        elif top is not None:
-            top.add(vectors, ids)
+            vectors, ids, *groups = (part[~skip] for part in (vectors, ids, *groups))
+        if top is not None:
+            top.add(vectors, ids, *groups)
         found.searched += len(ids)
         seen += rows
         if on_block is not None:
@@ -257,11 +254,8 @@ def candidates(prep: Prepared, found: Searched) -> Candidates:
     """Each query's best pool rows (the mode's candidate count; the whole pool when smaller),
     their scores, and the filepaths and label keys of just the rows found, read back."""
     k = min(mode_of(prep.spec).candidates, found.searched)
-    if found.state is not None and k:
-        best = found.state.neighbours(prep.spec.knn_metric)
-        rows, scores = best.indices[:, :k], best.scores[:, :k]
-    else:
-        rows, scores = np.zeros((len(prep.queries), 0), np.int64), np.zeros((len(prep.queries), 0), np.float64)
+    best = (found.state or TopKState.empty(len(prep.queries))).neighbours(prep.spec.knn_metric)
+    rows, scores = best.indices[:, :k], best.scores[:, :k]
     found_mask = rows >= 0  # a per-label search leaves the slots of a small label group empty (row -1)
     # The filepath (and label) of just the rows found: the columns are small beside the vectors.
     wanted = np.unique(rows[found_mask])
