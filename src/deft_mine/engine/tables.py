@@ -105,9 +105,7 @@ def iter_batches(
     """Row batches of a parquet file (streamed from disk) or a CSV (read once, then sliced)."""
     if is_csv(path):
         table = read_csv(path)
-        if columns is not None:
-            table = table.select(columns)
-        yield from table.to_batches(max_chunksize=batch_rows)
+        yield from (table if columns is None else table.select(columns)).to_batches(max_chunksize=batch_rows)
         return
     yield from _parquet(path).iter_batches(batch_size=batch_rows, columns=columns)
 
@@ -186,28 +184,19 @@ def vectors_from_column(column: pa.Array | pa.ChunkedArray, *, path: Path, name:
     refusing ragged, null, empty or NaN vectors with the file, column and first bad row named."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
+    where, named = {"path": str(path), "column": name}, {"field": field} if field else {}
 
     def bad(row: int, what: str) -> DeftError:
-        return DeftError(
-            "embedding_invalid",
-            f"{field + ' ' if field else ''}{path}: column '{name}' row {first_row + row}: {what}",
-            fix="re-embed the file; every row needs one finite vector of the same length",
-            path=str(path),
-            column=name,
-            row=first_row + row,
-            **({"field": field} if field else {}),
-        )
+        return DeftError("embedding_invalid",
+                         f"{field + ' ' if field else ''}{path}: column '{name}' row {first_row + row}: {what}",
+                         fix="re-embed the file; every row needs one finite vector of the same length",
+                         **where, row=first_row + row, **named)
 
     if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
             or pa.types.is_fixed_size_list(column.type)):
-        raise DeftError(
-            "embedding_invalid",
-            f"{path}: column '{name}' has type {column.type}, not a list of floats",
-            fix="name the embedding column with source_embed_column_name / target_embed_column_name",
-            path=str(path),
-            column=name,
-            **({"field": field} if field else {}),
-        )
+        raise DeftError("embedding_invalid", f"{path}: column '{name}' has type {column.type}, not a list of floats",
+                        fix="name the embedding column with source_embed_column_name / target_embed_column_name",
+                        **where, **named)
     if len(column) == 0:
         return np.zeros((0, dim or 0), dtype=np.float32)
     if (row := first_null(column)) is not None:
@@ -307,9 +296,8 @@ def atomic_output(final: Path) -> Iterator[Path]:
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
-        pass
+        with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory; the rename is still atomic
+            os.fsync(fd)
     finally:
         os.close(fd)
 
