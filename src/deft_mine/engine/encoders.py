@@ -118,7 +118,9 @@ class HuggingFaceEncoder:
                             field="pooling", model=model, pooling=pooling, choices=[])
         self.device = _pick_device(torch, device)
         self.net = net.to(self.device).eval()
-        preprocessing = _json_safe(self.processor.to_dict())
+        # JSON-safe: tuples as lists, whatever else JSON cannot hold as text
+        preprocessing = json.loads(json.dumps(self.processor.to_dict(),
+                                              default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
         for volatile in ("processor_class", "_processor_class", "image_processor_type"):
             preprocessing.pop(volatile, None)
         self.pooling: str | None = None
@@ -244,10 +246,6 @@ def _check_gpu(torch: Any, wanted: str) -> str:
                         fix="use device=auto, cpu" + "".join(f" or cuda:{i}" for i in range(count)),
                         field="device", device=wanted, gpus=count)
     return wanted
-
-
-def _json_safe(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
 
 
 _DIGESTS: dict[tuple, str] = {}
