@@ -126,8 +126,7 @@ class GroupedTopK:
         present, starts = np.unique(block_groups[order], return_index=True)
         ends = np.append(starts[1:], len(order))
         for group, lo, hi in zip(present.tolist(), starts.tolist(), ends.tolist()):
-            top = self.tops.get(group)
-            if top is not None:
+            if (top := self.tops.get(group)) is not None:
                 rows = order[lo:hi]
                 top.add(block[rows], ids[rows])
 

@@ -365,8 +365,7 @@ def _control_warnings(prep: Prepared, cands: Candidates, within: np.ndarray, kee
 def _gathered(values: list, position: np.ndarray, found_mask: np.ndarray) -> np.ndarray:
     """`values[position]` as an object array shaped like `position`, None where nothing was found."""
     out = np.full(position.shape, None, dtype=object)
-    if found_mask.any():
-        out[found_mask] = np.asarray(values, dtype=object)[position[found_mask]]
+    out[found_mask] = np.asarray(values, dtype=object)[position[found_mask]]
     return out
 
 
