@@ -97,40 +97,30 @@ class HuggingFaceEncoder:
                 net, info = AutoModel.from_pretrained(source, local_files_only=is_local, dtype=torch.float32,
                                                       output_loading_info=True)
         except (OSError, ValueError) as exc:
-            raise DeftError(
-                "model_load_failed",
-                f"model_path {model_path!r}: cannot load a {model} model ({exc})".strip(),
-                fix="give a local folder saved with save_pretrained, or a hub id this machine can "
-                "download (set HF_HOME to a pre-filled cache when offline)",
-                field="model_path",
-            ) from exc
+            raise _load_failed(model_path, f"cannot load a {model} model ({exc})",
+                               "give a local folder saved with save_pretrained, or a hub id this machine can "
+                               "download (set HF_HOME to a pre-filled cache when offline)") from exc
         model_type = getattr(net.config, "model_type", "?")
         accepted = HF_MODEL_TYPES[model]
         if accepted is not None and model_type not in accepted:
-            raise DeftError(
-                "model_kind_mismatch",
-                f"model={model} but model_path {model_path!r} holds a '{model_type}' checkpoint",
-                fix=f"set model to match the checkpoint (model=hf takes any vision model), or point "
-                    f"model_path at a {model} checkpoint",
-                field="model",
-            )
+            raise _kind_mismatch(model, model_path, f"'{model_type}' checkpoint",
+                                 "set model to match the checkpoint (model=hf takes any vision model), or point "
+                                 f"model_path at a {model} checkpoint")
         if model not in _FEATURE_MODELS and hasattr(net, "get_image_features"):
             # A two-tower model's forward needs text too; its image side is what SigLIP/CLIP run.
             named = next((m for m in _FEATURE_MODELS if model_type in (HF_MODEL_TYPES[m] or ())), None)
-            raise DeftError(
-                "model_kind_mismatch",
-                f"model={model} but model_path {model_path!r} holds a '{model_type}' image-text model",
-                fix=f"use model={named} for this checkpoint" if named else
-                    "point model_path at a vision-only model (ViT, DINOv2, ConvNeXt, Swin, ResNet …)",
-                field="model",
-            )
+            raise _kind_mismatch(model, model_path, f"'{model_type}' image-text model",
+                                 f"use model={named} for this checkpoint" if named else
+                                 "point model_path at a vision-only model (ViT, DINOv2, ConvNeXt, Swin, ResNet …)")
         if model in _FEATURE_MODELS and pooling is not None:
             raise DeftError("pooling_unsupported", f"pooling={pooling} does not fit model={model}: it has a fixed "
                             "output (its projected image features)", fix="leave pooling out, or use model=DINOv2/hf",
                             field="pooling", model=model, pooling=pooling, choices=[])
         self.device = _pick_device(torch, device)
         self.net = net.to(self.device).eval()
-        preprocessing = _json_safe(self.processor.to_dict())
+        # JSON-safe: tuples as lists, whatever else JSON cannot hold as text
+        preprocessing = json.loads(json.dumps(self.processor.to_dict(),
+                                              default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
         for volatile in ("processor_class", "_processor_class", "image_processor_type"):
             preprocessing.pop(volatile, None)
         self.pooling: str | None = None
@@ -148,13 +138,9 @@ class HuggingFaceEncoder:
         # (a tolerance, not equality: GPU kernels may sum in another order from pass to pass)
         if model not in _FEATURE_MODELS and not np.allclose(first, self.encode(probe), rtol=0, atol=1e-4):
             # e.g. a masked-autoencoder that masks at random: its vectors cannot be stored or compared
-            raise DeftError(
-                "model_load_failed",
-                f"model_path {model_path!r}: the '{model_type}' model gives different vectors for the same "
-                "image on each pass (random masking or sampling at inference)",
-                fix="use an encoder whose forward pass is deterministic (ViT, DINOv2, ConvNeXt, Swin …)",
-                field="model_path",
-            )
+            raise _load_failed(model_path, f"the '{model_type}' model gives different vectors for the same "
+                               "image on each pass (random masking or sampling at inference)",
+                               "use an encoder whose forward pass is deterministic (ViT, DINOv2, ConvNeXt, Swin …)")
         self.dim = int(first.shape[1])
 
     def _choose_pooling(self, model: str, model_path: str, wanted: str | None, untrained_pooler: bool) -> str:
@@ -165,12 +151,9 @@ class HuggingFaceEncoder:
                 out = self.net(pixel_values=torch.from_numpy(np.ascontiguousarray(
                     self.preprocess([Image.new("RGB", (8, 8))]), dtype=np.float32)).to(self.device))
         except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a forward that also needs text
-            raise DeftError(
-                "model_load_failed",
-                f"model_path {model_path!r}: the model loads but cannot embed an image on its own ({exc})",
-                fix="point model_path at a vision backbone whose forward takes pixel_values alone "
-                    "(ViT, DINOv2, ConvNeXt, Swin, ResNet …)",
-                field="model_path") from exc
+            raise _load_failed(model_path, f"the model loads but cannot embed an image on its own ({exc})",
+                               "point model_path at a vision backbone whose forward takes pixel_values alone "
+                               "(ViT, DINOv2, ConvNeXt, Swin, ResNet …)") from exc
         hidden = getattr(out, "last_hidden_state", None)
         pooled = getattr(out, "pooler_output", None)
         fits = {
@@ -185,10 +168,8 @@ class HuggingFaceEncoder:
         fits = {name: fit for name, fit in fits.items() if name in allowed}
         choices = [name for name, (ok, _) in fits.items() if ok]
         if not choices:
-            raise DeftError("model_load_failed",
-                            f"model_path {model_path!r}: the model gives neither a pooler output nor a last hidden state",
-                            fix="point model_path at a vision backbone (ViT, DINOv2, ConvNeXt, Swin, ResNet …)",
-                            field="model_path")
+            raise _load_failed(model_path, "the model gives neither a pooler output nor a last hidden state",
+                               "point model_path at a vision backbone (ViT, DINOv2, ConvNeXt, Swin, ResNet …)")
         if wanted is None:
             # A trained pooler, where there is one, is what the model was built to be summarised by.
             return DEFAULT_POOLINGS.get(model, choices[0])
@@ -228,6 +209,15 @@ class HuggingFaceEncoder:
         return hidden[:, self._prefix:].mean(dim=1)
 
 
+def _load_failed(model_path: str, why: str, fix: str) -> DeftError:
+    return DeftError("model_load_failed", f"model_path {model_path!r}: {why}", fix=fix, field="model_path")
+
+
+def _kind_mismatch(model: str, model_path: str, holds: str, fix: str) -> DeftError:
+    return DeftError("model_kind_mismatch", f"model={model} but model_path {model_path!r} holds a {holds}",
+                     fix=fix, field="model")
+
+
 def _prefix_tokens(net: Any) -> int:
     """How many tokens precede the patch tokens (CLS, a distillation token, registers): the
     transformers ViT family keeps them as parameters of `embeddings`; a model without them
@@ -256,10 +246,6 @@ def _check_gpu(torch: Any, wanted: str) -> str:
                         fix="use device=auto, cpu" + "".join(f" or cuda:{i}" for i in range(count)),
                         field="device", device=wanted, gpus=count)
     return wanted
-
-
-def _json_safe(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
 
 
 _DIGESTS: dict[tuple, str] = {}

@@ -38,6 +38,12 @@ class Neighbours:
     scores: np.ndarray  # (queries, k) float64: cosine similarity, L2 or L1 distance
 
 
+# Each metric's exact float64 key of (query, vector) pairs row by row, and its score from a key.
+_PAIR_KEY = {Metric.cosine: lambda q, x: -(q * x).sum(axis=1),
+             Metric.euclidean: lambda q, x: np.square(q - x).sum(axis=1),
+             Metric.manhattan: lambda q, x: np.abs(q - x).sum(axis=1)}
+_SCORE_OF_KEY = {Metric.cosine: np.negative, Metric.euclidean: np.sqrt, Metric.manhattan: np.copy}
+
 # Candidates asked of FAISS beyond k: enough that the error bound almost never forces a retry.
 _EXTRA = 16
 _RESCORE_BYTES = 64 << 20
@@ -66,13 +72,7 @@ class TopKState:
 
     def neighbours(self, metric: Metric) -> Neighbours:
         """The keys back on the metric's own scale."""
-        if metric is Metric.cosine:
-            scores = -self.keys
-        elif metric is Metric.euclidean:
-            scores = np.sqrt(self.keys)
-        else:
-            scores = self.keys.copy()
-        return Neighbours(indices=self.ids, scores=scores)
+        return Neighbours(indices=self.ids, scores=_SCORE_OF_KEY[metric](self.keys))
 
 
 class RunningTopK:
@@ -126,8 +126,7 @@ class GroupedTopK:
         present, starts = np.unique(block_groups[order], return_index=True)
         ends = np.append(starts[1:], len(order))
         for group, lo, hi in zip(present.tolist(), starts.tolist(), ends.tolist()):
-            top = self.tops.get(group)
-            if top is not None:
+            if (top := self.tops.get(group)) is not None:
                 rows = order[lo:hi]
                 top.add(block[rows], ids[rows])
 
@@ -172,7 +171,7 @@ def _block_topk(queries: np.ndarray, block: np.ndarray, k: int, metric: Metric,
     k = min(k, len(block))
     keys = np.full((len(queries), k), np.inf, dtype=np.float64)
     ids = np.full((len(queries), k), -1, dtype=np.int64)
-    error = _ErrorBound(queries, block, metric)
+    gamma, scale = 2.0 * block.shape[1] * float(np.finfo(np.float32).eps), _error_scale(queries, block, metric)
     rows = np.arange(len(queries))
     want = k + _EXTRA
     while len(rows):
@@ -181,7 +180,8 @@ def _block_topk(queries: np.ndarray, block: np.ndarray, k: int, metric: Metric,
         approx = approx.astype(np.float64)
         if metric is Metric.cosine:
             approx = -approx
-        eps = error(rows, approx[:, -1])
+        # A generous bound on |float32 key − exact key| for FAISS's scores.
+        eps = gamma * (np.abs(approx[:, -1]) if scale is None else scale[rows])
         # Rows FAISS scored above `limit` are provably worse than its k first candidates, or
         # than the k neighbours the query already has.
         limit = approx[:, k - 1] + 2.0 * eps
@@ -214,29 +214,18 @@ def _exact_keys(queries: np.ndarray, vectors: np.ndarray, metric: Metric) -> np.
     for start in range(0, len(queries), step):
         q = queries[start : start + step].astype(np.float64)
         x = vectors[start : start + step].astype(np.float64)
-        if metric is Metric.cosine:
-            out[start : start + step] = -(q * x).sum(axis=1)
-        elif metric is Metric.euclidean:
-            out[start : start + step] = np.square(q - x).sum(axis=1)
-        else:
-            out[start : start + step] = np.abs(q - x).sum(axis=1)
+        out[start : start + step] = _PAIR_KEY[metric](q, x)
     return out
 
 
-class _ErrorBound:
-    """A generous bound on |float32 key − exact key| for FAISS's scores against one block."""
-
-    def __init__(self, queries: np.ndarray, block: np.ndarray, metric: Metric) -> None:
-        self.metric = metric
-        self.gamma = 2.0 * block.shape[1] * float(np.finfo(np.float32).eps)
-        if metric is Metric.euclidean:
-            q_norm = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
-            x_norm = float(np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64).max()))
-            self.scale = np.square(q_norm + x_norm)
-
-    def __call__(self, rows: np.ndarray, largest_key: np.ndarray) -> np.ndarray:
-        if self.metric is Metric.cosine:  # unit vectors: |q·x| <= 1
-            return np.full(len(rows), self.gamma)
-        if self.metric is Metric.euclidean:
-            return self.gamma * self.scale[rows]
-        return self.gamma * np.abs(largest_key)
+def _error_scale(queries: np.ndarray, block: np.ndarray, metric: Metric) -> np.ndarray | None:
+    """Per query, what the float32 error of its keys against this block scales with: 1 under
+    cosine (unit vectors: |q·x| <= 1), the squared norms' bound under euclidean; None under
+    manhattan, where it is the largest key itself."""
+    if metric is Metric.cosine:
+        return np.ones(len(queries))
+    if metric is Metric.euclidean:
+        q_norm = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
+        x_norm = float(np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64).max()))
+        return np.square(q_norm + x_norm)
+    return None

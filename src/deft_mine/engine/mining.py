@@ -195,8 +195,8 @@ def search_range(spec: MiningSpec, source_path: Path, target_path: Path, queries
                 field="source_parquet", source_dim=int(vectors.shape[1]), target_dim=int(queries.shape[1]),
             )
         rows = len(vectors)
-        ids = np.arange(seen, seen + rows, dtype=np.int64)
-        skip = drop[seen - start:seen - start + rows].copy()
+        ids, span = np.arange(seen, seen + rows, dtype=np.int64), slice(seen - start, seen - start + rows)
+        skip = drop[span].copy()
         if metric is Metric.cosine:
             flat = ~vectors.any(axis=1) & ~skip
             if flat.any():
@@ -205,15 +205,12 @@ def search_range(spec: MiningSpec, source_path: Path, target_path: Path, queries
                 if sum(map(len, found.flat_rows)) < 5:
                     found.flat_rows.append(ids[flat][:3].tolist())
                 skip |= flat
-        groups = None if pool_groups is None else pool_groups[seen - start:seen - start + rows]
+        # The grouped search (given query_groups, only ever with pool_groups) also takes the rows' groups.
+        groups = [] if pool_groups is None else [pool_groups[span]]
         if skip.any():
-            vectors, ids = vectors[~skip], ids[~skip]
-            groups = None if groups is None else groups[~skip]
-        if isinstance(top, GroupedTopK):
-            assert groups is not None  # the grouped search is only ever given both
-            top.add(vectors, ids, groups)
-        elif top is not None:
-            top.add(vectors, ids)
+            vectors, ids, *groups = (part[~skip] for part in (vectors, ids, *groups))
+        if top is not None:
+            top.add(vectors, ids, *groups)
         found.searched += len(ids)
         seen += rows
         if on_block is not None:
@@ -257,11 +254,8 @@ def candidates(prep: Prepared, found: Searched) -> Candidates:
     """Each query's best pool rows (the mode's candidate count; the whole pool when smaller),
     their scores, and the filepaths and label keys of just the rows found, read back."""
     k = min(mode_of(prep.spec).candidates, found.searched)
-    if found.state is not None and k:
-        best = found.state.neighbours(prep.spec.knn_metric)
-        rows, scores = best.indices[:, :k], best.scores[:, :k]
-    else:
-        rows, scores = np.zeros((len(prep.queries), 0), np.int64), np.zeros((len(prep.queries), 0), np.float64)
+    best = (found.state or TopKState.empty(len(prep.queries))).neighbours(prep.spec.knn_metric)
+    rows, scores = best.indices[:, :k], best.scores[:, :k]
     found_mask = rows >= 0  # a per-label search leaves the slots of a small label group empty (row -1)
     # The filepath (and label) of just the rows found: the columns are small beside the vectors.
     wanted = np.unique(rows[found_mask])
@@ -371,8 +365,7 @@ def _control_warnings(prep: Prepared, cands: Candidates, within: np.ndarray, kee
 def _gathered(values: list, position: np.ndarray, found_mask: np.ndarray) -> np.ndarray:
     """`values[position]` as an object array shaped like `position`, None where nothing was found."""
     out = np.full(position.shape, None, dtype=object)
-    if found_mask.any():
-        out[found_mask] = np.asarray(values, dtype=object)[position[found_mask]]
+    out[found_mask] = np.asarray(values, dtype=object)[position[found_mask]]
     return out
 
 
@@ -537,10 +530,7 @@ def label_counts(target_embed: Path, source_embed: Path, mined: Path) -> dict[st
     targets = tables.read_columns(target_embed, ["label"]).column("label")
     mined_paths = tables.read_columns(mined, ["filepath"]).column("filepath")
     pool = tables.read_columns(source_embed, ["filepath", "label"])
-    pool = pool.filter(pc.is_in(pool.column("filepath"), value_set=mined_paths.combine_chunks()))
-    label_of: dict[str, Any] = {}
-    for path, label in zip(pool.column("filepath").to_pylist(), pool.column("label").to_pylist()):
-        label_of.setdefault(path, label)  # a path listed twice in the pool counts once
-
+    # Each mined path's first pool row (a path listed twice in the pool counts once), null if none.
+    first = pc.index_in(mined_paths, value_set=pool.column("filepath").cast(pa.string()))
     return {"targets": count_labels(targets.to_pylist()),
-            "mined": count_labels([label_of.get(p) for p in mined_paths.to_pylist()])}
+            "mined": count_labels(pool.column("label").take(first).to_pylist())}

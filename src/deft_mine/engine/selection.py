@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,25 +46,19 @@ class NearestNeighbours:
     metric: Metric
 
     def select(self, found: Candidates, keep: np.ndarray) -> pa.Table:
-        """Each mined path with the best score any target gave it, which target that was, and
-        how many kept pairs hit it."""
-        paths, scores, target_paths = found.paths, found.scores, found.target_paths
-        best: dict[str, list[Any]] = {}  # path -> [best score, its target, hits], in order of first appearance
-        better = operator.gt if self.metric.higher_is_nearer else operator.lt
-        for t, r in zip(*np.nonzero(keep)):
-            score, entry = float(scores[t, r]), best.get(paths[t, r])
-            if entry is None:
-                best[paths[t, r]] = [score, target_paths[t], 1]
-                continue
-            entry[2] += 1
-            if better(score, entry[0]):
-                entry[:2] = score, target_paths[t]
-        entries = list(best.values())
+        """Each mined path with the best score any target gave it, which target that was (the
+        first on a tie), and how many kept pairs hit it."""
+        t, r = np.nonzero(keep)  # the kept pairs in target, then rank order
+        files = pa.array(found.paths[t, r].tolist(), pa.string()).dictionary_encode()  # numbered as first seen
+        codes, scores = files.indices.to_numpy(zero_copy_only=False), found.scores[t, r].astype(np.float64)
+        # Each file's pairs nearest first, ties in pair order (lexsort is stable): its first is its best.
+        order = np.lexsort((-scores if self.metric.higher_is_nearer else scores, codes))
+        best = order[np.unique(codes[order], return_index=True)[1]]
         return pa.table({
-            "filepath": pa.array(list(best), pa.string()),
-            "score": pa.array([e[0] for e in entries], pa.float64()),
-            "best_target": pa.array([str(e[1]) for e in entries], pa.string()),
-            "hits": pa.array([e[2] for e in entries], pa.int32()),
+            "filepath": files.dictionary,
+            "score": pa.array(scores[best], pa.float64()),
+            "best_target": pa.array([str(found.target_paths[i]) for i in t[best]], pa.string()),
+            "hits": pa.array(np.bincount(codes, minlength=len(files.dictionary)), pa.int32()),
         })
 
 

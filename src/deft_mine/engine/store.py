@@ -3,6 +3,7 @@ as append-only parquet shards with page checksums, so no round embeds an image t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -62,7 +63,6 @@ def _corrupt(exc: BaseException) -> bool:
 @dataclass
 class Shard:
     path: Path
-    rows: int
     seconds_per_row: float
     group_starts: np.ndarray  # first row of each row group
 
@@ -104,11 +104,10 @@ class Shelf:
                 continue
             starts = np.cumsum([0] + [file.metadata.row_group(i).num_rows
                                       for i in range(file.metadata.num_row_groups)])[:-1]
-            shard = Shard(path, len(column), float(meta.get(SECONDS_KEY, b"0")), starts)
             digests.append(column)
             shard_of.append(np.full(len(column), len(self.shards), np.int32))
             row_of.append(np.arange(len(column), dtype=np.int64))
-            self.shards.append(shard)
+            self.shards.append(Shard(path, float(meta.get(SECONDS_KEY, b"0")), starts))
         if digests:
             every = pa.concat_arrays(digests)
             flat = np.frombuffer(every.buffers()[1], "S32", count=len(every), offset=32 * every.offset)
@@ -180,10 +179,8 @@ class Shelf:
     def _quarantine(self, path: Path) -> None:
         """A shard that fails its checksum is renamed out of the way (kept for inspection)."""
         self.corrupt.append(path.name)
-        try:
+        with contextlib.suppress(OSError):
             path.rename(path.with_name(f".corrupt-{path.name}"))
-        except OSError:
-            pass
 
     # ---------------------------------------------------------------- adding
 

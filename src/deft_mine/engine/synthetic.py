@@ -63,9 +63,6 @@ def make_sample_set(folder: Path, *, targets_per_class: int = 3, pool_per_class:
                 rows[split].append(row)
     order = rng.permutation(len(rows["pool"]))  # the pool is not sorted by class
     rows["pool"] = [rows["pool"][i] for i in order]
-    paths = []
-    for split in ("targets", "pool"):
-        path = folder / f"{split}.parquet"
-        pq.write_table(pa.Table.from_pylist(rows[split]), path)
-        paths.append(path)
-    return paths[0], paths[1]
+    for split, split_rows in rows.items():
+        pq.write_table(pa.Table.from_pylist(split_rows), folder / f"{split}.parquet")
+    return folder / "targets.parquet", folder / "pool.parquet"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -11,6 +12,7 @@ import queue
 import signal
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, TypeVar
 
@@ -69,11 +71,7 @@ def _sniff_delimiter(path: str) -> str:
     write ';'); judged on the header only, so a ';' inside a path is never taken for one."""
     with open(path, "rb") as fh:
         header = fh.readline(1 << 16).decode("utf-8-sig", errors="replace")
-    if "," not in header:
-        for candidate in (";", "\t"):
-            if candidate in header:
-                return candidate
-    return ","
+    return "," if "," in header else next((c for c in (";", "\t") if c in header), ",")
 
 
 def _parquet(path: Path) -> pq.ParquetFile:
@@ -82,12 +80,11 @@ def _parquet(path: Path) -> pq.ParquetFile:
         # memory would grow with the pool, not with the block being mined.
         return pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DeftError(
-            "parquet_invalid",
-            f"{path}: not a readable parquet file ({exc})",
-            fix="point at a parquet file (or a .csv pool), or regenerate the file",
-            path=str(path),
-        ) from exc
+        raise _unreadable(path, exc, "point at a parquet file (or a .csv pool), or regenerate the file") from exc
+
+
+def _unreadable(path: Path, exc: Exception, fix: str) -> DeftError:
+    return DeftError("parquet_invalid", f"{path}: not a readable parquet file ({exc})", fix=fix, path=str(path))
 
 
 def schema_of(path: Path) -> pa.Schema:
@@ -108,9 +105,7 @@ def iter_batches(
     """Row batches of a parquet file (streamed from disk) or a CSV (read once, then sliced)."""
     if is_csv(path):
         table = read_csv(path)
-        if columns is not None:
-            table = table.select(columns)
-        yield from table.to_batches(max_chunksize=batch_rows)
+        yield from (table if columns is None else table.select(columns)).to_batches(max_chunksize=batch_rows)
         return
     yield from _parquet(path).iter_batches(batch_size=batch_rows, columns=columns)
 
@@ -122,8 +117,7 @@ def read_columns(path: Path, columns: list[str]) -> pa.Table:
     try:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DeftError("parquet_invalid", f"{path}: not a readable parquet file ({exc})",
-                        fix="regenerate the file", path=str(path)) from exc
+        raise _unreadable(path, exc, "regenerate the file") from exc
 
 
 def require_columns(path: Path, schema: pa.Schema, needed: list[str], field: str) -> None:
@@ -190,28 +184,19 @@ def vectors_from_column(column: pa.Array | pa.ChunkedArray, *, path: Path, name:
     refusing ragged, null, empty or NaN vectors with the file, column and first bad row named."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
+    where, named = {"path": str(path), "column": name}, {"field": field} if field else {}
 
     def bad(row: int, what: str) -> DeftError:
-        return DeftError(
-            "embedding_invalid",
-            f"{field + ' ' if field else ''}{path}: column '{name}' row {first_row + row}: {what}",
-            fix="re-embed the file; every row needs one finite vector of the same length",
-            path=str(path),
-            column=name,
-            row=first_row + row,
-            **({"field": field} if field else {}),
-        )
+        return DeftError("embedding_invalid",
+                         f"{field + ' ' if field else ''}{path}: column '{name}' row {first_row + row}: {what}",
+                         fix="re-embed the file; every row needs one finite vector of the same length",
+                         **where, row=first_row + row, **named)
 
     if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
             or pa.types.is_fixed_size_list(column.type)):
-        raise DeftError(
-            "embedding_invalid",
-            f"{path}: column '{name}' has type {column.type}, not a list of floats",
-            fix="name the embedding column with source_embed_column_name / target_embed_column_name",
-            path=str(path),
-            column=name,
-            **({"field": field} if field else {}),
-        )
+        raise DeftError("embedding_invalid", f"{path}: column '{name}' has type {column.type}, not a list of floats",
+                        fix="name the embedding column with source_embed_column_name / target_embed_column_name",
+                        **where, **named)
     if len(column) == 0:
         return np.zeros((0, dim or 0), dtype=np.float32)
     if (row := first_null(column)) is not None:
@@ -251,30 +236,14 @@ _END = object()
 def read_ahead(items: Iterator[T], depth: int = 1) -> Iterator[T]:
     """Produce the next `depth` items in a background thread while the caller works on this
     one (parquet decoding overlaps the search, which releases the GIL). Errors come through."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not offer(slots, (item, None), stop):
-                    return
-            offer(slots, (_END, None), stop)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            offer(slots, (_END, exc), stop)
-
-    worker = threading.Thread(target=produce, name="read-ahead", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item, error = slots.get()
-            if item is _END:
-                if error is not None:
-                    raise error
-                return
+    worker = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+    try:  # `depth` items ready and one more being read, as a bounded queue and its producer would hold
+        ahead = collections.deque(worker.submit(next, items, _END) for _ in range(depth + 1))
+        while (item := ahead.popleft().result()) is not _END:
+            ahead.append(worker.submit(next, items, _END))
             yield item
-    finally:
-        stop.set()
+    finally:  # a consumer that stops early does not wait for the read in flight
+        worker.shutdown(wait=False, cancel_futures=True)
 
 
 def offer(slots: queue.Queue, entry: object, stop: threading.Event) -> bool:
@@ -327,9 +296,8 @@ def atomic_output(final: Path) -> Iterator[Path]:
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
-        pass
+        with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory; the rename is still atomic
+            os.fsync(fd)
     finally:
         os.close(fd)
 
