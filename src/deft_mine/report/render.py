@@ -139,12 +139,6 @@ class _View:
         self.floor_key = next((k for k in ("min_similarity", "max_distance") if self.spec.get(k) is not None), None)
         self.floor = self.spec.get(self.floor_key) if self.floor_key else None
 
-    def controls(self) -> str:
-        """The mining controls a run set beyond TAO's (empty when none): for parameter lines."""
-        parts = ([f"label_mode={self.label_mode}"] if self.label_filter is LabelFilter.applied and self.label_mode else []) \
-            + ([f"{self.floor_key}={_fmt(self.floor)}"] if self.floor_key else [])
-        return ", ".join(parts)
-
 
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
@@ -217,8 +211,10 @@ def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool
                      f"{'needs' if len(found) == 1 else 'need'} a look before the images go to training.",
         "failed": "the mined set must not be used: " + "; ".join(f.reason for f in found if f.severity == "failed") + ".",
     }[verdict]
+    controls = ([f"label_mode={v.label_mode}"] if v.label_filter is LabelFilter.applied and v.label_mode else []) \
+        + ([f"{v.floor_key}={_fmt(v.floor)}"] if v.floor_key else [])  # the controls a run set beyond TAO's
     params = (f"topn={_fmt(v.topn)}, knn_metric={_fmt(v.metric)}, filter_by_label={_flag(v.filter_by_label)}"
-              + (f" ({v.label_filter})" if v.label_filter else "") + (f", {v.controls()}" if v.controls() else ""))
+              + (f" ({v.label_filter})" if v.label_filter else "") + "".join(f", {c}" for c in controls))
     encoder = (f"{_code(getattr(v.enc_t, 'model', None))} (fingerprint {_code(v.fingerprint)}), "
                + {True: "the same on both sides", False: "DIFFERENT on the two sides",
                   None: "match not recorded"}[v.match])
@@ -304,21 +300,16 @@ def _encoder_section(v: _View, found: list[Finding], verdict: str, compact: bool
     fps = [v.facts.fingerprints.get(side) for side in (Side.target, Side.source)]
     if any(fps):
         rows.append(("fingerprint", _cell(fps[0]), _cell(fps[1])))
-    if v.match is True:
-        line = (f"**Encoder match: yes** — both sides were embedded with the same encoder identity "
-                f"(fingerprint `{_fmt(v.fingerprint)}`), so target and pool vectors are comparable.")
-    elif v.match is False:
-        line = (f"**Encoder match: NO** — the two sides differ in {', '.join(v.differing) or 'their identity'}; "
-                "distances between their vectors mean nothing, so the verdict is FAILED.")
-    elif v.facts.has_manifest and v.m.status != "finished":
-        line = ("**Encoder match: unknown** — the run stopped before both sides were embedded, so "
-                "there is no pair of identities to compare.")
-    else:
-        line = ("**Encoder match: unknown** — at least one side records no encoder identity "
-                "(for example an embedding parquet written by the TAO container), so the match "
-                "cannot be confirmed.")
     yield 0, _table("Field | Targets | Pool", rows)
-    yield 0, line
+    yield 0, (f"**Encoder match: yes** — both sides were embedded with the same encoder identity "
+              f"(fingerprint `{_fmt(v.fingerprint)}`), so target and pool vectors are comparable." if v.match else
+              f"**Encoder match: NO** — the two sides differ in {', '.join(v.differing) or 'their identity'}; "
+              "distances between their vectors mean nothing, so the verdict is FAILED." if v.match is False else
+              "**Encoder match: unknown** — the run stopped before both sides were embedded, so "
+              "there is no pair of identities to compare." if v.facts.has_manifest and v.m.status != "finished" else
+              "**Encoder match: unknown** — at least one side records no encoder identity "
+              "(for example an embedding parquet written by the TAO container), so the match "
+              "cannot be confirmed.")
     spec = v.m.embedding_spec or {}
     if getattr(v.enc_t, "model", None) == "thumbnail" and spec.get("model_path"):
         yield 1, (f"The spec's `model_path` ({_code(spec.get('model_path'))}) is ignored by the "
