@@ -392,10 +392,9 @@ def _check_mined(facts: ReportFacts, files: Files) -> None:
     if "filepath" not in schema.names:
         return
     column = tables.read_columns(path, ["filepath"]).column("filepath")
-    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-        paths = [None if b is None else b.decode("utf-8", errors="surrogateescape") for b in column.to_pylist()]
-    else:
-        paths = pc.cast(column, pa.string()).to_pylist()
+    binary = pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)
+    paths = [None if b is None else b.decode("utf-8", errors="surrogateescape") for b in column.to_pylist()] \
+        if binary else pc.cast(column, pa.string()).to_pylist()
     check.duplicates = rows - len(set(paths))
     base = Path(root) if root else path.parent
     present = [p for p in paths if p is not None]

@@ -234,9 +234,8 @@ def _draw_histogram(scores: np.ndarray, kept: np.ndarray | None, path: Path, tit
         pen.text((left + 20, top + plot_h / 2), "no scores to show (no pairs were found)", fill=INK, font=font(13))
         _save(image, path)
         return
-    lo, hi = float(scores.min()), float(scores.max())
-    if floor is not None:
-        lo, hi = min(lo, floor), max(hi, floor)
+    bounds = [float(scores.min()), float(scores.max())] + ([] if floor is None else [floor])  # the floor shown too
+    lo, hi = min(bounds), max(bounds)
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, bins + 1)
