@@ -123,12 +123,9 @@ def write_provenance(folder: Path, manifest: RunManifest | None, invocation: Inv
 
 def _append_line(path: Path, line: dict[str, Any]) -> None:
     # One write of one line in append mode: concurrent appenders never interleave within a line.
-    data = (json.dumps(line) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+    with os.fdopen(fd, "wb", buffering=0) as out:  # unbuffered: the line is one os.write
+        out.write((json.dumps(line) + "\n").encode())
 
 
 def _backend(manifest: RunManifest | None) -> dict[str, Any] | None:
