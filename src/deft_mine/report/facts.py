@@ -131,9 +131,13 @@ def gather(folder: Path, manifest: RunManifest | None, files: Files, missing: li
                         fingerprints={side: None if ident is None else ident.fingerprint
                                       for side, ident in ((Side.target, encoder.target), (Side.source, encoder.source))})
     facts.image_roots = _image_roots(folder, manifest, files, has_manifest)
-    _optional(events, missing, "target labels", lambda: _labels(facts, files))
-    _optional(events, missing, "mined_pairs statistics", lambda: _pair_stats(facts, files))
-    _optional(events, missing, "mined parquet checks", lambda: _check_mined(facts, files))
+    for what, step in (("target labels", _labels), ("mined_pairs statistics", _pair_stats),
+                       ("mined parquet checks", _check_mined)):
+        try:  # a fact that cannot be read is reported as unavailable, never a crash of the report
+            step(facts, files)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file: say so, go on
+            events.log("warning", f"report: {what} unavailable ({exc.__class__.__name__}: {exc})")
+            missing.append(what)
     return facts
 
 
@@ -223,15 +227,6 @@ def _is_list(kind: pa.DataType) -> bool:
 
 
 # ----------------------------------------------------------------------------- gathering the facts
-
-def _optional(events: Events, missing: list[str], what: str, step: Callable[[], None]) -> None:
-    """A fact that cannot be read is reported as unavailable, never a crash of the report."""
-    try:
-        step()
-    except Exception as exc:  # noqa: BLE001 - any unreadable file: say so, go on
-        events.log("warning", f"report: {what} unavailable ({exc.__class__.__name__}: {exc})")
-        missing.append(what)
-
 
 def _rebuild(folder: Path, files: Files, missing: list[str]) -> RunManifest:
     """A manifest of what a folder without run.json shows; the facts it cannot show stay None."""
@@ -397,10 +392,9 @@ def _check_mined(facts: ReportFacts, files: Files) -> None:
     if "filepath" not in schema.names:
         return
     column = tables.read_columns(path, ["filepath"]).column("filepath")
-    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-        paths = [None if b is None else b.decode("utf-8", errors="surrogateescape") for b in column.to_pylist()]
-    else:
-        paths = pc.cast(column, pa.string()).to_pylist()
+    binary = pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)
+    paths = [None if b is None else b.decode("utf-8", errors="surrogateescape") for b in column.to_pylist()] \
+        if binary else pc.cast(column, pa.string()).to_pylist()
     check.duplicates = rows - len(set(paths))
     base = Path(root) if root else path.parent
     present = [p for p in paths if p is not None]

@@ -74,8 +74,7 @@ def _label_text(label: Any) -> str:
 
 
 def _contact_sheet(facts: ReportFacts, path: Path) -> bool:
-    t_root = Path(facts.image_roots.get(Side.target.input) or facts.folder)
-    s_root = Path(facts.image_roots.get(Side.source.input) or facts.folder)
+    t_root, s_root = (Path(facts.image_roots.get(side.input) or facts.folder) for side in (Side.target, Side.source))
     rows: list[list[Tile]] = []
     pairs_path, mined = facts.path("pairs"), facts.path("mined")
     if pairs_path is not None:
@@ -94,9 +93,9 @@ def _contact_sheet(facts: ReportFacts, path: Path) -> bool:
                                 label.strip(), KEPT if pair["kept"] else DROPPED))
             rows.append(row)
     else:
-        if mined is None or not {"best_target", "filepath"} <= set(tables.schema_of(mined).names):
+        names = [] if mined is None else tables.schema_of(mined).names
+        if not {"best_target", "filepath"} <= set(names):
             return False
-        names = tables.schema_of(mined).names
         table = tables.read_columns(mined, [c for c in ("filepath", "best_target", "score") if c in names])
         groups: dict[str, list[dict[str, Any]]] = {}
         for item in table.to_pylist():
@@ -118,13 +117,11 @@ def _contact_sheet(facts: ReportFacts, path: Path) -> bool:
 
 
 def _histogram(facts: ReportFacts, path: Path) -> bool:
-    mining = facts.manifest.mining
-    metric = mining.knn_metric or (facts.manifest.mining_spec or {}).get("knn_metric")
+    mining, spec = facts.manifest.mining, facts.manifest.mining_spec or {}
+    metric = mining.knn_metric or spec.get("knn_metric")
     axis = ("cosine similarity (higher is nearer)" if metric == "cosine" else
             f"{metric} distance (lower is nearer)" if metric else "score")
-    pairs_path, mined = facts.path("pairs"), facts.path("mined")
-    kept = None
-    spec = facts.manifest.mining_spec or {}
+    pairs_path, mined, kept = facts.path("pairs"), facts.path("mined"), None
     floor = next((spec[k] for k in ("min_similarity", "max_distance") if spec.get(k) is not None), None)
     if pairs_path is not None:
         table = tables.read_columns(pairs_path, ["score", "kept"])
@@ -142,16 +139,6 @@ def _histogram(facts: ReportFacts, path: Path) -> bool:
     finite = np.isfinite(scores)
     _draw_histogram(scores[finite], None if kept is None else kept[finite], path, title, f"score: {axis}",
                     floor=None if floor is None else float(floor))
-    return True
-
-
-def _label_chart(facts: ReportFacts, path: Path) -> bool:
-    if facts.target_labels is None or facts.mined_labels is None:
-        return False
-    shown, _ = labels_shown(facts.target_labels, facts.mined_labels)
-    _draw_label_bars(shown, [facts.target_labels.get(x, 0) for x in shown],
-                     [facts.mined_labels.get(x, 0) for x in shown], path,
-                     "Targets vs mined images per label (mined counted by pool label)")
     return True
 
 
@@ -247,9 +234,8 @@ def _draw_histogram(scores: np.ndarray, kept: np.ndarray | None, path: Path, tit
         pen.text((left + 20, top + plot_h / 2), "no scores to show (no pairs were found)", fill=INK, font=font(13))
         _save(image, path)
         return
-    lo, hi = float(scores.min()), float(scores.max())
-    if floor is not None:
-        lo, hi = min(lo, floor), max(hi, floor)
+    bounds = [float(scores.min()), float(scores.max())] + ([] if floor is None else [floor])  # the floor shown too
+    lo, hi = min(bounds), max(bounds)
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, bins + 1)
@@ -290,14 +276,18 @@ def _draw_histogram(scores: np.ndarray, kept: np.ndarray | None, path: Path, tit
     _save(image, path)
 
 
-def _draw_label_bars(labels: Sequence[str], targets: Sequence[int], mined: Sequence[int], path: Path,
-                     title: str) -> None:
-    """Two horizontal bars per label: targets (blue) and mined images (orange), values written."""
+def _label_chart(facts: ReportFacts, path: Path) -> bool:
+    """Two horizontal bars per label shown: targets (blue) and mined images (orange), values written."""
+    if facts.target_labels is None or facts.mined_labels is None:
+        return False
+    labels, _ = labels_shown(facts.target_labels, facts.mined_labels)
+    targets, mined = ([counts.get(x, 0) for x in labels] for counts in (facts.target_labels, facts.mined_labels))
     width, left, right, top, row_h = 720, 170, 60, 64, 30
-    image, pen = _canvas(width, max(200, top + row_h * max(len(labels), 1) + 24), title, (12, 12), width - 24)
+    image, pen = _canvas(width, max(200, top + row_h * max(len(labels), 1) + 24),
+                         "Targets vs mined images per label (mined counted by pool label)", (12, 12), width - 24)
     face = font(11)
     _legend(pen, left, [(TARGET_FRAME, "targets"), (MINED, "mined")], face, 90)
-    peak = max(list(targets) + list(mined) + [1])
+    peak = max(targets + mined + [1])
     plot_w = width - left - right
     for i, (label, t, m) in enumerate(zip(labels, targets, mined)):
         y = top + i * row_h
@@ -310,3 +300,4 @@ def _draw_label_bars(labels: Sequence[str], targets: Sequence[int], mined: Seque
             pen.text((x1 + 4, y0 - 2), str(value), fill=INK, font=face)
     pen.line([(left, top - 4), (left, top + row_h * max(len(labels), 1))], fill=INK)
     _save(image, path)
+    return True

@@ -3,6 +3,7 @@ made the run, and the calls of the session that led to it (`mining_config/`, `se
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib.metadata
 import json
@@ -122,12 +123,9 @@ def write_provenance(folder: Path, manifest: RunManifest | None, invocation: Inv
 
 def _append_line(path: Path, line: dict[str, Any]) -> None:
     # One write of one line in append mode: concurrent appenders never interleave within a line.
-    data = (json.dumps(line) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+    with os.fdopen(fd, "wb", buffering=0) as out:  # unbuffered: the line is one os.write
+        out.write((json.dumps(line) + "\n").encode())
 
 
 def _backend(manifest: RunManifest | None) -> dict[str, Any] | None:
@@ -146,32 +144,25 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     """The installed version of each named distribution; one not installed is left out."""
     found: dict[str, str] = {}
     for name in names:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
     return found
 
 
 def _device() -> dict[str, Any]:
     """The CPU model, and the GPUs torch sees when torch is already loaded (importing it only
     to ask would cost a second or two on every report)."""
-    device: dict[str, Any] = {"cpu": _cpu_model(), "cpus": os.cpu_count()}
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        device["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    else:
-        device["gpus"] = [] if torch is not None else None  # None: not asked (torch not loaded)
-    return device
+    torch = sys.modules.get("torch")  # not loaded: the GPUs are None (not asked)
+    gpus = None if torch is None else [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    return {"cpu": _cpu_model(), "cpus": os.cpu_count(), "gpus": gpus}
 
 
 def _cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 

@@ -21,6 +21,7 @@ MIN_WORDS, MAX_WORDS = 600, 1200
 MAX_LABELS = 20  # label rows shown at most
 SKIP_SENTENCE = "The per-label breakdown is skipped because the targets have no `label` column."
 IDENTITY_FIELDS = ("model", "model_path", "model_config_path", "weights_digest", "preprocessing")
+Blocks = Iterable[tuple[int, str]]  # a section's paragraphs, each with the least detail level that shows it
 
 
 @dataclass
@@ -138,12 +139,6 @@ class _View:
         self.floor_key = next((k for k in ("min_similarity", "max_distance") if self.spec.get(k) is not None), None)
         self.floor = self.spec.get(self.floor_key) if self.floor_key else None
 
-    def controls(self) -> str:
-        """The mining controls a run set beyond TAO's (empty when none): for parameter lines."""
-        parts = ([f"label_mode={self.label_mode}"] if self.label_filter is LabelFilter.applied and self.label_mode else []) \
-            + ([f"{self.floor_key}={_fmt(self.floor)}"] if self.floor_key else [])
-        return ", ".join(parts)
-
 
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
@@ -196,19 +191,18 @@ def _assemble(facts: ReportFacts, found: list[Finding], verdict: str, level: int
     v = _View(facts)
     run_name = (v.m.run_dir or facts.folder).rstrip("/").rsplit("/", 1)[-1]
     parts = [f"# Mining Report — `{run_name}`\n"]
-    sections: list[tuple[str, Callable[..., list[tuple[int, str]]]]] = list(zip(SECTIONS, (
+    sections: list[tuple[str, Callable[..., Blocks]]] = list(zip(SECTIONS, (
         _verdict_section, _inputs_section, _encoder_section, _mining_section, _labels_section,
         _sanity_section, _actions_section)))
     if v.m.history is not None:  # iterative runs: before the actions, what earlier rounds took
         sections.insert(-1, ("History", _history_section))
     for title, build in sections:
-        blocks = build(v, found, verdict, compact)
-        body = "\n\n".join(text for need, text in blocks if need <= level and text)
+        body = "\n\n".join(text for need, text in build(v, found, verdict, compact) if need <= level and text)
         parts.append(f"## {title}\n\n{body}\n")
     return "\n".join(parts)
 
 
-def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:
     mined = (f"{plural(v.queries, 'target')} mined {plural(v.mined_count, 'unique pool image')} "
              f"from {plural(v.pool, 'pool row')}")
     headline = {
@@ -217,8 +211,10 @@ def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool
                      f"{'needs' if len(found) == 1 else 'need'} a look before the images go to training.",
         "failed": "the mined set must not be used: " + "; ".join(f.reason for f in found if f.severity == "failed") + ".",
     }[verdict]
+    controls = ([f"label_mode={v.label_mode}"] if v.label_filter is LabelFilter.applied and v.label_mode else []) \
+        + ([f"{v.floor_key}={_fmt(v.floor)}"] if v.floor_key else [])  # the controls a run set beyond TAO's
     params = (f"topn={_fmt(v.topn)}, knn_metric={_fmt(v.metric)}, filter_by_label={_flag(v.filter_by_label)}"
-              + (f" ({v.label_filter})" if v.label_filter else "") + (f", {v.controls()}" if v.controls() else ""))
+              + (f" ({v.label_filter})" if v.label_filter else "") + "".join(f", {c}" for c in controls))
     encoder = (f"{_code(getattr(v.enc_t, 'model', None))} (fingerprint {_code(v.fingerprint)}), "
                + {True: "the same on both sides", False: "DIFFERENT on the two sides",
                   None: "match not recorded"}[v.match])
@@ -234,37 +230,34 @@ def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool
                 if listed is None and embedded is not None else "")
         return f"**{_fmt(_first(listed, embedded))}**{only}"
 
-    blocks = [
-        (0, f"**Verdict: {verdict.upper()}** — {headline}"),
-        (0, "\n".join([
-            f"- Targets in: {rows_in('target')}",
-            f"- Pool in: {rows_in('source')}",
-            f"- Mined out: **{_fmt(v.mined_count)}** unique images → `{v.mined_name}`",
-            f"- Encoder: {encoder}",
-            f"- Parameters: {params}",
-            f"- Run: {when}",
-        ])),
-    ]
+    yield 0, f"**Verdict: {verdict.upper()}** — {headline}"
+    yield 0, "\n".join([
+        f"- Targets in: {rows_in('target')}",
+        f"- Pool in: {rows_in('source')}",
+        f"- Mined out: **{_fmt(v.mined_count)}** unique images → `{v.mined_name}`",
+        f"- Encoder: {encoder}",
+        f"- Parameters: {params}",
+        f"- Run: {when}",
+    ])
     if found:
         limit, words = (5, 15) if compact else (12, 40)
-        blocks.append((0, "Findings behind this verdict:\n\n" + "\n".join(
+        yield 0, ("Findings behind this verdict:\n\n" + "\n".join(
             f"- **{f.code}** ({f.severity}): {rules.short(f.reason, words)}." for f in found[:limit])
-            + (f"\n- and {len(found) - limit} more (see the report tool's warnings)" if len(found) > limit else "")))
+            + (f"\n- and {len(found) - limit} more (see the report tool's warnings)" if len(found) > limit else ""))
     if v.facts.missing_facts:
-        blocks.append((0, "Facts this folder does not record, so the report cannot state them: "
-                       + ", ".join(f"`{x}`" for x in v.facts.missing_facts) + "."))
-    blocks.append((1, "An OK verdict means every recorded check passed: the run finished, both sides "
-                      "used one encoder, no image was skipped, no requested filter was silently "
-                      "ignored and every mined path exists. ATTENTION means the output is usable but "
-                      "a finding above deserves a decision first; FAILED means the mined set must not "
-                      "be used as it is."))
-    blocks.append((2, "Every number in this report is read from the run's recorded facts (run.json, "
-                      "the mining summary and the parquet files of this folder) and none is typed by "
-                      "hand, so regenerating the report from the same folder gives the same text."))
-    return blocks
+        yield 0, ("Facts this folder does not record, so the report cannot state them: "
+               + ", ".join(f"`{x}`" for x in v.facts.missing_facts) + ".")
+    yield 1, ("An OK verdict means every recorded check passed: the run finished, both sides "
+              "used one encoder, no image was skipped, no requested filter was silently "
+              "ignored and every mined path exists. ATTENTION means the output is usable but "
+              "a finding above deserves a decision first; FAILED means the mined set must not "
+              "be used as it is.")
+    yield 2, ("Every number in this report is read from the run's recorded facts (run.json, "
+              "the mining summary and the parquet files of this folder) and none is typed by "
+              "hand, so regenerating the report from the same folder gives the same text.")
 
 
-def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:
     facts = v.facts
     limit = 6 if compact else 12
     rows, columns, skips = [], [], []
@@ -278,7 +271,7 @@ def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool)
         if emb.skipped_by_reason:
             skips.append(f"Skipped {name.lower()} images by reason: "
                          + ", ".join(f"{n} {r}" for r, n in sorted(emb.skipped_by_reason.items())) + ".")
-    blocks = [(0, _table("Side | Path | Rows | Embedded | Skipped | Has `label` | Converted from CSV", rows))]
+    yield 0, _table("Side | Path | Rows | Embedded | Skipped | Has `label` | Converted from CSV", rows)
     lines = columns + skips
     dim = _first(v.embedded["target"].embedding_dim, v.embedded["source"].embedding_dim)
     device = v.embedded["target"].device
@@ -289,55 +282,49 @@ def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     if roots:
         lines.append("Relative image paths resolve against: " + "; ".join(roots) + ".")
     if lines:
-        blocks.append((0, " ".join(lines)))
-    blocks.append((1, "*Rows* is the length of each input file, *Embedded* the rows written to its "
-                      "embedding parquet, and *Skipped* the rows left out because their image could not "
-                      "be read. A `label` column on both sides is what makes the label filter and the "
-                      "per-label breakdown possible; a CSV pool is read as it is and its columns are "
-                      "carried into the embedding parquet."))
-    blocks.append((2, "The targets are the images the last DEFT round's gap analysis found the model "
-                      "weakest on; the pool is the large set of unused images searched for look-alikes. "
-                      "Every input column (such as `siamese_score` or `weakness`) travels with the "
-                      "embeddings, so later steps can still see it."))
-    return blocks
+        yield 0, " ".join(lines)
+    yield 1, ("*Rows* is the length of each input file, *Embedded* the rows written to its "
+              "embedding parquet, and *Skipped* the rows left out because their image could not "
+              "be read. A `label` column on both sides is what makes the label filter and the "
+              "per-label breakdown possible; a CSV pool is read as it is and its columns are "
+              "carried into the embedding parquet.")
+    yield 2, ("The targets are the images the last DEFT round's gap analysis found the model "
+              "weakest on; the pool is the large set of unused images searched for look-alikes. "
+              "Every input column (such as `siamese_score` or `weakness`) travels with the "
+              "embeddings, so later steps can still see it.")
 
 
-def _encoder_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+def _encoder_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:
     rows = [(f"`{key}`", _identity_cell(v.enc_t, key), _identity_cell(v.enc_s, key))
             for key in IDENTITY_FIELDS]
     fps = [v.facts.fingerprints.get(side) for side in (Side.target, Side.source)]
     if any(fps):
         rows.append(("fingerprint", _cell(fps[0]), _cell(fps[1])))
-    if v.match is True:
-        line = (f"**Encoder match: yes** — both sides were embedded with the same encoder identity "
-                f"(fingerprint `{_fmt(v.fingerprint)}`), so target and pool vectors are comparable.")
-    elif v.match is False:
-        line = (f"**Encoder match: NO** — the two sides differ in {', '.join(v.differing) or 'their identity'}; "
-                "distances between their vectors mean nothing, so the verdict is FAILED.")
-    elif v.facts.has_manifest and v.m.status != "finished":
-        line = ("**Encoder match: unknown** — the run stopped before both sides were embedded, so "
-                "there is no pair of identities to compare.")
-    else:
-        line = ("**Encoder match: unknown** — at least one side records no encoder identity "
-                "(for example an embedding parquet written by the TAO container), so the match "
-                "cannot be confirmed.")
-    blocks = [(0, _table("Field | Targets | Pool", rows)), (0, line)]
+    yield 0, _table("Field | Targets | Pool", rows)
+    yield 0, (f"**Encoder match: yes** — both sides were embedded with the same encoder identity "
+              f"(fingerprint `{_fmt(v.fingerprint)}`), so target and pool vectors are comparable." if v.match else
+              f"**Encoder match: NO** — the two sides differ in {', '.join(v.differing) or 'their identity'}; "
+              "distances between their vectors mean nothing, so the verdict is FAILED." if v.match is False else
+              "**Encoder match: unknown** — the run stopped before both sides were embedded, so "
+              "there is no pair of identities to compare." if v.facts.has_manifest and v.m.status != "finished" else
+              "**Encoder match: unknown** — at least one side records no encoder identity "
+              "(for example an embedding parquet written by the TAO container), so the match "
+              "cannot be confirmed.")
     spec = v.m.embedding_spec or {}
     if getattr(v.enc_t, "model", None) == "thumbnail" and spec.get("model_path"):
-        blocks.append((1, f"The spec's `model_path` ({_code(spec.get('model_path'))}) is ignored by the "
-                          "weight-free `thumbnail` encoder and is therefore no part of its identity."))
+        yield 1, (f"The spec's `model_path` ({_code(spec.get('model_path'))}) is ignored by the "
+                  "weight-free `thumbnail` encoder and is therefore no part of its identity.")
     if spec.get("batch_size") is not None:
-        blocks.append((1, f"The batch size ({spec.get('batch_size')}) is not part of the identity: it "
-                          "changes speed and memory, never the vectors."))
-    blocks.append((1, "The identity is what makes two embeddings comparable: the model, where its "
-                      "weights came from (path and, for local weights, their digest) and the "
-                      "preprocessing applied to every image. Mining compares target vectors with "
-                      "pool vectors, so both sides must share it exactly."))
-    blocks.append((2, "Mixing encoders is the most common silent failure of this workflow: the run "
-                      "completes and the mined images simply look unrelated to the targets. deft-mine "
-                      "records the identity inside each embedding parquet and refuses to mine two "
-                      "files whose identities differ."))
-    return blocks
+        yield 1, (f"The batch size ({spec.get('batch_size')}) is not part of the identity: it "
+                  "changes speed and memory, never the vectors.")
+    yield 1, ("The identity is what makes two embeddings comparable: the model, where its "
+              "weights came from (path and, for local weights, their digest) and the "
+              "preprocessing applied to every image. Mining compares target vectors with "
+              "pool vectors, so both sides must share it exactly.")
+    yield 2, ("Mixing encoders is the most common silent failure of this workflow: the run "
+              "completes and the mined images simply look unrelated to the targets. deft-mine "
+              "records the identity inside each embedding parquet and refuses to mine two "
+              "files whose identities differ.")
 
 
 def _identity_cell(identity: EncoderIdentity | None, key: str) -> str:
@@ -361,30 +348,30 @@ def _mine_command(v: _View, inline: bool = False) -> str:
     return f"`{command}`" if inline else f"```\n{command}\n```"
 
 
-def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:
     facts = v.facts
-    blocks = [(0, "The command equivalent of this mining step (re-run it to mine again without "
-                  "re-embedding):\n\n" + _mine_command(v)),
-              (0, f"Parameters: `topn` = {_fmt(v.topn)}, `knn_metric` = {_fmt(v.metric)} (scores are "
-                  f"{v.score_words}), `filter_by_label` = {_flag(v.filter_by_label)}, "
-                  f"`exclude_targets` = {_flag(v.exclude_targets)}"
-                  + "".join(f", `{key}` = {_fmt(value)}" for key, value in (
-                      ("label_mode", v.label_mode if v.label_filter is LabelFilter.applied else None),
-                      (v.floor_key, v.floor)) if key and value is not None) + ".")]
+    yield 0, "The command equivalent of this mining step (re-run it to mine again without re-embedding):\n\n" \
+        + _mine_command(v)
+    yield 0, (f"Parameters: `topn` = {_fmt(v.topn)}, `knn_metric` = {_fmt(v.metric)} (scores are "
+              f"{v.score_words}), `filter_by_label` = {_flag(v.filter_by_label)}, "
+              f"`exclude_targets` = {_flag(v.exclude_targets)}"
+              + "".join(f", `{key}` = {_fmt(value)}" for key, value in (
+                  ("label_mode", v.label_mode if v.label_filter is LabelFilter.applied else None),
+                  (v.floor_key, v.floor)) if key and value is not None) + ".")
     if counts := v.summary.as_dict():
         table = _table("Count | Value | Meaning", [(f"`{key}`", _cell(value), SUMMARY_MEANING.get(key, ""))
                                                   for key, value in counts.items()])
         name = facts.files.get("summary") or "mining_summary.txt"
-        blocks.append((0, f"Every count of `{name}`:\n\n{table}"))
+        yield 0, f"Every count of `{name}`:\n\n{table}"
     else:
-        blocks.append((0, "No mining summary was recorded, so the counts of the mining step are not known."))
+        yield 0, "No mining summary was recorded, so the counts of the mining step are not known."
     kept, dropped = v.summary.kept_pairs, v.summary.dropped_pairs
     if v.floor_key:
-        blocks.append((0, _floor_words(v)))
+        yield 0, _floor_words(v)
     pairs, below = v.summary.pairs, v.summary.below_floor
     within = (f"Of {_fmt(pairs)} pairs found" if not v.floor_key else
               f"Of the {_fmt(None if pairs is None or below is None else pairs - below)} pairs within the floor")
-    blocks.append((0, {
+    yield 0, {
         LabelFilter.applied: (
             "Label filter: applied per label (`label_mode` = per_label): each target's `topn` was searched among "
             "the pool rows of its own label only, so every pair found shares its target's label; "
@@ -397,41 +384,40 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
                           "was kept unfiltered (warning `filter_by_label_noop`).",
         LabelFilter.off: "Label filter: off (`filter_by_label` = false), so every pair found was kept and the no-op "
                          "cannot fire.",
-    }.get(v.label_filter or "", "Label filter: whether it was applied is not recorded.")))
+    }.get(v.label_filter or "", "Label filter: whether it was applied is not recorded.")
     if facts.pairs is not None and facts.pairs.pairs:
         p = facts.pairs
-        blocks.append((0, f"Neighbour scores ({v.score_words}) of the {p.pairs} pairs range from "
-                          f"{_fmt(p.score_min)} to {_fmt(p.score_max)}, median {_fmt(p.score_median)}."))
+        yield 0, (f"Neighbour scores ({v.score_words}) of the {p.pairs} pairs range from "
+                  f"{_fmt(p.score_min)} to {_fmt(p.score_max)}, median {_fmt(p.score_median)}.")
     if "score_histogram" in facts.pictures:
         stacked = v.label_filter is LabelFilter.applied or v.floor_key is not None
         what = ("every pair found" + (", kept and dropped pairs stacked" if stacked else "")
                 if facts.histogram_from == "pairs" else "the best score of each mined image")
         what += f"; the vertical line is the floor, `{v.floor_key}` = {_fmt(v.floor)}" if v.floor_key else ""
-        blocks.append((0, f"![Neighbour score histogram]({facts.pictures['score_histogram']})\n\n"
-                          f"The histogram shows {what}."))
+        yield 0, (f"![Neighbour score histogram]({facts.pictures['score_histogram']})\n\n"
+                  f"The histogram shows {what}.")
     elif facts.mined is not None:
-        blocks.append((0, "No score histogram: " + _no_picture(facts, "a `score` column in the mined parquet") + "."))
+        yield 0, "No score histogram: " + _no_picture(facts, "a `score` column in the mined parquet") + "."
     if any(e.reused is not None for e in v.embedded.values()):
         t, s = v.embedded["target"], v.embedded["source"]
-        blocks.append((0, ("Embedding store: off, so every image was embedded." if not (t.store or s.store) else
-                           f"Embedding store `{t.store or s.store}`: targets {_fmt(t.reused)} reused and "
-                           f"{_fmt(t.embedded)} embedded, pool {_fmt(s.reused)} reused and {_fmt(s.embedded)} "
-                           f"embedded; reusing vectors saved about {_secs((t.seconds_saved or 0) + (s.seconds_saved or 0))} "
-                           "of embedding (what those images cost when they were first embedded).")))
+        yield 0, (("Embedding store: off, so every image was embedded." if not (t.store or s.store) else
+                   f"Embedding store `{t.store or s.store}`: targets {_fmt(t.reused)} reused and "
+                   f"{_fmt(t.embedded)} embedded, pool {_fmt(s.reused)} reused and {_fmt(s.embedded)} "
+                   f"embedded; reusing vectors saved about {_secs((t.seconds_saved or 0) + (s.seconds_saved or 0))} "
+                   "of embedding (what those images cost when they were first embedded)."))
     if cluster := _cluster_words(v.m):
-        blocks.append((0, cluster))
+        yield 0, cluster
     if timings := v.m.timings:
-        blocks.append((1, f"Timings: embedding the targets took {_secs(timings.get('embed_targets'))}, the pool "
-                          f"{_secs(timings.get('embed_source'))}, mining {_secs(timings.get('mine'))}; "
-                          f"{_secs(timings.get('total'))} in all."))
-    blocks.append((1, "Mining takes, for every target in file order, the `topn` nearest pool rows "
-                      "(ties go to the lower pool row), optionally drops pairs whose labels differ, "
-                      "then merges the kept pairs across targets: an image several targets found is "
-                      "mined once, which is what `duplicates_removed` counts."))
-    blocks.append((2, "When `topn` × targets exceeds the pool, targets necessarily share neighbours and "
-                      "the mined count falls below the request; that is normal, and the report states "
-                      "the actual number rather than the requested one."))
-    return blocks
+        yield 1, (f"Timings: embedding the targets took {_secs(timings.get('embed_targets'))}, the pool "
+                  f"{_secs(timings.get('embed_source'))}, mining {_secs(timings.get('mine'))}; "
+                  f"{_secs(timings.get('total'))} in all.")
+    yield 1, ("Mining takes, for every target in file order, the `topn` nearest pool rows "
+              "(ties go to the lower pool row), optionally drops pairs whose labels differ, "
+              "then merges the kept pairs across targets: an image several targets found is "
+              "mined once, which is what `duplicates_removed` counts.")
+    yield 2, ("When `topn` × targets exceeds the pool, targets necessarily share neighbours and "
+              "the mined count falls below the request; that is normal, and the report states "
+              "the actual number rather than the requested one.")
 
 
 def _floor_words(v: _View) -> str:
@@ -469,10 +455,11 @@ def labels_shown(targets: dict[str, int], mined: dict[str, int] | None,
     return sorted(ranked[:limit]), sorted(ranked[limit:])
 
 
-def _labels_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+def _labels_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:
     facts = v.facts
     if v.inputs["target"].has_label is False or facts.target_labels is None:
-        return [(0, SKIP_SENTENCE)]
+        yield 0, SKIP_SENTENCE
+        return
     targets, mined = facts.target_labels, facts.mined_labels
     kept = facts.pairs.kept_by_target_label if facts.pairs is not None else None
     below = facts.pairs.below_by_target_label if facts.pairs is not None and v.floor_key else None
@@ -495,43 +482,42 @@ def _labels_section(v: _View, found: list[Finding], verdict: str, compact: bool)
         defs += f" *Below floor* counts the pairs of that label's targets dropped by `{v.floor_key}`."
     header = "Label | Targets | Mined (pool label) | Kept pairs | Share of kept pairs" + \
         (" | Below floor" if below is not None else "")
-    blocks = [(0, _table(header, rows)), (0, defs)]
+    yield 0, _table(header, rows)
+    yield 0, defs
     if rest:
-        blocks.append((0, f"{len(rest)} more labels are not shown ({sum(targets.get(x, 0) for x in rest)} targets"
-                          + (f", {sum(mined.get(x, 0) for x in rest)} mined" if mined is not None else "") + ")."))
+        yield 0, (f"{len(rest)} more labels are not shown ({sum(targets.get(x, 0) for x in rest)} targets"
+                  + (f", {sum(mined.get(x, 0) for x in rest)} mined" if mined is not None else "") + ").")
     if "labels" in facts.pictures:
-        blocks.append((0, f"![Targets and mined images per label]({facts.pictures['labels']})"))
+        yield 0, f"![Targets and mined images per label]({facts.pictures['labels']})"
     if extra := [x for x in (mined or {}) if x not in targets]:
-        blocks.append((1, f"{len(extra)} mined labels belong to no target (rows with 0 targets): a "
-                          "neighbour from another defect class, which the label filter would drop."))
-    blocks.append((1, ("A label whose mined count is far below its target count has few look-alikes in "
-                       "the pool; one far above it is over-represented in the next round unless "
-                       "balanced. " if mined is not None else
-                       "A label with a small share of the kept pairs has few close look-alikes in the "
-                       "pool, whatever their own class. ")
-                      + ("With the label filter applied, every kept pair joins a target and a pool image "
-                         "of the same label" + (" (searched per label, so a label rare in the pool keeps "
-                                                "up to `topn` pairs per target)." if v.label_mode == "per_label"
-                                                else ".") if v.label_filter is LabelFilter.applied else
-                         "Without the label filter, a target's neighbours may carry other labels, which "
-                         "the contact sheet shows pair by pair.")))
-    return blocks
+        yield 1, (f"{len(extra)} mined labels belong to no target (rows with 0 targets): a "
+                  "neighbour from another defect class, which the label filter would drop.")
+    yield 1, (("A label whose mined count is far below its target count has few look-alikes in "
+               "the pool; one far above it is over-represented in the next round unless "
+               "balanced. " if mined is not None else
+               "A label with a small share of the kept pairs has few close look-alikes in the "
+               "pool, whatever their own class. ")
+              + ("With the label filter applied, every kept pair joins a target and a pool image "
+                 "of the same label" + (" (searched per label, so a label rare in the pool keeps "
+                                        "up to `topn` pairs per target)." if v.label_mode == "per_label"
+                                        else ".") if v.label_filter is LabelFilter.applied else
+                 "Without the label filter, a target's neighbours may carry other labels, which "
+                 "the contact sheet shows pair by pair."))
 
 
-def _sanity_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+def _sanity_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:
     facts, mined = v.facts, v.facts.mined
-    blocks: list[tuple[int, str]] = []
     if mined is None:
-        blocks.append((0, "No mined parquet exists in this folder, so its schema and paths cannot be checked."))
+        yield 0, "No mined parquet exists in this folder, so its schema and paths cannot be checked."
     else:
         schema = ", ".join(f"`{name}` ({kind})" for name, kind in mined.columns)
         first = bool(mined.columns) and mined.columns[0][0] == "filepath"
         agree = v.summary.mined
-        blocks.append((0, f"Schema of `{mined.name}`: {schema}. `filepath` is the first column: "
-                          f"{_fmt(first)}. Rows: {mined.rows}"
-                          + (f" (the summary records {agree}: " + ("they agree" if agree == mined.rows else "they DIFFER") + ")"
-                             if agree is not None else "")
-                          + f". Repeated paths: {mined.duplicates}."))
+        yield 0, (f"Schema of `{mined.name}`: {schema}. `filepath` is the first column: "
+                  f"{_fmt(first)}. Rows: {mined.rows}"
+                  + (f" (the summary records {agree}: " + ("they agree" if agree == mined.rows else "they DIFFER") + ")"
+                     if agree is not None else "")
+                  + f". Repeated paths: {mined.duplicates}.")
         where = (f" (relative paths resolved against `{mined.root}`"
                  + (", guessed because no run.json names the image folder" if mined.root_guessed else "") + ")"
                  if mined.root else "")
@@ -540,42 +526,41 @@ def _sanity_section(v: _View, found: list[Finding], verdict: str, compact: bool)
             shown = mined.missing_examples[:5 if compact else 10]
             line += (f" Missing ({mined.missing}" + (f", first {len(shown)} listed" if mined.missing > len(shown) else "")
                      + "):\n\n" + "\n".join(f"- {_path_md(p)}" for p in shown))
-        blocks.append((0, line))
+        yield 0, line
         names = {"non_utf8": "non-UTF-8 characters", "control": "control characters", "backslash": "backslashes"}
         issues = "; ".join(f"{mined.encoding[k]} with {names[k]} "
                            f"(e.g. {_path_md(mined.encoding_examples[k][0], True)})"
                            for k in names if mined.encoding.get(k))
         none = f"none of the {mined.rows} paths holds non-UTF-8 characters, control characters or backslashes"
-        blocks.append((0, f"Path encoding check: {issues or none}."))
+        yield 0, f"Path encoding check: {issues or none}."
     in_pool = v.summary.target_in_pool
-    blocks.append((0, "Targets found in the pool: " + (
+    yield 0, ("Targets found in the pool: " + (
         "not recorded." if in_pool is None else f"{plural(in_pool, 'pool row')} with a target's filepath"
         + (" (removed before the search, exclude_targets=true)." if v.exclude_targets else
-           " (searched like any other row; exclude_targets=false)." if in_pool else "."))))
+           " (searched like any other row; exclude_targets=false)." if in_pool else ".")))
     skipped = [v.skipped["target"], v.skipped["source"]]
-    blocks.append((0, "Images skipped while embedding: " + ("not recorded." if skipped == [None, None] else
-                      f"{plural(skipped[0], 'target')}, {plural(skipped[1], 'pool row')}.")))
+    yield 0, ("Images skipped while embedding: " + ("not recorded." if skipped == [None, None] else
+              f"{plural(skipped[0], 'target')}, {plural(skipped[1], 'pool row')}."))
     codes = list(dict.fromkeys(w.code for w in facts.warnings))
     listed = ", ".join(f"`{c}`" for c in codes[:12]) + (f" and {len(codes) - 12} more" if codes[12:] else "")
     warned = (": none could be, without run.json; the findings under Verdict are derived from the files "
               "themselves" if not facts.has_manifest else ": none" if not codes else
               f" ({len(facts.warnings)}, each explained under Verdict): {listed}")
-    blocks.append((0, f"Warnings recorded for this run{warned}."))
+    yield 0, f"Warnings recorded for this run{warned}."
     if "contact_sheet" in facts.pictures:
         src = ("its nearest pool neighbours in rank order with their score and label; dropped pairs have a red "
                "frame, kept ones a green frame" if facts.contact_from == "pairs" else
                "the mined images it was the best target of, with their best score")
-        blocks.append((0, f"![Contact sheet]({facts.pictures['contact_sheet']})\n\n"
-                          f"The contact sheet shows the first {facts.contact_targets} targets; each row "
-                          f"is a target (blue frame) followed by up to {facts.contact_neighbours} of {src}. "
-                          "Unreadable images appear as grey tiles marked missing."))
-        blocks.append((1, "Look at the contact sheet before training: neighbours that do not resemble "
-                          "their target point at an encoder or path problem that no count can reveal."))
+        yield 0, (f"![Contact sheet]({facts.pictures['contact_sheet']})\n\n"
+                  f"The contact sheet shows the first {facts.contact_targets} targets; each row "
+                  f"is a target (blue frame) followed by up to {facts.contact_neighbours} of {src}. "
+                  "Unreadable images appear as grey tiles marked missing.")
+        yield 1, ("Look at the contact sheet before training: neighbours that do not resemble "
+                  "their target point at an encoder or path problem that no count can reveal.")
     elif facts.mined is not None:
-        blocks.append((0, "No contact sheet: " + _no_picture(facts, "a `best_target` column in the mined parquet") + "."))
-    blocks.append((2, "These checks read the files as they are now, so restoring a missing image or "
-                      "fixing a path and regenerating the report updates this section."))
-    return blocks
+        yield 0, "No contact sheet: " + _no_picture(facts, "a `best_target` column in the mined parquet") + "."
+    yield 2, ("These checks read the files as they are now, so restoring a missing image or "
+              "fixing a path and regenerating the report updates this section.")
 
 
 def _no_picture(facts: ReportFacts, fallback: str) -> str:
@@ -584,7 +569,7 @@ def _no_picture(facts: ReportFacts, fallback: str) -> str:
     return "drawing it failed (the report tool's result names the error)"
 
 
-def _history_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+def _history_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:
     history = v.m.history
     assert history is not None  # _assemble adds this section only for runs with a ledger
     rows = [(it.iteration, it.candidates, it.previously_selected, it.newly_selected, it.cumulative)
@@ -602,7 +587,7 @@ def _history_section(v: _View, found: list[Finding], verdict: str, compact: bool
     ]
 
 
-def _actions_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> list[tuple[int, str]]:
+def _actions_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:
     history = v.m.history
     if verdict == "failed":
         first = (f"Do not use `{v.mined_name}` as the next round's augmentation queue yet; once the "
