@@ -214,7 +214,7 @@ REFUSALS: dict[str, tuple[Callable[[Path], list[str]], str, str | None]] = {
                                      "spec_unknown_key", "top_n"),
     "topn=0": (lambda f: _run(f, topn=0) + ["--run-dir", str(f / "r")], "spec_invalid", "topn"),
     "topn not an integer": (lambda f: _run(f, topn=2.5) + ["--run-dir", str(f / "r")], "spec_invalid", "topn"),
-    "filter_by_label=yes": (lambda f: _run(f, filter_by_label="yes") + ["--run-dir", str(f / "r")],
+    "filter_by_label=on": (lambda f: _run(f, filter_by_label="on") + ["--run-dir", str(f / "r")],
                             "spec_invalid", "filter_by_label"),
     "unresolved ???": (lambda f: _run(f, model_path="???") + ["--run-dir", str(f / "r")],
                        "spec_missing_value", "model_path"),

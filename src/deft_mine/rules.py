@@ -42,6 +42,8 @@ class Facts:
     sides_without_label: tuple[str, ...] = ()
     target_in_pool: int | None = None
     exclude_targets: bool | None = None  # None: predicted (preflight does not judge it)
+    distance_threshold: float | None = None
+    knn_metric: str | None = None
     sides_without_identity: tuple[str, ...] = ()  # embedding parquets that record no encoder identity
     predicted: bool = False  # preflight: before any work
     mine_command: str | None = None  # the report's command to re-run mining (its action names it)
@@ -160,6 +162,15 @@ def target_in_pool(f: Facts) -> Ruling | None:
                   "that mining them back is wanted.")
 
 
+def distance_threshold_inert(f: Facts) -> Ruling | None:
+    """The container's rule: a negative threshold other than -1, or a cosine one above 2, filters nothing."""
+    threshold = f.distance_threshold
+    if threshold is None or threshold == -1.0 or 0 <= threshold and not (f.knn_metric == "cosine" and threshold > 2):
+        return None
+    return Ruling("distance_threshold_inert", warnings.distance_threshold_inert(threshold, str(f.knn_metric)),
+                  None, None)
+
+
 def run_failed(f: Facts) -> Ruling | None:
     if not (f.folder and f.has_manifest and f.status != "finished"):
         return None
@@ -252,7 +263,7 @@ def facts_unavailable(f: Facts) -> Ruling | None:
 #: (the report's own rules look at a run folder only).
 RULES: tuple[Callable[[Facts], Ruling | None], ...] = (
     run_failed, encoder_mismatch, provenance_unknown, mined_missing, filter_by_label_noop, pool_exhausted,
-    images_skipped, target_in_pool, mined_paths_missing, path_encoding, mined_schema, mined_count_differs,
+    images_skipped, target_in_pool, distance_threshold_inert, mined_paths_missing, path_encoding, mined_schema, mined_count_differs,
     nothing_mined, facts_unavailable)
 
 

@@ -83,6 +83,7 @@ def embedded_with(encoder: Encoder, stats: EmbedStats, load_seconds: float) -> B
 def write_mining(outcome: MiningOutcome, outputs: MineOutputs) -> BackendMine:
     """Write a mining outcome's files (each atomically) and say what was found."""
     t0 = time.perf_counter()
+    outcome.summary.saved_to = str(outputs.mined)
     tables.write_table_atomic(outputs.mined, outcome.mined)
     if outputs.pairs is not None:
         tables.write_table_atomic(outputs.pairs, outcome.pairs)

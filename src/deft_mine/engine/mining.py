@@ -158,8 +158,10 @@ def _label_groups(prep: Prepared) -> None:
     searchable = prep.pool_groups[(prep.pool_groups >= 0) & ~prep.drop]
     rows_per_group = np.bincount(searchable, minlength=len(groups))
     targets_per_group = np.bincount(prep.query_groups[prep.query_groups >= 0], minlength=len(groups))
-    names = groups.to_pylist()
-    prep.missing_in_pool = {names[g]: int(targets_per_group[g]) for g in np.flatnonzero(rows_per_group == 0)}
+    written: dict[int, str] = {}  # each group as its first target writes it
+    for text, code in zip(label_text(prep.targets.column("label")).to_pylist(), prep.query_groups):
+        written.setdefault(int(code), text)
+    prep.missing_in_pool = {written[g]: int(targets_per_group[g]) for g in np.flatnonzero(rows_per_group == 0)}
 
 
 def _group_codes(labels: pa.Array, groups: pa.Array) -> np.ndarray:
@@ -235,16 +237,17 @@ def merge(parts: list[Searched], k: int) -> Searched:
 
 def finish(prep: Prepared, found: Searched) -> MiningOutcome:
     """The search turned into the outcome, stage by stage: candidates read back, the pair
-    filters (the floor, the label rule), the mode's selection, the summary; and their warnings."""
+    filters (the label rule, then the floor), the mode's selection, the summary; and their warnings."""
     raised = _search_warnings(prep, found)
     t0 = time.perf_counter()
     cands = candidates(prep, found)
-    within, keep = pair_filters(prep, cands)
-    mined = mode_of(prep.spec).select(cands, keep)
-    pairs = _pairs_table(prep, cands, keep, None if prep.spec.floor is None else ~within)
+    filtered = pair_filters(prep, cands)
+    mined = mode_of(prep.spec).select(cands, filtered.keep)
+    pairs = _pairs_table(prep, cands, filtered.keep, None if prep.spec.floor is None else
+                         filtered.agree & ~filtered.within)
     prep.timings["collect"] = time.perf_counter() - t0
-    summary = summarise(prep, found, cands, within, keep, mined.num_rows)
-    raised += _control_warnings(prep, cands, within, keep)
+    summary = summarise(prep, found, cands, filtered, mined.num_rows)
+    raised += _control_warnings(prep, cands, filtered)
     prep.timings["total"] = time.perf_counter() - prep.started
     return MiningOutcome(mined=mined, pairs=pairs, summary=summary, searched_rows=found.searched,
                          label_missing=prep.label_missing, timings=prep.timings, warnings=raised)
@@ -252,7 +255,7 @@ def finish(prep: Prepared, found: Searched) -> MiningOutcome:
 
 def candidates(prep: Prepared, found: Searched) -> Candidates:
     """Each query's best pool rows (the mode's candidate count; the whole pool when smaller),
-    their scores, and the filepaths and label keys of just the rows found, read back."""
+    their scores, and the filepaths and labels (as written) of just the rows found, read back."""
     k = min(mode_of(prep.spec).candidates, found.searched)
     best = (found.state or TopKState.empty(len(prep.queries))).neighbours(prep.spec.knn_metric)
     rows, scores = best.indices[:, :k], best.scores[:, :k]
@@ -264,11 +267,11 @@ def candidates(prep: Prepared, found: Searched) -> Candidates:
                         prep.spec.block_rows)
     position = np.searchsorted(wanted, rows)
     target_labels = None if Side.target in prep.label_missing else \
-        np.asarray(label_keys(prep.targets.column("label")).to_pylist(), dtype=object)[:, None]
+        np.asarray(label_text(prep.targets.column("label")).to_pylist(), dtype=object)[:, None]
     return Candidates(
         target_paths=prep.targets.column("filepath").to_pylist(), rows=rows, scores=scores,
         paths=_gathered(picked.column("filepath").to_pylist(), position, found_mask), target_labels=target_labels,
-        source_labels=_gathered(label_keys(picked.column("label")).to_pylist(), position, found_mask)
+        source_labels=_gathered(label_text(picked.column("label")).to_pylist(), position, found_mask)
         if source_labelled else None)
 
 
@@ -287,32 +290,49 @@ def _take_rows(path: Path, rows: np.ndarray, columns: list[str], block_rows: int
     return pa.concat_tables(taken) if taken else pa.schema([schema.field(c) for c in columns]).empty_table()
 
 
-def pair_filters(prep: Prepared, cands: Candidates) -> tuple[np.ndarray, np.ndarray]:
-    """Which pairs reach the floor (a property of the pair alone, so judged first; on the exact
-    float64 scores, so a pair on the floor itself is kept, reproducibly), and which of those the
-    label rule keeps (every one unless the filter is applied)."""
-    scores, floor = cands.scores, prep.spec.floor
-    within = cands.found.copy() if floor is None else \
-        cands.found & (scores >= floor if prep.spec.knn_metric.higher_is_nearer else scores <= floor)
+@dataclass(frozen=True)
+class Filtered:
+    """The pair filters' verdicts, each over every pair found; the container's order: the label
+    rule first, then the floor (distance_threshold) on the pairs it kept."""
+
+    agree: np.ndarray  # the label rule keeps it (every pair found unless the filter is applied)
+    within: np.ndarray  # it reaches the floor (every pair found when there is none)
+
+    @property
+    def keep(self) -> np.ndarray:
+        return self.agree & self.within
+
+
+def pair_filters(prep: Prepared, cands: Candidates) -> Filtered:
+    """The label rule (label keys equal, neither null) and the floor (on the exact float64
+    scores, so a pair on the floor itself is kept, reproducibly) for every pair found."""
+    scores, floor, found = cands.scores, prep.spec.floor, cands.found
+    within = found if floor is None else found & (scores >= floor if prep.spec.knn_metric.higher_is_nearer
+                                                  else scores <= floor)
     if prep.label_filter is not LabelFilter.applied:
-        return within, within.copy()
-    src, tgt = cands.source_labels, cands.target_labels
-    return within, within & (src == tgt) & (src != None) & (tgt != None)  # noqa: E711
+        return Filtered(found, within)
+    src, tgt = _keys(cands.source_labels), _keys(cands.target_labels)
+    return Filtered(found & (src == tgt) & (src != None) & (tgt != None), within)  # noqa: E711
 
 
-def summarise(prep: Prepared, found: Searched, cands: Candidates, within: np.ndarray, keep: np.ndarray,
-              mined: int) -> MiningSummary:
+def _keys(labels: np.ndarray) -> np.ndarray:
+    """An object array of labels as written, as their keys (label_keys), in the same shape."""
+    return np.asarray(label_keys(labels.reshape(-1).tolist()).to_pylist(), dtype=object).reshape(labels.shape)
+
+
+def summarise(prep: Prepared, found: Searched, cands: Candidates, filtered: Filtered, mined: int) -> MiningSummary:
     """The summary from the stages' counts; the controls' and the left-out rows' counts only
     when there are some (a default run's summary reads as it always has)."""
-    spec, queries, pairs, kept = prep.spec, len(prep.queries), int(cands.found.sum()), int(keep.sum())
+    spec, queries, pairs = prep.spec, len(prep.queries), int(cands.found.sum())
+    agree, kept = int(filtered.agree.sum()), int(filtered.keep.sum())
     applied = prep.label_filter is LabelFilter.applied
     controls = spec.floor is not None or prep.query_groups is not None
     return MiningSummary(
         queries=queries, topn=spec.topn, neighbours_requested=queries * spec.topn, pool=found.searched,
-        pairs=pairs, below_floor=None if spec.floor is None else pairs - int(within.sum()),
-        kept_pairs=kept if applied else None, dropped_pairs=int(within.sum()) - kept if applied else None,
+        pairs=pairs, kept_pairs=agree if applied else None, dropped_pairs=pairs - agree if applied else None,
+        below_floor=None if spec.floor is None else agree - kept, distance_threshold=spec.threshold,
         duplicates_removed=kept - mined, mined=mined, target_in_pool=prep.in_pool,
-        targets_without_neighbours=len(_alone(keep)) if controls else None,
+        targets_without_neighbours=len(_alone(filtered.keep)) if controls else None,
         duplicate_paths=int(prep.repeated.sum()) or None, zero_vectors=prep.zero_targets + found.flat or None,
         label_filter=prep.label_filter)
 
@@ -344,17 +364,17 @@ def _search_warnings(prep: Prepared, found: Searched) -> list[ToolWarning]:
     return raised
 
 
-def _control_warnings(prep: Prepared, cands: Candidates, within: np.ndarray, keep: np.ndarray) -> list[ToolWarning]:
+def _control_warnings(prep: Prepared, cands: Candidates, filtered: Filtered) -> list[ToolWarning]:
     """With a floor or a per-label search: the targets left without a pair, a floor that dropped all."""
     spec, found_mask, raised = prep.spec, cands.found, []
     if spec.floor is None and prep.query_groups is None:
         return raised
-    if len(alone := _alone(keep)):
+    if len(alone := _alone(filtered.keep)):
         raised.append(warnings.targets_without_neighbours(
             [str(cands.target_paths[i]) for i in alone[:10]], len(alone), len(prep.queries),
             spec.floor is not None, prep.query_groups is not None))
     pairs = int(found_mask.sum())
-    if spec.floor is not None and pairs and not within.any():
+    if spec.floor is not None and pairs and not filtered.within.any():
         scores = cands.scores[found_mask]
         key, best = ("min_similarity", scores.max()) if spec.knn_metric.higher_is_nearer else \
             ("max_distance", scores.min())
@@ -412,7 +432,8 @@ def _all_zero(path: Path, field: str, column: str) -> DeftError:
 def _pairs_table(prep: Prepared, cands: Candidates, keep: np.ndarray, below_floor: np.ndarray | None) -> pa.Table:
     """One row per pair found: which target (its row in the target file), its rank-th
     neighbour, the score, whether it was kept (by the floor and the label filter), both labels
-    when the files have them, and with a floor whether the pair fell below it. Empty slots of a
+    when the files have them, and with a floor whether it dropped the pair (after the label filter kept
+    it: a pair is kept, dropped by the label filter, or dropped by the floor). Empty slots of a
     per-label search are no pairs."""
     queries, k = cands.rows.shape
     columns = {
@@ -508,18 +529,39 @@ def _pool_paths(path: Path, target_set: set[str]) -> tuple[pa.StringArray, np.nd
     return paths, repeated, is_target
 
 
-def label_keys(labels: pa.Array | pa.ChunkedArray | list[Any]) -> pa.Array:
-    """Labels as they are compared wherever they are (the post-filter, per-label groups, the
-    breakdowns): as strings, so 3 and "3" agree; a null stays null and matches nothing."""
+def label_text(labels: pa.Array | pa.ChunkedArray | list[Any]) -> pa.Array:
+    """Labels as written, as text (3 is "3"); a null stays null."""
     array = labels.combine_chunks() if isinstance(labels, pa.ChunkedArray) else \
         labels if isinstance(labels, pa.Array) else pa.array(labels)
     return array if pa.types.is_string(array.type) else pc.cast(array, pa.string())
 
 
-def count_labels(labels: list[Any]) -> dict[str, int]:
-    """How many rows carry each label (by its key; nulls counted under "(null)"), sorted."""
+def label_keys(labels: pa.Array | pa.ChunkedArray | list[Any]) -> pa.Array:
+    """Labels as the TAO container compares them, wherever a label is compared (the post-filter,
+    per-label groups, the breakdowns): `str(label).strip().upper()`, so ` missing` and `MISSING`
+    agree. A null stays null and matches nothing (the container's `str(None)` would make two
+    nulls agree, by accident). Python's own rule on each distinct label: exact, also where one
+    letter upper-cases to two (ß is SS)."""
+    text = label_text(labels).dictionary_encode()
+    keys = pa.array([value.strip().upper() for value in text.dictionary.to_pylist()], pa.string())
+    return keys.take(text.indices)
+
+
+def label_spellings(labels: list[Any]) -> dict[str, list[str]]:
+    """Each label key's spellings as written, in order of first appearance (nulls left out)."""
+    spellings: dict[str, list[str]] = {}
+    for text, key in zip(label_text(labels).to_pylist(), label_keys(labels).to_pylist()):
+        if key is not None and text not in (seen := spellings.setdefault(key, [])):
+            seen.append(text)
+    return spellings
+
+
+def count_labels(labels: list[Any], names: dict[str, str] | None = None) -> dict[str, int]:
+    """How many rows carry each label, counted by its key and shown as written (the key's first
+    spelling, or its name in `names`); nulls counted under "(null)"; sorted."""
+    names = names if names is not None else {key: seen[0] for key, seen in label_spellings(labels).items()}
     counts = pc.value_counts(label_keys(labels))
-    return dict(sorted(("(null)" if label is None else label, int(n)) for label, n in
+    return dict(sorted(("(null)" if key is None else names.get(key, key), int(n)) for key, n in
                        zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
 
 
@@ -532,5 +574,9 @@ def label_counts(target_embed: Path, source_embed: Path, mined: Path) -> dict[st
     pool = tables.read_columns(source_embed, ["filepath", "label"])
     # Each mined path's first pool row (a path listed twice in the pool counts once), null if none.
     first = pc.index_in(mined_paths, value_set=pool.column("filepath").cast(pa.string()))
-    return {"targets": count_labels(targets.to_pylist()),
-            "mined": count_labels(pool.column("label").take(first).to_pylist())}
+    sides = {"targets": label_text(targets).to_pylist(), "mined": label_text(pool.column("label").take(first)).to_pylist()}
+    # One name per class on both sides: its first spelling; the spellings merged into one are said.
+    spellings = label_spellings(sides["targets"] + sides["mined"])
+    names = {key: seen[0] for key, seen in spellings.items()}
+    return {**{side: count_labels(labels, names) for side, labels in sides.items()},
+            "merged": {names[key]: seen for key, seen in spellings.items() if len(seen) > 1}}

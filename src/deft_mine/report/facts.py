@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from deft_mine.engine import tables
 from deft_mine.engine.images import resolve_image_path
-from deft_mine.engine.mining import count_labels, label_counts
+from deft_mine.engine.mining import count_labels, label_counts, label_spellings
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts
@@ -82,6 +82,7 @@ class ReportFacts:
     pairs: PairStats | None = None
     target_labels: dict[str, int] | None = None  # targets per label
     mined_labels: dict[str, int] | None = None  # mined images per pool label
+    merged_labels: dict[str, list[str]] = field(default_factory=dict)  # a class's name -> its spellings
     pictures: dict[str, str] = field(default_factory=dict)  # kind -> PNG file name
     contact_targets: int = 0  # targets drawn on the contact sheet
     contact_neighbours: int = 0  # neighbours drawn per target at most
@@ -353,6 +354,7 @@ def _labels(facts: ReportFacts, files: Files) -> None:
     if labels is not None and labels.targets is not None:
         facts.target_labels = dict(labels.targets)
         facts.mined_labels = dict(labels.mined) if labels.mined is not None else None
+        facts.merged_labels = dict(labels.merged)
         return
     path = files.get("target_embeddings")
     if facts.manifest.inputs.targets.has_label is False or path is None or "label" not in tables.schema_of(path).names:
@@ -370,13 +372,15 @@ def _pair_stats(facts: ReportFacts, files: Files) -> None:
     scores = table.column("score").to_numpy()
     kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
     labels = table.column("target_label").to_pylist() if labelled else None
-    by_label = None if labels is None else count_labels(list(compress(labels, kept)))
+    # the classes named as the run's labels are (each key's first spelling, in target order)
+    names = None if labels is None else {key: seen[0] for key, seen in label_spellings(labels).items()}
+    by_label = None if labels is None else count_labels(list(compress(labels, kept)), names)
     spread = [float(f(scores)) for f in (np.min, np.median, np.max)] if len(scores) else [None] * 3
     facts.pairs = PairStats(len(scores), int(kept.sum()), *spread, kept_by_target_label=by_label)
     if floored:  # a run with a similarity floor says which pairs fell below it
         below = table.column("below_floor").to_numpy(zero_copy_only=False).astype(bool)
         facts.pairs.below_floor = int(below.sum())
-        facts.pairs.below_by_target_label = None if labels is None else count_labels(list(compress(labels, below)))
+        facts.pairs.below_by_target_label = None if labels is None else count_labels(list(compress(labels, below)), names)
 
 
 def _check_mined(facts: ReportFacts, files: Files) -> None:

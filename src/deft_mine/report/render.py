@@ -136,8 +136,12 @@ class _View:
                             "in a metric that is not recorded")
         self.no_label_sides = [side for side in ("source", "target") if self.inputs[side].has_label is False]
         self.label_mode = self.spec.get("label_mode")  # None: a run from before the choice, or TAO's
+        threshold = self.spec.get("distance_threshold")
         self.floor_key = next((k for k in ("min_similarity", "max_distance") if self.spec.get(k) is not None), None)
         self.floor = self.spec.get(self.floor_key) if self.floor_key else None
+        if self.floor_key is None and threshold is not None and threshold >= 0:  # the container's key
+            self.floor_key = "min_similarity" if self.metric == "cosine" else "max_distance"
+            self.floor = 1 - threshold if self.metric == "cosine" else threshold
 
 
 def _first(*values: Any) -> Any:
@@ -166,8 +170,8 @@ def _rule_facts(v: _View) -> rules.Facts:
             odd_paths=sum(mined.encoding.values()),
             schema_ok=bool(mined.columns) and mined.columns[0][0] == "filepath" and not mined.duplicates),
         summary_mined=v.summary.mined,
-        floored=v.floor_key if v.floor_key is not None and v.summary.below_floor == v.summary.pairs
-        else None,
+        floored=v.floor_key if v.floor_key is not None and v.summary.below_floor and v.summary.below_floor == (
+            v.summary.pairs if v.summary.kept_pairs is None else v.summary.kept_pairs) else None,
         skipped=(v.skipped["target"] or 0, v.skipped["source"] or 0), skipped_roots=roots,
         skipped_examples=tuple(examples))
 
@@ -368,9 +372,7 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     kept, dropped = v.summary.kept_pairs, v.summary.dropped_pairs
     if v.floor_key:
         yield 0, _floor_words(v)
-    pairs, below = v.summary.pairs, v.summary.below_floor
-    within = (f"Of {_fmt(pairs)} pairs found" if not v.floor_key else
-              f"Of the {_fmt(None if pairs is None or below is None else pairs - below)} pairs within the floor")
+    within = f"Of {_fmt(v.summary.pairs)} pairs found"
     yield 0, {
         LabelFilter.applied: (
             "Label filter: applied per label (`label_mode` = per_label): each target's `topn` was searched among "
@@ -423,10 +425,13 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
 def _floor_words(v: _View) -> str:
     """What the similarity floor did: pairs below it, targets left with nothing."""
     side = "below" if v.floor_key == "min_similarity" else "beyond"
-    alone = v.summary.targets_without_neighbours
-    return (f"Similarity floor: `{v.floor_key}` = {_fmt(v.floor)}; {_fmt(v.summary.below_floor)} of the "
-            f"{_fmt(v.summary.pairs)} pairs found scored {side} it and were dropped before the label "
-            f"filter and de-duplication, and {plural(alone, 'target')} kept no neighbour at all"
+    alone, summary = v.summary.targets_without_neighbours, v.summary
+    threshold = None if v.floor is None else 1 - v.floor if v.floor_key == "min_similarity" else v.floor
+    looked_at = (f"{_fmt(summary.pairs)} pairs found" if summary.kept_pairs is None else
+                 f"{_fmt(summary.kept_pairs)} pairs the label filter kept")
+    return (f"Similarity floor: `{v.floor_key}` = {_fmt(v.floor)} (the container's `distance_threshold` = "
+            f"{_fmt(threshold)}); {_fmt(summary.below_floor)} of the {looked_at} scored {side} it and were "
+            f"dropped before de-duplication, and {plural(alone, 'target')} kept no neighbour at all"
             + (" (warning `targets_without_neighbours`)." if alone else "."))
 
 
@@ -484,6 +489,11 @@ def _labels_section(v: _View, found: list[Finding], verdict: str, compact: bool)
         (" | Below floor" if below is not None else "")
     yield 0, _table(header, rows)
     yield 0, defs
+    if facts.merged_labels:
+        yield 0, ("Labels compare as the TAO container compares them (case and surrounding spaces do not "
+                  "matter), so these spellings were counted as one class each: " + "; ".join(
+                      f"{', '.join(f'`{_cell(s)}`' for s in seen)} → `{_cell(name)}`"
+                      for name, seen in sorted(facts.merged_labels.items())) + ".")
     if rest:
         yield 0, (f"{len(rest)} more labels are not shown ({sum(targets.get(x, 0) for x in rest)} targets"
                   + (f", {sum(mined.get(x, 0) for x in rest)} mined" if mined is not None else "") + ").")

@@ -42,9 +42,10 @@ def _count(meaning: str = "", *aliases: str) -> Any:
 
 @dataclass
 class MiningSummary:
-    """mining_summary.txt: one mining step's counts and the label filter's outcome. The fields'
-    order is the file's; an optional count is written only when set (a default run's summary
-    reads as it always has)."""
+    """mining_summary.txt: one mining step's counts and the label filter's outcome. The file opens
+    with the TAO container's own block (its lines, words and order: a script written against the
+    container reads ours unchanged), then ours, one `key: value` per line, in the fields' order; an
+    optional count is written only when set."""
 
     queries: int | None = _count("targets searched (embedded target rows)", "num_queries", "number_of_queries",
                                   "targets")
@@ -52,9 +53,9 @@ class MiningSummary:
     neighbours_requested: int | None = _count("queries × topn", "neighbors_requested")
     pool: int | None = _count("pool rows searched")
     pairs: int | None = _count("(target, neighbour) pairs found")
-    below_floor: int | None = _count("pairs beyond the similarity floor (dropped before de-duplication)")
     kept_pairs: int | None = _count("pairs whose labels agree (kept by the filter)", "kept")
     dropped_pairs: int | None = _count("pairs whose labels differ (dropped)", "dropped")
+    below_floor: int | None = _count("pairs the label filter kept that lie beyond distance_threshold (dropped)")
     duplicates_removed: int | None = _count("kept pairs that repeat an image already mined", "duplicates")
     mined: int | None = _count("unique images written to the mined parquet", "unique_mined")
     target_in_pool: int | None = _count("pool rows whose filepath is also a target")
@@ -62,6 +63,8 @@ class MiningSummary:
     duplicate_paths: int | None = _count()  # pool rows repeating an earlier row's file
     zero_vectors: int | None = _count()  # all-zero vectors left out under cosine
     label_filter: LabelFilter | None = None
+    distance_threshold: float | None = None  # the floor as the container states it (its metric's distance)
+    saved_to: str | None = None  # the mined parquet (the container's `Results saved to`)
     extra: dict[str, int] = field(default_factory=dict)  # another tool's counts, under its names
     order: tuple[str, ...] = field(default=(), repr=False, compare=False)  # a read file's key order
 
@@ -72,9 +75,28 @@ class MiningSummary:
         return {name: counts[name] for name in [*first, *(n for n in counts if n not in first)]}
 
     def text(self) -> str:
-        """The file: one `key: value` per line, the label filter's outcome last."""
+        """The file: the container's block, then ours, the label filter's outcome last."""
         lines = [*self.as_dict().items(), ("label_filter", self.label_filter)]
-        return "".join(f"{key}: {value}\n" for key, value in lines)
+        return "".join(f"{line}\n" for line in self.container_lines()) + "".join(
+            f"{key}: {value}\n" for key, value in lines)
+
+    def container_lines(self) -> list[str]:
+        """The TAO container's summary block (its current release's lines) from our counts."""
+        if self.queries is None or self.pairs is None or self.mined is None:
+            return []
+        kept = self.pairs - (self.dropped_pairs or 0)
+        candidates = kept - (self.below_floor or 0)
+        lines = ["Summary:", f"  Target queries: {self.queries}", f"  Similar items per query: {self.topn}",
+                 f"  Total pairs: {self.pairs}"]
+        if self.label_filter is LabelFilter.applied:
+            lines.append(f"  After label mismatch filtering: kept {kept}/{self.pairs} pairs, "
+                         f"dropped {self.dropped_pairs} mismatches")
+        if self.distance_threshold is not None:
+            lines.append(f"  After distance filtering: kept {candidates}/{kept} pairs, dropped "
+                         f"{self.below_floor or 0} exceeding threshold {self.distance_threshold:.4f}")
+        lines += [f"  Total candidates: {candidates}", f"  Duplicates removed: {self.duplicates_removed}",
+                  f"  Unique items saved: {self.mined}"]
+        return lines + ([f"  Results saved to: {self.saved_to}"] if self.saved_to else [])
 
     @classmethod
     def of(cls, counts: Mapping[str, int], label_filter: LabelFilter | str | None = None) -> MiningSummary:
@@ -85,11 +107,15 @@ class MiningSummary:
 
     @classmethod
     def parse(cls, text: str) -> MiningSummary:
-        """A mining summary, ours or another tool's (`key: value` or `key = value`; other
-        spellings of our keys are mapped to ours); the first line of a key wins."""
+        """A mining summary, ours or another tool's: the container's lines (both releases), then
+        `key: value` or `key = value` lines (other spellings of our keys mapped to ours); the
+        first line of a key wins."""
         counts: dict[str, int] = {}
+        found: dict[str, Any] = {}  # what the container's lines say, under our names
         label_filter = None
         for line in text.splitlines():
+            if _container_line(line.strip(), found):
+                continue
             match = re.match(r"\s*([^:=]+?)\s*[:=]\s*(.+?)\s*$", line)
             if not match:
                 continue
@@ -99,7 +125,43 @@ class MiningSummary:
                 label_filter = value if value in LabelFilter.__members__ else None
             elif re.fullmatch(r"[+-]?\d+", value):
                 counts.setdefault(key, int(value))
-        return cls.of(counts, label_filter)
+        summary = cls.of(counts, label_filter or found.pop("label_filter", None))
+        for name, value in found.items():
+            if getattr(summary, name) is None:
+                setattr(summary, name, value)
+        return summary
+
+
+# The container's summary lines (current release, and 7.1.0's trailing label line), by what they
+# state in our names; None: a number we derive instead (candidates: kept pairs within the threshold).
+_CONTAINER_LINES = [(re.compile(pattern), names) for pattern, names in (
+    (r"Target queries: (\d+)", ("queries",)),
+    (r"Similar items per query: (\d+)", ("topn",)),
+    (r"Total pairs: (\d+)", ("pairs",)),
+    (r"(?:After label mismatch filtering|Label filtering): kept (\d+)/(\d+) pairs, dropped (\d+) mismatches",
+     ("kept_pairs", "pairs", "dropped_pairs")),
+    (r"After distance filtering: kept (\d+)/(\d+) pairs, dropped (\d+) exceeding threshold (\S+)",
+     (None, None, "below_floor", "distance_threshold")),
+    (r"Total candidates: (\d+)", (None,)),
+    (r"Duplicates removed: (\d+)", ("duplicates_removed",)),
+    (r"Unique items saved: (\d+)", ("mined",)),
+    (r"Results saved to: (.+)", ("saved_to",)),
+)]
+
+
+def _container_line(line: str, found: dict[str, Any]) -> bool:
+    """Read one of the container's summary lines into `found` (first wins); False: not one of them."""
+    for pattern, names in _CONTAINER_LINES:
+        if (match := pattern.fullmatch(line)) is None:
+            continue
+        for name, value in zip(names, match.groups()):
+            if name is not None:
+                found.setdefault(name, value if name == "saved_to" else
+                                 float(value) if name == "distance_threshold" else int(value))
+        if "dropped_pairs" in names:
+            found.setdefault("label_filter", LabelFilter.applied.value)
+        return True
+    return False
 
 
 _COUNTS = tuple(f.name for f in fields(MiningSummary) if "meaning" in f.metadata)

@@ -69,6 +69,9 @@ class EncoderFacts(BaseModel):
 class LabelCounts(BaseModel):
     targets: dict[str, int] | None = None  # target rows per label
     mined: dict[str, int] | None = None  # mined images per pool label
+    # Labels spelled more than one way, counted as one class (the container's rule: case and
+    # padding do not matter): its name (first spelling) -> every spelling seen. Left out when none.
+    merged: dict[str, list[str]] = Field(default_factory=dict, exclude_if=lambda merged: not merged)
 
 
 class MiningFacts(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence, TypeVar
@@ -84,13 +85,17 @@ def _choice(choices: tuple[str, ...], field: str, code: str, fix: str) -> Before
     return BeforeValidator(word)
 
 
+_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _bool_word(value: Any) -> Any:
-    """The container reads filter_by_label as a string; accept both spellings, nothing else."""
+    """The container reads filter_by_label as a string, `true`/`1`/`yes` (any case) on and anything
+    else off; we take its three words for on, their opposites for off, and refuse the rest."""
     if isinstance(value, str):
         lowered = value.strip().lower()
-        if lowered in ("true", "false"):
-            return lowered == "true"
-        raise ValueError(f"must be true or false, got {value!r}")
+        if lowered in _WORDS:
+            return _WORDS[lowered]
+        raise ValueError(f"must be one of true, 1, yes (on) or false, 0, no (off), got {value!r}")
     return value
 
 
@@ -207,6 +212,11 @@ class MiningSpec(_Spec):
     max_distance: float | None = Field(
         None, ge=0.0, allow_inf_nan=False,
         description="euclidean / manhattan only: drop pairs farther than it, before de-duplication (default off)")
+    distance_threshold: float = Field(
+        -1.0, allow_inf_nan=False,
+        description="the TAO container's (main): the largest distance a kept pair may have, in the metric's own "
+                    "distance (cosine: 1 - similarity), after the label filter; -1 off (the same floor as "
+                    "min_similarity / max_distance)")
     label_mode: Annotated[Literal["post_filter", "per_label"], _choice(
         ("post_filter", "per_label"), "label_mode", "spec_invalid",
         "set label_mode=post_filter (the TAO container's) or label_mode=per_label")] = Field(
@@ -230,6 +240,14 @@ class MiningSpec(_Spec):
                 "scores similarities (higher is nearer)",
                 fix="use min_similarity=S (between -1 and 1) with knn_metric=cosine, or knn_metric=euclidean "
                     "or manhattan with max_distance", field="max_distance", knn_metric=self.knn_metric.value)
+        ours = "min_similarity" if self.knn_metric is Metric.cosine else "max_distance"
+        if self.distance_threshold >= 0 and getattr(self, ours) is not None and not math.isclose(
+                getattr(self, ours), self._threshold_floor, abs_tol=1e-12):
+            raise DeftError(
+                "spec_invalid", f"distance_threshold={self.distance_threshold} and {ours}={getattr(self, ours)} are "
+                f"two different floors (distance_threshold means {ours}={self._threshold_floor:g} here)",
+                fix=f"give one of them: distance_threshold (the container's key) or {ours}",
+                field="distance_threshold", knn_metric=self.knn_metric.value)
         if self.label_mode == "per_label" and not self.filter_by_label:
             raise DeftError(
                 "spec_invalid", "label_mode=per_label searches each target among the pool rows of its own label, "
@@ -238,9 +256,23 @@ class MiningSpec(_Spec):
         return self
 
     @property
+    def _threshold_floor(self) -> float:
+        """distance_threshold as our score limit: a cosine distance d is the similarity 1 - d."""
+        return 1.0 - self.distance_threshold if self.knn_metric is Metric.cosine else self.distance_threshold
+
+    @property
     def floor(self) -> float | None:
-        """The score limit a kept pair must reach (min_similarity or max_distance), None when off."""
+        """The score limit a kept pair must reach (min_similarity or max_distance, or
+        distance_threshold in their terms), None when off: one floor, however it was given."""
+        if self.distance_threshold >= 0:
+            return self._threshold_floor
         return self.min_similarity if self.knn_metric is Metric.cosine else self.max_distance
+
+    @property
+    def threshold(self) -> float | None:
+        """The floor as the container states it: the largest distance kept (None when off)."""
+        floor = self.floor
+        return None if floor is None else 1.0 - floor if self.knn_metric is Metric.cosine else floor
 
 
 SpecT = TypeVar("SpecT", bound=_Spec)
@@ -291,7 +323,7 @@ def spec_to_yaml(spec: _Spec, exclude: set[str] | None = None) -> str:
 
 #: Mining keys the TAO container does not know (issue 14's controls): another image is given a
 #: spec without them while they are at their defaults, and is refused when they are not.
-MINING_CONTROLS = ("min_similarity", "max_distance", "label_mode")
+MINING_CONTROLS = ("min_similarity", "max_distance", "label_mode", "distance_threshold")
 
 
 def controls_at_default(spec: MiningSpec) -> set[str]:

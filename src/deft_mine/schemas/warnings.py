@@ -10,6 +10,7 @@ WarningCode = Literal[
     # raised by the tools (preflight predicts the first five before any work)
     "filter_by_label_noop", "provenance_unknown", "pool_exhausted", "images_skipped", "target_in_pool",
     "selection_empty", "picture_failed", "store_shard_corrupt", "duplicate_paths", "zero_vectors",
+    "distance_threshold_inert",
     # raised by the mining controls (a similarity floor, label_mode=per_label)
     "targets_without_neighbours", "floor_removed_all", "label_missing_in_pool",
     # findings of the report on a run folder
@@ -106,6 +107,14 @@ def target_in_pool(count: int, excluded: bool | None) -> ToolWarning:
     return ToolWarning(code="target_in_pool", fields=["filepath", "exclude_targets"],
                        details={"count": count, "excluded": excluded},
                        message=f"{count} pool rows have a filepath that is also a target and {action}")
+
+
+def distance_threshold_inert(threshold: float, metric: str) -> ToolWarning:
+    """The container's two warnings about a distance_threshold that filters nothing."""
+    why = ("is more than 2, the largest cosine distance: it drops nothing" if threshold > 2 else
+           "is negative, so distance filtering is off (-1 says so explicitly)")
+    return ToolWarning(code="distance_threshold_inert", message=f"distance_threshold={threshold:g} {why}",
+                       fields=["distance_threshold"], details={"distance_threshold": threshold, "knn_metric": metric})
 
 
 def duplicate_paths(count: int, examples: list[str]) -> ToolWarning:

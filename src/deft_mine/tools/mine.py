@@ -47,7 +47,8 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
         topn=spec.topn, queries=summary.queries or 0, pool=done.searched_rows, mined=summary.mined,
         filter_by_label=spec.filter_by_label, label_filter=summary.label_filter,
         sides_without_label=tuple(done.label_missing), target_in_pool=summary.target_in_pool,
-        exclude_targets=spec.exclude_targets))]
+        exclude_targets=spec.exclude_targets, distance_threshold=spec.distance_threshold,
+        knn_metric=spec.knn_metric.value))]
     return MineResult(
         output_parquet=str(output), summary_path=str(outputs.summary), mined=summary.mined,
         summary=summary.as_dict(), knn_metric=spec.knn_metric.value, topn=spec.topn,

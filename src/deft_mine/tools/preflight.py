@@ -74,7 +74,8 @@ def predict_warnings(mining: MiningSpec, sides: dict[str, Listing]) -> list[Tool
             pool=sides["source"].rows - (in_pool if mining.exclude_targets else 0),
             filter_by_label=mining.filter_by_label,
             sides_without_label=tuple(side.input for side in Side if "label" not in sides[side.input].schema.names),
-            target_in_pool=in_pool, predicted=True))]
+            target_in_pool=in_pool, distance_threshold=mining.distance_threshold,
+            knn_metric=mining.knn_metric.value, predicted=True))]
     for name, listing in sides.items():
         sample = list(listing.resolved(_IMAGE_SAMPLE))
         missing_images = [filepath for _, filepath, path in sample if path is None or not path.is_file()]
