@@ -105,9 +105,11 @@ def test_tao_entrypoint_contract(image_set):
     spec.write_text("model: thumbnail\nbatch_size: 4\ninput_parquet: ???\noutput_parquet: ???\n")
     proc = task("embedding", "image_embeddings", "-e", str(spec))
     assert proc.returncode == 2 and "input_parquet" in proc.stderr and "spec_missing_value" in proc.stderr
+    assert proc.stdout.splitlines()[-1] == "Execution status: FAIL"  # the line the TAO loop trusts
     proc = task("embedding", "image_embeddings", "-e", str(spec), "--cfg=job",
                 f"input_parquet={image_set / 'targets.parquet'}", "output_parquet=x.parquet", "batch_size=2")
     assert proc.returncode == 0 and "batch_size: 2\n" in proc.stdout and "model: thumbnail" in proc.stdout
+    assert "Execution status" not in proc.stdout  # --cfg=job answers a question; it runs nothing
     for src, dst in (("targets.parquet", "t.parquet"), ("pool.parquet", "s.parquet")):
         proc = task("embedding", "image_embeddings", "-e", str(spec),
                     f"input_parquet={image_set / src}", f"output_parquet={image_set / dst}")
@@ -119,6 +121,7 @@ def test_tao_entrypoint_contract(image_set):
                 f"target_parquet={image_set / 't.parquet'}", f"output_parquet={out}")
     assert proc.returncode == 0, proc.stderr
     assert "queries: 2" in proc.stdout and (out.parent / "mining_summary.txt").exists()
+    assert proc.stdout.splitlines()[-1] == "Execution status: PASS"
     assert pq.read_table(out).schema.names[0] == "filepath"
 
 

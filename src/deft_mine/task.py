@@ -35,6 +35,18 @@ class _PrintEvents:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one task; the last line says `Execution status: PASS` or `FAIL`, as the TAO container's
+    entrypoint does (a caller trusts that line, not the exit code alone)."""
+    code: int | None = 1
+    try:
+        code = _run(argv)
+    finally:  # argparse's own exits (usage, --help) and --cfg=job are not runs: no status
+        if code is not None and not isinstance(sys.exc_info()[1], SystemExit):
+            print(f"Execution status: {'PASS' if code == 0 else 'FAIL'}", flush=True)
+    return 0 if code is None else code
+
+
+def _run(argv: Sequence[str] | None) -> int | None:
     parser = argparse.ArgumentParser(prog="deft-mine-task", description=(
         "TAO-compatible entrypoint: `embedding image_embeddings -e spec.yaml key=value …` or "
         "`tmm nearest_neighbors -e spec.yaml key=value …`"))
@@ -49,9 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown task {args.category} {args.action}; valid: "
                      + ", ".join(" ".join(t) for t in TASKS))
     try:
-        if args.cfg == "job":
+        if args.cfg == "job":  # a question, not a run: the resolved spec and nothing else
             print(spec_to_yaml(load_spec(kind, args.spec, args.overrides)), end="")
-            return 0
+            return None
         from deft_mine.tools import embed, mine
 
         tool = embed if kind is EmbeddingSpec else mine
