@@ -131,17 +131,16 @@ class DockerBackend:
         input_path, image_root = listing.path, listing.images_root
         workspace = Path(os.path.commonpath([input_path.parent, output_path.parent, image_root]))
         self._check_images(listing, workspace)
-        read_only = [p for p in (spec.model_path, spec.model_config_path)
-                     if p and Path(p).expanduser().exists()]
         hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-        if hf_home.is_dir():
-            read_only.append(str(hf_home))
+        read_only = [Path(p).expanduser().absolute() for p in (spec.model_path, spec.model_config_path)
+                     if p and Path(p).expanduser().exists()]
+        read_only += [hf_home.expanduser().absolute()] if hf_home.is_dir() else []
         spec_file = self._write_spec(output_path, "embedding_spec.yaml",
                                      spec.model_copy(update={"input_parquet": str(input_path),
                                                              "output_parquet": str(output_path),
                                                              "image_root": str(image_root)}))
-        _, timings = self._run(["embedding", "image_embeddings", "-e", str(spec_file)], workspace,
-                               [Path(p).expanduser().absolute() for p in read_only], events, [output_path], store)
+        _, timings = self._run(["embedding", "image_embeddings", "-e", str(spec_file)], workspace, read_only, events,
+                               [output_path], store)
         told = _task_result(output_path, EmbedResult)  # our image says what it did
         if told is not None:
             stats = EmbedStats(told.input_rows, told.rows, skipped_by_reason=Counter(told.skipped_by_reason), **told.model_dump(
