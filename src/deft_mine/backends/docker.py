@@ -7,6 +7,7 @@ caller, without network unless asked, and is removed afterwards — also when th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -46,14 +47,13 @@ def resolve_image(image: str | None) -> str:
     if image:
         return image
     bank = os.environ.get("TAO_SKILL_BANK_PATH")
-    if bank:
-        versions = Path(bank) / "versions.yaml"
-        if versions.is_file():
-            from omegaconf import OmegaConf
+    versions = Path(bank) / "versions.yaml" if bank else None
+    if versions is not None and versions.is_file():
+        from omegaconf import OmegaConf
 
-            found = OmegaConf.select(OmegaConf.load(versions), "images.tao_toolkit.data_services")
-            if found:
-                return str(found)
+        found = OmegaConf.select(OmegaConf.load(versions), "images.tao_toolkit.data_services")
+        if found:
+            return str(found)
     return DEFAULT_IMAGE
 
 
@@ -68,10 +68,6 @@ def _client() -> Any:
         raise DeftError("docker_unavailable", f"cannot reach the Docker daemon ({exc})",
                         fix="start it (e.g. `dockerd` or `systemctl start docker`) and make sure "
                             "this user may use its socket; or use --backend local") from exc
-
-
-def _common_folder(paths: list[Path]) -> Path:
-    return Path(os.path.commonpath([str(p) for p in paths]))
 
 
 class DockerBackend:
@@ -133,21 +129,18 @@ class DockerBackend:
     def embed(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
               store: Path | None) -> BackendEmbed:
         input_path, image_root = listing.path, listing.images_root
-        workspace = _common_folder([input_path.parent, output_path.parent, image_root])
+        workspace = Path(os.path.commonpath([input_path.parent, output_path.parent, image_root]))
         self._check_images(listing, workspace)
-        read_only = [p for p in (spec.model_path, spec.model_config_path)
-                     if p and Path(p).expanduser().exists()]
         hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-        if hf_home.is_dir():
-            read_only.append(str(hf_home))
+        read_only = [Path(p).expanduser().absolute() for p in (spec.model_path, spec.model_config_path)
+                     if p and Path(p).expanduser().exists()]
+        read_only += [hf_home.expanduser().absolute()] if hf_home.is_dir() else []
         spec_file = self._write_spec(output_path, "embedding_spec.yaml",
                                      spec.model_copy(update={"input_parquet": str(input_path),
                                                              "output_parquet": str(output_path),
                                                              "image_root": str(image_root)}))
-        t0 = time.perf_counter()
-        self._run(["embedding", "image_embeddings", "-e", str(spec_file)], workspace,
-                  [Path(p).expanduser().absolute() for p in read_only], events, [output_path], store)
-        timings = {"container": time.perf_counter() - t0, "total": time.perf_counter() - t0}
+        _, timings = self._run(["embedding", "image_embeddings", "-e", str(spec_file)], workspace, read_only, events,
+                               [output_path], store)
         told = _task_result(output_path, EmbedResult)  # our image says what it did
         if told is not None:
             stats = EmbedStats(told.input_rows, told.rows, skipped_by_reason=Counter(told.skipped_by_reason), **told.model_dump(
@@ -167,7 +160,7 @@ class DockerBackend:
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
              events: Events) -> BackendMine:
         output_path, summary_path = outputs.mined, outputs.summary  # the container writes no pairs
-        workspace = _common_folder([source_path.parent, target_path.parent, output_path.parent])
+        workspace = Path(os.path.commonpath([source_path.parent, target_path.parent, output_path.parent]))
         unset = controls_at_default(spec)
         if len(unset) < len(MINING_CONTROLS):
             self._require_our_image([k for k in MINING_CONTROLS if k not in unset])
@@ -175,10 +168,8 @@ class DockerBackend:
         spec_file = self._write_spec(output_path, "mining_spec.yaml", spec.model_copy(update={
             "source_parquet": str(source_path), "target_parquet": str(target_path),
             "output_parquet": str(output_path)}), exclude=unset)
-        t0 = time.perf_counter()
-        lines = self._run(["tmm", "nearest_neighbors", "-e", str(spec_file)], workspace, [], events,
-                          outputs=[output_path, summary_path])
-        timings = {"container": time.perf_counter() - t0, "total": time.perf_counter() - t0}
+        lines, timings = self._run(["tmm", "nearest_neighbors", "-e", str(spec_file)], workspace, [], events,
+                                   outputs=[output_path, summary_path])
         summary = artifacts.MiningSummary.parse(summary_path.read_text(encoding="utf-8"))
         told = _task_result(output_path, MineResult)
         # An image other than ours may name fewer counts: the files still tell these two.
@@ -236,11 +227,12 @@ class DockerBackend:
                             workspace=str(workspace))
 
     def _run(self, command: list[str], workspace: Path, read_only: list[Path], events: Events,
-             outputs: list[Path], store: Path | None = None) -> list[str]:
+             outputs: list[Path], store: Path | None = None) -> tuple[list[str], dict[str, float]]:
         """Run the container, forwarding its output line by line; the last lines go into the
-        error when it fails. Returns every line it printed."""
+        error when it fails. Returns every line it printed, and the timings of the step."""
         import docker
 
+        t0 = time.perf_counter()
         client = _client()
         try:
             # The image's id (its content digest) is what ran: a tag can move, the id cannot.
@@ -271,10 +263,8 @@ class DockerBackend:
                 _forward(line, events)
             status = container.wait()
         finally:
-            try:
+            with contextlib.suppress(docker.errors.APIError):
                 container.remove(force=True)  # also stops it when the call was cancelled
-            except docker.errors.APIError:
-                pass
         code, tail = status.get("StatusCode", 1), lines[-_LOG_TAIL:]
         if code != 0:
             raise DeftError(
@@ -286,7 +276,8 @@ class DockerBackend:
         if missing:
             raise DeftError("container_failed", f"{self.image} finished but wrote no {', '.join(missing)}",
                             fix="check that the image follows the TAO entrypoint contract", log_tail=tail)
-        return lines
+        seconds = time.perf_counter() - t0
+        return lines, {"container": seconds, "total": seconds}
 
 
 def _entrypoint(client: Any, image: str) -> tuple[list[Any], bool]:

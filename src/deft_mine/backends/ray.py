@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
 from deft_mine.backends.base import BackendEmbed, BackendMine, Capabilities, MineOutputs
@@ -23,6 +23,8 @@ from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
 
 if TYPE_CHECKING:
     from deft_mine.engine.listings import Listing
+
+DoneT = TypeVar("DoneT", BackendEmbed, BackendMine)
 
 INSTALL_FIX = "pip install 'deft-mine[ray]'"
 # A Ray started here (no address given) takes at most this many CPUs: the driver, the store and
@@ -114,10 +116,7 @@ def connect(address: str | None) -> Any:
                             fix="wait for the running step, or run one deft-mine process per cluster",
                             field="ray_address", address=wanted, attached=_attached)
         _probe(wanted)
-        if ray.is_initialized():
-            ray.shutdown()
-            while _keepers:
-                _keepers.pop().set()
+        _detach(ray)
         os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", _RAY_ENDS_PROCESS_AFTER)
         kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING,
                                   "configure_logging": False}
@@ -180,19 +179,23 @@ def _cluster_messages_to_stderr() -> None:
     worker.print_worker_logs = to_stderr
 
 
+def _detach(ray: Any) -> None:
+    """Shut the driver down and let the threads that started Ray end (a Ray started here stops
+    with them); called with _lock held."""
+    global _attached
+    if ray.is_initialized():
+        ray.shutdown()
+    _attached = None
+    while _keepers:
+        _keepers.pop().set()
+
+
 def disconnect() -> None:
     """Detach the driver (tests; a Ray we started here stops with it)."""
-    global _attached
-    with _lock:
-        try:
-            import ray
-        except ImportError:
-            return
-        if ray.is_initialized():
-            ray.shutdown()
-        _attached = None
-        while _keepers:
-            _keepers.pop().set()
+    with _lock, contextlib.suppress(ImportError):
+        import ray
+
+        _detach(ray)
 
 
 class HeadWatch:
@@ -263,7 +266,7 @@ class RayBackend:
     capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=False)
 
     def __init__(self, address: str | None = None) -> None:
-        self.address = address
+        self.address = wanted_address(address)
 
     def check(self, output_dir: Path, store: Path | None = None) -> tuple[list[Check], list[str]]:
         try:
@@ -275,7 +278,7 @@ class RayBackend:
             return [Check.of("ray", "fail", exc.message, exc.fix)], []
         cpus, gpus, nodes = cluster_cpus_gpus(ray)
         return [Check.of("ray", "ok" if cpus >= 1 else "fail",
-                         f"Ray {ray.__version__} at {wanted_address(self.address)}: {nodes} node(s), "
+                         f"Ray {ray.__version__} at {self.address}: {nodes} node(s), "
                          f"{cpus:g} CPU(s), {gpus:g} GPU(s)" + ("" if gpus else " (encoders run on CPUs)"),
                          None if cpus >= 1 else "add a node with CPUs to the cluster")], []
 
@@ -298,38 +301,36 @@ class RayBackend:
         from deft_mine.backends.ray_client import embed_through_client
         from deft_mine.backends.ray_embed import embed_on_ray
 
-        with attached(self.address) as ray:
+        def work(ray: Any, watch: HeadWatch) -> tuple[BackendEmbed, Workers]:
             t0 = time.perf_counter()
             # The driver holds one encoder too: its identity names the output and keys the store.
             encoder = LocalBackend.shared().encoder(spec, events)
             load_seconds = time.perf_counter() - t0
-            watch = HeadWatch(ray, wanted_address(self.address))
-            with self._cluster_errors(ray):
-                if wanted_address(self.address).startswith("ray://"):
-                    stats, used = embed_through_client(ray, spec, listing, output_path, events, store, watch)
-                else:
-                    stats, used = embed_on_ray(ray, spec, listing, output_path, encoder, events, store, watch,
-                                               actors=spec.workers)
-            done = embedded_with(encoder, stats, load_seconds)
-            done.cluster = self.facts(ray, used)
-        return done
+            if self.address.startswith("ray://"):
+                stats, used = embed_through_client(ray, spec, listing, output_path, events, store, watch)
+            else:
+                stats, used = embed_on_ray(ray, spec, listing, output_path, encoder, events, store, watch,
+                                           actors=spec.workers)
+            return embedded_with(encoder, stats, load_seconds), used
+
+        return self._step(work)
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
              events: Events) -> BackendMine:
         from deft_mine.backends.ray_mine import mine_on_ray
 
+        return self._step(lambda ray, watch: mine_on_ray(ray, spec, source_path, target_path, outputs, events, watch))
+
+    def _step(self, work: Callable[[Any, HeadWatch], tuple[DoneT, Workers]]) -> DoneT:
+        """`work(ray, watch)` on the attached cluster, its failures coded; its answer says where
+        it ran: the cluster as it is now, and the workers the step used."""
         with attached(self.address) as ray:
             with self._cluster_errors(ray):
-                done, used = mine_on_ray(ray, spec, source_path, target_path, outputs, events,
-                                         HeadWatch(ray, wanted_address(self.address)))
-            done.cluster = self.facts(ray, used)
+                done, used = work(ray, HeadWatch(ray, self.address))
+            cpus, gpus, nodes = cluster_cpus_gpus(ray)
+            done.cluster = ClusterFacts(address=self.address, ray_version=ray.__version__, nodes=nodes, cpus=cpus,
+                                        gpus=gpus, workers=used.count, nodes_used=used.nodes, gpus_used=used.gpus)
         return done
-
-    def facts(self, ray: Any, used: Workers) -> ClusterFacts:
-        """Where a step ran: the cluster as it is now, and the workers the step used."""
-        cpus, gpus, nodes = cluster_cpus_gpus(ray)
-        return ClusterFacts(address=wanted_address(self.address), ray_version=ray.__version__, nodes=nodes,
-                            cpus=cpus, gpus=gpus, workers=used.count, nodes_used=used.nodes, gpus_used=used.gpus)
 
     @contextlib.contextmanager
     def _cluster_errors(self, ray: Any) -> Iterator[None]:
@@ -340,8 +341,7 @@ class RayBackend:
         except ray.exceptions.RayTaskError:
             raise
         except ray.exceptions.RayError as exc:
-            address = wanted_address(self.address)
-            raise DeftError("ray_failed", f"the Ray cluster at {address} failed during the work "
+            raise DeftError("ray_failed", f"the Ray cluster at {self.address} failed during the work "
                             f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
                             fix="check the cluster (ray status) and run again; outputs were not written",
-                            field="ray_address", address=address) from exc
+                            field="ray_address", address=self.address) from exc

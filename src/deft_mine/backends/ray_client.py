@@ -65,12 +65,9 @@ def embed_through_client(ray: Any, spec: EmbeddingSpec, listing: Listing, output
         while True:
             finished, _ = ray.wait([ref], timeout=1.0)
             told = queue.get_nowait_batch(queue.qsize()) if queue.qsize() else []
-            for kind, args in told:
-                if kind == "progress":
-                    last = args
-                    events.progress(*args)
-                else:
-                    events.log(*args)
+            for kind, args in told:  # _QueueEvents' calls, made again here
+                last = args if kind == "progress" else last
+                getattr(events, kind)(*args)
             if finished:
                 break
             watch.check()

@@ -137,9 +137,7 @@ class _Results:
         except BaseException as exc:  # handed to the consumer, which raises it
             self._queue.put(("error", exc))
         finally:  # closing the iterator shuts Ray Data's execution down: its actors and tasks end
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
+            getattr(batches, "close", lambda: None)()
 
     def take(self, rows: int) -> pa.Table:
         waited = 0.0

@@ -33,9 +33,7 @@ class PathPolicy:
         resolved = _real(path)
         return any(resolved == root or resolved.is_relative_to(root) for root in self.roots)
 
-    def check(self, path: str | Path | None, field: str) -> Path | None:
-        if path is None:
-            return None
+    def check(self, path: str | Path, field: str) -> Path:
         resolved = _real(path)
         if not self.allows(resolved):  # already real: resolving it again changes nothing
             raise DeftError(
