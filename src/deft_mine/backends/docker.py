@@ -7,7 +7,6 @@ caller, without network unless asked, and is removed afterwards — also when th
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -17,26 +16,26 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from deft_mine import rules
+from deft_mine.backends import container
 from deft_mine.backends.base import BackendEmbed, BackendMine, Capabilities, MineOutputs
+from deft_mine.backends.container import Job
+from deft_mine.backends.local import write_mining
 from deft_mine.engine import tables
 from deft_mine.engine.embedding import EmbedStats
 from deft_mine.engine.listings import Listing
-from deft_mine.engine.store import open_store
+from deft_mine.engine.mining import mine_files
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts
 from deft_mine.schemas.results import Check, EmbedResult, EncoderIdentity, MineResult
-from deft_mine.schemas.specs import (MINING_CONTROLS, EmbeddingSpec, LabelFilter, MiningSpec, Side, controls_at_default,
-                                     spec_to_yaml)
+from deft_mine.schemas.specs import EmbeddingSpec, LabelFilter, MiningSpec, Side, spec_to_yaml
 
 ResultT = TypeVar("ResultT", EmbedResult, MineResult)
 
 DEFAULT_IMAGE = "deft-mine:latest"
 SPEC_FOLDER = ".deft-mine"  # beside the outputs: the exact spec each container ran with
-_LOG_TAIL = 30
 # Warnings of the mining controls that our image's engine raises (read back from its result JSON).
 _CONTROL_WARNINGS = ("targets_without_neighbours", "floor_removed_all", "label_missing_in_pool")
-_PROGRESS = re.compile(r"^\[(?P<stage>[^\]]+)\] (?P<done>\d+)/(?P<total>\d+|\?)$")
 # NVIDIA's image records the filter no-op only as a log sentence about missing labels (ours
 # records it in its summary and result JSON).
 _NOOP = re.compile(r"filter_by_label_noop|filter_by_label.*(no|without|missing).*label", re.I)
@@ -72,7 +71,7 @@ def _client() -> Any:
 
 class DockerBackend:
     name = "docker"
-    capabilities = Capabilities(writes_pairs=False, runs_tao_checkpoints=True)
+    capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=True)  # pairs: recomputed on the host
 
     def __init__(self, image: str | None = None, mounts: list[str] | None = None,
                  network: str = "none") -> None:
@@ -135,12 +134,16 @@ class DockerBackend:
         read_only = [Path(p).expanduser().absolute() for p in (spec.model_path, spec.model_config_path)
                      if p and Path(p).expanduser().exists()]
         read_only += [hf_home.expanduser().absolute()] if hf_home.is_dir() else []
-        spec_file = self._write_spec(output_path, "embedding_spec.yaml",
-                                     spec.model_copy(update={"input_parquet": str(input_path),
-                                                             "output_parquet": str(output_path),
-                                                             "image_root": str(image_root)}))
-        _, timings = self._run(["embedding", "image_embeddings", "-e", str(spec_file)], workspace, read_only, events,
-                               [output_path], store)
+        # Relative filepaths resolve in the working directory, for an image that knows no image_root.
+        job = Job(["embedding", "image_embeddings", "-e"], image_root, workspace, read_only, [output_path],
+                  output_path.with_suffix(".log"), store, spec.device)
+        known = self._known_keys(job)
+        _refuse_unknown(spec, known, ("pooling",))  # device, image_root, workers: met another way, or moot
+        inside = spec.model_copy(update={"input_parquet": str(input_path), "output_parquet": str(output_path),
+                                         "image_root": str(image_root)} | (
+            {"device": "cuda:0"} if spec.device.startswith("cuda:") else {}))  # the one GPU it is given
+        job.command.append(str(self._write_spec(output_path, "embedding_spec.yaml", inside, known)))
+        timings = self._run(job, events)
         told = _task_result(output_path, EmbedResult)  # our image says what it did
         if told is not None:
             stats = EmbedStats(told.input_rows, told.rows, skipped_by_reason=Counter(told.skipped_by_reason), **told.model_dump(
@@ -159,28 +162,45 @@ class DockerBackend:
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
              events: Events) -> BackendMine:
-        output_path, summary_path = outputs.mined, outputs.summary  # the container writes no pairs
-        workspace = Path(os.path.commonpath([source_path.parent, target_path.parent, output_path.parent]))
-        unset = controls_at_default(spec)
-        if len(unset) < len(MINING_CONTROLS):
-            self._require_our_image([k for k in MINING_CONTROLS if k not in unset])
-        # The controls at their defaults are left out, so NVIDIA's image reads the spec it always did.
-        spec_file = self._write_spec(output_path, "mining_spec.yaml", spec.model_copy(update={
-            "source_parquet": str(source_path), "target_parquet": str(target_path),
-            "output_parquet": str(output_path)}), exclude=unset)
-        lines, timings = self._run(["tmm", "nearest_neighbors", "-e", str(spec_file)], workspace, [], events,
-                                   outputs=[output_path, summary_path])
-        summary = artifacts.MiningSummary.parse(summary_path.read_text(encoding="utf-8"))
-        told = _task_result(output_path, MineResult)
+        workspace = Path(os.path.commonpath([source_path.parent, target_path.parent, outputs.mined.parent]))
+        folder = outputs.mined.parent / SPEC_FOLDER
+        job = Job(["tmm", "nearest_neighbors", "-e"], folder, workspace, log=outputs.mined.parent / artifacts.KNN_LOG)
+        known = self._known_keys(job)
+        _refuse_unknown(spec, known, ("label_mode",))
+        # Keys of ours the image does not know that change the answer: the host applies them, on
+        # the two embedding parquets, after the image's k-NN (whose output is then mined_raw).
+        on_host = [key for key in _HOST_KEYS if key not in known and _set(spec, key)]
+        given = outputs.mined.parent / artifacts.MINED_RAW if on_host else outputs.mined
+        job.outputs = [given, given.parent / artifacts.SUMMARY]
+        job.command.append(str(self._write_spec(given, "mining_spec.yaml", spec.model_copy(update={
+            "source_parquet": str(source_path), "target_parquet": str(target_path), "output_parquet": str(given)}),
+            known)))
+        timings = self._run(job, events)
+        if on_host:
+            events.log("info", f"{', '.join(on_host)}: {self.image} does not know it; applied on the host")
+        if on_host or outputs.pairs is not None:  # the pairs the image kept, recomputed exactly here
+            done = mine_files(source_path, target_path, spec, events=events)
+            if on_host:
+                return write_mining(done, outputs)
+            tables.write_table_atomic(outputs.pairs, done.pairs)
+        return self._read_mining(spec, source_path, target_path, outputs, timings, job.log)
+
+    def _read_mining(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
+                     timings: dict[str, float], log: Path | None) -> BackendMine:
+        """What the image's mining step wrote: its summary (either release's, or ours), the label
+        filter's outcome from our image's result or NVIDIA's log, the counts the files tell."""
+        summary = artifacts.MiningSummary.parse(outputs.summary.read_text(encoding="utf-8"))
+        told = _task_result(outputs.mined, MineResult)
         # An image other than ours may name fewer counts: the files still tell these two.
         summary.queries = tables.num_rows(target_path) if summary.queries is None else summary.queries
-        summary.mined = tables.num_rows(output_path) if summary.mined is None else summary.mined
+        summary.mined = tables.num_rows(outputs.mined) if summary.mined is None else summary.mined
         label_missing = [side for side, path in ((Side.source, source_path), (Side.target, target_path))
                          if "label" not in tables.schema_of(path).names]
         both = [Side.source, Side.target]
         if told is not None:
             summary.label_filter = LabelFilter(told.label_filter)
         elif summary.label_filter is None:  # NVIDIA's image: its log is all there is
+            lines = log.read_text(encoding="utf-8").splitlines() if log is not None and log.is_file() else []
             told_noop = any(map(_NOOP.search, lines))
             summary.label_filter = rules.label_filter(spec.filter_by_label, label_missing or (both if told_noop else []))
         # What the mining controls found in the data, as our image's engine said it.
@@ -194,26 +214,14 @@ class DockerBackend:
         """Where an embedding ran: the image by name and by content digest (set by _run)."""
         return f"docker:{self.image}@{self.image_id or 'unknown'}"
 
-    def _require_our_image(self, keys: list[str]) -> None:
-        """Only deft-mine's own image knows the mining controls; NVIDIA's would ignore them silently."""
-        import docker
-
-        try:
-            entrypoint, ours = _entrypoint(_client(), self.image)
-        except docker.errors.ImageNotFound:
-            return  # the run itself says image_missing, with its fix
-        if not ours:
-            raise DeftError(
-                "backend_unsupported", f"{', '.join(keys)}: {self.image} is not deft-mine's image (entrypoint "
-                f"{entrypoint}), and the TAO container has no similarity floor or per-label search",
-                fix="use deft-mine's image (docker/Dockerfile, --image deft-mine:latest) or backend=local, or "
-                    f"leave {', '.join(keys)} out", field=keys[0], image=self.image)
-
     # ------------------------------------------------------------------ the container
 
-    def _write_spec(self, output_path: Path, name: str, spec: Any, exclude: set[str] | None = None) -> Path:
+    def _write_spec(self, output_path: Path, name: str, spec: Any, known: frozenset[str]) -> Path:
+        """The spec the image gets: only the keys its schema takes (the rest are ours), and none
+        left unset (a typed schema refuses a null; its own default applies)."""
         path = output_path.parent / SPEC_FOLDER / f"{output_path.stem}.{name}"
-        tables.write_text_atomic(path, spec_to_yaml(spec, exclude))
+        unset = {key for key, value in spec if value is None}
+        tables.write_text_atomic(path, spec_to_yaml(spec, (set(type(spec).model_fields) - known) | unset))
         return path
 
     def _check_images(self, listing: Listing, workspace: Path) -> None:
@@ -226,85 +234,56 @@ class DockerBackend:
                             fix="move the images under the workspace, or add --mount for their folder",
                             workspace=str(workspace))
 
-    def _run(self, command: list[str], workspace: Path, read_only: list[Path], events: Events,
-             outputs: list[Path], store: Path | None = None) -> tuple[list[str], dict[str, float]]:
-        """Run the container, forwarding its output line by line; the last lines go into the
-        error when it fails. Returns every line it printed, and the timings of the step."""
+    def _image_id(self, client: Any) -> str:
+        """The image's id (its content digest: a tag can move, the id cannot), or image_missing."""
         import docker
 
-        t0 = time.perf_counter()
-        client = _client()
         try:
-            # The image's id (its content digest) is what ran: a tag can move, the id cannot.
             self.image_id = client.images.get(self.image).id
         except docker.errors.ImageNotFound as exc:
             raise DeftError("image_missing", f"docker image {self.image} is not on this machine",
                             fix=f"docker pull {self.image} (or build docker/Dockerfile), or pass --image",
                             image=self.image) from exc
-        volumes = {str(workspace): {"bind": str(workspace), "mode": "rw"}}
-        environment = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-        if store is not None:  # our image reuses and adds vectors there; NVIDIA's ignores it
-            volumes[str(open_store(store))] = {"bind": str(store), "mode": "rw"}
-            environment["DEFT_MINE_STORE"] = str(store)
-        for path in [*read_only, *self.mounts]:
-            volumes.setdefault(str(path), {"bind": str(path), "mode": "ro"})
-        gpus = []
-        if "nvidia" in (client.info().get("Runtimes") or {}):
-            gpus = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
-        events.log("info", f"docker run {self.image} {' '.join(command)} (workspace {workspace})")
-        container = client.containers.run(
-            self.image, command, detach=True, user=f"{os.getuid()}:{os.getgid()}", ipc_mode="host",
-            network_mode=self.network, volumes=volumes, working_dir=str(workspace),
-            device_requests=gpus, environment=environment)
-        lines: list[str] = []
-        try:
-            for line in _lines(container.logs(stream=True, follow=True)):
-                lines.append(line)
-                _forward(line, events)
-            status = container.wait()
-        finally:
-            with contextlib.suppress(docker.errors.APIError):
-                container.remove(force=True)  # also stops it when the call was cancelled
-        code, tail = status.get("StatusCode", 1), lines[-_LOG_TAIL:]
-        if code != 0:
-            raise DeftError(
-                "container_failed",
-                f"{self.image} {' '.join(command[:2])} exited with {code}; last lines:\n" + "\n".join(tail),
-                fix="read the log lines above; the spec the container ran is in "
-                    f"{SPEC_FOLDER}/ beside the output", exit_code=code, log_tail=tail)
-        missing = [str(p) for p in outputs if not p.exists()]
-        if missing:
-            raise DeftError("container_failed", f"{self.image} finished but wrote no {', '.join(missing)}",
-                            fix="check that the image follows the TAO entrypoint contract", log_tail=tail)
+        return self.image_id
+
+    def _known_keys(self, job: Job) -> frozenset[str]:
+        client = _client()
+        return container.known_keys(client, self.image, self._image_id(client), job, self.mounts, self.network)
+
+    def _run(self, job: Job, events: Events) -> dict[str, float]:
+        """Run the step's container; its timings."""
+        t0 = time.perf_counter()
+        client = _client()
+        self._image_id(client)
+        container.run(client, self.image, job, events, self.mounts, self.network)
         seconds = time.perf_counter() - t0
-        return lines, {"container": seconds, "total": seconds}
+        return {"container": seconds, "total": seconds}
+
+
+# Mining keys of ours the host applies when the image does not know them (the floor in any of its
+# three spellings, exclude_targets); label_mode=per_label it cannot apply afterwards (refused).
+_HOST_KEYS = ("distance_threshold", "min_similarity", "max_distance", "exclude_targets")
+
+
+def _set(spec: Any, key: str) -> bool:
+    """Whether a spec gives `key` a value other than its default."""
+    return getattr(spec, key) != type(spec).model_fields[key].default
+
+
+def _refuse_unknown(spec: Any, known: frozenset[str], keys: tuple[str, ...]) -> None:
+    """Keys that change the answer, which neither the image nor the host can apply, are refused."""
+    for key in keys:
+        if key not in known and _set(spec, key):
+            raise DeftError("backend_unsupported", f"{key}={getattr(spec, key)}: the image's schema has no "
+                            f"`{key}` (it would refuse or ignore it), and the host cannot apply it afterwards",
+                            fix=f"use deft-mine's image (docker/Dockerfile, --image deft-mine:latest) or "
+                                f"backend=local, or leave {key} out", field=key)
 
 
 def _entrypoint(client: Any, image: str) -> tuple[list[Any], bool]:
     """The image's entrypoint, and whether it is deft-mine's own (deft-mine-task)."""
     entrypoint = client.images.get(image).attrs.get("Config", {}).get("Entrypoint") or []
     return entrypoint, any("deft-mine-task" in str(part) for part in entrypoint)
-
-
-def _lines(chunks: Any) -> Any:
-    pending = b""
-    for chunk in chunks:
-        pending += chunk
-        *complete, pending = pending.split(b"\n")
-        for raw in complete:
-            yield raw.decode("utf-8", "replace").rstrip("\r")
-    if pending:
-        yield pending.decode("utf-8", "replace")
-
-
-def _forward(line: str, events: Events) -> None:
-    match = _PROGRESS.match(line.strip())
-    if match:
-        total = None if match["total"] == "?" else int(match["total"])
-        events.progress(match["stage"], int(match["done"]), total)  # raises when cancelled
-        return
-    level = "warning" if line.startswith(("WARNING", "WARN")) else "error" if line.startswith("ERROR") else "info"
-    events.log(level, line)
 
 
 def _task_result(output_path: Path, model: type[ResultT]) -> ResultT | None:

@@ -321,16 +321,6 @@ def spec_to_yaml(spec: _Spec, exclude: set[str] | None = None) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(spec.model_dump(mode="json", exclude=exclude)))
 
 
-#: Mining keys the TAO container does not know (issue 14's controls): another image is given a
-#: spec without them while they are at their defaults, and is refused when they are not.
-MINING_CONTROLS = ("min_similarity", "max_distance", "label_mode", "distance_threshold")
-
-
-def controls_at_default(spec: MiningSpec) -> set[str]:
-    """The mining controls a spec leaves at their defaults."""
-    return {key for key in MINING_CONTROLS if getattr(spec, key) == MiningSpec.model_fields[key].default}
-
-
 def _dotlist(pairs: Sequence[str]) -> dict[str, Any]:
     """`key=value` words as strings for the spec to judge, as an MCP client's strings are (no
     YAML reading of `yes`/`on` as true on one face only); `???` stays "not set", `null` is None."""
