@@ -47,7 +47,10 @@ def test_run_writes_a_timestamped_run_folder_and_prints_it_last(image_set):
     assert manifest["inputs"]["targets"]["rows"] == 2 and manifest["inputs"]["source"]["has_label"]
     assert manifest["encoder"]["match"] and manifest["encoder"]["target"]["model"] == "thumbnail"
     assert manifest["mining"]["topn"] == 2 and manifest["mining"]["label_filter"] == "applied"
-    summary = dict(line.split(": ") for line in (run_dir / "mining_summary.txt").read_text().splitlines())
+    # the container's block first ("Summary:", then indented lines), then ours, one `key: value` each
+    summary = dict(line.strip().split(": ", 1) for line in (run_dir / "mining_summary.txt").read_text().splitlines()
+                   if ": " in line)
+    assert summary["Target queries"] == "2" and summary["Similar items per query"] == "2"
     assert summary["queries"] == "2" and summary["neighbours_requested"] == "4"
     assert int(summary["kept_pairs"]) + int(summary["dropped_pairs"]) == int(summary["pairs"])
     assert manifest["mining"]["summary"]["mined"] == pq.read_table(run_dir / "mined.parquet").num_rows

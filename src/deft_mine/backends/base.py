@@ -67,6 +67,9 @@ class Backend(Protocol):
         """Preflight: can this backend run here (its checks, the embedding `store`'s use
         among them), and the GPUs it would use."""
 
+    def accepts(self, spec: MiningSpec) -> None:
+        """Refuse, before any work, a mining spec this backend cannot honour (its paths set)."""
+
     def embed(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
               store: Path | None) -> BackendEmbed:
         """Write `output_path` from the `listing`, reusing and adding to the embedding `store` (None: off)."""

@@ -81,11 +81,14 @@ def run(client: Any, image: str, job: Job, events: Events, mounts: list[Path], n
     return lines
 
 
-def known_keys(client: Any, image: str, image_id: str, job: Job, mounts: list[Path], network: str) -> frozenset[str]:
-    """The spec keys the image's schema takes for this step (`<step> --cfg=job`, asked once)."""
+def known_keys(client: Any, image: str, image_id: str, job: Job, blank: Path, mounts: list[Path],
+               network: str) -> frozenset[str]:
+    """The spec keys the image's schema takes for this step (`<step> -e BLANK --cfg=job`, asked
+    once per image; NVIDIA's entrypoint wants a spec file even for the question: an empty one)."""
     step = " ".join(job.command[:2])
     if (image_id, step) not in _known:
-        asked = Job([*job.command[:2], "--cfg=job"], job.workdir, job.workspace)
+        tables.write_text_atomic(blank, "{}\n")
+        asked = Job([*job.command[:2], "-e", str(blank), "--cfg=job"], job.workdir, job.workspace)
         lines = run(client, image, asked, NullEvents(), mounts, network, question=True)
         _known[(image_id, step)] = frozenset(m.group(1) for line in lines if (m := _KEY.match(line)))
     return _known[(image_id, step)]

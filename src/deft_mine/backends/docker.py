@@ -137,7 +137,7 @@ class DockerBackend:
         # Relative filepaths resolve in the working directory, for an image that knows no image_root.
         job = Job(["embedding", "image_embeddings", "-e"], image_root, workspace, read_only, [output_path],
                   output_path.with_suffix(".log"), store, spec.device)
-        known = self._known_keys(job)
+        known = self._known_keys(job, output_path.parent)
         _refuse_unknown(spec, known, ("pooling",))  # device, image_root, workers: met another way, or moot
         inside = spec.model_copy(update={"input_parquet": str(input_path), "output_parquet": str(output_path),
                                          "image_root": str(image_root)} | (
@@ -162,11 +162,8 @@ class DockerBackend:
 
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
              events: Events) -> BackendMine:
-        workspace = Path(os.path.commonpath([source_path.parent, target_path.parent, outputs.mined.parent]))
-        folder = outputs.mined.parent / SPEC_FOLDER
-        job = Job(["tmm", "nearest_neighbors", "-e"], folder, workspace, log=outputs.mined.parent / artifacts.KNN_LOG)
-        known = self._known_keys(job)
-        _refuse_unknown(spec, known, ("label_mode",))
+        job = self._mining_job(outputs.mined, source_path, target_path)
+        known = self._known_keys(job, outputs.mined.parent)  # asked already by accepts(): cached
         # Keys of ours the image does not know that change the answer: the host applies them, on
         # the two embedding parquets, after the image's k-NN (whose output is then mined_raw).
         on_host = [key for key in _HOST_KEYS if key not in known and _set(spec, key)]
@@ -184,6 +181,19 @@ class DockerBackend:
                 return write_mining(done, outputs)
             tables.write_table_atomic(outputs.pairs, done.pairs)
         return self._read_mining(spec, source_path, target_path, outputs, timings, job.log)
+
+    def accepts(self, spec: MiningSpec) -> None:
+        """Refuse, before any container works, a mining key neither the image nor the host can apply."""
+        output = Path(str(spec.output_parquet)).expanduser().absolute()
+        job = self._mining_job(output, *(Path(str(p)).expanduser().absolute() for p in (spec.source_parquet,
+                                                                                           spec.target_parquet)))
+        _refuse_unknown(spec, self._known_keys(job, output.parent), _REFUSED)
+
+    def _mining_job(self, output: Path, source_path: Path, target_path: Path) -> Job:
+        """The mining container's job: it runs in the spec folder beside the output."""
+        workspace = Path(os.path.commonpath([source_path.parent, target_path.parent, output.parent]))
+        return Job(["tmm", "nearest_neighbors", "-e"], output.parent / SPEC_FOLDER, workspace,
+                   log=output.parent / artifacts.KNN_LOG)
 
     def _read_mining(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
                      timings: dict[str, float], log: Path | None) -> BackendMine:
@@ -246,9 +256,10 @@ class DockerBackend:
                             image=self.image) from exc
         return self.image_id
 
-    def _known_keys(self, job: Job) -> frozenset[str]:
+    def _known_keys(self, job: Job, beside: Path) -> frozenset[str]:
         client = _client()
-        return container.known_keys(client, self.image, self._image_id(client), job, self.mounts, self.network)
+        return container.known_keys(client, self.image, self._image_id(client), job,
+                                    beside / SPEC_FOLDER / f"{job.command[1]}.cfg_job.yaml", self.mounts, self.network)
 
     def _run(self, job: Job, events: Events) -> dict[str, float]:
         """Run the step's container; its timings."""
@@ -263,6 +274,7 @@ class DockerBackend:
 # Mining keys of ours the host applies when the image does not know them (the floor in any of its
 # three spellings, exclude_targets); label_mode=per_label it cannot apply afterwards (refused).
 _HOST_KEYS = ("distance_threshold", "min_similarity", "max_distance", "exclude_targets")
+_REFUSED = ("label_mode",)
 
 
 def _set(spec: Any, key: str) -> bool:

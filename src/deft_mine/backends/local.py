@@ -60,6 +60,9 @@ class LocalBackend:
                                    f"in {time.perf_counter() - t0:.1f}s")
             return self._encoders[key]
 
+    def accepts(self, spec: MiningSpec) -> None:
+        """Every mining key runs here."""
+
     def embed(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
               store: Path | None) -> BackendEmbed:
         t0 = time.perf_counter()

@@ -295,6 +295,9 @@ class RayBackend:
         with self._cluster_errors(ray):
             return node_checks(ray, samples, output_dir)
 
+    def accepts(self, spec: MiningSpec) -> None:
+        """Every mining key runs here."""
+
     def embed(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
               store: Path | None) -> BackendEmbed:
         from deft_mine.backends.local import LocalBackend, embedded_with

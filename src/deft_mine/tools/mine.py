@@ -40,6 +40,7 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
     outputs = MineOutputs(output, pairs_path if backend.capabilities.writes_pairs else None)
     found: list[ToolWarning] = []
     identity = check_same_encoder(source, target, found)
+    backend.accepts(spec)
     done = backend.mine(spec, source, target, outputs, ctx.events)
     found.extend(done.warnings)
     summary = done.summary

@@ -158,6 +158,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     described = Inputs(**{name: InputFacts(path=str(s.path), format=s.format, rows=s.rows, columns=s.schema.names,
                                            has_label="label" in s.schema.names) for name, s in given.items()})
     with folder.running(embedding, mining, backend=inputs.backend, inputs=described) as manifest:
+        backend.accepts(mining)  # before anything is embedded
         sides = {name: write_listing(listing, folder.listings[name]) for name, listing in given.items()}
         embedded = {name: embed_spec(embedding.model_copy(update={
             "input_parquet": str(paths[name]), "output_parquet": str(folder.embeddings[name])}),
