@@ -173,3 +173,19 @@ def test_a_run_counts_spellings_as_one_class_shows_them_as_written_and_says_so(i
             "`pass`, `PASS ` → `pass`.") in report
     summary = (image_set / "r" / "mining_summary.txt").read_text()
     assert "  After label mismatch filtering: kept 4/8 pairs, dropped 4 mismatches\n" in summary
+
+
+def test_distance_threshold_is_taken_by_every_face(tmp_path, capsys):
+    from deft_mine.schemas.specs import load_spec
+    from deft_mine.task import main as task_main
+
+    spec_file = tmp_path / "mining_spec.yaml"
+    spec_file.write_text("topn: 3\nknn_metric: euclidean\ndistance_threshold: 2.5\nfilter_by_label: \"yes\"\n")
+    from_file = load_spec(MiningSpec, spec_file)
+    from_words = load_spec(MiningSpec, None, ["topn=3", "knn_metric=euclidean", "distance_threshold=2.5",
+                                              "filter_by_label=yes"])
+    from_mcp = load_spec(MiningSpec, None, {"topn": 3, "knn_metric": "euclidean", "distance_threshold": 2.5,
+                                            "filter_by_label": "YES"})
+    assert from_file == from_words == from_mcp and from_file.floor == 2.5 and from_file.filter_by_label
+    assert task_main(["tmm", "nearest_neighbors", "-e", str(spec_file), "--cfg=job"]) == 0
+    assert "distance_threshold: 2.5" in capsys.readouterr().out
