@@ -89,3 +89,9 @@ def own_head(cpus: int, client_port: int | None = None) -> Iterator[tuple[subpro
         psutil.wait_procs(left, timeout=10)
         head.wait(10)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def summary_text(folder: Path) -> str:
+    """A run's mining_summary.txt with its own folder masked: the container block's `Results saved
+    to` names the output, which differs between two runs that must otherwise agree to the byte."""
+    return (folder / "mining_summary.txt").read_text(encoding="utf-8").replace(str(folder), "<run>")

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_image
-from ray_helpers import RAY_CLI, free_port, own_head, ray_env, start_head, stop
+from ray_helpers import RAY_CLI, free_port, own_head, ray_env, start_head, stop, summary_text
 from deft_mine.engine import tables
 from deft_mine.errors import DeftError
 from deft_mine.events import RecordingEvents
@@ -160,7 +160,7 @@ def test_mine_equals_local(cluster, embedded, tmp_path, params):
         done[backend] = mine(pool, targets, out, overrides=params, backend=backend,
                              **({"ray_address": cluster} if backend == "ray" else {}))
     local, on_ray = tmp_path / "local", tmp_path / "ray"
-    assert (on_ray / "mining_summary.txt").read_bytes() == (local / "mining_summary.txt").read_bytes()
+    assert summary_text(on_ray) == summary_text(local)
     assert pq.read_table(on_ray / "mined.parquet").equals(pq.read_table(local / "mined.parquet"))
     assert done["ray"].summary == done["local"].summary and done["ray"].mined > 0
     assert [w.model_dump() for w in done["ray"].warnings] == [w.model_dump() for w in done["local"].warnings]
@@ -240,7 +240,7 @@ def test_two_rounds_with_a_history_ledger_equal_local(cluster, images, tmp_path,
                        no_store=True, backend=backend, **({"ray_address": cluster} if backend == "ray" else {}),
                        overrides={**THUMB, "topn": topn, "filter_by_label": labels})
             rounds.append((pq.read_table(folder / "mined_candidates.parquet"), pq.read_table(folder / "mined.parquet"),
-                           (folder / "mining_summary.txt").read_bytes(),
+                           summary_text(folder),
                            (done.select.iteration, done.select.newly_selected, done.select.previously_selected)))
         outcome[backend] = rounds
         iterations = json.loads((tmp_path / backend / "r3" / "run.json").read_text())["history"]["iterations"]
@@ -366,7 +366,7 @@ def test_a_shard_worker_killed_mid_mining_is_retried_and_the_answer_is_the_same(
     local = mine(pool, targets, tmp_path / "local" / "mined.parquet", overrides=params)
     assert on_ray.summary == local.summary and on_ray.cluster.nodes_used == 2
     assert pq.read_table(tmp_path / "ray" / "mined.parquet").equals(pq.read_table(tmp_path / "local" / "mined.parquet"))
-    assert (tmp_path / "ray" / "mining_summary.txt").read_bytes() == (tmp_path / "local" / "mining_summary.txt").read_bytes()
+    assert summary_text(tmp_path / "ray") == summary_text(tmp_path / "local")
 
 
 def test_an_encoder_actor_killed_mid_embedding_is_restarted_and_the_output_is_the_same(cluster, tmp_path):
