@@ -63,6 +63,11 @@ def test_the_label_rule_is_the_containers_over_case_padding_nulls_and_types(tmp_
     rows, dropped, _ = container(targets, pool, 6, "cosine", t_labels, p_labels)
     assert table.column("filepath").to_pylist() == [f"img_s_{r}.png" for r in rows]
     assert (result.summary["kept_pairs"], result.summary["dropped_pairs"]) == (42 - dropped, dropped)
+    # the null-labelled pairs among the dropped: counted and warned (the container would match two nulls)
+    order, _ = reference(targets, pool, 6, "cosine")
+    nulls = sum(t_labels[q] is None or p_labels[r] is None for q, rows_q in enumerate(order) for r in rows_q)
+    warned = [w for w in result.warnings if w.code == "label_null"]
+    assert [w.details["pairs"] for w in warned] == ([nulls] if nulls else [])
 
 
 def test_the_deft_loops_spellings_mine_what_the_container_mines(tmp_path):

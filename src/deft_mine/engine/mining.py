@@ -248,6 +248,8 @@ def finish(prep: Prepared, found: Searched) -> MiningOutcome:
     prep.timings["collect"] = time.perf_counter() - t0
     summary = summarise(prep, found, cands, filtered, mined.num_rows)
     raised += _control_warnings(prep, cands, filtered)
+    if filtered.null_labels:
+        raised.append(warnings.label_null(filtered.null_labels, int(cands.found.sum())))
     prep.timings["total"] = time.perf_counter() - prep.started
     return MiningOutcome(mined=mined, pairs=pairs, summary=summary, searched_rows=found.searched,
                          label_missing=prep.label_missing, timings=prep.timings, warnings=raised)
@@ -297,6 +299,7 @@ class Filtered:
 
     agree: np.ndarray  # the label rule keeps it (every pair found unless the filter is applied)
     within: np.ndarray  # it reaches the floor (every pair found when there is none)
+    null_labels: int = 0  # pairs the label rule dropped because a side's label is null
 
     @property
     def keep(self) -> np.ndarray:
@@ -312,7 +315,8 @@ def pair_filters(prep: Prepared, cands: Candidates) -> Filtered:
     if prep.label_filter is not LabelFilter.applied:
         return Filtered(found, within)
     src, tgt = _keys(cands.source_labels), _keys(cands.target_labels)
-    return Filtered(found & (src == tgt) & (src != None) & (tgt != None), within)  # noqa: E711
+    null = found & ((src == None) | (tgt == None))  # noqa: E711
+    return Filtered(found & (src == tgt) & ~null, within, int(null.sum()))
 
 
 def _keys(labels: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ WarningCode = Literal[
     # raised by the tools (preflight predicts the first five before any work)
     "filter_by_label_noop", "provenance_unknown", "pool_exhausted", "images_skipped", "target_in_pool",
     "selection_empty", "picture_failed", "store_shard_corrupt", "duplicate_paths", "zero_vectors",
-    "distance_threshold_inert",
+    "distance_threshold_inert", "label_null",
     # raised by the mining controls (a similarity floor, label_mode=per_label)
     "targets_without_neighbours", "floor_removed_all", "label_missing_in_pool",
     # findings of the report on a run folder
@@ -115,6 +115,14 @@ def distance_threshold_inert(threshold: float, metric: str) -> ToolWarning:
            "is negative, so distance filtering is off (-1 says so explicitly)")
     return ToolWarning(code="distance_threshold_inert", message=f"distance_threshold={threshold:g} {why}",
                        fields=["distance_threshold"], details={"distance_threshold": threshold, "knn_metric": metric})
+
+
+def label_null(pairs: int, found: int) -> ToolWarning:
+    """Our one difference from the container's label rule, said where it bites."""
+    return ToolWarning(code="label_null", fields=["label"], details={"pairs": pairs, "pairs_found": found},
+                       message=f"{pairs} of {found} pairs were dropped by the label filter because the target's or "
+                               "the pool image's label is null: a null label matches nothing here (the TAO "
+                               "container's str(None) makes two nulls agree, as 'NONE')")
 
 
 def duplicate_paths(count: int, examples: list[str]) -> ToolWarning:
