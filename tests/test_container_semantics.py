@@ -194,3 +194,14 @@ def test_distance_threshold_is_taken_by_every_face(tmp_path, capsys):
     assert from_file == from_words == from_mcp and from_file.floor == 2.5 and from_file.filter_by_label
     assert task_main(["tmm", "nearest_neighbors", "-e", str(spec_file), "--cfg=job"]) == 0
     assert "distance_threshold: 2.5" in capsys.readouterr().out
+
+
+def test_a_floor_that_drops_every_label_kept_pair_is_warned_in_the_key_given(tmp_path):
+    """The near pool image has the wrong label; the one with the right label is beyond the threshold."""
+    result, table, _ = run_mine(tmp_path, np.array([[1.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 1.0]]), topn=2,
+                                filter_by_label=True, distance_threshold=0.1, target_labels=["a"],
+                                pool_labels=["b", "A"])
+    (gone,) = [w for w in result.warnings if w.code == "floor_removed_all"]
+    assert table.num_rows == 0 and gone.fields == ["distance_threshold"]
+    assert gone.details["pairs"] == 1 and gone.details["best_score"] == pytest.approx(1.0)  # a cosine distance
+    assert (result.summary["kept_pairs"], result.summary["dropped_pairs"], result.summary["below_floor"]) == (1, 1, 1)

@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     code: int | None = 1
     try:
         code = _run(argv)
-    finally:  # argparse's own exits (usage, --help) and --cfg=job are not runs: no status
+    finally:  # argparse's own exits (usage, --help) and an answered --cfg=job are not runs: no status
         if code is not None and not isinstance(sys.exc_info()[1], SystemExit):
             print(f"Execution status: {'PASS' if code == 0 else 'FAIL'}", flush=True)
     return 0 if code is None else code

@@ -90,7 +90,13 @@ def known_keys(client: Any, image: str, image_id: str, job: Job, blank: Path, mo
         tables.write_text_atomic(blank, "{}\n")
         asked = Job([*job.command[:2], "-e", str(blank), "--cfg=job"], job.workdir, job.workspace)
         lines = run(client, image, asked, NullEvents(), mounts, network, question=True)
-        _known[(image_id, step)] = frozenset(m.group(1) for line in lines if (m := _KEY.match(line)))
+        keys = frozenset(m.group(1) for line in lines if (m := _KEY.match(line)))
+        if not keys & {"topn", "model"}:  # no schema read: handing it an empty spec would be silent
+            raise DeftError("container_failed", f"{image} {step} --cfg=job printed no spec keys; last lines:\n"
+                            + "\n".join(lines[-LOG_TAIL:]), fix="check that the image follows the TAO "
+                            "entrypoint contract (`<category> <action> -e SPEC --cfg=job` prints the spec)",
+                            image=image, log_tail=lines[-LOG_TAIL:])
+        _known[(image_id, step)] = keys
     return _known[(image_id, step)]
 
 
@@ -117,7 +123,12 @@ def _specs_folder(workdir: Path) -> Iterator[None]:
     config directory); one made here is removed again when it is still empty."""
     folder = workdir / SPECS_FOLDER
     made = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DeftError("output_not_writable", f"cannot make {folder}, the {SPECS_FOLDER}/ folder the image's "
+                        f"Hydra needs in its working directory: {exc.strerror or exc}", path=str(folder),
+                        fix=f"make {workdir} writable, or create {folder} once yourself") from exc
     try:
         yield
     finally:

@@ -164,8 +164,9 @@ class DockerBackend:
              events: Events) -> BackendMine:
         job = self._mining_job(outputs.mined, source_path, target_path)
         known = self._known_keys(job, outputs.mined.parent)  # asked already by accepts(): cached
-        # Keys of ours the image does not know that change the answer: the host applies them, on
-        # the two embedding parquets, after the image's k-NN (whose output is then mined_raw).
+        # Keys of ours the image does not know that change the answer: the host then mines the two
+        # embedding parquets itself with the whole spec; the image's own output is kept as a record
+        # (mined_raw.parquet, its log), and the answer is the host's.
         on_host = [key for key in _HOST_KEYS if key not in known and _set(spec, key)]
         given = outputs.mined.parent / artifacts.MINED_RAW if on_host else outputs.mined
         job.outputs = [given, given.parent / artifacts.SUMMARY]
@@ -180,6 +181,10 @@ class DockerBackend:
             if on_host:
                 return write_mining(done, outputs)
             tables.write_table_atomic(outputs.pairs, done.pairs)
+            mined = self._read_mining(spec, source_path, target_path, outputs, timings, job.log)
+            # what the host saw in the same pairs (e.g. label_null: the image matched two null labels)
+            mined.warnings += [w for w in done.warnings if w.code not in {x.code for x in mined.warnings}]
+            return mined
         return self._read_mining(spec, source_path, target_path, outputs, timings, job.log)
 
     def accepts(self, spec: MiningSpec) -> None:
@@ -278,7 +283,9 @@ _REFUSED = ("label_mode",)
 
 
 def _set(spec: Any, key: str) -> bool:
-    """Whether a spec gives `key` a value other than its default."""
+    """Whether a spec gives `key` a value other than its default (a negative distance_threshold is off)."""
+    if key == "distance_threshold":
+        return spec.distance_threshold >= 0
     return getattr(spec, key) != type(spec).model_fields[key].default
 
 

@@ -377,12 +377,16 @@ def _control_warnings(prep: Prepared, cands: Candidates, filtered: Filtered) -> 
         raised.append(warnings.targets_without_neighbours(
             [str(cands.target_paths[i]) for i in alone[:10]], len(alone), len(prep.queries),
             spec.floor is not None, prep.query_groups is not None))
-    pairs = int(found_mask.sum())
-    if spec.floor is not None and pairs and not filtered.within.any():
-        scores = cands.scores[found_mask]
-        key, best = ("min_similarity", scores.max()) if spec.knn_metric.higher_is_nearer else \
-            ("max_distance", scores.min())
-        raised.append(warnings.floor_removed_all(pairs, key, spec.floor, float(best)))
+    # the floor judges the pairs the label rule kept: it dropped them all
+    pairs = int(filtered.agree.sum())
+    if spec.floor is not None and pairs and not filtered.keep.any():
+        scores, cosine = cands.scores[filtered.agree], spec.knn_metric.higher_is_nearer
+        best = float(scores.max() if cosine else scores.min())
+        if spec.distance_threshold >= 0:  # said in the key the spec gave, the container's distance
+            key, floor, best = "distance_threshold", spec.distance_threshold, 1.0 - best if cosine else best
+        else:
+            key, floor = ("min_similarity" if cosine else "max_distance"), spec.floor
+        raised.append(warnings.floor_removed_all(pairs, key, floor, best))
     return raised
 
 

@@ -14,7 +14,7 @@ TARGET_EMBEDDINGS = "target_embeddings.parquet"
 SOURCE_EMBEDDINGS = "source_embeddings.parquet"
 MINED = "mined.parquet"
 CANDIDATES = "mined_candidates.parquet"  # with a history ledger: mined before selection
-MINED_RAW = "mined_raw.parquet"  # the image's k-NN output, when the host applies keys it does not know
+MINED_RAW = "mined_raw.parquet"  # the image's own output, kept when the host mined with keys it lacks
 KNN_LOG = "nearest_neighbors.log"  # the mining container's whole log (an embedding step's: <output>.log)
 SUMMARY = "mining_summary.txt"
 # Ours:

@@ -160,10 +160,10 @@ def targets_without_neighbours(examples: list[str], count: int, queries: int, fl
 
 
 def floor_removed_all(pairs: int, key: str, floor: float, best: float) -> ToolWarning:
-    """The floor dropped every pair found: an empty mined parquet, written as a valid answer."""
+    """The floor dropped every pair the label rule kept: an empty mined parquet, a valid answer."""
     return ToolWarning(
         code="floor_removed_all", fields=[key], details={"pairs": pairs, key: floor, "best_score": best},
-        message=f"{key}={floor:g} dropped all {pairs} pairs found (the nearest pair scored {best:.6g}), so "
+        message=f"{key}={floor:g} dropped all {pairs} pairs it judged (the nearest scored {best:.6g}), so "
                 f"nothing was mined and the mined parquet has zero rows; loosen {key} to mine something")
 
 
