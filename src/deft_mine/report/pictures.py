@@ -16,7 +16,7 @@ from deft_mine.engine.images import LoadFailure, load_rgb, resolve_image_path
 from deft_mine.events import Events
 from deft_mine.report.facts import ReportFacts
 from deft_mine.report.render import labels_shown
-from deft_mine.schemas.specs import LabelFilter, Side
+from deft_mine.schemas.specs import LabelFilter, Side, recorded_floor
 from deft_mine.schemas.warnings import ToolWarning, picture_failed
 
 CONTACT_TARGETS = 8  # targets drawn on the contact sheet
@@ -122,7 +122,7 @@ def _histogram(facts: ReportFacts, path: Path) -> bool:
     axis = ("cosine similarity (higher is nearer)" if metric == "cosine" else
             f"{metric} distance (lower is nearer)" if metric else "score")
     pairs_path, mined, kept = facts.path("pairs"), facts.path("mined"), None
-    floor = next((spec[k] for k in ("min_similarity", "max_distance") if spec.get(k) is not None), None)
+    floor = (recorded_floor(spec, metric) or (None, None))[1]
     if pairs_path is not None:
         table = tables.read_columns(pairs_path, ["score", "kept"])
         scores = table.column("score").to_numpy()

@@ -11,7 +11,7 @@ from deft_mine.report.facts import SPEC_PARQUETS, ReportFacts
 from deft_mine.rules import NOT_RECORDED, plural
 from deft_mine.schemas.artifacts import SUMMARY_MEANING, MiningSummary
 from deft_mine.schemas.manifest import EmbedFacts, InputFacts, RunManifest
-from deft_mine.schemas.specs import LabelFilter, Side
+from deft_mine.schemas.specs import LabelFilter, Side, recorded_floor
 from deft_mine.schemas.results import EncoderIdentity
 from deft_mine.schemas.warnings import WarningCode
 
@@ -136,12 +136,7 @@ class _View:
                             "in a metric that is not recorded")
         self.no_label_sides = [side for side in ("source", "target") if self.inputs[side].has_label is False]
         self.label_mode = self.spec.get("label_mode")  # None: a run from before the choice, or TAO's
-        threshold = self.spec.get("distance_threshold")
-        self.floor_key = next((k for k in ("min_similarity", "max_distance") if self.spec.get(k) is not None), None)
-        self.floor = self.spec.get(self.floor_key) if self.floor_key else None
-        if self.floor_key is None and threshold is not None and threshold >= 0:  # the container's key
-            self.floor_key = "min_similarity" if self.metric == "cosine" else "max_distance"
-            self.floor = 1 - threshold if self.metric == "cosine" else threshold
+        self.floor_key, self.floor = recorded_floor(self.spec, self.metric) or (None, None)
 
 
 def _first(*values: Any) -> Any:

@@ -275,6 +275,19 @@ class MiningSpec(_Spec):
         return None if floor is None else 1.0 - floor if self.knn_metric is Metric.cosine else floor
 
 
+def recorded_floor(spec: Mapping[str, Any], metric: str | None) -> tuple[str, float] | None:
+    """A recorded mining spec's floor (run.json, a run folder's YAML) in our terms: `min_similarity`
+    for cosine, else `max_distance`, however it was given (ours, or the container's
+    distance_threshold, a cosine distance being 1 - similarity); None when off."""
+    for key in ("min_similarity", "max_distance"):
+        if spec.get(key) is not None:
+            return key, spec[key]
+    threshold = spec.get("distance_threshold")
+    if threshold is None or threshold < 0:
+        return None
+    return ("min_similarity", 1 - threshold) if metric == "cosine" else ("max_distance", threshold)
+
+
 SpecT = TypeVar("SpecT", bound=_Spec)
 
 
