@@ -26,6 +26,11 @@ CONTROL_ACTIONS: dict[str, str] = {
                                   "look-alike of them; grow the pool, or loosen the floor.",
     "label_missing_in_pool": "Label pool images of those classes (or fix the spelling; labels compare as "
                              "strings), or mine those targets with label_mode=post_filter.",
+    "training_rows_left_out": "Look at the left-out components (the warning lists examples by reason): give a "
+                              "non-PASS row its golden image, restore a missing light, or pass "
+                              "`--pass-golden self` for PASS rows of an OK-only pool; they stay in mined.parquet.",
+    "training_rows_leaked": "Nothing to undo: the rows equal to validation rows were left out of "
+                            "mined_training_rows.csv; if the pool holds validation images, take them out of it.",
 }
 
 

@@ -17,6 +17,7 @@ CANDIDATES = "mined_candidates.parquet"  # with a history ledger: mined before s
 MINED_RAW = "mined_raw.parquet"  # the image's own output, kept when the host mined with keys it lacks
 KNN_LOG = "nearest_neighbors.log"  # the mining container's whole log (an embedding step's: <output>.log)
 SUMMARY = "mining_summary.txt"
+TRAINING_ROWS = "mined_training_rows.csv"  # a ChangeNet pool's mined components as ChangeNet training rows
 # Ours:
 TARGET_LISTING = "target_listing.parquet"  # each side's listing (engine/listings), as every step read it
 SOURCE_LISTING = "source_listing.parquet"

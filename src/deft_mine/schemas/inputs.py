@@ -8,6 +8,7 @@ field for Python callers only (neither MCP nor the command line shows it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
@@ -60,6 +61,13 @@ Store = Annotated[str | None, Field(
                 "(default: $DEFT_MINE_STORE, else ~/.cache/deft-mine)"), cli("--store")]
 NoStore = Annotated[bool, Field(description="embed every image afresh, neither reading nor writing the store"),
                     cli("--no-store")]
+
+
+class PassGolden(StrEnum):
+    """What a PASS row of a ChangeNet pool without a golden image gets as its golden in the training rows."""
+
+    none = "none"  # nothing: the row is left out and warned
+    self = "self"  # its own image directory (an OK-only pool), said in the report
 
 
 class BackendOptions(BaseModel):
@@ -160,6 +168,17 @@ class RunInput(ToolInput):
         description="history ledger JSON: keep only images no earlier iteration selected"), PathField(),
         cli("--history", help="history ledger JSON: mine to mined_candidates.parquet, then keep only "
                               "images no earlier iteration selected in mined.parquet")] = None
+    # inlined (no $ref): every tool's input schema stays self-contained for MCP clients
+    pass_golden: Annotated[PassGolden, WithJsonSchema({"type": "string", "enum": [m.value for m in PassGolden]}), Field(
+        description="ChangeNet pool: a mined PASS row without a golden image is left out (none) or uses its "
+                    "own image directory as its golden (self) in mined_training_rows.csv"),
+        cli("--pass-golden", choices=tuple(PassGolden), help="ChangeNet pool: a mined PASS row without a golden "
+            "is left out and warned (none), or uses its own image directory as its golden (self)")] = PassGolden.none
+    validation_csv: Annotated[str | None, Field(
+        description="ChangeNet pool: the validation CSV; a training row equal to one of its rows on the "
+                    "validator's keys is left out of mined_training_rows.csv as a train/val leak"), PathField(),
+        cli("--validation-csv", help="ChangeNet pool: the validation CSV; training rows equal to one of its rows "
+            "(input_path, golden_path, label, object_name, boardname) are left out as train/val leaks")] = None
     image: Image = None
     mounts: Mounts = None
     ray_address: RayAddress = None

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from deft_mine.schemas.results import ClusterFacts, EncoderIdentity, ErrorInfo, SelectResult
+from deft_mine.schemas.results import ClusterFacts, EncoderIdentity, ErrorInfo, SelectResult, TrainingRowsResult
 from deft_mine.schemas.specs import LabelFilter
 from deft_mine.schemas.warnings import ToolWarning
 
@@ -99,6 +99,10 @@ class HistoryFacts(SelectResult):
     iterations: list[IterationFacts] = Field(default_factory=list)
 
 
+class TrainingRowsFacts(TrainingRowsResult):
+    """mined_training_rows.csv as the run wrote it (a run whose pool is a ChangeNet CSV)."""
+
+
 class RunManifest(BaseModel):
     deft_mine_version: str | None = None
     # "running": written when the folder is made, so a run killed outright (SIGKILL, power loss)
@@ -120,6 +124,7 @@ class RunManifest(BaseModel):
     embeddings: Embeddings = Field(default_factory=Embeddings)
     mining: MiningFacts = Field(default_factory=MiningFacts)
     history: HistoryFacts | None = None
+    training_rows: TrainingRowsFacts | None = None  # set only with a ChangeNet pool (dump leaves it out else)
     artifacts: list[str] | None = None
     warnings: list[ToolWarning] = Field(default_factory=list)
     timings: dict[str, float] | None = None

@@ -156,6 +156,29 @@ class SelectResult(_Result):
                 f"{self.duplicates_in_candidates} repeated; {self.cumulative_selected} in all → {self.output}")
 
 
+class TrainingRowsResult(BaseModel):
+    """mined_training_rows.csv: a ChangeNet pool's mined components as ChangeNet training rows."""
+
+    path: str = Field(description="the training CSV (input_path, golden_path, label, object_name, metadata)")
+    rows: int = Field(description="training rows written")
+    components: int = Field(description="mined components (a pool row's lights are one): rows + left_out + leaks")
+    left_out: int = Field(description="components that could form no training row")
+    left_out_by_reason: dict[str, int] = Field(default_factory=dict)
+    leaks: int = Field(0, description="rows equal to a validation row on leak_keys, left out (train/val leaks)")
+    leak_keys: list[str] = Field(default_factory=list, description="the validator's join keys both files have")
+    validation_csv: str | None = None
+    pass_golden: str = Field("none", description="none | self: what a PASS row without a golden got")
+    images_dir: str = Field(description="the images root every row resolves under")
+    lights: list[str] = Field(default_factory=list)
+    image_ext: str = ".jpg"
+
+    def text(self) -> str:
+        out = ", ".join(f"{n} {r}" for r, n in self.left_out_by_reason.items())
+        return (f"{self.rows} of {self.components} mined components → {self.path}"
+                + (f"; left out {self.left_out} ({out})" if self.left_out else "")
+                + (f"; {self.leaks} train/val leaks left out" if self.leaks else ""))
+
+
 class ReportResult(_Result):
     """What `report` wrote: Mining_Report.md, its pictures, and what it could not state."""
 
@@ -185,6 +208,9 @@ class RunResult(_Result):
     source_embed: EmbedResult
     mine: MineResult
     select: SelectResult | None = Field(None, description="the history-aware selection (runs with a ledger)")
+    # only a run whose pool is a ChangeNet CSV has training rows; other runs' results read as before
+    training_rows: TrainingRowsResult | None = Field(
+        None, description="mined_training_rows.csv (a ChangeNet pool)", exclude_if=lambda rows: rows is None)
     report: ReportResult
     timings: dict[str, float] = Field(default_factory=dict)
 
@@ -200,6 +226,8 @@ class RunResult(_Result):
                          f"reused / {p.embedded} embedded, {t.seconds_saved + p.seconds_saved:.1f}s saved")
         if self.select is not None:
             lines.append(f"history: {self.select.text()}")
+        if self.training_rows is not None:
+            lines.append(f"training rows: {self.training_rows.text()}")
         return "\n".join(lines)
 
 

@@ -11,6 +11,8 @@ WarningCode = Literal[
     "filter_by_label_noop", "provenance_unknown", "pool_exhausted", "images_skipped", "target_in_pool",
     "selection_empty", "picture_failed", "store_shard_corrupt", "duplicate_paths", "zero_vectors",
     "distance_threshold_inert", "label_null",
+    # raised by run with a ChangeNet pool (mined_training_rows.csv)
+    "training_rows_left_out", "training_rows_leaked",
     # raised by the mining controls (a similarity floor, label_mode=per_label)
     "targets_without_neighbours", "floor_removed_all", "label_missing_in_pool",
     # findings of the report on a run folder
@@ -177,6 +179,29 @@ def label_missing_in_pool(missing: dict[str, int]) -> ToolWarning:
         message=f"{len(labels)} target label(s) appear in no pool row searched: {shown}; with label_mode=per_label "
                 f"their {sum(missing.values())} target(s) get no neighbours (label them in the pool, or check "
                 "the spelling: labels compare as strings)")
+
+
+def training_rows_left_out(count: int, components: int, by_reason: dict[str, int],
+                           examples: list[dict[str, Any]]) -> ToolWarning:
+    """Mined components of a ChangeNet pool that could form no training row (examples: filepath, reason, detail)."""
+    reasons = ", ".join(f"{n} {reason}" for reason, n in by_reason.items())
+    first = examples[0] if examples else {}
+    return ToolWarning(
+        code="training_rows_left_out", fields=["label", "golden_path", "pass_golden"],
+        details={"count": count, "components": components, "by_reason": by_reason, "examples": examples},
+        message=f"{count} of {components} mined components were left out of mined_training_rows.csv ({reasons}), "
+                f"e.g. {first.get('filepath')}: {first.get('reason')} ({first.get('detail')}); they stay in "
+                "mined.parquet")
+
+
+def training_rows_leaked(count: int, keys: list[str], validation_csv: str, examples: list[dict[str, str]]) -> ToolWarning:
+    """Training rows equal to a validation row on the validator's keys: left out, the loop's hard stop avoided."""
+    return ToolWarning(
+        code="training_rows_leaked", fields=["validation_csv", *keys],
+        details={"count": count, "keys": keys, "validation_csv": validation_csv, "examples": examples},
+        message=f"{count} mined training rows equal a row of the validation CSV {validation_csv} on {keys} "
+                "(train/val leaks) and were left out of mined_training_rows.csv; the loop's validator would "
+                "stop on them")
 
 
 def selection_empty(iteration: int, candidates: int) -> ToolWarning:
