@@ -14,16 +14,19 @@ from deft_mine import __version__
 from deft_mine.backends import resolve
 from deft_mine.engine import ledger as ledgers
 from deft_mine.engine import tables
+from deft_mine.engine import training_rows
 from deft_mine.engine.listings import Listing, open_listing, write_listing
 from deft_mine.engine.mining import label_counts
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled
 from deft_mine.report import write_report
 from deft_mine.schemas import artifacts
-from deft_mine.schemas.inputs import RunInput, SelectInput
+from deft_mine.schemas.inputs import PassGolden, RunInput, SelectInput
 from deft_mine.schemas.manifest import (EmbedFacts, Embeddings, EncoderFacts, InputFacts, Inputs, LabelCounts,
-                                        MiningFacts, RunManifest)
-from deft_mine.schemas.results import EmbedResult, ErrorInfo, MineResult, RunResult, SelectResult
+                                        MiningFacts, RunManifest, TrainingRowsFacts)
+from deft_mine.schemas.results import (EmbedResult, ErrorInfo, MineResult, RunResult, SelectResult,
+                                       TrainingRowsResult)
+from deft_mine.schemas.warnings import ToolWarning
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec, spec_to_yaml, split_overrides
 from deft_mine.tools.embed import embed_spec
 from deft_mine.tools.mine import mine_spec
@@ -149,6 +152,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     if ctx.policy is not None:
         for listing in given.values():
             ctx.policy.check_listing(listing)
+    validation = _training_options(inputs, given["source"])
     folder = RunFolder.make(inputs.output_dir, inputs.run_dir, history=inputs.history is not None)
     ctx.events.log("info", f"run folder {folder.path}")
     mining = mining.model_copy(update={"source_parquet": str(folder.embeddings["source"]),
@@ -167,11 +171,14 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         tgt, src = embedded["targets"], embedded["source"]
         mine_result = mine_spec(mining, backend, ctx.stage("mine"), pairs_path=folder.pairs)
         selected = None if inputs.history is None else _select(inputs.history, folder, mining, sides["source"], ctx)
+        training, training_warnings = _training_rows(inputs, folder, sides["source"], validation)
         manifest.warnings = [*(w.for_side("targets") for w in tgt.warnings), *(w.for_side("source") for w in src.warnings),
-                             *mine_result.warnings, *(selected.warnings if selected else [])]
+                             *mine_result.warnings, *(selected.warnings if selected else []), *training_warnings]
         manifest.timings = {"embed_targets": tgt.timings["total"], "embed_source": src.timings["total"],
                             "mine": mine_result.timings["total"], "total": time.perf_counter() - started}
         _record_results(manifest, folder, tgt, src, mine_result, selected)
+        if training is not None:
+            manifest.training_rows = TrainingRowsFacts(**training.model_dump())
         folder.finish()
     try:
         # last: it reads the rest
@@ -185,7 +192,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
                         f"with: deft-mine report {folder.path}", **exc.details) from exc
     return RunResult(run_dir=str(folder.path), mined=selected.newly_selected if selected else mine_result.mined,
                      mined_parquet=str(folder.mined), target_embed=tgt, source_embed=src, mine=mine_result,
-                     select=selected, report=written, timings=manifest.timings, warnings=manifest.warnings)
+                     select=selected, training_rows=training, report=written, timings=manifest.timings, warnings=manifest.warnings)
 
 
 def _specs(inputs: RunInput, ctx: ToolContext) -> tuple[EmbeddingSpec, MiningSpec]:
@@ -198,6 +205,33 @@ def _specs(inputs: RunInput, ctx: ToolContext) -> tuple[EmbeddingSpec, MiningSpe
         with ctx.lock.bind(embedding):
             pass
     return embedding, mining
+
+
+def _training_options(inputs: RunInput, pool: Listing) -> training_rows.Validation | None:
+    """The training-row options, checked before any work: they need a ChangeNet pool, and the
+    validation CSV must share a leak key with the training rows (read now, kept for the end)."""
+    if inputs.validation_csv is None and inputs.pass_golden is PassGolden.none:
+        return None
+    if not set(training_rows.CHANGENET_COLUMNS) <= set(pool.schema.names):
+        field = "validation_csv" if inputs.validation_csv is not None else "pass_golden"
+        raise DeftError("not_changenet_pool", f"{field} applies to a ChangeNet pool (columns "
+                        f"{', '.join(training_rows.CHANGENET_COLUMNS)}), and the source {pool.path} is not one "
+                        f"(columns: {', '.join(pool.schema.names)})", fix=f"leave {field} out, or give the "
+                        "ChangeNet CSV as the source", field=field)
+    if inputs.validation_csv is None:
+        return None
+    validation = training_rows.read_validation(Path(inputs.validation_csv).expanduser().absolute())
+    validation.require_keys(training_rows.training_columns(pool.schema.names))
+    return validation
+
+
+def _training_rows(inputs: RunInput, folder: RunFolder, pool: Listing, validation: training_rows.Validation | None
+                   ) -> tuple[TrainingRowsResult | None, list[ToolWarning]]:
+    """A ChangeNet pool's mined components as ChangeNet training rows (other pools: none)."""
+    if not training_rows.is_changenet(pool.schema.names):
+        return None, []
+    return training_rows.make(folder.mined, folder.listings["source"], pool.images_root,
+                              folder.path / artifacts.TRAINING_ROWS, inputs.pass_golden, validation)
 
 
 def _require_readable(sides: dict[str, EmbedResult]) -> None:
