@@ -88,6 +88,7 @@ class ReportFacts:
     contact_neighbours: int = 0  # neighbours drawn per target at most
     contact_from: str = "pairs"  # "pairs" | "best_target"
     histogram_from: str = "pairs"  # "pairs" | "mined"
+    training_rows_now: int | None = None  # data rows mined_training_rows.csv holds now (None: no such file)
     image_roots: dict[str, str | None] = field(default_factory=dict)  # Side.input -> where its images resolve
     fingerprints: dict[Side, str | None] = field(default_factory=dict)  # each side's encoder identity hash
     image_allowed: Callable[[Path], bool] = lambda path: True  # which image files the pictures may read
@@ -133,7 +134,7 @@ def gather(folder: Path, manifest: RunManifest | None, files: Files, missing: li
                                       for side, ident in ((Side.target, encoder.target), (Side.source, encoder.source))})
     facts.image_roots = _image_roots(folder, manifest, files, has_manifest)
     for what, step in (("target labels", _labels), ("mined_pairs statistics", _pair_stats),
-                       ("mined parquet checks", _check_mined)):
+                       ("mined parquet checks", _check_mined), ("training rows", _check_training_rows)):
         try:  # a fact that cannot be read is reported as unavailable, never a crash of the report
             step(facts, files)
         except Exception as exc:  # noqa: BLE001 - any unreadable file: say so, go on
@@ -407,6 +408,13 @@ def _check_mined(facts: ReportFacts, files: Files) -> None:
     check.checked, check.missing, check.missing_examples = len(present), len(gone), gone[:MISSING_LISTED]
     check.encoding = {trait: len(found) for trait, found in odd.items()}
     check.encoding_examples = {trait: found[:3] for trait, found in odd.items()}
+
+
+def _check_training_rows(facts: ReportFacts, files: Files) -> None:
+    """The training CSV a ChangeNet run wrote, counted as it is now (it may have been edited or moved)."""
+    path = Path(facts.folder) / artifacts.TRAINING_ROWS
+    if facts.manifest.training_rows is not None and path.is_file():
+        facts.training_rows_now = tables.read_csv(path).num_rows
 
 
 def _on_disk(path: str, base: Path) -> bool:

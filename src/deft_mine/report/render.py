@@ -195,6 +195,8 @@ def _assemble(facts: ReportFacts, found: list[Finding], verdict: str, level: int
         _sanity_section, _actions_section)))
     if v.m.history is not None:  # iterative runs: before the actions, what earlier rounds took
         sections.insert(-1, ("History", _history_section))
+    if v.m.training_rows is not None:  # a ChangeNet pool: the next round's training rows
+        sections.insert(-1, ("Training Rows", _training_section))
     for title, build in sections:
         body = "\n\n".join(text for need, text in build(v, found, verdict, compact) if need <= level and text)
         parts.append(f"## {title}\n\n{body}\n")
@@ -590,6 +592,31 @@ def _history_section(v: _View, found: list[Finding], verdict: str, compact: bool
             "SHA-256 of its candidate, output and summary files; re-running an iteration re-checks "
             "them, and no path is ever selected twice."),
     ]
+
+
+def _training_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:
+    rows = v.m.training_rows
+    assert rows is not None  # _assemble adds this section only for runs with a ChangeNet pool
+    name = rows.path.rstrip("/").rsplit("/", 1)[-1]
+    now = v.facts.training_rows_now
+    left = ", ".join(f"{n} `{reason}`" for reason, n in rows.left_out_by_reason.items())
+    yield 0, (f"`{name}` holds {plural(rows.rows, 'ChangeNet training row')} (`input_path`, `golden_path`, "
+              f"`label`, `object_name`, then the pool's metadata columns), one per mined component, from "
+              f"{plural(rows.components, 'mined component')}: ready to append to the next round's training CSV. "
+              f"Every row's image and golden resolve for each light ({', '.join(f'`{x}`' for x in rows.lights)}) as "
+              f"`{{images_dir}}/{{dir}}/{{object_name}}_{{light}}{rows.image_ext}` under {_path_md(rows.images_dir)}, "
+              "and labels are in ChangeNet's case (`PASS` verbatim, every other label lower-case).")
+    yield 0, ("Left out: " + (f"{plural(rows.left_out, 'component')} ({left}; warning `training_rows_left_out`); "
+                              if rows.left_out else "none; ")
+              + (f"{plural(rows.leaks, 'train/val leak')} equal to a row of {_path_md(rows.validation_csv)} on "
+                 f"{', '.join(f'`{k}`' for k in rows.leak_keys)}" + (" (warning `training_rows_leaked`)." if rows.leaks
+                                                                      else ".")
+                 if rows.validation_csv else "no validation CSV was given, so leaks were not checked.")
+              + (" PASS rows without a golden use their own image directory as golden (`pass_golden` = self)."
+                 if rows.pass_golden == "self" else ""))
+    if now != rows.rows:
+        yield 0, ("The file is no longer in this folder." if now is None else
+                  f"The file now holds {plural(now, 'row')}, not the {rows.rows} written: it changed after the run.")
 
 
 def _actions_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:
