@@ -17,6 +17,7 @@ from conftest import write_image
 from deft_mine.engine import training_rows as tr
 from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import PassGolden
+from deft_mine.tools.report import report
 from deft_mine.tools.run import run
 
 LIGHTS = ("SolderLight", "UniformLight")
@@ -283,9 +284,13 @@ def test_run_with_a_changenet_pool_writes_validated_training_rows(tmp_path):
     assert "mined_training_rows.csv" in manifest["artifacts"]
     codes = [w["code"] for w in manifest["warnings"]]
     assert "training_rows_left_out" in codes and "training_rows_leaked" in codes
-    report = (tmp_path / "r" / "Mining_Report.md").read_text()
-    assert "## Training Rows" in report and "4 ChangeNet training rows" in report
+    text = (tmp_path / "r" / "Mining_Report.md").read_text()
+    assert "## Training Rows" in text and "4 ChangeNet training rows" in text
     assert "training rows: 4 of 6 mined components" in result.text()
+    # the report reads the file as it is now
+    path.write_text("input_path,golden_path,label,object_name,boardname\n")
+    report(tmp_path / "r")
+    assert "now holds 0 rows, not the 4 written" in (tmp_path / "r" / "Mining_Report.md").read_text()
 
 
 def test_a_run_without_a_changenet_pool_is_unchanged(image_set):
