@@ -26,6 +26,13 @@ CONTROL_ACTIONS: dict[str, str] = {
                                   "look-alike of them; grow the pool, or loosen the floor.",
     "label_missing_in_pool": "Label pool images of those classes (or fix the spelling; labels compare as "
                              "strings), or mine those targets with label_mode=post_filter.",
+    # ...and a selection's against the history ledger (decided by the select tool)
+    "candidates_mostly_mined": "Raise `topn` for the next iteration so the search reaches past the images "
+                               "earlier iterations took, or grow the pool.",
+    "yield_collapsed": "Add new images to the pool before the next iteration: it is near exhaustion for these "
+                       "targets (a larger `topn` helps only while look-alikes remain).",
+    "budget_exhausted": "The selection budget is spent: raise `max_cumulative_fraction`, grow the pool, or stop "
+                        "iterating (later rounds would select nothing new).",
 }
 
 

@@ -8,6 +8,7 @@ field for Python callers only (neither MCP nor the command line shows it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
@@ -60,6 +61,21 @@ Store = Annotated[str | None, Field(
                 "(default: $DEFT_MINE_STORE, else ~/.cache/deft-mine)"), cli("--store")]
 NoStore = Annotated[bool, Field(description="embed every image afresh, neither reading nor writing the store"),
                     cli("--no-store")]
+class LedgerFormat(StrEnum):
+    """How a history ledger is written: ours, or the DEFT loop's `mining_history.json`."""
+
+    deft_mine = "deft-mine"  # {"format": "deft-mine-ledger", ...}: absolute normalised paths
+    tao_skill = "tao-skill"  # {"version": 1, "identity": "filepath", ...}: paths normalised as written
+
+
+LedgerFormatField = Annotated[LedgerFormat | None, Field(
+    description="format of a NEW ledger: deft-mine (ours) or tao-skill (the DEFT loop's mining_history.json); "
+                "an existing ledger keeps its own (asking for the other is refused); default deft-mine"),
+    cli("--ledger-format", choices=tuple(f.value for f in LedgerFormat))]
+MaxCumulativeFraction = Annotated[float | None, Field(
+    description="selection budget: all iterations together select at most floor(fraction × pool rows) "
+                "images, in (0, 1]; new candidates past it are left out and counted"),
+    cli("--max-cumulative-fraction")]
 
 
 class BackendOptions(BaseModel):
@@ -160,6 +176,8 @@ class RunInput(ToolInput):
         description="history ledger JSON: keep only images no earlier iteration selected"), PathField(),
         cli("--history", help="history ledger JSON: mine to mined_candidates.parquet, then keep only "
                               "images no earlier iteration selected in mined.parquet")] = None
+    ledger_format: LedgerFormatField = None
+    max_cumulative_fraction: MaxCumulativeFraction = None
     image: Image = None
     mounts: Mounts = None
     ray_address: RayAddress = None
@@ -183,7 +201,14 @@ class SelectInput(ToolInput):
     image_root: Annotated[str | None, Field(
         description="where relative filepaths resolve (default: the candidates' folder)"), PathField(),
         cli("--image-root")] = None
-    topn: Annotated[int | None, Internal()] = None  # recorded in the ledger when run selects
+    # Recorded in the ledger (run passes the spec's); a tao-skill ledger needs it (its resume rule compares it).
+    topn: Annotated[int | None, Field(description="the topn the candidates were mined with (required with a "
+                                                  "tao-skill ledger)"), cli("--topn")] = None
+    ledger_format: LedgerFormatField = None
+    max_cumulative_fraction: MaxCumulativeFraction = None
+    pool_size: Annotated[int | None, Field(description="rows of the pool the candidates were mined from "
+                                                       "(needed with max_cumulative_fraction)"),
+                         cli("--pool-size")] = None
 
 
 class ReportInput(ToolInput):
