@@ -77,11 +77,6 @@ class Ledger:
         return {path for path, it in self.selected.items() if it < iteration}
 
 
-def peek_format(path: Path) -> LedgerFormat | None:
-    """The format of the ledger at `path` (None: no file yet); a file of neither is ledger_corrupt."""
-    return load(path, verify=False).format if path.exists() else None
-
-
 def load(path: Path, verify: bool = True) -> Ledger:
     """The ledger at `path` (an empty one if the file does not exist yet), in whichever format the
     file is; a skill ledger's artifacts are hashed unless `verify` is False."""

@@ -74,10 +74,11 @@ class Tally:
 
 
 def check_history(ledger_path: Path, asked: LedgerFormat | None, fraction: float | None,
-                  pool_size: int | None) -> tuple[LedgerFormat, Budget | None]:
-    """What a selection needs settled before any work: the budget's arguments, and the ledger's
-    format (an existing file's wins; asking for the other is refused). `run` calls it before it
-    embeds, so a bad budget or a damaged ledger costs nothing."""
+                  pool_size: int | None, verify: bool = True) -> tuple[LedgerFormat, Budget | None]:
+    """What a selection needs settled before any work: the budget's arguments, the ledger (whole,
+    its recorded hashes too unless `verify` is False) and its format (an existing file's wins;
+    asking for the other is refused). `run` calls it before it embeds, so a bad budget or a
+    damaged ledger costs nothing."""
     budget = None
     if fraction is not None:
         if not (0 < fraction <= 1):
@@ -90,7 +91,7 @@ def check_history(ledger_path: Path, asked: LedgerFormat | None, fraction: float
                             fix="give pool_size (the rows of the pool the candidates were mined from) with "
                                 "max_cumulative_fraction", field="pool_size")
         budget = Budget(fraction, pool_size)
-    found = ledgers.peek_format(ledger_path)
+    found = ledgers.load(ledger_path, verify).format if ledger_path.exists() else None
     if found is not None and asked is not None and asked != found:
         raise DeftError("ledger_format_conflict", f"ledger {ledger_path} is a {found} ledger; this call asked "
                         f"for ledger_format {asked}", fix=f"leave ledger_format out (or pass {found}), or name a "
@@ -120,7 +121,8 @@ def select_new(inputs: SelectInput, ctx: ToolContext) -> SelectResult:
                         fix="pass iteration 1 for the first round", field="iteration")
     if iteration != 1 and not ledger_path.exists():
         raise _not_consecutive(iteration, ledger_path, 0)
-    fmt, budget = check_history(ledger_path, inputs.ledger_format, inputs.max_cumulative_fraction, inputs.pool_size)
+    fmt, budget = check_history(ledger_path, inputs.ledger_format, inputs.max_cumulative_fraction, inputs.pool_size,
+                                verify=False)  # verified below, under the lock
     if fmt is LedgerFormat.tao_skill and (inputs.topn is None or inputs.topn < 1):
         raise DeftError("invalid_arguments", f"select: topn: a tao-skill ledger records each iteration's topn "
                         f"(its resume rule compares it), and topn is {inputs.topn}",
