@@ -31,6 +31,13 @@ CONTROL_ACTIONS: dict[str, str] = {
                               "`--pass-golden self` for PASS rows of an OK-only pool; they stay in mined.parquet.",
     "training_rows_leaked": "Nothing to undo: the rows equal to validation rows were left out of "
                             "mined_training_rows.csv; if the pool holds validation images, take them out of it.",
+    # ...and a selection's against the history ledger (decided by the select tool)
+    "candidates_mostly_mined": "Raise `topn` for the next iteration so the search reaches past the images "
+                               "earlier iterations took, or grow the pool.",
+    "yield_collapsed": "Add new images to the pool before the next iteration: it is near exhaustion for these "
+                       "targets (a larger `topn` helps only while look-alikes remain).",
+    "budget_exhausted": "The selection budget is spent: raise `max_cumulative_fraction`, grow the pool, or stop "
+                        "iterating (later rounds would select nothing new).",
 }
 
 

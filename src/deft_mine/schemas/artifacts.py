@@ -18,6 +18,8 @@ MINED_RAW = "mined_raw.parquet"  # the image's own output, kept when the host mi
 KNN_LOG = "nearest_neighbors.log"  # the mining container's whole log (an embedding step's: <output>.log)
 SUMMARY = "mining_summary.txt"
 TRAINING_ROWS = "mined_training_rows.csv"  # a ChangeNet pool's mined components as ChangeNet training rows
+# The DEFT loop's per-iteration selection summary (filter_mined_history.py's keys), beside mined.parquet
+MINING_HISTORY_SUMMARY = "mining_history_summary.json"
 # Ours:
 TARGET_LISTING = "target_listing.parquet"  # each side's listing (engine/listings), as every step read it
 SOURCE_LISTING = "source_listing.parquet"

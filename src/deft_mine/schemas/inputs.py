@@ -61,6 +61,21 @@ Store = Annotated[str | None, Field(
                 "(default: $DEFT_MINE_STORE, else ~/.cache/deft-mine)"), cli("--store")]
 NoStore = Annotated[bool, Field(description="embed every image afresh, neither reading nor writing the store"),
                     cli("--no-store")]
+class LedgerFormat(StrEnum):
+    """How a history ledger is written: ours, or the DEFT loop's `mining_history.json`."""
+
+    deft_mine = "deft-mine"  # {"format": "deft-mine-ledger", ...}: absolute normalised paths
+    tao_skill = "tao-skill"  # {"version": 1, "identity": "filepath", ...}: paths normalised as written
+
+
+LedgerFormatField = Annotated[LedgerFormat | None, Field(
+    description="format of a NEW ledger: deft-mine (ours) or tao-skill (the DEFT loop's mining_history.json); "
+                "an existing ledger keeps its own (asking for the other is refused); default deft-mine"),
+    cli("--ledger-format", choices=tuple(f.value for f in LedgerFormat))]
+MaxCumulativeFraction = Annotated[float | None, Field(
+    description="selection budget: all iterations together select at most floor(fraction × pool rows) "
+                "images, in (0, 1]; new candidates past it are left out and counted"),
+    cli("--max-cumulative-fraction")]
 
 
 class PassGolden(StrEnum):
@@ -179,6 +194,8 @@ class RunInput(ToolInput):
                     "validator's keys is left out of mined_training_rows.csv as a train/val leak"), PathField(),
         cli("--validation-csv", help="ChangeNet pool: the validation CSV; training rows equal to one of its rows "
             "(input_path, golden_path, label, object_name, boardname) are left out as train/val leaks")] = None
+    ledger_format: LedgerFormatField = None
+    max_cumulative_fraction: MaxCumulativeFraction = None
     image: Image = None
     mounts: Mounts = None
     ray_address: RayAddress = None
@@ -202,7 +219,14 @@ class SelectInput(ToolInput):
     image_root: Annotated[str | None, Field(
         description="where relative filepaths resolve (default: the candidates' folder)"), PathField(),
         cli("--image-root")] = None
-    topn: Annotated[int | None, Internal()] = None  # recorded in the ledger when run selects
+    # Recorded in the ledger (run passes the spec's); a tao-skill ledger needs it (its resume rule compares it).
+    topn: Annotated[int | None, Field(description="the topn the candidates were mined with (required with a "
+                                                  "tao-skill ledger)"), cli("--topn")] = None
+    ledger_format: LedgerFormatField = None
+    max_cumulative_fraction: MaxCumulativeFraction = None
+    pool_size: Annotated[int | None, Field(description="rows of the pool the candidates were mined from "
+                                                       "(needed with max_cumulative_fraction)"),
+                         cli("--pool-size")] = None
 
 
 class ReportInput(ToolInput):

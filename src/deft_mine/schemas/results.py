@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deft_mine.errors import DeftError
 from deft_mine.schemas.artifacts import MiningSummary
+from deft_mine.schemas.inputs import LedgerFormat
 from deft_mine.schemas.warnings import ToolWarning
 
 
@@ -149,11 +150,17 @@ class SelectResult(_Result):
     newly_selected: int = Field(description="rows written to output")
     cumulative_selected: int = Field(description="paths selected over all iterations so far")
     resumed: bool = Field(description="this iteration was already recorded: its files were re-verified")
+    budget_excluded_count: int = Field(0, description="new candidates left out because all iterations together "
+                                                      "reached max_cumulative_fraction × pool rows")
+    ledger_format: LedgerFormat = Field(LedgerFormat.deft_mine, description="the ledger's format")
+    history_summary: str | None = Field(None, description="mining_history_summary.json (the DEFT loop's keys), "
+                                                          "beside output")
 
     def text(self) -> str:
+        budget = f", {self.budget_excluded_count} left out by the budget" if self.budget_excluded_count else ""
         return (f"iteration {self.iteration}{' (resumed)' if self.resumed else ''}: {self.newly_selected} "
                 f"of {self.candidates} candidates selected, {self.previously_selected} selected before, "
-                f"{self.duplicates_in_candidates} repeated; {self.cumulative_selected} in all → {self.output}")
+                f"{self.duplicates_in_candidates} repeated{budget}; {self.cumulative_selected} in all → {self.output}")
 
 
 class TrainingRowsResult(BaseModel):

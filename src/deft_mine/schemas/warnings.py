@@ -13,6 +13,8 @@ WarningCode = Literal[
     "distance_threshold_inert", "label_null",
     # raised by run with a ChangeNet pool (mined_training_rows.csv)
     "training_rows_left_out", "training_rows_leaked",
+    # raised by a selection against a history ledger (the DEFT loop's yield checks, the budget)
+    "candidates_mostly_mined", "yield_collapsed", "budget_exhausted",
     # raised by the mining controls (a similarity floor, label_mode=per_label)
     "targets_without_neighbours", "floor_removed_all", "label_missing_in_pool",
     # findings of the report on a run folder
@@ -208,6 +210,41 @@ def selection_empty(iteration: int, candidates: int) -> ToolWarning:
     return ToolWarning(code="selection_empty", fields=["filepath"], details={"candidates": candidates},
                        message=f"iteration {iteration} selected nothing new: all {candidates} candidates "
                                "were selected before (or repeat one another); the output has zero rows")
+
+
+def candidates_mostly_mined(iteration: int, unique: int, already: int, rate: float,
+                            topn: int | None) -> ToolWarning:
+    """The DEFT loop's historical_candidate_rate >= 0.5: the neighbourhood is mostly spent."""
+    return ToolWarning(
+        code="candidates_mostly_mined", fields=["topn"],
+        message=f"iteration {iteration}: {already} of the {unique} unique candidates ({rate:.0%}) were already "
+                "selected by earlier iterations: raise topn" + (f" (now {topn})" if topn is not None else "")
+                + " to reach past them, or grow the pool",
+        details={"iteration": iteration, "candidate_unique_count": unique, "already_mined_count": already,
+                 "historical_candidate_rate": rate, "topn": topn})
+
+
+def yield_collapsed(iteration: int, previous_selected: int, candidates: int, drop_percent: int) -> ToolWarning:
+    """The DEFT loop's yield monitor: this round's candidates fell below half the last round's selection."""
+    return ToolWarning(
+        code="yield_collapsed", fields=["filepath"],
+        message=f"mining yield dropped {drop_percent}% (iteration {iteration - 1}: {previous_selected} selected → "
+                f"iteration {iteration}: {candidates} unique candidates): the pool is near exhaustion for these "
+                "targets; grow the pool before the next iteration",
+        details={"iteration": iteration, "previous_iteration": iteration - 1,
+                 "previous_selected_count": previous_selected, "candidate_unique_count": candidates,
+                 "drop_percent": drop_percent})
+
+
+def budget_exhausted(iteration: int, excluded: int, cap: int, fraction: float, pool_size: int,
+                     cumulative: int) -> ToolWarning:
+    return ToolWarning(
+        code="budget_exhausted", fields=["max_cumulative_fraction", "pool_size"],
+        message=f"iteration {iteration}: {excluded} new candidates were left out: all iterations together may "
+                f"select {cap} images (max_cumulative_fraction {fraction} × {pool_size} pool rows) and "
+                f"{cumulative} are now selected",
+        details={"iteration": iteration, "budget_excluded_count": excluded, "budget_cap": cap,
+                 "max_cumulative_fraction": fraction, "pool_size": pool_size, "cumulative_unique_count": cumulative})
 
 
 def picture_failed(name: str, error: Exception) -> ToolWarning:

@@ -31,7 +31,7 @@ from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec, spec_t
 from deft_mine.tools.embed import embed_spec
 from deft_mine.tools.mine import mine_spec
 from deft_mine.tools.registry import Tool, ToolContext, register
-from deft_mine.tools.select import history_facts, select_new
+from deft_mine.tools.select import check_history, history_facts, select_new
 
 
 RUNS_FOLDER = "mining_results"
@@ -153,6 +153,9 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         for listing in given.values():
             ctx.policy.check_listing(listing)
     validation = _training_options(inputs, given["source"])
+    if inputs.history is not None:  # a bad budget or a damaged ledger costs no embedding
+        check_history(Path(inputs.history).expanduser().absolute(), inputs.ledger_format,
+                      inputs.max_cumulative_fraction, given["source"].rows)
     folder = RunFolder.make(inputs.output_dir, inputs.run_dir, history=inputs.history is not None)
     ctx.events.log("info", f"run folder {folder.path}")
     mining = mining.model_copy(update={"source_parquet": str(folder.embeddings["source"]),
@@ -170,7 +173,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         _require_readable(embedded)
         tgt, src = embedded["targets"], embedded["source"]
         mine_result = mine_spec(mining, backend, ctx.stage("mine"), pairs_path=folder.pairs)
-        selected = None if inputs.history is None else _select(inputs.history, folder, mining, sides["source"], ctx)
+        selected = None if inputs.history is None else _select(inputs, folder, mining, sides["source"], ctx)
         training, training_warnings = _training_rows(inputs, folder, sides["source"], validation)
         manifest.warnings = [*(w.for_side("targets") for w in tgt.warnings), *(w.for_side("source") for w in src.warnings),
                              *mine_result.warnings, *(selected.warnings if selected else []), *training_warnings]
@@ -245,14 +248,16 @@ def _require_readable(sides: dict[str, EmbedResult]) -> None:
                             field=name, skipped_by_reason=done.skipped_by_reason)
 
 
-def _select(history: str, folder: RunFolder, mining: MiningSpec, pool: Listing, ctx: ToolContext) -> SelectResult:
-    """mined.parquet: the candidates no earlier iteration of the ledger selected."""
-    ledger_path = Path(history).expanduser().absolute()
+def _select(inputs: RunInput, folder: RunFolder, mining: MiningSpec, pool: Listing,
+            ctx: ToolContext) -> SelectResult:
+    """mined.parquet: the candidates no earlier iteration of the ledger selected (within the
+    budget, whose pool is the source listing's rows)."""
+    ledger_path = Path(str(inputs.history)).expanduser().absolute()
     return select_new(SelectInput(
         candidates=str(folder.candidates), ledger=str(ledger_path), output=str(folder.mined),
-        iteration=ledgers.load(ledger_path).last_iteration + 1,
-        image_root=str(pool.images_root),
-        topn=mining.topn), ctx.stage("select"))
+        iteration=ledgers.load(ledger_path, verify=False).last_iteration + 1,  # select_new verifies it
+        image_root=str(pool.images_root), topn=mining.topn, ledger_format=inputs.ledger_format,
+        max_cumulative_fraction=inputs.max_cumulative_fraction, pool_size=pool.rows), ctx.stage("select"))
 
 
 def _record_results(manifest: RunManifest, folder: RunFolder, tgt: EmbedResult, src: EmbedResult,
