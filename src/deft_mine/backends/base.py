@@ -42,15 +42,31 @@ class BackendMine:
 
 @dataclass(frozen=True)
 class MineOutputs:
-    """Where a mining step writes: the mined parquet, mining_summary.txt beside it, and (when
-    the backend can and the caller wants them) every pair found."""
+    """Where a mining step writes: the mined parquet, mining_summary.txt beside it, (when the
+    backend can and the caller wants them) every pair found, and (`loop_files`, a run folder's)
+    the DEFT loop's floor-stage files beside it when a floor is set."""
 
     mined: Path
     pairs: Path | None = None
+    loop_files: bool = False
 
     @property
     def summary(self) -> Path:
         return self.mined.parent / artifacts.SUMMARY
+
+    @property
+    def raw(self) -> Path:
+        """The k-NN output before the floor (mined_raw.parquet)."""
+        return self.mined.parent / artifacts.MINED_RAW
+
+    @property
+    def knn_summary(self) -> Path:
+        return self.mined.parent / artifacts.KNN_SUMMARY
+
+    @property
+    def cosine_filter(self) -> Path:
+        """floor_rule=best_target's audit (cosine_filter_summary.json)."""
+        return self.mined.parent / artifacts.COSINE_FILTER_SUMMARY
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from deft_mine import rules
 from deft_mine.backends import container
 from deft_mine.backends.base import BackendEmbed, BackendMine, Capabilities, MineOutputs
 from deft_mine.backends.container import Job
-from deft_mine.backends.local import write_mining
+from deft_mine.backends.local import write_floor_stage, write_mining
 from deft_mine.engine import tables
 from deft_mine.engine.embedding import EmbedStats
 from deft_mine.engine.listings import Listing
@@ -181,6 +181,8 @@ class DockerBackend:
             if on_host:
                 return write_mining(done, outputs)
             tables.write_table_atomic(outputs.pairs, done.pairs)
+            for raw_only in (True, False):  # the loop's floor-stage files (a run's), from the same pairs
+                write_floor_stage(done, outputs, raw_only)
             mined = self._read_mining(spec, source_path, target_path, outputs, timings, job.log)
             # what the host saw in the same pairs (e.g. label_null: the image matched two null labels)
             mined.warnings += [w for w in done.warnings if w.code not in {x.code for x in mined.warnings}]
@@ -277,8 +279,8 @@ class DockerBackend:
 
 
 # Mining keys of ours the host applies when the image does not know them (the floor in any of its
-# three spellings, exclude_targets); label_mode=per_label it cannot apply afterwards (refused).
-_HOST_KEYS = ("distance_threshold", "min_similarity", "max_distance", "exclude_targets")
+# three spellings and its rule, exclude_targets); label_mode=per_label it cannot apply afterwards (refused).
+_HOST_KEYS = ("distance_threshold", "min_similarity", "max_distance", "floor_rule", "exclude_targets")
 _REFUSED = ("label_mode",)
 
 

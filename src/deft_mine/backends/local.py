@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.csv as pacsv
+
 from deft_mine.backends.base import BackendEmbed, BackendMine, Capabilities, MineOutputs
 from deft_mine.engine import tables
 from deft_mine.engine.embedding import EmbedStats, embed_file
@@ -87,10 +89,27 @@ def write_mining(outcome: MiningOutcome, outputs: MineOutputs) -> BackendMine:
     """Write a mining outcome's files (each atomically) and say what was found."""
     t0 = time.perf_counter()
     outcome.summary.saved_to = str(outputs.mined)
+    write_floor_stage(outcome, outputs, raw_only=True)  # the stages in the loop's order: before the floor first
     tables.write_table_atomic(outputs.mined, outcome.mined)
     if outputs.pairs is not None:
         tables.write_table_atomic(outputs.pairs, outcome.pairs)
     tables.write_text_atomic(outputs.summary, outcome.summary.text())
+    write_floor_stage(outcome, outputs)
     outcome.timings["write"] = time.perf_counter() - t0
     return BackendMine(**{name: getattr(outcome, name) for name in BackendMine.__dataclass_fields__
                           if hasattr(outcome, name)})
+
+
+def write_floor_stage(outcome: MiningOutcome, outputs: MineOutputs, raw_only: bool = False) -> None:
+    """The DEFT loop's floor-stage files, when the outputs want them and a floor was set:
+    mined_raw.parquet (`raw_only`), else knn_summary.csv and, under best_target, its audit."""
+    floor = outcome.floor
+    if not outputs.loop_files or floor is None:
+        return
+    if raw_only:
+        tables.write_table_atomic(outputs.raw, floor.raw)
+        return
+    with tables.atomic_output(outputs.knn_summary) as tmp:
+        pacsv.write_csv(floor.knn_summary(), tmp)
+    if floor.audit is not None:
+        tables.write_text_atomic(outputs.cosine_filter, floor.cosine_filter_summary(outputs.mined))

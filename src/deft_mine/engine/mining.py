@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,11 +16,12 @@ import pyarrow.parquet as pq
 
 from deft_mine import rules
 from deft_mine.engine import tables
+from deft_mine.engine.floor import FloorStage, best_matches, group_codes
 from deft_mine.engine.knn import GroupedTopK, RunningTopK, TopKState
 from deft_mine.engine.selection import Candidates, mode_of
 from deft_mine.schemas import warnings
 from deft_mine.schemas.artifacts import MiningSummary
-from deft_mine.schemas.specs import LabelFilter, Metric, MiningSpec, Side
+from deft_mine.schemas.specs import FloorRule, LabelFilter, Metric, MiningSpec, Side
 from deft_mine.schemas.warnings import ToolWarning
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
@@ -34,6 +36,7 @@ class MiningOutcome:
     label_missing: list[Side]  # sides without a `label` column
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[ToolWarning] = field(default_factory=list)  # duplicate_paths, zero_vectors
+    floor: FloorStage | None = None  # with a floor: the raw candidates and what it kept (the loop's files)
 
 
 def lexically_normal(filepath: str) -> str:
@@ -241,8 +244,11 @@ def finish(prep: Prepared, found: Searched) -> MiningOutcome:
     raised = _search_warnings(prep, found)
     t0 = time.perf_counter()
     cands = candidates(prep, found)
-    filtered = pair_filters(prep, cands)
+    filtered, raw, audit = floor_stage(prep, cands, pair_filters(prep, cands))
     mined = mode_of(prep.spec).select(cands, filtered.keep)
+    floor = None if raw is None else FloorStage(prep.spec.floor_rule, prep.spec.floor, raw, mined.num_rows, audit)
+    if floor is not None:
+        mined = floor.kept_table(mined)
     pairs = _pairs_table(prep, cands, filtered.keep, None if prep.spec.floor is None else
                          filtered.agree & ~filtered.within)
     prep.timings["collect"] = time.perf_counter() - t0
@@ -252,7 +258,62 @@ def finish(prep: Prepared, found: Searched) -> MiningOutcome:
         raised.append(warnings.label_null(filtered.null_labels, int(cands.found.sum())))
     prep.timings["total"] = time.perf_counter() - prep.started
     return MiningOutcome(mined=mined, pairs=pairs, summary=summary, searched_rows=found.searched,
-                         label_missing=prep.label_missing, timings=prep.timings, warnings=raised)
+                         label_missing=prep.label_missing, timings=prep.timings, warnings=raised, floor=floor)
+
+
+def floor_stage(prep: Prepared, cands: Candidates,
+                filtered: Filtered) -> tuple[Filtered, pa.Table | None, pa.Table | None]:
+    """With a floor, its stage: the raw candidates (the mode's selection over the pairs the label
+    rule kept, before the floor) and, under `best_target`, their audit. Under `pair` the verdicts
+    stand as pair_filters gave them; under `best_target` a pair reaches the floor when its pool
+    image does (the image's best similarity over all targets, the same-label ones under the
+    label filter, reaches it), so the selection keeps just the images the audit kept."""
+    spec = prep.spec
+    if spec.floor is None:
+        return filtered, None, None
+    raw = mode_of(spec).select(cands, filtered.agree)
+    if spec.floor_rule is FloorRule.pair:
+        return filtered, raw, None
+    audit = _best_targets(prep, cands, filtered.agree, raw)
+    kept_paths = raw.column("filepath").filter(audit.column("kept"))
+    reaches = pc.is_in(pa.array(cands.paths.reshape(-1).tolist(), pa.string()), value_set=kept_paths)
+    within = cands.found & reaches.to_numpy(zero_copy_only=False).reshape(cands.paths.shape)
+    return dataclasses.replace(filtered, within=within), raw, audit
+
+
+def _best_targets(prep: Prepared, cands: Candidates, agree: np.ndarray, raw: pa.Table) -> pa.Table:
+    """The loop's audit of each raw candidate (raw's order): its best cosine similarity over the
+    searched targets (under the label filter those whose label key is its own), the target that
+    gave it (the first in file order on a tie), and whether it reaches the floor. A candidate's
+    vector and label are those of the pool row in its first kept pair."""
+    t, r = np.nonzero(agree)  # target, then rank order: each file's first pair is where raw met it
+    if not len(t):
+        return pa.table({"filepath": raw.column("filepath"), "max_cosine_similarity": pa.array([], pa.float64()),
+                         "matched_target_filepath": pa.array([], pa.string()), "kept": pa.array([], pa.bool_())})
+    codes = pa.array(cands.paths[t, r].tolist(), pa.string()).dictionary_encode().indices
+    first = np.unique(codes.to_numpy(zero_copy_only=False), return_index=True)[1]
+    vectors = _pool_rows_vectors(prep, cands.rows[t, r][first])
+    groups = (None, None)
+    if prep.label_filter is LabelFilter.applied and cands.source_labels is not None:
+        groups = group_codes(label_keys(prep.targets.column("label")),
+                             label_keys(cands.source_labels[t, r][first].tolist()))
+    best, index = best_matches(vectors, prep.queries, *groups)
+    return pa.table({
+        "filepath": raw.column("filepath"),
+        "max_cosine_similarity": pa.array(best, pa.float64()),
+        "matched_target_filepath": pa.array([str(cands.target_paths[i]) if i >= 0 else None for i in index],
+                                            pa.string()),
+        "kept": pa.array(best >= prep.spec.floor, pa.bool_()),
+    })
+
+
+def _pool_rows_vectors(prep: Prepared, rows: np.ndarray) -> np.ndarray:
+    """The vectors of the given pool rows, in that order: only their rows are read (block by block)."""
+    column, wanted = prep.spec.source_embed_column_name, np.unique(rows)
+    table = _take_rows(prep.source_path, wanted, [column], prep.spec.block_rows)
+    vectors = tables.vectors_from_column(table.column(column), path=prep.source_path, name=column, first_row=0,
+                                        dim=None, field="source_parquet")  # searched already: none is bad
+    return vectors[np.searchsorted(wanted, rows)]
 
 
 def candidates(prep: Prepared, found: Searched) -> Candidates:
@@ -326,7 +387,11 @@ def _keys(labels: np.ndarray) -> np.ndarray:
 
 def summarise(prep: Prepared, found: Searched, cands: Candidates, filtered: Filtered, mined: int) -> MiningSummary:
     """The summary from the stages' counts; the controls' and the left-out rows' counts only
-    when there are some (a default run's summary reads as it always has)."""
+    when there are some (a default run's summary reads as it always has). Under floor_rule
+    best_target the floor judges images, and a pair goes with its pool image: `below_floor`
+    counts the pairs the label rule kept whose image the floor dropped, `duplicates_removed` the
+    remaining pairs less the images mined, `targets_without_neighbours` the targets none of whose
+    pairs' images was kept; `pairs`, `kept_pairs` and `dropped_pairs` are the label rule's as ever."""
     spec, queries, pairs = prep.spec, len(prep.queries), int(cands.found.sum())
     agree, kept = int(filtered.agree.sum()), int(filtered.keep.sum())
     applied = prep.label_filter is LabelFilter.applied

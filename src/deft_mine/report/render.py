@@ -137,6 +137,7 @@ class _View:
         self.no_label_sides = [side for side in ("source", "target") if self.inputs[side].has_label is False]
         self.label_mode = self.spec.get("label_mode")  # None: a run from before the choice, or TAO's
         self.floor_key, self.floor = recorded_floor(self.spec, self.metric) or (None, None)
+        self.floor_rule = self.spec.get("floor_rule") or "pair"  # a run from before the choice: the pair rule
 
 
 def _first(*values: Any) -> Any:
@@ -345,6 +346,7 @@ def _mine_command(v: _View, inline: bool = False) -> str:
         parts.append(f"label_mode={v.label_mode}")
     if v.floor_key:
         parts.append(f"{v.floor_key}={_fmt(v.floor)}")
+        parts += [f"floor_rule={v.floor_rule}"] if v.floor_rule != "pair" else []
     command = " ".join(parts)
     return f"`{command}`" if inline else f"```\n{command}\n```"
 
@@ -420,16 +422,31 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
 
 
 def _floor_words(v: _View) -> str:
-    """What the similarity floor did: pairs below it, targets left with nothing."""
+    """What the similarity floor did, and by which rule: pairs below it, targets left with nothing."""
     side = "below" if v.floor_key == "min_similarity" else "beyond"
     alone, summary = v.summary.targets_without_neighbours, v.summary
     threshold = None if v.floor is None else 1 - v.floor if v.floor_key == "min_similarity" else v.floor
     looked_at = (f"{_fmt(summary.pairs)} pairs found" if summary.kept_pairs is None else
                  f"{_fmt(summary.kept_pairs)} pairs the label filter kept")
-    return (f"Similarity floor: `{v.floor_key}` = {_fmt(v.floor)} (the container's `distance_threshold` = "
-            f"{_fmt(threshold)}); {_fmt(summary.below_floor)} of the {looked_at} scored {side} it and were "
-            f"dropped before de-duplication, and {plural(alone, 'target')} kept no neighbour at all"
-            + (" (warning `targets_without_neighbours`)." if alone else "."))
+    judged = (f"scored {side} it" if v.floor_rule == "pair" else
+              "belong to images whose best similarity to any target"
+              + (" of their label" if v.label_filter is LabelFilter.applied else "") + f" lies {side} it")
+    # The rule's two words stand where "at all" stood after "kept no neighbour": a report near its
+    # word budget keeps its level of detail.
+    return (f"Similarity floor (`floor_rule` = {v.floor_rule}): `{v.floor_key}` = {_fmt(v.floor)} (the container's "
+            f"`distance_threshold` = {_fmt(threshold)}); {_fmt(summary.below_floor)} of the {looked_at} {judged} "
+            f"and were dropped before de-duplication, and {plural(alone, 'target')} kept no neighbour"
+            + (" (warning `targets_without_neighbours`)." if alone else ".") + _FLOOR_RULES.get(v.floor_rule, ""))
+
+
+# What a rule other than the per-pair one (the container's) does, said after its counts.
+_FLOOR_RULES = {
+    "best_target": " Under `best_target` (the DEFT loop's cosine filter) an image the label rule let through is "
+                   "kept when its best cosine similarity over all targets (the same-label ones under the label "
+                   "filter) reaches the floor, so it may keep an image whose own pairs fell short; the kept images "
+                   "carry `max_cosine_similarity` and `matched_target_filepath`, and `cosine_filter_summary.json` "
+                   "audits every candidate.",
+}
 
 
 def _cluster_words(m: RunManifest) -> str | None:

@@ -14,7 +14,11 @@ TARGET_EMBEDDINGS = "target_embeddings.parquet"
 SOURCE_EMBEDDINGS = "source_embeddings.parquet"
 MINED = "mined.parquet"
 CANDIDATES = "mined_candidates.parquet"  # with a history ledger: mined before selection
-MINED_RAW = "mined_raw.parquet"  # the image's own output, kept when the host mined with keys it lacks
+# With a floor, the DEFT loop's k-NN output before it: the unique images of the pairs the label rule
+# kept (also where the docker backend keeps the image's own output when the host applies keys it lacks).
+MINED_RAW = "mined_raw.parquet"
+KNN_SUMMARY = "knn_summary.csv"  # with a floor, one row: candidate_count = kept_count + rejected_count, threshold
+COSINE_FILTER_SUMMARY = "cosine_filter_summary.json"  # floor_rule=best_target: the loop's audit of each candidate
 KNN_LOG = "nearest_neighbors.log"  # the mining container's whole log (an embedding step's: <output>.log)
 SUMMARY = "mining_summary.txt"
 TRAINING_ROWS = "mined_training_rows.csv"  # a ChangeNet pool's mined components as ChangeNet training rows

@@ -43,6 +43,15 @@ class Metric(StrEnum):
         return self is Metric.cosine
 
 
+class FloorRule(StrEnum):
+    """How the floor judges: `pair` each (target, neighbour) pair on its own score (ours, the
+    container's distance_threshold); `best_target` each mined image on its best cosine similarity
+    over all targets (the same-label ones under the label filter), the DEFT loop's cosine filter."""
+
+    pair = "pair"
+    best_target = "best_target"
+
+
 class LabelFilter(StrEnum):
     """What filter_by_label did: `off`, `applied`, or `noop` (asked for, but a side has no label)."""
 
@@ -217,6 +226,12 @@ class MiningSpec(_Spec):
         description="the TAO container's (main): the largest distance a kept pair may have, in the metric's own "
                     "distance (cosine: 1 - similarity), after the label filter; -1 off (the same floor as "
                     "min_similarity / max_distance)")
+    floor_rule: Annotated[FloorRule, _choice(
+        tuple(FloorRule), "floor_rule", "spec_invalid",
+        "set floor_rule=pair (each pair judged on its own score) or floor_rule=best_target")] = Field(
+        FloorRule.pair, description="with a floor: pair (each pair on its own score) | best_target (cosine only: an "
+                                    "image is kept when its best similarity over all (same-label) targets reaches "
+                                    "it, the DEFT loop's rule)")
     label_mode: Annotated[Literal["post_filter", "per_label"], _choice(
         ("post_filter", "per_label"), "label_mode", "spec_invalid",
         "set label_mode=post_filter (the TAO container's) or label_mode=per_label")] = Field(
@@ -248,6 +263,12 @@ class MiningSpec(_Spec):
                 f"two different floors (distance_threshold means {ours}={self._threshold_floor:g} here)",
                 fix=f"give one of them: distance_threshold (the container's key) or {ours}",
                 field="distance_threshold", knn_metric=self.knn_metric.value)
+        if self.floor_rule is FloorRule.best_target and self.knn_metric is not Metric.cosine:
+            raise DeftError(
+                "spec_invalid", f"floor_rule=best_target judges each image by its best cosine similarity to the "
+                f"targets, but knn_metric={self.knn_metric.value} scores distances",
+                fix="use knn_metric=cosine with floor_rule=best_target, or floor_rule=pair with "
+                    f"knn_metric={self.knn_metric.value}", field="floor_rule", knn_metric=self.knn_metric.value)
         if self.label_mode == "per_label" and not self.filter_by_label:
             raise DeftError(
                 "spec_invalid", "label_mode=per_label searches each target among the pool rows of its own label, "

@@ -31,13 +31,15 @@ def mine_pool(inputs: MineInput, ctx: ToolContext) -> MineResult:
     return mine_spec(spec, resolve(inputs.backend_options()), ctx)
 
 
-def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: Path | None = None) -> MineResult:
-    """Mine with an already-resolved spec and backend (what `run` calls)."""
+def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: Path | None = None,
+              loop_files: bool = False) -> MineResult:
+    """Mine with an already-resolved spec and backend (what `run` calls; `loop_files`: a run
+    folder's, which also gets the DEFT loop's floor-stage files when a floor is set)."""
     ctx.check_paths(spec)
     source = existing_input(spec, "source_parquet")
     target = existing_input(spec, "target_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source, target)
-    outputs = MineOutputs(output, pairs_path if backend.capabilities.writes_pairs else None)
+    outputs = MineOutputs(output, pairs_path if backend.capabilities.writes_pairs else None, loop_files)
     found: list[ToolWarning] = []
     identity = check_same_encoder(source, target, found)
     backend.accepts(spec)

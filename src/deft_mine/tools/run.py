@@ -172,7 +172,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
             backend, store, ctx.stage(f"embed {name}"), listing) for name, listing in sides.items()}
         _require_readable(embedded)
         tgt, src = embedded["targets"], embedded["source"]
-        mine_result = mine_spec(mining, backend, ctx.stage("mine"), pairs_path=folder.pairs)
+        mine_result = mine_spec(mining, backend, ctx.stage("mine"), pairs_path=folder.pairs, loop_files=True)
         selected = None if inputs.history is None else _select(inputs, folder, mining, sides["source"], ctx)
         training, training_warnings = _training_rows(inputs, folder, sides["source"], validation)
         manifest.warnings = [*(w.for_side("targets") for w in tgt.warnings), *(w.for_side("source") for w in src.warnings),
