@@ -82,7 +82,7 @@ class BackendOptions(BaseModel):
 # A ChangeNet CSV as a listing (engine/changenet.py): where its rows' images are and which lights.
 ImagesDir = Annotated[str | None, Field(
     description="ChangeNet CSV: the images root its input_path/golden_path are relative to (default: the "
-                "embedding spec's image_root, else the CSV's folder)"), PathField(), cli("--images-dir")]
+                "embedding spec's image_root, else the CSV's folder)"), PathField(), cli("--images-dir", metavar="DIR")]
 Lights = Annotated[list[str] | None, Field(
     description="ChangeNet CSV: the lights, one listing row per CSV row and light (default: the keys of "
                 "dataset.classify.input_map in changenet_spec, else SolderLight)"),
@@ -90,10 +90,10 @@ Lights = Annotated[list[str] | None, Field(
         "ChangeNet spec's dataset.classify.input_map keys, else SolderLight)")]
 ImageExt = Annotated[str | None, Field(
     description="ChangeNet CSV: the image extension, .jpg or jpg (default: changenet_spec's "
-                "dataset.classify.image_ext, else .jpg)"), cli("--image-ext")]
+                "dataset.classify.image_ext, else .jpg)"), cli("--image-ext", metavar="EXT")]
 ChangeNetSpec = Annotated[str | None, Field(
     description="ChangeNet spec YAML: lights and image extension from its dataset.classify block"),
-    PathField(), cli("--changenet-spec")]
+    PathField(), cli("--changenet-spec", metavar="YAML")]
 SkipUnresolved = Annotated[bool, Field(
     description="ChangeNet CSV: leave out the rows whose image or golden resolves to no file or to "
                 "several, counted as skip reason 'unresolved' (default: refuse them)"),
