@@ -34,7 +34,8 @@ def test_every_format_gives_the_same_standard_listing(tmp_path: Path) -> None:
     pq.write_table(pa.table(ROWS), parquet)
     listings = {"parquet": open_listing(parquet, "source"), "csv": open_listing(_csv(tmp_path / "pool.csv", ","), "source"),
                 "csv;": open_listing(_csv(tmp_path / "semi.csv", ";"), "source")}
-    assert set(FORMATS) == {"parquet", "csv"}  # a new format: a function there, and a case here
+    # a new format: a function there, and a case here (ChangeNet CSVs: tests/test_changenet_listing.py)
+    assert set(FORMATS) == {"parquet", "csv", "changenet"}
     assert [listing.format for listing in listings.values()] == ["parquet", "csv", "csv"]
     expected = (["filepath", "label"], 4, tmp_path, ROWS["filepath"], ROWS["label"], 1)
     for name, listing in listings.items():

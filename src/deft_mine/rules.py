@@ -9,7 +9,7 @@ never disagree on whether a rule fires.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from deft_mine.schemas import warnings
 from deft_mine.schemas.results import ErrorInfo
@@ -24,8 +24,6 @@ CONTROL_ACTIONS: dict[str, str] = {
                          "histogram shows where the pairs lie) and mine again: nothing was mined.",
     "targets_without_neighbours": "Look at those targets on the contact sheet: the pool may hold no real "
                                   "look-alike of them; grow the pool, or loosen the floor.",
-    "label_missing_in_pool": "Label pool images of those classes (or fix the spelling; labels compare as "
-                             "strings), or mine those targets with label_mode=post_filter.",
     "training_rows_left_out": "Look at the left-out components (the warning lists examples by reason): give a "
                               "non-PASS row its golden image, restore a missing light, or pass "
                               "`--pass-golden self` for PASS rows of an OK-only pool; they stay in mined.parquet.",
@@ -38,6 +36,10 @@ CONTROL_ACTIONS: dict[str, str] = {
                        "targets (a larger `topn` helps only while look-alikes remain).",
     "budget_exhausted": "The selection budget is spent: raise `max_cumulative_fraction`, grow the pool, or stop "
                         "iterating (later rounds would select nothing new).",
+    "label_missing_in_pool": "Grow the pool with images of those classes, or fix the spelling (labels compare "
+                             "as the container compares them): with filter_by_label their yield is 0; under "
+                             "label_mode=per_label, mining those targets with label_mode=post_filter is the other way.",
+    "listing_empty": "Check that the right listing was given: an empty side embeds and mines nothing.",
 }
 
 
@@ -74,6 +76,8 @@ class Facts:
     skipped: tuple[int, int] = (0, 0)  # targets and pool rows left out while embedding
     skipped_roots: str = ""  # where those images were read from
     skipped_examples: tuple[str, ...] = ()
+    # the yield precheck: target labels (as written) no pool row carries, with their target counts
+    labels_missing_in_pool: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,28 @@ def filter_by_label_noop(f: Facts) -> Ruling | None:
                   f"Give the {sides} side a `label` column (label its rows, then add the column to its "
                   "embedding parquet by joining on `filepath`; the vectors need no re-embedding) and re-run "
                   f"mining only: {f.mine_command or 'deft-mine mine'}.")
+
+
+def labels_missing_in_pool(target_keys: Iterable[str | None], target_labels: Iterable[str | None],
+                           pool_keys: Iterable[str | None]) -> tuple[tuple[str, int], ...]:
+    """The loop's pre-mine yield precheck, decided here only: each target label key no pool row
+    carries (shown as its first spelling), with its targets counted; null labels match nothing
+    and are left to the label_null rule. Keys are the container's (engine.mining.label_keys)."""
+    pool, names, counts = set(pool_keys), {}, {}
+    for key, label in zip(target_keys, target_labels):
+        if key is not None and key not in pool:
+            name = names.setdefault(key, label)
+            counts[name] = counts.get(name, 0) + 1
+    return tuple(sorted(counts.items()))
+
+
+def label_missing_in_pool(f: Facts) -> Ruling | None:
+    """Before any embedding, in every label mode: a target label with no pool row (the report states the warning)."""
+    if not f.labels_missing_in_pool:
+        return None
+    return Ruling("label_missing_in_pool", warnings.label_missing_in_pool(
+        dict(f.labels_missing_in_pool), precheck=True, filter_by_label=f.filter_by_label), None,
+        CONTROL_ACTIONS["label_missing_in_pool"])
 
 
 def pool_exhausted(f: Facts) -> Ruling | None:
@@ -274,7 +300,8 @@ def facts_unavailable(f: Facts) -> Ruling | None:
 #: Every rule, in the order the report lists its findings; mine and preflight share the first ones
 #: (the report's own rules look at a run folder only).
 RULES: tuple[Callable[[Facts], Ruling | None], ...] = (
-    run_failed, encoder_mismatch, provenance_unknown, mined_missing, filter_by_label_noop, pool_exhausted,
+    run_failed, encoder_mismatch, provenance_unknown, mined_missing, filter_by_label_noop, label_missing_in_pool,
+    pool_exhausted,
     images_skipped, target_in_pool, distance_threshold_inert, mined_paths_missing, path_encoding, mined_schema, mined_count_differs,
     nothing_mined, facts_unavailable)
 

@@ -1,6 +1,7 @@
 """Listings: any input naming images turned into the one standard listing every step reads (its
 rows: `filepath`, then every carried column; the images root relative filepaths resolve
-against), the only reader of a raw input's `filepath`. A format is one function in FORMATS."""
+against), the only reader of a raw input's `filepath`. A format is one function in FORMATS: a
+filepath parquet, a CSV with `filepath`, and a ChangeNet CSV (told by its four columns)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from deft_mine.engine import changenet as cn
 from deft_mine.engine import tables
 from deft_mine.engine.images import resolve_image_path
+from deft_mine.errors import DeftError
+from deft_mine.schemas.inputs import ChangeNetOptions
 
 FILEPATH = "filepath"
 
@@ -29,6 +33,10 @@ class Listing:
     schema: pa.Schema
     rows: int
     table: pa.Table | None = None
+    # input rows left out before embedding (a ChangeNet row-light that resolves to no file or to
+    # several, with skip_unresolved): embedding counts them as skip reason "unresolved"
+    unresolved: int = 0
+    unresolved_examples: tuple[str, ...] = ()
 
     def batches(self, rows: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         if self.table is None:
@@ -76,12 +84,56 @@ def csv(path: Path, images_root: Path) -> Listing:
     return Listing(path, "csv", images_root, table.schema, table.num_rows, table)
 
 
-FORMATS: dict[str, Callable[[Path, Path], Listing]] = {"parquet": filepath_parquet, "csv": csv}
+def changenet(path: Path, images_root: Path, options: ChangeNetOptions | None = None) -> Listing:
+    """A ChangeNet CSV: one row per CSV row and light (row-major), `filepath` the row's image for
+    that light (resolved before any embedding; relative to images_dir when inside it), every CSV
+    column as text, then `light`, `golden_filepath` (null: no golden_path) and `csv_row` (0-based)."""
+    options = options or ChangeNetOptions()
+    layout = cn.layout_of(options, path, images_root)
+    rows = cn.read_csv(path)
+    if clash := [c for c in (FILEPATH, *cn.ADDED) if c in rows.column_names]:
+        raise DeftError("changenet_column_reserved", f"{path}: column(s) {', '.join(clash)} clash with the "
+                        "columns a ChangeNet listing adds", field="source", columns=clash,
+                        fix="rename those columns in the CSV (or drop them)")
+    found = cn.resolve_rows(rows, layout, path, options.skip_unresolved)
+    table = rows.take(pa.array(found.csv_rows, pa.int64()))
+    table = table.add_column(0, FILEPATH, pa.array(found.filepaths, pa.string()))
+    table = table.append_column("light", pa.array(found.lights, pa.string()))
+    table = table.append_column("golden_filepath", pa.array(found.goldens, pa.string()))
+    table = table.append_column("csv_row", pa.array(found.csv_rows, pa.int64()))
+    return Listing(path, "changenet", layout.images_dir, table.schema, table.num_rows, table,
+                   found.unresolved, tuple(found.examples))
 
 
-def open_listing(path: Path, field: str, images_root: Path | None = None) -> Listing:
-    """`path` as a standard listing; a file with no text `filepath` column is refused naming `field`."""
-    listing = FORMATS["csv" if tables.is_csv(path) else "parquet"](path, images_root or path.parent)
+FORMATS: dict[str, Callable[..., Listing]] = {"parquet": filepath_parquet, "csv": csv, "changenet": changenet}
+
+
+def format_of(path: Path, field: str) -> str:
+    """Which format a file is in: a CSV by its name, a ChangeNet CSV by its columns (the four, and
+    no `filepath`); one with some of ChangeNet's own columns but not all is refused, naming them."""
+    if not tables.is_csv(path):
+        return "parquet"
+    names = cn.header(path)
+    if FILEPATH in names:
+        return "csv"
+    if cn.is_changenet(names):
+        return "changenet"
+    if some := [c for c in cn.COLUMNS if c in names and c != "label"]:
+        missing = [c for c in cn.COLUMNS if c not in names]
+        raise DeftError("changenet_columns_missing", f"{field} {path} has the ChangeNet column(s) {', '.join(some)} "
+                        f"but not {', '.join(missing)} (nor a filepath column); its columns are: {', '.join(names)}",
+                        fix=f"add {', '.join(missing)} (a ChangeNet CSV has {', '.join(cn.COLUMNS)}), or give a "
+                            "filepath column", field=field, path=str(path), missing=missing, columns=names)
+    return "csv"
+
+
+def open_listing(path: Path, field: str, images_root: Path | None = None,
+                 changenet_options: ChangeNetOptions | None = None) -> Listing:
+    """`path` as a standard listing; a file with no text `filepath` column is refused naming `field`.
+    A ChangeNet CSV resolves with `changenet_options` (images_dir there wins over `images_root`)."""
+    kind = format_of(path, field)
+    root = images_root or path.parent
+    listing = changenet(path, root, changenet_options) if kind == "changenet" else FORMATS[kind](path, root)
     tables.require_columns(path, listing.schema, [FILEPATH], field)
     return listing
 

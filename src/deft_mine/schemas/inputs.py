@@ -102,6 +102,40 @@ class BackendOptions(BaseModel):
         "$RAY_ADDRESS, else a Ray started on this machine)"))] = None
 
 
+# A ChangeNet CSV as a listing (engine/changenet.py): where its rows' images are and which lights.
+ImagesDir = Annotated[str | None, Field(
+    description="ChangeNet CSV: the images root its input_path/golden_path are relative to (default: the "
+                "embedding spec's image_root, else the CSV's folder)"), PathField(), cli("--images-dir", metavar="DIR")]
+Lights = Annotated[list[str] | None, Field(
+    description="ChangeNet CSV: the lights, one listing row per CSV row and light (default: the keys of "
+                "dataset.classify.input_map in changenet_spec, else SolderLight)"),
+    cli("--light", metavar="LIGHT", repeat=True, help="ChangeNet CSV: a light (repeatable; default: the "
+        "ChangeNet spec's dataset.classify.input_map keys, else SolderLight)")]
+ImageExt = Annotated[str | None, Field(
+    description="ChangeNet CSV: the image extension, .jpg or jpg (default: changenet_spec's "
+                "dataset.classify.image_ext, else .jpg)"), cli("--image-ext", metavar="EXT")]
+ChangeNetSpec = Annotated[str | None, Field(
+    description="ChangeNet spec YAML: lights and image extension from its dataset.classify block"),
+    PathField(), cli("--changenet-spec", metavar="YAML")]
+SkipUnresolved = Annotated[bool, Field(
+    description="ChangeNet CSV: leave out the rows whose image or golden resolves to no file or to "
+                "several, counted as skip reason 'unresolved' (default: refuse them)"),
+    cli("--skip-unresolved")]
+
+
+class ChangeNetOptions(BaseModel):
+    """How a ChangeNet CSV becomes a listing: the one declaration of these options; tool inputs
+    carry the same fields flat, as they carry the backend options."""
+
+    model_config = ConfigDict(frozen=True)
+
+    images_dir: ImagesDir = None
+    lights: Lights = None
+    image_ext: ImageExt = None
+    changenet_spec: ChangeNetSpec = None
+    skip_unresolved: SkipUnresolved = False
+
+
 class ToolInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -109,6 +143,11 @@ class ToolInput(BaseModel):
         """This call's backend options (the defaults for a tool that has none of their fields)."""
         return BackendOptions(**{name: getattr(self, name) for name in BackendOptions.model_fields
                                  if name in type(self).model_fields})
+
+    def changenet_options(self) -> ChangeNetOptions:
+        """This call's ChangeNet options (the defaults for a tool that has none of their fields)."""
+        return ChangeNetOptions(**{name: getattr(self, name) for name in ChangeNetOptions.model_fields
+                                   if name in type(self).model_fields})
 
 
 class PreflightInput(ToolInput):
@@ -126,6 +165,11 @@ class PreflightInput(ToolInput):
         description="where outputs will go (docker backend: disk space, writability)"), PathField(),
         cli("--output-dir", help="where outputs will go (disk space, writability)")] = None
     store: Store = None
+    images_dir: ImagesDir = None
+    lights: Lights = None
+    image_ext: ImageExt = None
+    changenet_spec: ChangeNetSpec = None
+    skip_unresolved: SkipUnresolved = False
 
 
 class EmbedInput(ToolInput):
@@ -143,6 +187,11 @@ class EmbedInput(ToolInput):
     ray_address: RayAddress = None
     store: Store = None
     no_store: NoStore = False
+    images_dir: ImagesDir = None
+    lights: Lights = None
+    image_ext: ImageExt = None
+    changenet_spec: ChangeNetSpec = None
+    skip_unresolved: SkipUnresolved = False
 
 
 class MineInput(ToolInput):
@@ -201,6 +250,11 @@ class RunInput(ToolInput):
     ray_address: RayAddress = None
     store: Store = None
     no_store: NoStore = False
+    images_dir: ImagesDir = None
+    lights: Lights = None
+    image_ext: ImageExt = None
+    changenet_spec: ChangeNetSpec = None
+    skip_unresolved: SkipUnresolved = False
 
 
 class SelectInput(ToolInput):

@@ -10,7 +10,7 @@ WarningCode = Literal[
     # raised by the tools (preflight predicts the first five before any work)
     "filter_by_label_noop", "provenance_unknown", "pool_exhausted", "images_skipped", "target_in_pool",
     "selection_empty", "picture_failed", "store_shard_corrupt", "duplicate_paths", "zero_vectors",
-    "distance_threshold_inert", "label_null",
+    "distance_threshold_inert", "label_null", "listing_empty",
     # raised by run with a ChangeNet pool (mined_training_rows.csv)
     "training_rows_left_out", "training_rows_leaked",
     # raised by a selection against a history ledger (the DEFT loop's yield checks, the budget)
@@ -171,10 +171,31 @@ def floor_removed_all(pairs: int, key: str, floor: float, best: float) -> ToolWa
                 f"nothing was mined and the mined parquet has zero rows; loosen {key} to mine something")
 
 
-def label_missing_in_pool(missing: dict[str, int]) -> ToolWarning:
-    """label_mode=per_label: target labels no searchable pool row carries (label -> targets)."""
+def listing_empty(path: str, side: str | None = None) -> ToolWarning:
+    """A listing with no rows: a valid input, an empty answer, never a silent one."""
+    return ToolWarning(code="listing_empty", fields=["filepath"], details={"path": path, **({"side": side} if side else {})},
+                       message=(f"{side}: " if side else "") + f"{path} lists no rows (0 rows): nothing from it is "
+                               "embedded or mined; check that the right file was given")
+
+
+def label_missing_in_pool(missing: dict[str, int], *, precheck: bool = False,
+                          filter_by_label: bool | None = None) -> ToolWarning:
+    """Target labels no pool row carries (label -> targets): label_mode=per_label's, from the rows
+    searched; or (`precheck`) the loop's pre-mine yield precheck, from the listings, in any mode."""
     labels = sorted(missing)
     shown = ", ".join(repr(x) for x in labels[:10]) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "")
+    if precheck:
+        counts = ", ".join(f"{label!r}: {missing[label]}" for label in labels[:10])
+        return ToolWarning(
+            code="label_missing_in_pool", fields=["label", "filter_by_label"],
+            details={"labels": labels, "targets_per_label": dict(sorted(missing.items())), "precheck": True,
+                     "filter_by_label": filter_by_label},
+            message=f"pre-mine precheck: {len(labels)} target label(s) have 0 candidates in the pool (targets per "
+                    f"label: {counts}{' …' if len(labels) > 10 else ''}): with filter_by_label=true their yield "
+                    "is guaranteed 0 regardless of similarity"
+                    + (" (this run filters by label)" if filter_by_label else
+                       "; without the filter k-NN may still pull look-alikes labelled otherwise")
+                    + "; grow the pool with rows of those labels, or check their spelling")
     return ToolWarning(
         code="label_missing_in_pool", fields=["label", "label_mode"],
         details={"labels": labels, "targets_per_label": dict(sorted(missing.items()))},

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from deft_mine.backends import Backend, resolve
 from deft_mine.backends.base import BackendEmbed
+from deft_mine.engine import changenet as cn
 from deft_mine.engine.listings import Listing, open_listing
 from deft_mine.errors import DeftError
 from deft_mine.schemas import warnings
-from deft_mine.schemas.inputs import EmbedInput
+from deft_mine.schemas.inputs import ChangeNetOptions, EmbedInput
 from deft_mine.schemas.results import EmbedResult
 from deft_mine.schemas.specs import EmbeddingSpec
 from deft_mine.tools._common import distinct_output, existing_input, required_path, spec_with_paths
@@ -19,18 +20,20 @@ from deft_mine.tools.registry import Tool, ToolContext, register
 
 def embed_images(inputs: EmbedInput, ctx: ToolContext) -> EmbedResult:
     """Embed the images a parquet/CSV lists into an embedding parquet (filepath, embedding,
-    every input column carried). The first embed of a session fixes its encoder; a
+    every input column carried; a ChangeNet CSV gives one row per row and light). The first embed of a session fixes its encoder; a
     different model/model_path/model_config_path later is refused (encoder_mismatch).
     Unreadable images are skipped and reported (images_skipped). Streams progress."""
     spec = spec_with_paths(EmbeddingSpec, inputs.spec_path, inputs.overrides,
                            input_parquet=inputs.input_parquet, output_parquet=inputs.output_parquet)
-    return embed_spec(spec, resolve(inputs.backend_options()), ctx.store_for(inputs.store, inputs.no_store), ctx)
+    return embed_spec(spec, resolve(inputs.backend_options()), ctx.store_for(inputs.store, inputs.no_store), ctx,
+                      changenet=inputs.changenet_options())
 
 
 def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: ToolContext,
-               listing: Listing | None = None) -> EmbedResult:
+               listing: Listing | None = None, changenet: ChangeNetOptions | None = None) -> EmbedResult:
     """Embed with an already-resolved spec and backend (what `run` calls for each side, with the
-    side's listing already read and checked against the roots), reusing and filling `store` (None: off)."""
+    side's listing already read and checked against the roots), reusing and filling `store` (None: off).
+    `changenet`: how a ChangeNet CSV resolves, when the listing is read here."""
     ctx.check_paths(spec)
     source = existing_input(spec, "input_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source)
@@ -39,7 +42,9 @@ def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: T
         raise DeftError("file_not_found", f"image_root {image_root} is not a folder", field="image_root",
                         fix="name the folder the listing's relative filepaths resolve against", path=str(image_root))
     if listing is None:
-        listing = open_listing(source, "input_parquet", image_root)
+        changenet = changenet or ChangeNetOptions()
+        cn.check_images_dir(changenet, spec.image_root)
+        listing = open_listing(source, "input_parquet", image_root, changenet)
         if ctx.policy is not None:
             ctx.policy.check_listing(listing)
     if spec.is_tao_checkpoint and not backend.capabilities.runs_tao_checkpoints:
@@ -50,11 +55,23 @@ def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: T
         done = _result(backend.embed(spec, listing, output, ctx.events, store), output, backend.name, store)
         if ctx.lock is not None:
             ctx.lock.record(done.encoder, key)
+    _count_unresolved(done, listing)
     done.warnings = [warnings.store_shard_corrupt(done.store, done.corrupt_shards)] if done.corrupt_shards else []
+    if not listing.rows and not listing.unresolved:
+        done.warnings.append(warnings.listing_empty(str(source)))
     if done.skipped_by_reason:
         done.warnings.append(warnings.images_skipped(str(source), done.input_rows, done.skipped_by_reason,
-                                                     done.skipped_examples, str(image_root)))
+                                                     done.skipped_examples, str(listing.images_root)))
     return done
+
+
+def _count_unresolved(done: EmbedResult, listing: Listing) -> None:
+    """Rows the listing left out before embedding (skip_unresolved) are input rows skipped, like any."""
+    if listing.unresolved:
+        done.input_rows += listing.unresolved
+        done.skipped += listing.unresolved
+        done.skipped_by_reason = {**done.skipped_by_reason, "unresolved": listing.unresolved}
+        done.skipped_examples = [*listing.unresolved_examples[:5], *done.skipped_examples]
 
 
 def _result(done: BackendEmbed, output: Path, backend: str, store: Path | None) -> EmbedResult:

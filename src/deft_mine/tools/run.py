@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 from deft_mine import __version__
 from deft_mine.backends import resolve
+from deft_mine.engine import changenet as cn
 from deft_mine.engine import ledger as ledgers
 from deft_mine.engine import tables
 from deft_mine.engine import training_rows
@@ -30,6 +31,7 @@ from deft_mine.schemas.warnings import ToolWarning
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec, spec_to_yaml, split_overrides
 from deft_mine.tools.embed import embed_spec
 from deft_mine.tools.mine import mine_spec
+from deft_mine.tools.preflight import label_precheck
 from deft_mine.tools.registry import Tool, ToolContext, register
 from deft_mine.tools.select import check_history, history_facts, select_new
 
@@ -148,7 +150,10 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     backend = resolve(inputs.backend_options())
     # Each side's listing, read once: checked at the door, described in run.json, and kept in the
     # run folder, where every later step reads it.
-    given = {name: open_listing(path, name, embedding.images_root(path)) for name, path in paths.items()}
+    # A ChangeNet CSV is resolved here, row by row and light by light, before anything is embedded.
+    changenet = inputs.changenet_options()
+    cn.check_images_dir(changenet, embedding.image_root)
+    given = {name: open_listing(path, name, embedding.images_root(path), changenet) for name, path in paths.items()}
     if ctx.policy is not None:
         for listing in given.values():
             ctx.policy.check_listing(listing)
@@ -156,6 +161,9 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     if inputs.history is not None:  # a bad budget or a damaged ledger costs no embedding
         check_history(Path(inputs.history).expanduser().absolute(), inputs.ledger_format,
                       inputs.max_cumulative_fraction, given["source"].rows)
+    prechecked = label_precheck(given, mining.filter_by_label)  # the loop's yield precheck, before embedding
+    for warning in prechecked:
+        ctx.events.log("warning", warning.message)
     folder = RunFolder.make(inputs.output_dir, inputs.run_dir, history=inputs.history is not None)
     ctx.events.log("info", f"run folder {folder.path}")
     mining = mining.model_copy(update={"source_parquet": str(folder.embeddings["source"]),
@@ -175,8 +183,12 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         mine_result = mine_spec(mining, backend, ctx.stage("mine"), pairs_path=folder.pairs, loop_files=True)
         selected = None if inputs.history is None else _select(inputs, folder, mining, sides["source"], ctx)
         training, training_warnings = _training_rows(inputs, folder, sides["source"], validation)
-        manifest.warnings = [*(w.for_side("targets") for w in tgt.warnings), *(w.for_side("source") for w in src.warnings),
-                             *mine_result.warnings, *(selected.warnings if selected else []), *training_warnings]
+        mined_warnings = mine_result.warnings
+        if any(w.code == "label_missing_in_pool" for w in mined_warnings):  # per_label's, from the rows searched
+            prechecked = [w for w in prechecked if w.code != "label_missing_in_pool"]
+        manifest.warnings = [*prechecked, *(w.for_side("targets") for w in tgt.warnings),
+                             *(w.for_side("source") for w in src.warnings),
+                             *mined_warnings, *(selected.warnings if selected else []), *training_warnings]
         manifest.timings = {"embed_targets": tgt.timings["total"], "embed_source": src.timings["total"],
                             "mine": mine_result.timings["total"], "total": time.perf_counter() - started}
         _record_results(manifest, folder, tgt, src, mine_result, selected)
