@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -78,10 +79,8 @@ class _ClientEvents:
         self._last_value = -1  # the progress last sent: the first report (0) goes out, repeats do not
 
     def _send(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the client went away; the work itself must not fail for that
             anyio.from_thread.run(functools.partial(fn, *args, **kwargs))
-        except Exception:  # the client went away; the work itself must not fail for that
-            pass
 
     def progress(self, stage: str, done: int, total: int | None, note: str = "") -> None:
         if self.cancelled.is_set():
@@ -109,10 +108,9 @@ class _ClientEvents:
 
 
 class _Server(MCPServer):
-    """The SDK's server, answering three mistakes as the MCP specification (2025-11-25) asks: an
-    unknown tool is a JSON-RPC error (-32602), and arguments that fail the input schema are an
-    isError result carrying our error model (`invalid_arguments`, the field, a fix); an unknown
-    prompt, or one missing a required argument, is -32602 too (the SDK answers code 0)."""
+    """The SDK's server, answering as the MCP specification (2025-11-25) asks: an unknown tool or prompt,
+    or a prompt missing a required argument, is JSON-RPC error -32602 (the SDK answers code 0); arguments
+    that fail the input schema are an isError result in our error model (`invalid_arguments`, the field, a fix)."""
 
     async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None, context: Any = None) -> Any:
         prompt = self._prompt_manager.get_prompt(name)
@@ -193,9 +191,8 @@ class _Session:
 
 
 def build_server(roots: list[str | Path] | None = None, store: str | Path | None = None) -> MCPServer:
-    """A server that reads and writes only under `roots` (default: the working directory)
-    plus the roots each client announces, and keeps embeddings in `store` (default: the
-    user's: $DEFT_MINE_STORE, else the cache folder), wherever it lies."""
+    """A server that reads and writes only under `roots` (default: the working directory) plus the roots
+    each client announces, keeping embeddings in `store` (default: default_location()), wherever it lies."""
     server_roots = [Path(r).expanduser().resolve() for r in (roots or [Path.cwd()])]
     server_store = Path(store).expanduser().absolute() if store else default_location()
     sessions: "weakref.WeakKeyDictionary[Any, _Session]" = weakref.WeakKeyDictionary()
@@ -228,17 +225,14 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
 
     async def policy(ctx: Context) -> PathPolicy:
         extra: list[Path] = []
-        caps = ctx.client_capabilities
-        if caps is not None and getattr(caps, "roots", None) is not None:
-            try:
+        if getattr(ctx.client_capabilities, "roots", None) is not None:
+            with contextlib.suppress(Exception):  # a client that cannot answer keeps the server's own roots
                 # roots are deprecated in the newest protocol; the handshake era's clients still send them
                 with anyio.fail_after(5), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     listed = await ctx.session.list_roots()
                 extra = [Path(unquote(urlparse(str(r.uri)).path)) for r in listed.roots
                          if str(r.uri).startswith("file://")]
-            except Exception:  # a client that cannot answer keeps the server's own roots
-                extra = []
         return PathPolicy([*server_roots, *extra])
 
     threads = anyio.CapacityLimiter(TOOL_THREADS)
