@@ -35,10 +35,6 @@ _SKIPPED_EXAMPLES = 5
 _ROW_GROUP_BYTES = 32 << 20
 
 
-def _rows_per_group(dim: int) -> int:
-    return max(1024, _ROW_GROUP_BYTES // max(4 * dim, 1))
-
-
 @dataclass
 class BatchOutcome:
     """What one batch step did: rows in and written, vectors reused and made, unreadable images."""
@@ -210,7 +206,7 @@ def embedding_step(listing: Listing, output_path: Path, encoder: Encoder, shelf:
         shelf.load_index()
     held = shelf.digests() if shelf is not None else np.zeros(0, "S32")
     with tables.atomic_output(output_path) as tmp, \
-            RowGroupWriter(tmp, schema, _rows_per_group(encoder.dim)) as writer:
+            RowGroupWriter(tmp, schema, max(1024, _ROW_GROUP_BYTES // max(4 * encoder.dim, 1))) as writer:
         yield Step(encoder, shelf, Preparer(listing.images_root, held, encoder.preprocess), events, schema, writer,
                    stats)
     if shelf is not None:
