@@ -1,5 +1,4 @@
-"""Preflight for the ray backend, asked of every node: the versions that must match the driver's,
-and the files the work will read and write."""
+"""Preflight for the ray backend, asked of every node: the driver's versions, the files the work reads and writes."""
 
 from __future__ import annotations
 
