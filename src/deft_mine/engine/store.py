@@ -216,10 +216,8 @@ class Shelf:
         which lookups tolerate."""
         parts, merged_paths = [], []
         for path in self.written:
-            try:
+            with contextlib.suppress(pa.ArrowException, OSError):
                 parts.append((path, pq.read_table(path, page_checksum_verification=True)))
-            except (pa.ArrowException, OSError):
-                continue
         if len(parts) < 2:
             return
         rows = sum(t.num_rows for _, t in parts)
@@ -264,11 +262,9 @@ def describe(root: Path) -> list[StoreShelf]:
             identity = None
         rows, stats = 0, []
         for path in _shards(folder):
-            try:
+            with contextlib.suppress(pa.ArrowException, OSError):
                 rows += pq.ParquetFile(path).metadata.num_rows
                 stats.append(path.stat())
-            except (pa.ArrowException, OSError):
-                pass
         sizes = [st.st_size for p in folder.iterdir() if (st := _stat(p)) is not None]
         out.append(StoreShelf(
             fingerprint=folder.name, model=identity and identity.model, model_path=identity and identity.model_path,

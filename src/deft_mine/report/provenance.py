@@ -41,9 +41,8 @@ class Invocation:
 
 
 class SessionLog:
-    """The tool calls of one MCP session, one line each as they finish; every run folder the
-    session wrote a report into gets the lines from then on (appended: a reviewer replays the
-    agent's calls in order)."""
+    """The tool calls of one MCP session, one line each as they finish, appended from then on to every run
+    folder the session wrote a report into (a reviewer replays the agent's calls in order)."""
 
     def __init__(self) -> None:
         self.lines: list[dict[str, Any]] = []
