@@ -60,8 +60,7 @@ TOOL_THREADS = 32
 MAX_HTTP_SESSIONS = 1024
 log = logging.getLogger("deft_mine.server")
 #: MCP log levels, least severe first (RFC 5424, as the specification orders them).
-LOG_LEVELS: tuple[LoggingLevel, ...] = ("debug", "info", "notice", "warning", "error", "critical", "alert",
-                                        "emergency")
+LOG_LEVELS: tuple[LoggingLevel, ...] = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 
 
 class _ClientEvents:
@@ -89,9 +88,8 @@ class _ClientEvents:
         self._overall += max(0, done - self._stage_done.get(stage, 0))
         self._stage_done[stage] = done
         now = time.monotonic()
-        if self._overall <= self._last_value:  # a report that nothing moved (a wait's cancel check)
-            return
-        if done != total and now - self._last_sent < self._MIN_INTERVAL:
+        # Not sent: a report that nothing moved (a wait's cancel check), or one too soon after the last.
+        if self._overall <= self._last_value or (done != total and now - self._last_sent < self._MIN_INTERVAL):
             return
         self._last_sent, self._last_value = now, self._overall
         overall_total = total if len(self._stage_done) == 1 else None
@@ -102,8 +100,7 @@ class _ClientEvents:
         level = level if level in LOG_LEVELS else "info"
         if not self.session.wants(level):
             return
-        with warnings.catch_warnings():  # logging is deprecated in the newest protocol, still useful
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):  # logging is deprecated in the newest protocol, still useful
             self._send(self.ctx.log, level, message, logger_name="deft-mine")
 
 
@@ -228,8 +225,7 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
         if getattr(ctx.client_capabilities, "roots", None) is not None:
             with contextlib.suppress(Exception):  # a client that cannot answer keeps the server's own roots
                 # roots are deprecated in the newest protocol; the handshake era's clients still send them
-                with anyio.fail_after(5), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                with anyio.fail_after(5), warnings.catch_warnings(action="ignore"):
                     listed = await ctx.session.list_roots()
                 extra = [Path(unquote(urlparse(str(r.uri)).path)) for r in listed.roots
                          if str(r.uri).startswith("file://")]

@@ -210,10 +210,9 @@ class Shelf:
         return path
 
     def compact(self) -> None:
-        """Merge the shards this process wrote into large ones (then remove the small ones): a
-        store read in a few files, not one per batch. Whatever goes wrong (a shard pruned
-        meanwhile, a full disk), the small shards stay; a crash midway leaves duplicates,
-        which lookups tolerate."""
+        """Merge the shards this process wrote into large ones, then remove the small ones: a store read
+        in a few files, not one per batch. Whatever goes wrong (a shard pruned meanwhile, a full disk),
+        the small shards stay; a crash midway leaves duplicates, which lookups tolerate."""
         parts, merged_paths = [], []
         for path in self.written:
             with contextlib.suppress(pa.ArrowException, OSError):
