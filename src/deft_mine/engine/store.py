@@ -88,8 +88,9 @@ class Shelf:
 
     # ---------------------------------------------------------------- finding
 
-    def load_index(self) -> None:
-        """Read the digest column of every shard (their footers say the rest)."""
+    def load_index(self) -> np.ndarray:
+        """Read the digest column of every shard (their footers say the rest); return all digests, sorted
+        ("S32"): a snapshot, what a worker elsewhere needs to tell a stored image from a new one."""
         digests, shard_of, row_of = [], [], []
         for path in _shards(self.folder):
             try:
@@ -114,10 +115,6 @@ class Shelf:
             order = np.argsort(flat, kind="stable")  # among equal digests, the older shard first
             self._sorted = flat[order]
             self._shard_of, self._row_of = np.concatenate(shard_of)[order], np.concatenate(row_of)[order]
-
-    def digests(self) -> np.ndarray:
-        """Every digest the index holds, sorted ("S32"): what a worker elsewhere needs to tell
-        a stored image from a new one (a snapshot; it does not change under the caller)."""
         return self._sorted
 
     def find(self, digests: list[bytes | None]) -> np.ndarray:
