@@ -53,9 +53,8 @@ pitfalls and the report."""
 
 _SESSIONLESS_PROTOCOL = "2026-07-28"  # the protocol revision that dropped sessions
 ERROR_META_KEY = "io.github.deft-mine/error"
-#: Tool calls run on threads of their own: on the default pool (40) they starved the transport,
-#: whose stdio reads and writes need a thread too: 40 calls reporting progress at once hung the
-#: server. Calls beyond this wait (cancellable) for a thread.
+#: Tool calls run on threads of their own: on the default pool (40) they starved the transport, whose stdio
+#: needs a thread too (40 calls reporting progress hung the server). More calls wait, cancellably, for a thread.
 TOOL_THREADS = 32
 MAX_HTTP_SESSIONS = 1024
 log = logging.getLogger("deft_mine.server")
@@ -73,8 +72,7 @@ class _ClientEvents:
         self.session = session  # read at each line: a logging/setLevel mid-call applies at once
         self.cancelled = threading.Event()
         self._stage_done: dict[str, int] = {}
-        self._overall = 0
-        self._last_sent = 0.0
+        self._overall, self._last_sent = 0, 0.0
         self._last_value = -1  # the progress last sent: the first report (0) goes out, repeats do not
 
     def _send(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -266,9 +264,8 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
         session_of(ctx).log_level = params.level
         return EmptyResult()
 
-    # Declares the logging capability (we send log notifications) for the handshake era, whose
-    # clients choose the least severe level they want; registered on the low-level server
-    # because MCPServer has no setting for it.
+    # Declares the logging capability (we send log notifications) for the handshake era, whose clients
+    # choose the least severe level they want; on the low-level server: MCPServer has no setting for it.
     mcp._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
 
     for prompt, title in prompts.PROMPTS.items():

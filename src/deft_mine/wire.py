@@ -1,5 +1,4 @@
-"""What the SDK's transports leave to us: stdio lines bounded in size, the JSON-RPC answer the
-specification gives to every unreadable message (stdio and HTTP), and the HTTP bearer token."""
+"""What the SDK's transports leave to us: bounded stdio lines, spec answers to unreadable messages, bearer tokens."""
 
 from __future__ import annotations
 

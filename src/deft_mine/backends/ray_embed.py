@@ -52,9 +52,8 @@ def plan_pool(cpus: float, gpus: float, use_gpu: bool, actors: int | None = None
     if cpus >= 2:
         count = max(1, min(actors or int(cpus) // 2, int(cpus) - 1))
         return PoolPlan(count, 1.0, 0.0, READ_CPUS)
-    # Under two CPUs, an actor holding any share of the CPU starves Ray Data's own one-CPU tasks
-    # (the parquet read, the repartition) and nothing moves: the actor holds none (it still runs,
-    # on the CPU the reads leave between them).
+    # Under two CPUs, an actor holding any share of the CPU starves Ray Data's own one-CPU tasks (the parquet
+    # read, the repartition): the actor holds none (it still runs, on the CPU the reads leave between them).
     return PoolPlan(1, 0.0, 0.0, min(READ_CPUS, cpus))
 
 
@@ -100,9 +99,8 @@ def prepared(got: pa.Table) -> Prepared:
 
 
 def listing_blocks(rows: int, batch_size: int, actors: int) -> int:
-    """How many blocks the listing is cut into. Ray Data hands each actor whole blocks, so a
-    listing read as one block (one row group) would keep every actor but one idle: four blocks
-    per actor at least, none over eight batches."""
+    """Blocks to cut the listing into: Ray Data hands each actor whole blocks, so a listing read as one
+    block (one row group) would keep every actor but one idle. Four per actor at least, none over 8 batches."""
     per_block = max(batch_size, min(rows // max(1, 4 * actors), 8 * batch_size))
     return max(1, -(-rows // per_block))
 

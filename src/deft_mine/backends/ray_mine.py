@@ -1,5 +1,4 @@
-"""Exact mining on Ray: engine/mining.py's steps with the search spread out — one task per pool
-shard finds every target's top-n within it, the driver merges the shards with the same tie rule."""
+"""Exact mining on Ray: engine/mining.py's steps, the search one task per pool shard, merged by the same tie rule."""
 
 from __future__ import annotations
 

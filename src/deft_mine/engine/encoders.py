@@ -16,9 +16,8 @@ from deft_mine.schemas.specs import DEFAULT_POOLINGS, MODEL_POOLINGS
 
 THUMBNAIL_SIDE = 16
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5"}
-# Which transformers model_type each `model` value accepts: a SigLIP spec pointed at a CLIP
-# folder is exactly the silent "mined images look unrelated" failure, so it is refused. `hf`
-# takes any vision model (None: no check of the type).
+# Which transformers model_type each `model` value accepts: a SigLIP spec pointed at a CLIP folder is the
+# silent "mined images look unrelated" failure, so it is refused. `hf` takes any vision model (None).
 HF_MODEL_TYPES: dict[str, set[str] | None] = {
     "SigLIP": {"siglip", "siglip2"}, "CLIP": {"clip"},
     "DINOv2": {"dinov2", "dinov2_with_registers"}, "hf": None}

@@ -107,9 +107,8 @@ class RunningTopK:
 
 
 class GroupedTopK:
-    """A running top-k per group (label_mode=per_label): each query is searched only among the
-    pool rows of its own group, one RunningTopK per group, so the work is one search per group
-    and block, never one per query. Group -1 (a null label) searches nothing and finds nothing."""
+    """A running top-k per group (label_mode=per_label): each query is searched only among its own group's
+    pool rows, one search per group and block, never one per query. Group -1 (a null label) finds nothing."""
 
     def __init__(self, queries: np.ndarray, query_groups: np.ndarray, k: int, metric: Metric) -> None:
         self.k, self.total = k, len(queries)

@@ -1,5 +1,4 @@
-"""A run's provenance beside its report: the specs as resolved, versions, device, the call that
-made the run, and the calls of the session that led to it (`mining_config/`, `session.jsonl`)."""
+"""A run's provenance (`mining_config/`, `session.jsonl`): resolved specs, versions, device, the calls behind it."""
 
 from __future__ import annotations
 
@@ -82,9 +81,8 @@ def call_line(invocation: Invocation, outcome: str, code: str | None = None, war
 
 def write_provenance(folder: Path, manifest: RunManifest | None, invocation: Invocation | None,
                      session: SessionLog | None, producing: bool) -> list[str]:
-    """Write mining_config/ and session.jsonl into a run folder; return what was unavailable.
-    `producing`: this call made the run (else a later `report`, which adds what it can but
-    never rewrites what the run recorded)."""
+    """Write mining_config/ and session.jsonl into a run folder; return what was unavailable. `producing`:
+    this call made the run (else a later `report`, adding what it can, never rewriting what the run recorded)."""
     config = folder / artifacts.MINING_CONFIG
     for name in (artifacts.MINING_CONFIG, artifacts.SESSION_LOG):
         if (folder / name).is_symlink():  # writing through it would land wherever it points
