@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -52,15 +53,13 @@ pitfalls and the report."""
 
 _SESSIONLESS_PROTOCOL = "2026-07-28"  # the protocol revision that dropped sessions
 ERROR_META_KEY = "io.github.deft-mine/error"
-#: Tool calls run on threads of their own: on the default pool (40) they starved the transport,
-#: whose stdio reads and writes need a thread too: 40 calls reporting progress at once hung the
-#: server. Calls beyond this wait (cancellable) for a thread.
+#: Tool calls run on threads of their own: on the default pool (40) they starved the transport, whose stdio
+#: needs a thread too (40 calls reporting progress hung the server). More calls wait, cancellably, for a thread.
 TOOL_THREADS = 32
 MAX_HTTP_SESSIONS = 1024
 log = logging.getLogger("deft_mine.server")
 #: MCP log levels, least severe first (RFC 5424, as the specification orders them).
-LOG_LEVELS: tuple[LoggingLevel, ...] = ("debug", "info", "notice", "warning", "error", "critical", "alert",
-                                        "emergency")
+LOG_LEVELS: tuple[LoggingLevel, ...] = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 
 
 class _ClientEvents:
@@ -73,15 +72,12 @@ class _ClientEvents:
         self.session = session  # read at each line: a logging/setLevel mid-call applies at once
         self.cancelled = threading.Event()
         self._stage_done: dict[str, int] = {}
-        self._overall = 0
-        self._last_sent = 0.0
+        self._overall, self._last_sent = 0, 0.0
         self._last_value = -1  # the progress last sent: the first report (0) goes out, repeats do not
 
     def _send(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the client went away; the work itself must not fail for that
             anyio.from_thread.run(functools.partial(fn, *args, **kwargs))
-        except Exception:  # the client went away; the work itself must not fail for that
-            pass
 
     def progress(self, stage: str, done: int, total: int | None, note: str = "") -> None:
         if self.cancelled.is_set():
@@ -90,9 +86,8 @@ class _ClientEvents:
         self._overall += max(0, done - self._stage_done.get(stage, 0))
         self._stage_done[stage] = done
         now = time.monotonic()
-        if self._overall <= self._last_value:  # a report that nothing moved (a wait's cancel check)
-            return
-        if done != total and now - self._last_sent < self._MIN_INTERVAL:
+        # Not sent: a report that nothing moved (a wait's cancel check), or one too soon after the last.
+        if self._overall <= self._last_value or (done != total and now - self._last_sent < self._MIN_INTERVAL):
             return
         self._last_sent, self._last_value = now, self._overall
         overall_total = total if len(self._stage_done) == 1 else None
@@ -103,16 +98,14 @@ class _ClientEvents:
         level = level if level in LOG_LEVELS else "info"
         if not self.session.wants(level):
             return
-        with warnings.catch_warnings():  # logging is deprecated in the newest protocol, still useful
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):  # logging is deprecated in the newest protocol, still useful
             self._send(self.ctx.log, level, message, logger_name="deft-mine")
 
 
 class _Server(MCPServer):
-    """The SDK's server, answering three mistakes as the MCP specification (2025-11-25) asks: an
-    unknown tool is a JSON-RPC error (-32602), and arguments that fail the input schema are an
-    isError result carrying our error model (`invalid_arguments`, the field, a fix); an unknown
-    prompt, or one missing a required argument, is -32602 too (the SDK answers code 0)."""
+    """The SDK's server, answering as the MCP specification (2025-11-25) asks: an unknown tool or prompt,
+    or a prompt missing a required argument, is JSON-RPC error -32602 (the SDK answers code 0); arguments
+    that fail the input schema are an isError result in our error model (`invalid_arguments`, the field, a fix)."""
 
     async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None, context: Any = None) -> Any:
         prompt = self._prompt_manager.get_prompt(name)
@@ -193,9 +186,8 @@ class _Session:
 
 
 def build_server(roots: list[str | Path] | None = None, store: str | Path | None = None) -> MCPServer:
-    """A server that reads and writes only under `roots` (default: the working directory)
-    plus the roots each client announces, and keeps embeddings in `store` (default: the
-    user's: $DEFT_MINE_STORE, else the cache folder), wherever it lies."""
+    """A server that reads and writes only under `roots` (default: the working directory) plus the roots
+    each client announces, keeping embeddings in `store` (default: default_location()), wherever it lies."""
     server_roots = [Path(r).expanduser().resolve() for r in (roots or [Path.cwd()])]
     server_store = Path(store).expanduser().absolute() if store else default_location()
     sessions: "weakref.WeakKeyDictionary[Any, _Session]" = weakref.WeakKeyDictionary()
@@ -228,17 +220,13 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
 
     async def policy(ctx: Context) -> PathPolicy:
         extra: list[Path] = []
-        caps = ctx.client_capabilities
-        if caps is not None and getattr(caps, "roots", None) is not None:
-            try:
+        if getattr(ctx.client_capabilities, "roots", None) is not None:
+            with contextlib.suppress(Exception):  # a client that cannot answer keeps the server's own roots
                 # roots are deprecated in the newest protocol; the handshake era's clients still send them
-                with anyio.fail_after(5), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                with anyio.fail_after(5), warnings.catch_warnings(action="ignore"):
                     listed = await ctx.session.list_roots()
                 extra = [Path(unquote(urlparse(str(r.uri)).path)) for r in listed.roots
                          if str(r.uri).startswith("file://")]
-            except Exception:  # a client that cannot answer keeps the server's own roots
-                extra = []
         return PathPolicy([*server_roots, *extra])
 
     threads = anyio.CapacityLimiter(TOOL_THREADS)
@@ -276,9 +264,8 @@ def build_server(roots: list[str | Path] | None = None, store: str | Path | None
         session_of(ctx).log_level = params.level
         return EmptyResult()
 
-    # Declares the logging capability (we send log notifications) for the handshake era, whose
-    # clients choose the least severe level they want; registered on the low-level server
-    # because MCPServer has no setting for it.
+    # Declares the logging capability (we send log notifications) for the handshake era, whose clients
+    # choose the least severe level they want; on the low-level server: MCPServer has no setting for it.
     mcp._lowlevel_server.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
 
     for prompt, title in prompts.PROMPTS.items():

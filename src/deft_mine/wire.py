@@ -1,5 +1,4 @@
-"""What the SDK's transports leave to us: stdio lines bounded in size, the JSON-RPC answer the
-specification gives to every unreadable message (stdio and HTTP), and the HTTP bearer token."""
+"""What the SDK's transports leave to us: bounded stdio lines, spec answers to unreadable messages, bearer tokens."""
 
 from __future__ import annotations
 
@@ -109,8 +108,7 @@ class SpecErrors:
                 return
             start = held.pop()
             # Only a body sent whole is judged and replaced; a streamed one passes as it is.
-            whole = not message.get("more_body", False)
-            body = _spec_body(start["status"], message.get("body", b"")) if whole else None
+            body = None if message.get("more_body", False) else _spec_body(start["status"], message.get("body", b""))
             if body is not None:
                 headers = [(k, v) for k, v in start["headers"] if k.lower() not in (b"content-length", b"content-type")]
                 start = {**start, "headers": [*headers, (b"content-type", b"application/json"),

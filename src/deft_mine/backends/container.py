@@ -169,8 +169,7 @@ def _lines(chunks: Any) -> Iterator[str]:
 
 
 def _forward(line: str, events: Events) -> None:
-    match = _PROGRESS.match(line.strip())
-    if match:
+    if match := _PROGRESS.match(line.strip()):
         total = None if match["total"] == "?" else int(match["total"])
         events.progress(match["stage"], int(match["done"]), total)  # raises when cancelled
         return

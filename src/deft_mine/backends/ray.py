@@ -1,5 +1,4 @@
-"""The Ray backend: embedding on Ray Data (read tasks, an encoder actor pool), exact mining as Ray
-tasks over pool shards; the answer is the local backend's."""
+"""The Ray backend: embedding on Ray Data, exact mining as Ray tasks over pool shards; the local backend's answer."""
 
 from __future__ import annotations
 
@@ -123,8 +122,7 @@ def connect(address: str | None) -> Any:
         if wanted == "local":  # a fresh Ray of our own, never one another process started here
             kwargs |= {"num_cpus": min(LOCAL_MAX_CPUS, os.cpu_count() or 1), "include_dashboard": False}
         failure: list[BaseException] = []
-        ready = threading.Event()
-        release = threading.Event()
+        ready, release = threading.Event(), threading.Event()
 
         def keep() -> None:
             # Ray ties the processes it starts to the life of the *thread* that started them
@@ -283,9 +281,8 @@ class RayBackend:
                          None if cpus >= 1 else "add a node with CPUs to the cluster")], []
 
     def check_nodes(self, samples: list[Path], output_dir: Path) -> list[Check]:
-        """Preflight from every node of the cluster: the same versions as this driver, the
-        sample images readable, the output folder writable (nothing when it is unreachable:
-        check() said so)."""
+        """Preflight from every node: the driver's versions, the sample images readable, the output
+        folder writable (nothing when the cluster is unreachable: check() said so)."""
         from deft_mine.backends.ray_check import node_checks
 
         try:

@@ -1,5 +1,4 @@
-"""Preflight for the ray backend, asked of every node: the versions that must match the driver's,
-and the files the work will read and write."""
+"""Preflight for the ray backend, asked of every node: the driver's versions, the files the work reads and writes."""
 
 from __future__ import annotations
 
@@ -47,6 +46,11 @@ def _versions(found: dict[str, Any]) -> str:
     return f"Ray {found['ray']}, Python {found['python']}, deft-mine {found['deft_mine']}"
 
 
+def _verdict(name: str, failures: list[str], passed: str, fix: str) -> Check:
+    """Failed, naming every failure, with its `fix`; else passed, saying `passed`."""
+    return Check.of(name, "fail" if failures else "ok", "; ".join(failures) or passed, fix if failures else None)
+
+
 def node_checks(ray: Any, samples: list[Path], output_dir: Path) -> list[Check]:
     """One probe task pinned to each alive node (no CPU asked, so a busy cluster answers too)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -65,26 +69,18 @@ def node_checks(ray: Any, samples: list[Path], output_dir: Path) -> list[Check]:
         names = ", ".join(f"{refs[r]['NodeManagerAddress']} {refs[r]['NodeID'][:8]}" for r in late)
         checks.append(Check.of("ray nodes", "fail", f"{len(late)} of {len(nodes)} node(s) did not answer a probe "
                                f"within {PROBE_SECONDS:.0f}s: {names}", "check those nodes (ray status)"))
-    differ = {node: found for node, found in answers.items()
-              if any(found[key] != here[key] for key in here)}
-    checks.append(Check.of(
-        "ray versions", "fail" if differ else "ok",
-        f"this driver: {_versions(here)}" + "".join(f"; node {node}: {_versions(f)}" for node, f in differ.items())
-        if differ else f"{len(answers)} node(s) run {_versions(here)}, as this driver does",
-        f"install Python {here['python']}, ray=={here['ray']} and deft-mine {here['deft_mine']} on every node "
-        "(or run the driver with the cluster's versions)" if differ else None))
-    unreadable = {node: found["unreadable"] for node, found in answers.items() if found["unreadable"]}
-    checks.append(Check.of(
-        "node reads", "fail" if unreadable else "ok",
-        "; ".join(f"node {node} cannot read {len(bad)} of {len(samples)} sample image(s), e.g. {bad[0]}"
-                  for node, bad in unreadable.items()) if unreadable else
-        f"{len(answers)} node(s) read all {len(samples)} sample image(s)" if samples else
-        "no inputs given: no sample images read (give --targets/--source to check them)",
-        SHARED_FS_FIX if unreadable else None))
-    unwritable = {node: found["write_error"] for node, found in answers.items() if found["write_error"]}
-    checks.append(Check.of(
-        "node writes", "fail" if unwritable else "ok",
-        "; ".join(f"node {node} cannot write to {why}" for node, why in unwritable.items()) if unwritable else
-        f"{len(answers)} node(s) can write under {output_dir}",
-        SHARED_FS_FIX if unwritable else None))
-    return checks
+    differ = [f"node {node}: {_versions(found)}" for node, found in answers.items()
+              if any(found[key] != here[key] for key in here)]
+    unreadable = [f"node {node} cannot read {len(bad)} of {len(samples)} sample image(s), e.g. {bad[0]}"
+                  for node, found in answers.items() if (bad := found["unreadable"])]
+    unwritable = [f"node {node} cannot write to {found['write_error']}" for node, found in answers.items()
+                  if found["write_error"]]
+    return [*checks,
+            _verdict("ray versions", [f"this driver: {_versions(here)}", *differ] if differ else [],
+                     f"{len(answers)} node(s) run {_versions(here)}, as this driver does",
+                     f"install Python {here['python']}, ray=={here['ray']} and deft-mine {here['deft_mine']} on "
+                     "every node (or run the driver with the cluster's versions)"),
+            _verdict("node reads", unreadable, f"{len(answers)} node(s) read all {len(samples)} sample image(s)"
+                     if samples else "no inputs given: no sample images read (give --targets/--source to check them)",
+                     SHARED_FS_FIX),
+            _verdict("node writes", unwritable, f"{len(answers)} node(s) can write under {output_dir}", SHARED_FS_FIX)]

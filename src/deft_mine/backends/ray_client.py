@@ -31,9 +31,8 @@ class _QueueEvents:
 
 def drive_embedding(spec: EmbeddingSpec, listing: Listing, output_path: str, store: str | None,
                     queue: Any) -> dict[str, Any]:
-    """A Ray task holding no resources: the embedding's driver, run inside the cluster. The
-    output and the store are written from here, so they must be on storage the cluster sees
-    at the same paths (as for every Ray run)."""
+    """A Ray task holding no resources: the embedding's driver, run inside the cluster. The output and
+    the store are written from here: on storage the cluster sees at the same paths, as for every Ray run."""
     import ray
 
     from deft_mine.backends.local import LocalBackend

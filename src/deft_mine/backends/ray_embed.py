@@ -42,23 +42,18 @@ class PoolPlan:
 
 
 def plan_pool(cpus: float, gpus: float, use_gpu: bool, actors: int | None = None) -> PoolPlan:
-    """Encoder actors sized from the cluster so that the read tasks always keep a CPU: an
-    actor pool holding every CPU starves the reads and the pipeline never moves.
-
-    A read task asks for half a CPU (it waits on the disk part of the time); asking for other
-    resources than the actors also keeps Ray Data from fusing the reads into the actors, which
-    would leave every CPU beside them idle. A cluster of fewer than two CPUs works with a
-    single actor that holds no CPU.
-    """
+    """Encoder actors sized from the cluster so that the read tasks always keep a CPU: an actor pool
+    holding every CPU starves the reads and the pipeline never moves. A read task asks for half a CPU
+    (it waits on the disk part of the time); asking for other resources than the actors also keeps
+    Ray Data from fusing the reads into the actors, which would leave every CPU beside them idle."""
     if use_gpu and gpus >= 1:
         count = actors or int(gpus)
         return PoolPlan(count, 1.0 if cpus >= count + 1 else 0.0, 1.0, READ_CPUS)
     if cpus >= 2:
         count = max(1, min(actors or int(cpus) // 2, int(cpus) - 1))
         return PoolPlan(count, 1.0, 0.0, READ_CPUS)
-    # Under two CPUs, an actor holding any share of the CPU starves Ray Data's own one-CPU tasks
-    # (the parquet read, the repartition) and nothing moves: the actor holds none (it still runs,
-    # on the CPU the reads leave between them).
+    # Under two CPUs, an actor holding any share of the CPU starves Ray Data's own one-CPU tasks (the parquet
+    # read, the repartition): the actor holds none (it still runs, on the CPU the reads leave between them).
     return PoolPlan(1, 0.0, 0.0, min(READ_CPUS, cpus))
 
 
@@ -104,9 +99,8 @@ def prepared(got: pa.Table) -> Prepared:
 
 
 def listing_blocks(rows: int, batch_size: int, actors: int) -> int:
-    """How many blocks the listing is cut into. Ray Data hands each actor whole blocks, so a
-    listing read as one block (one row group) would keep every actor but one idle: four blocks
-    per actor at least, none over eight batches."""
+    """Blocks to cut the listing into: Ray Data hands each actor whole blocks, so a listing read as one
+    block (one row group) would keep every actor but one idle. Four per actor at least, none over 8 batches."""
     per_block = max(batch_size, min(rows // max(1, 4 * actors), 8 * batch_size))
     return max(1, -(-rows // per_block))
 
@@ -118,14 +112,11 @@ class _Results:
 
     def __init__(self, batches: Iterator[pa.Table], stall: float, watch: HeadWatch,
                  waiting: Callable[[], None]) -> None:
-        self._watch = watch
-        self._waiting = waiting
+        self._watch, self._waiting, self._stall = watch, waiting, stall
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._stop = threading.Event()
-        self._stall = stall
         self._buffer: list[pa.Table] = []
-        self._rows = 0
-        self._ended = False
+        self._rows, self._ended = 0, False
         threading.Thread(target=self._pump, args=(batches,), name="ray-results", daemon=True).start()
 
     def _pump(self, batches: Iterator[pa.Table]) -> None:
@@ -178,7 +169,7 @@ def embed_on_ray(ray: Any, spec: EmbeddingSpec, listing: Listing, output_path: P
     """Embed `listing` on the cluster: prepare in read tasks, encode in actors, finish here."""
     shelf = Shelf(store, encoder.identity) if store else None
     cpus, gpus, nodes = cluster_cpus_gpus(ray)
-    model, model_path = spec.encoder_key()[0], spec.encoder_key()[1]
+    model, model_path = spec.encoder_key()[:2]
     use_gpu = spec.device != "cpu" and model != "thumbnail"
     plan = plan_pool(cpus, gpus, use_gpu, actors)
     events.log("info", f"Ray: {nodes} node(s), {cpus:g} CPU(s), {gpus:g} GPU(s); {plan.actors} encoder "

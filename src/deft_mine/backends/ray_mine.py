@@ -1,5 +1,4 @@
-"""Exact mining on Ray: engine/mining.py's steps with the search spread out — one task per pool
-shard finds every target's top-n within it, the driver merges the shards with the same tie rule."""
+"""Exact mining on Ray: engine/mining.py's steps, the search one task per pool shard, merged by the same tie rule."""
 
 from __future__ import annotations
 
@@ -37,10 +36,9 @@ def plan_shards(total: int, block_rows: int, cpus: float) -> list[tuple[int, int
 def search_shard(spec: MiningSpec, source_path: str, target_path: str, queries: np.ndarray, drop: np.ndarray,
                  start: int, end: int, dim: int | None, query_groups: np.ndarray | None = None,
                  pool_groups: np.ndarray | None = None) -> dict[str, Any]:
-    """A Ray task: the search of pool rows [start, end) (with label_mode=per_label, each query
-    among its own label's rows: the queries' groups and this range's rows' groups); a DeftError
-    comes back as data (it does not survive pickling), to be raised on the driver for the first
-    bad shard."""
+    """A Ray task: the search of pool rows [start, end) (per_label: each query among its own label's rows,
+    by `query_groups` and `pool_groups`); a DeftError comes back as data (it does not survive pickling),
+    raised on the driver for the first bad shard."""
     import ray
 
     try:
@@ -52,8 +50,7 @@ def search_shard(spec: MiningSpec, source_path: str, target_path: str, queries: 
 
 
 def _search(ray: Any, prep: Prepared, events: Events, watch: HeadWatch) -> tuple[Searched, Workers]:
-    """The pool searched shard by shard on the cluster, merged in pool order; and the shard
-    tasks that did it."""
+    """The pool searched shard by shard on the cluster, merged in pool order; and the shard tasks that did it."""
     spec, total = prep.spec, prep.total
     cpus, _, _ = cluster_cpus_gpus(ray)
     shards = plan_shards(total, spec.block_rows, cpus)

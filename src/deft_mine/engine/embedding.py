@@ -35,10 +35,6 @@ _SKIPPED_EXAMPLES = 5
 _ROW_GROUP_BYTES = 32 << 20
 
 
-def _rows_per_group(dim: int) -> int:
-    return max(1024, _ROW_GROUP_BYTES // max(4 * dim, 1))
-
-
 @dataclass
 class BatchOutcome:
     """What one batch step did: rows in and written, vectors reused and made, unreadable images."""
@@ -206,11 +202,9 @@ def embedding_step(listing: Listing, output_path: Path, encoder: Encoder, shelf:
     started = time.perf_counter()
     schema = output_schema(listing.schema, encoder.identity)
     stats = EmbedStats(columns=list(schema.names))
-    if shelf is not None:
-        shelf.load_index()
-    held = shelf.digests() if shelf is not None else np.zeros(0, "S32")
+    held = shelf.load_index() if shelf is not None else np.zeros(0, "S32")
     with tables.atomic_output(output_path) as tmp, \
-            RowGroupWriter(tmp, schema, _rows_per_group(encoder.dim)) as writer:
+            RowGroupWriter(tmp, schema, max(1024, _ROW_GROUP_BYTES // max(4 * encoder.dim, 1))) as writer:
         yield Step(encoder, shelf, Preparer(listing.images_root, held, encoder.preprocess), events, schema, writer,
                    stats)
     if shelf is not None:
@@ -262,10 +256,9 @@ class RowGroupWriter:
 
     def __init__(self, path: Path, schema: pa.Schema, rows_per_group: int) -> None:
         self._writer = pq.ParquetWriter(path, schema)
-        self._schema = schema
+        self._schema, self._limit = schema, rows_per_group
         self._pending: list[pa.RecordBatch] = []
         self._rows = 0
-        self._limit = rows_per_group
 
     def write(self, batch: pa.RecordBatch) -> None:
         self._pending.append(batch)

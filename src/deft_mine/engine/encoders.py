@@ -1,5 +1,4 @@
-"""Image encoders (SigLIP, CLIP, DINOv2 and any Hugging Face vision model via transformers; the
-weight-free thumbnail) and their identity."""
+"""Image encoders and their identity: SigLIP, CLIP, DINOv2, any Hugging Face vision model, the weight-free thumbnail."""
 
 from __future__ import annotations
 
@@ -17,9 +16,8 @@ from deft_mine.schemas.specs import DEFAULT_POOLINGS, MODEL_POOLINGS
 
 THUMBNAIL_SIDE = 16
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5"}
-# Which transformers model_type each `model` value accepts: a SigLIP spec pointed at a CLIP
-# folder is exactly the silent "mined images look unrelated" failure, so it is refused. `hf`
-# takes any vision model (None: no check of the type).
+# Which transformers model_type each `model` value accepts: a SigLIP spec pointed at a CLIP folder is the
+# silent "mined images look unrelated" failure, so it is refused. `hf` takes any vision model (None).
 HF_MODEL_TYPES: dict[str, set[str] | None] = {
     "SigLIP": {"siglip", "siglip2"}, "CLIP": {"clip"},
     "DINOv2": {"dinov2", "dinov2_with_registers"}, "hf": None}
@@ -63,14 +61,12 @@ class ThumbnailEncoder:
 
 
 class HuggingFaceEncoder:
-    """A transformers image model through AutoModel / AutoImageProcessor.
-
-    SigLIP and CLIP give their projected image features (`get_image_features`); DINOv2 and `hf`
-    give one token-level vector chosen by `pooling`: `cls` (first token of the last hidden
-    state), `mean` (mean of the patch tokens: CLS, distillation and register tokens left out; a
-    convolutional feature map is averaged over its positions) or `pooled` (the model's pooler
-    output). The pooling is part of the identity, so two poolings never mix in a store or a mine.
-    """
+    """A transformers image model through AutoModel / AutoImageProcessor. SigLIP and CLIP give their
+    projected image features (`get_image_features`); DINOv2 and `hf` give one token-level vector chosen
+    by `pooling`: `cls` (first token of the last hidden state), `mean` (mean of the patch tokens: CLS,
+    distillation and register tokens left out; a convolutional feature map is averaged over its
+    positions) or `pooled` (the model's pooler output). The pooling is part of the identity, so two
+    poolings never mix in a store or a mine."""
 
     def __init__(self, model: str, model_path: str, device: str = "auto", pooling: str | None = None) -> None:
         import torch  # here, not at module import: mining and the thumbnail never need torch
@@ -175,11 +171,9 @@ class HuggingFaceEncoder:
             return DEFAULT_POOLINGS.get(model, choices[0])
         ok, why = fits.get(wanted, (False, f"model={model} takes {' or '.join(allowed)}"))
         if not ok:
-            raise DeftError(
-                "pooling_unsupported",
-                f"pooling={wanted} does not fit model_path {model_path!r}: {why}",
-                fix=f"use pooling={' or pooling='.join(choices)} (or leave pooling out for {choices[0]})",
-                field="pooling", model=model, pooling=wanted, choices=choices)
+            raise DeftError("pooling_unsupported", f"pooling={wanted} does not fit model_path {model_path!r}: {why}",
+                            fix=f"use pooling={' or pooling='.join(choices)} (or leave pooling out for {choices[0]})",
+                            field="pooling", model=model, pooling=wanted, choices=choices)
         return wanted
 
     def preprocess(self, images: list[Image.Image]) -> np.ndarray:
@@ -219,9 +213,8 @@ def _kind_mismatch(model: str, model_path: str, holds: str, fix: str) -> DeftErr
 
 
 def _prefix_tokens(net: Any) -> int:
-    """How many tokens precede the patch tokens (CLS, a distillation token, registers): the
-    transformers ViT family keeps them as parameters of `embeddings`; a model without them
-    (Swin, ConvNeXt) has none."""
+    """How many tokens precede the patch tokens (CLS, a distillation token, registers): the transformers
+    ViT family keeps them as parameters of `embeddings`; a model without them (Swin, ConvNeXt) has none."""
     embeddings = getattr(net, "embeddings", None)
     count = sum(1 for name in ("cls_token", "distillation_token") if getattr(embeddings, name, None) is not None)
     registers = getattr(embeddings, "register_tokens", None)
@@ -231,9 +224,7 @@ def _prefix_tokens(net: Any) -> int:
 def _pick_device(torch: Any, wanted: str) -> str:
     if wanted == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if wanted.startswith("cuda"):
-        return _check_gpu(torch, wanted)
-    return wanted
+    return _check_gpu(torch, wanted) if wanted.startswith("cuda") else wanted
 
 
 def _check_gpu(torch: Any, wanted: str) -> str:

@@ -1,5 +1,4 @@
-"""Image files to RGB Pillow images: path resolution, content digests, EXIF orientation, and why
-a file failed."""
+"""Image files to RGB Pillow images: path resolution, content digests, EXIF orientation, and why a file failed."""
 
 from __future__ import annotations
 

@@ -82,8 +82,7 @@ class RunningTopK:
     def __init__(self, queries: np.ndarray, k: int, metric: Metric) -> None:
         if k < 1:
             raise ValueError("k must be at least 1")
-        self.metric = metric
-        self.k = k
+        self.metric, self.k = metric, k
         self.queries = _prepare(queries, metric)
         self.state = TopKState.empty(len(self.queries))
         self.seen = 0
@@ -108,9 +107,8 @@ class RunningTopK:
 
 
 class GroupedTopK:
-    """A running top-k per group (label_mode=per_label): each query is searched only among the
-    pool rows of its own group, one RunningTopK per group, so the work is one search per group
-    and block, never one per query. Group -1 (a null label) searches nothing and finds nothing."""
+    """A running top-k per group (label_mode=per_label): each query is searched only among its own group's
+    pool rows, one search per group and block, never one per query. Group -1 (a null label) finds nothing."""
 
     def __init__(self, queries: np.ndarray, query_groups: np.ndarray, k: int, metric: Metric) -> None:
         self.k, self.total = k, len(queries)
@@ -143,9 +141,7 @@ class GroupedTopK:
         return TopKState(keys, ids)
 
 
-def search(
-    queries: np.ndarray, pool_blocks: Iterable[np.ndarray], k: int, metric: Metric
-) -> Neighbours:
+def search(queries: np.ndarray, pool_blocks: Iterable[np.ndarray], k: int, metric: Metric) -> Neighbours:
     """Exact top-k of every query over the concatenation of `pool_blocks`."""
     top = RunningTopK(queries, k, metric)
     for block in pool_blocks:
@@ -154,18 +150,14 @@ def search(
 
 
 def _prepare(vectors: np.ndarray, metric: Metric) -> np.ndarray:
-    if metric is Metric.cosine:
-        return l2_normalise(vectors)
-    return np.ascontiguousarray(vectors, dtype=np.float32)
+    return l2_normalise(vectors) if metric is Metric.cosine else np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 def _block_topk(queries: np.ndarray, block: np.ndarray, k: int, metric: Metric,
                 bound: np.ndarray | None = None):
-    """Exact top-k (float64 keys, ties to the lower row) of every query within one block.
-
-    With `bound` (each query's current k-th key), only rows that could beat it are kept;
-    the rest of a query's k slots hold key inf and row -1.
-    """
+    """Exact top-k (float64 keys, ties to the lower row) of every query within one block. With
+    `bound` (each query's current k-th key), only rows that could beat it are kept; the rest of
+    a query's k slots hold key inf and row -1."""
     import faiss
 
     k = min(k, len(block))
@@ -212,9 +204,8 @@ def _exact_keys(queries: np.ndarray, vectors: np.ndarray, metric: Metric) -> np.
     out = np.empty(len(queries), dtype=np.float64)
     step = max(1, _RESCORE_BYTES // max(1, queries.shape[1] * 16))
     for start in range(0, len(queries), step):
-        q = queries[start : start + step].astype(np.float64)
-        x = vectors[start : start + step].astype(np.float64)
-        out[start : start + step] = _PAIR_KEY[metric](q, x)
+        part = slice(start, start + step)
+        out[part] = _PAIR_KEY[metric](queries[part].astype(np.float64), vectors[part].astype(np.float64))
     return out
 
 

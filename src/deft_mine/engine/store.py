@@ -88,8 +88,9 @@ class Shelf:
 
     # ---------------------------------------------------------------- finding
 
-    def load_index(self) -> None:
-        """Read the digest column of every shard (their footers say the rest)."""
+    def load_index(self) -> np.ndarray:
+        """Read the digest column of every shard (their footers say the rest); return all digests, sorted
+        ("S32"): a snapshot, what a worker elsewhere needs to tell a stored image from a new one."""
         digests, shard_of, row_of = [], [], []
         for path in _shards(self.folder):
             try:
@@ -114,10 +115,6 @@ class Shelf:
             order = np.argsort(flat, kind="stable")  # among equal digests, the older shard first
             self._sorted = flat[order]
             self._shard_of, self._row_of = np.concatenate(shard_of)[order], np.concatenate(row_of)[order]
-
-    def digests(self) -> np.ndarray:
-        """Every digest the index holds, sorted ("S32"): what a worker elsewhere needs to tell
-        a stored image from a new one (a snapshot; it does not change under the caller)."""
         return self._sorted
 
     def find(self, digests: list[bytes | None]) -> np.ndarray:
@@ -210,16 +207,13 @@ class Shelf:
         return path
 
     def compact(self) -> None:
-        """Merge the shards this process wrote into large ones (then remove the small ones): a
-        store read in a few files, not one per batch. Whatever goes wrong (a shard pruned
-        meanwhile, a full disk), the small shards stay; a crash midway leaves duplicates,
-        which lookups tolerate."""
+        """Merge the shards this process wrote into large ones, then remove the small ones: a store read
+        in a few files, not one per batch. Whatever goes wrong (a shard pruned meanwhile, a full disk),
+        the small shards stay; a crash midway leaves duplicates, which lookups tolerate."""
         parts, merged_paths = [], []
         for path in self.written:
-            try:
+            with contextlib.suppress(pa.ArrowException, OSError):
                 parts.append((path, pq.read_table(path, page_checksum_verification=True)))
-            except (pa.ArrowException, OSError):
-                continue
         if len(parts) < 2:
             return
         rows = sum(t.num_rows for _, t in parts)
@@ -264,11 +258,9 @@ def describe(root: Path) -> list[StoreShelf]:
             identity = None
         rows, stats = 0, []
         for path in _shards(folder):
-            try:
+            with contextlib.suppress(pa.ArrowException, OSError):
                 rows += pq.ParquetFile(path).metadata.num_rows
                 stats.append(path.stat())
-            except (pa.ArrowException, OSError):
-                pass
         sizes = [st.st_size for p in folder.iterdir() if (st := _stat(p)) is not None]
         out.append(StoreShelf(
             fingerprint=folder.name, model=identity and identity.model, model_path=identity and identity.model_path,

@@ -22,8 +22,7 @@ def board_patch(rng: np.random.Generator, defect: str) -> Image.Image:
     for _ in range(rng.integers(2, 5)):  # traces
         y = int(rng.integers(4, SIDE - 4))
         draw.line([(0, y), (SIDE, y + int(rng.integers(-8, 8)))], fill=copper, width=2)
-    pads = [(int(x), int(y)) for x, y in rng.integers(10, SIDE - 22, (3, 2))]
-    for x, y in pads:
+    for x, y in rng.integers(10, SIDE - 22, (3, 2)).tolist():  # pads
         draw.rectangle([x, y, x + 12, y + 8], fill=(200, 200, 190))
     c = SIDE // 2 + int(rng.integers(-6, 6))
     if defect == "scratch":

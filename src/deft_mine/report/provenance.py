@@ -1,5 +1,4 @@
-"""A run's provenance beside its report: the specs as resolved, versions, device, the call that
-made the run, and the calls of the session that led to it (`mining_config/`, `session.jsonl`)."""
+"""A run's provenance (`mining_config/`, `session.jsonl`): resolved specs, versions, device, the calls behind it."""
 
 from __future__ import annotations
 
@@ -41,9 +40,8 @@ class Invocation:
 
 
 class SessionLog:
-    """The tool calls of one MCP session, one line each as they finish; every run folder the
-    session wrote a report into gets the lines from then on (appended: a reviewer replays the
-    agent's calls in order)."""
+    """The tool calls of one MCP session, one line each as they finish, appended from then on to every run
+    folder the session wrote a report into (a reviewer replays the agent's calls in order)."""
 
     def __init__(self) -> None:
         self.lines: list[dict[str, Any]] = []
@@ -83,9 +81,8 @@ def call_line(invocation: Invocation, outcome: str, code: str | None = None, war
 
 def write_provenance(folder: Path, manifest: RunManifest | None, invocation: Invocation | None,
                      session: SessionLog | None, producing: bool) -> list[str]:
-    """Write mining_config/ and session.jsonl into a run folder; return what was unavailable.
-    `producing`: this call made the run (else a later `report`, which adds what it can but
-    never rewrites what the run recorded)."""
+    """Write mining_config/ and session.jsonl into a run folder; return what was unavailable. `producing`:
+    this call made the run (else a later `report`, adding what it can, never rewriting what the run recorded)."""
     config = folder / artifacts.MINING_CONFIG
     for name in (artifacts.MINING_CONFIG, artifacts.SESSION_LOG):
         if (folder / name).is_symlink():  # writing through it would land wherever it points
