@@ -154,10 +154,12 @@ class PreflightInput(ToolInput):
     backend: Backend = "local"
     image: Annotated[str | None, Field(description="container image (docker backend)")] = None
     ray_address: RayAddress = None
-    targets: Annotated[str | None, Field(description="target listing (parquet, CSV or ChangeNet CSV), to predict warnings"), PathField(),
-                       cli("--targets")] = None
-    source: Annotated[str | None, Field(description="pool listing (parquet, CSV or ChangeNet CSV), to predict warnings"), PathField(),
-                      cli("--source")] = None
+    targets: Annotated[str | None, Field(
+        description="target listing (parquet, CSV or ChangeNet CSV), to predict warnings"), PathField(),
+        cli("--targets")] = None
+    source: Annotated[str | None, Field(
+        description="pool listing (parquet, CSV or ChangeNet CSV), to predict warnings"), PathField(),
+        cli("--source")] = None
     mining_spec_path: Annotated[str | None, Field(description="mining spec YAML"), PathField(),
                                 cli("-m", "--mining-spec")] = None
     overrides: Annotated[Overrides, cli(help="")] = None
@@ -174,7 +176,8 @@ class PreflightInput(ToolInput):
 
 class EmbedInput(ToolInput):
     input_parquet: Annotated[str | None, Field(
-        description="listing: parquet or CSV with a filepath column, or a ChangeNet CSV (else the spec's input_parquet)"), PathField()] = None
+        description="listing: parquet or CSV with a filepath column, or a ChangeNet CSV (else the spec's "
+                    "input_parquet)"), PathField()] = None
     output_parquet: Annotated[str | None, Field(
         description="embedding parquet to write (atomically; else the spec's output_parquet)"), PathField()] = None
     spec_path: Annotated[str | None, Field(description="embedding spec YAML (TAO format)"), PathField(),
@@ -212,10 +215,13 @@ class MineInput(ToolInput):
 
 
 class RunInput(ToolInput):
-    targets: Annotated[str, Field(description="target listing: parquet or CSV (filepath; optional label), or a ChangeNet CSV"), PathField(),
-                       cli("--targets", required=True, help="target listing: parquet or CSV (column filepath; optional label), or a ChangeNet CSV")]
-    source: Annotated[str, Field(description="pool listing: parquet or CSV (column filepath), or a ChangeNet CSV"), PathField(),
-                      cli("--source", required=True, help="pool listing: parquet or CSV (column filepath), or a ChangeNet CSV")]
+    targets: Annotated[str, Field(
+        description="target listing: parquet or CSV (filepath; optional label), or a ChangeNet CSV"), PathField(),
+        cli("--targets", required=True, help="target listing: parquet or CSV (column filepath; optional label), "
+                                             "or a ChangeNet CSV")]
+    source: Annotated[str, Field(
+        description="pool listing: parquet or CSV (column filepath), or a ChangeNet CSV"), PathField(),
+        cli("--source", required=True, help="pool listing: parquet or CSV (column filepath), or a ChangeNet CSV")]
     output_dir: Annotated[str | None, Field(
         description="run goes to output_dir/mining_results/<timestamp>/"), PathField(),
         cli("--output-dir", group="where", help="the run goes to DIR/mining_results/<YYYY-MM-DD_HHMMSS>/")] = None
