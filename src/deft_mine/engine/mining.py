@@ -435,7 +435,7 @@ def _search_warnings(prep: Prepared, found: Searched) -> list[ToolWarning]:
 
 def _control_warnings(prep: Prepared, cands: Candidates, filtered: Filtered) -> list[ToolWarning]:
     """With a floor or a per-label search: the targets left without a pair, a floor that dropped all."""
-    spec, found_mask, raised = prep.spec, cands.found, []
+    spec, raised = prep.spec, []
     if spec.floor is None and prep.query_groups is None:
         return raised
     if len(alone := _alone(filtered.keep)):
