@@ -68,7 +68,7 @@ def is_changenet(schema_or_columns: pa.Schema | Iterable[str]) -> bool:
 
 def header(path: Path) -> list[str]:
     """A CSV's column names, from its header line (the separator chosen as for any CSV listing)."""
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else tables._sniff_delimiter(str(path))
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else tables.sniff_delimiter(str(path))
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
         return next(pycsv.reader(fh, delimiter=delimiter), [])
 
@@ -76,7 +76,7 @@ def header(path: Path) -> list[str]:
 def read_csv(path: Path) -> pa.Table:
     """A ChangeNet CSV, every column read as text (verbatim: a board named 0510 stays 0510)."""
     names = header(path)
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else tables._sniff_delimiter(str(path))
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else tables.sniff_delimiter(str(path))
     try:
         return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
                               convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},

@@ -53,7 +53,7 @@ def read_csv(path: Path) -> pa.Table:
 
 @functools.lru_cache(maxsize=2)  # schema, row count and rows of one CSV: parse it once
 def _read_csv_cached(path: str, mtime_ns: int, size: int) -> pa.Table:
-    delimiter = "\t" if path.lower().endswith(".tsv") else _sniff_delimiter(path)
+    delimiter = "\t" if path.lower().endswith(".tsv") else sniff_delimiter(path)
     try:
         # filepath is always text: inferred, "0001" would become the integer 1.
         return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
@@ -66,7 +66,7 @@ def _read_csv_cached(path: str, mtime_ns: int, size: int) -> pa.Table:
         ) from exc
 
 
-def _sniff_delimiter(path: str) -> str:
+def sniff_delimiter(path: str) -> str:
     """',' unless the header line has none but has ';' or a tab (spreadsheets in many locales
     write ';'); judged on the header only, so a ';' inside a path is never taken for one."""
     with open(path, "rb") as fh:

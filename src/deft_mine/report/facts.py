@@ -71,6 +71,25 @@ class PairStats:
 
 
 @dataclass
+class ChangeNetSide:
+    """A side given as a ChangeNet CSV, as its listing in the run folder shows it."""
+
+    listing: str  # the listing's file name in the run folder
+    images: int  # listing rows: one per CSV row and light that resolved
+    csv_rows: int  # the CSV rows they came from
+    lights: list[str]  # in first-appearance order
+
+
+@dataclass
+class Budget:
+    """The selection budget a history run ran under, as mining_history_summary.json records it."""
+
+    fraction: float
+    pool_size: int
+    cap: int
+
+
+@dataclass
 class ReportFacts:
     folder: str  # the run folder, absolute; every file named in `files` lies in it
     manifest: RunManifest  # run.json, or one rebuilt from the folder (unknown facts None)
@@ -89,6 +108,8 @@ class ReportFacts:
     contact_from: str = "pairs"  # "pairs" | "best_target"
     histogram_from: str = "pairs"  # "pairs" | "mined"
     training_rows_now: int | None = None  # data rows mined_training_rows.csv holds now (None: no such file)
+    changenet: dict[str, ChangeNetSide] = field(default_factory=dict)  # "target" | "source" -> its listing
+    budget: Budget | None = None  # None: no budget, or no readable mining_history_summary.json
     image_roots: dict[str, str | None] = field(default_factory=dict)  # Side.input -> where its images resolve
     fingerprints: dict[Side, str | None] = field(default_factory=dict)  # each side's encoder identity hash
     image_allowed: Callable[[Path], bool] = lambda path: True  # which image files the pictures may read
@@ -134,7 +155,8 @@ def gather(folder: Path, manifest: RunManifest | None, files: Files, missing: li
                                       for side, ident in ((Side.target, encoder.target), (Side.source, encoder.source))})
     facts.image_roots = _image_roots(folder, manifest, files, has_manifest)
     for what, step in (("target labels", _labels), ("mined_pairs statistics", _pair_stats),
-                       ("mined parquet checks", _check_mined), ("training rows", _check_training_rows)):
+                       ("mined parquet checks", _check_mined), ("training rows", _check_training_rows),
+                       ("ChangeNet listings", _changenet_sides), ("history budget", _history_budget)):
         try:  # a fact that cannot be read is reported as unavailable, never a crash of the report
             step(facts, files)
         except Exception as exc:  # noqa: BLE001 - any unreadable file: say so, go on
@@ -332,7 +354,12 @@ def _image_roots(folder: Path, manifest: RunManifest, files: Files, has_manifest
         return dict.fromkeys((Side.target.input, Side.source.input), str(Path(root).expanduser().absolute()))
     if has_manifest:
         paths = {Side.target.input: manifest.inputs.targets.path, Side.source.input: manifest.inputs.source.path}
-        return {side: str(Path(path).parent) if path else str(folder) for side, path in paths.items()}
+        roots = {side: str(Path(path).parent) if path else str(folder) for side, path in paths.items()}
+        # A ChangeNet CSV's images resolve under its images_dir, which the training rows record.
+        images_dir = manifest.training_rows.images_dir if manifest.training_rows is not None else None
+        given = {Side.target.input: manifest.inputs.targets, Side.source.input: manifest.inputs.source}
+        return roots | {side: images_dir for side, facts in given.items()
+                        if images_dir and facts.format == "changenet"}
     candidates = list(dict.fromkeys([folder, folder.parent, folder.parent.parent]))
     out: dict[str, str | None] = {}
     for side, role in ((Side.target, "target_embeddings"), (Side.source, "mined")):
@@ -415,6 +442,33 @@ def _check_training_rows(facts: ReportFacts, files: Files) -> None:
     path = Path(facts.folder) / artifacts.TRAINING_ROWS
     if facts.manifest.training_rows is not None and path.is_file():
         facts.training_rows_now = tables.read_csv(path).num_rows
+
+
+def _changenet_sides(facts: ReportFacts, files: Files) -> None:
+    """Each side given as a ChangeNet CSV: what its listing in the run folder resolved it to."""
+    inputs = facts.manifest.inputs
+    for side, given, name in (("target", inputs.targets, artifacts.TARGET_LISTING),
+                              ("source", inputs.source, artifacts.SOURCE_LISTING)):
+        path = Path(facts.folder) / name
+        if given.format != "changenet" or not path.is_file():
+            continue
+        table = tables.read_columns(path, ["light", "csv_row"])
+        lights = [x for x in dict.fromkeys(table.column("light").to_pylist()) if x is not None]
+        facts.changenet[side] = ChangeNetSide(name, table.num_rows, len(set(table.column("csv_row").to_pylist())),
+                                              lights)
+
+
+def _history_budget(facts: ReportFacts, files: Files) -> None:
+    """The budget of a history run, from mining_history_summary.json (the ledger's facts omit the fraction)."""
+    history = facts.manifest.history
+    if history is None:
+        return
+    path = Path(facts.folder) / Path(history.history_summary or artifacts.MINING_HISTORY_SUMMARY).name
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("max_cumulative_fraction") is not None:
+        facts.budget = Budget(float(data["max_cumulative_fraction"]), int(data["pool_size"]), int(data["budget_cap"]))
 
 
 def _on_disk(path: str, base: Path) -> bool:

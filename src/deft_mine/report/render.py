@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any, Callable, Iterable, Sequence
 
 from deft_mine import rules
@@ -11,6 +12,7 @@ from deft_mine.report.facts import SPEC_PARQUETS, ReportFacts
 from deft_mine.rules import NOT_RECORDED, plural
 from deft_mine.schemas.artifacts import SUMMARY_MEANING, MiningSummary
 from deft_mine.schemas.manifest import EmbedFacts, InputFacts, RunManifest
+from deft_mine.schemas.inputs import LedgerFormat
 from deft_mine.schemas.specs import LabelFilter, Side, recorded_floor
 from deft_mine.schemas.results import EncoderIdentity
 from deft_mine.schemas.warnings import WarningCode
@@ -265,8 +267,10 @@ def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     rows, columns, skips = [], [], []
     for side, name in (("target", "Targets"), ("source", "Pool")):
         inp, emb, cols = v.inputs[side], v.embedded[side], v.inputs[side].columns
-        rows.append((name, _code(inp.path), inp.rows, emb.rows, emb.skipped, inp.has_label,
-                     None if inp.format is None else inp.format == "csv"))
+        rows.append((name, _code(inp.path), inp.rows, emb.rows, emb.skipped, inp.has_label, _CONVERTED.get(
+            inp.format, inp.format == "csv")))
+        if inp.format == "changenet":
+            columns.append(_changenet_words(facts, side, name, inp))
         if cols:
             shown = ", ".join(f"`{c}`" for c in cols[:limit]) + (f" and {len(cols) - limit} more" if len(cols) > limit else "")
             columns.append(f"{name} columns ({len(cols)}): {shown}.")
@@ -294,6 +298,22 @@ def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool)
               "weakest on; the pool is the large set of unused images searched for look-alikes. "
               "Every input column (such as `siamese_score` or `weakness`) travels with the "
               "embeddings, so later steps can still see it.")
+
+
+# The Inputs table's "Converted from CSV" cell for each input format (any other: whether it is "csv").
+_CONVERTED: dict[str | None, Any] = {None: None, "changenet": "yes, ChangeNet CSV"}
+
+
+def _changenet_words(facts: ReportFacts, side: str, name: str, inp: InputFacts) -> str:
+    """What a ChangeNet CSV side was resolved to: images over its lights, from its listing in the folder."""
+    found = facts.changenet.get(side)
+    if found is None:
+        return (f"{name} is a ChangeNet CSV, resolved to {plural(inp.rows, 'image')} (its lights are not "
+                "recorded: the run folder has no listing of it).")
+    lights = ", ".join(f"`{_cell(x)}`" for x in found.lights)
+    return (f"{name} is a ChangeNet CSV, resolved to {plural(found.images, 'image')} over its "
+            f"{plural(len(found.lights), 'light')} ({lights}) from {plural(found.csv_rows, 'CSV row')}, "
+            f"listed in `{found.listing}` as every step read them.")
 
 
 def _encoder_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:
@@ -594,21 +614,32 @@ def _no_picture(facts: ReportFacts, fallback: str) -> str:
 
 
 def _history_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:
-    history = v.m.history
+    history, budget = v.m.history, v.facts.budget
     assert history is not None  # _assemble adds this section only for runs with a ledger
+    skill = history.ledger_format is LedgerFormat.tao_skill
     rows = [(it.iteration, it.candidates, it.previously_selected, it.newly_selected, it.cumulative)
             for it in history.iterations]
-    return [
-        (0, f"This run is iteration {_fmt(history.iteration)} of the ledger "
-            f"{_path_md(history.ledger)}: of {plural(history.candidates, 'mined candidate')} "
-            f"in `mined_candidates.parquet`, {_fmt(history.previously_selected)} were selected by "
-            f"earlier iterations and {_fmt(history.duplicates_in_candidates)} repeated a candidate, "
-            f"so `mined.parquet` holds {plural(history.newly_selected, 'newly selected image')}."),
-        (0, _table("Iteration | Candidates | Previously selected | Newly selected | Cumulative total", rows)),
-        (1, "The ledger records, per iteration, the selected paths (absolute, normalised) and the "
-            "SHA-256 of its candidate, output and summary files; re-running an iteration re-checks "
-            "them, and no path is ever selected twice."),
-    ]
+    yield 0, (f"This run is iteration {_fmt(history.iteration)} of the ledger {_path_md(history.ledger)}"
+              + (" (the DEFT loop's `mining_history.json`, format `tao-skill`)" if skill else "")
+              + f": of {plural(history.candidates, 'mined candidate')} "
+              f"in `mined_candidates.parquet`, {_fmt(history.previously_selected)} were selected by "
+              f"earlier iterations and {_fmt(history.duplicates_in_candidates)} repeated a candidate, "
+              f"so `mined.parquet` holds {plural(history.newly_selected, 'newly selected image')}.")
+    if budget is not None or history.budget_excluded_count:
+        cap = ("" if budget is None else f"`max_cumulative_fraction` = {_fmt(budget.fraction)} of "
+               f"{plural(budget.pool_size, 'pool row')} caps all iterations together at "
+               f"{plural(budget.cap, 'image')}; ")
+        yield 0, (f"Budget: {cap}{plural(history.budget_excluded_count, 'new candidate')} "
+                  f"{'was' if history.budget_excluded_count == 1 else 'were'} left out by it (`budget_excluded_count`"
+                  + (", warning `budget_exhausted`)." if history.budget_excluded_count else ").")
+                  + (f" `{PurePath(history.history_summary).name}` records the iteration's counts with the loop's keys."
+                     if history.history_summary else ""))
+    yield 0, _table("Iteration | Candidates | Previously selected | Newly selected | Cumulative total", rows)
+    identity = ("as written: stripped, backslashes made slashes, POSIX-normalised; the loop's identity "
+                "`filepath`" if skill else "absolute, normalised")
+    yield 1, (f"The ledger records, per iteration, the selected paths ({identity}) and the "
+              "SHA-256 of its candidate, output and summary files; re-running an iteration re-checks "
+              "them, and no path is ever selected twice.")
 
 
 def _training_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:

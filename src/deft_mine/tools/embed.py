@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Iterator
 
 from deft_mine.backends import Backend, resolve
 from deft_mine.backends.base import BackendEmbed
 from deft_mine.engine import changenet as cn
-from deft_mine.engine.listings import Listing, open_listing
+from deft_mine.engine.listings import Listing, open_listing, write_listing
 from deft_mine.errors import DeftError
 from deft_mine.schemas import warnings
 from deft_mine.schemas.inputs import ChangeNetOptions, EmbedInput
@@ -16,6 +17,8 @@ from deft_mine.schemas.results import EmbedResult
 from deft_mine.schemas.specs import EmbeddingSpec
 from deft_mine.tools._common import distinct_output, existing_input, required_path, spec_with_paths
 from deft_mine.tools.registry import Tool, ToolContext, register
+
+PARQUET_ONLY = {"docker"}  # backends that hand the listing's file to a program that reads parquet only
 
 
 def embed_images(inputs: EmbedInput, ctx: ToolContext) -> EmbedResult:
@@ -51,8 +54,9 @@ def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: T
         raise DeftError("backend_unsupported", f"model={spec.model} (a TAO checkpoint) runs only in the TAO "
                         f"container, not on the {backend.name} backend", field="model",
                         fix="use backend=docker for TAO checkpoints, or model=SigLIP|CLIP|DINOv2|hf|thumbnail locally")
-    with ctx.lock.bind(spec) if ctx.lock is not None else contextlib.nullcontext() as key:
-        done = _result(backend.embed(spec, listing, output, ctx.events, store), output, backend.name, store)
+    with ctx.lock.bind(spec) if ctx.lock is not None else contextlib.nullcontext() as key, \
+            _readable_by(backend, listing, output) as given:
+        done = _result(backend.embed(spec, given, output, ctx.events, store), output, backend.name, store)
         if ctx.lock is not None:
             ctx.lock.record(done.encoder, key)
     _count_unresolved(done, listing)
@@ -63,6 +67,21 @@ def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: T
         done.warnings.append(warnings.images_skipped(str(source), done.input_rows, done.skipped_by_reason,
                                                      done.skipped_examples, str(listing.images_root)))
     return done
+
+
+@contextlib.contextmanager
+def _readable_by(backend: Backend, listing: Listing, output: Path) -> Iterator[Listing]:
+    """The listing as the backend can read it. The container reads a parquet only: a CSV listing (a
+    ChangeNet one resolved row by row and light by light) is written beside the output as a hidden
+    parquet for it, as `run` writes each side's listing into its folder, and removed afterwards."""
+    if backend.name not in PARQUET_ONLY or listing.format == "parquet":
+        yield listing
+        return
+    path = output.with_name(f".{output.name}.listing.parquet")
+    try:
+        yield write_listing(listing, path)
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _count_unresolved(done: EmbedResult, listing: Listing) -> None:

@@ -145,6 +145,11 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     started = time.perf_counter()
     paths = {name: tables.require_file(Path(value).expanduser().absolute(), name)
              for name, value in (("targets", inputs.targets), ("source", inputs.source))}
+    for field in ("ledger_format", "max_cumulative_fraction") if inputs.history is None else ():
+        if getattr(inputs, field) is not None:  # a ledger's option without a ledger: refused, never ignored
+            raise DeftError("spec_invalid", f"{field} applies to a history ledger, and no history was given",
+                            fix=f"add --history LEDGER.json (the ledger to start or continue), or leave {field} out",
+                            field=field)
     embedding, mining = _specs(inputs, ctx)
     # What can be refused without a run folder is refused before one exists.
     backend = resolve(inputs.backend_options())
