@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -146,7 +148,7 @@ class ParquetOnly(LocalBackend):
     """The docker backend's side of the contract, without Docker: the program it starts reads the
     listing's file, and reads parquet only (so a CSV given as is would fail there)."""
 
-    name = "docker"
+    capabilities = dataclasses.replace(LocalBackend.capabilities, reads_parquet_only=True)
 
     def __init__(self) -> None:
         super().__init__()

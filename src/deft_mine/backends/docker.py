@@ -71,7 +71,8 @@ def _client() -> Any:
 
 class DockerBackend:
     name = "docker"
-    capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=True)  # pairs: recomputed on the host
+    # pairs: recomputed on the host; the image reads parquet listings only
+    capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=True, reads_parquet_only=True)
 
     def __init__(self, image: str | None = None, mounts: list[str] | None = None,
                  network: str = "none") -> None:

@@ -353,13 +353,11 @@ def _image_roots(folder: Path, manifest: RunManifest, files: Files, has_manifest
     if root:
         return dict.fromkeys((Side.target.input, Side.source.input), str(Path(root).expanduser().absolute()))
     if has_manifest:
-        paths = {Side.target.input: manifest.inputs.targets.path, Side.source.input: manifest.inputs.source.path}
-        roots = {side: str(Path(path).parent) if path else str(folder) for side, path in paths.items()}
-        # A ChangeNet CSV's images resolve under its images_dir, which the training rows record.
-        images_dir = manifest.training_rows.images_dir if manifest.training_rows is not None else None
+        # run.json records each input's images root (a ChangeNet CSV's: its images_dir); older
+        # runs' inputs resolve beside their file
         given = {Side.target.input: manifest.inputs.targets, Side.source.input: manifest.inputs.source}
-        return roots | {side: images_dir for side, facts in given.items()
-                        if images_dir and facts.format == "changenet"}
+        return {side: facts.images_root or (str(Path(facts.path).parent) if facts.path else str(folder))
+                for side, facts in given.items()}
     candidates = list(dict.fromkeys([folder, folder.parent, folder.parent.parent]))
     out: dict[str, str | None] = {}
     for side, role in ((Side.target, "target_embeddings"), (Side.source, "mined")):

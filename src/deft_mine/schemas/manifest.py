@@ -21,7 +21,8 @@ class InputFacts(BaseModel):
     """One input listing (targets or pool) as it was read."""
 
     path: str | None = None
-    format: str | None = None  # "parquet" | "csv"
+    format: str | None = None  # "parquet" | "csv" | "changenet"
+    images_root: str | None = None  # where its relative image paths resolve (a ChangeNet CSV: images_dir)
     rows: int | None = None
     columns: list[str] | None = None
     has_label: bool | None = None

@@ -18,9 +18,6 @@ from deft_mine.schemas.specs import EmbeddingSpec
 from deft_mine.tools._common import distinct_output, existing_input, required_path, spec_with_paths
 from deft_mine.tools.registry import Tool, ToolContext, register
 
-PARQUET_ONLY = {"docker"}  # backends that hand the listing's file to a program that reads parquet only
-
-
 def embed_images(inputs: EmbedInput, ctx: ToolContext) -> EmbedResult:
     """Embed the images a parquet/CSV lists into an embedding parquet (filepath, embedding,
     every input column carried; a ChangeNet CSV gives one row per row and light). The first embed of a session fixes its encoder; a
@@ -74,7 +71,7 @@ def _readable_by(backend: Backend, listing: Listing, output: Path) -> Iterator[L
     """The listing as the backend can read it. The container reads a parquet only: a CSV listing (a
     ChangeNet one resolved row by row and light by light) is written beside the output as a hidden
     parquet for it, as `run` writes each side's listing into its folder, and removed afterwards."""
-    if backend.name not in PARQUET_ONLY or listing.format == "parquet":
+    if not backend.capabilities.reads_parquet_only or listing.format == "parquet":
         yield listing
         return
     path = output.with_name(f".{output.name}.listing.parquet")

@@ -176,7 +176,8 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
                                        "output_parquet": str(folder.candidates)})
     store = ctx.store_for(inputs.store, inputs.no_store)
     described = Inputs(**{name: InputFacts(path=str(s.path), format=s.format, rows=s.rows, columns=s.schema.names,
-                                           has_label="label" in s.schema.names) for name, s in given.items()})
+                                           has_label="label" in s.schema.names,
+                                           images_root=str(s.images_root)) for name, s in given.items()})
     with folder.running(embedding, mining, backend=inputs.backend, inputs=described) as manifest:
         backend.accepts(mining)  # before anything is embedded
         sides = {name: write_listing(listing, folder.listings[name]) for name, listing in given.items()}
