@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_image
 
+from deft_mine.engine import changenet as cn
 from deft_mine.engine import training_rows as tr
 from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import PassGolden
@@ -94,7 +95,7 @@ def written(rows: tr.TrainingRows, path: Path) -> list[dict]:
                                               ("Short", "short"), ("short ", "short"), (" MISSING\t", "missing"),
                                               ("", ""), ("  ", ""), (None, "")])
 def test_labels_take_changenets_canonical_case(label, canonical):
-    assert tr.canonical_label(label) == canonical
+    assert cn.canonical_label(label) == canonical
 
 
 def test_the_lights_of_a_component_collapse_into_one_row_in_first_appearance_order(tmp_path):
@@ -191,7 +192,7 @@ def test_a_training_row_equal_to_a_validation_row_is_left_out_as_a_leak(tmp_path
     validation.write_text("input_path,golden_path,label,object_name\n"
                           "images/B1/PerComponent,golden/B1/PerComponent,short,C1\n")
     rows = tr.build([files[0], files[2]], listing, tmp_path, PassGolden.none, tr.read_validation(validation))
-    assert rows.join_keys == list(tr.CHANGENET_COLUMNS) and [r["object_name"] for r in rows.leaks] == ["C1"]
+    assert rows.join_keys == list(cn.COLUMNS) and [r["object_name"] for r in rows.leaks] == ["C1"]
 
 
 def test_a_validation_csv_without_any_leak_key_is_refused(tmp_path):

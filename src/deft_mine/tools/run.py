@@ -227,10 +227,10 @@ def _training_options(inputs: RunInput, pool: Listing) -> training_rows.Validati
     validation CSV must share a leak key with the training rows (read now, kept for the end)."""
     if inputs.validation_csv is None and inputs.pass_golden is PassGolden.none:
         return None
-    if not set(training_rows.CHANGENET_COLUMNS) <= set(pool.schema.names):
+    if not cn.is_changenet(pool.schema):
         field = "validation_csv" if inputs.validation_csv is not None else "pass_golden"
         raise DeftError("not_changenet_pool", f"{field} applies to a ChangeNet pool (columns "
-                        f"{', '.join(training_rows.CHANGENET_COLUMNS)}), and the source {pool.path} is not one "
+                        f"{', '.join(cn.COLUMNS)}), and the source {pool.path} is not one "
                         f"(columns: {', '.join(pool.schema.names)})", fix=f"leave {field} out, or give the "
                         "ChangeNet CSV as the source", field=field)
     if inputs.validation_csv is None:
@@ -243,7 +243,7 @@ def _training_options(inputs: RunInput, pool: Listing) -> training_rows.Validati
 def _training_rows(inputs: RunInput, folder: RunFolder, pool: Listing, validation: training_rows.Validation | None
                    ) -> tuple[TrainingRowsResult | None, list[ToolWarning]]:
     """A ChangeNet pool's mined components as ChangeNet training rows (other pools: none)."""
-    if not training_rows.is_changenet(pool.schema.names):
+    if not cn.is_changenet(pool.schema, listing=True):
         return None, []
     return training_rows.make(folder.mined, folder.listings["source"], pool.images_root,
                               folder.path / artifacts.TRAINING_ROWS, inputs.pass_golden, validation)
