@@ -8,12 +8,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from deft_mine.engine import changenet as cn
+from deft_mine.engine import ledger as ledgers
 from deft_mine.engine import tables
 from deft_mine.engine.listings import FILEPATH
 from deft_mine.errors import DeftError
@@ -37,6 +38,7 @@ class Reason(StrEnum):
     not_siamese = "not_siamese"  # the file name is not <object_name>_<light><image_ext>
     light_missing = "light_missing"  # a light's image does not resolve by the siamese form
     golden_missing = "golden_missing"  # a light's golden does not resolve by the siamese form
+    trained_before = "trained_before"  # an earlier iteration selected one of its images: a training row then
 
 
 @dataclass(frozen=True)
@@ -134,11 +136,23 @@ def read_validation(path: Path) -> Validation:
     return Validation(path, present, list(zip(*columns)))
 
 
+def trained_before(book: ledgers.Ledger, iteration: int, images_root: Path) -> Callable[[str], int | None]:
+    """The iteration before `iteration` that selected a pool filepath (None: none), by the ledger's identity."""
+    before = book.selected_before(iteration)
+
+    def earlier(filepath: str) -> int | None:
+        normal = ledgers.identity(filepath, book.format, images_root)
+        return book.selected[normal] if normal in before else None
+    return earlier
+
+
 def build(mined: Sequence[str | None], listing: pa.Table, images_root: Path, pass_golden: PassGolden,
-          validation: Validation | None = None) -> TrainingRows:
-    """One training row per mined component, in order of first appearance in `mined`, or why not."""
+          validation: Validation | None = None, before: Callable[[str], int | None] | None = None) -> TrainingRows:
+    """One training row per mined component, in order of first appearance in `mined`, or why not; with
+    `before` (a ledger's earlier selections), a component one of whose images was selected before is not."""
     layout = cn.listing_layout(listing, images_root)
     pool = _Pool(listing, images_root)
+    trained = pool.trained(before) if before is not None else {}
     rows: list[dict[str, str]] = []
     left_out: list[LeftOut] = []
     seen: set[int] = set()
@@ -153,6 +167,9 @@ def build(mined: Sequence[str | None], listing: pa.Table, images_root: Path, pas
             continue
         seen.add(component)
         components += 1
+        if component in trained:
+            left_out.append(LeftOut(filepath, component, Reason.trained_before, trained[component]))
+            continue
         formed = _form(pool, row, layout, pass_golden)
         (left_out if isinstance(formed, LeftOut) else rows).append(formed)  # type: ignore[arg-type]
     columns = training_columns(listing.column_names)
@@ -166,11 +183,12 @@ def build(mined: Sequence[str | None], listing: pa.Table, images_root: Path, pas
 
 
 def make(mined_parquet: Path, listing_parquet: Path, images_root: Path, output: Path, pass_golden: PassGolden,
-         validation: Validation | None = None) -> tuple[TrainingRowsResult, list[ToolWarning]]:
+         validation: Validation | None = None, before: Callable[[str], int | None] | None = None
+         ) -> tuple[TrainingRowsResult, list[ToolWarning]]:
     """A run's step: its mined images and its pool's listing in, the training CSV written, its facts out."""
     mined = tables.read_columns(mined_parquet, ["filepath"]).column("filepath").to_pylist()
     rows = build(mined, tables.read_columns(listing_parquet, tables.schema_of(listing_parquet).names),
-                 images_root, pass_golden, validation)
+                 images_root, pass_golden, validation, before)
     write(output, rows)
     return rows.result(output, pass_golden, validation), rows.warnings(validation)
 
@@ -217,6 +235,14 @@ class _Pool:
 
     def _absolute(self, path: str) -> str:
         return os.path.normpath(self.root / os.path.expanduser(path))
+
+    def trained(self, before: Callable[[str], int | None]) -> dict[int, str]:
+        """Component -> which of its images an earlier iteration selected (the first such row's)."""
+        found: dict[int, str] = {}
+        for row, path in enumerate(self.filepath):
+            if path and self.csv_row[row] not in found and (iteration := before(path)) is not None:
+                found[self.csv_row[row]] = f"{path} was selected by iteration {iteration}"
+        return found
 
     def row_of(self, filepath: str) -> int | None:
         row = self.by_path.get(filepath)
