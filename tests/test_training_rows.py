@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_image
 
+from deft_mine.engine import changenet as cn
 from deft_mine.engine import training_rows as tr
 from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import PassGolden
@@ -94,7 +95,7 @@ def written(rows: tr.TrainingRows, path: Path) -> list[dict]:
                                               ("Short", "short"), ("short ", "short"), (" MISSING\t", "missing"),
                                               ("", ""), ("  ", ""), (None, "")])
 def test_labels_take_changenets_canonical_case(label, canonical):
-    assert tr.canonical_label(label) == canonical
+    assert cn.canonical_label(label) == canonical
 
 
 def test_the_lights_of_a_component_collapse_into_one_row_in_first_appearance_order(tmp_path):
@@ -191,7 +192,7 @@ def test_a_training_row_equal_to_a_validation_row_is_left_out_as_a_leak(tmp_path
     validation.write_text("input_path,golden_path,label,object_name\n"
                           "images/B1/PerComponent,golden/B1/PerComponent,short,C1\n")
     rows = tr.build([files[0], files[2]], listing, tmp_path, PassGolden.none, tr.read_validation(validation))
-    assert rows.join_keys == list(tr.CHANGENET_COLUMNS) and [r["object_name"] for r in rows.leaks] == ["C1"]
+    assert rows.join_keys == list(cn.COLUMNS) and [r["object_name"] for r in rows.leaks] == ["C1"]
 
 
 def test_a_validation_csv_without_any_leak_key_is_refused(tmp_path):
@@ -311,3 +312,55 @@ def test_training_row_options_need_a_changenet_pool(image_set, option):
             overrides={"model": "thumbnail"}, **option)
     assert exc.value.code == "not_changenet_pool" and exc.value.details["field"] == next(iter(option))
     assert not (image_set / "r").exists()
+
+
+def changenet_csv_pool(root: Path, count: int) -> list[str]:
+    """A ChangeNet CSV pool on disk (root/pool.csv; every component valid, both lights, goldens); its images."""
+    comps = [component(i, ["PASS", "short"][i % 2]) for i in range(count)]
+    files = workspace(root, comps).column("filepath").to_pylist()
+    with (root / "pool.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["input_path", "golden_path", "label", "object_name", "boardname"])
+        writer.writerows([c["dir"], c["golden_dir"], c["label"], c["obj"], c["board"]] for c in comps)
+    return files
+
+
+def object_of(filepath: str) -> str:
+    return Path(filepath).name.split("_")[0]
+
+
+@pytest.mark.parametrize("ledger_format", ["deft-mine", "tao-skill"])
+@pytest.mark.parametrize("seed", range(3))
+def test_a_component_is_a_training_row_once_across_iterations(tmp_path, ledger_format, seed):
+    rng = random.Random(seed)
+    files = changenet_csv_pool(tmp_path, 8)
+    ledger = tmp_path / "history.json"
+    mined, rows, results = [], [], []
+    # iteration 1 aims at some components' SolderLight images, iteration 2 at others' UniformLight,
+    # always one of iteration 1's among them (its other light: a new image, the same component)
+    first = rng.sample(range(8), rng.randint(1, 4))
+    second = [rng.choice(first), *rng.sample(range(8), rng.randint(0, 3))]
+    for iteration, (chosen, light) in enumerate(((first, 0), (second, 1)), start=1):
+        pq.write_table(pa.table({"filepath": [files[2 * i + light] for i in chosen]}), tmp_path / "targets.parquet")
+        result = run(tmp_path / "targets.parquet", tmp_path / "pool.csv", run_dir=tmp_path / f"r{iteration}",
+                     images_dir=str(tmp_path), lights=list(LIGHTS), history=str(ledger), ledger_format=ledger_format,
+                     overrides={"model": "thumbnail", "topn": rng.randint(1, 3), "image_root": str(tmp_path)})
+        assert result.select is not None and result.select.iteration == iteration
+        mined.append(pq.read_table(tmp_path / f"r{iteration}" / "mined.parquet").column("filepath").to_pylist())
+        with (tmp_path / f"r{iteration}" / "mined_training_rows.csv").open(newline="") as fh:
+            rows.append([r["object_name"] for r in csv.DictReader(fh)])
+        results.append(result)
+    # the reference: a component iteration 1 mined an image of is left out of iteration 2's rows
+    earlier, now = ({object_of(p) for p in m} for m in mined)
+    assert sorted(rows[0]) == sorted(earlier) and sorted(rows[1]) == sorted(now - earlier)
+    assert not set(rows[0]) & set(rows[1]) and set(rows[0]) | set(rows[1]) == earlier | now
+    facts = results[1].training_rows
+    assert facts is not None and facts.components == len(now) and facts.rows == len(now - earlier)
+    assert facts.left_out_by_reason == ({"trained_before": len(now & earlier)} if now & earlier else {})
+    assert now & earlier and not results[0].training_rows.left_out
+    (warning,) = [w for w in results[1].warnings if w.code == "training_rows_left_out"]
+    assert warning.details["by_reason"] == {"trained_before": len(now & earlier)}
+    assert all(x["reason"] == "trained_before" and x["detail"].endswith("was selected by iteration 1")
+               and object_of(x["detail"].split(" ")[0]) == object_of(x["filepath"])
+               and x["detail"].split(" ")[0] in mined[0] for x in warning.details["examples"])
+    assert "trained_before" in (tmp_path / "r2" / "Mining_Report.md").read_text()

@@ -1,11 +1,13 @@
-"""The ChangeNet layout: the CSV's columns, where a row's image and golden lie for each light (found
-as the DEFT loop's resolver finds them), and the lights and extension a ChangeNet spec names."""
+"""The ChangeNet layout: the CSV's columns, its label case, the object/light file form, where a row's
+image and golden lie for each light (found as the DEFT loop's resolver finds them), and the lights
+and extension a ChangeNet spec names."""
 
 from __future__ import annotations
 
 import csv as pycsv
 import os
 import stat
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
@@ -20,6 +22,7 @@ from deft_mine.schemas.inputs import ChangeNetOptions
 
 COLUMNS = ("input_path", "golden_path", "label", "object_name")
 ADDED = ("light", "golden_filepath", "csv_row")  # what the listing adds after the CSV's columns
+PASS = "PASS"  # ChangeNet's dataloader compares it byte for byte: class 0
 DEFAULT_LIGHTS = ("SolderLight",)
 DEFAULT_IMAGE_EXT = ".jpg"
 _MISSING, _FILE, _DIR = 0, 1, 2
@@ -28,13 +31,24 @@ _SHOWN = 20  # failures a refusal or a skip keeps as examples
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a ChangeNet CSV's paths resolve: the images root, the CSV's folder (both real paths),
-    the lights in order and the image extension (with its dot)."""
+    """Where a ChangeNet CSV's paths resolve: the images root, the CSV's folder (None: a listing's,
+    whose paths are resolved already), the lights in order and the image extension (with its dot)."""
 
     images_dir: Path
-    csv_dir: Path
+    csv_dir: Path | None
     lights: tuple[str, ...]
     image_ext: str
+
+    def filename(self, object_name: str, light: str) -> str | None:
+        """The object/light form's file name, {object_name}_{light}{image_ext} (None: no object_name)."""
+        return f"{object_name}{self.suffix(light)}" if object_name else None
+
+    def suffix(self, light: str) -> str:
+        return f"_{light}{self.image_ext}"
+
+    def image(self, directory: str, object_name: str, light: str) -> Path:
+        """How ChangeNet rebuilds a file: {images_dir}/{dir}/{object_name}_{light}{image_ext}."""
+        return self.images_dir / directory / f"{object_name}{self.suffix(light)}"
 
 
 @dataclass(frozen=True)
@@ -60,10 +74,16 @@ class Rows:
     examples: list[str] = field(default_factory=list)
 
 
-def is_changenet(schema_or_columns: pa.Schema | Iterable[str]) -> bool:
-    """Has all four ChangeNet columns."""
+def is_changenet(schema_or_columns: pa.Schema | Iterable[str], listing: bool = False) -> bool:
+    """Has all four ChangeNet columns (and, as a ChangeNet pool's standard `listing`, its `light`)."""
     names = set(schema_or_columns.names if isinstance(schema_or_columns, pa.Schema) else schema_or_columns)
-    return all(column in names for column in COLUMNS)
+    return all(column in names for column in COLUMNS) and (not listing or "light" in names)
+
+
+def canonical_label(label: Any) -> str:
+    """ChangeNet's case: a label whose container key is PASS is exactly `PASS`; any other lower-case, stripped."""
+    text = "" if label is None else str(label)
+    return PASS if text.strip().upper() == PASS else text.lower().strip()
 
 
 def header(path: Path) -> list[str]:
@@ -134,6 +154,14 @@ def layout_of(options: ChangeNetOptions, csv_path: Path, images_root: Path) -> L
                   ext if ext.startswith(".") else f".{ext}")
 
 
+def listing_layout(listing: pa.Table, images_root: Path) -> Layout:
+    """A ChangeNet listing's layout: its lights (in order of first appearance) and image extension
+    (the commonest of its resolved files': ChangeNet's spec has one)."""
+    lights = tuple(dict.fromkeys(str(x) for x in listing.column("light").to_pylist() if x is not None))
+    suffixes = Counter(PurePosixPath(str(p)).suffix for p in listing.column("filepath").to_pylist() if p)
+    return Layout(images_root, None, lights, suffixes.most_common(1)[0][0] if suffixes else DEFAULT_IMAGE_EXT)
+
+
 def bases(value: str, layout: Layout) -> list[str]:
     """The direct candidates of an input_path/golden_path value: absolute as it is; else beside the
     CSV, then under the images root with and without a leading `images/`."""
@@ -141,7 +169,7 @@ def bases(value: str, layout: Layout) -> list[str]:
     if os.path.isabs(value):
         return [str(PurePosixPath(value))]
     relative = str(PurePosixPath(value))
-    found = [_join(str(layout.csv_dir), relative), _join(str(layout.images_dir), relative)]
+    found = [_join(str(layout.csv_dir or layout.images_dir), relative), _join(str(layout.images_dir), relative)]
     if relative.startswith("images/"):
         found.append(_join(str(layout.images_dir), relative[len("images/"):]))
     return list(dict.fromkeys(found))
@@ -151,16 +179,11 @@ def _join(base: str, relative: str) -> str:
     return base if relative == "." else f"{base}/{relative}"
 
 
-def filename(object_name: str, light: str, layout: Layout) -> str | None:
-    """The object/light form's file name (None: no object_name, so no such form)."""
-    return f"{object_name}_{light}{layout.image_ext}" if object_name else None
-
-
 def candidates(value: str, object_name: str, light: str, layout: Layout) -> list[Path]:
     """Every path tried for a row's value and light, in order: the direct ones, then the
     object/light form under each of them."""
     direct = bases(value, layout)
-    name = filename(object_name, light, layout)
+    name = layout.filename(object_name, light)
     return [Path(p) for p in direct + ([f"{b}/{name}" for b in direct] if name else [])]
 
 
@@ -217,7 +240,7 @@ def resolve_rows(table: pa.Table, layout: Layout, path: Path, skip_unresolved: b
                             fix="give every row its label (PASS, or the defect class)", row=row, line=row + 2)
         image_bases, golden_bases = bases(value, layout), bases(golden, layout) if golden.strip() else None
         for light in layout.lights:
-            name = filename(object_name, light, layout)
+            name = layout.filename(object_name, light)
             image = resolver.resolve(image_bases, name)
             per_light[light] += bool(image.found)  # several files: a bad row, not a wrong light
             gold = None if golden_bases is None else resolver.resolve(golden_bases, name, remember=True)
@@ -277,4 +300,4 @@ def _unresolved(failures: list[tuple[int, str, str, Resolution]], path: Path, la
 
 def resolve(value: str, object_name: str, light: str, layout: Layout) -> Resolution:
     """One value (input_path or golden_path) of a row, for one light: the one file, or why not."""
-    return Resolver(layout).resolve(bases(value, layout), filename(object_name, light, layout))
+    return Resolver(layout).resolve(bases(value, layout), layout.filename(object_name, light))

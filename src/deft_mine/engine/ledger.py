@@ -50,6 +50,12 @@ def skill_identity(filepath: str) -> str | None:
     return None if normal in ("", ".") else normal
 
 
+def identity(filepath: str, fmt: LedgerFormat, base: Path) -> str | None:
+    """A filepath's identity in a ledger of `fmt`: ours absolute and normalised (relative paths join
+    `base`), the DEFT loop's normalised as written (None: it names no file)."""
+    return absolute_normal(filepath, base) if fmt is LedgerFormat.deft_mine else skill_identity(filepath)
+
+
 @dataclass
 class Ledger:
     path: Path

@@ -8,24 +8,23 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from deft_mine.engine import changenet as cn
+from deft_mine.engine import ledger as ledgers
 from deft_mine.engine import tables
+from deft_mine.engine.listings import FILEPATH
 from deft_mine.errors import DeftError
 from deft_mine.schemas import warnings
 from deft_mine.schemas.inputs import PassGolden
 from deft_mine.schemas.results import TrainingRowsResult
 from deft_mine.schemas.warnings import ToolWarning
 
-CHANGENET_COLUMNS = ("input_path", "golden_path", "label", "object_name")  # the training CSV's own four
-# What a ChangeNet pool's standard listing adds to the CSV's columns (engine/listings).
-LISTING_ADDED = ("filepath", "light", "golden_filepath", "csv_row")
 # The validator's train/val join keys, those present in both files (values stripped).
 LEAK_KEYS = ("input_path", "golden_path", "label", "object_name", "boardname")
-PASS = "PASS"  # ChangeNet's dataloader compares it byte for byte: class 0
 EXAMPLES = 5
 
 
@@ -39,18 +38,7 @@ class Reason(StrEnum):
     not_siamese = "not_siamese"  # the file name is not <object_name>_<light><image_ext>
     light_missing = "light_missing"  # a light's image does not resolve by the siamese form
     golden_missing = "golden_missing"  # a light's golden does not resolve by the siamese form
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How ChangeNet rebuilds a file: {images_root}/{dir}/{object_name}_{light}{image_ext}."""
-
-    images_root: Path
-    lights: tuple[str, ...]
-    image_ext: str
-
-    def image(self, directory: str, object_name: str, light: str) -> Path:
-        return self.images_root / directory / f"{object_name}_{light}{self.image_ext}"
+    trained_before = "trained_before"  # an earlier iteration selected one of its images: a training row then
 
 
 @dataclass(frozen=True)
@@ -92,7 +80,7 @@ class TrainingRows:
     """The rows to write (columns in order), and what was left out on the way."""
 
     table: pa.Table
-    layout: Layout
+    layout: cn.Layout
     components: int  # mined components: rows + left out + leaks
     left_out: list[LeftOut]
     leaks: list[dict[str, str]]  # rows equal to a validation row on `join_keys`, left out
@@ -106,7 +94,7 @@ class TrainingRows:
             path=str(path), rows=self.table.num_rows, components=self.components, left_out=len(self.left_out),
             left_out_by_reason=self.by_reason(), leaks=len(self.leaks), leak_keys=self.join_keys,
             validation_csv=None if validation is None else str(validation.path), pass_golden=str(pass_golden),
-            images_dir=str(self.layout.images_root), lights=list(self.layout.lights), image_ext=self.layout.image_ext)
+            images_dir=str(self.layout.images_dir), lights=list(self.layout.lights), image_ext=self.layout.image_ext)
 
     def warnings(self, validation: Validation | None) -> list[ToolWarning]:
         """What was left out, said: by reason (the first examples of each), and the leaks."""
@@ -123,28 +111,9 @@ class TrainingRows:
         return said
 
 
-def is_changenet(columns: Sequence[str]) -> bool:
-    """A ChangeNet pool's standard listing: the CSV's four columns plus the listing's `light`."""
-    return {*CHANGENET_COLUMNS, "light"} <= set(columns)
-
-
 def training_columns(pool_columns: Sequence[str]) -> list[str]:
     """The training CSV's columns: the four, then the pool's metadata columns in pool order."""
-    return [*CHANGENET_COLUMNS, *(n for n in pool_columns if n not in (*CHANGENET_COLUMNS, *LISTING_ADDED))]
-
-
-def canonical_label(label: Any) -> str:
-    """ChangeNet's case: a label whose container key is PASS is exactly `PASS`; any other lower-case, stripped."""
-    text = "" if label is None else str(label)
-    return PASS if text.strip().upper() == PASS else text.lower().strip()
-
-
-def layout_of(listing: pa.Table, images_root: Path) -> Layout:
-    """The lights (the listing's, in order of first appearance) and the image extension (the
-    commonest of its resolved files': ChangeNet's spec has one)."""
-    lights = tuple(dict.fromkeys(str(x) for x in listing.column("light").to_pylist() if x is not None))
-    suffixes = Counter(PurePosixPath(str(p)).suffix for p in listing.column("filepath").to_pylist() if p)
-    return Layout(images_root, lights, suffixes.most_common(1)[0][0] if suffixes else ".jpg")
+    return [*cn.COLUMNS, *(n for n in pool_columns if n not in (*cn.COLUMNS, FILEPATH, *cn.ADDED))]
 
 
 def read_validation(path: Path) -> Validation:
@@ -167,11 +136,23 @@ def read_validation(path: Path) -> Validation:
     return Validation(path, present, list(zip(*columns)))
 
 
+def trained_before(book: ledgers.Ledger, iteration: int, images_root: Path) -> Callable[[str], int | None]:
+    """The iteration before `iteration` that selected a pool filepath (None: none), by the ledger's identity."""
+    before = book.selected_before(iteration)
+
+    def earlier(filepath: str) -> int | None:
+        normal = ledgers.identity(filepath, book.format, images_root)
+        return book.selected[normal] if normal in before else None
+    return earlier
+
+
 def build(mined: Sequence[str | None], listing: pa.Table, images_root: Path, pass_golden: PassGolden,
-          validation: Validation | None = None) -> TrainingRows:
-    """One training row per mined component, in order of first appearance in `mined`, or why not."""
-    layout = layout_of(listing, images_root)
+          validation: Validation | None = None, before: Callable[[str], int | None] | None = None) -> TrainingRows:
+    """One training row per mined component, in order of first appearance in `mined`, or why not; with
+    `before` (a ledger's earlier selections), a component one of whose images was selected before is not."""
+    layout = cn.listing_layout(listing, images_root)
     pool = _Pool(listing, images_root)
+    trained = pool.trained(before) if before is not None else {}
     rows: list[dict[str, str]] = []
     left_out: list[LeftOut] = []
     seen: set[int] = set()
@@ -186,6 +167,9 @@ def build(mined: Sequence[str | None], listing: pa.Table, images_root: Path, pas
             continue
         seen.add(component)
         components += 1
+        if component in trained:
+            left_out.append(LeftOut(filepath, component, Reason.trained_before, trained[component]))
+            continue
         formed = _form(pool, row, layout, pass_golden)
         (left_out if isinstance(formed, LeftOut) else rows).append(formed)  # type: ignore[arg-type]
     columns = training_columns(listing.column_names)
@@ -199,11 +183,12 @@ def build(mined: Sequence[str | None], listing: pa.Table, images_root: Path, pas
 
 
 def make(mined_parquet: Path, listing_parquet: Path, images_root: Path, output: Path, pass_golden: PassGolden,
-         validation: Validation | None = None) -> tuple[TrainingRowsResult, list[ToolWarning]]:
+         validation: Validation | None = None, before: Callable[[str], int | None] | None = None
+         ) -> tuple[TrainingRowsResult, list[ToolWarning]]:
     """A run's step: its mined images and its pool's listing in, the training CSV written, its facts out."""
     mined = tables.read_columns(mined_parquet, ["filepath"]).column("filepath").to_pylist()
     rows = build(mined, tables.read_columns(listing_parquet, tables.schema_of(listing_parquet).names),
-                 images_root, pass_golden, validation)
+                 images_root, pass_golden, validation, before)
     write(output, rows)
     return rows.result(output, pass_golden, validation), rows.warnings(validation)
 
@@ -235,7 +220,7 @@ class _Pool:
         self.golden = data.get("golden_filepath") or [None] * listing.num_rows
         # a listing without csv_row: each row is its own component
         self.csv_row = data["csv_row"] if "csv_row" in data else list(range(listing.num_rows))
-        self.metadata = training_columns(listing.column_names)[len(CHANGENET_COLUMNS):]
+        self.metadata = training_columns(listing.column_names)[len(cn.COLUMNS):]
         self.values = data
         self.by_path: dict[str, int] = {}
         self.by_resolved: dict[str, int] = {}
@@ -251,6 +236,14 @@ class _Pool:
     def _absolute(self, path: str) -> str:
         return os.path.normpath(self.root / os.path.expanduser(path))
 
+    def trained(self, before: Callable[[str], int | None]) -> dict[int, str]:
+        """Component -> which of its images an earlier iteration selected (the first such row's)."""
+        found: dict[int, str] = {}
+        for row, path in enumerate(self.filepath):
+            if path and self.csv_row[row] not in found and (iteration := before(path)) is not None:
+                found[self.csv_row[row]] = f"{path} was selected by iteration {iteration}"
+        return found
+
     def row_of(self, filepath: str) -> int | None:
         row = self.by_path.get(filepath)
         return row if row is not None else self.by_resolved.get(self._absolute(filepath))
@@ -261,28 +254,27 @@ class _Pool:
         return None if rel == ".." or rel.startswith(".." + os.sep) else PurePosixPath(Path(rel)).as_posix()
 
 
-def _form(pool: _Pool, row: int, layout: Layout, pass_golden: PassGolden) -> dict[str, str] | LeftOut:
+def _form(pool: _Pool, row: int, layout: cn.Layout, pass_golden: PassGolden) -> dict[str, str] | LeftOut:
     """The training row of the component `row` belongs to, checked as the loop's validator checks it."""
     filepath, component = str(pool.filepath[row]), pool.csv_row[row]
 
     def out(reason: Reason, detail: str) -> LeftOut:
         return LeftOut(filepath, component, reason, detail)
 
-    label = canonical_label(pool.label[row])
+    label = cn.canonical_label(pool.label[row])
     if not label:
         return out(Reason.empty_label, repr(pool.label[row]))
     relative = pool.relative(filepath)
     if relative is None:
         return out(Reason.outside_images_root, filepath)
-    suffix = f"_{pool.light[row]}{layout.image_ext}"
-    name = PurePosixPath(relative).name
+    suffix, name = layout.suffix(pool.light[row]), PurePosixPath(relative).name
     if not name.endswith(suffix) or name == suffix:
         return out(Reason.not_siamese, f"{name} does not end in {suffix}")
     object_name, directory = name[: -len(suffix)], str(PurePosixPath(relative).parent)
     golden = pool.golden_of.get(component)
-    if golden is None and not (label == PASS and pass_golden is PassGolden.self):
+    if golden is None and not (label == cn.PASS and pass_golden is PassGolden.self):
         return out(Reason.no_golden, f"label {label}" + (" (pass_golden=self would use its own image)"
-                                                         if label == PASS else ""))
+                                                         if label == cn.PASS else ""))
     if golden is None:  # a PASS row, asked to: its own image is its golden
         golden_dir = directory
     elif (golden_relative := pool.relative(golden)) is None:

@@ -188,7 +188,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         tgt, src = embedded["targets"], embedded["source"]
         mine_result = mine_spec(mining, backend, ctx.stage("mine"), pairs_path=folder.pairs, loop_files=True)
         selected = None if inputs.history is None else _select(inputs, folder, mining, sides["source"], ctx)
-        training, training_warnings = _training_rows(inputs, folder, sides["source"], validation)
+        training, training_warnings = _training_rows(inputs, folder, sides["source"], validation, selected)
         mined_warnings = mine_result.warnings
         if any(w.code == "label_missing_in_pool" for w in mined_warnings):  # per_label's, from the rows searched
             prechecked = [w for w in prechecked if w.code != "label_missing_in_pool"]
@@ -233,10 +233,10 @@ def _training_options(inputs: RunInput, pool: Listing) -> training_rows.Validati
     validation CSV must share a leak key with the training rows (read now, kept for the end)."""
     if inputs.validation_csv is None and inputs.pass_golden is PassGolden.none:
         return None
-    if not set(training_rows.CHANGENET_COLUMNS) <= set(pool.schema.names):
+    if not cn.is_changenet(pool.schema):
         field = "validation_csv" if inputs.validation_csv is not None else "pass_golden"
         raise DeftError("not_changenet_pool", f"{field} applies to a ChangeNet pool (columns "
-                        f"{', '.join(training_rows.CHANGENET_COLUMNS)}), and the source {pool.path} is not one "
+                        f"{', '.join(cn.COLUMNS)}), and the source {pool.path} is not one "
                         f"(columns: {', '.join(pool.schema.names)})", fix=f"leave {field} out, or give the "
                         "ChangeNet CSV as the source", field=field)
     if inputs.validation_csv is None:
@@ -246,13 +246,16 @@ def _training_options(inputs: RunInput, pool: Listing) -> training_rows.Validati
     return validation
 
 
-def _training_rows(inputs: RunInput, folder: RunFolder, pool: Listing, validation: training_rows.Validation | None
-                   ) -> tuple[TrainingRowsResult | None, list[ToolWarning]]:
-    """A ChangeNet pool's mined components as ChangeNet training rows (other pools: none)."""
-    if not training_rows.is_changenet(pool.schema.names):
+def _training_rows(inputs: RunInput, folder: RunFolder, pool: Listing, validation: training_rows.Validation | None,
+                   selected: SelectResult | None) -> tuple[TrainingRowsResult | None, list[ToolWarning]]:
+    """A ChangeNet pool's mined components as ChangeNet training rows (other pools: none); with a
+    ledger, a component an earlier iteration selected an image of was a training row then: not again."""
+    if not cn.is_changenet(pool.schema, listing=True):
         return None, []
+    before = None if selected is None else training_rows.trained_before(
+        ledgers.load(Path(selected.ledger), verify=False), selected.iteration, pool.images_root)
     return training_rows.make(folder.mined, folder.listings["source"], pool.images_root,
-                              folder.path / artifacts.TRAINING_ROWS, inputs.pass_golden, validation)
+                              folder.path / artifacts.TRAINING_ROWS, inputs.pass_golden, validation, before)
 
 
 def _require_readable(sides: dict[str, EmbedResult]) -> None:

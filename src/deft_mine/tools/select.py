@@ -160,9 +160,7 @@ def _read(source: Path, base: Path, fmt: LedgerFormat) -> tuple[pa.Table, list[s
     if None in paths:
         raise DeftError("column_invalid", f"candidates {source}: filepath is null in row {paths.index(None)}",
                         fix="every candidate needs a filepath", path=str(source))
-    if fmt is LedgerFormat.deft_mine:
-        return table, [ledgers.absolute_normal(str(p), base) for p in paths]
-    normal = [ledgers.skill_identity(str(p)) for p in paths]
+    normal = [ledgers.identity(str(p), fmt, base) for p in paths]
     if None in normal:
         row = normal.index(None)
         raise DeftError("column_invalid", f"candidates {source}: filepath {paths[row]!r} in row {row} names no file",
