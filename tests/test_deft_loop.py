@@ -35,9 +35,9 @@ GOLDEN = "images/golden/BOARD1/PerComponent"
 # Pool components: (object_name, label as the pool spells it). Target components resemble some.
 POOL = [(f"C{i}", label) for i, label in enumerate(
     ["PASS", "missing", "Missing ", "short", "PASS", "short", "missing", "PASS", "solder_bridge", "PASS"])]
-# Each target resembles two pool components (the same pattern): round 2 (topn=1) mines one of each
-# pair, round 3 (topn=3) the other, the first being in the ledger by then.
-LOOKS = {0: 0, 4: 0, 1: 1, 2: 1, 3: 3, 5: 3}  # pool row -> the pattern it shares (others: their own)
+# Each target resembles two pool components (its pattern): a near copy, which round 2 (topn=1) mines
+# in both lights, and a noisier one, which only round 3 (topn=3) reaches.
+LOOKS = {0: (0, 6), 1: (1, 6), 3: (3, 6), 4: (0, 40), 2: (1, 40), 5: (3, 40)}  # pool row -> pattern, noise
 TARGETS = [("T0", "missing", 1), ("T1", "short", 3), ("T2", "PASS", 0)]  # (name, label, pattern)
 
 
@@ -52,10 +52,10 @@ def _skill_script(tmp: Path, name: str) -> Path:
     return path
 
 
-def _image(path: Path, base: int, seed: int) -> None:
+def _image(path: Path, base: int, seed: int, noise: int = 6) -> None:
     """A component image: a pattern shared by its base (so near copies are neighbours) plus noise."""
     pattern = np.random.default_rng(base).integers(0, 255, (24, 32, 3)).astype(np.int16)
-    noise = np.random.default_rng(seed).integers(-6, 7, pattern.shape)
+    noise = np.random.default_rng(seed).integers(-noise, noise + 1, pattern.shape)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.clip(pattern + noise, 0, 255).astype(np.uint8)).save(path, quality=95)
 
@@ -81,7 +81,8 @@ def workspace(tmp_path: Path) -> Path:
     ws = tmp_path / "ws"
     for i, _ in enumerate(POOL):
         for j, light in enumerate(LIGHTS):
-            _image(ws / BOARD / f"C{i}_{light}.jpg", base=100 * LOOKS.get(i, i) + j, seed=1000 + 10 * i + j)
+            pattern, noise = LOOKS.get(i, (i, 6))
+            _image(ws / BOARD / f"C{i}_{light}.jpg", base=100 * pattern + j, seed=1000 + 10 * i + j, noise=noise)
             _image(ws / GOLDEN / f"C{i}_{light}.jpg", base=100 * i + j, seed=5000 + 10 * i + j)
     for name, _, copies in TARGETS:
         for j, light in enumerate(LIGHTS):
@@ -200,6 +201,7 @@ def test_two_rounds_of_the_deft_loop_on_a_changenet_workspace(workspace: Path, t
     assert history["history_count_before"] == 1 + json.loads((second / "mining_history_summary.json").read_text())[
         "selected_count"]
     rows3 = _training_rows_hold(third, ws, tmp_path, earlier)
+    assert {r["object_name"] for r in rows3} == {"C2", "C4"}  # the noisier copies; C5 was iteration 1's
     # a component is a training row once across rounds: none of round 3's is one of round 2's
     assert not {r["object_name"] for r in rows3} & {r["object_name"] for r in rows}
     mined3 = {Path(p).name.split("_")[0] for p in pq.read_table(third / "mined.parquet").column("filepath").to_pylist()}
