@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import socket
 import sys
 import threading
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from deft_mine.engine.listings import Listing
 
 DoneT = TypeVar("DoneT", BackendEmbed, BackendMine)
+T = TypeVar("T")
 
 INSTALL_FIX = "pip install 'deft-mine[ray]'"
 # A Ray started here (no address given) takes at most this many CPUs: the driver, the store and
@@ -233,11 +235,37 @@ class HeadWatch:
                                 "the embedding store keeps the vectors already made",
                             field="ray_address", address=self.address)
 
+    def call(self, ask: Callable[[], T]) -> T:
+        """`ask()`, a direct question to the head, watched: with the head gone it would block until
+        Ray ends the whole process (exit 1, a minute on); asked on a side thread, the wait ends in
+        ray_head_lost after the grace time instead."""
+        box: queue.Queue = queue.Queue(maxsize=1)
 
-def cluster_cpus_gpus(ray: Any) -> tuple[float, float, int]:
-    """The cluster's CPUs, GPUs and alive nodes."""
-    resources = ray.cluster_resources()
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        def run() -> None:
+            try:
+                box.put((True, ask()))
+            except BaseException as exc:  # handed to the caller's thread, raised there
+                box.put((False, exc))
+
+        threading.Thread(target=run, name="ray-head-call", daemon=True).start()
+        while True:
+            try:
+                answered, value = box.get(timeout=0.5)
+            except queue.Empty:
+                self.check()
+                continue
+            if answered:
+                return value
+            raise value
+
+
+def cluster_cpus_gpus(ray: Any, watch: HeadWatch | None = None) -> tuple[float, float, int]:
+    """The cluster's CPUs, GPUs and alive nodes (asked under `watch` while a step runs)."""
+    def ask() -> tuple[dict[str, float], list[dict[str, Any]]]:
+        return ray.cluster_resources(), ray.nodes()
+
+    resources, listed = watch.call(ask) if watch is not None else ask()
+    nodes = sum(1 for n in listed if n.get("Alive"))
     return float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0)), nodes
 
 
@@ -326,8 +354,9 @@ class RayBackend:
         it ran: the cluster as it is now, and the workers the step used."""
         with attached(self.address) as ray:
             with self._cluster_errors(ray):
-                done, used = work(ray, HeadWatch(ray, self.address))
-            cpus, gpus, nodes = cluster_cpus_gpus(ray)
+                watch = HeadWatch(ray, self.address)
+                done, used = work(ray, watch)
+                cpus, gpus, nodes = cluster_cpus_gpus(ray, watch)
             done.cluster = ClusterFacts(address=self.address, ray_version=ray.__version__, nodes=nodes, cpus=cpus,
                                         gpus=gpus, workers=used.count, nodes_used=used.nodes, gpus_used=used.gpus)
         return done

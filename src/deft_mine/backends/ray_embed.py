@@ -168,7 +168,7 @@ def embed_on_ray(ray: Any, spec: EmbeddingSpec, listing: Listing, output_path: P
                  actors: int | None = None) -> tuple[EmbedStats, Workers]:
     """Embed `listing` on the cluster: prepare in read tasks, encode in actors, finish here."""
     shelf = Shelf(store, encoder.identity) if store else None
-    cpus, gpus, nodes = cluster_cpus_gpus(ray)
+    cpus, gpus, nodes = cluster_cpus_gpus(ray, watch)
     model, model_path = spec.encoder_key()[:2]
     use_gpu = spec.device != "cpu" and model != "thumbnail"
     plan = plan_pool(cpus, gpus, use_gpu, actors)

@@ -52,7 +52,7 @@ def search_shard(spec: MiningSpec, source_path: str, target_path: str, queries: 
 def _search(ray: Any, prep: Prepared, events: Events, watch: HeadWatch) -> tuple[Searched, Workers]:
     """The pool searched shard by shard on the cluster, merged in pool order; and the shard tasks that did it."""
     spec, total = prep.spec, prep.total
-    cpus, _, _ = cluster_cpus_gpus(ray)
+    cpus, _, _ = cluster_cpus_gpus(ray, watch)
     shards = plan_shards(total, spec.block_rows, cpus)
     # Shards after the first check their blocks against the pool's first vector, as a local pass would.
     dim = pool_dim(prep.source_path, spec.source_embed_column_name) if total else None
