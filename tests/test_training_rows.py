@@ -364,3 +364,35 @@ def test_a_component_is_a_training_row_once_across_iterations(tmp_path, ledger_f
                and object_of(x["detail"].split(" ")[0]) == object_of(x["filepath"])
                and x["detail"].split(" ")[0] in mined[0] for x in warning.details["examples"])
     assert "trained_before" in (tmp_path / "r2" / "Mining_Report.md").read_text()
+
+
+def test_training_rows_keep_the_pool_csvs_coordinates(tmp_path):
+    """The loop's layout: the pool CSV spells `images/B1/…` relative to the workspace, its images
+    resolve under images_dir=<ws>/images (the resolver drops the leading `images/`), and the
+    training CSV the loop appends to is read against the workspace root. The rows keep the pool's
+    spelling, so the loop's validator, rooted at the workspace, accepts them."""
+    ws = tmp_path / "ws"
+    workspace(ws, [component(0, "short"), component(1, "PASS")])
+    for rel in {f"golden/B1/PerComponent/C{i}_{light}{EXT}" for i in (0, 1) for light in LIGHTS}:
+        (ws / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ws / rel).rename(ws / "images" / rel)  # goldens under images/ too, spelled images/golden/…
+    pool = ws / "augmentation" / "pool.csv"
+    pool.parent.mkdir()
+    pool.write_text("input_path,golden_path,label,object_name,boardname\n"
+                    "images/B1/PerComponent,images/golden/B1/PerComponent,short,C0,B1\n"
+                    "images/B1/PerComponent/C1_SolderLight.jpg,images/golden/B1/PerComponent,PASS,C1,B1\n")
+    pq.write_table(pa.table({"filepath": [f"B1/PerComponent/C{i}_{light}{EXT}" for i in (0, 1) for light in LIGHTS]}),
+                   ws / "targets.parquet")
+    result = run(ws / "targets.parquet", pool, run_dir=tmp_path / "r", images_dir=str(ws / "images"),
+                 lights=list(LIGHTS), overrides={"model": "thumbnail", "topn": 4, "image_root": str(ws / "images")})
+    path = tmp_path / "r" / "mined_training_rows.csv"
+    with path.open(newline="") as fh:
+        out = {r["object_name"]: (r["input_path"], r["golden_path"]) for r in csv.DictReader(fh)}
+    assert result.training_rows is not None and result.training_rows.rows == 2
+    assert out == {"C0": ("images/B1/PerComponent", "images/golden/B1/PerComponent"),
+                   "C1": ("images/B1/PerComponent", "images/golden/B1/PerComponent")}
+    assert loop_validator(path, ws) == []
+    # C1's input_path names its SolderLight file: each light still finds its own image beside it
+    listing = pq.read_table(tmp_path / "r" / "source_listing.parquet").to_pylist()
+    assert {(r["object_name"], r["light"]): r["filepath"] for r in listing}[("C1", "UniformLight")] == \
+        "B1/PerComponent/C1_UniformLight.jpg"

@@ -175,6 +175,15 @@ def bases(value: str, layout: Layout) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def _folder_of(value: str, object_name: str, layout: Layout) -> str:
+    """A value naming one light's file (`…/C1_SolderLight.jpg`) stands for its folder, so each light
+    finds its own file there: taken as it is (as the loop's one-light resolver takes it), it would
+    give every light that one image."""
+    path = PurePosixPath(value.strip())
+    named = {layout.filename(object_name, light) for light in layout.lights} - {None}
+    return str(path.parent) if path.name in named else value
+
+
 def _join(base: str, relative: str) -> str:
     return base if relative == "." else f"{base}/{relative}"
 
@@ -238,6 +247,7 @@ def resolve_rows(table: pa.Table, layout: Layout, path: Path, skip_unresolved: b
         if not label.strip():
             raise DeftError("label_empty", f"{path}: row {row} (line {row + 2}) has an empty label", field="label",
                             fix="give every row its label (PASS, or the defect class)", row=row, line=row + 2)
+        value, golden = _folder_of(value, object_name, layout), _folder_of(golden, object_name, layout)
         image_bases, golden_bases = bases(value, layout), bases(golden, layout) if golden.strip() else None
         for light in layout.lights:
             name = layout.filename(object_name, light)

@@ -4,6 +4,7 @@ each checked as the DEFT loop's validator checks it, and the validation-set leak
 from __future__ import annotations
 
 import os
+import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -286,6 +287,21 @@ def _form(pool: _Pool, row: int, layout: cn.Layout, pass_golden: PassGolden) -> 
             if not (path := layout.image(where, object_name, light)).is_file():
                 return out(reason, str(path))
     metadata = {n: "" if (v := pool.values[n][row]) is None else str(v) for n in pool.metadata}
-    return {"input_path": directory, "golden_path": golden_dir, "label": label, "object_name": object_name,
+    # Checked where they resolve, written in the pool CSV's own coordinates: the loop appends pool
+    # rows to training CSVs, so a pool spelling `images/B/…` under images_dir=<ws>/images stays so.
+    input_dir = _as_written(pool.values["input_path"][row], layout.image_ext, directory)
+    golden_dir = input_dir if golden is None else _as_written(pool.values["golden_path"][row], layout.image_ext,
+                                                              golden_dir)
+    return {"input_path": input_dir, "golden_path": golden_dir, "label": label, "object_name": object_name,
             **metadata}
+
+
+def _as_written(written: str | None, image_ext: str, resolved: str) -> str:
+    """The pool's spelling of a component's folder: a folder as written, an image file's parent;
+    `resolved` (relative to the images root) when the pool spells none."""
+    text = (written or "").strip().replace("\\", "/")
+    if not text:
+        return resolved
+    path = PurePosixPath(posixpath.normpath(text))
+    return str(path.parent if path.suffix.lower() == image_ext.lower() else path)
 
