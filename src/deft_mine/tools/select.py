@@ -363,10 +363,8 @@ def _result(book: ledgers.Ledger, iteration: int, paths: Paths, tally: Tally, bu
 def _selection_warnings(book: ledgers.Ledger, iteration: int, tally: Tally, selected: int,
                         budget: Budget | None) -> list[ToolWarning]:
     """The loop's checks after selection, and ours: nothing new, a spent neighbourhood, a
-    collapsed yield, a spent budget."""
-    if selected == 0 and not len(tally.new) - selected:
-        # nothing new at all: the strongest of these, and its action (topn, the pool) is theirs too
-        return [warnings.selection_empty(iteration, len(tally.normal))]
+    collapsed yield, a spent budget (each judged on its own: the loop's yield monitor speaks
+    whether or not anything new was selected)."""
     found = [warnings.selection_empty(iteration, len(tally.normal))] if selected == 0 else []
     if tally.unique and tally.rate >= MOSTLY_MINED:
         found.append(warnings.candidates_mostly_mined(iteration, tally.unique, tally.already, tally.rate,
