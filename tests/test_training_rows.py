@@ -396,3 +396,13 @@ def test_training_rows_keep_the_pool_csvs_coordinates(tmp_path):
     listing = pq.read_table(tmp_path / "r" / "source_listing.parquet").to_pylist()
     assert {(r["object_name"], r["light"]): r["filepath"] for r in listing}[("C1", "UniformLight")] == \
         "B1/PerComponent/C1_UniformLight.jpg"
+
+
+def test_a_validation_csv_is_read_as_every_csv_is_semicolons_included(tmp_path):
+    """One CSV reader: a ';'-separated validation CSV (as spreadsheets write them, and as pools are
+    accepted) gives its keys, values verbatim (a board 0510 stays 0510)."""
+    path = tmp_path / "val.csv"
+    path.write_text("input_path;golden_path;label;object_name;boardname\nimages/B;golden/B;short;C3;0510\n")
+    validation = tr.read_validation(path)
+    assert validation.columns == ("input_path", "golden_path", "label", "object_name", "boardname")
+    assert validation.rows == [("images/B", "golden/B", "short", "C3", "0510")]

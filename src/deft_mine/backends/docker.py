@@ -182,6 +182,8 @@ class DockerBackend:
             if on_host:
                 return write_mining(done, outputs)
             tables.write_table_atomic(outputs.pairs, done.pairs)
+            if done.floor is not None:  # the loop checks kept_count against the file the image wrote
+                done.floor.kept = tables.num_rows(outputs.mined)
             for raw_only in (True, False):  # the loop's floor-stage files (a run's), from the same pairs
                 write_floor_stage(done, outputs, raw_only)
             mined = self._read_mining(spec, source_path, target_path, outputs, timings, job.log)

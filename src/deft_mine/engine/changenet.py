@@ -13,7 +13,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import yaml
 
 from deft_mine.engine import tables
@@ -88,23 +87,13 @@ def canonical_label(label: Any) -> str:
 
 def header(path: Path) -> list[str]:
     """A CSV's column names, from its header line (the separator chosen as for any CSV listing)."""
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else tables.sniff_delimiter(str(path))
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
-        return next(pycsv.reader(fh, delimiter=delimiter), [])
+        return next(pycsv.reader(fh, delimiter=tables.csv_delimiter(path)), [])
 
 
 def read_csv(path: Path) -> pa.Table:
     """A ChangeNet CSV, every column read as text (verbatim: a board named 0510 stays 0510)."""
-    names = header(path)
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else tables.sniff_delimiter(str(path))
-    try:
-        return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                              convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
-                                                                   strings_can_be_null=False))
-    except pa.ArrowInvalid as exc:
-        raise DeftError("csv_invalid", f"{path}: cannot parse as CSV (separator {delimiter!r}): {exc}",
-                        fix="fix the CSV: one header line, the same number of fields on every line",
-                        path=str(path), separator=delimiter) from exc
+    return tables.read_text_csv(path)
 
 
 def spec_lights(spec_path: Path) -> tuple[tuple[str, ...], str | None]:

@@ -14,7 +14,7 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -53,16 +53,34 @@ def read_csv(path: Path) -> pa.Table:
 
 @functools.lru_cache(maxsize=2)  # schema, row count and rows of one CSV: parse it once
 def _read_csv_cached(path: str, mtime_ns: int, size: int) -> pa.Table:
-    delimiter = "\t" if path.lower().endswith(".tsv") else sniff_delimiter(path)
+    # filepath is always text: inferred, "0001" would become the integer 1.
+    return _parse_csv(Path(path), lambda names: {"filepath": pa.string()}, strings_can_be_null=True)
+
+
+def read_text_csv(path: Path) -> pa.Table:
+    """A whole CSV with every column read as text, verbatim (a board named 0510 stays 0510; an
+    empty field is "")."""
+    return _parse_csv(path, lambda names: dict.fromkeys(names, pa.string()), strings_can_be_null=False)
+
+
+def csv_delimiter(path: Path) -> str:
+    """A CSV listing's separator: a tab for .tsv, else as sniff_delimiter judges the header."""
+    return "\t" if path.suffix.lower() == ".tsv" else sniff_delimiter(str(path))
+
+
+def _parse_csv(path: Path, types: Callable[[list[str]], dict[str, pa.DataType]], strings_can_be_null: bool
+               ) -> pa.Table:
+    """Every CSV we read, parsed one way: its separator chosen once, a parse failure one refusal."""
+    parse = pacsv.ParseOptions(delimiter=(delimiter := csv_delimiter(path)))
     try:
-        # filepath is always text: inferred, "0001" would become the integer 1.
-        return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                              convert_options=pacsv.ConvertOptions(column_types={"filepath": pa.string()}))
+        names = pacsv.open_csv(path, parse_options=parse).schema.names
+        return pacsv.read_csv(path, parse_options=parse, convert_options=pacsv.ConvertOptions(
+            column_types=types(names), strings_can_be_null=strings_can_be_null))
     except pa.ArrowInvalid as exc:
         raise DeftError(
             "csv_invalid", f"{path}: cannot parse as CSV (separator {delimiter!r}): {exc}",
             fix="fix the CSV: one header line, the same number of fields on every line, paths with "
-                "the separator in them quoted", path=path, separator=delimiter,
+                "the separator in them quoted", path=str(path), separator=delimiter,
         ) from exc
 
 

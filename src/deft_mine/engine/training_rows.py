@@ -119,15 +119,7 @@ def training_columns(pool_columns: Sequence[str]) -> list[str]:
 
 def read_validation(path: Path) -> Validation:
     """A validation CSV's leak-key values (every column read as text); one with none of the keys is refused."""
-    tables.require_file(path, "validation_csv")
-    try:
-        names = pacsv.open_csv(path).schema.names
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in names}, strings_can_be_null=False))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DeftError("csv_invalid", f"validation_csv: {path} could not be parsed as a CSV ({exc})",
-                        fix="give the validation CSV of the ChangeNet spec, comma-separated with a header",
-                        field="validation_csv", path=str(path)) from exc
+    table = tables.read_text_csv(tables.require_file(path, "validation_csv"))
     present = tuple(k for k in LEAK_KEYS if k in table.column_names)
     if not present:
         raise DeftError("column_missing", f"validation_csv: {path} has none of the leak keys {list(LEAK_KEYS)}; "
