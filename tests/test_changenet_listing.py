@@ -286,3 +286,12 @@ def test_the_yield_precheck_warns_before_embedding_in_every_label_mode(ws):
     checked = preflight(targets=str(ws / "targets.csv"), source=str(ws / "pool.csv"), images_dir=str(ws / "images"))
     (warning,) = [w for w in checked.warnings if w.code == "label_missing_in_pool"]
     assert warning.details["targets_per_label"] == {"Shift": 1}
+
+
+def test_a_dotdot_or_linked_folder_is_written_as_the_loops_resolver_writes_it(ws):
+    """The loop writes the real file relative to the real images root: `..` and a linked folder
+    resolved (else absolute), so its ledger and ours name each image the same way."""
+    (ws / "images" / "B1link").symlink_to(ws / "images" / "B1")
+    (ws / "p.csv").write_text(HEADER + "../images/B1/PerComponent,,PASS,C1,a\nB1link/PerComponent,,PASS,C2,b\n")
+    rows = listing_of(ws, "p.csv").table.to_pylist()
+    assert [r["filepath"] for r in rows] == [f"B1/PerComponent/C{c}_{light}.jpg" for c in (1, 2) for light in LIGHTS]

@@ -5,6 +5,7 @@ and extension a ChangeNet spec names."""
 from __future__ import annotations
 
 import csv as pycsv
+import functools
 import os
 import stat
 from collections import Counter
@@ -262,9 +263,16 @@ def resolve_rows(table: pa.Table, layout: Layout, path: Path, skip_unresolved: b
 
 
 def _relative(found: str, layout: Layout) -> str:
-    """As the loop's resolver writes it: relative to the images root when inside it, else absolute."""
-    root = str(layout.images_dir)
-    return found[len(root) + 1:] if found.startswith(root + "/") else found
+    """As the loop's resolver writes it: the real path (`..` and linked folders resolved), relative
+    to the real images root when inside it, else absolute. Folders are resolved once each: rows
+    and lights share them."""
+    root, real = _real(str(layout.images_dir)), f"{_real(os.path.dirname(found))}/{os.path.basename(found)}"
+    return real[len(root) + 1:] if real.startswith(root + "/") else real
+
+
+@functools.lru_cache(maxsize=4096)
+def _real(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 def _describe(failure: tuple[int, str, str, Resolution], layout: Layout) -> str:
