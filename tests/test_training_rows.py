@@ -406,3 +406,30 @@ def test_a_validation_csv_is_read_as_every_csv_is_semicolons_included(tmp_path):
     validation = tr.read_validation(path)
     assert validation.columns == ("input_path", "golden_path", "label", "object_name", "boardname")
     assert validation.rows == [("images/B", "golden/B", "short", "C3", "0510")]
+
+
+@pytest.mark.parametrize("ledger_format", ["deft-mine", "tao-skill"])
+def test_a_run_stopped_before_its_training_rows_leaves_the_iteration_unrecorded(tmp_path, monkeypatch,
+                                                                                 ledger_format):
+    """The ledger records an iteration only once its training rows are written: a full disk at
+    that moment (injected) fails the run, the ledger stays as it was, and the next run mines the
+    same iteration again, training rows and all."""
+    files = changenet_csv_pool(tmp_path, 4)
+    ledger = tmp_path / "history.json"
+    pq.write_table(pa.table({"filepath": files[:2]}), tmp_path / "targets.parquet")
+    args = dict(images_dir=str(tmp_path), lights=list(LIGHTS), history=str(ledger), ledger_format=ledger_format,
+                overrides={"model": "thumbnail", "topn": 2, "image_root": str(tmp_path)})
+    run(tmp_path / "targets.parquet", tmp_path / "pool.csv", run_dir=tmp_path / "r1", **args)
+    before = ledger.read_bytes()
+
+    def disk_full(path: Path, rows: tr.TrainingRows) -> None:
+        raise DeftError("disk_full", f"no space left on the device writing {path}", fix="free some space")
+    monkeypatch.setattr(tr, "write", disk_full)
+    with pytest.raises(DeftError) as failed:
+        run(tmp_path / "targets.parquet", tmp_path / "pool.csv", run_dir=tmp_path / "r2", **args)
+    assert failed.value.code == "disk_full" and ledger.read_bytes() == before
+    assert json.loads((tmp_path / "r2" / "run.json").read_text())["status"] == "failed"
+    monkeypatch.undo()
+    again = run(tmp_path / "targets.parquet", tmp_path / "pool.csv", run_dir=tmp_path / "r3", **args)
+    assert again.select is not None and again.select.iteration == 2
+    assert (tmp_path / "r3" / "mined_training_rows.csv").exists()

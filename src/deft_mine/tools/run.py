@@ -8,7 +8,7 @@ import datetime as dt
 import platform
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from deft_mine import __version__
 from deft_mine.backends import resolve
@@ -187,8 +187,8 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         _require_readable(embedded)
         tgt, src = embedded["targets"], embedded["source"]
         mine_result = mine_spec(mining, backend, ctx.stage("mine"), pairs_path=folder.pairs, loop_files=True)
-        selected = None if inputs.history is None else _select(inputs, folder, mining, sides["source"], ctx)
-        training, training_warnings = _training_rows(inputs, folder, sides["source"], validation, selected)
+        selected, training, training_warnings = _select_and_train(inputs, folder, mining, sides["source"],
+                                                                  validation, ctx)
         mined_warnings = mine_result.warnings
         if any(w.code == "label_missing_in_pool" for w in mined_warnings):  # per_label's, from the rows searched
             prechecked = [w for w in prechecked if w.code != "label_missing_in_pool"]
@@ -246,14 +246,29 @@ def _training_options(inputs: RunInput, pool: Listing) -> training_rows.Validati
     return validation
 
 
+def _select_and_train(inputs: RunInput, folder: RunFolder, mining: MiningSpec, pool: Listing,
+                      validation: training_rows.Validation | None, ctx: ToolContext
+                      ) -> tuple[SelectResult | None, TrainingRowsResult | None, list[ToolWarning]]:
+    """mined.parquet (with a ledger: the candidates no earlier iteration selected) and, from a
+    ChangeNet pool, its training rows, written before the ledger records the iteration: a run
+    stopped between the two leaves the iteration unrecorded (the next run mines it again), never
+    recorded without its training rows."""
+    if inputs.history is None:
+        return None, *_training_rows(inputs, folder, pool, validation)
+    made: list[tuple[TrainingRowsResult | None, list[ToolWarning]]] = []
+    selected = _select(inputs, folder, mining, pool, ctx, lambda book, iteration: made.append(
+        _training_rows(inputs, folder, pool, validation, book, iteration)))
+    return selected, *made[0]
+
+
 def _training_rows(inputs: RunInput, folder: RunFolder, pool: Listing, validation: training_rows.Validation | None,
-                   selected: SelectResult | None) -> tuple[TrainingRowsResult | None, list[ToolWarning]]:
+                   book: ledgers.Ledger | None = None, iteration: int = 0
+                   ) -> tuple[TrainingRowsResult | None, list[ToolWarning]]:
     """A ChangeNet pool's mined components as ChangeNet training rows (other pools: none); with a
     ledger, a component an earlier iteration selected an image of was a training row then: not again."""
     if not cn.is_changenet(pool.schema, listing=True):
         return None, []
-    before = None if selected is None else training_rows.trained_before(
-        ledgers.load(Path(selected.ledger), verify=False), selected.iteration, pool.images_root)
+    before = None if book is None else training_rows.trained_before(book, iteration, pool.images_root)
     return training_rows.make(folder.mined, folder.listings["source"], pool.images_root,
                               folder.path / artifacts.TRAINING_ROWS, inputs.pass_golden, validation, before)
 
@@ -269,8 +284,8 @@ def _require_readable(sides: dict[str, EmbedResult]) -> None:
                             field=name, skipped_by_reason=done.skipped_by_reason)
 
 
-def _select(inputs: RunInput, folder: RunFolder, mining: MiningSpec, pool: Listing,
-            ctx: ToolContext) -> SelectResult:
+def _select(inputs: RunInput, folder: RunFolder, mining: MiningSpec, pool: Listing, ctx: ToolContext,
+            before_commit: Callable[[ledgers.Ledger, int], None]) -> SelectResult:
     """mined.parquet: the candidates no earlier iteration of the ledger selected (within the
     budget, whose pool is the source listing's rows)."""
     ledger_path = Path(str(inputs.history)).expanduser().absolute()
@@ -278,7 +293,8 @@ def _select(inputs: RunInput, folder: RunFolder, mining: MiningSpec, pool: Listi
         candidates=str(folder.candidates), ledger=str(ledger_path), output=str(folder.mined),
         iteration=ledgers.load(ledger_path, verify=False).last_iteration + 1,  # select_new verifies it
         image_root=str(pool.images_root), topn=mining.topn, ledger_format=inputs.ledger_format,
-        max_cumulative_fraction=inputs.max_cumulative_fraction, pool_size=pool.rows), ctx.stage("select"))
+        max_cumulative_fraction=inputs.max_cumulative_fraction, pool_size=pool.rows), ctx.stage("select"),
+        before_commit)
 
 
 def _record_results(manifest: RunManifest, folder: RunFolder, tgt: EmbedResult, src: EmbedResult,

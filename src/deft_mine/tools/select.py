@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -99,13 +99,16 @@ def check_history(ledger_path: Path, asked: LedgerFormat | None, fraction: float
     return found or asked or LedgerFormat.deft_mine, budget
 
 
-def select_new(inputs: SelectInput, ctx: ToolContext) -> SelectResult:
+def select_new(inputs: SelectInput, ctx: ToolContext,
+               before_commit: Callable[[ledgers.Ledger, int], None] | None = None) -> SelectResult:
     """Drop every candidate whose normalised filepath an earlier iteration selected (order
     kept), write the rest and mining_history_summary.json beside them, and record the iteration
     in the ledger (ours, or the DEFT loop's mining_history.json) with the SHA-256 of its files.
     Refuses non-consecutive iterations (ledger_iteration_invalid), a resume whose files changed
     (ledger_hash_mismatch), a damaged ledger (ledger_corrupt), one another process is writing
-    (ledger_busy) and a bad budget (budget_invalid); nothing is written then."""
+    (ledger_busy) and a bad budget (budget_invalid); nothing is written then. `before_commit(ledger,
+    iteration)` runs once a new iteration's files are written, before the ledger records it (a
+    caller's own outputs of the iteration: if they fail, the iteration stays unrecorded)."""
     source = tables.require_file(Path(inputs.candidates).expanduser().absolute(), "candidates")
     ledger_path = Path(inputs.ledger).expanduser().absolute()
     target = distinct_output(Path(inputs.output).expanduser().absolute(), "output", source, ledger_path)
@@ -135,7 +138,7 @@ def select_new(inputs: SelectInput, ctx: ToolContext) -> SelectResult:
         if iteration == last or (fmt is LedgerFormat.tao_skill and iteration < last):
             result = _resume(book, iteration, paths, inputs.topn, budget)
         elif iteration == last + 1:
-            result = _record(book, iteration, paths, inputs.topn, budget)
+            result = _record(book, iteration, paths, inputs.topn, budget, before_commit)
         else:
             raise _not_consecutive(iteration, ledger_path, last)
     ctx.events.log("info", f"iteration {iteration}: {result.newly_selected} of {result.candidates} "
@@ -189,8 +192,8 @@ def _file_fact(path: Path) -> dict[str, str] | None:
     return {"path": str(path), "sha256": tables.sha256_of(path)} if path.is_file() else None
 
 
-def _record(book: ledgers.Ledger, iteration: int, paths: Paths, topn: int | None,
-            budget: Budget | None) -> SelectResult:
+def _record(book: ledgers.Ledger, iteration: int, paths: Paths, topn: int | None, budget: Budget | None,
+            before_commit: Callable[[ledgers.Ledger, int], None] | None = None) -> SelectResult:
     table, normal = _read(paths.source, paths.base, book.format)
     tally = _tally(normal, book.selected)
     room = None if budget is None else max(0, budget.cap - len(book.selected))
@@ -198,6 +201,8 @@ def _record(book: ledgers.Ledger, iteration: int, paths: Paths, topn: int | None
     tables.write_table_atomic(paths.target, table.filter(pa.array(tally.keep(set(chosen)), pa.bool_())))
     summary = _history_summary(book, iteration, paths, topn, tally, chosen, budget)
     tables.write_text_atomic(paths.history_summary, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    if before_commit is not None:
+        before_commit(book, iteration)
     book.iterations.append(_skill_entry(iteration, paths, summary, chosen) if book.format is LedgerFormat.tao_skill
                            else _our_entry(iteration, paths, topn, tally, chosen))
     book.selected.update(dict.fromkeys(chosen, iteration))
