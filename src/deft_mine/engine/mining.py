@@ -158,13 +158,10 @@ def _label_groups(prep: Prepared) -> None:
     prep.query_groups = _group_codes(target_labels, groups)
     pool_labels = label_keys(tables.read_columns(prep.source_path, ["label"]).column("label"))
     prep.pool_groups = _group_codes(pool_labels, groups)
-    searchable = prep.pool_groups[(prep.pool_groups >= 0) & ~prep.drop]
-    rows_per_group = np.bincount(searchable, minlength=len(groups))
-    targets_per_group = np.bincount(prep.query_groups[prep.query_groups >= 0], minlength=len(groups))
-    written: dict[int, str] = {}  # each group as its first target writes it
-    for text, code in zip(label_text(prep.targets.column("label")).to_pylist(), prep.query_groups):
-        written.setdefault(int(code), text)
-    prep.missing_in_pool = {written[g]: int(targets_per_group[g]) for g in np.flatnonzero(rows_per_group == 0)}
+    # the labels no searched pool row has: the precheck's rule, over the rows this search sees
+    prep.missing_in_pool = dict(rules.labels_missing_in_pool(
+        target_labels.to_pylist(), label_text(prep.targets.column("label")).to_pylist(),
+        pool_labels.filter(pa.array(~prep.drop)).to_pylist()))
 
 
 def _group_codes(labels: pa.Array, groups: pa.Array) -> np.ndarray:
