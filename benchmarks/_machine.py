@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -32,3 +37,16 @@ def machine_lines(*extra: str) -> list[str]:
         lines.append(f"load average before start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
                      "(other work on this machine skews the timings)")
     return lines
+
+
+@contextlib.contextmanager
+def scratch(prefix: str, keep: bool) -> Iterator[Path]:
+    """A fresh work folder for one benchmark run: removed afterwards, or kept (and said) with --keep."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    finally:
+        if keep:
+            print(f"# kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)

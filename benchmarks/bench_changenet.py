@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from _machine import machine_lines
+from _machine import machine_lines, scratch
 from deft_mine.engine import changenet as cn
 from deft_mine.engine.listings import open_listing
 from deft_mine.schemas.inputs import ChangeNetOptions
@@ -67,11 +65,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench_changenet_"))
     print(f"# bench_changenet: a ChangeNet pool of {args.rows} rows × {len(LIGHTS)} lights resolved (goal: ≤ 30 s)")
     for line in machine_lines():
         print(f"# {line}")
-    try:
+    with scratch("bench_changenet_", args.keep) as work:
         t0 = time.perf_counter()
         csv = build(work, args.rows, args.per_board, args.golden_boards)
         print(f"# built {args.rows * len(LIGHTS)} images + goldens in {time.perf_counter() - t0:.1f}s")
@@ -89,11 +86,6 @@ def main() -> None:
               f"of {args.repeat} ({', '.join(f'{t:.2f}' for t in ours)}); {listing.rows / best:,.0f} row-lights/s")
         print(f"reference (bare os.path.isfile on all {candidates:,} candidates, strings prebuilt): {reference:.2f}s")
         print(f"ratio ours / reference: {best / reference:.2f}; goal met (≤ 30 s): {best <= 30}")
-    finally:
-        if args.keep:
-            print(f"# kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

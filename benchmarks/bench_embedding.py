@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from _machine import machine_lines
+from _machine import machine_lines, scratch
 from deft_mine.engine.embedding import embed_file
 from deft_mine.engine.encoders import build_encoder
 from deft_mine.engine.images import LoadFailure, load_rgb
@@ -125,8 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             f"interop={torch.get_num_interop_threads()} cuda={torch.cuda.is_available()}; "
             f"numpy {np.__version__}; pyarrow {pa.__version__}"):
         print("#", line)
-    root = Path(tempfile.mkdtemp(prefix="deft_bench_embedding_"))
-    try:
+    with scratch("deft_bench_embedding_", args.keep) as root:
         t0 = time.perf_counter()
         image_dir = root / "images"
         names = write_images(image_dir, args.images)
@@ -174,11 +171,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.model == "thumbnail":
             print("  (thumbnail: encode is a few vector ops, so the ratio only shows that end to "
                   "end is bound by decode+preprocess)")
-    finally:
-        if args.keep:
-            print(f"# kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

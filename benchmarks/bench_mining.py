@@ -7,10 +7,8 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from _machine import machine_lines
+from _machine import machine_lines, scratch
 from deft_mine.engine import knn, tables
 from deft_mine.schemas.specs import Metric, MiningSpec
 from deft_mine.engine.mining import mine_files
@@ -300,8 +298,7 @@ def main(argv: list[str] | None = None) -> None:
           + ("" if args.targets or "manhattan" not in metrics
              else "  (manhattan defaults to 100 targets: FAISS's L1 scan is slow)"))
 
-    root = Path(tempfile.mkdtemp(prefix="deft_bench_mining_"))
-    try:
+    with scratch("deft_bench_mining_", args.keep) as root:
         t0 = time.perf_counter()
         write_data(root, args.pool, list(n_targets.values()), args.dim, args.row_group_rows)
         size = pool_path(root).stat().st_size / 2**20
@@ -355,11 +352,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"peaks are whole-process peak RSS (Linux: VmHWM, see peak_rss_mib); idle interpreter "
               f"= {idle['peak_MiB']:.0f} MiB, "
               f"pool as float32 = {args.pool * args.dim * 4 / 2**20:.0f} MiB")
-    finally:
-        if args.keep:
-            print(f"# kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from _machine import machine_lines
+from _machine import machine_lines, scratch
 from bench_embedding import save_random_siglip, write_images, write_listing
 from deft_mine.engine import store as stores
 
@@ -48,11 +46,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench_store_"))
     print("# bench_store: the embedding store through `deft-mine embed` (CPU)")
     for line in machine_lines():
         print(f"# {line}")
-    try:
+    with scratch("bench_store_", args.keep) as work:
         model = work / "siglip"
         save_random_siglip(model, args.layers)
         grown_by = args.images // 10
@@ -97,11 +94,6 @@ def main() -> None:
               f"the same command embedded {resumed['embedded']} (missing {missing}, goal within one batch "
               f"of {args.batch_size}), reused {resumed['reused']} in {resumed_s:.1f}s; output identical to "
               f"the uninterrupted round 1: {same}")
-    finally:
-        if args.keep:
-            print(f"# kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
