@@ -281,9 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         worker(args)
         return
     if args.row_group_rows is None:
-        from deft_mine.engine.embedding import _rows_per_group
+        from deft_mine.engine.embedding import rows_per_group
 
-        args.row_group_rows = _rows_per_group(args.dim)
+        args.row_group_rows = rows_per_group(args.dim)
     metrics = list(METRICS) if "all" in args.metric else list(dict.fromkeys(args.metric))
     n_targets = {m: args.targets or DEFAULT_TARGETS[m] for m in metrics}
 

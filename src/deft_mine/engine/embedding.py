@@ -35,6 +35,11 @@ _SKIPPED_EXAMPLES = 5
 _ROW_GROUP_BYTES = 32 << 20
 
 
+def rows_per_group(dim: int) -> int:
+    """An embedding parquet's rows per row group: about 32 MiB of vectors (the benchmarks write the same)."""
+    return max(1024, _ROW_GROUP_BYTES // max(4 * dim, 1))
+
+
 @dataclass
 class BatchOutcome:
     """What one batch step did: rows in and written, vectors reused and made, unreadable images."""
@@ -204,7 +209,7 @@ def embedding_step(listing: Listing, output_path: Path, encoder: Encoder, shelf:
     stats = EmbedStats(columns=list(schema.names))
     held = shelf.load_index() if shelf is not None else np.zeros(0, "S32")
     with tables.atomic_output(output_path) as tmp, \
-            RowGroupWriter(tmp, schema, max(1024, _ROW_GROUP_BYTES // max(4 * encoder.dim, 1))) as writer:
+            RowGroupWriter(tmp, schema, rows_per_group(encoder.dim)) as writer:
         yield Step(encoder, shelf, Preparer(listing.images_root, held, encoder.preprocess), events, schema, writer,
                    stats)
     if shelf is not None:
