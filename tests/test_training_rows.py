@@ -358,11 +358,8 @@ def test_a_component_is_a_training_row_once_across_iterations(tmp_path, ledger_f
     assert facts is not None and facts.components == len(now) and facts.rows == len(now - earlier)
     assert facts.left_out_by_reason == ({"trained_before": len(now & earlier)} if now & earlier else {})
     assert now & earlier and not results[0].training_rows.left_out
-    (warning,) = [w for w in results[1].warnings if w.code == "training_rows_left_out"]
-    assert warning.details["by_reason"] == {"trained_before": len(now & earlier)}
-    assert all(x["reason"] == "trained_before" and x["detail"].endswith("was selected by iteration 1")
-               and object_of(x["detail"].split(" ")[0]) == object_of(x["filepath"])
-               and x["detail"].split(" ")[0] in mined[0] for x in warning.details["examples"])
+    # nothing is wrong with a component an earlier round wrote: counted and reported, not warned
+    assert not [w for w in results[1].warnings if w.code == "training_rows_left_out"]
     assert "trained_before" in (tmp_path / "r2" / "Mining_Report.md").read_text()
 
 

@@ -26,8 +26,7 @@ CONTROL_ACTIONS: dict[str, str] = {
                                   "look-alike of them; grow the pool, or loosen the floor.",
     "training_rows_left_out": "Look at the left-out components (the warning lists examples by reason): give a "
                               "non-PASS row its golden image, restore a missing light, or pass "
-                              "`--pass-golden self` for PASS rows of an OK-only pool; they stay in mined.parquet "
-                              "(`trained_before` needs nothing: an earlier round already wrote that component).",
+                              "`--pass-golden self` for PASS rows of an OK-only pool; they stay in mined.parquet.",
     "training_rows_leaked": "Nothing to undo: the rows equal to validation rows were left out of "
                             "mined_training_rows.csv; if the pool holds validation images, take them out of it.",
     # ...and a selection's against the history ledger (decided by the select tool)

@@ -98,14 +98,15 @@ class TrainingRows:
             images_dir=str(self.layout.images_dir), lights=list(self.layout.lights), image_ext=self.layout.image_ext)
 
     def warnings(self, validation: Validation | None) -> list[ToolWarning]:
-        """What was left out, said: by reason (the first examples of each), and the leaks."""
+        """What was left out, said: by reason (the first examples of each), and the leaks. A
+        component an earlier round already wrote is counted, not warned: nothing is wrong with it."""
         said: list[ToolWarning] = []
-        if self.left_out:
-            firsts = [next(x for x in self.left_out if x.reason == r) for r in self.by_reason()]
+        if wrong := [x for x in self.left_out if x.reason is not Reason.trained_before]:
+            by_reason = {r: n for r, n in self.by_reason().items() if r != Reason.trained_before}
+            firsts = [next(x for x in wrong if x.reason == r) for r in by_reason]
             examples = [{"filepath": x.filepath, "csv_row": x.csv_row, "reason": str(x.reason), "detail": x.detail}
-                        for x in [*firsts, *(x for x in self.left_out if x not in firsts)][:EXAMPLES]]
-            said.append(warnings.training_rows_left_out(len(self.left_out), self.components, self.by_reason(),
-                                                        examples))
+                        for x in [*firsts, *(x for x in wrong if x not in firsts)][:EXAMPLES]]
+            said.append(warnings.training_rows_left_out(len(wrong), self.components, by_reason, examples))
         if self.leaks and validation is not None:
             said.append(warnings.training_rows_leaked(len(self.leaks), self.join_keys, str(validation.path),
                                                       self.leaks[:EXAMPLES]))

@@ -647,14 +647,17 @@ def _training_section(v: _View, found: list[Finding], verdict: str, compact: boo
     assert rows is not None  # _assemble adds this section only for runs with a ChangeNet pool
     name = rows.path.rstrip("/").rsplit("/", 1)[-1]
     now = v.facts.training_rows_now
-    left = ", ".join(f"{n} `{reason}`" for reason, n in rows.left_out_by_reason.items())
+    left = ", ".join(f"{n} `{reason}`" + (": already written by an earlier iteration" if reason == "trained_before"
+                                          else "") for reason, n in rows.left_out_by_reason.items())
+    earlier = rows.left_out_by_reason.get("trained_before", 0)  # written by an earlier round: not warned
+    left += "; warning `training_rows_left_out`" if rows.left_out > earlier else ""
     yield 0, (f"`{name}` holds {plural(rows.rows, 'ChangeNet training row')} (`input_path`, `golden_path`, "
               f"`label`, `object_name`, then the pool's metadata columns), one per mined component, from "
               f"{plural(rows.components, 'mined component')}: ready to append to the next round's training CSV. "
               f"Every row's image and golden resolve for each light ({', '.join(f'`{x}`' for x in rows.lights)}) as "
               f"`{{images_dir}}/{{dir}}/{{object_name}}_{{light}}{rows.image_ext}` under {_path_md(rows.images_dir)}, "
               "and labels are in ChangeNet's case (`PASS` verbatim, every other label lower-case).")
-    yield 0, ("Left out: " + (f"{plural(rows.left_out, 'component')} ({left}; warning `training_rows_left_out`); "
+    yield 0, ("Left out: " + (f"{plural(rows.left_out, 'component')} ({left}); "
                               if rows.left_out else "none; ")
               + (f"{plural(rows.leaks, 'train/val leak')} equal to a row of {_path_md(rows.validation_csv)} on "
                  f"{', '.join(f'`{k}`' for k in rows.leak_keys)}" + (" (warning `training_rows_leaked`)." if rows.leaks
