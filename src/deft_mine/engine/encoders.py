@@ -321,6 +321,13 @@ class TextEncoder:
                          "padding": "max_length", "truncation": True, "normalised": True}
         self.dim = int(self.encode(["a"]).shape[1])
 
+    @property
+    def store_identity(self) -> EncoderIdentity:
+        """The store's shelf for this tower's vectors: the identity with the tokenizer settings, so a
+        text's vector is never looked up among images, nor under other settings."""
+        return self.identity.model_copy(update={"preprocessing": {**self.identity.preprocessing,
+                                                                  "text": self.settings}})
+
     def encode(self, texts: list[str]) -> np.ndarray:
         """(n, dim) float32 unit vectors of `texts` (non-empty strings)."""
         torch = self._torch
