@@ -34,8 +34,9 @@ def test_every_format_gives_the_same_standard_listing(tmp_path: Path) -> None:
     pq.write_table(pa.table(ROWS), parquet)
     listings = {"parquet": open_listing(parquet, "source"), "csv": open_listing(_csv(tmp_path / "pool.csv", ","), "source"),
                 "csv;": open_listing(_csv(tmp_path / "semi.csv", ";"), "source")}
-    # a new format: a function there, and a case here (ChangeNet CSVs: tests/test_changenet_listing.py)
-    assert set(FORMATS) == {"parquet", "csv", "changenet"}
+    # a new format: a function there, and a case here (ChangeNet CSVs: tests/test_changenet_listing.py;
+    # text parquets, sentences rather than images: tests/test_text_embeddings.py)
+    assert set(FORMATS) == {"parquet", "csv", "changenet", "text"}
     assert [listing.format for listing in listings.values()] == ["parquet", "csv", "csv"]
     expected = (["filepath", "label"], 4, tmp_path, ROWS["filepath"], ROWS["label"], 1)
     for name, listing in listings.items():

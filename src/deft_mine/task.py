@@ -15,7 +15,8 @@ from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec, spec_t
 from deft_mine.stopping import exit_code, sigterm_unwinds, stop_signal
 from deft_mine.tools.registry import ToolContext
 
-TASKS = {("embedding", "image_embeddings"): EmbeddingSpec, ("tmm", "nearest_neighbors"): MiningSpec}
+TASKS = {("embedding", "image_embeddings"): EmbeddingSpec, ("tmm", "nearest_neighbors"): MiningSpec,
+         ("embedding", "text_embeddings"): EmbeddingSpec}  # the container's keys: input/output_parquet, model…
 
 
 class _PrintEvents:
@@ -70,8 +71,13 @@ def _run(argv: Sequence[str] | None) -> int | None:
         # In a container the store is what the caller mounted and named, never a default folder.
         store = {"no_store": "DEFT_MINE_STORE" not in os.environ} if tool is embed else {}
         with sigterm_unwinds():  # `docker stop` unwinds the work (PID 1 would ignore SIGTERM)
-            result = tool.invoke(tool.input(spec_path=args.spec, overrides=args.overrides, **store),
-                                 ToolContext(_PrintEvents()))
+            inputs = tool.input(spec_path=args.spec, overrides=args.overrides, **store)
+            if args.action == "text_embeddings":  # the input read by its `text` column
+                from deft_mine.tools.embed import embed_sentences
+
+                result = embed_sentences(inputs, ToolContext(_PrintEvents()))
+            else:
+                result = tool.invoke(inputs, ToolContext(_PrintEvents()))
         print(result.text())
         for w in result.warnings:
             print(f"WARNING [{w.code}]: {w.message}", file=sys.stderr)

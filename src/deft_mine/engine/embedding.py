@@ -1,10 +1,12 @@
 """The embedding step: a listing's batches, each through one batch step (prepare → encode →
-finish), run in-process here or by Ray (backends/ray_embed.py), into one parquet, with timings."""
+finish), run in-process here or by Ray (backends/ray_embed.py), into one parquet, with timings;
+and its text twin: a text listing's sentences through a text tower, in-process."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -19,15 +21,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deft_mine.engine import tables
-from deft_mine.engine.encoders import Encoder
+from deft_mine.engine.encoders import Encoder, TextEncoder
 from deft_mine.engine.images import LoadFailure, decode_rgb, digest, read_bytes
-from deft_mine.engine.listings import Listing, filepaths_of
+from deft_mine.engine.listings import TEXT, Listing, filepaths_of
 from deft_mine.engine.store import Shelf
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas.results import EncoderIdentity
 
 EMBEDDING_COLUMN = "embedding"
+# A text embedding parquet's tokenizer settings (JSON), beside the identity they are no part of.
+TEXT_SETTINGS_KEY = b"deft_mine.text"
 _PREFETCH = 2  # batches decoded ahead of the encoder
 _SKIPPED_EXAMPLES = 5
 # Readers decode a whole row group at once (several times its size in Arrow memory), so row
@@ -261,7 +265,7 @@ class RowGroupWriter:
 
     def __init__(self, path: Path, schema: pa.Schema, rows_per_group: int) -> None:
         self._writer = pq.ParquetWriter(path, schema)
-        self._schema, self._limit = schema, rows_per_group
+        self.schema, self._limit = schema, rows_per_group
         self._pending: list[pa.RecordBatch] = []
         self._rows = 0
 
@@ -273,7 +277,7 @@ class RowGroupWriter:
 
     def flush(self) -> None:
         if self._pending:
-            self._writer.write_table(pa.Table.from_batches(self._pending, self._schema),
+            self._writer.write_table(pa.Table.from_batches(self._pending, self.schema),
                                      row_group_size=max(self._rows, 1))
         self._pending, self._rows = [], 0
 
@@ -295,3 +299,78 @@ def output_schema(schema: pa.Schema, identity: EncoderIdentity) -> pa.Schema:
     metadata = {k: v for k, v in (schema.metadata or {}).items() if k != b"pandas"}
     metadata[tables.IDENTITY_KEY] = json.dumps(identity.model_dump(mode="json"), sort_keys=True).encode()
     return pa.schema(fields, metadata=metadata)
+
+
+def embed_texts(listing: Listing, output_path: Path, encoder: TextEncoder, *, batch_size: int, events: Events,
+                shelf: Shelf | None = None) -> EmbedStats:
+    """Embed a text listing's sentences into `output_path` (`text`, `embedding`, then the other input
+    columns, as the container orders them), batch by batch through the text tower; null and blank
+    texts are skipped and counted. The `shelf` keys each vector by SHA-256 of the UTF-8 text."""
+    started = time.perf_counter()
+    schema = text_schema(listing.schema, encoder)
+    stats = EmbedStats(columns=list(schema.names))
+    if shelf is not None:
+        shelf.load_index()
+    events.progress("embed", 0, listing.rows)
+    with tables.atomic_output(output_path) as tmp, \
+            RowGroupWriter(tmp, schema, rows_per_group(encoder.dim)) as writer:
+        for batch in timed(listing.batches(batch_size), stats.timings):
+            stats.add(_text_batch(batch, encoder, shelf, writer, stats), events)
+            events.progress("embed", stats.rows_in, listing.rows, f"{stats.reused} reused from the store"
+                            if shelf is not None else "")
+    if shelf is not None:
+        shelf.compact()
+        stats.corrupt_shards = list(shelf.corrupt)
+        if shelf.write_error:
+            events.log("warning", f"the embedding store could not be written ({shelf.write_error}); "
+                                  "this run's later vectors were not kept for reuse")
+    if sum(stats.skipped_by_reason.values()):
+        events.log("warning", f"skipped {sum(stats.skipped_by_reason.values())} null or blank text(s), e.g. "
+                              f"{stats.skipped_examples[0]}")
+    stats.timings["total"] = time.perf_counter() - started
+    return stats
+
+
+def _text_batch(batch: pa.RecordBatch, encoder: TextEncoder, shelf: Shelf | None, writer: RowGroupWriter,
+                stats: EmbedStats) -> BatchOutcome:
+    """One batch of texts: the blank ones counted out, the store's vectors taken, the rest encoded
+    (and stored), the kept rows written."""
+    texts = batch.column(TEXT).to_pylist()
+    keep = [i for i, text in enumerate(texts) if isinstance(text, str) and text.strip()]
+    for i in sorted(set(range(len(texts))) - set(keep)):
+        reason = "null text" if texts[i] is None else "empty text"
+        stats.skipped_by_reason[reason] += 1
+        if len(stats.skipped_examples) < _SKIPPED_EXAMPLES:
+            stats.skipped_examples.append(f"row {stats.rows_in + i}: {reason}")
+    digests = [hashlib.sha256(texts[i].encode("utf-8")).digest() for i in keep]
+    where = shelf.find(digests) if shelf is not None else np.full(len(keep), -1)
+    stored = shelf.vectors(where[where >= 0]) if shelf is not None and (where >= 0).any() else None
+    if stored is None:  # nothing held (or a shard lost meanwhile): encode them all
+        where = np.full(len(keep), -1)
+    todo = np.flatnonzero(where < 0)
+    vectors = np.zeros((len(keep), encoder.dim), np.float32)
+    t0 = time.perf_counter()
+    vectors[todo] = encoder.encode([texts[keep[i]] for i in todo]) if len(todo) else 0.0
+    seconds = time.perf_counter() - t0
+    saved = 0.0
+    if stored is not None:
+        vectors[where >= 0] = stored
+        saved = shelf.seconds_saved(where[where >= 0]) if shelf is not None else 0.0
+    if shelf is not None and len(todo):
+        shelf.add(pa.array([digests[i] for i in todo], pa.binary(32)), vectors[todo], seconds / len(todo))
+    t0 = time.perf_counter()
+    kept = batch.take(pa.array(keep, pa.int64()))
+    columns = {name: kept.column(name) for name in kept.schema.names}
+    columns[EMBEDDING_COLUMN] = tables.vector_array(vectors)
+    writer.write(pa.RecordBatch.from_arrays([columns[c] for c in stats.columns], schema=writer.schema))
+    return BatchOutcome(len(texts), len(keep), len(keep) - len(todo), len(todo), saved, [],
+                        {"encode": seconds, "write": time.perf_counter() - t0})
+
+
+def text_schema(schema: pa.Schema, encoder: TextEncoder) -> pa.Schema:
+    """`text`, `embedding`, then every other input column in order; the identity and the tokenizer
+    settings in the metadata."""
+    base = output_schema(schema, encoder.identity)
+    order = [TEXT, EMBEDDING_COLUMN, *(n for n in base.names if n not in (TEXT, EMBEDDING_COLUMN))]
+    metadata = {**base.metadata, TEXT_SETTINGS_KEY: json.dumps(encoder.settings, sort_keys=True).encode()}
+    return pa.schema([base.field(n) for n in order], metadata=metadata)

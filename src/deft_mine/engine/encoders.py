@@ -1,4 +1,4 @@
-"""Image encoders and their identity: SigLIP, CLIP, DINOv2, any Hugging Face vision model, the weight-free thumbnail."""
+"""Encoders and their identity: SigLIP and CLIP (image and text towers), DINOv2, any HF vision model, the thumbnail."""
 
 from __future__ import annotations
 
@@ -291,3 +291,87 @@ def build_encoder(model: str, model_path: str | None, device: str = "auto", pool
     if model not in HF_MODEL_TYPES or model_path is None:  # the embed tool refuses TAO kinds first
         raise ValueError(f"no local encoder for model={model}")
     return HuggingFaceEncoder(model, model_path, device, pooling)
+
+
+# The models with a text tower beside the image one (their text vectors land in the image space).
+TEXT_MODELS = ("SigLIP", "CLIP")
+CLIP_TEXT_LENGTH = 77  # CLIP's text context, as the TAO container fixes it
+FALLBACK_TEXT_LENGTH = 64  # a SigLIP checkpoint that states no length anywhere (the container's)
+
+
+class TextEncoder:
+    """The text tower of a SigLIP or CLIP encoder: texts tokenised as the TAO container tokenises them
+    (padded to and truncated at one fixed length), `get_text_features`, L2-normalised like the image
+    side. Its identity is the image encoder's (same weights, same vector space); the tokenizer
+    settings, which the identity leaves out, are in `settings`."""
+
+    def __init__(self, images: HuggingFaceEncoder, model_path: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.identity, self.device, self.net, self._torch = images.identity, images.device, images.net, images._torch
+        source = images.identity.model_path or model_path
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=Path(source).exists())
+        except (OSError, ValueError, TypeError) as exc:
+            raise _load_failed(model_path, f"has no tokenizer for the {images.identity.model} text tower ({exc})",
+                               "save the checkpoint's tokenizer into the folder (tokenizer.save_pretrained), "
+                               "or give the hub id it came from") from exc
+        self.max_length = text_max_length(self.tokenizer, self.net, images.identity.model)
+        self.settings = {"tokenizer": type(self.tokenizer).__name__, "max_length": self.max_length,
+                         "padding": "max_length", "truncation": True, "normalised": True}
+        self.dim = int(self.encode(["a"]).shape[1])
+
+    @property
+    def store_identity(self) -> EncoderIdentity:
+        """The store's shelf for this tower's vectors: the identity with the tokenizer settings, so a
+        text's vector is never looked up among images, nor under other settings."""
+        return self.identity.model_copy(update={"preprocessing": {**self.identity.preprocessing,
+                                                                  "text": self.settings}})
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """(n, dim) float32 unit vectors of `texts` (non-empty strings)."""
+        torch = self._torch
+        if not texts:
+            return np.zeros((0, getattr(self, "dim", 0)), np.float32)
+        tokens = self.tokenizer(text=texts, padding="max_length", truncation=True, max_length=self.max_length,
+                                return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            out = self.net.get_text_features(**tokens)
+            # transformers 5 returns an output object (features in pooler_output), 4.x a tensor
+            features = out if isinstance(out, torch.Tensor) else out.pooler_output
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _bounded(value: Any) -> int | None:
+    """A usable length: transformers marks "no limit" with a huge sentinel, or leaves it unset."""
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        return None
+    return value if 0 < value < 1_000_000 else None
+
+
+def text_max_length(tokenizer: Any, net: Any, model: str) -> int:
+    """The fixed token length texts are padded and cut to, found as the container finds it: CLIP 77;
+    else the tokenizer's model_max_length, the text config's position limit, then 64."""
+    if model == "CLIP":
+        return CLIP_TEXT_LENGTH
+    config = getattr(net, "config", None)
+    candidates = [getattr(tokenizer, "model_max_length", None),
+                  (getattr(tokenizer, "init_kwargs", None) or {}).get("model_max_length")]
+    for cfg in (getattr(config, "text_config", None), config):
+        candidates += [getattr(cfg, name, None) for name in ("max_position_embeddings", "max_sequence_length",
+                                                               "seq_length")] if cfg is not None else []
+    return next((n for n in map(_bounded, candidates) if n is not None), FALLBACK_TEXT_LENGTH)
+
+
+def build_text_encoder(model: str, model_path: str | None, device: str = "auto") -> TextEncoder:
+    """The text tower of the encoder a spec names; a model without one is refused (text_tower_missing)."""
+    if model not in TEXT_MODELS or model_path is None:
+        raise DeftError("text_tower_missing", f"model={model} has no text tower: it embeds images only, so a "
+                        "sentence cannot be put in its vector space",
+                        fix=f"embed texts (and the images they are mined against) with model="
+                            f"{' or model='.join(TEXT_MODELS)}", field="model", model=model,
+                        text_models=list(TEXT_MODELS))
+    return TextEncoder(HuggingFaceEncoder(model, model_path, device), model_path)

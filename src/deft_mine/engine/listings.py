@@ -1,7 +1,8 @@
 """Listings: any input naming images turned into the one standard listing every step reads (its
 rows: `filepath`, then every carried column; the images root relative filepaths resolve
 against), the only reader of a raw input's `filepath`. A format is one function in FORMATS: a
-filepath parquet, a CSV with `filepath`, and a ChangeNet CSV (told by its four columns)."""
+filepath parquet, a CSV with `filepath`, a ChangeNet CSV (told by its four columns), and a text
+parquet (a `text` column and no `filepath`: sentences to embed, its rows keyed by `text`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import ChangeNetOptions
 
 FILEPATH = "filepath"
+TEXT = "text"
 
 
 @dataclass(frozen=True)
@@ -105,14 +107,21 @@ def changenet(path: Path, images_root: Path, options: ChangeNetOptions | None = 
                    found.unresolved, tuple(found.examples))
 
 
-FORMATS: dict[str, Callable[..., Listing]] = {"parquet": filepath_parquet, "csv": csv, "changenet": changenet}
+def text_parquet(path: Path, images_root: Path) -> Listing:
+    """A parquet with a `text` column (and no `filepath`): one sentence per row, streamed as it is."""
+    return Listing(path, "text", images_root, tables.schema_of(path), tables.num_rows(path))
+
+
+FORMATS: dict[str, Callable[..., Listing]] = {"parquet": filepath_parquet, "csv": csv, "changenet": changenet,
+                                              "text": text_parquet}
 
 
 def format_of(path: Path, field: str) -> str:
     """Which format a file is in: a CSV by its name, a ChangeNet CSV by its columns (the four, and
     no `filepath`); one with some of ChangeNet's own columns but not all is refused, naming them."""
     if not tables.is_csv(path):
-        return "parquet"
+        names = tables.schema_of(path).names
+        return "text" if TEXT in names and FILEPATH not in names else "parquet"
     names = cn.header(path)
     if FILEPATH in names:
         return "csv"
@@ -128,13 +137,34 @@ def format_of(path: Path, field: str) -> str:
 
 
 def open_listing(path: Path, field: str, images_root: Path | None = None,
-                 changenet_options: ChangeNetOptions | None = None) -> Listing:
+                 changenet_options: ChangeNetOptions | None = None, texts: bool = False) -> Listing:
     """`path` as a standard listing; a file with no text `filepath` column is refused naming `field`.
-    A ChangeNet CSV resolves with `changenet_options` (images_dir there wins over `images_root`)."""
+    A ChangeNet CSV resolves with `changenet_options` (images_dir there wins over `images_root`).
+    `texts`: a text parquet is taken too (what embed reads); a file with neither column is refused naming both."""
     kind = format_of(path, field)
+    if kind == "text" and texts:
+        return open_text_listing(path, field)
     root = images_root or path.parent
     listing = changenet(path, root, changenet_options) if kind == "changenet" else FORMATS[kind](path, root)
+    if texts and FILEPATH not in listing.schema.names:
+        raise DeftError("column_missing", f"{field} {path} has neither a 'filepath' column (images to embed) nor "
+                        f"a 'text' column (sentences to embed); its columns are: {', '.join(listing.schema.names)}",
+                        fix="name the image paths column filepath, or the sentences column text", field=field,
+                        path=str(path), missing=[FILEPATH, TEXT], columns=list(listing.schema.names))
     tables.require_columns(path, listing.schema, [FILEPATH], field)
+    return listing
+
+
+def open_text_listing(path: Path, field: str) -> Listing:
+    """A parquet's `text` column as a text listing, whatever else it holds (the container's
+    `embedding text_embeddings` reads `text` alone); refused without one, or with non-strings in it."""
+    listing = text_parquet(path, path.parent)
+    tables.require_columns(path, listing.schema, [TEXT], field)
+    kind = listing.schema.field(TEXT).type
+    if not (tables.is_text(kind) or pa.types.is_null(kind)):  # numbers or lists are no sentences
+        raise DeftError("column_invalid", f"{field} {path}: column 'text' has type {kind}; it must hold sentences "
+                        "as strings", fix="write the text column as strings", field=field, path=str(path),
+                        column=TEXT, type=str(kind))
     return listing
 
 

@@ -10,7 +10,7 @@ WarningCode = Literal[
     # raised by the tools (preflight predicts the first five before any work)
     "filter_by_label_noop", "provenance_unknown", "pool_exhausted", "images_skipped", "target_in_pool",
     "selection_empty", "picture_failed", "store_shard_corrupt", "duplicate_paths", "zero_vectors",
-    "distance_threshold_inert", "label_null", "listing_empty",
+    "distance_threshold_inert", "label_null", "listing_empty", "texts_skipped",
     # raised by run with a ChangeNet pool (mined_training_rows.csv)
     "training_rows_left_out", "training_rows_leaked",
     # raised by a selection against a history ledger (the DEFT loop's yield checks, the budget)
@@ -80,6 +80,17 @@ def images_skipped(source: str, input_rows: int, by_reason: dict[str, int], exam
                 f"not be read ({reasons})" + (f"; e.g. {examples[0]}" if examples else ""),
         fields=["filepath"],
         details={"count": skipped, "by_reason": by_reason, "examples": examples, "image_root": image_root})
+
+
+def texts_skipped(source: str, input_rows: int, by_reason: dict[str, int], examples: list[str]) -> ToolWarning:
+    """A text parquet's null or blank texts, left out of the embedding (counted like unreadable images)."""
+    skipped = sum(by_reason.values())
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items()))
+    return ToolWarning(
+        code="texts_skipped",
+        message=f"{skipped} of {input_rows} rows of {source} were left out because their text is null or "
+                f"blank ({reasons})" + (f"; e.g. {examples[0]}" if examples else ""),
+        fields=["text"], details={"count": skipped, "by_reason": by_reason, "examples": examples})
 
 
 def images_missing(side: str, missing: list[Any], checked: int, root: str) -> ToolWarning:

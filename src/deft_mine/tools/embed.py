@@ -1,15 +1,19 @@
-"""The embed tool: one parquet (or CSV) of image paths in, one embedding parquet out."""
+"""The embed tool: one parquet (or CSV) of image paths, or a parquet of sentences, in; one embedding parquet out."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import Iterator
 
 from deft_mine.backends import Backend, resolve
 from deft_mine.backends.base import BackendEmbed
 from deft_mine.engine import changenet as cn
-from deft_mine.engine.listings import Listing, open_listing, write_listing
+from deft_mine.engine.embedding import embed_texts
+from deft_mine.engine.encoders import build_text_encoder
+from deft_mine.engine.listings import Listing, open_listing, open_text_listing, write_listing
+from deft_mine.engine.store import Shelf
 from deft_mine.errors import DeftError
 from deft_mine.schemas import warnings
 from deft_mine.schemas.inputs import ChangeNetOptions, EmbedInput
@@ -22,11 +26,26 @@ def embed_images(inputs: EmbedInput, ctx: ToolContext) -> EmbedResult:
     """Embed the images a parquet/CSV lists into an embedding parquet (filepath, embedding,
     every input column carried; a ChangeNet CSV gives one row per row and light). The first embed of a session fixes its encoder; a
     different model/model_path/model_config_path later is refused (encoder_mismatch).
-    Unreadable images are skipped and reported (images_skipped). Streams progress."""
+    Unreadable images are skipped and reported (images_skipped). A parquet with a `text` column and
+    no `filepath` is embedded by the text tower of the same SigLIP/CLIP model (text, embedding, every
+    input column; null or blank texts skipped and counted): vectors a mine takes as targets against
+    that model's image embeddings. Streams progress."""
     spec = spec_with_paths(EmbeddingSpec, inputs.spec_path, inputs.overrides,
                            input_parquet=inputs.input_parquet, output_parquet=inputs.output_parquet)
     return embed_spec(spec, resolve(inputs.backend_options()), ctx.store_for(inputs.store, inputs.no_store), ctx,
                       changenet=inputs.changenet_options())
+
+
+def embed_sentences(inputs: EmbedInput, ctx: ToolContext) -> EmbedResult:
+    """The container's `embedding text_embeddings`: the input read as a text parquet, by its `text`
+    column whatever else it holds (a `filepath` beside it is carried, not embedded)."""
+    ctx.check_paths(inputs)
+    spec = spec_with_paths(EmbeddingSpec, inputs.spec_path, inputs.overrides,
+                           input_parquet=inputs.input_parquet, output_parquet=inputs.output_parquet)
+    ctx.check_paths(spec)
+    listing = open_text_listing(existing_input(spec, "input_parquet"), "input_parquet")
+    return embed_spec(spec, resolve(inputs.backend_options()), ctx.store_for(inputs.store, inputs.no_store), ctx,
+                      listing=listing)
 
 
 def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: ToolContext,
@@ -44,9 +63,11 @@ def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: T
     if listing is None:
         changenet = changenet or ChangeNetOptions()
         cn.check_images_dir(changenet, spec.image_root)
-        listing = open_listing(source, "input_parquet", image_root, changenet)
-        if ctx.policy is not None:
+        listing = open_listing(source, "input_parquet", image_root, changenet, texts=True)
+        if ctx.policy is not None and listing.format != "text":  # sentences name no files
             ctx.policy.check_listing(listing)
+    if listing.format == "text":
+        return _embed_text(spec, backend, store, ctx, listing, output)
     if spec.is_tao_checkpoint and not backend.capabilities.runs_tao_checkpoints:
         raise DeftError("backend_unsupported", f"model={spec.model} (a TAO checkpoint) runs only in the TAO "
                         f"container, not on the {backend.name} backend", field="model",
@@ -63,6 +84,34 @@ def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: T
     if done.skipped_by_reason:
         done.warnings.append(warnings.images_skipped(str(source), done.input_rows, done.skipped_by_reason,
                                                      done.skipped_examples, str(listing.images_root)))
+    return done
+
+
+def _embed_text(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: ToolContext, listing: Listing,
+                output: Path) -> EmbedResult:
+    """A text listing through the text tower, in-process; the session's encoder lock as for images
+    (one model, one identity). The store keys its vectors by SHA-256 of the UTF-8 text, on a shelf of
+    its own (the identity with the tokenizer settings), so text and image vectors never share keys."""
+    if backend.name != "local":
+        raise DeftError("backend_unsupported", f"text embeddings run on the local backend, not on {backend.name}",
+                        field="backend", fix="embed the text parquet with backend=local (the default)")
+    with ctx.lock.bind(spec) if ctx.lock is not None else contextlib.nullcontext() as key:
+        t0 = time.perf_counter()
+        ctx.events.log("info", f"loading the text tower of {spec.model} from {spec.encoder_key()[1]}")
+        encoder = build_text_encoder(spec.model, spec.encoder_key()[1], spec.device)
+        load_seconds = time.perf_counter() - t0
+        shelf = Shelf(store, encoder.store_identity) if store is not None else None
+        stats = embed_texts(listing, output, encoder, batch_size=spec.batch_size, events=ctx.events, shelf=shelf)
+        done = _result(BackendEmbed(stats, encoder.identity, encoder.dim, encoder.device,
+                                    {"load_encoder": load_seconds, **stats.timings}), output, backend.name, store)
+        if ctx.lock is not None:
+            ctx.lock.record(done.encoder, key)
+    done.warnings = [warnings.store_shard_corrupt(done.store, done.corrupt_shards)] if done.corrupt_shards else []
+    if not listing.rows:
+        done.warnings.append(warnings.listing_empty(str(listing.path)))
+    if done.skipped_by_reason:
+        done.warnings.append(warnings.texts_skipped(str(listing.path), done.input_rows, done.skipped_by_reason,
+                                                    done.skipped_examples))
     return done
 
 
