@@ -182,9 +182,6 @@ def test_a_filepath_parquet_with_text_still_embeds_its_images(image_set):
     assert done.columns == ["filepath", "label", "text", "embedding"] and done.rows == 4
 
 
-@pytest.mark.xfail(raises=DeftError, strict=True, reason=(
-    "engine/mining.py (another helper's file) still requires `filepath` on the target side; the fix "
-    "keys a text parquet's targets by `text` (a five-line change in mining.prepare)"))
 @pytest.mark.parametrize("model, fixture, length", MODELS)
 def test_mine_takes_a_text_parquet_as_targets_against_an_image_pool(request, image_set, model, fixture, length):
     from deft_mine.tools import embed, mine

@@ -108,14 +108,17 @@ def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
     source_column, target_column = spec.source_embed_column_name, spec.target_embed_column_name
     started = time.perf_counter()
     schemas = {Side.source: tables.schema_of(source_path), Side.target: tables.schema_of(target_path)}
+    # A text embedding parquet (targets from sentences) is keyed by its `text`, read as the targets' filepath.
+    target_key = "text" if {"text", "filepath"} & set(schemas[Side.target].names) == {"text"} else "filepath"
     for side, path, column in ((Side.source, source_path, source_column), (Side.target, target_path, target_column)):
         _require_vector_column(path, schemas[side], column, side)
-        tables.require_columns(path, schemas[side], ["filepath", column], f"{side}_parquet")
+        tables.require_columns(path, schemas[side], [target_key if side is Side.target else "filepath", column],
+                               f"{side}_parquet")
     label_missing = [side for side, schema in schemas.items() if "label" not in schema.names]
 
     # Labels are read whenever a side has them: the pairs table records them for the report.
-    tgt_cols = ["filepath", target_column] + (["label"] if Side.target not in label_missing else [])
-    targets = tables.read_columns(target_path, tgt_cols)
+    tgt_cols = [target_key, target_column] + (["label"] if Side.target not in label_missing else [])
+    targets = tables.read_columns(target_path, tgt_cols).rename_columns(["filepath", *tgt_cols[1:]])
     _require_no_null_paths(targets.column("filepath"), target_path, "target_parquet")
     queries = tables.vectors_from_column(targets.column(target_column), path=target_path,
                                         name=target_column, first_row=0, dim=None, field="target_parquet")
