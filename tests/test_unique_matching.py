@@ -317,3 +317,18 @@ def test_class_stratified_without_labels_and_exclude_without_filepath_write_noth
                       f"target_path={tmp_path}/targets.parquet", f"output_dir={tmp_path}/out",
                       "desired_unique_count=1", f"exclude_path={tmp_path}/ex.parquet"])
     assert code == 2 and not (tmp_path / "out").exists()
+
+
+def test_the_selection_stage_is_the_first_pass():
+    from deft_mine.engine.selection import Candidates, UniqueMatching
+    from deft_mine.schemas.specs import Metric
+
+    rows = np.array([[0, 1, 2], [0, 1, 2]])  # both targets rank the same three files
+    paths = np.array([["s0", "s1", "s2"], ["s0", "s1", "s2"]], dtype=object)
+    scores = np.array([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]])
+    found = Candidates(target_paths=["t0", "t1"], rows=rows, scores=scores, paths=paths,
+                       source_labels=None, target_labels=None)
+    mode = UniqueMatching(share=1, expansion=3, budget=2, metric=Metric.euclidean)
+    table = mode.select(found, np.ones_like(rows, dtype=bool))
+    assert mode.candidates == 3
+    assert table.to_pydict() == {"filepath": ["s0", "s1"], "matched_target": ["t0", "t1"], "distance": [0.1, 0.2]}
