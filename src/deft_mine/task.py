@@ -11,12 +11,13 @@ from typing import Sequence
 from deft_mine.engine import tables
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts
-from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec, spec_to_yaml
+from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, UniqueMatchingSpec, load_spec, spec_to_yaml
 from deft_mine.stopping import exit_code, sigterm_unwinds, stop_signal
 from deft_mine.tools.registry import ToolContext
 
 TASKS = {("embedding", "image_embeddings"): EmbeddingSpec, ("tmm", "nearest_neighbors"): MiningSpec,
-         ("embedding", "text_embeddings"): EmbeddingSpec}  # the container's keys: input/output_parquet, model…
+         ("embedding", "text_embeddings"): EmbeddingSpec,  # the container's keys: input/output_parquet, model…
+         ("tmm", "unique_neighbor_matching"): UniqueMatchingSpec}
 
 
 class _PrintEvents:
@@ -65,6 +66,8 @@ def _run(argv: Sequence[str] | None) -> int | None:
         if args.cfg == "job":  # a question, not a run: the resolved spec and nothing else
             print(spec_to_yaml(load_spec(kind, args.spec, args.overrides)), end="")
             return None
+        if kind is UniqueMatchingSpec:
+            return _unique(load_spec(kind, args.spec, args.overrides))
         from deft_mine.tools import embed, mine
 
         tool = embed if kind is EmbeddingSpec else mine
@@ -90,6 +93,21 @@ def _run(argv: Sequence[str] | None) -> int | None:
     except KeyboardInterrupt as exc:
         print(f"interrupted by {stop_signal(exc).name}; unfinished files were not written", file=sys.stderr)
         return exit_code(exc)
+    return 0
+
+
+def _unique(spec: UniqueMatchingSpec) -> int:
+    """`tmm unique_neighbor_matching`: the engine straight (no MCP tool for it yet); the output folder's files."""
+    from deft_mine.engine.unique_matching import unique_match, write_outputs
+
+    with sigterm_unwinds():
+        outcome = unique_match(spec)
+        out = write_outputs(spec, outcome)
+    summary = outcome.summary
+    print(f"Matched {summary['retrieved_unique_count']}/{summary['desired_unique_count']} unique files "
+          f"({summary['coverage_pct']}% coverage) in {len(outcome.passes)} passes -> {out / artifacts.UNIQUE_FINAL}")
+    for w in outcome.warnings:
+        print(f"WARNING [{w.code}]: {w.message}", file=sys.stderr)
     return 0
 
 

@@ -37,6 +37,16 @@ INVOCATION = "invocation.json"  # the exact command or MCP call that made the ru
 SESSION_LOG = "session.jsonl"  # one line per tool call of the MCP session (the CLI: the command)
 
 
+# tmm unique_neighbor_matching's output folder (the container's names)
+UNIQUE_FINAL = "final_unique_files.parquet"  # filepath first, then matched_target, distance, class, subset, pass
+UNIQUE_SUMMARY = "summary.json"  # the container's keys, then ours (passes, shortfall)
+
+
+def unique_pass(subset: str, number: int, topn: int) -> str:
+    """One pass's picks, as the container names them (subset: global, a class, CLASS_fallback, non_rare)."""
+    return f"{subset}_iteration_{number}_topn_{topn}.parquet"
+
+
 def task_result(output_name: str) -> str:
     """deft-mine-task's result JSON (an EmbedResult or MineResult), hidden beside its output: the
     docker backend reads its facts from there instead of from the container's log."""

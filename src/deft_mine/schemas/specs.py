@@ -1,4 +1,4 @@
-"""EmbeddingSpec and MiningSpec, and loading them from a YAML file plus key=value overrides."""
+"""EmbeddingSpec, MiningSpec and UniqueMatchingSpec, and loading them from a YAML file plus key=value overrides."""
 
 from __future__ import annotations
 
@@ -294,6 +294,72 @@ class MiningSpec(_Spec):
         """The floor as the container states it: the largest distance kept (None when off)."""
         floor = self.floor
         return None if floor is None else 1.0 - floor if self.knn_metric is Metric.cosine else floor
+
+
+class AllocationPolicy(StrEnum):
+    """How `tmm unique_neighbor_matching` spends its budget: `global` over every target at once;
+    `class_stratified` split over the rare classes and `non_rare` by the targets' class ratio."""
+
+    global_ = "global"
+    class_stratified = "class_stratified"
+
+
+def _class_names(value: Any) -> Any:
+    """rare_class_list as the container reads it (a comma-separated string, each name stripped
+    and lower-cased, blanks dropped); a YAML list is taken too. Sorted and unique."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        return value
+    return sorted({str(item).strip().lower() for item in items if str(item).strip()})
+
+
+class UniqueMatchingSpec(_Spec):
+    """How to match one-to-one to a budget: the TAO `tmm unique_neighbor_matching` spec."""
+
+    source_path: Annotated[str, PathField()] = Field(description="the pool: a parquet, or a folder of parquets")
+    target_path: Annotated[str, PathField()] = Field(description="the targets: a parquet, or a folder of parquets")
+    output_dir: Annotated[str, PathField()] = Field(
+        description="folder for final_unique_files.parquet, summary.json and the per-pass parquets")
+    desired_unique_count: int = Field(gt=0, description="how many unique pool images to select")
+    allocation_policy: Annotated[AllocationPolicy, _choice(
+        tuple(AllocationPolicy), "allocation_policy", "spec_invalid",
+        "set allocation_policy=global or allocation_policy=class_stratified")] = AllocationPolicy.global_
+    distance_metric: Annotated[Metric, _choice(
+        tuple(Metric), "distance_metric", "spec_invalid",
+        "set distance_metric to euclidean, cosine or manhattan")] = Field(
+        Metric.euclidean, description="euclidean | cosine | manhattan, on L2-normalised vectors (the container's)")
+    candidate_expansion_factor: int = Field(
+        5, ge=1, le=100_000, description="candidates per target = factor x share x pass number")
+    source_embedding_column: str = "embedding"
+    target_embedding_column: str = "embedding"
+    source_filepath_column: str = Field("filepath", description="also the first column of final_unique_files")
+    target_filepath_column: str = "filepath"
+    exclude_path: Annotated[str | None, PathField()] = Field(
+        None, description="a parquet whose `filepath` rows (full path or file name) are never selected")
+    source_detection_file: Annotated[str | None, PathField()] = Field(
+        None, description="the container's COCO/KITTI class source; not read yet: classes come from `label`")
+    target_detection_file: Annotated[str | None, PathField()] = None
+    detection_format: Literal["coco", "kitti"] | None = None
+    rare_class_list: Annotated[list[str], BeforeValidator(_class_names)] = Field(
+        default_factory=list, description="comma-separated rare classes (class_stratified), compared with `label`")
+    save_embeddings: BoolWord = Field(False, description="add the vectors to the per-pass parquets")
+    visualize: BoolWord = Field(False, description="per-class pictures (not drawn yet)")
+    block_rows: int = Field(32768, ge=1, description="pool rows searched at a time")
+
+    @model_validator(mode="after")
+    def _policy_has_classes(self) -> "UniqueMatchingSpec":
+        if self.allocation_policy is AllocationPolicy.class_stratified and not self.rare_class_list:
+            raise DeftError("spec_invalid", "allocation_policy=class_stratified needs rare_class_list: the classes "
+                            "the budget is split over", fix="pass rare_class_list=CLASS_A,CLASS_B (the `label` "
+                            "values of the rare classes), or allocation_policy=global", field="rare_class_list")
+        for key in ("source_detection_file", "target_detection_file"):
+            if getattr(self, key):
+                raise DeftError("spec_invalid", f"{key}: COCO/KITTI class files are not read yet; classes come "
+                                "from each row's `label`", fix=f"leave {key} out and give both parquets a "
+                                "`label` column", field=key)
+        return self
 
 
 def recorded_floor(spec: Mapping[str, Any], metric: str | None) -> tuple[str, float] | None:

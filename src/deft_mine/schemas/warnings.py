@@ -10,7 +10,7 @@ WarningCode = Literal[
     # raised by the tools (preflight predicts the first five before any work)
     "filter_by_label_noop", "provenance_unknown", "pool_exhausted", "images_skipped", "target_in_pool",
     "selection_empty", "picture_failed", "store_shard_corrupt", "duplicate_paths", "zero_vectors",
-    "distance_threshold_inert", "label_null", "listing_empty", "texts_skipped",
+    "distance_threshold_inert", "label_null", "listing_empty", "texts_skipped", "unique_count_short",
     # raised by run with a ChangeNet pool (mined_training_rows.csv)
     "training_rows_left_out", "training_rows_leaked",
     # raised by a selection against a history ledger (the DEFT loop's yield checks, the budget)
@@ -236,6 +236,15 @@ def training_rows_leaked(count: int, keys: list[str], validation_csv: str, examp
         message=f"{count} mined training rows equal a row of the validation CSV {validation_csv} on {keys} "
                 "(train/val leaks) and were left out of mined_training_rows.csv; the loop's validator would "
                 "stop on them")
+
+
+def unique_count_short(desired: int, got: int, groups: list[dict[str, Any]]) -> ToolWarning:
+    """unique_neighbor_matching held fewer files than desired_unique_count; `groups` say where and why."""
+    why = "; ".join(f"{g['group']}: {g['got']} of {g['wanted']} ({g['reason']})" for g in groups)
+    return ToolWarning(code="unique_count_short", fields=["desired_unique_count"],
+                       message=f"selected {got} of desired_unique_count={desired} unique pool images, "
+                               f"{desired - got} short: {why}",
+                       details={"desired": desired, "selected": got, "missing": desired - got, "groups": groups})
 
 
 def selection_empty(iteration: int, candidates: int) -> ToolWarning:

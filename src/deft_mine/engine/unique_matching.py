@@ -1,0 +1,443 @@
+"""`tmm unique_neighbor_matching`: exact search in passes, the container's one-to-one assignment to a budget."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from deft_mine.engine import tables
+from deft_mine.engine.knn import RunningTopK, l2_normalise
+from deft_mine.engine.mining import count_labels, label_keys, label_text
+from deft_mine.engine.selection import claim_one_to_one, nearest_first
+from deft_mine.errors import DeftError
+from deft_mine.schemas import artifacts, warnings
+from deft_mine.schemas.specs import AllocationPolicy, Metric, UniqueMatchingSpec
+from deft_mine.schemas.warnings import ToolWarning
+
+GLOBAL, NON_RARE = "global", "non_rare"
+
+
+class ShortReason(StrEnum):
+    """Why a group got fewer than its quota: its pools ran dry (`pool_spent`), its class has no
+    pool rows at all (`class_empty`), or exclude_path took rows it could have had (`excluded`)."""
+
+    pool_spent = "pool_spent"
+    class_empty = "class_empty"
+    excluded = "excluded"
+
+
+@dataclass
+class Shortfall:
+    group: str  # global, a rare class, or non_rare
+    wanted: int
+    got: int
+    reason: ShortReason
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"group": self.group, "wanted": self.wanted, "got": self.got,
+                "missing": self.wanted - self.got, "reason": self.reason.value}
+
+
+@dataclass
+class PassRecord:
+    """One pass of one subset: its share per target, candidates asked, and every satisfied
+    target's picks (kept or cut by the budget)."""
+
+    subset: str
+    number: int
+    topn: int
+    candidates: int
+    targets: int  # targets searched
+    retry: int  # ...that released their picks
+    added: int  # files the budget kept
+    target_rows: list[int]  # per satisfied target, its row in the targets
+    pool_rows: list[list[int]]  # ...its picks' pool rows, nearest first
+    distances: list[list[float]]
+
+    @property
+    def name(self) -> str:
+        return artifacts.unique_pass(self.subset, self.number, self.topn)
+
+
+@dataclass
+class UniqueOutcome:
+    selected: pa.Table  # filepath first (the source filepath column), matched_target, distance, class, subset, pass
+    passes: list[PassRecord]
+    summary: dict[str, Any]  # the container's keys, then ours
+    shortfall: list[Shortfall]
+    pool_paths: list[str]  # every pool row's filepath, in row order (the passes name rows)
+    target_paths: list[str]
+    warnings: list[ToolWarning] = field(default_factory=list)
+
+
+@dataclass
+class _Side:
+    """One side read whole but for the pool's vectors: its files, each row's filepath and label key."""
+
+    files: list[Path]
+    sizes: list[int]
+    paths: list[str]
+    labels: pa.Array | None  # label keys (the container's rule); None without a `label` column
+    label_text: list[Any] | None
+    vectors: np.ndarray | None  # the targets' vectors, L2-normalised (the pool's are streamed)
+
+
+def parquet_files(path: str, field_name: str) -> list[Path]:
+    """A parquet, or a folder's `*.parquet` in name order (the container's rule)."""
+    where = Path(path).expanduser()
+    if where.is_file():
+        return [where]
+    files = sorted(where.glob("*.parquet")) if where.is_dir() else []
+    if not files:
+        raise DeftError("file_not_found", f"{field_name} {where} is " + (
+            "a folder with no *.parquet files" if where.is_dir() else "neither a file nor a folder"),
+            fix=f"point {field_name} at an embedding parquet or a folder of them", field=field_name, path=str(where))
+    return files
+
+
+def _read_side(spec: UniqueMatchingSpec, files: list[Path], field_name: str, *, vectors: bool,
+               need_label: bool) -> _Side:
+    side = field_name.split("_")[0]
+    path_col, vec_col = getattr(spec, f"{side}_filepath_column"), getattr(spec, f"{side}_embedding_column")
+    parts, sizes = [], []
+    for file in files:
+        schema = tables.schema_of(file)
+        needed = [path_col, vec_col] + (["label"] if need_label else [])
+        tables.require_columns(file, schema, needed, field_name)
+        columns = [path_col] + ([vec_col] if vectors else []) + (["label"] if "label" in schema.names else [])
+        parts.append(tables.read_columns(file, columns))
+        sizes.append(parts[-1].num_rows)
+    with_label = all("label" in p.column_names for p in parts)
+    paths = pa.chunked_array([p.column(path_col).cast(pa.string()) for p in parts], pa.string())
+    if (row := tables.first_null(paths)) is not None:
+        raise DeftError("column_invalid", f"{field_name}: {path_col} is null in row {row}",
+                        fix="every row needs a filepath; re-embed from the listing", field=field_name, row=row)
+    labels = pa.chunked_array([label_text(p.column("label")) for p in parts], pa.string()) if with_label else None
+    array = None
+    if vectors:
+        blocks, dim, seen = [], None, 0
+        for file, part in zip(files, parts):
+            blocks.append(tables.vectors_from_column(part.column(vec_col), path=file, name=vec_col, first_row=seen,
+                                                     dim=dim, field=field_name))
+            dim, seen = blocks[-1].shape[1], seen + part.num_rows
+        array = l2_normalise(np.concatenate(blocks)) if blocks else np.zeros((0, 0), np.float32)
+    return _Side(files=files, sizes=sizes, paths=paths.to_pylist(),
+                 labels=label_keys(labels) if labels is not None else None,
+                 label_text=labels.to_pylist() if labels is not None else None, vectors=array)
+
+
+def _excluded(spec: UniqueMatchingSpec, paths: list[str]) -> np.ndarray:
+    """Pool rows exclude_path names, by full path or by file name either way (the container's rule)."""
+    if not spec.exclude_path:
+        return np.zeros(len(paths), dtype=bool)
+    path = tables.require_file(Path(spec.exclude_path).expanduser(), "exclude_path")
+    tables.require_columns(path, tables.schema_of(path), ["filepath"], "exclude_path")
+    names = set()
+    for value in tables.read_columns(path, ["filepath"]).column("filepath").to_pylist():
+        if value is not None:
+            names |= {str(value), PurePosixPath(str(value)).name}
+    return np.fromiter((p in names or PurePosixPath(p).name in names for p in paths), dtype=bool, count=len(paths))
+
+
+class _Matcher:
+    """The pool, the targets and who holds which pool file; `match` runs one subset's passes."""
+
+    def __init__(self, spec: UniqueMatchingSpec, pool: _Side, targets: _Side, usable: np.ndarray) -> None:
+        self.spec, self.pool, self.targets, self.usable = spec, pool, targets, usable
+        encoded = pa.array(pool.paths, pa.string()).dictionary_encode()
+        self.files = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        self.file_paths: list[str] = encoded.dictionary.to_pylist()
+        self.held = np.zeros(len(self.file_paths), dtype=bool)
+        self.owner: dict[int, tuple[int, float, str, str, int]] = {}  # file -> target, distance, class, subset, pass
+        self.passes: list[PassRecord] = []
+
+    def match(self, target_rows: np.ndarray, allowed: np.ndarray, budget: int, subset: str, group: str) -> int:
+        """Up to `budget` files for these targets from the pool rows `allowed`: passes until the
+        budget is held or the pool is spent. Each pass is the container's: share = ceil(budget /
+        targets), candidates = factor x share x pass number, the targets that could not fill their
+        share retried. Ours past the container (which stops short there): no limit of 8 passes; a
+        pass that satisfies nobody goes on wider; the share shrinks to the files left when fewer
+        remain; with no target left to retry all targets go again."""
+        if not len(target_rows) or budget <= 0:
+            return 0
+        topn = -(-budget // len(target_rows))
+        current, got, number = np.arange(len(target_rows)), 0, 0
+        while got < budget:
+            free = allowed & ~self.held[self.files]
+            rows_left = int(free.sum())
+            if not rows_left:
+                break
+            share = min(topn, len(np.unique(self.files[free])))
+            number += 1
+            k = min(self.spec.candidate_expansion_factor * number * share, rows_left)
+            rows, dist = self._search(self.targets.vectors[target_rows[current]], free, k)
+            claimed = claim_one_to_one(rows, self.files, share)
+            got += self._record(claimed, rows, dist, target_rows[current], budget - got, subset, group, number, share, k)
+            if claimed.failed:
+                current = current[claimed.failed]
+            elif got < budget:
+                current = np.arange(len(target_rows))
+            if not claimed.picks and k >= rows_left:
+                break  # cannot happen (the first target always fills a share of the files left); never loop
+        return got
+
+    def _record(self, claimed, rows, dist, targets, room, subset, group, number, share, k) -> int:
+        picks = [(q, r) for q, slots in claimed.picks for r in slots]
+        files = [int(self.files[rows[q, r]]) for q, r in picks]
+        kept = nearest_first(np.array([dist[q, r] for q, r in picks]), [self.file_paths[f] for f in files], room)
+        for i in kept.tolist():
+            q, r = picks[i]
+            self.held[files[i]] = True
+            self.owner[files[i]] = (int(targets[q]), float(dist[q, r]), group, subset, number)
+        self.passes.append(PassRecord(
+            subset=subset, number=number, topn=share, candidates=k, targets=rows.shape[0], retry=len(claimed.failed),
+            added=len(kept), target_rows=[int(targets[q]) for q, _ in claimed.picks],
+            pool_rows=[[int(rows[q, r]) for r in slots] for q, slots in claimed.picks],
+            distances=[[float(dist[q, r]) for r in slots] for q, slots in claimed.picks]))
+        return len(kept)
+
+    def _search(self, queries: np.ndarray, free: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over the free pool rows (ties to the lower row), distances on the container's
+        scale (cosine: 1 - similarity)."""
+        metric = self.spec.distance_metric
+        top = RunningTopK(queries, k, metric)
+        for ids, block in self._pool_blocks(queries.shape[1]):
+            keep = free[ids]
+            if keep.any():
+                top.add(block[keep], ids[keep])
+        keys, rows = top.state.keys, top.state.ids
+        dist = 1.0 + keys if metric is Metric.cosine else np.sqrt(keys) if metric is Metric.euclidean else keys
+        return rows, dist
+
+    def _pool_blocks(self, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        column, seen = self.spec.source_embedding_column, 0
+        for file in self.pool.files:
+            for batch in tables.iter_batches(file, self.spec.block_rows, [column]):
+                vectors = tables.vectors_from_column(batch.column(column), path=file, name=column, first_row=seen,
+                                                     dim=None, field="source_path")
+                if vectors.shape[1] != dim:
+                    raise DeftError("dimension_mismatch", f"source_path {file} column '{column}' holds "
+                                    f"{vectors.shape[1]}-d vectors but the targets hold {dim}-d ones",
+                                    fix="embed both sides with the same encoder", field="source_path",
+                                    source_dim=int(vectors.shape[1]), target_dim=dim)
+                yield np.arange(seen, seen + len(vectors), dtype=np.int64), l2_normalise(vectors)
+                seen += len(vectors)
+
+
+def allocate_quotas(ratios: dict[str, float], budget: int) -> dict[str, int]:
+    """Largest remainder: each group floor(budget x ratio / total), the units left one each to the
+    largest remainders, a tie to the group whose name sorts last (the container's rule)."""
+    total = sum(ratios.values())
+    if budget <= 0 or total <= 0:
+        return {group: 0 for group in ratios}
+    ideal = {group: budget * ratio / total for group, ratio in ratios.items()}
+    quota = {group: int(value) for group, value in ideal.items()}
+    for group in sorted(ratios, key=lambda g: (ideal[g] - quota[g], g), reverse=True)[:budget - sum(quota.values())]:
+        quota[group] += 1
+    return quota
+
+
+def unique_match(spec: UniqueMatchingSpec) -> UniqueOutcome:
+    """Read both sides, match under the spec's policy, and say what was held and what fell short."""
+    stratified = spec.allocation_policy is AllocationPolicy.class_stratified
+    pool = _read_side(spec, parquet_files(spec.source_path, "source_path"), "source_path", vectors=False,
+                      need_label=stratified)
+    targets = _read_side(spec, parquet_files(spec.target_path, "target_path"), "target_path", vectors=True,
+                         need_label=stratified)
+    if not targets.paths:
+        raise DeftError("spec_invalid", "target_path has no rows: there is nothing to match",
+                        fix="give at least one target", field="target_path")
+    excluded = _excluded(spec, pool.paths)
+    matcher = _Matcher(spec, pool, targets, ~excluded)
+    if stratified:
+        groups = _class_groups(spec, pool, targets)
+        quotas, shortfall = _stratified(spec, matcher, groups, excluded)
+    else:
+        every = np.ones(len(pool.paths), dtype=bool)
+        got = matcher.match(np.arange(len(targets.paths)), ~excluded, spec.desired_unique_count, GLOBAL, GLOBAL)
+        shortfall = _short(GLOBAL, spec.desired_unique_count, got, every, excluded, every)
+        quotas, groups = None, None
+    selected = _selected(spec, matcher)
+    summary = _summary(spec, matcher, selected, targets, pool, excluded, groups, quotas, shortfall)
+    raised = [warnings.unique_count_short(spec.desired_unique_count, selected.num_rows,
+                                          [s.as_dict() for s in shortfall])] if shortfall else []
+    return UniqueOutcome(selected=selected, passes=matcher.passes, summary=summary, shortfall=shortfall,
+                         pool_paths=pool.paths, target_paths=targets.paths, warnings=raised)
+
+
+def _short(group: str, wanted: int, got: int, own: np.ndarray, excluded: np.ndarray, pools: np.ndarray
+           ) -> list[Shortfall]:
+    """A group's shortfall, if any: `own` its class's pool rows, `pools` every row it may search."""
+    if got >= wanted:
+        return []
+    reason = ShortReason.excluded if (excluded & pools).any() else \
+        ShortReason.class_empty if not own.any() else ShortReason.pool_spent
+    return [Shortfall(group, wanted, got, reason)]
+
+
+@dataclass
+class _Groups:
+    """class_stratified: each pool row's and target's group (a rare class name, or non_rare)."""
+
+    rare: list[str]
+    pool: np.ndarray  # object: group per pool row
+    targets: np.ndarray  # object: group per target
+
+
+def _class_groups(spec: UniqueMatchingSpec, pool: _Side, targets: _Side) -> _Groups:
+    """Classes from `label` (the container reads COCO/KITTI; an AOI row carries its class):
+    compared as the container compares labels, so `Scratch ` is class `scratch`."""
+    by_key = {name.strip().upper(): name for name in spec.rare_class_list}
+
+    def group_of(keys: pa.Array) -> np.ndarray:
+        return np.array([by_key.get(k, NON_RARE) if k is not None else NON_RARE for k in keys.to_pylist()], object)
+
+    return _Groups(rare=list(spec.rare_class_list), pool=group_of(pool.labels), targets=group_of(targets.labels))
+
+
+def _stratified(spec: UniqueMatchingSpec, matcher: _Matcher, groups: _Groups, excluded: np.ndarray
+                ) -> tuple[dict[str, Any], list[Shortfall]]:
+    """The container's order: each rare class (sorted) from its own pool, then from the non_rare
+    pool to fill its quota; then non_rare. A file belongs to the first class that takes it."""
+    total = len(groups.targets)
+    ratios = {name: float(np.sum(groups.targets == name)) / total for name in groups.rare}
+    common_ratio = float(np.sum(groups.targets == NON_RARE)) / total
+    quotas = allocate_quotas({**ratios, NON_RARE: common_ratio}, spec.desired_unique_count)
+    usable, common = ~excluded, groups.pool == NON_RARE
+    shortfall: list[Shortfall] = []
+    for name in [*groups.rare, NON_RARE]:
+        rows, own = np.flatnonzero(groups.targets == name), groups.pool == name
+        if not len(rows) or quotas[name] <= 0:
+            continue
+        got = matcher.match(rows, usable & own, quotas[name], name, name) if (usable & own).any() else 0
+        if name != NON_RARE and got < quotas[name] and (usable & common).any():
+            got += matcher.match(rows, usable & common, quotas[name] - got, f"{name}_fallback", name)
+        shortfall += _short(name, quotas[name], got, own, excluded, own | (common if name != NON_RARE else own))
+    allocation = {"ratios": ratios, "common_ratio": common_ratio, "quotas": quotas}
+    return allocation, shortfall
+
+
+def _selected(spec: UniqueMatchingSpec, matcher: _Matcher) -> pa.Table:
+    """final_unique_files: each held file once, by filepath (the container sorts them), with the
+    target that claimed it, the distance, its class (null under global), the subset and pass."""
+    files = sorted(matcher.owner, key=lambda f: matcher.file_paths[f])
+    rows = [matcher.owner[f] for f in files]
+    return pa.table({
+        spec.source_filepath_column: pa.array([matcher.file_paths[f] for f in files], pa.string()),
+        "matched_target": pa.array([matcher.targets.paths[r[0]] for r in rows], pa.string()),
+        "distance": pa.array([r[1] for r in rows], pa.float64()),
+        "class": pa.array([None if r[2] == GLOBAL else r[2] for r in rows], pa.string()),
+        "subset": pa.array([r[3] for r in rows], pa.string()),
+        "pass": pa.array([r[4] for r in rows], pa.int32()),
+    })
+
+
+def _dataset(labels: list[Any], rare_keys: set[str]) -> dict[str, Any]:
+    """The container's per-dataset counts, from `label` (one class per image: an instance each)."""
+    keys = [None if v is None else str(v).strip().upper() for v in labels]
+    rare = sum(k in rare_keys for k in keys)
+    return {"total_images": len(keys), "rare_images": rare, "common_images": len(keys) - rare,
+            "rare_instances": rare, "per_class": count_labels(labels) if labels else {}}
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return {"count": int(arr.size), "min": float(arr.min()), "max": float(arr.max()), "mean": float(arr.mean()),
+            "median": float(np.median(arr)), "std": float(arr.std()), "p25": float(np.percentile(arr, 25)),
+            "p75": float(np.percentile(arr, 75))}
+
+
+def _summary(spec: UniqueMatchingSpec, matcher: _Matcher, selected: pa.Table, targets: _Side, pool: _Side,
+             excluded: np.ndarray, groups: _Groups | None, allocation: dict[str, Any] | None,
+             shortfall: list[Shortfall]) -> dict[str, Any]:
+    """summary.json: the container's keys in its order, then ours."""
+    desired, got = spec.desired_unique_count, selected.num_rows
+    out: dict[str, Any] = {"allocation_policy": spec.allocation_policy.value, "desired_unique_count": desired,
+                           "retrieved_unique_count": got, "coverage_pct": round(got / desired * 100, 2)}
+    rare_keys = {name.upper() for name in spec.rare_class_list}
+    if groups is None:
+        out["target_queries"] = len(targets.paths)
+        out["rare_classes"] = list(spec.rare_class_list)
+    else:
+        out["rare_classes"] = list(spec.rare_class_list)
+        out["target_queries"] = {"rare": int(np.sum(groups.targets != NON_RARE)),
+                                 "non_rare": int(np.sum(groups.targets == NON_RARE))}
+        quotas = allocation["quotas"]
+        out["allocation"] = {
+            "per_class": {name: {"target_count": int(np.sum(groups.targets == name)),
+                                 "ratio_pct": round(allocation["ratios"][name] * 100, 2),
+                                 "desired_count": quotas[name]} for name in sorted(allocation["ratios"])},
+            NON_RARE: {"target_count": int(np.sum(groups.targets == NON_RARE)),
+                       "ratio_pct": round(allocation["common_ratio"] * 100, 2), "desired_count": quotas[NON_RARE]},
+            "total_desired": sum(quotas.values())}
+    if targets.label_text is not None and pool.label_text is not None:
+        chosen = pc.index_in(selected.column(spec.source_filepath_column), value_set=pa.array(pool.paths, pa.string()))
+        out["target_dataset"] = _dataset(targets.label_text, rare_keys)
+        out["resultant_dataset"] = _dataset([pool.label_text[i] for i in chosen.to_pylist()], rare_keys)
+    if groups is not None:
+        top1: dict[str, list[float]] = {}
+        for record in matcher.passes:
+            name = record.subset.removesuffix("_fallback")
+            top1.setdefault(name, []).extend(d[0] for d in record.distances)
+        per_class = {name: _stats(v) for name, v in sorted(top1.items()) if v}
+        if any(top1.values()):
+            per_class["overall"] = _stats([d for v in top1.values() for d in v])
+        out["distance_stats"] = {"metric": spec.distance_metric.value, "based_on": "top1_distance",
+                                 "per_class": per_class}
+    # ours, after the container's
+    out["distance_metric"] = spec.distance_metric.value
+    out["candidate_expansion_factor"] = spec.candidate_expansion_factor
+    out["pool_rows"] = len(pool.paths)
+    out["pool_files"] = len(matcher.file_paths)
+    out["excluded_rows"] = int(excluded.sum())
+    out["passes"] = [{"subset": p.subset, "pass": p.number, "topn": p.topn, "candidates": p.candidates,
+                      "targets": p.targets, "retry": p.retry, "added": p.added, "file": p.name}
+                     for p in matcher.passes]
+    out["shortfall"] = {"missing": desired - got, "groups": [s.as_dict() for s in shortfall]}
+    return out
+
+
+def pass_table(outcome_pool: list[str], targets: list[str], record: PassRecord,
+               vectors: dict[str, np.ndarray] | None = None) -> pa.Table:
+    """A pass as the container writes it: target_filepath, then top{i}_source_filepath and
+    top{i}_distance for i in 1..topn (with save_embeddings, the vectors too)."""
+    columns: dict[str, pa.Array] = {"target_filepath": pa.array([targets[t] for t in record.target_rows], pa.string())}
+    if vectors is not None:
+        columns["target_embedding"] = tables.vector_array(vectors["target"][record.target_rows]) \
+            if record.target_rows else pa.array([], pa.list_(pa.float32()))
+    for i in range(record.topn):
+        columns[f"top{i + 1}_source_filepath"] = pa.array([outcome_pool[r[i]] for r in record.pool_rows], pa.string())
+        columns[f"top{i + 1}_distance"] = pa.array([d[i] for d in record.distances], pa.float64())
+        if vectors is not None:
+            picked = [r[i] for r in record.pool_rows]
+            columns[f"top{i + 1}_embed"] = tables.vector_array(vectors["source"][picked]) if picked else \
+                pa.array([], pa.list_(pa.float32()))
+    return pa.table(columns)
+
+
+def _raw_vectors(files: list[Path], column: str) -> np.ndarray:
+    """A side's vectors as written (save_embeddings keeps the container's: not normalised)."""
+    blocks = [tables.vectors_from_column(tables.read_columns(f, [column]).column(column), path=f, name=column,
+                                         first_row=0, dim=None) for f in files]
+    return np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
+
+
+def write_outputs(spec: UniqueMatchingSpec, outcome: UniqueOutcome) -> Path:
+    """The per-pass parquets, then final_unique_files.parquet, then summary.json (each atomic)."""
+    out = Path(spec.output_dir).expanduser()
+    vectors = None
+    if spec.save_embeddings:
+        vectors = {"source": _raw_vectors(parquet_files(spec.source_path, "source_path"), spec.source_embedding_column),
+                   "target": _raw_vectors(parquet_files(spec.target_path, "target_path"), spec.target_embedding_column)}
+    for record in outcome.passes:
+        tables.write_table_atomic(out / record.name, pass_table(outcome.pool_paths, outcome.target_paths, record, vectors))
+    tables.write_table_atomic(out / artifacts.UNIQUE_FINAL, outcome.selected)
+    tables.write_text_atomic(out / artifacts.UNIQUE_SUMMARY, json.dumps(outcome.summary, indent=2, default=str))
+    return out
