@@ -40,6 +40,9 @@ CONTROL_ACTIONS: dict[str, str] = {
                              "as the container compares them): with filter_by_label their yield is 0; under "
                              "label_mode=per_label, mining those targets with label_mode=post_filter is the other way.",
     "listing_empty": "Check that the right listing was given: an empty side embeds and mines nothing.",
+    # ...and unique matching's budget (decided by the unique matching engine)
+    "unique_count_short": "Lower `desired_unique_count`, grow the pool (or the short class's part of it), or "
+                          "exclude less: summary.json's `shortfall` names each short group and why.",
 }
 
 

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from omegaconf import OmegaConf
+
 from deft_mine.engine import tables
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts
-from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, UniqueMatchingSpec, load_spec, spec_to_yaml
+from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, UniqueMatchingSpec, _Spec, load_spec, spec_to_yaml
 from deft_mine.stopping import exit_code, sigterm_unwinds, stop_signal
 from deft_mine.tools.registry import ToolContext
 
@@ -64,13 +66,11 @@ def _run(argv: Sequence[str] | None) -> int | None:
                      + ", ".join(" ".join(t) for t in TASKS))
     try:
         if args.cfg == "job":  # a question, not a run: the resolved spec and nothing else
-            print(spec_to_yaml(load_spec(kind, args.spec, args.overrides)), end="")
+            print(_job_yaml(kind, args.spec, args.overrides), end="")
             return None
-        if kind is UniqueMatchingSpec:
-            return _unique(load_spec(kind, args.spec, args.overrides))
-        from deft_mine.tools import embed, mine
+        from deft_mine.tools import embed, match, mine
 
-        tool = embed if kind is EmbeddingSpec else mine
+        tool = {EmbeddingSpec: embed, MiningSpec: mine, UniqueMatchingSpec: match}[kind]
         # In a container the store is what the caller mounted and named, never a default folder.
         store = {"no_store": "DEFT_MINE_STORE" not in os.environ} if tool is embed else {}
         with sigterm_unwinds():  # `docker stop` unwinds the work (PID 1 would ignore SIGTERM)
@@ -84,7 +84,7 @@ def _run(argv: Sequence[str] | None) -> int | None:
         print(result.text())
         for w in result.warnings:
             print(f"WARNING [{w.code}]: {w.message}", file=sys.stderr)
-        output = Path(result.output_parquet)
+        output = Path(result.final_parquet if tool is match else result.output_parquet)
         tables.write_text_atomic(output.parent / artifacts.task_result(output.name), result.model_dump_json())
     except DeftError as exc:
         print(f"ERROR [{exc.code}]: {exc.message}" + (f"\n  fix: {exc.fix}" if exc.fix else ""),
@@ -96,19 +96,17 @@ def _run(argv: Sequence[str] | None) -> int | None:
     return 0
 
 
-def _unique(spec: UniqueMatchingSpec) -> int:
-    """`tmm unique_neighbor_matching`: the engine straight (no MCP tool for it yet); the output folder's files."""
-    from deft_mine.engine.unique_matching import unique_match, write_outputs
-
-    with sigterm_unwinds():
-        outcome = unique_match(spec)
-        out = write_outputs(spec, outcome)
-    summary = outcome.summary
-    print(f"Matched {summary['retrieved_unique_count']}/{summary['desired_unique_count']} unique files "
-          f"({summary['coverage_pct']}% coverage) in {len(outcome.passes)} passes -> {out / artifacts.UNIQUE_FINAL}")
-    for w in outcome.warnings:
-        print(f"WARNING [{w.code}]: {w.message}", file=sys.stderr)
-    return 0
+def _job_yaml(kind: type[_Spec], spec_path: str | None, overrides: list[str]) -> str:
+    """--cfg=job: the resolved spec; one still missing a required value (an empty spec: how the
+    docker backend asks an image for its keys) prints those as ??? with the defaults, as Hydra does."""
+    try:
+        return spec_to_yaml(load_spec(kind, spec_path, overrides))
+    except DeftError as exc:
+        required = {name for name, info in kind.model_fields.items() if info.is_required()}
+        if exc.details.get("field") not in required or not exc.message.endswith("Field required"):
+            raise  # a bad value is refused as in a run
+    blank = kind.model_construct(**dict.fromkeys(required, "???"))
+    return OmegaConf.to_yaml(OmegaConf.create(blank.model_dump(mode="json", warnings=False)))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from deft_mine.engine.embedding import EmbedStats
 from deft_mine.engine.listings import Listing
@@ -12,7 +12,8 @@ from deft_mine.events import Events
 from deft_mine.schemas import artifacts
 from deft_mine.schemas.artifacts import MiningSummary
 from deft_mine.schemas.results import Check, ClusterFacts, EncoderIdentity
-from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, Side
+from deft_mine.errors import DeftError
+from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, Side, UniqueMatchingSpec
 from deft_mine.schemas.warnings import ToolWarning
 
 
@@ -38,6 +39,15 @@ class BackendMine:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[ToolWarning] = field(default_factory=list)  # what the engine saw in the data
     cluster: ClusterFacts | None = None  # where it ran (backend ray)
+
+
+@dataclass
+class BackendMatch:
+    """Facts about one finished unique matching (output_dir's files already written)."""
+
+    summary: dict[str, Any]  # summary.json as written (the container's keys, then ours when the engine is ours)
+    warnings: list[ToolWarning] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,14 @@ class Capabilities:
     writes_pairs: bool  # mine() fills `outputs.pairs` (the report's contact sheet and score histogram)
     runs_tao_checkpoints: bool  # embeds model=<TAO kind> with a .pth/.ckpt model_path
     reads_parquet_only: bool = False  # embed() hands the listing's file to a program that reads parquet only
+    runs_unique_matching: bool = False  # match() runs `tmm unique_neighbor_matching` (docker: if the image has it)
+
+
+def match_unsupported(backend: str, why: str) -> DeftError:
+    """The refusal of `tmm unique_neighbor_matching` by a backend that cannot run it, before any work."""
+    return DeftError("backend_unsupported", f"backend={backend} cannot run tmm unique_neighbor_matching: {why}",
+                     fix="use backend=local (it runs the matching in-process)", field="backend", backend=backend,
+                     action="tmm unique_neighbor_matching")
 
 
 class Backend(Protocol):
@@ -94,3 +112,7 @@ class Backend(Protocol):
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
              events: Events) -> BackendMine:
         """Write the `outputs` (each atomically) and say what was found."""
+
+    def match(self, spec: UniqueMatchingSpec, events: Events) -> BackendMatch:
+        """Write the spec's output_dir (per-pass parquets, final_unique_files.parquet, summary.json)
+        and say what was found; only a backend whose capabilities say runs_unique_matching."""

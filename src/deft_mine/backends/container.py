@@ -91,7 +91,7 @@ def known_keys(client: Any, image: str, image_id: str, job: Job, blank: Path, mo
         asked = Job([*job.command[:2], "-e", str(blank), "--cfg=job"], job.workdir, job.workspace)
         lines = run(client, image, asked, NullEvents(), mounts, network, question=True)
         keys = frozenset(m.group(1) for line in lines if (m := _KEY.match(line)))
-        if not keys & {"topn", "model"}:  # no schema read: handing it an empty spec would be silent
+        if not keys & {"topn", "model", "desired_unique_count"}:  # no schema read: an empty spec would be silent
             raise DeftError("container_failed", f"{image} {step} --cfg=job printed no spec keys; last lines:\n"
                             + "\n".join(lines[-LOG_TAIL:]), fix="check that the image follows the TAO "
                             "entrypoint contract (`<category> <action> -e SPEC --cfg=job` prints the spec)",

@@ -7,6 +7,7 @@ caller, without network unless asked, and is removed afterwards — also when th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 from deft_mine import rules
 from deft_mine.backends import container
-from deft_mine.backends.base import BackendEmbed, BackendMine, Capabilities, MineOutputs
+from deft_mine.backends.base import BackendEmbed, BackendMatch, BackendMine, Capabilities, MineOutputs
 from deft_mine.backends.container import Job
 from deft_mine.backends.local import write_floor_stage, write_mining
 from deft_mine.engine import tables
@@ -26,11 +27,11 @@ from deft_mine.engine.listings import Listing
 from deft_mine.engine.mining import mine_files
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
-from deft_mine.schemas import artifacts
-from deft_mine.schemas.results import Check, EmbedResult, EncoderIdentity, MineResult
-from deft_mine.schemas.specs import EmbeddingSpec, LabelFilter, MiningSpec, Side, spec_to_yaml
+from deft_mine.schemas import artifacts, warnings
+from deft_mine.schemas.results import Check, EmbedResult, EncoderIdentity, MatchResult, MineResult
+from deft_mine.schemas.specs import EmbeddingSpec, LabelFilter, MiningSpec, Side, UniqueMatchingSpec, spec_to_yaml
 
-ResultT = TypeVar("ResultT", EmbedResult, MineResult)
+ResultT = TypeVar("ResultT", EmbedResult, MineResult, MatchResult)
 
 DEFAULT_IMAGE = "deft-mine:latest"
 SPEC_FOLDER = ".deft-mine"  # beside the outputs: the exact spec each container ran with
@@ -71,8 +72,10 @@ def _client() -> Any:
 
 class DockerBackend:
     name = "docker"
-    # pairs: recomputed on the host; the image reads parquet listings only
-    capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=True, reads_parquet_only=True)
+    # pairs: recomputed on the host; the image reads parquet listings only; unique matching when
+    # the image has the action (match() asks its schema first)
+    capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=True, reads_parquet_only=True,
+                                runs_unique_matching=True)
 
     def __init__(self, image: str | None = None, mounts: list[str] | None = None,
                  network: str = "none") -> None:
@@ -199,6 +202,30 @@ class DockerBackend:
                                                                                            spec.target_parquet)))
         _refuse_unknown(spec, self._known_keys(job, output.parent), _REFUSED)
 
+    def match(self, spec: UniqueMatchingSpec, events: Events) -> BackendMatch:
+        """`tmm unique_neighbor_matching -e SPEC` in the image, when its schema shows the action
+        (refused naming the image otherwise); summary.json and the warning read back."""
+        out = Path(spec.output_dir).expanduser().absolute()
+        paths = {key: Path(value).expanduser().absolute() for key in ("source_path", "target_path", "exclude_path")
+                 if (value := getattr(spec, key))}
+        workspace = Path(os.path.commonpath([out, *(p if p.is_dir() else p.parent for p in paths.values())]))
+        job = Job(list(UNIQUE_STEP), out / SPEC_FOLDER, workspace, log=out / SPEC_FOLDER / f"{UNIQUE_STEP[1]}.log")
+        try:
+            known = self._known_keys(job, out)
+        except DeftError as exc:
+            if exc.code != "container_failed":
+                raise
+            raise unique_unsupported(self.image, "it could not answer `--cfg=job` for the action") from exc
+        has_unique_action(self.image, known)
+        final, summary = out / artifacts.UNIQUE_FINAL, out / artifacts.UNIQUE_SUMMARY
+        job.outputs = [final, summary]
+        inside = spec.model_copy(update={key: str(path) for key, path in paths.items()} | {"output_dir": str(out)})
+        job.command.append(str(self._write_spec(final, "unique_matching_spec.yaml", inside, known)))
+        timings = self._run(job, events)
+        written = json.loads(summary.read_text(encoding="utf-8"))
+        told = _task_result(final, MatchResult)  # our image says what it warned
+        return BackendMatch(written, told.warnings if told is not None else _short_from(written), timings)
+
     def _mining_job(self, output: Path, source_path: Path, target_path: Path) -> Job:
         """The mining container's job: it runs in the spec folder beside the output."""
         workspace = Path(os.path.commonpath([source_path.parent, target_path.parent, output.parent]))
@@ -285,6 +312,30 @@ class DockerBackend:
 # three spellings and its rule, exclude_targets); label_mode=per_label it cannot apply afterwards (refused).
 _HOST_KEYS = ("distance_threshold", "min_similarity", "max_distance", "floor_rule", "exclude_targets")
 _REFUSED = ("label_mode",)
+
+
+UNIQUE_STEP = ("tmm", "unique_neighbor_matching", "-e")
+
+
+def unique_unsupported(image: str, why: str) -> DeftError:
+    return DeftError("backend_unsupported", f"{image} cannot run tmm unique_neighbor_matching: {why}",
+                     fix="use backend=local, or an image that has the action (deft-mine's: docker/Dockerfile)",
+                     field="backend", image=image, action="tmm unique_neighbor_matching")
+
+
+def has_unique_action(image: str, known: frozenset[str]) -> None:
+    """The image's `--cfg=job` keys must be unique matching's (its required key among them)."""
+    if "desired_unique_count" not in known:
+        raise unique_unsupported(image, "its `tmm unique_neighbor_matching --cfg=job` schema has no "
+                                        "desired_unique_count")
+
+
+def _short_from(summary: dict[str, Any]) -> list[Any]:
+    """unique_count_short from an image that records no result JSON: summary.json's counts."""
+    desired, got = summary.get("desired_unique_count"), summary.get("retrieved_unique_count")
+    if desired is None or got is None or got >= desired:
+        return []
+    return [warnings.unique_count_short(desired, got, (summary.get("shortfall") or {}).get("groups", []))]
 
 
 def _set(spec: Any, key: str) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pyarrow.csv as pacsv
 
-from deft_mine.backends.base import BackendEmbed, BackendMine, Capabilities, MineOutputs
+from deft_mine.backends.base import BackendEmbed, BackendMatch, BackendMine, Capabilities, MineOutputs
 from deft_mine.engine import tables
 from deft_mine.engine.embedding import EmbedStats, embed_file
 from deft_mine.engine.encoders import Encoder, build_encoder
@@ -19,12 +19,12 @@ from deft_mine.engine.mining import MiningOutcome, mine_files
 from deft_mine.engine.store import Shelf
 from deft_mine.events import Events
 from deft_mine.schemas.results import Check
-from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
+from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, UniqueMatchingSpec
 
 
 class LocalBackend:
     name = "local"
-    capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=False)
+    capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=False, runs_unique_matching=True)
 
     def __init__(self) -> None:
         # A run embeds targets and pool with one encoder: load its weights once per process.
@@ -77,6 +77,16 @@ class LocalBackend:
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
              events: Events) -> BackendMine:
         return write_mining(mine_files(source_path, target_path, spec, events=events), outputs)
+
+    def match(self, spec: UniqueMatchingSpec, events: Events) -> BackendMatch:
+        from deft_mine.engine.unique_matching import unique_match, write_outputs
+
+        t0 = time.perf_counter()
+        outcome = unique_match(spec)
+        t1 = time.perf_counter()
+        write_outputs(spec, outcome)
+        t2 = time.perf_counter()
+        return BackendMatch(outcome.summary, outcome.warnings, {"match": t1 - t0, "write": t2 - t1, "total": t2 - t0})
 
 
 def embedded_with(encoder: Encoder, stats: EmbedStats, load_seconds: float) -> BackendEmbed:

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
-from deft_mine.backends.base import BackendEmbed, BackendMine, Capabilities, MineOutputs
+from deft_mine.backends.base import BackendEmbed, BackendMatch, BackendMine, Capabilities, MineOutputs, \
+    match_unsupported
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas.results import Check, ClusterFacts
-from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
+from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, UniqueMatchingSpec
 
 if TYPE_CHECKING:
     from deft_mine.engine.listings import Listing
@@ -348,6 +349,11 @@ class RayBackend:
         from deft_mine.backends.ray_mine import mine_on_ray
 
         return self._step(lambda ray, watch: mine_on_ray(ray, spec, source_path, target_path, outputs, events, watch))
+
+    def match(self, spec: UniqueMatchingSpec, events: Events) -> BackendMatch:
+        """Not on a cluster (capabilities say so; the tool refuses before this): the passes claim
+        files one target after another, which shards of the pool cannot do apart."""
+        raise match_unsupported(self.name, "the one-to-one passes are not distributed on Ray")
 
     def _step(self, work: Callable[[Any, HeadWatch], tuple[DoneT, Workers]]) -> DoneT:
         """`work(ray, watch)` on the attached cluster, its failures coded; its answer says where

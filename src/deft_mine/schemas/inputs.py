@@ -214,6 +214,19 @@ class MineInput(ToolInput):
     ray_address: RayAddress = None
 
 
+class MatchInput(ToolInput):
+    spec_path: Annotated[str | None, Field(description="unique matching spec YAML (the TAO `tmm "
+                                                       "unique_neighbor_matching` format)"), PathField(),
+                         cli("-e", "--spec", help="unique matching spec YAML (TAO format)")] = None
+    overrides: Annotated[Overrides, cli(
+        help="e.g. source_path=pool_emb.parquet target_path=t_emb.parquet output_dir=matched "
+             "desired_unique_count=500")] = None
+    backend: Backend = "local"
+    image: Image = None
+    mounts: Mounts = None
+    ray_address: RayAddress = None
+
+
 class RunInput(ToolInput):
     targets: Annotated[str, Field(
         description="target listing: parquet or CSV (filepath; optional label), or a ChangeNet CSV"), PathField(),

@@ -138,6 +138,56 @@ class MineResult(_Result):
                           *(f"{key}: {value}" for key, value in self.summary.items())])
 
 
+class MatchPass(BaseModel):
+    """One pass of one subset, as summary.json records it."""
+
+    subset: str = Field(description="global, a rare class, CLASS_fallback (from the non_rare pool) or non_rare")
+    number: int = Field(description="the pass within its subset, from 1")
+    topn: int = Field(description="each target's share this pass")
+    candidates: int = Field(description="nearest free pool rows searched per target")
+    targets: int = Field(description="targets searched")
+    retry: int = Field(description="targets that could not fill their share (retried wider)")
+    added: int = Field(description="files the budget kept")
+    file: str = Field(description="the pass's parquet in output_dir")
+
+
+class MatchShortfall(BaseModel):
+    """A group that got fewer files than its quota, and why."""
+
+    group: str = Field(description="global, a rare class, or non_rare")
+    wanted: int
+    got: int
+    missing: int
+    reason: str = Field(description="pool_spent | class_empty | excluded")
+
+
+class MatchResult(_Result):
+    """`tmm unique_neighbor_matching`: a budget of unique pool files, each claimed by one target."""
+
+    output_dir: str
+    final_parquet: str = Field(description="final_unique_files.parquet: each selected file once, sorted by filepath")
+    summary_path: str = Field(description="summary.json: the container's keys, then ours")
+    allocation_policy: str = Field(description="global | class_stratified")
+    desired_unique_count: int
+    retrieved_unique_count: int
+    coverage_pct: float = Field(description="retrieved / desired × 100")
+    per_class: dict[str, int] | None = Field(
+        None, description="class_stratified: selected files per group (each rare class, non_rare)")
+    passes: list[MatchPass] = Field(default_factory=list, description="empty when the image records none")
+    shortfalls: list[MatchShortfall] = Field(default_factory=list)
+    backend: str = "local"
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    def text(self) -> str:
+        lines = [f"matched {self.retrieved_unique_count}/{self.desired_unique_count} unique files "
+                 f"({self.coverage_pct}% coverage, {self.allocation_policy}) in {len(self.passes)} passes "
+                 f"→ {self.final_parquet}"]
+        if self.per_class is not None:
+            lines.append("per class: " + ", ".join(f"{name} {count}" for name, count in self.per_class.items()))
+        lines += [f"short: {s.group} got {s.got} of {s.wanted} ({s.reason})" for s in self.shortfalls]
+        return "\n".join(lines)
+
+
 class SelectResult(_Result):
     """One DEFT iteration's history-aware selection, as recorded in the ledger."""
 

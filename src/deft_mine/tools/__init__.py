@@ -2,6 +2,7 @@
 server, the command line and pytest all drive these."""
 
 from deft_mine.tools.embed import embed
+from deft_mine.tools.match import match
 from deft_mine.tools.mine import mine
 from deft_mine.tools.preflight import preflight
 from deft_mine.tools.registry import TOOLS, Tool, ToolContext
@@ -10,5 +11,5 @@ from deft_mine.tools.run import run
 from deft_mine.tools.select import select
 from deft_mine.tools.store import store_info, store_prune
 
-__all__ = ["TOOLS", "Tool", "ToolContext", "embed", "mine", "preflight", "report", "run", "select", "store_info",
-           "store_prune"]
+__all__ = ["TOOLS", "Tool", "ToolContext", "embed", "match", "mine", "preflight", "report", "run", "select",
+           "store_info", "store_prune"]
