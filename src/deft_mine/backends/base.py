@@ -74,6 +74,7 @@ class Capabilities:
     writes_pairs: bool  # mine() fills `outputs.pairs` (the report's contact sheet and score histogram)
     runs_tao_checkpoints: bool  # embeds model=<TAO kind> with a .pth/.ckpt model_path
     reads_parquet_only: bool = False  # embed() hands the listing's file to a program that reads parquet only
+    embeds_text: bool = False  # sentences go through a SigLIP/CLIP text tower in this process (text targets)
 
 
 class Backend(Protocol):
