@@ -24,7 +24,7 @@ from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
 
 class LocalBackend:
     name = "local"
-    capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=False)
+    capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=False, embeds_text=True)
 
     def __init__(self) -> None:
         # A run embeds targets and pool with one encoder: load its weights once per process.
