@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from deft_mine.errors import DeftError
+from deft_mine.report.pictures import GAP, SENTENCE_BACK, TILE, _sentence_tile
 from test_text_embeddings import SENTENCES, _with_tokenizer, write_texts
 
 TEXTS = SENTENCES[:2]
@@ -59,7 +61,17 @@ def test_run_with_text_mines_the_pool_from_the_sentences(image_set, siglip):
 
     report = (folder / "Mining_Report.md").read_text()
     assert "2 sentences" in report and all(f"“{t}”" in report for t in TEXTS)
-    assert "contact_sheet.png" in report and "sentence" in report.split("## Sanity")[1]
+    assert "contact_sheet.png" in report and "sentence" in report.split("## Output Sanity")[1]
+    sheet = Image.open(folder / "contact_sheet.png").convert("RGB")
+    corner = (GAP + TILE - 8, 36 + TILE - 8)  # the first row's target tile, below its words
+    assert sheet.getpixel(corner) == SENTENCE_BACK  # the sentence drawn as text, not a "missing" image
+
+
+def test_a_long_sentence_is_wrapped_and_cut_in_its_tile():
+    tile = _sentence_tile(" ".join(["solder bridge between two pins"] * 20))
+    assert tile.size == (TILE, TILE)
+    ink = sum(1 for x in range(TILE) for y in range(TILE) if tile.getpixel((x, y)) != SENTENCE_BACK)
+    assert ink > 0 and tile.getpixel((TILE - 2, TILE - 2)) == SENTENCE_BACK  # words inside, the padding kept
 
 
 def test_a_targets_parquet_of_sentences_runs_like_text(image_set, siglip):
