@@ -82,7 +82,9 @@ def test_tools_list_matches_snapshot(server: SyncClient) -> None:
     assert by_name["preflight"]["annotations"]["readOnlyHint"] is True
     assert by_name["run"]["annotations"]["idempotentHint"] is False
     assert all(t["annotations"]["destructiveHint"] is False for t in snapshot)
-    assert by_name["run"]["inputSchema"]["required"] == ["targets", "source"]
+    # targets or text (sentences), exactly one, checked by the tool: only the pool is required
+    assert by_name["run"]["inputSchema"]["required"] == ["source"]
+    assert by_name["run"]["inputSchema"]["properties"]["text"]["anyOf"][0]["type"] == "array"
     assert {"run_dir", "mined", "mine", "warnings"} <= set(by_name["run"]["outputSchema"]["properties"])
     assert {"code"} <= set(by_name["embed"]["outputSchema"]["$defs"]["ToolWarning"]["properties"])
     codes = by_name["embed"]["outputSchema"]["$defs"]["ToolWarning"]["properties"]["code"]["enum"]

@@ -85,6 +85,7 @@ class Capabilities:
     runs_tao_checkpoints: bool  # embeds model=<TAO kind> with a .pth/.ckpt model_path
     reads_parquet_only: bool = False  # embed() hands the listing's file to a program that reads parquet only
     runs_unique_matching: bool = False  # match() runs `tmm unique_neighbor_matching` (docker: if the image has it)
+    embeds_text: bool = False  # sentences go through a SigLIP/CLIP text tower in this process (text targets)
 
 
 def match_unsupported(backend: str, why: str) -> DeftError:

@@ -368,10 +368,16 @@ def text_max_length(tokenizer: Any, net: Any, model: str) -> int:
 
 def build_text_encoder(model: str, model_path: str | None, device: str = "auto") -> TextEncoder:
     """The text tower of the encoder a spec names; a model without one is refused (text_tower_missing)."""
+    require_text_tower(model, model_path)
+    assert model_path is not None  # refused just above
+    return TextEncoder(HuggingFaceEncoder(model, model_path, device), model_path)
+
+
+def require_text_tower(model: str, model_path: str | None) -> None:
+    """Refuse, before any weights are read, a model with no text tower (text_tower_missing)."""
     if model not in TEXT_MODELS or model_path is None:
         raise DeftError("text_tower_missing", f"model={model} has no text tower: it embeds images only, so a "
                         "sentence cannot be put in its vector space",
                         fix=f"embed texts (and the images they are mined against) with model="
                             f"{' or model='.join(TEXT_MODELS)}", field="model", model=model,
                         text_models=list(TEXT_MODELS))
-    return TextEncoder(HuggingFaceEncoder(model, model_path, device), model_path)

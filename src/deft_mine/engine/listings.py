@@ -168,6 +168,13 @@ def open_text_listing(path: Path, field: str) -> Listing:
     return listing
 
 
+def text_listing(texts: list[str], path: Path) -> Listing:
+    """Sentences given as such (`run --text`) as a text listing held in memory, one row each, to be
+    written to `path` (the run folder's target listing) by write_listing."""
+    table = pa.table({TEXT: pa.array(texts, pa.string())})
+    return Listing(path, "text", path.parent, table.schema, table.num_rows, table)
+
+
 def write_listing(listing: Listing, path: Path) -> Listing:
     """The listing's rows written to `path` as a filepath parquet (streamed, atomically), and the
     listing read from there: one file per side in a run folder that every later step — and the
@@ -175,7 +182,9 @@ def write_listing(listing: Listing, path: Path) -> Listing:
     with tables.atomic_output(path) as temp, pq.ParquetWriter(temp, listing.schema) as writer:
         for batch in listing.batches(65536):
             writer.write_batch(batch)
-    return dataclasses.replace(listing, path=path, format="parquet", table=None)
+    # a text listing stays one (its rows are sentences); any other is now a filepath parquet
+    return dataclasses.replace(listing, path=path, format="text" if listing.format == "text" else "parquet",
+                               table=None)
 
 
 def filepaths_of(batch: pa.RecordBatch | pa.Table) -> list[str | None]:

@@ -99,6 +99,7 @@ class ReportFacts:
     files: dict[str, str | None] = field(default_factory=dict)  # role -> file name in the folder
     mined: MinedCheck | None = None
     pairs: PairStats | None = None
+    target_texts: list[str | None] | None = None  # the targets' sentences, in order (None: targets are images)
     target_labels: dict[str, int] | None = None  # targets per label
     mined_labels: dict[str, int] | None = None  # mined images per pool label
     merged_labels: dict[str, list[str]] = field(default_factory=dict)  # a class's name -> its spellings
@@ -156,7 +157,8 @@ def gather(folder: Path, manifest: RunManifest | None, files: Files, missing: li
     facts.image_roots = _image_roots(folder, manifest, files, has_manifest)
     for what, step in (("target labels", _labels), ("mined_pairs statistics", _pair_stats),
                        ("mined parquet checks", _check_mined), ("training rows", _check_training_rows),
-                       ("ChangeNet listings", _changenet_sides), ("history budget", _history_budget)):
+                       ("ChangeNet listings", _changenet_sides), ("history budget", _history_budget),
+                       ("target sentences", _target_texts)):
         try:  # a fact that cannot be read is reported as unavailable, never a crash of the report
             step(facts, files)
         except Exception as exc:  # noqa: BLE001 - any unreadable file: say so, go on
@@ -454,6 +456,17 @@ def _changenet_sides(facts: ReportFacts, files: Files) -> None:
         lights = [x for x in dict.fromkeys(table.column("light").to_pylist()) if x is not None]
         facts.changenet[side] = ChangeNetSide(name, table.num_rows, len(set(table.column("csv_row").to_pylist())),
                                               lights)
+
+
+def _target_texts(facts: ReportFacts, files: Files) -> None:
+    """Sentences as targets (`run --text`, or a targets parquet of `text`): as the run folder's target
+    listing holds them (else its target embeddings: the sentences embedded)."""
+    if facts.manifest.inputs.targets.format != "text":
+        return
+    listing = Path(facts.folder) / artifacts.TARGET_LISTING
+    path = listing if listing.is_file() else files.get("target_embeddings")
+    if path is not None and "text" in tables.schema_of(path).names:
+        facts.target_texts = tables.read_columns(path, ["text"]).column("text").to_pylist()
 
 
 def _history_budget(facts: ReportFacts, files: Files) -> None:

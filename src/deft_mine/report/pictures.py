@@ -26,6 +26,8 @@ WHITE, INK, GRID, PLACEHOLDER = (255, 255, 255), (33, 33, 33), (220, 220, 220), 
 TARGET_FRAME, KEPT, DROPPED = (40, 90, 200), (46, 139, 87), (200, 50, 50)
 NEUTRAL, MINED = (90, 120, 170), (230, 140, 40)
 FLOOR = (20, 20, 20)
+SENTENCE_BACK = (232, 238, 250)  # a target sentence's tile
+SENTENCE_PAD = 6
 
 TILE = 112  # thumbnail side in pixels
 GAP = 10
@@ -45,6 +47,7 @@ class Tile:
     label: str
     frame: Colour
     allowed: bool = True  # False: outside the server's roots, so never opened
+    sentence: bool = False  # a target given as a sentence: `filepath` holds its words, drawn as text
 
 
 def draw(facts: ReportFacts, events: Events) -> list[ToolWarning]:
@@ -77,6 +80,7 @@ def _contact_sheet(facts: ReportFacts, path: Path) -> bool:
     t_root, s_root = (Path(facts.image_roots.get(side.input) or facts.folder) for side in (Side.target, Side.source))
     rows: list[list[Tile]] = []
     pairs_path, mined = facts.path("pairs"), facts.path("mined")
+    sentences = facts.target_texts is not None  # mining keyed each target by its sentence
     if pairs_path is not None:
         names = tables.schema_of(pairs_path).names
         columns = ["target_filepath", "target_row", "rank", "filepath", "score", "kept"] + \
@@ -86,7 +90,7 @@ def _contact_sheet(facts: ReportFacts, path: Path) -> bool:
         for target_row, group in groupby(pairs, key=lambda p: p["target_row"]):
             found = list(group)
             row = [Tile(found[0]["target_filepath"], t_root, f"target {target_row}",
-                        _label_text(found[0].get("target_label")), TARGET_FRAME)]
+                        _label_text(found[0].get("target_label")), TARGET_FRAME, sentence=sentences)]
             for pair in found[:CONTACT_NEIGHBOURS]:
                 label = _label_text(pair.get("source_label")) + ("" if pair["kept"] else " (dropped)")
                 row.append(Tile(pair["filepath"], s_root, f"#{pair['rank']}  {_score_text(pair['score'])}",
@@ -102,16 +106,17 @@ def _contact_sheet(facts: ReportFacts, path: Path) -> bool:
             if item["best_target"] in groups or len(groups) < CONTACT_TARGETS:
                 groups.setdefault(item["best_target"], []).append(item)
         for i, (target, items) in enumerate(groups.items()):
-            rows.append([Tile(str(target), t_root, f"target {i}", "", TARGET_FRAME)]
+            rows.append([Tile(str(target), t_root, f"target {i}", "", TARGET_FRAME, sentence=sentences)]
                         + [Tile(str(it["filepath"]), s_root, f"best {_score_text(it.get('score'))}", "", KEPT)
                            for it in items[:CONTACT_NEIGHBOURS]])
     facts.contact_from = "pairs" if pairs_path is not None else "best_target"
     facts.contact_targets = len(rows)
     facts.contact_neighbours = max([len(r) - 1 for r in rows] + [0])
-    for tile in (tile for row in rows for tile in row):
+    for tile in (tile for row in rows for tile in row if not tile.sentence):
         tile.allowed = facts.image_allowed(resolve_image_path(tile.filepath, tile.root))
     queries = facts.manifest.mining.summary.get("queries")
-    _draw_contact_sheet(rows, path, f"First {len(rows)} of {queries if queries is not None else 'the'} targets "
+    _draw_contact_sheet(rows, path, f"First {len(rows)} of {queries if queries is not None else 'the'} "
+                                    f"{'target sentences' if sentences else 'targets'} "
                                     "(blue) and their nearest pool images: green kept, red dropped")
     return True
 
@@ -183,7 +188,28 @@ def _save(image: Image.Image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
+def _sentence_tile(sentence: str) -> Image.Image:
+    """A sentence drawn in a tile, wrapped word by word; what does not fit ends in an ellipsis."""
+    canvas = Image.new("RGB", (TILE, TILE), SENTENCE_BACK)
+    pen, face = ImageDraw.Draw(canvas), font(12)
+    lines: list[str] = []
+    for word in sentence.split():
+        if lines and pen.textlength(f"{lines[-1]} {word}", font=face) <= TILE - 2 * SENTENCE_PAD:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    room = (TILE - 2 * SENTENCE_PAD) // LINE
+    if len(lines) > room:
+        lines = lines[:room - 1] + [lines[room - 1] + " …"]
+    for i, line in enumerate(lines):
+        pen.text((SENTENCE_PAD, SENTENCE_PAD + i * LINE), _fit(pen, line, TILE - 2 * SENTENCE_PAD, face),
+                 fill=INK, font=face)
+    return canvas
+
+
 def _tile_image(tile: Tile) -> Image.Image:
+    if tile.sentence:
+        return _sentence_tile(tile.filepath)
     loaded = load_rgb(tile.filepath, tile.root) if tile.allowed else LoadFailure(tile.filepath, "outside roots")
     if isinstance(loaded, LoadFailure):
         canvas = Image.new("RGB", (TILE, TILE), PLACEHOLDER)
@@ -213,7 +239,8 @@ def _draw_contact_sheet(rows: Sequence[Sequence[Tile]], path: Path, title: str) 
             thumb = _tile_image(tile)
             sheet.paste(thumb, (x + (TILE - thumb.width) // 2, y + (TILE - thumb.height) // 2))
             pen.rectangle([x - 3, y - 3, x + TILE + 2, y + TILE + 2], outline=tile.frame, width=3)
-            for i, text in enumerate((tile.caption, tile.label, Path(tile.filepath).name)):
+            name = "sentence" if tile.sentence else Path(tile.filepath).name
+            for i, text in enumerate((tile.caption, tile.label, name)):
                 pen.text((x, y + TILE + 6 + i * LINE), _fit(pen, text, TILE, small), fill=INK, font=small)
         if r:
             pen.line([(0, y - GAP // 2 - 3), (width, y - GAP // 2 - 3)], fill=GRID)

@@ -271,11 +271,14 @@ def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool)
             inp.format, inp.format == "csv")))
         if inp.format == "changenet":
             columns.append(_changenet_words(facts, side, name, inp))
+        if inp.format == "text" and side == "target":
+            columns.append(_sentences_words(facts, inp))
         if cols:
             shown = ", ".join(f"`{c}`" for c in cols[:limit]) + (f" and {len(cols) - limit} more" if len(cols) > limit else "")
             columns.append(f"{name} columns ({len(cols)}): {shown}.")
         if emb.skipped_by_reason:
-            skips.append(f"Skipped {name.lower()} images by reason: "
+            things = "sentences" if inp.format == "text" else "images"
+            skips.append(f"Skipped {name.lower()} {things} by reason: "
                          + ", ".join(f"{n} {r}" for r, n in sorted(emb.skipped_by_reason.items())) + ".")
     yield 0, _table("Side | Path | Rows | Embedded | Skipped | Has `label` | Converted from CSV", rows)
     lines = columns + skips
@@ -284,7 +287,8 @@ def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     if dim is not None:
         lines.append(f"Embedding vectors have {dim} dimensions" + (f" and were computed on `{device}`." if device else "."))
     roots = [f"{name} images from `{facts.image_roots[side.input]}`" for side, name in ((Side.target, "target"),
-             (Side.source, "pool")) if facts.image_roots.get(side.input)]
+             (Side.source, "pool")) if facts.image_roots.get(side.input)
+             and v.inputs[side.value].format != "text"]  # sentences resolve against nothing
     if roots:
         lines.append("Relative image paths resolve against: " + "; ".join(roots) + ".")
     if lines:
@@ -302,6 +306,22 @@ def _inputs_section(v: _View, found: list[Finding], verdict: str, compact: bool)
 
 # The Inputs table's "Converted from CSV" cell for each input format (any other: whether it is "csv").
 _CONVERTED: dict[str | None, Any] = {None: None, "changenet": "yes, ChangeNet CSV"}
+
+
+SENTENCES_LISTED, SENTENCE_WORDS = 8, 12  # sentences quoted in the Inputs section, words of each
+
+
+def _sentences_words(facts: ReportFacts, inp: InputFacts) -> str:
+    """Targets given as sentences: how many, and (when few) the sentences themselves, shortened."""
+    texts = facts.target_texts
+    if texts is None:
+        return (f"Targets are {plural(inp.rows, 'sentence')}, embedded by the text tower of the pool's model "
+                "(the sentences are not recorded: the run folder has no listing of them).")
+    given = [t.strip() for t in texts if t is not None and t.strip()]  # blank ones were skipped, and counted
+    quoted = ", ".join(f"“{_cell(rules.short(t, SENTENCE_WORDS))}”" for t in given[:SENTENCES_LISTED])
+    more = f", and {len(given) - SENTENCES_LISTED} more" if len(given) > SENTENCES_LISTED else ""
+    return (f"Targets are {plural(len(given), 'sentence')}, embedded by the text tower of the pool's model "
+            f"into its image space and searched for like target images: {quoted}{more}.")
 
 
 def _changenet_words(facts: ReportFacts, side: str, name: str, inp: InputFacts) -> str:
@@ -595,9 +615,11 @@ def _sanity_section(v: _View, found: list[Finding], verdict: str, compact: bool)
         src = ("its nearest pool neighbours in rank order with their score and label; dropped pairs have a red "
                "frame, kept ones a green frame" if facts.contact_from == "pairs" else
                "the mined images it was the best target of, with their best score")
+        target = ("a target sentence (blue frame, its words in place of an image)" if facts.target_texts is not None
+                  else "a target (blue frame)")
         yield 0, (f"![Contact sheet]({facts.pictures['contact_sheet']})\n\n"
                   f"The contact sheet shows the first {facts.contact_targets} targets; each row "
-                  f"is a target (blue frame) followed by up to {facts.contact_neighbours} of {src}. "
+                  f"is {target} followed by up to {facts.contact_neighbours} of {src}. "
                   "Unreadable images appear as grey tiles marked missing.")
         yield 1, ("Look at the contact sheet before training: neighbours that do not resemble "
                   "their target point at an encoder or path problem that no count can reveal.")

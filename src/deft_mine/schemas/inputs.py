@@ -228,10 +228,12 @@ class MatchInput(ToolInput):
 
 
 class RunInput(ToolInput):
-    targets: Annotated[str, Field(
-        description="target listing: parquet or CSV (filepath; optional label), or a ChangeNet CSV"), PathField(),
-        cli("--targets", required=True, help="target listing: parquet or CSV (column filepath; optional label), "
-                                             "or a ChangeNet CSV")]
+    # Targets: a listing, or sentences (exactly one; the tool refuses both or neither, naming both).
+    targets: Annotated[str | None, Field(
+        description="target listing: parquet or CSV (filepath; optional label), a ChangeNet CSV, or a text "
+                    "parquet (a `text` column, no `filepath`: sentences); or give `text` instead"), PathField(),
+        cli("--targets", help="target listing: parquet or CSV (column filepath; optional label), a ChangeNet "
+                              "CSV, or a parquet of sentences (column text); or --text instead")] = None
     source: Annotated[str, Field(
         description="pool listing: parquet or CSV (column filepath), or a ChangeNet CSV"), PathField(),
         cli("--source", required=True, help="pool listing: parquet or CSV (column filepath), or a ChangeNet CSV")]
@@ -274,6 +276,11 @@ class RunInput(ToolInput):
     image_ext: ImageExt = None
     changenet_spec: ChangeNetSpec = None
     skip_unresolved: SkipUnresolved = False
+    text: Annotated[list[str] | None, Field(
+        description="sentences to mine from instead of target images, e.g. [\"solder bridge between two pins\"]: "
+                    "embedded by the text tower of the same SigLIP/CLIP model as the pool; not with targets"),
+        cli("--text", metavar="SENTENCE", repeat=True, help="a sentence to mine from instead of target images "
+            "(repeatable; SigLIP/CLIP only; not with --targets)")] = None
 
 
 class SelectInput(ToolInput):

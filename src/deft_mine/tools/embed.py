@@ -11,7 +11,7 @@ from deft_mine.backends import Backend, resolve
 from deft_mine.backends.base import BackendEmbed
 from deft_mine.engine import changenet as cn
 from deft_mine.engine.embedding import embed_texts
-from deft_mine.engine.encoders import build_text_encoder
+from deft_mine.engine.encoders import build_text_encoder, require_text_tower
 from deft_mine.engine.listings import Listing, open_listing, open_text_listing, write_listing
 from deft_mine.engine.store import Shelf
 from deft_mine.errors import DeftError
@@ -92,9 +92,7 @@ def _embed_text(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: 
     """A text listing through the text tower, in-process; the session's encoder lock as for images
     (one model, one identity). The store keys its vectors by SHA-256 of the UTF-8 text, on a shelf of
     its own (the identity with the tokenizer settings), so text and image vectors never share keys."""
-    if backend.name != "local":
-        raise DeftError("backend_unsupported", f"text embeddings run on the local backend, not on {backend.name}",
-                        field="backend", fix="embed the text parquet with backend=local (the default)")
+    require_text_embedding(spec, backend)
     with ctx.lock.bind(spec) if ctx.lock is not None else contextlib.nullcontext() as key:
         t0 = time.perf_counter()
         ctx.events.log("info", f"loading the text tower of {spec.model} from {spec.encoder_key()[1]}")
@@ -113,6 +111,16 @@ def _embed_text(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: 
         done.warnings.append(warnings.texts_skipped(str(listing.path), done.input_rows, done.skipped_by_reason,
                                                     done.skipped_examples))
     return done
+
+
+def require_text_embedding(spec: EmbeddingSpec, backend: Backend) -> None:
+    """Refuse, before any work (`run`: before its folder exists), sentences a backend cannot embed
+    (by its declared capability) or a model with no text tower (text_tower_missing)."""
+    if not backend.capabilities.embeds_text:
+        raise DeftError("backend_unsupported", f"text embedding (sentences as targets) runs on the local backend, "
+                        f"not on {backend.name}: the text tower runs in this process", field="backend",
+                        fix="use backend=local (the default) for text targets", backend=backend.name)
+    require_text_tower(spec.model, spec.encoder_key()[1])
 
 
 @contextlib.contextmanager

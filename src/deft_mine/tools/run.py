@@ -16,7 +16,7 @@ from deft_mine.engine import changenet as cn
 from deft_mine.engine import ledger as ledgers
 from deft_mine.engine import tables
 from deft_mine.engine import training_rows
-from deft_mine.engine.listings import Listing, open_listing, write_listing
+from deft_mine.engine.listings import Listing, open_listing, text_listing, write_listing
 from deft_mine.engine.mining import label_counts
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled
@@ -29,7 +29,7 @@ from deft_mine.schemas.results import (EmbedResult, ErrorInfo, MineResult, RunRe
                                        TrainingRowsResult)
 from deft_mine.schemas.warnings import ToolWarning
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec, spec_to_yaml, split_overrides
-from deft_mine.tools.embed import embed_spec
+from deft_mine.tools.embed import embed_spec, require_text_embedding
 from deft_mine.tools.mine import mine_spec
 from deft_mine.tools.preflight import label_precheck
 from deft_mine.tools.registry import Tool, ToolContext, register
@@ -143,8 +143,9 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     (a ledger), mining writes mined_candidates.parquet and mined.parquet keeps only images no
     earlier iteration selected (the next iteration number is taken from the ledger)."""
     started = time.perf_counter()
+    sentences = _sentences(inputs)  # None: the targets are a listing
     paths = {name: tables.require_file(Path(value).expanduser().absolute(), name)
-             for name, value in (("targets", inputs.targets), ("source", inputs.source))}
+             for name, value in (("targets", inputs.targets), ("source", inputs.source)) if value is not None}
     for field in ("ledger_format", "max_cumulative_fraction") if inputs.history is None else ():
         if getattr(inputs, field) is not None:  # a ledger's option without a ledger: refused, never ignored
             raise DeftError("spec_invalid", f"{field} applies to a history ledger, and no history was given",
@@ -158,10 +159,15 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     # A ChangeNet CSV is resolved here, row by row and light by light, before anything is embedded.
     changenet = inputs.changenet_options()
     cn.check_images_dir(changenet, embedding.image_root)
-    given = {name: open_listing(path, name, embedding.images_root(path), changenet) for name, path in paths.items()}
+    # A targets parquet of sentences (`text`, no `filepath`) is taken as sentences too.
+    given = {name: open_listing(path, name, embedding.images_root(path), changenet, texts=name == "targets")
+             for name, path in paths.items()}
     if ctx.policy is not None:
         for listing in given.values():
-            ctx.policy.check_listing(listing)
+            if listing.format != "text":  # sentences name no files
+                ctx.policy.check_listing(listing)
+    if sentences is not None or given["targets"].format == "text":
+        require_text_embedding(embedding, backend)
     validation = _training_options(inputs, given["source"])
     if inputs.history is not None:  # a bad budget or a damaged ledger costs no embedding
         check_history(Path(inputs.history).expanduser().absolute(), inputs.ledger_format,
@@ -171,6 +177,9 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         ctx.events.log("warning", warning.message)
     folder = RunFolder.make(inputs.output_dir, inputs.run_dir, history=inputs.history is not None)
     ctx.events.log("info", f"run folder {folder.path}")
+    if sentences is not None:  # the sentences become the folder's target listing, written with the other
+        paths["targets"] = folder.listings["targets"]
+        given = {"targets": text_listing(sentences, paths["targets"]), "source": given["source"]}
     mining = mining.model_copy(update={"source_parquet": str(folder.embeddings["source"]),
                                        "target_parquet": str(folder.embeddings["targets"]),
                                        "output_parquet": str(folder.candidates)})
@@ -214,6 +223,25 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     return RunResult(run_dir=str(folder.path), mined=selected.newly_selected if selected else mine_result.mined,
                      mined_parquet=str(folder.mined), target_embed=tgt, source_embed=src, mine=mine_result,
                      select=selected, training_rows=training, report=written, timings=manifest.timings, warnings=manifest.warnings)
+
+
+def _sentences(inputs: RunInput) -> list[str] | None:
+    """`text`, checked at the door: exactly one of targets and text, and no sentence empty or blank."""
+    if (inputs.targets is None) == (inputs.text is None):
+        given = "both" if inputs.text is not None else "neither"
+        raise DeftError("spec_invalid", f"give exactly one of targets and text (got {given}): targets names a "
+                        "listing of target images (or a parquet of sentences), text the sentences themselves",
+                        fix="--targets LISTING, or --text \"a sentence\" (repeatable), not both", field="text")
+    if inputs.text is None:
+        return None
+    blank = [i for i, sentence in enumerate(inputs.text) if not sentence.strip()]
+    if not inputs.text or blank:
+        which = "no sentence" if not inputs.text else \
+            ", ".join(f"text[{i}] ({inputs.text[i]!r})" for i in blank[:5]) + (" …" if blank[5:] else "")
+        raise DeftError("spec_invalid", f"text: {which} is empty or blank; there is nothing to mine from it",
+                        fix="give each --text a sentence describing the defect, e.g. "
+                            "\"solder bridge between two pins\"", field="text", blank=blank)
+    return list(inputs.text)
 
 
 def _specs(inputs: RunInput, ctx: ToolContext) -> tuple[EmbeddingSpec, MiningSpec]:
