@@ -216,13 +216,19 @@ def embedding_step(listing: Listing, output_path: Path, encoder: Encoder, shelf:
             RowGroupWriter(tmp, schema, rows_per_group(encoder.dim)) as writer:
         yield Step(encoder, shelf, Preparer(listing.images_root, held, encoder.preprocess), events, schema, writer,
                    stats)
-    if shelf is not None:
-        shelf.compact()
-        stats.corrupt_shards = list(shelf.corrupt)
-        if shelf.write_error:
-            events.log("warning", f"the embedding store could not be written ({shelf.write_error}); "
-                                  "this run's later vectors were not kept for reuse")
+    _close_shelf(shelf, stats, events)
     stats.timings["total"] = time.perf_counter() - started
+
+
+def _close_shelf(shelf: Shelf | None, stats: EmbedStats, events: Events) -> None:
+    """After the last batch: the store compacted, its set-aside shards counted, a failed write said."""
+    if shelf is None:
+        return
+    shelf.compact()
+    stats.corrupt_shards = list(shelf.corrupt)
+    if shelf.write_error:
+        events.log("warning", f"the embedding store could not be written ({shelf.write_error}); "
+                              "this run's later vectors were not kept for reuse")
 
 
 def embed_file(listing: Listing, output_path: Path, encoder: Encoder, *, batch_size: int, events: Events,
@@ -318,12 +324,7 @@ def embed_texts(listing: Listing, output_path: Path, encoder: TextEncoder, *, ba
             stats.add(_text_batch(batch, encoder, shelf, writer, stats), events)
             events.progress("embed", stats.rows_in, listing.rows, f"{stats.reused} reused from the store"
                             if shelf is not None else "")
-    if shelf is not None:
-        shelf.compact()
-        stats.corrupt_shards = list(shelf.corrupt)
-        if shelf.write_error:
-            events.log("warning", f"the embedding store could not be written ({shelf.write_error}); "
-                                  "this run's later vectors were not kept for reuse")
+    _close_shelf(shelf, stats, events)
     if sum(stats.skipped_by_reason.values()):
         events.log("warning", f"skipped {sum(stats.skipped_by_reason.values())} null or blank text(s), e.g. "
                               f"{stats.skipped_examples[0]}")
