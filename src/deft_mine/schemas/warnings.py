@@ -72,25 +72,25 @@ def pool_exhausted(topn: int, queries: int, pool: int, mined: int | None = None)
 
 def images_skipped(source: str, input_rows: int, by_reason: dict[str, int], examples: list[str],
                    image_root: str) -> ToolWarning:
-    skipped = sum(by_reason.values())
-    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items()))
-    return ToolWarning(
-        code="images_skipped",
-        message=f"{skipped} of {input_rows} rows of {source} were left out because their image could "
-                f"not be read ({reasons})" + (f"; e.g. {examples[0]}" if examples else ""),
-        fields=["filepath"],
-        details={"count": skipped, "by_reason": by_reason, "examples": examples, "image_root": image_root})
+    return _rows_skipped("images_skipped", "filepath", "their image could not be read", source, input_rows,
+                         by_reason, examples, image_root=image_root)
 
 
 def texts_skipped(source: str, input_rows: int, by_reason: dict[str, int], examples: list[str]) -> ToolWarning:
     """A text parquet's null or blank texts, left out of the embedding (counted like unreadable images)."""
+    return _rows_skipped("texts_skipped", "text", "their text is null or blank", source, input_rows, by_reason,
+                         examples)
+
+
+def _rows_skipped(code: WarningCode, column: str, because: str, source: str, input_rows: int,
+                  by_reason: dict[str, int], examples: list[str], **details: Any) -> ToolWarning:
+    """Listing rows an embedding left out, counted by reason, with the first examples."""
     skipped = sum(by_reason.values())
     reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items()))
     return ToolWarning(
-        code="texts_skipped",
-        message=f"{skipped} of {input_rows} rows of {source} were left out because their text is null or "
-                f"blank ({reasons})" + (f"; e.g. {examples[0]}" if examples else ""),
-        fields=["text"], details={"count": skipped, "by_reason": by_reason, "examples": examples})
+        code=code, message=f"{skipped} of {input_rows} rows of {source} were left out because {because} "
+                           f"({reasons})" + (f"; e.g. {examples[0]}" if examples else ""),
+        fields=[column], details={"count": skipped, "by_reason": by_reason, "examples": examples, **details})
 
 
 def images_missing(side: str, missing: list[Any], checked: int, root: str) -> ToolWarning:
