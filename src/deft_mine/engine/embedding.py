@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -343,7 +342,7 @@ def _text_batch(batch: pa.RecordBatch, encoder: TextEncoder, shelf: Shelf | None
         stats.skipped_by_reason[reason] += 1
         if len(stats.skipped_examples) < _SKIPPED_EXAMPLES:
             stats.skipped_examples.append(f"row {stats.rows_in + i}: {reason}")
-    digests = [hashlib.sha256(texts[i].encode("utf-8")).digest() for i in keep]
+    digests = [digest(texts[i].encode("utf-8")) for i in keep]
     where = shelf.find(digests) if shelf is not None else np.full(len(keep), -1)
     stored = shelf.vectors(where[where >= 0]) if shelf is not None and (where >= 0).any() else None
     if stored is None:  # nothing held (or a shard lost meanwhile): encode them all

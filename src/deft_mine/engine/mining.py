@@ -157,19 +157,13 @@ def _label_groups(prep: Prepared) -> None:
     is -1 and is never searched. The pool's labels are read whole, like its paths (small beside
     its vectors), so the search can stay streamed block by block."""
     target_labels = label_keys(prep.targets.column("label"))
-    groups = pc.unique(target_labels.drop_null())
-    prep.query_groups = _group_codes(target_labels, groups)
     pool_labels = label_keys(tables.read_columns(prep.source_path, ["label"]).column("label"))
-    prep.pool_groups = _group_codes(pool_labels, groups)
+    pool_groups, query_groups = group_codes(target_labels, pool_labels)  # the floor's numbering, one rule
+    prep.pool_groups, prep.query_groups = pool_groups.astype(np.int32), query_groups.astype(np.int32)
     # the labels no searched pool row has: the precheck's rule, over the rows this search sees
     prep.missing_in_pool = dict(rules.labels_missing_in_pool(
         target_labels.to_pylist(), label_text(prep.targets.column("label")).to_pylist(),
         pool_labels.filter(pa.array(~prep.drop)).to_pylist()))
-
-
-def _group_codes(labels: pa.Array, groups: pa.Array) -> np.ndarray:
-    """Each label's position in `groups` (int32), -1 for a null or a label not among them."""
-    return pc.index_in(labels, value_set=groups).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
 
 
 def search_range(spec: MiningSpec, source_path: Path, target_path: Path, queries: np.ndarray, drop: np.ndarray,

@@ -82,7 +82,6 @@ class _Side:
     """One side read whole but for the pool's vectors: its files, each row's filepath and label key."""
 
     files: list[Path]
-    sizes: list[int]
     paths: list[str]
     labels: pa.Array | None  # label keys (the container's rule); None without a `label` column
     label_text: list[Any] | None
@@ -106,14 +105,13 @@ def _read_side(spec: UniqueMatchingSpec, files: list[Path], field_name: str, *, 
                need_label: bool) -> _Side:
     side = field_name.split("_")[0]
     path_col, vec_col = getattr(spec, f"{side}_filepath_column"), getattr(spec, f"{side}_embedding_column")
-    parts, sizes = [], []
+    parts = []
     for file in files:
         schema = tables.schema_of(file)
         needed = [path_col, vec_col] + (["label"] if need_label else [])
         tables.require_columns(file, schema, needed, field_name)
         columns = [path_col] + ([vec_col] if vectors else []) + (["label"] if "label" in schema.names else [])
         parts.append(tables.read_columns(file, columns))
-        sizes.append(parts[-1].num_rows)
     with_label = all("label" in p.column_names for p in parts)
     paths = pa.chunked_array([p.column(path_col).cast(pa.string()) for p in parts], pa.string())
     if (row := tables.first_null(paths)) is not None:
@@ -128,7 +126,7 @@ def _read_side(spec: UniqueMatchingSpec, files: list[Path], field_name: str, *, 
                                                      dim=dim, field=field_name))
             dim, seen = blocks[-1].shape[1], seen + part.num_rows
         array = l2_normalise(np.concatenate(blocks)) if blocks else np.zeros((0, 0), np.float32)
-    return _Side(files=files, sizes=sizes, paths=paths.to_pylist(),
+    return _Side(files=files, paths=paths.to_pylist(),
                  labels=label_keys(labels) if labels is not None else None,
                  label_text=labels.to_pylist() if labels is not None else None, vectors=array)
 
@@ -149,8 +147,8 @@ def _excluded(spec: UniqueMatchingSpec, paths: list[str]) -> np.ndarray:
 class _Matcher:
     """The pool, the targets and who holds which pool file; `match` runs one subset's passes."""
 
-    def __init__(self, spec: UniqueMatchingSpec, pool: _Side, targets: _Side, usable: np.ndarray) -> None:
-        self.spec, self.pool, self.targets, self.usable = spec, pool, targets, usable
+    def __init__(self, spec: UniqueMatchingSpec, pool: _Side, targets: _Side) -> None:
+        self.spec, self.pool, self.targets = spec, pool, targets
         encoded = pa.array(pool.paths, pa.string()).dictionary_encode()
         self.files = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         self.file_paths: list[str] = encoded.dictionary.to_pylist()
@@ -255,7 +253,7 @@ def unique_match(spec: UniqueMatchingSpec) -> UniqueOutcome:
         raise DeftError("spec_invalid", "target_path has no rows: there is nothing to match",
                         fix="give at least one target", field="target_path")
     excluded = _excluded(spec, pool.paths)
-    matcher = _Matcher(spec, pool, targets, ~excluded)
+    matcher = _Matcher(spec, pool, targets)
     if stratified:
         groups = _class_groups(spec, pool, targets)
         quotas, shortfall = _stratified(spec, matcher, groups, excluded)
@@ -341,7 +339,7 @@ def _selected(spec: UniqueMatchingSpec, matcher: _Matcher) -> pa.Table:
 
 def _dataset(labels: list[Any], rare_keys: set[str]) -> dict[str, Any]:
     """The container's per-dataset counts, from `label` (one class per image: an instance each)."""
-    keys = [None if v is None else str(v).strip().upper() for v in labels]
+    keys = label_keys(labels).to_pylist()
     rare = sum(k in rare_keys for k in keys)
     return {"total_images": len(keys), "rare_images": rare, "common_images": len(keys) - rare,
             "rare_instances": rare, "per_class": count_labels(labels) if labels else {}}

@@ -339,12 +339,6 @@ def _check_skill_resume(book: ledgers.Ledger, iteration: int, paths: Paths, topn
                             f"{key} {entry[key]}, not {path}; refusing to resume",
                             fix=f"select with the committed files, or record the new selection as iteration "
                                 f"{book.last_iteration + 1}", field=key, iteration=iteration, path=str(path))
-    current = tables.sha256_of(paths.source)
-    if current != entry["candidate_sha256"]:
-        raise DeftError("ledger_hash_mismatch", f"iteration {iteration} is committed in {book.path}, but its "
-                        f"candidate_parquet {paths.source} changed since; refusing to resume",
-                        fix="restore the original candidates file", field="candidate_parquet", iteration=iteration,
-                        recorded_sha256=entry["candidate_sha256"], current_sha256=current)
     if entry.get("topn") != topn:
         raise DeftError("ledger_iteration_invalid", f"iteration {iteration} is committed in {book.path} with "
                         f"topn {entry.get('topn')}, and this selection has topn {topn}; refusing to resume",
