@@ -198,9 +198,9 @@ def _record(book: ledgers.Ledger, iteration: int, paths: Paths, topn: int | None
     tally = _tally(normal, book.selected)
     room = None if budget is None else max(0, budget.cap - len(book.selected))
     chosen = tally.new if room is None else tally.new[:room]
-    tables.write_table_atomic(paths.target, table.filter(pa.array(tally.keep(set(chosen)), pa.bool_())))
+    _write_output(paths, table, tally, chosen)
     summary = _history_summary(book, iteration, paths, topn, tally, chosen, budget)
-    tables.write_text_atomic(paths.history_summary, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    _write_summary(paths, summary)
     if before_commit is not None:
         before_commit(book, iteration)
     book.iterations.append(_skill_entry(iteration, paths, summary, chosen) if book.format is LedgerFormat.tao_skill
@@ -208,6 +208,15 @@ def _record(book: ledgers.Ledger, iteration: int, paths: Paths, topn: int | None
     book.selected.update(dict.fromkeys(chosen, iteration))
     ledgers.save(book)
     return _result(book, iteration, paths, tally, budget, resumed=False)
+
+
+def _write_output(paths: Paths, table: pa.Table, tally: Tally, chosen: list[str]) -> None:
+    """The selection's parquet: the candidates' rows whose paths are chosen, in their order."""
+    tables.write_table_atomic(paths.target, table.filter(pa.array(tally.keep(set(chosen)), pa.bool_())))
+
+
+def _write_summary(paths: Paths, summary: dict[str, Any]) -> None:
+    tables.write_text_atomic(paths.history_summary, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
 
 def _our_entry(iteration: int, paths: Paths, topn: int | None, tally: Tally, chosen: list[str]) -> dict[str, Any]:
@@ -290,10 +299,10 @@ def _resume(book: ledgers.Ledger, iteration: int, paths: Paths, topn: int | None
     chosen = [p for p, it in book.selected.items() if it == iteration]
     budget = _recorded_budget(paths.history_summary) or budget  # the budget the iteration ran under
     if not paths.target.exists():  # the output was lost after the ledger recorded it: write it again
-        tables.write_table_atomic(paths.target, table.filter(pa.array(tally.keep(set(chosen)), pa.bool_())))
+        _write_output(paths, table, tally, chosen)
     if not paths.history_summary.exists():  # selections before this file existed: write it now
         summary = _history_summary(book, iteration, paths, topn or entry.get("topn"), tally, chosen, budget)
-        tables.write_text_atomic(paths.history_summary, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        _write_summary(paths, summary)
     return _result(book, iteration, paths, tally, budget, resumed=True)
 
 
