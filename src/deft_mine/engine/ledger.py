@@ -150,9 +150,9 @@ def _load_skill(path: Path, data: dict[str, Any], verify: bool) -> Ledger:
                       key="iteration")
     selected: dict[str, int] = {}
     for number, entry in enumerate(entries, start=1):
-        for path_key, normal in _skill_paths(entry, number, corrupt):
+        for normal in _skill_paths(entry, number, corrupt):
             if normal in selected:
-                raise corrupt(f"{path_key} {normal!r} was already selected by iteration {selected[normal]}"
+                raise corrupt(f"selected_filepaths {normal!r} was already selected by iteration {selected[normal]}"
                               if selected[normal] != number else f"selected_filepaths repeats {normal!r}",
                               number, "selected_filepaths")
             selected[normal] = number
@@ -168,7 +168,8 @@ def _load_skill(path: Path, data: dict[str, Any], verify: bool) -> Ledger:
     return Ledger(path, selected=selected, iterations=entries, format=LedgerFormat.tao_skill, extra=extra)
 
 
-def _skill_paths(entry: dict[str, Any], number: int, corrupt: Any) -> Iterator[tuple[str, str]]:
+def _skill_paths(entry: dict[str, Any], number: int, corrupt: Any) -> Iterator[str]:
+    """An entry's selected_filepaths, each by the skill's identity rule."""
     paths = entry.get("selected_filepaths")
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise corrupt("'selected_filepaths' must be a list of paths", number, "selected_filepaths")
@@ -176,7 +177,7 @@ def _skill_paths(entry: dict[str, Any], number: int, corrupt: Any) -> Iterator[t
         normal = skill_identity(value)
         if normal is None:
             raise corrupt(f"selected_filepaths[{position}] {value!r} names no file", number, "selected_filepaths")
-        yield "selected_filepaths", normal
+        yield normal
 
 
 def _verify_artifacts(path: Path, entry: dict[str, Any], number: int, corrupt: Any) -> None:
