@@ -102,6 +102,7 @@ ROUNDS = [["a.png", "b.png", "./a.png", "c/d.png"],
 
 # ---------------------------------------------------------------- continuing each other's ledger
 
+@pytest.mark.e2e  # the skill's own script is read with `git show` (a process)
 def test_skill_and_deft_mine_take_turns_on_one_ledger(tmp_path: Path, skill: ModuleType) -> None:
     ledger = tmp_path / "results" / "mining_history.json"
     folders = [tmp_path / f"iter{n}" for n in range(1, 5)]
@@ -132,6 +133,7 @@ def test_skill_and_deft_mine_take_turns_on_one_ledger(tmp_path: Path, skill: Mod
     assert ledger.read_bytes() == before
 
 
+@pytest.mark.e2e  # the skill's own script is read with `git show` (a process)
 def test_a_new_tao_skill_ledger_is_what_the_skill_writes(tmp_path: Path, skill: ModuleType) -> None:
     """The same rounds through the loop's script (under A/) and through us (under B/): the same
     ledger and summaries, paths and hashes aside; then the script continues ours."""
@@ -165,6 +167,7 @@ def test_a_new_tao_skill_ledger_is_what_the_skill_writes(tmp_path: Path, skill: 
     assert mined(tmp_path / "B" / "iter4") == reference(ROUNDS)[3]
 
 
+@pytest.mark.e2e  # the skill's own script is read with `git show` (a process)
 def test_identity_is_the_skills_rule(skill: ModuleType, tmp_path: Path) -> None:
     spellings = ["a/b.png", " a/./b.png ", "a\\b.png", "a//b.png/", "x/../a/b.png", "/abs/a.png", "//two.png",
                  "./c.png", "../up.png", "A/B.PNG"]
@@ -220,6 +223,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.e2e  # the skill's own script is read with `git show` (a process)
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_skill_ledger_is_refused_naming_iteration_and_field(tmp_path: Path, skill: ModuleType,
                                                                      damage: str) -> None:
@@ -242,6 +246,7 @@ def test_a_damaged_skill_ledger_is_refused_naming_iteration_and_field(tmp_path: 
     assert not (tmp_path / "iter3" / MINED).exists() and not (tmp_path / "iter3" / SUMMARY).exists()
 
 
+@pytest.mark.e2e  # the skill's own script is read with `git show` (a process)
 def test_the_other_format_is_refused_naming_the_files(tmp_path: Path, skill: ModuleType) -> None:
     candidates(tmp_path / "it1", ["a.png"])
     candidates(tmp_path / "it2", ["b.png"])
@@ -257,6 +262,7 @@ def test_the_other_format_is_refused_naming_the_files(tmp_path: Path, skill: Mod
     assert info.value.details["field"] == "ledger_format"
 
 
+@pytest.mark.e2e  # the skill's own script is read with `git show` (a process)
 def test_the_skills_resume_rule(tmp_path: Path, skill: ModuleType) -> None:
     ledger = tmp_path / "h.json"
     for n, paths in enumerate(ROUNDS[:2], start=1):
@@ -281,6 +287,7 @@ def test_the_skills_resume_rule(tmp_path: Path, skill: ModuleType) -> None:
 
 # ---------------------------------------------------------------- the summary, our format
 
+@pytest.mark.e2e  # the skill's own script is read with `git show` (a process)
 def test_our_ledger_writes_the_loops_summary_too(tmp_path: Path, skill: ModuleType) -> None:
     rounds = ROUNDS[:2]
     for n, paths in enumerate(rounds, start=1):
@@ -386,6 +393,7 @@ def test_no_collapse_at_half(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- run --history
 
+@pytest.mark.e2e  # the skill's own script is read with `git show` (a process)
 def test_run_continues_a_skill_ledger_and_the_skill_continues_the_run(image_set: Path, skill: ModuleType) -> None:
     ledger = image_set / "results" / "mining_history.json"
     # iteration 1 by the loop: twenty images of another pool, so this run's yield looks collapsed
@@ -409,6 +417,7 @@ def test_run_continues_a_skill_ledger_and_the_skill_continues_the_run(image_set:
     assert by_skill(skill, folder, ledger, 2, topn=2, resume=True)["selected_count"] == len(mined(folder))
 
 
+@pytest.mark.e2e  # the skill's own script is read with `git show` (a process)
 def test_run_refuses_a_damaged_ledger_or_budget_before_any_work(image_set: Path, skill: ModuleType) -> None:
     ledger = image_set / "mining_history.json"
     candidates(image_set / "iter1", ["x.png"])
