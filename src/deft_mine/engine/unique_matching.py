@@ -6,15 +6,15 @@ import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from deft_mine.engine import tables
+from deft_mine.engine import detections, tables
+from deft_mine.engine.detections import NO_CLASSES, ImageClasses
 from deft_mine.engine.knn import RunningTopK, l2_normalise
-from deft_mine.engine.mining import count_labels, label_keys, label_text
+from deft_mine.engine.mining import label_keys, label_spellings, label_text
 from deft_mine.engine.selection import claim_one_to_one, nearest_first
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts, warnings
@@ -246,16 +246,17 @@ def unique_match(spec: UniqueMatchingSpec) -> UniqueOutcome:
     """Read both sides, match under the spec's policy, and say what was held and what fell short."""
     stratified = spec.allocation_policy is AllocationPolicy.class_stratified
     pool = _read_side(spec, parquet_files(spec.source_path, "source_path"), "source_path", vectors=False,
-                      need_label=stratified)
+                      need_label=stratified and not spec.source_detection_file)
     targets = _read_side(spec, parquet_files(spec.target_path, "target_path"), "target_path", vectors=True,
-                         need_label=stratified)
+                         need_label=stratified and not spec.target_detection_file)
     if not targets.paths:
         raise DeftError("spec_invalid", "target_path has no rows: there is nothing to match",
                         fix="give at least one target", field="target_path")
+    classes = (_class_source(spec, pool, "source"), _class_source(spec, targets, "target"))
     excluded = _excluded(spec, pool.paths)
     matcher = _Matcher(spec, pool, targets)
     if stratified:
-        groups = _class_groups(spec, pool, targets)
+        groups = _class_groups(spec, *classes)
         quotas, shortfall = _stratified(spec, matcher, groups, excluded)
     else:
         every = np.ones(len(pool.paths), dtype=bool)
@@ -263,7 +264,7 @@ def unique_match(spec: UniqueMatchingSpec) -> UniqueOutcome:
         shortfall = _short(GLOBAL, spec.desired_unique_count, got, every, excluded, every)
         quotas, groups = None, None
     selected = _selected(spec, matcher)
-    summary = _summary(spec, matcher, selected, targets, pool, excluded, groups, quotas, shortfall)
+    summary = _summary(spec, matcher, selected, targets, pool, excluded, groups, quotas, shortfall, classes)
     raised = [warnings.unique_count_short(spec.desired_unique_count, selected.num_rows,
                                           [s.as_dict() for s in shortfall])] if shortfall else []
     return UniqueOutcome(selected=selected, passes=matcher.passes, summary=summary, shortfall=shortfall,
@@ -282,36 +283,91 @@ def _short(group: str, wanted: int, got: int, own: np.ndarray, excluded: np.ndar
 
 @dataclass
 class _Groups:
-    """class_stratified: each pool row's and target's group (a rare class name, or non_rare)."""
+    """class_stratified: each group's members, a mask over the pool rows and one over the targets.
+    A rare class holds every image with an instance of it (an image of two rare classes is in
+    both, as in the container), non_rare the images with none."""
 
     rare: list[str]
-    pool: np.ndarray  # object: group per pool row
-    targets: np.ndarray  # object: group per target
+    pool: dict[str, np.ndarray]  # group -> bool per pool row
+    targets: dict[str, np.ndarray]  # group -> bool per target
 
 
-def _class_groups(spec: UniqueMatchingSpec, pool: _Side, targets: _Side) -> _Groups:
-    """Classes from `label` (the container reads COCO/KITTI; an AOI row carries its class):
-    compared as the container compares labels, so `Scratch ` is class `scratch`."""
-    by_key = {name.strip().upper(): name for name in spec.rare_class_list}
+@dataclass
+class _Classes:
+    """One side's classes, per row (its groups) and per image (the summary's counts), and how a
+    class name compares: a detection file's by the container's `lower()`, a `label` by the label
+    rule (`strip().upper()`)."""
 
-    def group_of(keys: pa.Array) -> np.ndarray:
-        return np.array([by_key.get(k, NON_RARE) if k is not None else NON_RARE for k in keys.to_pylist()], object)
+    source: str  # label, coco or kitti
+    file: str | None
+    rows: list[ImageClasses]
+    images: dict[str, ImageClasses]  # per distinct filepath: its rows' classes together
+    key: Callable[[str], str]
+    listed: int | None = None  # rows whose image the detection file names (None: from label)
 
-    return _Groups(rare=list(spec.rare_class_list), pool=group_of(pool.labels), targets=group_of(targets.labels))
+    def counts(self) -> dict[str, Any]:
+        """ours: where the classes came from, and how many rows have none (the container takes
+        such an image as non_rare, and so do we)."""
+        out = {"from": self.source, "file": self.file, "rows": len(self.rows),
+               "rows_without_class": sum(not c.names for c in self.rows)}
+        return out if self.listed is None else {**out, "rows_not_in_file": len(self.rows) - self.listed}
+
+
+def _label_key(name: str) -> str:
+    return name.strip().upper()
+
+
+def _class_source(spec: UniqueMatchingSpec, side: _Side, name: str) -> _Classes | None:
+    """A side's classes: from its detection file when given (`name`_detection_file, the
+    container's reading), else one per row from `label`; None with neither."""
+    field_name = f"{name}_detection_file"
+    if file := getattr(spec, field_name):
+        found = detections.detection_classes(file, spec.detection_format, side.paths, field_name)
+        return _Classes(spec.detection_format, file, found.classes, dict(zip(side.paths, found.classes)), str.lower,
+                        sum(found.listed))
+    if side.label_text is None:
+        return None
+    spelled = {key: seen[0] for key, seen in label_spellings(side.label_text).items()}  # one name per class
+    made: dict[Any, ImageClasses] = {None: NO_CLASSES}
+    rows, images = [], {}
+    for path, text in zip(side.paths, side.label_text):
+        if text not in made:
+            made[text] = ImageClasses(frozenset({spelled[_label_key(text)]}), (spelled[_label_key(text)],))
+        rows.append(one := made[text])
+        had = images.get(path)
+        images[path] = one if had is None else ImageClasses(had.names | one.names, had.boxes + one.boxes)
+    return _Classes("label", None, rows, images, _label_key)
+
+
+def _members(classes: _Classes, rare: list[str]) -> dict[str, np.ndarray]:
+    """Each rare class's mask over the side's rows (an instance of it), and non_rare's (none)."""
+    distinct: dict[ImageClasses, int] = {}
+    codes = np.fromiter((distinct.setdefault(c, len(distinct)) for c in classes.rows), np.int64, len(classes.rows))
+    keys = [{classes.key(n) for n in c.names} for c in distinct]
+    out = {name: np.isin(codes, [i for i, k in enumerate(keys) if classes.key(name) in k]) for name in rare}
+    out[NON_RARE] = ~np.any([np.zeros(len(codes), bool), *out.values()], axis=0)
+    return out
+
+
+def _class_groups(spec: UniqueMatchingSpec, pool: _Classes | None, targets: _Classes | None) -> _Groups:
+    """Classes from each side's detection file, else its `label` (an AOI row carries its class):
+    compared as the container compares them, so `Scratch ` is class `scratch`."""
+    rare = list(spec.rare_class_list)
+    return _Groups(rare=rare, pool=_members(pool, rare), targets=_members(targets, rare))
 
 
 def _stratified(spec: UniqueMatchingSpec, matcher: _Matcher, groups: _Groups, excluded: np.ndarray
                 ) -> tuple[dict[str, Any], list[Shortfall]]:
     """The container's order: each rare class (sorted) from its own pool, then from the non_rare
     pool to fill its quota; then non_rare. A file belongs to the first class that takes it."""
-    total = len(groups.targets)
-    ratios = {name: float(np.sum(groups.targets == name)) / total for name in groups.rare}
-    common_ratio = float(np.sum(groups.targets == NON_RARE)) / total
+    total = len(groups.targets[NON_RARE])
+    ratios = {name: float(np.sum(groups.targets[name])) / total for name in groups.rare}
+    common_ratio = float(np.sum(groups.targets[NON_RARE])) / total
     quotas = allocate_quotas({**ratios, NON_RARE: common_ratio}, spec.desired_unique_count)
-    usable, common = ~excluded, groups.pool == NON_RARE
+    usable, common = ~excluded, groups.pool[NON_RARE]
     shortfall: list[Shortfall] = []
     for name in [*groups.rare, NON_RARE]:
-        rows, own = np.flatnonzero(groups.targets == name), groups.pool == name
+        rows, own = np.flatnonzero(groups.targets[name]), groups.pool[name]
         if not len(rows) or quotas[name] <= 0:
             continue
         got = matcher.match(rows, usable & own, quotas[name], name, name) if (usable & own).any() else 0
@@ -337,12 +393,23 @@ def _selected(spec: UniqueMatchingSpec, matcher: _Matcher) -> pa.Table:
     })
 
 
-def _dataset(labels: list[Any], rare_keys: set[str]) -> dict[str, Any]:
-    """The container's per-dataset counts, from `label` (one class per image: an instance each)."""
-    keys = label_keys(labels).to_pylist()
-    rare = sum(k in rare_keys for k in keys)
-    return {"total_images": len(keys), "rare_images": rare, "common_images": len(keys) - rare,
-            "rare_instances": rare, "per_class": count_labels(labels) if labels else {}}
+def _dataset(classes: _Classes, paths: Iterable[str], rare: list[str]) -> dict[str, Any]:
+    """The container's per-dataset counts over the distinct images: an image is rare if it holds
+    an instance of any rare class; rare_instances adds up the rare classes each image holds (a
+    class once per image); per_class counts each class's images and instances (boxes)."""
+    rare_keys = {classes.key(name) for name in rare}
+    images = [classes.images[p] for p in dict.fromkeys(paths)]
+    rare_hits = [len({classes.key(n) for n in c.names} & rare_keys) for c in images]
+    per_class: dict[str, dict[str, int]] = {}
+    for image in images:
+        for name in image.boxes:
+            counts = per_class.setdefault(name, {"image_count": 0, "instance_count": 0})
+            counts["instance_count"] += 1
+        for name in set(image.boxes):
+            per_class[name]["image_count"] += 1
+    rare_images = sum(hits > 0 for hits in rare_hits)
+    return {"total_images": len(images), "rare_images": rare_images, "common_images": len(images) - rare_images,
+            "rare_instances": sum(rare_hits), "per_class": dict(sorted(per_class.items()))}
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -354,31 +421,32 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def _summary(spec: UniqueMatchingSpec, matcher: _Matcher, selected: pa.Table, targets: _Side, pool: _Side,
              excluded: np.ndarray, groups: _Groups | None, allocation: dict[str, Any] | None,
-             shortfall: list[Shortfall]) -> dict[str, Any]:
+             shortfall: list[Shortfall], classes: tuple[_Classes | None, _Classes | None]) -> dict[str, Any]:
     """summary.json: the container's keys in its order, then ours."""
     desired, got = spec.desired_unique_count, selected.num_rows
     out: dict[str, Any] = {"allocation_policy": spec.allocation_policy.value, "desired_unique_count": desired,
                            "retrieved_unique_count": got, "coverage_pct": round(got / desired * 100, 2)}
-    rare_keys = {name.upper() for name in spec.rare_class_list}
     if groups is None:
         out["target_queries"] = len(targets.paths)
         out["rare_classes"] = list(spec.rare_class_list)
     else:
         out["rare_classes"] = list(spec.rare_class_list)
-        out["target_queries"] = {"rare": int(np.sum(groups.targets != NON_RARE)),
-                                 "non_rare": int(np.sum(groups.targets == NON_RARE))}
+        # rare: each rare class's targets added up (a target of two rare classes counts twice, as there)
+        out["target_queries"] = {"rare": int(sum(np.sum(groups.targets[name]) for name in groups.rare)),
+                                 "non_rare": int(np.sum(groups.targets[NON_RARE]))}
         quotas = allocation["quotas"]
         out["allocation"] = {
-            "per_class": {name: {"target_count": int(np.sum(groups.targets == name)),
+            "per_class": {name: {"target_count": int(np.sum(groups.targets[name])),
                                  "ratio_pct": round(allocation["ratios"][name] * 100, 2),
                                  "desired_count": quotas[name]} for name in sorted(allocation["ratios"])},
-            NON_RARE: {"target_count": int(np.sum(groups.targets == NON_RARE)),
+            NON_RARE: {"target_count": int(np.sum(groups.targets[NON_RARE])),
                        "ratio_pct": round(allocation["common_ratio"] * 100, 2), "desired_count": quotas[NON_RARE]},
             "total_desired": sum(quotas.values())}
-    if targets.label_text is not None and pool.label_text is not None:
-        chosen = pc.index_in(selected.column(spec.source_filepath_column), value_set=pa.array(pool.paths, pa.string()))
-        out["target_dataset"] = _dataset(targets.label_text, rare_keys)
-        out["resultant_dataset"] = _dataset([pool.label_text[i] for i in chosen.to_pylist()], rare_keys)
+    pool_classes, target_classes = classes
+    if pool_classes is not None and target_classes is not None:
+        out["target_dataset"] = _dataset(target_classes, targets.paths, spec.rare_class_list)
+        out["resultant_dataset"] = _dataset(pool_classes, selected.column(spec.source_filepath_column).to_pylist(),
+                                            spec.rare_class_list)
     if groups is not None:
         top1: dict[str, list[float]] = {}
         for record in matcher.passes:
@@ -399,6 +467,8 @@ def _summary(spec: UniqueMatchingSpec, matcher: _Matcher, selected: pa.Table, ta
                       "targets": p.targets, "retry": p.retry, "added": p.added, "file": p.name}
                      for p in matcher.passes]
     out["shortfall"] = {"missing": desired - got, "groups": [s.as_dict() for s in shortfall]}
+    out["class_sources"] = {side: None if found is None else found.counts()
+                            for side, found in (("target", target_classes), ("source", pool_classes))}
     return out
 
 

@@ -339,13 +339,21 @@ class UniqueMatchingSpec(_Spec):
     exclude_path: Annotated[str | None, PathField()] = Field(
         None, description="a parquet whose `filepath` rows (full path or file name) are never selected")
     source_detection_file: Annotated[str | None, PathField()] = Field(
-        None, description="the container's COCO/KITTI class source; not read yet: classes come from `label`")
-    target_detection_file: Annotated[str | None, PathField()] = None
-    detection_format: Literal["coco", "kitti"] | None = None
+        None, description="the pool's classes: a COCO json or a KITTI label folder (detection_format); an image "
+                          "matched by full path, file name or stem (KITTI: stem); without it, each row's `label`")
+    target_detection_file: Annotated[str | None, PathField()] = Field(
+        None, description="the targets' classes, as source_detection_file; without it, each row's `label`")
+    detection_format: Annotated[Literal["coco", "kitti"] | None, _choice(
+        ("coco", "kitti"), "detection_format", "spec_invalid",
+        "set detection_format=coco (a COCO json) or detection_format=kitti (a folder of .txt labels)")] = Field(
+        None, description="coco | kitti: how the detection files are read; required with either file")
     rare_class_list: Annotated[list[str], BeforeValidator(_class_names)] = Field(
-        default_factory=list, description="comma-separated rare classes (class_stratified), compared with `label`")
+        default_factory=list, description="comma-separated rare classes (class_stratified), compared with each "
+                                          "image's classes (detection file, else `label`); any case")
     save_embeddings: BoolWord = Field(False, description="add the vectors to the per-pass parquets")
-    visualize: BoolWord = Field(False, description="per-class pictures (not drawn yet)")
+    visualize: BoolWord = Field(False, description="draw viz_class_<group>.png into output_dir per group (a rare "
+                                                   "class, non_rare, or global): each target, then the pool "
+                                                   "images it claimed with their distances")
     block_rows: int = Field(32768, ge=1, description="pool rows searched at a time")
 
     @model_validator(mode="after")
@@ -354,11 +362,12 @@ class UniqueMatchingSpec(_Spec):
             raise DeftError("spec_invalid", "allocation_policy=class_stratified needs rare_class_list: the classes "
                             "the budget is split over", fix="pass rare_class_list=CLASS_A,CLASS_B (the `label` "
                             "values of the rare classes), or allocation_policy=global", field="rare_class_list")
-        for key in ("source_detection_file", "target_detection_file"):
-            if getattr(self, key):
-                raise DeftError("spec_invalid", f"{key}: COCO/KITTI class files are not read yet; classes come "
-                                "from each row's `label`", fix=f"leave {key} out and give both parquets a "
-                                "`label` column", field=key)
+        given = [key for key in ("source_detection_file", "target_detection_file") if getattr(self, key)]
+        if given and self.detection_format is None:
+            raise DeftError("spec_invalid", f"{given[0]} is given but detection_format is not: the format is "
+                            "declared, never guessed from the path (the container's rule)",
+                            fix="set detection_format=coco (a COCO json) or detection_format=kitti (a folder of "
+                                ".txt labels)", field="detection_format")
         return self
 
 
