@@ -247,6 +247,12 @@ def _draw_contact_sheet(rows: Sequence[Sequence[Tile]], path: Path, title: str) 
     _save(sheet, path)
 
 
+def contact_sheet(rows: Sequence[Sequence[Tile]], path: Path, title: str) -> None:
+    """A contact sheet of `rows` (each a leading tile, then its images), saved atomically at `path`:
+    for pictures other than the report's (a missing or unreadable image is a placeholder tile)."""
+    _draw_contact_sheet(rows, path, title)
+
+
 def _draw_histogram(scores: np.ndarray, kept: np.ndarray | None, path: Path, title: str,
                     axis_label: str, bins: int = 20, floor: float | None = None) -> None:
     """Counts of `scores` in `bins` equal bins; with `kept`, kept (green) and dropped (red)

@@ -47,6 +47,12 @@ def unique_pass(subset: str, number: int, topn: int) -> str:
     return f"{subset}_iteration_{number}_topn_{topn}.parquet"
 
 
+def unique_class_picture(group: str) -> str:
+    """visualize's contact sheet of one group (a rare class, non_rare, or global), as the container
+    names its per-class picture; a character a file name cannot hold becomes `_`."""
+    return "viz_class_" + "".join(c if c.isalnum() or c in "._-" else "_" for c in group) + ".png"
+
+
 def task_result(output_name: str) -> str:
     """deft-mine-task's result JSON (an EmbedResult or MineResult), hidden beside its output: the
     docker backend reads its facts from there instead of from the container's log."""
