@@ -9,7 +9,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 from test_unique_matching import _spec, _write
 
-from deft_mine.engine.unique_matching import unique_match, write_outputs
+from deft_mine.backends.local import LocalBackend
+from deft_mine.engine.unique_matching import unique_match
+from deft_mine.tools.match import match_spec
+from deft_mine.tools.registry import ToolContext
 from deft_mine.report.match_pictures import SHEET_CLAIMS, SHEET_TARGETS
 from deft_mine.report.pictures import CAPTION_LINES, GAP, LINE, PLACEHOLDER, SENTENCE_BACK, TILE
 from deft_mine.task import main as task_main
@@ -33,8 +36,10 @@ def _size(rows, columns):
 
 
 def _match(spec):
+    """The tool's path (the pictures are drawn above the engine), and the engine's outcome to compare."""
+    done = match_spec(spec, LocalBackend.shared(), ToolContext())
     outcome = unique_match(spec)
-    write_outputs(spec, outcome)
+    outcome.warnings = done.warnings
     return outcome
 
 
@@ -110,3 +115,31 @@ def test_the_task_draws_and_visualize_off_draws_nothing(tmp_path, capsys):
                       "desired_unique_count=3", "visualize=true"])
     assert code == 0 and capsys.readouterr().out.strip().endswith("Execution status: PASS")
     assert _pictures(tmp_path) == ["viz_class_global.png"]
+
+
+def test_an_image_outside_the_servers_roots_is_a_grey_tile_never_opened(tmp_path):
+    """Attack: a pool parquet naming /etc/... images to read them through the sheet; the server's
+    roots refuse the file, so the tile is grey (the run itself is the engine's)."""
+    pool = _images(tmp_path / "pool", 2, "p")
+    _write(tmp_path / "pool.parquet", pool, [[1, 0], [0.9, 0.1]])
+    _write(tmp_path / "targets.parquet", [pool[0]], [[1, 0]])
+    spec = _spec(tmp_path, desired_unique_count=2, visualize="true")
+    asked = []
+    match_spec(spec, LocalBackend.shared(), ToolContext(policy=_Refusing(asked)))
+    assert sorted(asked) == sorted([pool[0], pool[0], pool[1]])  # the target and both claims, each asked first
+    with Image.open(tmp_path / "out" / "viz_class_global.png") as sheet:
+        assert sheet.convert("RGB").getpixel((GAP + TILE // 2, 36 + TILE // 4)) == PLACEHOLDER
+
+
+class _Refusing:
+    """A path policy that admits the spec's own paths and no image."""
+
+    def __init__(self, asked: list[str]) -> None:
+        self.asked = asked
+
+    def check_model(self, model) -> None:
+        return None
+
+    def allows(self, path) -> bool:
+        self.asked.append(str(path))
+        return False

@@ -499,7 +499,7 @@ def _raw_vectors(files: list[Path], column: str) -> np.ndarray:
 
 def write_outputs(spec: UniqueMatchingSpec, outcome: UniqueOutcome) -> Path:
     """The per-pass parquets, then final_unique_files.parquet, then summary.json (each atomic);
-    with visualize, then one contact sheet per group (one that fails is a warning on the outcome)."""
+    `visualize`'s pictures are the tool's (report/match_pictures.py), drawn from these files."""
     out = Path(spec.output_dir).expanduser()
     vectors = None
     if spec.save_embeddings:
@@ -509,8 +509,4 @@ def write_outputs(spec: UniqueMatchingSpec, outcome: UniqueOutcome) -> Path:
         tables.write_table_atomic(out / record.name, pass_table(outcome.pool_paths, outcome.target_paths, record, vectors))
     tables.write_table_atomic(out / artifacts.UNIQUE_FINAL, outcome.selected)
     tables.write_text_atomic(out / artifacts.UNIQUE_SUMMARY, json.dumps(outcome.summary, indent=2, default=str))
-    if spec.visualize:
-        from deft_mine.report.match_pictures import draw_match_pictures  # report sits above engine: import late
-
-        outcome.warnings += draw_match_pictures(spec, outcome, out)[1]
     return out

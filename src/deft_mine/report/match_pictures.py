@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import pyarrow as pa
+from typing import Callable
 
 from deft_mine.engine import tables
-from deft_mine.engine.unique_matching import GLOBAL, UniqueOutcome, parquet_files
+from deft_mine.engine.images import resolve_image_path
+from deft_mine.engine.unique_matching import GLOBAL, parquet_files
 from deft_mine.report.pictures import KEPT, MINED, TARGET_FRAME, Tile, contact_sheet
 from deft_mine.schemas import artifacts
 from deft_mine.schemas.specs import UniqueMatchingSpec
@@ -25,31 +25,48 @@ class _Claim:
     fallback: bool  # taken from the non_rare pool for a rare class
 
 
-def draw_match_pictures(spec: UniqueMatchingSpec, outcome: UniqueOutcome, out: Path) -> tuple[list[str],
-                                                                                            list[ToolWarning]]:
-    """One contact sheet per group into `out` (viz_class_<group>.png): the names drawn, and a
-    warning for each that could not be (a picture is never worth losing the matching)."""
-    sentences = _target_sentences(spec, outcome.target_paths)
+OURS = ("matched_target", "distance", "class", "subset")  # final_unique_files' columns the sheets read
+
+
+def draw_match_pictures(spec: UniqueMatchingSpec, out: Path, image_allowed: Callable[[Path], bool] | None = None
+                        ) -> tuple[list[str], list[ToolWarning]]:
+    """One contact sheet per group into `out` (viz_class_<group>.png), from the final_unique_files
+    written there (one without our columns came from an image that drew its own): the names
+    drawn, and a warning for each that could not be (a picture is never worth losing the
+    matching). Images `image_allowed` refuses are grey tiles, never opened."""
+    final = out / artifacts.UNIQUE_FINAL
+    if not set(OURS) <= set(tables.schema_of(final).names):
+        return [], []
+    target_paths = _target_paths(spec)
+    sentences = _target_sentences(spec, target_paths)
     roots = (parquet_files(spec.target_path, "target_path")[0].parent,
              parquet_files(spec.source_path, "source_path")[0].parent)
     drawn, failed = [], []
-    for group, by_target in _claims(spec, outcome).items():
+    for group, by_target in _claims(spec, final, target_paths).items():
         name = artifacts.unique_class_picture(group)
         try:
-            contact_sheet(_rows(by_target, outcome.target_paths, sentences, roots), out / name,
-                          _title(group, by_target, spec.distance_metric.value))
+            rows = _rows(by_target, target_paths, sentences, roots)
+            for tile in (t for row in rows for t in row if not t.sentence and image_allowed is not None):
+                tile.allowed = image_allowed(resolve_image_path(tile.filepath, tile.root))
+            contact_sheet(rows, out / name, _title(group, by_target, spec.distance_metric.value))
             drawn.append(name)
         except Exception as exc:  # noqa: BLE001 - the matching's files are written; say what was not drawn
             failed.append(picture_failed(name, exc))
     return drawn, failed
 
 
-def _claims(spec: UniqueMatchingSpec, outcome: UniqueOutcome) -> dict[str, dict[int, list[_Claim]]]:
+def _target_paths(spec: UniqueMatchingSpec) -> list[str]:
+    column = spec.target_filepath_column
+    return [str(p) for f in parquet_files(spec.target_path, "target_path")
+            for p in tables.read_columns(f, [column]).column(column).to_pylist()]
+
+
+def _claims(spec: UniqueMatchingSpec, final: Path, target_paths: list[str]) -> dict[str, dict[int, list[_Claim]]]:
     """group -> target row -> its claimed files, nearest first; groups by name, targets in row order."""
     first: dict[str, int] = {}
-    for row, path in enumerate(outcome.target_paths):
+    for row, path in enumerate(target_paths):
         first.setdefault(path, row)
-    table: pa.Table = outcome.selected
+    table = tables.read_columns(final, [spec.source_filepath_column, *OURS])
     groups: dict[str, dict[int, list[_Claim]]] = {}
     for path, target, distance, group, subset in zip(*(table.column(c).to_pylist() for c in (
             spec.source_filepath_column, "matched_target", "distance", "class", "subset"))):

@@ -11,6 +11,7 @@ from deft_mine.backends import Backend, resolve
 from deft_mine.backends.base import match_unsupported
 from deft_mine.engine import tables
 from deft_mine.errors import DeftError
+from deft_mine.report.match_pictures import draw_match_pictures
 from deft_mine.schemas import artifacts
 from deft_mine.schemas.inputs import MatchInput
 from deft_mine.schemas.results import MatchPass, MatchResult, MatchShortfall
@@ -26,8 +27,10 @@ def match_unique(inputs: MatchInput, ctx: ToolContext) -> MatchResult:
     its share (ceil(budget / targets)) of the nearest free files, a target that cannot fill it
     releases them and is retried wider, and the budget keeps the nearest. allocation_policy
     global, or class_stratified (the budget split over rare_class_list and non_rare by the
-    targets' `label`s, a rare class filled from the non_rare pool when its own runs dry).
-    Writes output_dir/final_unique_files.parquet, summary.json and one parquet per pass.
+    targets' classes: each row's `label`, or COCO/KITTI files via source_detection_file,
+    target_detection_file and detection_format; a rare class filled from the non_rare pool
+    when its own runs dry). Writes output_dir/final_unique_files.parquet, summary.json and one
+    parquet per pass (visualize=true: a viz_class_<group>.png contact sheet per group).
     Spec keys: source_path, target_path (a parquet or a folder of them), output_dir,
     desired_unique_count, allocation_policy, distance_metric, rare_class_list, exclude_path, …
     Warning: unique_count_short."""
@@ -47,6 +50,8 @@ def match_spec(spec: UniqueMatchingSpec, backend: Backend, ctx: ToolContext) -> 
         raise DeftError("output_not_writable", f"output_dir {out} is a file, not a folder",
                         fix="choose a folder for output_dir", field="output_dir", path=str(out))
     done = backend.match(spec, ctx.events)
+    if spec.visualize:  # ours, from the files written (an image that drew its own wrote none of our columns)
+        done.warnings += draw_match_pictures(spec, out, ctx.image_allowed)[1]
     return _result(spec, out, done.summary, backend.name, done.warnings, done.timings)
 
 
