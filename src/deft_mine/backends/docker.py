@@ -258,12 +258,14 @@ class DockerBackend:
                  if (value := getattr(spec, key))}
         workspace = Path(os.path.commonpath([out, *(p if p.is_dir() else p.parent for p in paths.values())]))
         job = Job(list(UNIQUE_STEP), out / SPEC_FOLDER, workspace, log=out / SPEC_FOLDER / f"{UNIQUE_STEP[1]}.log")
-        try:
-            known = self._known_keys(job, out)
-        except DeftError as exc:
-            if exc.code != "container_failed":
-                raise
-            raise unique_unsupported(self.image, "it could not answer `--cfg=job` for the action") from exc
+        with tempfile.TemporaryDirectory(prefix="deft-mine-question-") as folder:  # a refusal writes nothing
+            asked = Job(list(UNIQUE_STEP), Path(folder), Path(folder))
+            try:
+                known = self._known_keys(asked, Path(folder))
+            except DeftError as exc:
+                if exc.code != "container_failed":
+                    raise
+                raise unique_unsupported(self.image, "it could not answer `--cfg=job` for the action") from exc
         has_unique_action(self.image, known)
         if spec.allocation_policy is AllocationPolicy.class_stratified and not _entrypoint(_client(), self.image)[1]:
             raise unique_unsupported(self.image, "its class_stratified reads each image's classes from COCO/KITTI "
