@@ -5,9 +5,12 @@ Python, which is bind-mounted read-only. It reproduces what can be observed of t
 (NVIDIA-TAO/tao-data-services, `nvidia_tao_ds/mining/` and `core/entrypoint/`, release/7.1.0 and
 main), and nothing of its code:
 
-- `<entrypoint> <category> <action> -e SPEC.yaml [key=value ...]` with `embedding
-  image_embeddings` or `tmm nearest_neighbors`; `--cfg=job` prints the resolved config (YAML,
-  every schema key, `???` for an unset required one) and exits.
+- `<entrypoint> <category> <action> -e SPEC.yaml [key=value ...]` with the flavour's actions:
+  `embedding image_embeddings` and `tmm nearest_neighbors` in each, `embedding text_embeddings`
+  from 7.1.0 on, `tmm unique_neighbor_matching` in main alone; an action the flavour lacks is
+  argparse's `invalid choice` (exit 2, no status line). `--cfg=job` prints the resolved config
+  (YAML, every schema key, `???` for an unset required one, `null` for an unset optional one) and
+  exits.
 - Two processes, as there: the entrypoint runs the Hydra script as a child, relays its merged
   output, and prints `Execution status: PASS`, or `Execution status: FAIL` and exits 1. The relay
   has the real one's quirk: a line holding `[...]` (every logging line, tqdm's bar) is written as
@@ -24,11 +27,30 @@ main), and nothing of its code:
   `thumbnail` whatever `model` names, so results compare with `--backend local model=thumbnail`.
 - The mining: brute-force k-NN (ties to the lower source row), the label post-filter, main's
   distance_threshold, the mined parquet (`filepath` only) and each release's mining_summary.txt.
+- The text embedding (`TextEmbeddingsConfig`, the same in 7.1.0 and main): the `text` column
+  only, `model` CLIP | SigLIP | SigLIP2 (any case, `-`/`_` ignored; else NotImplementedError),
+  `model_path` a Hugging Face folder; the output holds `text`, `embedding`, then every other input
+  column joined by position. The vectors are deft-mine's text tower's (its engine, called here:
+  the container's tokenisation, but L2-normalised where the container keeps get_text_features as
+  they are), so they compare with `--backend local`. A null text fails the step, as the
+  container's tokenizer does.
+- The unique matching (main's `UniqueNeighborMatchingConfig`): global runs deft-mine's engine
+  (called here) and writes what the container writes: the per-pass parquets
+  `<subset>_iteration_<n>_topn_<k>.parquet`, `final_unique_files.parquet` (the source filepath
+  column alone, sorted) and summary.json with the container's keys only. class_stratified needs
+  rare_class_list, both detection files and detection_format (a ValueError otherwise, as there);
+  with them it is not reproduced (the double reads no COCO/KITTI files: NotImplementedError).
+- The schemas' value types as OmegaConf's: str, int, float, bool (true/false/yes/no/on/off/1/0)
+  and Optional[str] (null allowed) for the keys the real ones declare so.
+- deft_mine, which the jobs call, is imported from the folder the caller mounted that holds it
+  (read from /proc/self/mountinfo), before the interpreter's own path: the host's checkout, even
+  where the mounted virtual environment's editable install names another one.
 
-Flavours: `7.1.0`, `main`, and `main-lies` (main, but its entrypoint prints
-`Execution status: FAIL` and still exits 0), from $FAKE_TAO_FLAVOUR or a first argument.
-Not reproduced: GPUs (`nvidia-smi -L`), CLIP/SigLIP/TAO checkpoints, text embeddings,
-unique_neighbor_matching, telemetry beyond its printed lines.
+Flavours: `7.0.2` (7.1.0 before text embeddings: release/7.0.2), `7.1.0`, `main`, and
+`main-lies` (main, but its entrypoint prints `Execution status: FAIL` and still exits 0), from
+$FAKE_TAO_FLAVOUR or a first argument.
+Not reproduced: GPUs (`nvidia-smi -L`), CLIP/SigLIP/TAO checkpoints for images, detection files,
+visualisations, telemetry beyond its printed lines.
 """
 
 from __future__ import annotations
@@ -42,7 +64,7 @@ import sys
 import traceback
 from pathlib import Path
 
-FLAVOURS = ("7.1.0", "main", "main-lies")
+FLAVOURS = ("7.0.2", "7.1.0", "main", "main-lies")
 MISSING = "???"
 
 # The schemas: key -> (type, default); MISSING marks a required key.
@@ -54,8 +76,29 @@ MINING_SCHEMA_7_1_0 = {
     "topn": (int, 5), "knn_metric": (str, "euclidean"), "source_embed_column_name": (str, "embedding"),
     "target_embed_column_name": (str, "embedding"), "filter_by_label": (str, "false")}
 MINING_SCHEMA_MAIN = {**MINING_SCHEMA_7_1_0, "distance_threshold": (float, -1.0)}
-SCHEMA_NAMES = {"embedding": "ImageEmbeddingsConfig", "tmm": "NearestNeighborsConfig"}
-ACTIONS = {"embedding": ("image_embeddings",), "tmm": ("nearest_neighbors",)}
+TEXT_SCHEMA = {"input_parquet": (str, MISSING), "output_parquet": (str, MISSING), "model": (str, MISSING),
+               "model_path": (str, MISSING), "batch_size": (int, 64)}
+OPTIONAL = None  # the default of an Optional[str] key: null, and null may be given
+UNIQUE_SCHEMA = {
+    "source_path": (str, MISSING), "target_path": (str, MISSING), "output_dir": (str, MISSING),
+    "desired_unique_count": (int, MISSING), "allocation_policy": (str, "global"), "distance_metric": (str, "euclidean"),
+    "candidate_expansion_factor": (int, 5), "source_embedding_column": (str, "embedding"),
+    "target_embedding_column": (str, "embedding"), "source_filepath_column": (str, "filepath"),
+    "target_filepath_column": (str, "filepath"), "exclude_path": (str, OPTIONAL),
+    "source_detection_file": (str, OPTIONAL), "target_detection_file": (str, OPTIONAL),
+    "detection_format": (str, OPTIONAL), "rare_class_list": (str, ""), "save_embeddings": (bool, False),
+    "visualize": (bool, False)}
+# (category, action) -> the schema's class name
+SCHEMA_NAMES = {("embedding", "image_embeddings"): "ImageEmbeddingsConfig",
+                ("embedding", "text_embeddings"): "TextEmbeddingsConfig",
+                ("tmm", "nearest_neighbors"): "NearestNeighborsConfig",
+                ("tmm", "unique_neighbor_matching"): "UniqueNeighborMatchingConfig"}
+ACTIONS_7_0_2 = {"embedding": ("image_embeddings",), "tmm": ("nearest_neighbors",)}
+ACTIONS_7_1_0 = {"embedding": ("image_embeddings", "text_embeddings"), "tmm": ("nearest_neighbors",)}
+ACTIONS_MAIN = {"embedding": ("image_embeddings", "text_embeddings"),
+                "tmm": ("nearest_neighbors", "unique_neighbor_matching")}
+ACTIONS = ACTIONS_MAIN  # the categories (each flavour's actions: actions())
+RELEASES_7_1 = ("7.0.2", "7.1.0")  # their mining (and telemetry lines) are 7.1.0's
 # The real relay's test for a progress-bar line.
 PROGRESS_BAR = re.compile(r"Epoch \d+: \s*\d+%|\[.*\]")
 HYDRA_HINT = "\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
@@ -76,17 +119,17 @@ def entrypoint(flavour: str, argv: list[str]) -> int:
         print(f"usage: <entrypoint> {{{','.join(ACTIONS)}}} ACTION -e SPEC [key=value ...]", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(prog=category)
-    parser.add_argument("subtask", choices=ACTIONS[category])
+    parser.add_argument("subtask", choices=actions(flavour)[category])
     parser.add_argument("-e", "--experiment_spec_file", required=False)
     args, unknown = parser.parse_known_args(argv[1:])
     if args.experiment_spec_file is None:
         raise ValueError(f"The subtask `{args.subtask}` requires the following argument: -e/--experiment_spec_file")
     if not os.path.exists(args.experiment_spec_file):
         raise FileNotFoundError(f"Experiment spec file was not found at {args.experiment_spec_file}")
-    child = [sys.executable, os.path.abspath(__file__), "--task", flavour, category,
+    child = [sys.executable, os.path.abspath(__file__), "--task", flavour, category, args.subtask,
              os.path.realpath(args.experiment_spec_file), *unknown]
     passed = relay(child) == 0
-    if flavour == "7.1.0":  # its telemetry import succeeds; sending fails without a network
+    if flavour in RELEASES_7_1:  # its telemetry import succeeds; sending fails without a network
         print("Telemetry data couldn't be sent, but the command ran successfully.")
         print("[Error]: <urlopen error [Errno -3] Temporary failure in name resolution>")
     else:
@@ -98,6 +141,11 @@ def entrypoint(flavour: str, argv: list[str]) -> int:
         return 0
     print("Execution status: PASS" if passed else "Execution status: FAIL")
     return 0 if passed else 1
+
+
+def actions(flavour: str) -> dict[str, tuple[str, ...]]:
+    """The flavour's subtasks per category (the real entrypoint lists its scripts package)."""
+    return ACTIONS_7_0_2 if flavour == "7.0.2" else ACTIONS_7_1_0 if flavour == "7.1.0" else ACTIONS_MAIN
 
 
 def relay(command: list[str]) -> int:
@@ -117,7 +165,7 @@ def relay(command: list[str]) -> int:
 
 # ---------------------------------------------------------------- the Hydra script (child process)
 
-def task(flavour: str, category: str, spec_path: str, overrides: list[str]) -> int:
+def task(flavour: str, category: str, action: str, spec_path: str, overrides: list[str]) -> int:
     """The script under hydra_runner: the embedding's transformers import first (getpwuid), then
     the config directory, composition (errors printed Hydra's way, exit 1), --cfg=job, the job."""
     if category == "embedding":
@@ -130,10 +178,13 @@ def task(flavour: str, category: str, spec_path: str, overrides: list[str]) -> i
         print(f"Primary config directory not found.\nCheck that the config directory '{config_dir}' exists "
               f"and readable\n{HYDRA_HINT}", file=sys.stderr)
         return 1
-    schema = EMBEDDING_SCHEMA if category == "embedding" else (
-        MINING_SCHEMA_7_1_0 if flavour == "7.1.0" else MINING_SCHEMA_MAIN)
+    release = "7.1.0" if flavour in RELEASES_7_1 else "main"
+    schema = {"image_embeddings": EMBEDDING_SCHEMA, "text_embeddings": TEXT_SCHEMA,
+              "unique_neighbor_matching": UNIQUE_SCHEMA,
+              "nearest_neighbors": MINING_SCHEMA_7_1_0 if release == "7.1.0" else MINING_SCHEMA_MAIN}[action]
+    name = SCHEMA_NAMES[(category, action)]
     try:
-        cfg = compose(schema, SCHEMA_NAMES[category], spec_path, overrides)
+        cfg = compose(schema, name, spec_path, overrides)
     except ConfigError as exc:
         print(f"{exc}\n{HYDRA_HINT}", file=sys.stderr)
         return 1
@@ -142,9 +193,11 @@ def task(flavour: str, category: str, spec_path: str, overrides: list[str]) -> i
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - [%(name)s] - %(levelname)s - %(message)s "
                         "(%(filename)s:%(lineno)d)")
-    job = Config(cfg, SCHEMA_NAMES[category])
+    job = Config(cfg, name)
+    jobs = {"image_embeddings": embed_images, "text_embeddings": embed_texts, "unique_neighbor_matching":
+            unique_neighbor_matching, "nearest_neighbors": lambda c: nearest_neighbors(c, release)}
     try:
-        embed_images(job) if category == "embedding" else nearest_neighbors(job, flavour)
+        jobs[action](job)
     except Exception:  # noqa: BLE001 - Hydra reports any error of the job, then exits 1
         print(f"Error executing job with overrides: {overrides}\n{traceback.format_exc()}{HYDRA_HINT}",
               file=sys.stderr)
@@ -176,7 +229,7 @@ def compose(schema: dict, schema_name: str, spec_path: str, overrides: list[str]
             raise ConfigError(f"Error merging '{Path(spec_path).name}' with schema\nKey '{key}' not in "
                               f"'{schema_name}'\n    full_key: {key}\n    object_type={schema_name}")
         try:
-            cfg[key] = convert(schema[key][0], key, value)
+            cfg[key] = convert(schema[key], key, value)
         except ConfigError as exc:
             raise ConfigError(f"Error merging '{Path(spec_path).name}' with schema\n{exc}\n"
                               f"    full_key: {key}\n    object_type={schema_name}") from None
@@ -189,7 +242,7 @@ def compose(schema: dict, schema_name: str, spec_path: str, overrides: list[str]
             raise ConfigError(f"Could not override '{key}'.\nTo append to your config use +{override}\n"
                               f"Key '{key}' is not in struct\n    full_key: {key}\n    object_type=dict")
         try:
-            cfg[key] = convert(schema[key][0], key, parse_override(text))
+            cfg[key] = convert(schema[key], key, parse_override(text))
         except ConfigError as exc:
             raise ConfigError(f"Could not override '{key}'.\nTo append to your config use +{override}\n"
                               f"{exc}\n    full_key: {key}\n    object_type=dict") from None
@@ -211,10 +264,14 @@ def parse_override(text: str):
     return text
 
 
-def convert(kind: type, key: str, value):
+def convert(field: tuple, key: str, value):
     """OmegaConf's typed nodes: str takes any scalar as its text; int takes an int or digits;
-    float an int, a float or its text; none takes null (no key is Optional); `???` is unset."""
+    float an int, a float or its text; bool a bool, 0/1 or its words; null only an Optional key
+    (its default null); `???` is unset."""
+    kind, default = field
     if value is None:
+        if default is OPTIONAL:
+            return None
         raise ConfigError(f"field '{key}' is not Optional")
     if value == MISSING:
         return MISSING
@@ -222,6 +279,14 @@ def convert(kind: type, key: str, value):
         raise ConfigError(f"Cannot assign {type(value).__name__} to a {kind.__name__} field")
     if kind is str:
         return str(value)
+    if kind is bool:
+        words = {"true": True, "yes": True, "on": True, "y": True, "1": True,
+                 "false": False, "no": False, "off": False, "n": False, "0": False}
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) or str(value).lower() in words:
+            return bool(value) if isinstance(value, int) else words[str(value).lower()]
+        raise ConfigError(f"Value '{value}' is not a valid bool (type {type(value).__name__})")
     word = {int: "Integer", float: "Float"}[kind]
     ok = (type(value) in (int, str)) if kind is int else (type(value) in (int, float, str))
     try:
@@ -299,6 +364,96 @@ def embed_images(cfg: Config) -> None:
     _write_parquet(output, output_parquet)
 
 
+def embed_texts(cfg: Config) -> None:
+    """`embedding text_embeddings`: the `text` column in batches through the model's text tower
+    (deft-mine's, see the module docstring); `text`, `embedding`, then the other input columns
+    joined by position, written by pandas."""
+    import pandas as pd
+
+    from deft_mine.engine.encoders import build_text_encoder
+
+    log = logging.getLogger("__main__")
+    input_parquet, output_parquet, model, model_path = cfg.input_parquet, cfg.output_parquet, cfg.model, cfg.model_path
+    batch_size = cfg.batch_size
+    Path(output_parquet).parent.mkdir(parents=True, exist_ok=True)
+    texts = pd.read_parquet(input_parquet, columns=["text"])["text"].tolist()
+    log.info("Total texts to process: %d", len(texts))
+    key = str(model).upper().replace("-", "").replace("_", "")
+    if key not in ("CLIP", "SIGLIP", "SIGLIP2"):
+        log.error("Embedding model %s is not valid", model)
+        raise NotImplementedError(f"Embedding model {model} is not valid")
+    encoder = build_text_encoder("CLIP" if key == "CLIP" else "SigLIP", model_path, "cpu")
+    log.info("Tokenizing text with max_length=%d", encoder.max_length)
+    vectors = []
+    for start in range(0, len(texts), int(batch_size)):
+        batch = texts[start:start + int(batch_size)]
+        if not all(isinstance(text, str) for text in batch):  # the tokenizer's refusal
+            raise ValueError("text input must be of type `str` (single example), `List[str]` (batch or single "
+                             "pretokenized example) or `List[List[str]]` (batch of pretokenized examples).")
+        vectors += list(encoder.encode(batch))
+    output = pd.DataFrame({"text": texts, "embedding": vectors})
+    source = pd.read_parquet(input_parquet).reset_index(drop=True)
+    extra = [c for c in source.columns if c not in ("text", "embedding")]
+    if extra:
+        output = pd.concat([output.reset_index(drop=True), source[extra]], axis=1)
+    output.to_parquet(output_parquet)
+
+
+def unique_neighbor_matching(cfg: Config) -> None:
+    """`tmm unique_neighbor_matching` (main): class_stratified's prerequisites checked as there;
+    global matched by deft-mine's engine, then final_unique_files.parquet and summary.json
+    rewritten as the container writes them (its columns and keys only)."""
+    import json
+
+    import pandas as pd
+
+    from deft_mine.engine.unique_matching import unique_match, write_outputs
+    from deft_mine.schemas.specs import UniqueMatchingSpec
+
+    log = logging.getLogger("__main__")
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    if not cfg.desired_unique_count:
+        raise ValueError("desired_unique_count is required")
+    rare = {c.strip().lower() for c in (cfg.rare_class_list or "").split(",") if c.strip()}
+    if cfg.allocation_policy == "class_stratified":
+        for key, why in (("rare_class_list", rare), ("source_detection_file", cfg.source_detection_file),
+                         ("target_detection_file", cfg.target_detection_file)):
+            if not why:
+                raise ValueError(f"{key} is required when allocation_policy is class_stratified")
+        if not cfg.detection_format:
+            raise ValueError("detection_format (coco or kitti) is required when allocation_policy is class_stratified")
+        raise NotImplementedError("fake_tao reads no COCO/KITTI detection files")
+    keys = [k for k in UNIQUE_SCHEMA if k not in ("rare_class_list", "source_detection_file",
+                                                  "target_detection_file", "detection_format", "visualize")]
+    spec = UniqueMatchingSpec(**{k: getattr(cfg, k) for k in keys})
+    log.info("Global iterative TMM matching (whole set); desired unique count: %d", spec.desired_unique_count)
+    outcome = unique_match(spec)
+    out = write_outputs(spec, outcome)
+    chosen = sorted(outcome.selected.column(0).to_pylist())
+    pd.DataFrame({cfg.source_filepath_column: chosen}).to_parquet(out / "final_unique_files.parquet", index=False)
+    coverage = len(chosen) / spec.desired_unique_count * 100
+    log.info("Matched %d/%d unique files (%.1f%% coverage) -> %s", len(chosen), spec.desired_unique_count,
+             coverage, out / "final_unique_files.parquet")
+    summary = {"allocation_policy": cfg.allocation_policy, "desired_unique_count": spec.desired_unique_count,
+               "retrieved_unique_count": len(chosen), "coverage_pct": round(coverage, 2),
+               "target_queries": len(outcome.target_paths), "rare_classes": sorted(rare)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    log.info("Summary saved to: %s", out / "summary.json")
+
+
+def import_mounted_deft_mine() -> None:
+    """Put the mounted folder holding deft_mine first on sys.path (see the module docstring)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return
+    for line in lines:
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+        if Path(point, "deft_mine", "__init__.py").is_file():
+            sys.path.insert(0, point)
+            return
+
+
 def nearest_neighbors(cfg: Config, flavour: str) -> None:
     """`tmm nearest_neighbors`: the top-`topn` source rows of each target, the label post-filter
     (`str(x).strip().upper()` on both sides: two nulls agree as NONE), main's distance_threshold,
@@ -306,7 +461,7 @@ def nearest_neighbors(cfg: Config, flavour: str) -> None:
     import pyarrow.parquet as pq
 
     log = logging.getLogger("__main__")
-    threshold = cfg.distance_threshold if flavour != "7.1.0" else -1.0
+    threshold = cfg.distance_threshold if flavour != "7.1.0" else -1.0  # the release
     source_parquet, target_parquet, output_parquet = cfg.source_parquet, cfg.target_parquet, cfg.output_parquet
     topn, metric = cfg.topn, cfg.knn_metric
     if flavour != "7.1.0":
@@ -444,8 +599,9 @@ def summary_7_1_0(c: dict, filtering: bool, threshold: float, output_parquet: st
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--task"]:  # the child: --task FLAVOUR CATEGORY SPEC [overrides]
-        return task(argv[1], argv[2], argv[3], argv[4:])
+    if argv[:1] == ["--task"]:  # the child: --task FLAVOUR CATEGORY ACTION SPEC [overrides]
+        import_mounted_deft_mine()
+        return task(argv[1], argv[2], argv[3], argv[4], argv[5:])
     flavour = os.environ.get("FAKE_TAO_FLAVOUR", "main")
     if argv[:1] and argv[0] in FLAVOURS:
         flavour, argv = argv[0], argv[1:]

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_image
+import deft_mine
 from deft_mine.errors import DeftError
 from deft_mine.events import RecordingEvents
 from deft_mine.tools.embed import embed
@@ -32,9 +33,12 @@ from deft_mine.tools.run import run
 
 TEST_IMAGE = "deft-mine-test:latest"
 REPO = Path(__file__).resolve().parents[1]
-# What the host's Python needs inside the container, mounted read-only at identical paths.
-HOST_MOUNTS = [p for p in {sys.base_prefix, sys.prefix, str(REPO / "src"), "/lib", "/lib64", "/usr/lib"}
-               if os.path.exists(p)]
+# What the host's Python needs inside the container, mounted read-only at identical paths: the
+# prefixes also as their real paths (a virtual environment may be a link to another checkout's), and
+# the folder deft_mine is imported from here (PYTHONPATH, or an editable install of another checkout).
+HOST_MOUNTS = sorted(p for p in {sys.base_prefix, sys.prefix, os.path.realpath(sys.prefix), str(REPO / "src"),
+                                 str(Path(deft_mine.__file__).resolve().parents[1]), "/lib", "/lib64", "/usr/lib"}
+                     if os.path.exists(p))
 THUMB = {"model": "thumbnail"}
 
 

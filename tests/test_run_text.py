@@ -120,17 +120,19 @@ def test_a_model_without_a_text_tower_is_refused_before_the_run_folder(image_set
     assert not (image_set / "run").exists()
 
 
-def test_the_docker_backend_refuses_text_targets_by_its_capability(image_set, siglip):
+def test_the_docker_backend_asks_its_image_for_text_before_the_run_folder(image_set, siglip):
+    """Text goes to the image's `embedding text_embeddings` (tests/test_docker_actions.py): an image
+    that cannot be asked stops the run before its folder exists."""
     from deft_mine.backends import resolve
     from deft_mine.schemas.inputs import BackendOptions
     from deft_mine.tools import run
 
-    assert not resolve(BackendOptions(backend="docker", image="deft-mine:none")).capabilities.embeds_text
+    capabilities = resolve(BackendOptions(backend="docker", image="deft-mine:none")).capabilities
+    assert capabilities.runs_text_embeddings and not capabilities.embeds_text
     with pytest.raises(DeftError) as exc:
         run(text=TEXTS, source=image_set / "pool.parquet", run_dir=image_set / "run", overrides=overrides(siglip),
             backend="docker", image="deft-mine:none")
-    assert exc.value.code == "backend_unsupported" and "text embedding" in exc.value.message
-    assert "backend=local" in exc.value.fix and not (image_set / "run").exists()
+    assert exc.value.code in ("image_missing", "docker_unavailable") and not (image_set / "run").exists()
 
 
 def test_the_ray_backend_declares_no_text_embedding():

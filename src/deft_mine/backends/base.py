@@ -86,6 +86,7 @@ class Capabilities:
     reads_parquet_only: bool = False  # embed() hands the listing's file to a program that reads parquet only
     runs_unique_matching: bool = False  # match() runs `tmm unique_neighbor_matching` (docker: if the image has it)
     embeds_text: bool = False  # sentences go through a SigLIP/CLIP text tower in this process (text targets)
+    runs_text_embeddings: bool = False  # embed_text() runs `embedding text_embeddings` (docker: if the image has it)
 
 
 def match_unsupported(backend: str, why: str) -> DeftError:
@@ -113,6 +114,15 @@ class Backend(Protocol):
     def mine(self, spec: MiningSpec, source_path: Path, target_path: Path, outputs: MineOutputs,
              events: Events) -> BackendMine:
         """Write the `outputs` (each atomically) and say what was found."""
+
+    def accepts_text(self) -> None:
+        """Refuse, before any work, sentences it cannot embed; only a backend whose capabilities
+        say runs_text_embeddings."""
+
+    def embed_text(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
+                   store: Path | None) -> BackendEmbed:
+        """Write `output_path` (text, embedding, the other columns) from a text `listing`; only a
+        backend whose capabilities say runs_text_embeddings."""
 
     def match(self, spec: UniqueMatchingSpec, events: Events) -> BackendMatch:
         """Write the spec's output_dir (per-pass parquets, final_unique_files.parquet, summary.json)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,7 +30,8 @@ from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts, warnings
 from deft_mine.schemas.results import Check, EmbedResult, EncoderIdentity, MatchResult, MineResult
-from deft_mine.schemas.specs import EmbeddingSpec, LabelFilter, MiningSpec, Side, UniqueMatchingSpec, spec_to_yaml
+from deft_mine.schemas.specs import (AllocationPolicy, EmbeddingSpec, LabelFilter, MiningSpec, Side, UniqueMatchingSpec,
+                                     spec_to_yaml)
 
 ResultT = TypeVar("ResultT", EmbedResult, MineResult, MatchResult)
 
@@ -72,10 +74,10 @@ def _client() -> Any:
 
 class DockerBackend:
     name = "docker"
-    # pairs: recomputed on the host; the image reads parquet listings only; unique matching when
-    # the image has the action (match() asks its schema first)
+    # pairs: recomputed on the host; the image reads parquet listings only; unique matching and
+    # text embeddings when the image has the action (match() and accepts_text() ask its schema first)
     capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=True, reads_parquet_only=True,
-                                runs_unique_matching=True)
+                                runs_unique_matching=True, runs_text_embeddings=True)
 
     def __init__(self, image: str | None = None, mounts: list[str] | None = None,
                  network: str = "none") -> None:
@@ -134,12 +136,8 @@ class DockerBackend:
         input_path, image_root = listing.path, listing.images_root
         workspace = Path(os.path.commonpath([input_path.parent, output_path.parent, image_root]))
         self._check_images(listing, workspace)
-        hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-        read_only = [Path(p).expanduser().absolute() for p in (spec.model_path, spec.model_config_path)
-                     if p and Path(p).expanduser().exists()]
-        read_only += [hf_home.expanduser().absolute()] if hf_home.is_dir() else []
         # Relative filepaths resolve in the working directory, for an image that knows no image_root.
-        job = Job(["embedding", "image_embeddings", "-e"], image_root, workspace, read_only, [output_path],
+        job = Job(["embedding", "image_embeddings", "-e"], image_root, workspace, _model_mounts(spec), [output_path],
                   output_path.with_suffix(".log"), store, spec.device)
         known = self._known_keys(job, output_path.parent)
         _refuse_unknown(spec, known, ("pooling",))  # device, image_root, workers: met another way, or moot
@@ -148,18 +146,68 @@ class DockerBackend:
             {"device": "cuda:0"} if spec.device.startswith("cuda:") else {}))  # the one GPU it is given
         job.command.append(str(self._write_spec(output_path, "embedding_spec.yaml", inside, known)))
         timings = self._run(job, events)
+        return self._read_back(spec, output_path, listing.rows, timings, "unreadable (in the container)")
+
+    def accepts_text(self) -> None:
+        """Refuse, before any work (and before a run folder exists), sentences for an image whose
+        schema has no `embedding text_embeddings`: the question is asked in a folder of its own."""
+        with tempfile.TemporaryDirectory(prefix="deft-mine-question-") as folder:
+            self._text_keys(Path(folder))
+
+    def embed_text(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
+                   store: Path | None) -> BackendEmbed:
+        """`embedding text_embeddings -e SPEC` in the image (refused naming the action where its
+        schema lacks it). Null and blank texts, which the container's tokenizer cannot take, are
+        left out beforehand and counted, as the local backend counts them."""
+        known = self._text_keys(output_path.parent)
+        given, skipped, examples = _texts_for_container(listing.path, output_path)
+        try:
+            workspace = Path(os.path.commonpath([given.parent, output_path.parent]))
+            job = Job(list(TEXT_STEP), output_path.parent / SPEC_FOLDER, workspace, _model_mounts(spec), [output_path],
+                      output_path.with_suffix(".log"), store, spec.device)
+            inside = spec.model_copy(update={"input_parquet": str(given), "output_parquet": str(output_path)} | (
+                {"device": "cuda:0"} if spec.device.startswith("cuda:") else {}))
+            job.command.append(str(self._write_spec(output_path, "embedding_spec.yaml", inside, known)))
+            timings = self._run(job, events)
+        finally:
+            if given != listing.path:
+                given.unlink(missing_ok=True)
+        done = self._read_back(spec, output_path, listing.rows, timings, "")
+        done.stats.rows_in = listing.rows  # our image counted the rows it was given
+        done.stats.skipped_by_reason += skipped
+        done.stats.skipped_examples = (examples + done.stats.skipped_examples)[:_EXAMPLES]
+        return done
+
+    def _text_keys(self, folder: Path) -> frozenset[str]:
+        """The image's `embedding text_embeddings` keys (asked once per image), or the refusal."""
+        job = Job(list(TEXT_STEP), folder, folder)
+        try:
+            known = self._known_keys(job, folder)
+        except DeftError as exc:
+            if exc.code != "container_failed":
+                raise
+            raise text_unsupported(self.image, "it could not answer `--cfg=job` for the action") from exc
+        if not {"input_parquet", "model", "model_path"} <= known:
+            raise text_unsupported(self.image, "its `embedding text_embeddings --cfg=job` schema has no "
+                                               "input_parquet, model and model_path")
+        return known
+
+    def _read_back(self, spec: EmbeddingSpec, output_path: Path, rows_in: int, timings: dict[str, float],
+                   lost: str) -> BackendEmbed:
+        """What an embedding container did: our image's result JSON, else the file's counts (rows
+        it did not write counted as `lost`), with the identity the spec names and the image."""
         told = _task_result(output_path, EmbedResult)  # our image says what it did
         if told is not None:
             stats = EmbedStats(told.input_rows, told.rows, skipped_by_reason=Counter(told.skipped_by_reason), **told.model_dump(
                 include={"reused", "embedded", "seconds_saved", "corrupt_shards", "skipped_examples", "columns"}))
             return BackendEmbed(stats, told.encoder, told.embedding_dim, self._device(), timings)
-        rows_in, rows = listing.rows, tables.num_rows(output_path)
+        rows = tables.num_rows(output_path)
         dim = 0
         if rows:
             first = next(tables.iter_batches(output_path, 1, ["embedding"]))
             dim = len(first.column("embedding")[0].as_py())
         stats = EmbedStats(rows_in, rows, columns=list(tables.schema_of(output_path).names), skipped_by_reason=Counter(
-            {"unreadable (in the container)": rows_in - rows} if rows_in > rows else {}))
+            {lost: rows_in - rows} if lost and rows_in > rows else {}))
         return BackendEmbed(stats, tables.read_identity(output_path) or EncoderIdentity(
             model=spec.model, model_path=spec.model_path, model_config_path=spec.model_config_path,
             preprocessing={"image": self.image}), dim, self._device(), timings)
@@ -210,17 +258,25 @@ class DockerBackend:
                  if (value := getattr(spec, key))}
         workspace = Path(os.path.commonpath([out, *(p if p.is_dir() else p.parent for p in paths.values())]))
         job = Job(list(UNIQUE_STEP), out / SPEC_FOLDER, workspace, log=out / SPEC_FOLDER / f"{UNIQUE_STEP[1]}.log")
-        try:
-            known = self._known_keys(job, out)
-        except DeftError as exc:
-            if exc.code != "container_failed":
-                raise
-            raise unique_unsupported(self.image, "it could not answer `--cfg=job` for the action") from exc
+        with tempfile.TemporaryDirectory(prefix="deft-mine-question-") as folder:  # a refusal writes nothing
+            asked = Job(list(UNIQUE_STEP), Path(folder), Path(folder))
+            try:
+                known = self._known_keys(asked, Path(folder))
+            except DeftError as exc:
+                if exc.code != "container_failed":
+                    raise
+                raise unique_unsupported(self.image, "it could not answer `--cfg=job` for the action") from exc
         has_unique_action(self.image, known)
+        if spec.allocation_policy is AllocationPolicy.class_stratified and not _entrypoint(_client(), self.image)[1]:
+            raise unique_unsupported(self.image, "its class_stratified reads each image's classes from COCO/KITTI "
+                                     "detection files (source_detection_file, target_detection_file, "
+                                     "detection_format), and deft-mine's classes are the rows' `label`s")
         final, summary = out / artifacts.UNIQUE_FINAL, out / artifacts.UNIQUE_SUMMARY
         job.outputs = [final, summary]
         inside = spec.model_copy(update={key: str(path) for key, path in paths.items()} | {"output_dir": str(out)})
-        job.command.append(str(self._write_spec(final, "unique_matching_spec.yaml", inside, known)))
+        # the container's rare_class_list is one comma-separated string (a list is refused by its schema)
+        job.command.append(str(self._write_spec(final, "unique_matching_spec.yaml", inside, known,
+                                                {"rare_class_list": ",".join(spec.rare_class_list)})))
         timings = self._run(job, events)
         written = json.loads(summary.read_text(encoding="utf-8"))
         told = _task_result(final, MatchResult)  # our image says what it warned
@@ -263,12 +319,21 @@ class DockerBackend:
 
     # ------------------------------------------------------------------ the container
 
-    def _write_spec(self, output_path: Path, name: str, spec: Any, known: frozenset[str]) -> Path:
-        """The spec the image gets: only the keys its schema takes (the rest are ours), and none
-        left unset (a typed schema refuses a null; its own default applies)."""
+    def _write_spec(self, output_path: Path, name: str, spec: Any, known: frozenset[str],
+                    spelled: dict[str, Any] | None = None) -> Path:
+        """The spec the image gets: only the keys its schema takes (the rest are ours), none left
+        unset (a typed schema refuses a null; its own default applies), and the values `spelled`
+        as the image's schema types them."""
+        from omegaconf import OmegaConf
+
         path = output_path.parent / SPEC_FOLDER / f"{output_path.stem}.{name}"
-        unset = {key for key, value in spec if value is None}
-        tables.write_text_atomic(path, spec_to_yaml(spec, (set(type(spec).model_fields) - known) | unset))
+        left_out = (set(type(spec).model_fields) - known) | {key for key, value in spec if value is None}
+        if not spelled:
+            tables.write_text_atomic(path, spec_to_yaml(spec, left_out))
+            return path
+        values = spec.model_dump(mode="json", exclude=left_out)
+        values.update({key: value for key, value in spelled.items() if key not in left_out})
+        tables.write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(values)))
         return path
 
     def _check_images(self, listing: Listing, workspace: Path) -> None:
@@ -315,6 +380,41 @@ _REFUSED = ("label_mode",)
 
 
 UNIQUE_STEP = ("tmm", "unique_neighbor_matching", "-e")
+TEXT_STEP = ("embedding", "text_embeddings", "-e")
+_EXAMPLES = 5  # skipped rows named by example
+
+
+def _model_mounts(spec: EmbeddingSpec) -> list[Path]:
+    """What an embedding container reads besides its workspace: the model's files and the
+    Hugging Face cache, read-only."""
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    read_only = [Path(p).expanduser().absolute() for p in (spec.model_path, spec.model_config_path)
+                 if p and Path(p).expanduser().exists()]
+    return read_only + ([hf_home.expanduser().absolute()] if hf_home.is_dir() else [])
+
+
+def text_unsupported(image: str, why: str) -> DeftError:
+    return DeftError("backend_unsupported", f"{image} cannot run embedding text_embeddings: {why}",
+                     fix="use backend=local (the text tower runs in-process), or an image that has the action "
+                         "(NVIDIA's data-services 7.1.0 or later, or deft-mine's: docker/Dockerfile)",
+                     field="backend", image=image, action="embedding text_embeddings")
+
+
+def _texts_for_container(path: Path, output_path: Path) -> tuple[Path, Counter[str], list[str]]:
+    """The text parquet the container reads: `path` itself, or (when some texts are null or
+    blank) its other rows written beside the output as a hidden parquet; and the rows left out."""
+    import pyarrow as pa
+
+    table = tables.read_columns(path, tables.schema_of(path).names)
+    texts = table.column("text").to_pylist()
+    reasons = {i: "null text" if text is None else "empty text" for i, text in enumerate(texts)
+               if not (isinstance(text, str) and text.strip())}
+    if not reasons:
+        return path, Counter(), []
+    given = output_path.with_name(f".{output_path.name}.texts.parquet")
+    keep = pa.array([i for i in range(len(texts)) if i not in reasons], pa.int64())
+    tables.write_table_atomic(given, table.take(keep))
+    return given, Counter(reasons.values()), [f"row {i}: {why}" for i, why in list(reasons.items())[:_EXAMPLES]]
 
 
 def unique_unsupported(image: str, why: str) -> DeftError:
