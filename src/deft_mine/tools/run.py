@@ -16,7 +16,7 @@ from deft_mine.engine import changenet as cn
 from deft_mine.engine import ledger as ledgers
 from deft_mine.engine import tables
 from deft_mine.engine import training_rows
-from deft_mine.engine.listings import Listing, open_listing, text_listing, write_listing
+from deft_mine.engine.listings import FILEPATH, TEXT, Listing, open_listing, text_listing, write_listing
 from deft_mine.engine.mining import label_counts
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled
@@ -238,8 +238,9 @@ def _mine(inputs: RunInput, folder: RunFolder, mining: MiningSpec, pool: Listing
     files, one target each (the match step), the ledger's earlier selections excluded from it."""
     if not mining.unique:
         return mine_spec(mining, backend, ctx.stage("mine"), pairs_path=folder.pairs, loop_files=True), None
+    sentences = FILEPATH not in tables.schema_of(folder.embeddings["targets"]).names  # keyed by their `text`
     paths = run_unique.UniquePaths(folder.path, folder.embeddings["targets"], folder.embeddings["source"],
-                                   folder.candidates, folder.pairs)
+                                   folder.candidates, folder.pairs, TEXT if sentences else FILEPATH)
     exclude = None if inputs.history is None else \
         run_unique.exclusions(Path(inputs.history).expanduser().absolute(), paths, pool.images_root)
     return None, run_unique.match_run(mining, paths, exclude, backend, ctx.stage("match"))

@@ -37,6 +37,7 @@ class UniquePaths:
     source: Path  # pool embeddings
     mined: Path  # mined.parquet, or mined_candidates.parquet with a ledger
     pairs: Path
+    target_key: str = "filepath"  # what names a target (sentences as targets: their `text`)
 
     @property
     def output_dir(self) -> Path:
@@ -80,7 +81,8 @@ def match_run(mining: MiningSpec, paths: UniquePaths, exclude: str | None, backe
               ctx: ToolContext) -> MatchResult:
     """The budget matched through the backend's `match` (as the match tool runs it) into the run
     folder's unique_matching/, its spec written there first; then the run's own files from it."""
-    spec = mining.unique_spec(str(paths.source), str(paths.targets), str(paths.output_dir), exclude)
+    spec = mining.unique_spec(str(paths.source), str(paths.targets), str(paths.output_dir), exclude).model_copy(
+        update={"target_filepath_column": paths.target_key})
     paths.output_dir.mkdir(exist_ok=True)
     tables.write_text_atomic(paths.output_dir / artifacts.UNIQUE_SPEC, spec_to_yaml(spec))
     result = match_spec(spec, backend, ctx)
@@ -94,12 +96,12 @@ def match_run(mining: MiningSpec, paths: UniquePaths, exclude: str | None, backe
     return result
 
 
-def _rows_and_labels(path: Path) -> tuple[dict[str, int], list[Any] | None]:
-    """Each filepath's first row in an embedding parquet, and the rows' labels as text (None: no `label`)."""
+def _rows_and_labels(path: Path, key: str = "filepath") -> tuple[dict[str, int], list[Any] | None]:
+    """Each key's (filepath's) first row in an embedding parquet, and the rows' labels as text (None: no `label`)."""
     names = tables.schema_of(path).names
-    table = tables.read_columns(path, ["filepath"] + (["label"] if "label" in names else []))
+    table = tables.read_columns(path, [key] + (["label"] if "label" in names else []))
     first: dict[str, int] = {}
-    for row, value in enumerate(table.column("filepath").to_pylist()):
+    for row, value in enumerate(table.column(key).to_pylist()):
         first.setdefault(str(value), row)
     return first, label_text(table.column("label")).to_pylist() if "label" in names else None
 
@@ -107,7 +109,7 @@ def _rows_and_labels(path: Path) -> tuple[dict[str, int], list[Any] | None]:
 def pairs_table(final: pa.Table, paths: UniquePaths, metric: Metric) -> pa.Table:
     """mined_pairs.parquet of a budget: one kept pair per selected file, with the target that claimed
     it, ranked per target nearest first; `score` on the report's scale (cosine: 1 - distance)."""
-    t_rows, t_labels = _rows_and_labels(paths.targets)
+    t_rows, t_labels = _rows_and_labels(paths.targets, paths.target_key)
     s_rows, s_labels = _rows_and_labels(paths.source)
     files = final.column("filepath").to_pylist()
     owners = [t_rows[str(t)] for t in final.column("matched_target").to_pylist()]
