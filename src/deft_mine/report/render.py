@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Sequence
 from deft_mine import rules
 from deft_mine.report.facts import SPEC_PARQUETS, ReportFacts
 from deft_mine.rules import NOT_RECORDED, plural
-from deft_mine.schemas.artifacts import SUMMARY_MEANING, MiningSummary
+from deft_mine.schemas.artifacts import SUMMARY_MEANING, UNIQUE_EXCLUDE as EXCLUDE_NAME, UNIQUE_SPEC, MiningSummary
 from deft_mine.schemas.manifest import EmbedFacts, InputFacts, RunManifest
 from deft_mine.schemas.inputs import LedgerFormat
 from deft_mine.schemas.specs import LabelFilter, Side, recorded_floor
@@ -140,6 +140,7 @@ class _View:
         self.label_mode = self.spec.get("label_mode")  # None: a run from before the choice, or TAO's
         self.floor_key, self.floor = recorded_floor(self.spec, self.metric) or (None, None)
         self.floor_rule = self.spec.get("floor_rule") or "pair"  # a run from before the choice: the pair rule
+        self.unique = m.mining.unique  # None: mode=nearest (each target's topn nearest)
 
 
 def _first(*values: Any) -> Any:
@@ -196,6 +197,8 @@ def _assemble(facts: ReportFacts, found: list[Finding], verdict: str, level: int
     sections: list[tuple[str, Callable[..., Blocks]]] = list(zip(SECTIONS, (
         _verdict_section, _inputs_section, _encoder_section, _mining_section, _labels_section,
         _sanity_section, _actions_section)))
+    if v.unique is not None:  # mode=unique: how the budget was spent, after the mining step
+        sections.insert(SECTIONS.index("Mining Run") + 1, ("Budget", _budget_section))
     if v.m.history is not None:  # iterative runs: before the actions, what earlier rounds took
         sections.insert(-1, ("History", _history_section))
     if v.m.training_rows is not None:  # a ChangeNet pool: the next round's training rows
@@ -219,6 +222,9 @@ def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool
         + ([f"{v.floor_key}={_fmt(v.floor)}"] if v.floor_key else [])  # the controls a run set beyond TAO's
     params = (f"topn={_fmt(v.topn)}, knn_metric={_fmt(v.metric)}, filter_by_label={_flag(v.filter_by_label)}"
               + (f" ({v.label_filter})" if v.label_filter else "") + "".join(f", {c}" for c in controls))
+    if v.unique is not None:
+        params = (f"mode=unique, desired_unique_count={v.unique.desired}, allocation_policy="
+                  f"{v.unique.allocation_policy}, knn_metric={_fmt(v.metric)}")
     encoder = (f"{_code(getattr(v.enc_t, 'model', None))} (fingerprint {_code(v.fingerprint)}), "
                + {True: "the same on both sides", False: "DIFFERENT on the two sides",
                   None: "match not recorded"}[v.match])
@@ -393,14 +399,17 @@ def _mine_command(v: _View, inline: bool = False) -> str:
 
 def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:
     facts = v.facts
-    yield 0, "The command equivalent of this mining step (re-run it to mine again without re-embedding):\n\n" \
-        + _mine_command(v)
-    yield 0, (f"Parameters: `topn` = {_fmt(v.topn)}, `knn_metric` = {_fmt(v.metric)} (scores are "
-              f"{v.score_words}), `filter_by_label` = {_flag(v.filter_by_label)}, "
-              f"`exclude_targets` = {_flag(v.exclude_targets)}"
-              + "".join(f", `{key}` = {_fmt(value)}" for key, value in (
-                  ("label_mode", v.label_mode if v.label_filter is LabelFilter.applied else None),
-                  (v.floor_key, v.floor)) if key and value is not None) + ".")
+    if v.unique is not None:
+        yield from _unique_mining_words(v)
+    else:
+        yield 0, "The command equivalent of this mining step (re-run it to mine again without re-embedding):\n\n" \
+            + _mine_command(v)
+        yield 0, (f"Parameters: `topn` = {_fmt(v.topn)}, `knn_metric` = {_fmt(v.metric)} (scores are "
+                  f"{v.score_words}), `filter_by_label` = {_flag(v.filter_by_label)}, "
+                  f"`exclude_targets` = {_flag(v.exclude_targets)}"
+                  + "".join(f", `{key}` = {_fmt(value)}" for key, value in (
+                      ("label_mode", v.label_mode if v.label_filter is LabelFilter.applied else None),
+                      (v.floor_key, v.floor)) if key and value is not None) + ".")
     if counts := v.summary.as_dict():
         table = _table("Count | Value | Meaning", [(f"`{key}`", _cell(value), SUMMARY_MEANING.get(key, ""))
                                                   for key, value in counts.items()])
@@ -412,7 +421,7 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     if v.floor_key:
         yield 0, _floor_words(v)
     within = f"Of {_fmt(v.summary.pairs)} pairs found"
-    yield 0, {
+    yield 0, "" if v.unique is not None else {
         LabelFilter.applied: (
             "Label filter: applied per label (`label_mode` = per_label): each target's `topn` was searched among "
             "the pool rows of its own label only, so every pair found shares its target's label; "
@@ -452,6 +461,12 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
         yield 1, (f"Timings: embedding the targets took {_secs(timings.get('embed_targets'))}, the pool "
                   f"{_secs(timings.get('embed_source'))}, mining {_secs(timings.get('mine'))}; "
                   f"{_secs(timings.get('total'))} in all.")
+    if v.unique is not None:
+        yield 1, ("Matching to a budget gives each pool file to one target only: in passes, every target "
+                  "claims its share of the nearest free files, a target that cannot fill its share is "
+                  "retried wider, and the nearest claims fill the budget. Each pair above is a selected "
+                  "file with the target that claimed it, so no file is mined twice.")
+        return
     yield 1, ("Mining takes, for every target in file order, the `topn` nearest pool rows "
               "(ties go to the lower pool row), optionally drops pairs whose labels differ, "
               "then merges the kept pairs across targets: an image several targets found is "
@@ -459,6 +474,47 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     yield 2, ("When `topn` × targets exceeds the pool, targets necessarily share neighbours and "
               "the mined count falls below the request; that is normal, and the report states "
               "the actual number rather than the requested one.")
+
+
+def _unique_mining_words(v: _View) -> Blocks:
+    """mode=unique's command and parameters (the budget itself has its own section)."""
+    u = v.unique
+    assert u is not None
+    folder = (v.m.run_dir or v.facts.folder).rstrip("/")
+    yield 0, ("The command equivalent of this matching step (re-run it to match again without re-embedding; "
+              "it rewrites the matcher's folder, not `mined.parquet`):\n\n"
+              f"```\ndeft-mine match -e {folder}/{u.folder}/{UNIQUE_SPEC}\n```")
+    yield 0, (f"Parameters: `mode` = unique (`tmm unique_neighbor_matching`), `desired_unique_count` = {u.desired}, "
+              f"`allocation_policy` = {u.allocation_policy}"
+              + (f", `rare_class_list` = {', '.join(u.rare_classes)}" if u.rare_classes else "")
+              + f", `knn_metric` = {_fmt(v.metric)} (on L2-normalised vectors; scores are {v.score_words}), "
+              f"`candidate_expansion_factor` = {_fmt(u.candidate_expansion_factor)}. There is no `topn`, label "
+              "filter or floor in this mode: the budget decides how many images are mined.")
+
+
+def _budget_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:
+    u = v.unique
+    assert u is not None  # _assemble adds this section only for runs with mode=unique
+    short = [g for g in u.groups if g.shortfall]
+    yield 0, (f"Budget: {plural(u.desired, 'unique image')} desired, {u.retrieved} retrieved "
+              f"({_fmt(u.coverage_pct)}% coverage) in {plural(u.passes, 'pass')}, allocation_policy "
+              f"`{u.allocation_policy}`; each selected pool file is claimed by exactly one target. "
+              + ("The budget was spent in full." if not short else
+                 f"It fell short by {u.desired - u.retrieved} (warning `unique_count_short`)."))
+    rows = [(f"`{_cell(g.group)}`", g.quota, g.got, g.shortfall, f"`{g.reason}`" if g.reason else "—")
+            for g in u.groups]
+    yield 0, _table("Group | Quota | Got | Shortfall | Reason", rows)
+    yield 0, ("*Quota* is the group's share of the budget"
+              + (" (split over the rare classes and `non_rare` by the targets' class ratio)"
+                 if u.allocation_policy == "class_stratified" else "")
+              + ", *Got* the files it selected. A shortfall's reason: `pool_spent` (every file its pools hold "
+              "is selected), `class_empty` (the class has no pool rows; only the `non_rare` fallback fed it), "
+              "`excluded` (excluded rows could have filled it).")
+    if u.excluded_rows:
+        yield 0, (f"{plural(u.excluded_rows, 'pool row')} were kept out of the budget as selected by earlier "
+                  f"iterations of the ledger (`{EXCLUDE_NAME}`, the matcher's `exclude_path`).")
+    yield 1, (f"The matcher's own files are in `{u.folder}/`: `final_unique_files.parquet`, `summary.json` "
+              "(the container's keys, then the passes and the shortfall) and one parquet per pass.")
 
 
 def _floor_words(v: _View) -> str:

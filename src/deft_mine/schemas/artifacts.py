@@ -40,6 +40,11 @@ SESSION_LOG = "session.jsonl"  # one line per tool call of the MCP session (the 
 # tmm unique_neighbor_matching's output folder (the container's names)
 UNIQUE_FINAL = "final_unique_files.parquet"  # filepath first, then matched_target, distance, class, subset, pass
 UNIQUE_SUMMARY = "summary.json"  # the container's keys, then ours (passes, shortfall)
+# run mode=unique: the matcher's output folder inside the run folder, the spec it ran (in that folder),
+# and the pool files the history ledger's earlier iterations selected (its exclude_path, in the run folder)
+UNIQUE_FOLDER = "unique_matching"
+UNIQUE_SPEC = "unique_matching_spec.yaml"
+UNIQUE_EXCLUDE = "previously_selected.parquet"
 
 
 def unique_pass(subset: str, number: int, topn: int) -> str:
@@ -107,8 +112,8 @@ class MiningSummary:
 
     def container_lines(self) -> list[str]:
         """The TAO container's summary block (its current release's lines) from our counts."""
-        if self.queries is None or self.pairs is None or self.mined is None:
-            return []
+        if self.queries is None or self.pairs is None or self.mined is None or self.topn is None:
+            return []  # e.g. run mode=unique: no topn, so not the container's nearest_neighbors summary
         kept = self.pairs - (self.dropped_pairs or 0)
         candidates = kept - (self.below_floor or 0)
         lines = ["Summary:", f"  Target queries: {self.queries}", f"  Similar items per query: {self.topn}",

@@ -75,6 +75,32 @@ class LabelCounts(BaseModel):
     merged: dict[str, list[str]] = Field(default_factory=dict, exclude_if=lambda merged: not merged)
 
 
+class UniqueGroupFacts(BaseModel):
+    """One group of a budget (global; or a rare class, non_rare): its quota, what it got, and why short."""
+
+    group: str
+    quota: int
+    got: int
+    shortfall: int = 0
+    reason: str | None = None  # pool_spent | class_empty | excluded (None: not short)
+
+
+class UniqueFacts(BaseModel):
+    """run mode=unique: how the budget of unique images was spent (from the matcher's summary.json)."""
+
+    folder: str  # the matcher's output folder, relative to the run folder
+    allocation_policy: str
+    desired: int
+    retrieved: int
+    coverage_pct: float
+    distance_metric: str
+    candidate_expansion_factor: int | None = None
+    rare_classes: list[str] = Field(default_factory=list)
+    excluded_rows: int = 0  # pool rows exclude_path (the ledger's earlier selections) kept out
+    passes: int = 0
+    groups: list[UniqueGroupFacts] = Field(default_factory=list)
+
+
 class MiningFacts(BaseModel):
     summary: dict[str, int] = Field(default_factory=dict)  # the counts of mining_summary.txt
     label_filter: LabelFilter | None = None
@@ -83,6 +109,8 @@ class MiningFacts(BaseModel):
     filter_by_label: bool | None = None
     labels: LabelCounts | None = None
     cluster: ClusterFacts | None = ClusterField  # backend ray: address, nodes, shard tasks
+    # written only for a run with mode=unique, so a nearest run's run.json reads as it always has
+    unique: UniqueFacts | None = Field(None, exclude_if=lambda unique: unique is None)
 
 
 class IterationFacts(BaseModel):

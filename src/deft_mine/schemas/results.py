@@ -263,7 +263,10 @@ class RunResult(_Result):
     mined_parquet: str
     target_embed: EmbedResult
     source_embed: EmbedResult
-    mine: MineResult
+    mine: MineResult | None = Field(description="the nearest-neighbour mining (mode=nearest; None with mode=unique)")
+    # only a run with mode=unique matches to a budget; other runs' results read as before
+    match: MatchResult | None = Field(
+        None, description="the budgeted unique matching (mode=unique)", exclude_if=lambda match: match is None)
     select: SelectResult | None = Field(None, description="the history-aware selection (runs with a ledger)")
     # only a run whose pool is a ChangeNet CSV has training rows; other runs' results read as before
     training_rows: TrainingRowsResult | None = Field(
@@ -272,11 +275,15 @@ class RunResult(_Result):
     timings: dict[str, float] = Field(default_factory=dict)
 
     def text(self) -> str:
-        summary = MiningSummary.of(self.mine.summary)
-        lines = [f"run folder {self.run_dir}: mined {self.mined} unique images ({summary.pairs or 0} "
-                 f"pairs for {summary.queries or 0} targets) in {self.timings.get('total', 0):.1f}s; "
-                 f"report {self.report.verdict.upper()}: {self.report.report_path}",
-                 "summary: " + ", ".join(f"{key}={value}" for key, value in summary.as_dict().items())]
+        report = f"report {self.report.verdict.upper()}: {self.report.report_path}"
+        if self.match is not None:
+            lines = [f"run folder {self.run_dir}: mined {self.mined} unique images in "
+                     f"{self.timings.get('total', 0):.1f}s; {report}", f"budget: {self.match.text()}"]
+        else:
+            summary = MiningSummary.of(self.mine.summary if self.mine is not None else {})
+            lines = [f"run folder {self.run_dir}: mined {self.mined} unique images ({summary.pairs or 0} "
+                     f"pairs for {summary.queries or 0} targets) in {self.timings.get('total', 0):.1f}s; {report}",
+                     "summary: " + ", ".join(f"{key}={value}" for key, value in summary.as_dict().items())]
         t, p = self.target_embed, self.source_embed
         if t.store:
             lines.append(f"store {t.store}: targets {t.reused} reused / {t.embedded} embedded, pool {p.reused} "

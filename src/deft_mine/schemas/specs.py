@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal, Mapping, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_serializer,
+                      model_validator)
 
 from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import PathField
@@ -202,6 +203,49 @@ class EmbeddingSpec(_Spec):
                 self.model_config_path)
 
 
+class AllocationPolicy(StrEnum):
+    """How `tmm unique_neighbor_matching` spends its budget: `global` over every target at once;
+    `class_stratified` split over the rare classes and `non_rare` by the targets' class ratio."""
+
+    global_ = "global"
+    class_stratified = "class_stratified"
+
+
+def _class_names(value: Any) -> Any:
+    """rare_class_list as the container reads it (a comma-separated string, each name stripped
+    and lower-cased, blanks dropped); a YAML list is taken too. Sorted and unique."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        return value
+    return sorted({str(item).strip().lower() for item in items if str(item).strip()})
+
+
+class MiningMode(StrEnum):
+    """What `run` mines: `nearest` each target's topn nearest pool images (`tmm nearest_neighbors`);
+    `unique` a budget of unique pool images, each claimed by one target (`tmm unique_neighbor_matching`)."""
+
+    nearest = "nearest"
+    unique = "unique"
+
+
+# The budgeted matcher's keys, one type each wherever they are read (UniqueMatchingSpec, MiningSpec's unique mode).
+DesiredUniqueCount = Annotated[int, Field(gt=0, description="how many unique pool images to select")]
+AllocationPolicyChoice = Annotated[AllocationPolicy, _choice(
+    tuple(AllocationPolicy), "allocation_policy", "spec_invalid",
+    "set allocation_policy=global or allocation_policy=class_stratified")]
+ExpansionFactor = Annotated[int, Field(ge=1, le=100_000, description="candidates per target = factor x share x pass "
+                                                                      "number")]
+RareClassList = Annotated[list[str], BeforeValidator(_class_names)]
+
+
+# Keys only one mode reads: the other refuses them rather than ignore them.
+UNIQUE_KEYS = ("desired_unique_count", "allocation_policy", "rare_class_list", "candidate_expansion_factor")
+NEAREST_KEYS = frozenset({"topn", "filter_by_label", "exclude_targets", "min_similarity", "max_distance",
+                          "distance_threshold", "floor_rule", "label_mode"})
+
+
 class MiningSpec(_Spec):
     """How to mine: the TAO `tmm nearest_neighbors` spec, plus per-run paths."""
 
@@ -238,6 +282,59 @@ class MiningSpec(_Spec):
         "post_filter", description="with filter_by_label=true: post_filter (the TAO container's: top-n over the "
                                    "whole pool, then cross-label pairs dropped) | per_label (top-n among the pool "
                                    "rows of the target's own label)")
+    # mode=unique: `tmm unique_neighbor_matching` in `run`, scored by knn_metric; None: the matcher's default.
+    mode: Annotated[MiningMode, _choice(tuple(MiningMode), "mode", "spec_invalid", "set mode=nearest (each target's "
+                    "topn nearest) or mode=unique (a budget of unique images)")] = Field(
+        MiningMode.nearest, description="nearest (each target's topn nearest pool images) | unique (a budget of "
+                                        "desired_unique_count unique pool images, one target each)")
+    desired_unique_count: DesiredUniqueCount | None = Field(None, description="mode=unique (required): the budget")
+    allocation_policy: AllocationPolicyChoice | None = Field(
+        None, description="mode=unique: global (default) | class_stratified (split over rare_class_list and non_rare)")
+    rare_class_list: RareClassList | None = Field(
+        None, description="mode=unique, class_stratified: comma-separated rare classes, compared with `label`")
+    candidate_expansion_factor: ExpansionFactor | None = Field(
+        None, description="mode=unique: candidates per target = factor x share x pass number (default 5)")
+
+    @model_validator(mode="after")
+    def _mode_fits(self) -> "MiningSpec":
+        """Each mode takes its own keys: one the mode would ignore is refused, naming it."""
+        if self.mode is MiningMode.nearest:
+            for key in UNIQUE_KEYS:
+                if getattr(self, key) not in (None, []):  # a YAML `null` list reads as []
+                    raise DeftError("spec_invalid", f"{key} applies to mode=unique (a budget of unique images), and "
+                                    "this spec mines each target's topn nearest (mode=nearest)",
+                                    fix=f"add mode=unique (with desired_unique_count=N), or leave {key} out",
+                                    field=key, mode=self.mode.value)
+            return self
+        if self.desired_unique_count is None:
+            raise DeftError("spec_missing_value", "mode=unique needs desired_unique_count: how many unique pool "
+                            "images to select", fix="pass desired_unique_count=N", field="desired_unique_count")
+        for key in NEAREST_KEYS:
+            default = type(self).model_fields[key].default
+            if key in self.model_fields_set and (key == "topn" or getattr(self, key) != default):
+                raise DeftError("spec_invalid", f"{key}={getattr(self, key)} applies to mode=nearest; mode=unique "
+                                "spends a budget of desired_unique_count unique images, one target each, and would "
+                                "ignore it", fix=f"leave {key} out with mode=unique, or use mode=nearest",
+                                field=key, mode=self.mode.value)
+        self.unique_spec("", "", "")  # the matcher's own rules judge its keys (class_stratified needs classes)
+        return self
+
+    def unique_spec(self, source_path: str, target_path: str, output_dir: str,
+                    exclude_path: str | None = None) -> "UniqueMatchingSpec":
+        """mode=unique as the `tmm unique_neighbor_matching` spec it runs (knn_metric is its distance_metric)."""
+        given = {key: getattr(self, key) for key in UNIQUE_KEYS if getattr(self, key) is not None}
+        return UniqueMatchingSpec(
+            source_path=source_path, target_path=target_path, output_dir=output_dir, exclude_path=exclude_path,
+            distance_metric=self.knn_metric, source_embedding_column=self.source_embed_column_name,
+            target_embedding_column=self.target_embed_column_name, block_rows=self.block_rows, **given)
+
+    @model_serializer(mode="wrap")
+    def _mode_keys(self, handler: Any) -> Any:
+        """A spec records its mode's keys only: a nearest one reads as before there was a mode, and a
+        unique one loads back (it names no key that mode refuses)."""
+        data = handler(self)
+        drop = {"mode", *UNIQUE_KEYS} if self.mode is MiningMode.nearest else NEAREST_KEYS
+        return {key: value for key, value in data.items() if key not in drop} if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _controls_fit(self) -> "MiningSpec":
@@ -277,6 +374,10 @@ class MiningSpec(_Spec):
         return self
 
     @property
+    def unique(self) -> bool:
+        return self.mode is MiningMode.unique
+
+    @property
     def _threshold_floor(self) -> float:
         """distance_threshold as our score limit: a cosine distance d is the similarity 1 - d."""
         return 1.0 - self.distance_threshold if self.knn_metric is Metric.cosine else self.distance_threshold
@@ -296,25 +397,6 @@ class MiningSpec(_Spec):
         return None if floor is None else 1.0 - floor if self.knn_metric is Metric.cosine else floor
 
 
-class AllocationPolicy(StrEnum):
-    """How `tmm unique_neighbor_matching` spends its budget: `global` over every target at once;
-    `class_stratified` split over the rare classes and `non_rare` by the targets' class ratio."""
-
-    global_ = "global"
-    class_stratified = "class_stratified"
-
-
-def _class_names(value: Any) -> Any:
-    """rare_class_list as the container reads it (a comma-separated string, each name stripped
-    and lower-cased, blanks dropped); a YAML list is taken too. Sorted and unique."""
-    if value is None:
-        return []
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)):
-        return value
-    return sorted({str(item).strip().lower() for item in items if str(item).strip()})
-
-
 class UniqueMatchingSpec(_Spec):
     """How to match one-to-one to a budget: the TAO `tmm unique_neighbor_matching` spec."""
 
@@ -322,16 +404,13 @@ class UniqueMatchingSpec(_Spec):
     target_path: Annotated[str, PathField()] = Field(description="the targets: a parquet, or a folder of parquets")
     output_dir: Annotated[str, PathField()] = Field(
         description="folder for final_unique_files.parquet, summary.json and the per-pass parquets")
-    desired_unique_count: int = Field(gt=0, description="how many unique pool images to select")
-    allocation_policy: Annotated[AllocationPolicy, _choice(
-        tuple(AllocationPolicy), "allocation_policy", "spec_invalid",
-        "set allocation_policy=global or allocation_policy=class_stratified")] = AllocationPolicy.global_
+    desired_unique_count: DesiredUniqueCount
+    allocation_policy: AllocationPolicyChoice = AllocationPolicy.global_
     distance_metric: Annotated[Metric, _choice(
         tuple(Metric), "distance_metric", "spec_invalid",
         "set distance_metric to euclidean, cosine or manhattan")] = Field(
         Metric.euclidean, description="euclidean | cosine | manhattan, on L2-normalised vectors (the container's)")
-    candidate_expansion_factor: int = Field(
-        5, ge=1, le=100_000, description="candidates per target = factor x share x pass number")
+    candidate_expansion_factor: ExpansionFactor = 5
     source_embedding_column: str = "embedding"
     target_embedding_column: str = "embedding"
     source_filepath_column: str = Field("filepath", description="also the first column of final_unique_files")
@@ -347,7 +426,7 @@ class UniqueMatchingSpec(_Spec):
         ("coco", "kitti"), "detection_format", "spec_invalid",
         "set detection_format=coco (a COCO json) or detection_format=kitti (a folder of .txt labels)")] = Field(
         None, description="coco | kitti: how the detection files are read; required with either file")
-    rare_class_list: Annotated[list[str], BeforeValidator(_class_names)] = Field(
+    rare_class_list: RareClassList = Field(
         default_factory=list, description="comma-separated rare classes (class_stratified), compared with each "
                                           "image's classes (detection file, else `label`); any case")
     save_embeddings: BoolWord = Field(False, description="add the vectors to the per-pass parquets")

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from deft_mine import __version__
-from deft_mine.backends import resolve
+from deft_mine.backends import Backend, resolve
 from deft_mine.engine import changenet as cn
 from deft_mine.engine import ledger as ledgers
 from deft_mine.engine import tables
 from deft_mine.engine import training_rows
-from deft_mine.engine.listings import Listing, open_listing, text_listing, write_listing
+from deft_mine.engine.listings import FILEPATH, TEXT, Listing, open_listing, text_listing, write_listing
 from deft_mine.engine.mining import label_counts
 from deft_mine.errors import DeftError
 from deft_mine.events import Cancelled
@@ -25,10 +25,11 @@ from deft_mine.schemas import artifacts
 from deft_mine.schemas.inputs import PassGolden, RunInput, SelectInput
 from deft_mine.schemas.manifest import (EmbedFacts, Embeddings, EncoderFacts, InputFacts, Inputs, LabelCounts,
                                         MiningFacts, RunManifest, TrainingRowsFacts)
-from deft_mine.schemas.results import (EmbedResult, ErrorInfo, MineResult, RunResult, SelectResult,
+from deft_mine.schemas.results import (EmbedResult, ErrorInfo, MatchResult, MineResult, RunResult, SelectResult,
                                        TrainingRowsResult)
 from deft_mine.schemas.warnings import ToolWarning
-from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, load_spec, spec_to_yaml, split_overrides
+from deft_mine.schemas.specs import EmbeddingSpec, LabelFilter, MiningSpec, load_spec, spec_to_yaml, split_overrides
+from deft_mine.tools import run_unique
 from deft_mine.tools.embed import embed_spec, require_text_embedding
 from deft_mine.tools.mine import mine_spec
 from deft_mine.tools.preflight import label_precheck
@@ -141,7 +142,10 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     mining_summary.txt, run.json). Give exactly one of output_dir and run_dir; a run never
     reuses a non-empty folder. Overrides go to whichever spec owns the key. With `history`
     (a ledger), mining writes mined_candidates.parquet and mined.parquet keeps only images no
-    earlier iteration selected (the next iteration number is taken from the ledger)."""
+    earlier iteration selected (the next iteration number is taken from the ledger). With
+    mode=unique (and desired_unique_count), mining is `tmm unique_neighbor_matching`: a budget of
+    unique pool images, one target each, its files in unique_matching/ and mined.parquet the files
+    selected (a ledger's earlier selections are excluded from the budget)."""
     started = time.perf_counter()
     sentences = _sentences(inputs)  # None: the targets are a listing
     paths = {name: tables.require_file(Path(value).expanduser().absolute(), name)
@@ -172,6 +176,8 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     if inputs.history is not None:  # a bad budget or a damaged ledger costs no embedding
         check_history(Path(inputs.history).expanduser().absolute(), inputs.ledger_format,
                       inputs.max_cumulative_fraction, given["source"].rows)
+    if mining.unique:  # a backend that cannot match, or a split by labels a side lacks: before embedding
+        run_unique.refuse_early(mining, backend, given)
     prechecked = label_precheck(given, mining.filter_by_label)  # the loop's yield precheck, before embedding
     for warning in prechecked:
         ctx.events.log("warning", warning.message)
@@ -188,25 +194,26 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
                                            has_label="label" in s.schema.names,
                                            images_root=str(s.images_root)) for name, s in given.items()})
     with folder.running(embedding, mining, backend=inputs.backend, inputs=described) as manifest:
-        backend.accepts(mining)  # before anything is embedded
+        if not mining.unique:  # unique mode runs the match action, whose keys the backend judges itself
+            backend.accepts(mining)  # before anything is embedded
         sides = {name: write_listing(listing, folder.listings[name]) for name, listing in given.items()}
         embedded = {name: embed_spec(embedding.model_copy(update={
             "input_parquet": str(paths[name]), "output_parquet": str(folder.embeddings[name])}),
             backend, store, ctx.stage(f"embed {name}"), listing) for name, listing in sides.items()}
         _require_readable(embedded)
         tgt, src = embedded["targets"], embedded["source"]
-        mine_result = mine_spec(mining, backend, ctx.stage("mine"), pairs_path=folder.pairs, loop_files=True)
+        mine_result, matched = _mine(inputs, folder, mining, sides["source"], backend, ctx)
         selected, training, training_warnings = _select_and_train(inputs, folder, mining, sides["source"],
-                                                                  validation, ctx)
-        mined_warnings = mine_result.warnings
+                                                                  validation, ctx, matched)
+        mined_warnings = (mine_result or matched).warnings
         if any(w.code == "label_missing_in_pool" for w in mined_warnings):  # per_label's, from the rows searched
             prechecked = [w for w in prechecked if w.code != "label_missing_in_pool"]
         manifest.warnings = [*prechecked, *(w.for_side("targets") for w in tgt.warnings),
                              *(w.for_side("source") for w in src.warnings),
                              *mined_warnings, *(selected.warnings if selected else []), *training_warnings]
         manifest.timings = {"embed_targets": tgt.timings["total"], "embed_source": src.timings["total"],
-                            "mine": mine_result.timings["total"], "total": time.perf_counter() - started}
-        _record_results(manifest, folder, tgt, src, mine_result, selected)
+                            "mine": (mine_result or matched).timings["total"], "total": time.perf_counter() - started}
+        _record_results(manifest, folder, tgt, src, mine_result, selected, mining, matched)
         if training is not None:
             manifest.training_rows = TrainingRowsFacts(**training.model_dump())
         folder.finish()
@@ -220,9 +227,23 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         raise DeftError(exc.code, f"{exc.message}; the run's mining outputs in {folder.path} are complete, only "
                         "its report is missing", fix=f"{exc.fix or 'fix the cause'}, then write the report "
                         f"with: deft-mine report {folder.path}", **exc.details) from exc
-    return RunResult(run_dir=str(folder.path), mined=selected.newly_selected if selected else mine_result.mined,
-                     mined_parquet=str(folder.mined), target_embed=tgt, source_embed=src, mine=mine_result,
-                     select=selected, training_rows=training, report=written, timings=manifest.timings, warnings=manifest.warnings)
+    mined = selected.newly_selected if selected else matched.retrieved_unique_count if matched else mine_result.mined
+    return RunResult(run_dir=str(folder.path), mined=mined, mined_parquet=str(folder.mined), target_embed=tgt,
+                     source_embed=src, mine=mine_result, match=matched, select=selected, training_rows=training, report=written, timings=manifest.timings, warnings=manifest.warnings)
+
+
+def _mine(inputs: RunInput, folder: RunFolder, mining: MiningSpec, pool: Listing, backend: Backend,
+          ctx: ToolContext) -> tuple[MineResult | None, MatchResult | None]:
+    """mode=nearest: each target's topn nearest (the mine step). mode=unique: a budget of unique pool
+    files, one target each (the match step), the ledger's earlier selections excluded from it."""
+    if not mining.unique:
+        return mine_spec(mining, backend, ctx.stage("mine"), pairs_path=folder.pairs, loop_files=True), None
+    sentences = FILEPATH not in tables.schema_of(folder.embeddings["targets"]).names  # keyed by their `text`
+    paths = run_unique.UniquePaths(folder.path, folder.embeddings["targets"], folder.embeddings["source"],
+                                   folder.candidates, folder.pairs, TEXT if sentences else FILEPATH)
+    exclude = None if inputs.history is None else \
+        run_unique.exclusions(Path(inputs.history).expanduser().absolute(), paths, pool.images_root)
+    return None, run_unique.match_run(mining, paths, exclude, backend, ctx.stage("match"))
 
 
 def _sentences(inputs: RunInput) -> list[str] | None:
@@ -275,7 +296,7 @@ def _training_options(inputs: RunInput, pool: Listing) -> training_rows.Validati
 
 
 def _select_and_train(inputs: RunInput, folder: RunFolder, mining: MiningSpec, pool: Listing,
-                      validation: training_rows.Validation | None, ctx: ToolContext
+                      validation: training_rows.Validation | None, ctx: ToolContext, matched: MatchResult | None
                       ) -> tuple[SelectResult | None, TrainingRowsResult | None, list[ToolWarning]]:
     """mined.parquet (with a ledger: the candidates no earlier iteration selected) and, from a
     ChangeNet pool, its training rows, written before the ledger records the iteration: a run
@@ -284,7 +305,7 @@ def _select_and_train(inputs: RunInput, folder: RunFolder, mining: MiningSpec, p
     if inputs.history is None:
         return None, *_training_rows(inputs, folder, pool, validation)
     made: list[tuple[TrainingRowsResult | None, list[ToolWarning]]] = []
-    selected = _select(inputs, folder, mining, pool, ctx, lambda book, iteration: made.append(
+    selected = _select(inputs, folder, _ledger_topn(mining, matched), pool, ctx, lambda book, iteration: made.append(
         _training_rows(inputs, folder, pool, validation, book, iteration)))
     return selected, *made[0]
 
@@ -312,7 +333,15 @@ def _require_readable(sides: dict[str, EmbedResult]) -> None:
                             field=name, skipped_by_reason=done.skipped_by_reason)
 
 
-def _select(inputs: RunInput, folder: RunFolder, mining: MiningSpec, pool: Listing, ctx: ToolContext,
+def _ledger_topn(mining: MiningSpec, matched: MatchResult | None) -> int:
+    """The neighbours per target the ledger records: topn, or under a budget each target's first share
+    (ceil(budget / targets), the first pass's topn), which a tao-skill ledger's resume compares."""
+    if matched is None:
+        return mining.topn
+    return matched.passes[0].topn if matched.passes else 0
+
+
+def _select(inputs: RunInput, folder: RunFolder, topn: int, pool: Listing, ctx: ToolContext,
             before_commit: Callable[[ledgers.Ledger, int], None]) -> SelectResult:
     """mined.parquet: the candidates no earlier iteration of the ledger selected (within the
     budget, whose pool is the source listing's rows)."""
@@ -320,22 +349,30 @@ def _select(inputs: RunInput, folder: RunFolder, mining: MiningSpec, pool: Listi
     return select_new(SelectInput(
         candidates=str(folder.candidates), ledger=str(ledger_path), output=str(folder.mined),
         iteration=ledgers.load(ledger_path, verify=False).last_iteration + 1,  # select_new verifies it
-        image_root=str(pool.images_root), topn=mining.topn, ledger_format=inputs.ledger_format,
+        image_root=str(pool.images_root), topn=topn, ledger_format=inputs.ledger_format,
         max_cumulative_fraction=inputs.max_cumulative_fraction, pool_size=pool.rows), ctx.stage("select"),
         before_commit)
 
 
 def _record_results(manifest: RunManifest, folder: RunFolder, tgt: EmbedResult, src: EmbedResult,
-                    mine_result: MineResult, selected: SelectResult | None) -> None:
+                    mine_result: MineResult | None, selected: SelectResult | None, mining: MiningSpec,
+                    matched: MatchResult | None) -> None:
     manifest.encoder = EncoderFacts(target=tgt.encoder, source=src.encoder, match=tgt.encoder == src.encoder,
                                     fingerprint=tgt.encoder.fingerprint)
     manifest.embeddings = Embeddings(target=_embed_facts(tgt), source=_embed_facts(src))
-    labels = label_counts(folder.embeddings["targets"], folder.embeddings["source"], folder.mined)
-    manifest.mining = MiningFacts(summary=mine_result.summary, label_filter=mine_result.label_filter,
-                                  knn_metric=mine_result.knn_metric, topn=mine_result.topn,
-                                  filter_by_label=mine_result.filter_by_label,
-                                  labels=None if labels is None else LabelCounts(**labels),
-                                  cluster=mine_result.cluster)
+    counts = label_counts(folder.embeddings["targets"], folder.embeddings["source"], folder.mined)
+    labels = None if counts is None else LabelCounts(**counts)
+    if matched is not None:  # a budget: no topn and no label filter, the budget's own account instead
+        summary = artifacts.MiningSummary.parse((folder.path / artifacts.SUMMARY).read_text(encoding="utf-8"))
+        manifest.mining = MiningFacts(summary=summary.as_dict(), label_filter=LabelFilter.off,
+                                      knn_metric=mining.knn_metric.value, filter_by_label=False, labels=labels,
+                                      unique=run_unique.unique_facts(matched, folder.path, mining.knn_metric))
+    else:
+        assert mine_result is not None  # one of the two steps ran
+        manifest.mining = MiningFacts(summary=mine_result.summary, label_filter=mine_result.label_filter,
+                                      knn_metric=mine_result.knn_metric, topn=mine_result.topn,
+                                      filter_by_label=mine_result.filter_by_label, labels=labels,
+                                      cluster=mine_result.cluster)
     manifest.history = None if selected is None else history_facts(selected)
 
 

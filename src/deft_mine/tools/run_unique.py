@@ -1,0 +1,158 @@
+"""run mode=unique: the run folder's embeddings matched to a budget of unique pool images (the match
+tool's `tmm unique_neighbor_matching`), laid out as a run's mined files, pairs and summary."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from deft_mine.backends import Backend
+from deft_mine.backends.base import match_unsupported
+from deft_mine.engine import ledger as ledgers
+from deft_mine.engine import tables
+from deft_mine.engine.listings import Listing
+from deft_mine.engine.mining import label_text
+from deft_mine.errors import DeftError
+from deft_mine.schemas import artifacts
+from deft_mine.schemas.manifest import UniqueFacts, UniqueGroupFacts
+from deft_mine.schemas.results import MatchResult
+from deft_mine.schemas.specs import AllocationPolicy, LabelFilter, Metric, MiningSpec, spec_to_yaml
+from deft_mine.tools.match import match_spec
+from deft_mine.tools.registry import ToolContext
+
+MINED_COLUMNS = ("filepath", "matched_target", "distance", "class")  # mined.parquet's, of final_unique_files
+
+
+@dataclass
+class UniquePaths:
+    """The run folder's files a unique run reads and writes."""
+
+    folder: Path
+    targets: Path  # target embeddings
+    source: Path  # pool embeddings
+    mined: Path  # mined.parquet, or mined_candidates.parquet with a ledger
+    pairs: Path
+    target_key: str = "filepath"  # what names a target (sentences as targets: their `text`)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.folder / artifacts.UNIQUE_FOLDER
+
+
+def refuse_early(mining: MiningSpec, backend: Backend, given: dict[str, Listing]) -> None:
+    """What unique mode can refuse before a run folder exists: a backend that cannot match (Ray),
+    and class_stratified with a side that has no `label` to split the budget by."""
+    if not backend.capabilities.runs_unique_matching:
+        raise match_unsupported(backend.name, "mode=unique's one-to-one passes run in one process (backend local, "
+                                "or docker with an image that has the action)")
+    if mining.allocation_policy is AllocationPolicy.class_stratified:
+        for name, listing in given.items():
+            if "label" not in listing.schema.names:
+                raise DeftError("column_missing", f"{name} {listing.path} has no `label` column, and "
+                                "allocation_policy=class_stratified splits the budget by each row's `label`",
+                                fix="give both sides a `label` column, or use allocation_policy=global",
+                                field=name, column="label", path=str(listing.path))
+
+
+def exclusions(ledger_path: Path, paths: UniquePaths, images_root: Path) -> str | None:
+    """The pool files the ledger's earlier iterations selected, as the pool's own filepaths, written
+    for the matcher's exclude_path so they take none of the budget (None: nothing to exclude)."""
+    if not ledger_path.exists():
+        return None
+    book = ledgers.load(ledger_path, verify=False)  # run has checked it before embedding
+    if not book.selected:
+        return None
+    pool = tables.read_columns(paths.source, ["filepath"]).column("filepath").to_pylist()
+    taken = [p for p in dict.fromkeys(pool) if p is not None
+             and ledgers.identity(str(p), book.format, images_root) in book.selected]
+    if not taken:
+        return None
+    out = paths.folder / artifacts.UNIQUE_EXCLUDE
+    tables.write_table_atomic(out, pa.table({"filepath": pa.array(taken, pa.string())}))
+    return str(out)
+
+
+def match_run(mining: MiningSpec, paths: UniquePaths, exclude: str | None, backend: Backend,
+              ctx: ToolContext) -> MatchResult:
+    """The budget matched through the backend's `match` (as the match tool runs it) into the run
+    folder's unique_matching/, its spec written there first; then the run's own files from it."""
+    spec = mining.unique_spec(str(paths.source), str(paths.targets), str(paths.output_dir), exclude).model_copy(
+        update={"target_filepath_column": paths.target_key})
+    paths.output_dir.mkdir(exist_ok=True)
+    tables.write_text_atomic(paths.output_dir / artifacts.UNIQUE_SPEC, spec_to_yaml(spec))
+    result = match_spec(spec, backend, ctx)
+    final = tables.read_columns(Path(result.final_parquet), tables.schema_of(Path(result.final_parquet)).names)
+    tables.write_table_atomic(paths.mined, final.select([c for c in MINED_COLUMNS if c in final.column_names]))
+    tables.write_table_atomic(paths.pairs, pairs_table(final, paths, mining.knn_metric))
+    summary = artifacts.MiningSummary(
+        queries=tables.num_rows(paths.targets), pool=tables.num_rows(paths.source), pairs=final.num_rows,
+        duplicates_removed=0, mined=final.num_rows, label_filter=LabelFilter.off)
+    tables.write_text_atomic(paths.folder / artifacts.SUMMARY, summary.text())
+    return result
+
+
+def _rows_and_labels(path: Path, key: str = "filepath") -> tuple[dict[str, int], list[Any] | None]:
+    """Each key's (filepath's) first row in an embedding parquet, and the rows' labels as text (None: no `label`)."""
+    names = tables.schema_of(path).names
+    table = tables.read_columns(path, [key] + (["label"] if "label" in names else []))
+    first: dict[str, int] = {}
+    for row, value in enumerate(table.column(key).to_pylist()):
+        first.setdefault(str(value), row)
+    return first, label_text(table.column("label")).to_pylist() if "label" in names else None
+
+
+def pairs_table(final: pa.Table, paths: UniquePaths, metric: Metric) -> pa.Table:
+    """mined_pairs.parquet of a budget: one kept pair per selected file, with the target that claimed
+    it, ranked per target nearest first; `score` on the report's scale (cosine: 1 - distance)."""
+    t_rows, t_labels = _rows_and_labels(paths.targets, paths.target_key)
+    s_rows, s_labels = _rows_and_labels(paths.source)
+    files = final.column("filepath").to_pylist()
+    owners = [t_rows[str(t)] for t in final.column("matched_target").to_pylist()]
+    distance = np.asarray(final.column("distance").to_pylist(), dtype=np.float64)
+    order = sorted(range(len(files)), key=lambda i: (owners[i], distance[i], files[i]))
+    rank, last = [], None
+    for i in order:
+        rank.append(rank[-1] + 1 if rank and owners[i] == last else 1)
+        last = owners[i]
+    sources = [s_rows[str(files[i])] for i in order]
+    columns = {
+        "target_filepath": pa.array([final.column("matched_target")[i].as_py() for i in order], pa.string()),
+        "target_row": pa.array([owners[i] for i in order], pa.int64()),
+        "rank": pa.array(rank, pa.int32()),
+        "filepath": pa.array([files[i] for i in order], pa.string()),
+        "source_row": pa.array(sources, pa.int64()),
+        "score": pa.array([1.0 - distance[i] if metric is Metric.cosine else distance[i] for i in order], pa.float64()),
+        "kept": pa.array([True] * len(order), pa.bool_()),
+    }
+    if t_labels is not None:
+        columns["target_label"] = pa.array([t_labels[owners[i]] for i in order], pa.string())
+    if s_labels is not None:
+        columns["source_label"] = pa.array([s_labels[row] for row in sources], pa.string())
+    return pa.table(columns)
+
+
+def unique_facts(result: MatchResult, folder: Path, metric: Metric) -> UniqueFacts:
+    """run.json's account of the budget: per group its quota, what it got and why it fell short."""
+    summary = json.loads(Path(result.summary_path).read_text(encoding="utf-8"))
+    short = {s.group: s for s in result.shortfalls}
+    allocation = summary.get("allocation") or {}
+    if result.allocation_policy == AllocationPolicy.class_stratified.value and allocation:
+        quotas = {name: int(g["desired_count"]) for name, g in (allocation.get("per_class") or {}).items()}
+        quotas["non_rare"] = int((allocation.get("non_rare") or {}).get("desired_count", 0))
+        got = result.per_class or {}
+    else:
+        quotas, got = {"global": result.desired_unique_count}, {"global": result.retrieved_unique_count}
+    groups = [UniqueGroupFacts(group=name, quota=quota, got=got.get(name, 0),
+                               shortfall=short[name].missing if name in short else 0,
+                               reason=short[name].reason if name in short else None) for name, quota in quotas.items()]
+    return UniqueFacts(
+        folder=str(Path(result.output_dir).relative_to(folder)), allocation_policy=result.allocation_policy,
+        desired=result.desired_unique_count, retrieved=result.retrieved_unique_count, coverage_pct=result.coverage_pct,
+        distance_metric=str(summary.get("distance_metric") or metric.value), rare_classes=list(summary.get("rare_classes") or []),
+        candidate_expansion_factor=summary.get("candidate_expansion_factor"),
+        excluded_rows=int(summary.get("excluded_rows") or 0), passes=len(result.passes), groups=groups)
