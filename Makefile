@@ -47,6 +47,7 @@ test: $(STAMP) $(NODE_TOOLS) $(PY_TOOLS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_mining.py
+	$(PY) benchmarks/bench_unique.py
 	$(PY) benchmarks/bench_embedding.py
 	$(PY) benchmarks/bench_store.py
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 def machine_lines(*extra: str) -> list[str]:
@@ -50,3 +52,44 @@ def scratch(prefix: str, keep: bool) -> Iterator[Path]:
             print(f"# kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS. On Linux, ru_maxrss of a freshly exec'd child starts at the
+    parent's high-water mark (the kernel carries the old mm's peak across exec, and subprocess
+    forks with vfork), so a worker started by a parent that once held the pool would report the
+    parent's peak. VmHWM belongs to the new address space alone, so it is used where it exists."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return ru_maxrss_mib()
+
+
+def ru_maxrss_mib() -> float:
+    import resource
+
+    # Linux reports ru_maxrss in KiB, macOS in bytes.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def write_vector_parquet(path: Path, rows: int, dim: int, seed: int, prefix: str, row_group_rows: int,
+                         chunk_rows: int = 65536) -> None:
+    """`rows` seeded random-normal float32 vectors as an embedding parquet (`filepath` +
+    `embedding` list<float32>), generated and written a chunk at a time so a 1M x 768 pool
+    never sits in memory whole. The same (seed, rows, dim) always gives the same file."""
+    from deft_mine.engine import tables
+
+    rng = np.random.default_rng(seed)
+    schema = pa.schema([("filepath", pa.string()), ("embedding", pa.list_(pa.float32()))])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, rows, chunk_rows):
+            n = min(chunk_rows, rows - start)
+            vectors = rng.standard_normal((n, dim), dtype=np.float32)
+            writer.write_table(pa.table({
+                "filepath": pa.array([f"{prefix}/{i:07d}.jpg" for i in range(start, start + n)], pa.string()),
+                "embedding": tables.vector_array(vectors)}, schema=schema), row_group_size=row_group_rows)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from _machine import machine_lines, scratch
+from _machine import machine_lines, peak_rss_mib, ru_maxrss_mib, scratch
 from deft_mine.engine import knn, tables
 from deft_mine.schemas.specs import Metric, MiningSpec
 from deft_mine.engine.mining import mine_files
@@ -38,27 +37,6 @@ def torch_faiss_line() -> str:
 
     return (f"torch {torch.__version__} threads={torch.get_num_threads()}; faiss {faiss.__version__} "
             f"omp threads={faiss.omp_get_max_threads()}; numpy {np.__version__}; pyarrow {pa.__version__}")
-
-
-def ru_maxrss_mib() -> float:
-    # Linux reports ru_maxrss in KiB, macOS in bytes.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def peak_rss_mib() -> float:
-    """This process's peak RSS. On Linux, ru_maxrss of a freshly exec'd child starts at the
-    parent's high-water mark (the kernel carries the old mm's peak across exec, and subprocess
-    forks with vfork), so a worker started by a parent that once held the pool would report the
-    parent's peak. VmHWM belongs to the new address space alone, so it is used where it exists."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return ru_maxrss_mib()
 
 
 # --------------------------------------------------------------------------- data

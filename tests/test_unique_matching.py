@@ -332,3 +332,74 @@ def test_the_selection_stage_is_the_first_pass():
     table = mode.select(found, np.ones_like(rows, dtype=bool))
     assert mode.candidates == 3
     assert table.to_pydict() == {"filepath": ["s0", "s1"], "matched_target": ["t0", "t1"], "distance": [0.1, 0.2]}
+
+
+# --- the candidate cache: later passes read each target's kept list, rescan when it runs dry -------
+
+def _counting_searches(monkeypatch):
+    """Count the pool scans (the real search runs; only the calls are counted)."""
+    from deft_mine.engine import unique_matching
+
+    calls: list[int] = []
+    real = unique_matching._Matcher._search
+
+    def counted(self, queries, free, k):
+        calls.append(len(queries))
+        return real(self, queries, free, k)
+
+    monkeypatch.setattr(unique_matching._Matcher, "_search", counted)
+    return calls
+
+
+def _crowded(tmp_path, seed, rows=60, n_targets=9, dim=3):
+    """Targets bunched in one corner of a small pool (files repeated): they want the same files."""
+    rng = np.random.default_rng(seed)
+    P = rng.normal(size=(rows, dim))
+    T = rng.normal(size=(1, dim)) + 0.05 * rng.normal(size=(n_targets, dim))
+    paths = [f"p{int(i)}" for i in rng.integers(0, int(rows * 0.8), size=rows)]
+    _write(tmp_path / "pool.parquet", paths, P)
+    _write(tmp_path / "targets.parquet", [f"t{i}" for i in range(n_targets)], T)
+    return P, T, paths, [f"t{i}" for i in range(n_targets)]
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine", "manhattan"])
+@pytest.mark.parametrize("seed", range(4))
+def test_passes_answered_from_the_cache_and_by_rescans_equal_the_reference(tmp_path, monkeypatch, metric, seed):
+    from deft_mine.engine import unique_matching
+
+    monkeypatch.setattr(unique_matching, "_CACHE_PASSES", 4)  # lists 4 passes deep: some retries read them
+    P, T, paths, tpaths = _crowded(tmp_path, seed)
+    calls = _counting_searches(monkeypatch)
+    budget = len(set(paths)) - 3  # a large share: most of the pool, many conflicts
+    outcome = unique_match(_spec(tmp_path, desired_unique_count=budget, distance_metric=metric,
+                                 candidate_expansion_factor=1, block_rows=8))
+    _same(_result(outcome), ref_global(P, T, paths, tpaths, budget, metric, 1))
+    searched = sum(p.targets for p in outcome.passes)
+    assert len(outcome.passes) > 2
+    assert 1 < len(calls) < len(outcome.passes)  # some passes from the cache, some rescans
+    assert sum(calls) < searched  # ...and a rescan searches only the targets whose list ran dry
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_cache_one_pass_deep_runs_dry_every_retry_and_still_equals_the_reference(tmp_path, monkeypatch, seed):
+    from deft_mine.engine import unique_matching
+
+    monkeypatch.setattr(unique_matching, "_CACHE_ENTRIES", 1)  # keep only this pass's k: retries rescan
+    P, T, paths, tpaths = _crowded(tmp_path, 50 + seed, rows=40, n_targets=6)
+    calls = _counting_searches(monkeypatch)
+    budget = len(set(paths)) - 1
+    outcome = unique_match(_spec(tmp_path, desired_unique_count=budget, candidate_expansion_factor=2, block_rows=5))
+    _same(_result(outcome), ref_global(P, T, paths, tpaths, budget, "euclidean", 2))
+    assert len(calls) >= len(outcome.passes) - 1 > 1
+
+
+def test_a_cache_over_the_whole_pool_never_rescans(tmp_path, monkeypatch):
+    from deft_mine.engine import unique_matching
+
+    monkeypatch.setattr(unique_matching, "_CACHE_PASSES", 1000)  # every target keeps every row
+    P, T, paths, tpaths = _crowded(tmp_path, 7, rows=30, n_targets=5)
+    calls = _counting_searches(monkeypatch)
+    budget = len(set(paths))
+    outcome = unique_match(_spec(tmp_path, desired_unique_count=budget, candidate_expansion_factor=1, block_rows=4))
+    _same(_result(outcome), ref_global(P, T, paths, tpaths, budget, "euclidean", 1))
+    assert calls == [len(T)] and len(outcome.passes) > 1

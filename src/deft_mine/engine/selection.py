@@ -78,13 +78,15 @@ def claim_one_to_one(rows: np.ndarray, files: np.ndarray, share: int) -> Claimed
     one that finds fewer takes none, so its tentative picks stay free for the queries after it."""
     held: set[int] = set()
     claimed = Claimed(picks=[], failed=[])
-    for query in range(rows.shape[0]):
+    # Each slot's file as plain ints up front: indexing numpy per slot would dominate the loop.
+    slot_files = np.where(rows >= 0, np.asarray(files)[np.maximum(rows, 0)], -1).tolist() if rows.size else \
+        [[] for _ in range(rows.shape[0])]
+    for query, ranked in enumerate(slot_files):
         slots: list[int] = []
         mine: set[int] = set()
-        for rank, row in enumerate(rows[query].tolist()):
+        for rank, file in enumerate(ranked):
             if len(slots) >= share:
                 break
-            file = int(files[row]) if row >= 0 else -1
             if file >= 0 and file not in held and file not in mine:
                 slots.append(rank)
                 mine.add(file)

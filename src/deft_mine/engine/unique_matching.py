@@ -144,6 +144,13 @@ def _excluded(spec: UniqueMatchingSpec, paths: list[str]) -> np.ndarray:
     return np.fromiter((p in names or PurePosixPath(p).name in names for p in paths), dtype=bool, count=len(paths))
 
 
+# A search keeps each target's candidates for this many passes' k (the retries then read them back
+# instead of the pool), as long as all targets' lists together stay under _CACHE_ENTRIES (16 bytes each).
+_CACHE_PASSES = 2
+_CACHE_ENTRIES = 4 << 20
+_RESCORE_BYTES = 128 << 20
+
+
 class _Matcher:
     """The pool, the targets and who holds which pool file; `match` runs one subset's passes."""
 
@@ -167,6 +174,7 @@ class _Matcher:
             return 0
         topn = -(-budget // len(target_rows))
         current, got, number = np.arange(len(target_rows)), 0, 0
+        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # target position -> its candidate rows, distances
         while got < budget:
             free = allowed & ~self.held[self.files]
             rows_left = int(free.sum())
@@ -175,7 +183,9 @@ class _Matcher:
             share = min(topn, len(np.unique(self.files[free])))
             number += 1
             k = min(self.spec.candidate_expansion_factor * number * share, rows_left)
-            rows, dist = self._search(self.targets.vectors[target_rows[current]], free, k)
+            ahead = self.spec.candidate_expansion_factor * share * (number + _CACHE_PASSES - 1)
+            wide = min(rows_left, max(k, min(ahead, _CACHE_ENTRIES // len(target_rows))))
+            rows, dist = self._candidates(target_rows, current, free, k, wide, cache)
             claimed = claim_one_to_one(rows, self.files, share)
             got += self._record(claimed, rows, dist, target_rows[current], budget - got, subset, group, number, share, k)
             if claimed.failed:
@@ -186,31 +196,62 @@ class _Matcher:
                 break  # cannot happen (the first target always fills a share of the files left); never loop
         return got
 
+    def _candidates(self, target_rows: np.ndarray, current: np.ndarray, free: np.ndarray, k: int, wide: int,
+                    cache: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Each current target's exact top-k free pool rows (ties to the lower row) and distances.
+        A target's last search kept its `wide` nearest rows; rows only ever leave the free set
+        within one `match`, so while that list still holds k free rows its first k free ones are
+        the exact top-k now (any row it lacks was behind all of them). The targets whose list ran
+        dry, or that have none yet, search the pool again, together, `wide` rows deep."""
+        rows, dist = np.empty((len(current), k), np.int64), np.empty((len(current), k), np.float64)
+        stale = []
+        for i, target in enumerate(current.tolist()):
+            if (hit := cache.get(target)) is not None:
+                still = free[hit[0]]
+                cache[target] = hit = (hit[0][still], hit[1][still])  # held rows never come back
+                if len(hit[0]) >= k:
+                    rows[i], dist[i] = hit[0][:k], hit[1][:k]
+                    continue
+            stale.append(i)
+        if stale:
+            found, far = self._search(self.targets.vectors[target_rows[current[stale]]], free, wide)
+            for j, i in enumerate(stale):
+                cache[int(current[i])] = (found[j], far[j])
+                rows[i], dist[i] = found[j, :k], far[j, :k]
+        return rows, dist
+
     def _record(self, claimed, rows, dist, targets, room, subset, group, number, share, k) -> int:
-        picks = [(q, r) for q, slots in claimed.picks for r in slots]
-        files = [int(self.files[rows[q, r]]) for q, r in picks]
-        kept = nearest_first(np.array([dist[q, r] for q, r in picks]), [self.file_paths[f] for f in files], room)
+        query = np.array([q for q, slots in claimed.picks for _ in slots], dtype=np.int64)
+        rank = np.array([r for _, slots in claimed.picks for r in slots], dtype=np.int64)
+        picked, near = rows[query, rank], dist[query, rank]
+        files = self.files[picked]
+        kept = nearest_first(near, [self.file_paths[f] for f in files.tolist()], room)
+        self.held[files[kept]] = True
         for i in kept.tolist():
-            q, r = picks[i]
-            self.held[files[i]] = True
-            self.owner[files[i]] = (int(targets[q]), float(dist[q, r]), group, subset, number)
+            self.owner[int(files[i])] = (int(targets[query[i]]), float(near[i]), group, subset, number)
         self.passes.append(PassRecord(
             subset=subset, number=number, topn=share, candidates=k, targets=rows.shape[0], retry=len(claimed.failed),
             added=len(kept), target_rows=[int(targets[q]) for q, _ in claimed.picks],
-            pool_rows=[[int(rows[q, r]) for r in slots] for q, slots in claimed.picks],
-            distances=[[float(dist[q, r]) for r in slots] for q, slots in claimed.picks]))
+            pool_rows=rows[query, rank].reshape(-1, share).tolist() if len(query) else [],
+            distances=near.reshape(-1, share).tolist() if len(query) else []))
         return len(kept)
 
     def _search(self, queries: np.ndarray, free: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over the free pool rows (ties to the lower row), distances on the container's
         scale (cosine: 1 - similarity)."""
         metric = self.spec.distance_metric
-        top = RunningTopK(queries, k, metric)
+        # Each query's search rescores its ~k nearest rows of a block with their vectors copied
+        # out: in groups of queries those copies stay under _RESCORE_BYTES (answers are per query).
+        step = max(1, _RESCORE_BYTES // ((k + 16) * max(queries.shape[1], 1) * 8))
+        tops = [RunningTopK(queries[i:i + step], k, metric) for i in range(0, len(queries), step)]
         for ids, block in self._pool_blocks(queries.shape[1]):
             keep = free[ids]
             if keep.any():
-                top.add(block[keep], ids[keep])
-        keys, rows = top.state.keys, top.state.ids
+                block, ids = (block, ids) if keep.all() else (block[keep], ids[keep])
+                for top in tops:
+                    top.add(block, ids)
+        keys = np.concatenate([top.state.keys for top in tops])
+        rows = np.concatenate([top.state.ids for top in tops])
         dist = 1.0 + keys if metric is Metric.cosine else np.sqrt(keys) if metric is Metric.euclidean else keys
         return rows, dist
 
