@@ -34,12 +34,12 @@ main), and nothing of its code:
   the container's tokenisation, but L2-normalised where the container keeps get_text_features as
   they are), so they compare with `--backend local`. A null text fails the step, as the
   container's tokenizer does.
-- The unique matching (main's `UniqueNeighborMatchingConfig`): global runs deft-mine's engine
-  (called here) and writes what the container writes: the per-pass parquets
+- The unique matching (main's `UniqueNeighborMatchingConfig`): runs deft-mine's engine
+  (called here; it reads the COCO/KITTI files the container's way) and writes what the container writes: the per-pass parquets
   `<subset>_iteration_<n>_topn_<k>.parquet`, `final_unique_files.parquet` (the source filepath
   column alone, sorted) and summary.json with the container's keys only. class_stratified needs
-  rare_class_list, both detection files and detection_format (a ValueError otherwise, as there);
-  with them it is not reproduced (the double reads no COCO/KITTI files: NotImplementedError).
+  rare_class_list, both detection files and detection_format (a ValueError otherwise, as there):
+  the container takes no class from a `label` column.
 - The schemas' value types as OmegaConf's: str, int, float, bool (true/false/yes/no/on/off/1/0)
   and Optional[str] (null allowed) for the keys the real ones declare so.
 - deft_mine, which the jobs call, is imported from the folder the caller mounted that holds it
@@ -49,7 +49,7 @@ main), and nothing of its code:
 Flavours: `7.0.2` (7.1.0 before text embeddings: release/7.0.2), `7.1.0`, `main`, and
 `main-lies` (main, but its entrypoint prints `Execution status: FAIL` and still exits 0), from
 $FAKE_TAO_FLAVOUR or a first argument.
-Not reproduced: GPUs (`nvidia-smi -L`), CLIP/SigLIP/TAO checkpoints for images, detection files,
+Not reproduced: GPUs (`nvidia-smi -L`), CLIP/SigLIP/TAO checkpoints for images,
 visualisations, telemetry beyond its printed lines.
 """
 
@@ -400,8 +400,8 @@ def embed_texts(cfg: Config) -> None:
 
 
 def unique_neighbor_matching(cfg: Config) -> None:
-    """`tmm unique_neighbor_matching` (main): class_stratified's prerequisites checked as there;
-    global matched by deft-mine's engine, then final_unique_files.parquet and summary.json
+    """`tmm unique_neighbor_matching` (main): class_stratified's prerequisites checked as there
+    (classes from the COCO/KITTI files only); matched by deft-mine's engine, then final_unique_files.parquet and summary.json
     rewritten as the container writes them (its columns and keys only)."""
     import json
 
@@ -422,11 +422,9 @@ def unique_neighbor_matching(cfg: Config) -> None:
                 raise ValueError(f"{key} is required when allocation_policy is class_stratified")
         if not cfg.detection_format:
             raise ValueError("detection_format (coco or kitti) is required when allocation_policy is class_stratified")
-        raise NotImplementedError("fake_tao reads no COCO/KITTI detection files")
-    keys = [k for k in UNIQUE_SCHEMA if k not in ("rare_class_list", "source_detection_file",
-                                                  "target_detection_file", "detection_format", "visualize")]
+    keys = [k for k in UNIQUE_SCHEMA if k != "visualize" and getattr(cfg, k) not in (None, "")]
     spec = UniqueMatchingSpec(**{k: getattr(cfg, k) for k in keys})
-    log.info("Global iterative TMM matching (whole set); desired unique count: %d", spec.desired_unique_count)
+    log.info("%s iterative TMM matching; desired unique count: %d", cfg.allocation_policy, spec.desired_unique_count)
     outcome = unique_match(spec)
     out = write_outputs(spec, outcome)
     chosen = sorted(outcome.selected.column(0).to_pylist())

@@ -127,6 +127,42 @@ def test_class_stratified_passes_to_deft_mines_image_and_is_refused_by_nvidias(f
     assert "detection files" in exc.value.message and not (sides / "nvidia").exists()
 
 
+def _coco(path: Path, side: Path) -> Path:
+    """The side's `label`s as a COCO file (one box per image): the container's class source."""
+    rows = pq.read_table(side).to_pylist()
+    names = sorted({r["label"] for r in rows})
+    path.write_text(json.dumps({
+        "images": [{"id": i, "file_name": r["filepath"]} for i, r in enumerate(rows)],
+        "annotations": [{"id": i, "image_id": i, "category_id": names.index(r["label"]) + 1, "bbox": [0, 0, 4, 4]}
+                        for i, r in enumerate(rows)],
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}), encoding="utf-8")
+    return path
+
+
+@pytest.mark.e2e
+def test_class_stratified_with_coco_files_passes_to_nvidias_image_and_equals_local(fake_tao, sides):  # noqa: F811
+    keys = {"allocation_policy": "class_stratified", "rare_class_list": "dent", "detection_format": "coco",
+            "source_detection_file": str(_coco(sides / "pool.json", sides / "pool.parquet")),
+            "target_detection_file": str(_coco(sides / "targets.json", sides / "targets.parquet"))}
+    by_label = _match(sides, "by_label", {"allocation_policy": "class_stratified", "rare_class_list": "dent"})
+    local = _match(sides, "local", keys)
+    boxed = _match(sides, "nvidia", keys, **docker(fake_tao["main"]))
+    assert _final(boxed) == _final(local) == _final(by_label) and len(_final(local)) == 7
+    assert json.loads((sides / "nvidia" / "summary.json").read_text())["rare_classes"] == ["dent"]
+
+
+@pytest.mark.e2e
+def test_exclusion_by_full_path_alone_is_refused_by_nvidias_image(fake_tao, sides):  # noqa: F811
+    """NVIDIA's exclude_path also drops every pool file of the same name: exclude_by=path cannot pass."""
+    pq.write_table(pa.table({"filepath": ["p00.png"]}), sides / "exclude.parquet")
+    keys = {"exclude_path": str(sides / "exclude.parquet"), "exclude_by": "path"}
+    assert "p00.png" not in _final(_match(sides, "local", keys))
+    with pytest.raises(DeftError) as exc:
+        _match(sides, "nvidia", keys, **docker(fake_tao["main"]))
+    assert exc.value.code == "backend_unsupported" and "exclude_by=path" in exc.value.message
+    assert not (sides / "nvidia").exists()
+
+
 @pytest.mark.e2e
 def test_match_is_refused_by_an_image_without_the_action(fake_tao, sides):  # noqa: F811
     """7.1.0 has no `tmm unique_neighbor_matching`: its entrypoint's argparse refuses the question."""

@@ -147,6 +147,42 @@ def test_with_history_a_second_run_excludes_the_first_runs_selections(aoi):
     assert "## Budget" in text and "## History" in text and "5 pool rows were kept out of the budget" in text
 
 
+def test_with_history_a_file_name_shared_across_boards_excludes_only_the_file_selected(tmp_path):
+    """Every board has a C1.png: by the container's rule (full path or file name) the first round's
+    board-1 C1.png would also exclude board 2's; the run excludes by full path when names collide."""
+    for board in (1, 2, 3):
+        for part in ("C1", "R7"):
+            write_image(tmp_path / "imgs" / f"B{board}" / f"{part}.png", seed=10 * board + len(part) + ord(part[0]))
+    write_image(tmp_path / "imgs" / "t.png", seed=99)
+    pq.write_table(pa.table({"filepath": ["imgs/t.png"]}), tmp_path / "targets.parquet")
+    pool = [f"imgs/B{b}/{p}.png" for b in (1, 2, 3) for p in ("C1", "R7")]
+    pq.write_table(pa.table({"filepath": pool}), tmp_path / "pool.parquet")
+    ledger = tmp_path / "history.json"
+    rounds = [run(tmp_path / "targets.parquet", tmp_path / "pool.parquet", run_dir=tmp_path / f"r{i}",
+                  history=str(ledger), overrides={**UNIQUE, "desired_unique_count": "2"}, no_store=True)
+              for i in (1, 2, 3)]
+    picked = [pq.read_table(tmp_path / f"r{i}" / "mined.parquet").column("filepath").to_pylist() for i in (1, 2, 3)]
+    assert sorted(p for r in picked for p in r) == sorted(pool)  # three rounds of two spend the pool exactly
+    spec = (tmp_path / "r2" / "unique_matching" / "unique_matching_spec.yaml").read_text()
+    assert "exclude_by: path\n" in spec
+    assert [r.match.retrieved_unique_count for r in rounds] == [2, 2, 2]
+
+
+def test_mine_refuses_mode_unique_rather_than_mining_nearest(tmp_path):
+    import numpy as np
+
+    from conftest import write_embeddings
+    from deft_mine.tools import mine
+
+    write_embeddings(tmp_path / "pool.parquet", np.eye(4))
+    write_embeddings(tmp_path / "targets.parquet", np.eye(4)[:1])
+    with pytest.raises(DeftError) as err:
+        mine(tmp_path / "pool.parquet", tmp_path / "targets.parquet", tmp_path / "out.parquet",
+             overrides={"mode": "unique", "desired_unique_count": "3"})
+    assert err.value.code == "spec_invalid" and err.value.details["field"] == "mode" and "deft-mine match" in err.value.fix
+    assert not (tmp_path / "out.parquet").exists()
+
+
 def test_a_changenet_pool_matches_to_a_budget_and_writes_training_rows(tmp_path):
     from test_training_rows import LIGHTS, changenet_csv_pool
 

@@ -172,6 +172,19 @@ def test_exclude_path_by_path_or_file_name_and_its_shortfall(tmp_path):
     assert outcome.shortfall[0].reason == "excluded" and outcome.summary["excluded_rows"] == 2
 
 
+def test_exclude_by_path_leaves_a_file_of_the_same_name_elsewhere(tmp_path):
+    rng = np.random.default_rng(3)
+    paths = [f"d/p{i}.png" for i in range(6)]
+    P, T = rng.normal(size=(6, 3)), rng.normal(size=(2, 3))
+    _write(tmp_path / "pool.parquet", paths, P)
+    _write(tmp_path / "targets.parquet", ["t0", "t1"], T)
+    pq.write_table(pa.table({"filepath": ["d/p1.png", "elsewhere/p4.png"]}), tmp_path / "ex.parquet")
+    outcome = unique_match(_spec(tmp_path, desired_unique_count=6, exclude_path=tmp_path / "ex.parquet",
+                                 exclude_by="path"))
+    _same(_result(outcome), ref_global(P, T, paths, ["t0", "t1"], 6, "euclidean", excluded={"d/p1.png"}))
+    assert outcome.summary["excluded_rows"] == 1
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "cosine", "manhattan"])
 @pytest.mark.parametrize("seed", range(6))
 def test_global_equals_the_reference(tmp_path, metric, seed):
@@ -317,21 +330,6 @@ def test_class_stratified_without_labels_and_exclude_without_filepath_write_noth
                       f"target_path={tmp_path}/targets.parquet", f"output_dir={tmp_path}/out",
                       "desired_unique_count=1", f"exclude_path={tmp_path}/ex.parquet"])
     assert code == 2 and not (tmp_path / "out").exists()
-
-
-def test_the_selection_stage_is_the_first_pass():
-    from deft_mine.engine.selection import Candidates, UniqueMatching
-    from deft_mine.schemas.specs import Metric
-
-    rows = np.array([[0, 1, 2], [0, 1, 2]])  # both targets rank the same three files
-    paths = np.array([["s0", "s1", "s2"], ["s0", "s1", "s2"]], dtype=object)
-    scores = np.array([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]])
-    found = Candidates(target_paths=["t0", "t1"], rows=rows, scores=scores, paths=paths,
-                       source_labels=None, target_labels=None)
-    mode = UniqueMatching(share=1, expansion=3, budget=2, metric=Metric.euclidean)
-    table = mode.select(found, np.ones_like(rows, dtype=bool))
-    assert mode.candidates == 3
-    assert table.to_pydict() == {"filepath": ["s0", "s1"], "matched_target": ["t0", "t1"], "distance": [0.1, 0.2]}
 
 
 # --- the candidate cache: later passes read each target's kept list, rescan when it runs dry -------

@@ -30,8 +30,8 @@ from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts, warnings
 from deft_mine.schemas.results import Check, EmbedResult, EncoderIdentity, MatchResult, MineResult
-from deft_mine.schemas.specs import (AllocationPolicy, EmbeddingSpec, LabelFilter, MiningSpec, Side, UniqueMatchingSpec,
-                                     spec_to_yaml)
+from deft_mine.schemas.specs import (AllocationPolicy, EmbeddingSpec, ExcludeBy, LabelFilter, MiningSpec, Side,
+                                     UniqueMatchingSpec, spec_to_yaml)
 
 ResultT = TypeVar("ResultT", EmbedResult, MineResult, MatchResult)
 
@@ -254,8 +254,7 @@ class DockerBackend:
         """`tmm unique_neighbor_matching -e SPEC` in the image, when its schema shows the action
         (refused naming the image otherwise); summary.json and the warning read back."""
         out = Path(spec.output_dir).expanduser().absolute()
-        paths = {key: Path(value).expanduser().absolute() for key in ("source_path", "target_path", "exclude_path")
-                 if (value := getattr(spec, key))}
+        paths = {key: Path(value).expanduser().absolute() for key in UNIQUE_PATHS if (value := getattr(spec, key))}
         workspace = Path(os.path.commonpath([out, *(p if p.is_dir() else p.parent for p in paths.values())]))
         job = Job(list(UNIQUE_STEP), out / SPEC_FOLDER, workspace, log=out / SPEC_FOLDER / f"{UNIQUE_STEP[1]}.log")
         with tempfile.TemporaryDirectory(prefix="deft-mine-question-") as folder:  # a refusal writes nothing
@@ -267,10 +266,8 @@ class DockerBackend:
                     raise
                 raise unique_unsupported(self.image, "it could not answer `--cfg=job` for the action") from exc
         has_unique_action(self.image, known)
-        if spec.allocation_policy is AllocationPolicy.class_stratified and not _entrypoint(_client(), self.image)[1]:
-            raise unique_unsupported(self.image, "its class_stratified reads each image's classes from COCO/KITTI "
-                                     "detection files (source_detection_file, target_detection_file, "
-                                     "detection_format), and deft-mine's classes are the rows' `label`s")
+        if not _entrypoint(_client(), self.image)[1]:
+            _refuse_ours_only(spec, self.image)
         final, summary = out / artifacts.UNIQUE_FINAL, out / artifacts.UNIQUE_SUMMARY
         job.outputs = [final, summary]
         inside = spec.model_copy(update={key: str(path) for key, path in paths.items()} | {"output_dir": str(out)})
@@ -453,6 +450,22 @@ def _refuse_unknown(spec: Any, known: frozenset[str], keys: tuple[str, ...]) -> 
                             f"`{key}` (it would refuse or ignore it), and the host cannot apply it afterwards",
                             fix=f"use deft-mine's image (docker/Dockerfile, --image deft-mine:latest) or "
                                 f"backend=local, or leave {key} out", field=key)
+
+
+UNIQUE_PATHS = ("source_path", "target_path", "exclude_path", "source_detection_file", "target_detection_file")
+
+
+def _refuse_ours_only(spec: UniqueMatchingSpec, image: str) -> None:
+    """What NVIDIA's unique matching cannot be asked: classes from `label` (it reads COCO/KITTI
+    files only), and exclusion by full path alone (it also drops every file of the same name)."""
+    if spec.allocation_policy is AllocationPolicy.class_stratified and not (
+            spec.source_detection_file and spec.target_detection_file):
+        raise unique_unsupported(image, "its class_stratified reads each image's classes from COCO/KITTI detection "
+                                 "files only (source_detection_file, target_detection_file, detection_format), "
+                                 "not from the rows' `label`s")
+    if spec.exclude_by is ExcludeBy.path:
+        raise unique_unsupported(image, "its exclude_path also excludes every pool file of the same file name "
+                                 "(exclude_by=path is deft-mine's)")
 
 
 def _entrypoint(client: Any, image: str) -> tuple[list[Any], bool]:

@@ -105,41 +105,6 @@ def nearest_first(distances: np.ndarray, paths: list[str], room: int) -> np.ndar
     return np.asarray(order[:max(room, 0)], dtype=np.int64)
 
 
-@dataclass(frozen=True)
-class UniqueMatching:
-    """`tmm unique_neighbor_matching`'s first pass as a selection stage: each target claims its
-    `share` nearest files no earlier target holds, and the budget keeps the nearest. The passes
-    after it (a failed target retried over a wider, smaller pool) need new searches, so they live
-    in engine/unique_matching.py; see there."""
-
-    share: int
-    expansion: int
-    budget: int
-    metric: Metric
-
-    @property
-    def candidates(self) -> int:
-        return self.expansion * self.share
-
-    def select(self, found: Candidates, keep: np.ndarray) -> pa.Table:
-        rows = np.where(keep & found.found, found.rows, -1)
-        files = pa.array([p for p in found.paths.reshape(-1).tolist()], pa.string()).dictionary_encode()
-        numbers = np.full(int(max(found.rows.max(), 0)) + 1, -1, dtype=np.int64)
-        numbers[found.rows.reshape(-1)[found.found.reshape(-1)]] = files.indices.to_numpy(
-            zero_copy_only=False)[found.found.reshape(-1)]
-        claimed = claim_one_to_one(rows, numbers, self.share)
-        pairs = [(q, r) for q, slots in claimed.picks for r in slots]
-        scores = np.array([found.scores[q, r] for q, r in pairs], dtype=np.float64)
-        distances = 1.0 - scores if self.metric is Metric.cosine else scores
-        paths = [str(found.paths[q, r]) for q, r in pairs]
-        kept = sorted(nearest_first(distances, paths, self.budget).tolist(), key=lambda i: paths[i])
-        return pa.table({
-            "filepath": pa.array([paths[i] for i in kept], pa.string()),
-            "matched_target": pa.array([str(found.target_paths[pairs[i][0]]) for i in kept], pa.string()),
-            "distance": pa.array(distances[kept] if kept else [], pa.float64()),
-        })
-
-
 def mode_of(spec: MiningSpec) -> Mode:
     """The spec's mining mode (a new mode is a selection stage here, picked by its spec key)."""
     return NearestNeighbours(candidates=spec.topn, metric=spec.knn_metric)

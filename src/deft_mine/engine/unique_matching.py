@@ -18,7 +18,7 @@ from deft_mine.engine.mining import label_keys, label_spellings, label_text
 from deft_mine.engine.selection import claim_one_to_one, nearest_first
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts, warnings
-from deft_mine.schemas.specs import AllocationPolicy, Metric, UniqueMatchingSpec
+from deft_mine.schemas.specs import AllocationPolicy, ExcludeBy, Metric, UniqueMatchingSpec
 from deft_mine.schemas.warnings import ToolWarning
 
 GLOBAL, NON_RARE = "global", "non_rare"
@@ -132,16 +132,19 @@ def _read_side(spec: UniqueMatchingSpec, files: list[Path], field_name: str, *, 
 
 
 def _excluded(spec: UniqueMatchingSpec, paths: list[str]) -> np.ndarray:
-    """Pool rows exclude_path names, by full path or by file name either way (the container's rule)."""
+    """Pool rows exclude_path names: by full path or by file name either way (the container's rule),
+    or by full path alone (exclude_by=path)."""
     if not spec.exclude_path:
         return np.zeros(len(paths), dtype=bool)
     path = tables.require_file(Path(spec.exclude_path).expanduser(), "exclude_path")
     tables.require_columns(path, tables.schema_of(path), ["filepath"], "exclude_path")
+    by_name = spec.exclude_by is ExcludeBy.path_or_name
     names = set()
     for value in tables.read_columns(path, ["filepath"]).column("filepath").to_pylist():
         if value is not None:
-            names |= {str(value), PurePosixPath(str(value)).name}
-    return np.fromiter((p in names or PurePosixPath(p).name in names for p in paths), dtype=bool, count=len(paths))
+            names |= {str(value), PurePosixPath(str(value)).name} if by_name else {str(value)}
+    return np.fromiter((p in names or (by_name and PurePosixPath(p).name in names) for p in paths), dtype=bool,
+                       count=len(paths))
 
 
 # A search keeps each target's candidates for this many passes' k (the retries then read them back

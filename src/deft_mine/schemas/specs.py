@@ -203,6 +203,15 @@ class EmbeddingSpec(_Spec):
                 self.model_config_path)
 
 
+class ExcludeBy(StrEnum):
+    """How exclude_path's rows name pool files: `path_or_name` (the container's: the full path, or
+    the file name either way) or `path` (the full path only: a history of one board's
+    `C1_SolderLight.jpg` must not exclude every other board's)."""
+
+    path_or_name = "path_or_name"
+    path = "path"
+
+
 class AllocationPolicy(StrEnum):
     """How `tmm unique_neighbor_matching` spends its budget: `global` over every target at once;
     `class_stratified` split over the rare classes and `non_rare` by the targets' class ratio."""
@@ -319,13 +328,13 @@ class MiningSpec(_Spec):
         self.unique_spec("", "", "")  # the matcher's own rules judge its keys (class_stratified needs classes)
         return self
 
-    def unique_spec(self, source_path: str, target_path: str, output_dir: str,
-                    exclude_path: str | None = None) -> "UniqueMatchingSpec":
+    def unique_spec(self, source_path: str, target_path: str, output_dir: str, exclude_path: str | None = None,
+                    exclude_by: ExcludeBy = ExcludeBy.path_or_name) -> "UniqueMatchingSpec":
         """mode=unique as the `tmm unique_neighbor_matching` spec it runs (knn_metric is its distance_metric)."""
         given = {key: getattr(self, key) for key in UNIQUE_KEYS if getattr(self, key) is not None}
         return UniqueMatchingSpec(
             source_path=source_path, target_path=target_path, output_dir=output_dir, exclude_path=exclude_path,
-            distance_metric=self.knn_metric, source_embedding_column=self.source_embed_column_name,
+            exclude_by=exclude_by, distance_metric=self.knn_metric, source_embedding_column=self.source_embed_column_name,
             target_embedding_column=self.target_embed_column_name, block_rows=self.block_rows, **given)
 
     @model_serializer(mode="wrap")
@@ -417,6 +426,10 @@ class UniqueMatchingSpec(_Spec):
     target_filepath_column: str = "filepath"
     exclude_path: Annotated[str | None, PathField()] = Field(
         None, description="a parquet whose `filepath` rows (full path or file name) are never selected")
+    exclude_by: Annotated[ExcludeBy, _choice(
+        tuple(ExcludeBy), "exclude_by", "spec_invalid", "set exclude_by=path_or_name or exclude_by=path")] = Field(
+        ExcludeBy.path_or_name, description="path_or_name (the container's: an exclude row's full path or file "
+                                            "name) | path (ours: its full path only)")
     source_detection_file: Annotated[str | None, PathField()] = Field(
         None, description="the pool's classes: a COCO json or a KITTI label folder (detection_format); an image "
                           "matched by full path, file name or stem (KITTI: stem); without it, each row's `label`")

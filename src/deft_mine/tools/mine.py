@@ -36,6 +36,10 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
     """Mine with an already-resolved spec and backend (what `run` calls; `loop_files`: a run
     folder's, which also gets the DEFT loop's floor-stage files when a floor is set)."""
     ctx.check_paths(spec)
+    if spec.unique:  # mining it as nearest would answer another question than the one asked
+        raise DeftError("spec_invalid", "mode=unique is a budgeted one-to-one matching, not `tmm nearest_neighbors`",
+                        fix="use `deft-mine match` (tmm unique_neighbor_matching) on these parquets, or `deft-mine "
+                            "run ... mode=unique`; for nearest mining leave mode out", field="mode")
     source = existing_input(spec, "source_parquet")
     target = existing_input(spec, "target_parquet")
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source, target)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts
 from deft_mine.schemas.manifest import UniqueFacts, UniqueGroupFacts
 from deft_mine.schemas.results import MatchResult
-from deft_mine.schemas.specs import AllocationPolicy, LabelFilter, Metric, MiningSpec, spec_to_yaml
+from deft_mine.schemas.specs import AllocationPolicy, ExcludeBy, LabelFilter, Metric, MiningSpec, spec_to_yaml
 from deft_mine.tools.match import match_spec
 from deft_mine.tools.registry import ToolContext
 
@@ -59,29 +59,44 @@ def refuse_early(mining: MiningSpec, backend: Backend, given: dict[str, Listing]
                                 field=name, column="label", path=str(listing.path))
 
 
-def exclusions(ledger_path: Path, paths: UniquePaths, images_root: Path) -> str | None:
+@dataclass
+class Exclusion:
+    """The ledger's earlier selections as the matcher's exclude_path, and how it must match them."""
+
+    path: str
+    by: ExcludeBy
+
+
+def exclusions(ledger_path: Path, paths: UniquePaths, images_root: Path) -> Exclusion | None:
     """The pool files the ledger's earlier iterations selected, as the pool's own filepaths, written
-    for the matcher's exclude_path so they take none of the budget (None: nothing to exclude)."""
+    for the matcher's exclude_path so they take none of the budget (None: nothing to exclude). By
+    the container's rule (full path or file name) unless a file name selected before is also the
+    name of a pool file that was not: then by full path alone (one board's C1_SolderLight.jpg is
+    not every board's)."""
     if not ledger_path.exists():
         return None
     book = ledgers.load(ledger_path, verify=False)  # run has checked it before embedding
     if not book.selected:
         return None
-    pool = tables.read_columns(paths.source, ["filepath"]).column("filepath").to_pylist()
-    taken = [p for p in dict.fromkeys(pool) if p is not None
-             and ledgers.identity(str(p), book.format, images_root) in book.selected]
+    pool = [p for p in dict.fromkeys(tables.read_columns(paths.source, ["filepath"]).column("filepath").to_pylist())
+            if p is not None]
+    chosen = [ledgers.identity(str(p), book.format, images_root) in book.selected for p in pool]
+    taken = [p for p, was in zip(pool, chosen) if was]
     if not taken:
         return None
+    names = {PurePosixPath(p).name for p in taken}
+    shared = any(PurePosixPath(p).name in names for p, was in zip(pool, chosen) if not was)
     out = paths.folder / artifacts.UNIQUE_EXCLUDE
     tables.write_table_atomic(out, pa.table({"filepath": pa.array(taken, pa.string())}))
-    return str(out)
+    return Exclusion(str(out), ExcludeBy.path if shared else ExcludeBy.path_or_name)
 
 
-def match_run(mining: MiningSpec, paths: UniquePaths, exclude: str | None, backend: Backend,
+def match_run(mining: MiningSpec, paths: UniquePaths, exclude: Exclusion | None, backend: Backend,
               ctx: ToolContext) -> MatchResult:
     """The budget matched through the backend's `match` (as the match tool runs it) into the run
     folder's unique_matching/, its spec written there first; then the run's own files from it."""
-    spec = mining.unique_spec(str(paths.source), str(paths.targets), str(paths.output_dir), exclude).model_copy(
+    spec = mining.unique_spec(str(paths.source), str(paths.targets), str(paths.output_dir),
+                              *((exclude.path, exclude.by) if exclude else ())).model_copy(
         update={"target_filepath_column": paths.target_key})
     paths.output_dir.mkdir(exist_ok=True)
     tables.write_text_atomic(paths.output_dir / artifacts.UNIQUE_SPEC, spec_to_yaml(spec))
