@@ -269,3 +269,17 @@ def test_nearest_mode_reads_as_it_did(aoi):
     assert not (folder / "unique_matching").exists()
     text = (folder / "Mining_Report.md").read_text()
     assert "## Budget" not in text and "topn=2" in text and "deft-mine mine -e" in text
+
+
+def test_a_tao_skill_ledger_records_a_round_whose_pool_was_all_selected_before(aoi):
+    """Round 2 finds every pool image in the ledger: no pass runs, nothing is selected, and the
+    ledger still gets its topn (the first share, ceil(budget / targets)) the loop's resume compares."""
+    ledger = aoi / "mining_history.json"
+    runs = [run(aoi / "targets.parquet", aoi / "pool.parquet", run_dir=aoi / f"r{i}", history=str(ledger),
+                ledger_format="tao-skill", overrides={**UNIQUE, "desired_unique_count": "14"}, no_store=True)
+            for i in (1, 2)]
+    assert [r.match.retrieved_unique_count for r in runs] == [14, 0]
+    assert "unique_count_short" in [w.code for w in runs[1].warnings]
+    book = json.loads(ledger.read_text())
+    assert [it.get("topn") for it in book["iterations"]] == [4, 4]  # ceil(14 / 4) both times
+    assert pq.read_table(aoi / "r2" / "mined.parquet").num_rows == 0

@@ -305,7 +305,7 @@ def _select_and_train(inputs: RunInput, folder: RunFolder, mining: MiningSpec, p
     if inputs.history is None:
         return None, *_training_rows(inputs, folder, pool, validation)
     made: list[tuple[TrainingRowsResult | None, list[ToolWarning]]] = []
-    selected = _select(inputs, folder, _ledger_topn(mining, matched), pool, ctx, lambda book, iteration: made.append(
+    selected = _select(inputs, folder, _ledger_topn(mining, matched, folder), pool, ctx, lambda book, iteration: made.append(
         _training_rows(inputs, folder, pool, validation, book, iteration)))
     return selected, *made[0]
 
@@ -333,12 +333,14 @@ def _require_readable(sides: dict[str, EmbedResult]) -> None:
                             field=name, skipped_by_reason=done.skipped_by_reason)
 
 
-def _ledger_topn(mining: MiningSpec, matched: MatchResult | None) -> int:
+def _ledger_topn(mining: MiningSpec, matched: MatchResult | None, folder: RunFolder) -> int:
     """The neighbours per target the ledger records: topn, or under a budget each target's first share
-    (ceil(budget / targets), the first pass's topn), which a tao-skill ledger's resume compares."""
+    (ceil(budget / targets), the first pass's topn, also when no pass ran: the pool all excluded),
+    which a tao-skill ledger's resume compares."""
     if matched is None:
         return mining.topn
-    return matched.passes[0].topn if matched.passes else 0
+    targets = max(1, tables.num_rows(folder.embeddings["targets"]))
+    return matched.passes[0].topn if matched.passes else -(-matched.desired_unique_count // targets)
 
 
 def _select(inputs: RunInput, folder: RunFolder, topn: int, pool: Listing, ctx: ToolContext,
