@@ -186,8 +186,8 @@ def _block_topk(queries: np.ndarray, block: np.ndarray, k: int, metric: Metric,
             near, cand_done = near[:, :width], cand[done, :width].astype(np.int64)
             exact = np.full(near.shape, np.inf)
             pair_rows, pair_cols = np.nonzero(near)
-            exact[pair_rows, pair_cols] = _exact_keys(
-                queries[rows[done]][pair_rows], block[cand_done[pair_rows, pair_cols]], metric)
+            exact[pair_rows, pair_cols] = _exact_keys(queries, rows[done][pair_rows], block,
+                                                      cand_done[pair_rows, pair_cols], metric)
             cand_done[~near] = -1
             order = np.lexsort((cand_done, exact), axis=1)[:, :k]
             width = order.shape[1]
@@ -198,14 +198,17 @@ def _block_topk(queries: np.ndarray, block: np.ndarray, k: int, metric: Metric,
     return keys, ids
 
 
-def _exact_keys(queries: np.ndarray, vectors: np.ndarray, metric: Metric) -> np.ndarray:
-    """Float64 key of each (query, vector) pair, row by row, computed the same way for every
-    pair so that equal vectors always get equal keys."""
-    out = np.empty(len(queries), dtype=np.float64)
+def _exact_keys(queries: np.ndarray, query_rows: np.ndarray, vectors: np.ndarray, vector_rows: np.ndarray,
+                metric: Metric) -> np.ndarray:
+    """Float64 key of each pair (queries[query_rows[i]], vectors[vector_rows[i]]), row by row,
+    computed the same way for every pair so that equal vectors always get equal keys. The pairs
+    are gathered a slice at a time: a wide top-k over many queries never copies them all at once."""
+    out = np.empty(len(query_rows), dtype=np.float64)
     step = max(1, _RESCORE_BYTES // max(1, queries.shape[1] * 16))
-    for start in range(0, len(queries), step):
+    for start in range(0, len(query_rows), step):
         part = slice(start, start + step)
-        out[part] = _PAIR_KEY[metric](queries[part].astype(np.float64), vectors[part].astype(np.float64))
+        out[part] = _PAIR_KEY[metric](queries[query_rows[part]].astype(np.float64),
+                                      vectors[vector_rows[part]].astype(np.float64))
     return out
 
 

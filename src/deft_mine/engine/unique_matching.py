@@ -151,7 +151,6 @@ def _excluded(spec: UniqueMatchingSpec, paths: list[str]) -> np.ndarray:
 # instead of the pool), as long as all targets' lists together stay under _CACHE_ENTRIES (16 bytes each).
 _CACHE_PASSES = 2
 _CACHE_ENTRIES = 4 << 20
-_RESCORE_BYTES = 128 << 20
 
 
 class _Matcher:
@@ -243,18 +242,14 @@ class _Matcher:
         """Exact top-k over the free pool rows (ties to the lower row), distances on the container's
         scale (cosine: 1 - similarity)."""
         metric = self.spec.distance_metric
-        # Each query's search rescores its ~k nearest rows of a block with their vectors copied
-        # out: in groups of queries those copies stay under _RESCORE_BYTES (answers are per query).
-        step = max(1, _RESCORE_BYTES // ((k + 16) * max(queries.shape[1], 1) * 8))
-        tops = [RunningTopK(queries[i:i + step], k, metric) for i in range(0, len(queries), step)]
+        # One search for all queries: FAISS answers a block for many queries at once far faster
+        # than in groups, and knn gathers the pairs it rescores a slice at a time.
+        top = RunningTopK(queries, k, metric)
         for ids, block in self._pool_blocks(queries.shape[1]):
             keep = free[ids]
             if keep.any():
-                block, ids = (block, ids) if keep.all() else (block[keep], ids[keep])
-                for top in tops:
-                    top.add(block, ids)
-        keys = np.concatenate([top.state.keys for top in tops])
-        rows = np.concatenate([top.state.ids for top in tops])
+                top.add(*((block, ids) if keep.all() else (block[keep], ids[keep])))
+        keys, rows = top.state.keys, top.state.ids
         dist = 1.0 + keys if metric is Metric.cosine else np.sqrt(keys) if metric is Metric.euclidean else keys
         return rows, dist
 
