@@ -86,7 +86,7 @@ def test_a_unique_run_selects_what_match_selects_on_the_same_embeddings(aoi, key
             ["dent", "scratch", "non_rare"], 0), **reference.per_class}
         assert [g["quota"] for g in unique["groups"]] == [2, 2, 4]  # 1:1:2 targets
     else:
-        assert unique["groups"] == [{"group": "global", "quota": 7, "got": 7, "shortfall": 0, "reason": None}]
+        assert unique["groups"] == [{"group": "global", "quota": 7, "got": 7, "from_non_rare": 0, "shortfall": 0, "reason": None}]
     # mining_spec.yaml loads back as the same spec
     again = run(aoi / "targets.parquet", aoi / "pool.parquet", run_dir=aoi / "again",
                 mining_spec_path=folder / "mining_spec.yaml", overrides={"model": "thumbnail"}, no_store=True)
@@ -103,7 +103,7 @@ def test_a_shortfall_is_reported_in_run_json_the_warnings_and_the_report(aoi):
     manifest = _manifest(result.run_dir)
     assert "unique_count_short" in [w["code"] for w in manifest["warnings"]]
     assert manifest["mining"]["unique"]["groups"] == [
-        {"group": "global", "quota": 20, "got": 14, "shortfall": 6, "reason": "pool_spent"}]
+        {"group": "global", "quota": 20, "got": 14, "from_non_rare": 0, "shortfall": 6, "reason": "pool_spent"}]
     assert manifest["mining"]["unique"]["coverage_pct"] == 70.0
     text = (Path(result.run_dir) / "Mining_Report.md").read_text()
     assert "It fell short by 6 (warning `unique_count_short`)" in text
@@ -117,11 +117,12 @@ def test_a_stratified_shortfall_names_its_class(aoi):
     groups = _manifest(result.run_dir)["mining"]["unique"]["groups"]
     # quotas 1:1:2 by the targets (3.5, 3.5, 7: the odd unit to the name that sorts last); scratch is fed
     # from the non_rare pool, which then has 6 of non_rare's 7 left (the 4th dent row is dent's alone)
-    assert [(g["group"], g["quota"], g["got"], g["shortfall"], g["reason"]) for g in groups] == [
-        ("dent", 3, 3, 0, None), ("scratch", 4, 4, 0, None), ("non_rare", 7, 6, 1, "pool_spent")]
+    assert [(g["group"], g["quota"], g["got"], g["from_non_rare"], g["shortfall"], g["reason"]) for g in groups] == [
+        ("dent", 3, 3, 0, 0, None), ("scratch", 4, 4, 4, 0, None), ("non_rare", 7, 6, 0, 1, "pool_spent")]
     assert result.mined == 13
     text = (Path(result.run_dir) / "Mining_Report.md").read_text()
-    assert "| `non_rare` | 7 | 6 | 1 | `pool_spent` |" in text and "split over the rare classes" in text
+    assert "| `non_rare` | 7 | 6 | 0 | 1 | `pool_spent` |" in text and "split over the rare classes" in text
+    assert "| `scratch` | 4 | 4 | 4 | 0 | — |" in text
 
 
 def test_with_history_a_second_run_excludes_the_first_runs_selections(aoi):

@@ -119,7 +119,8 @@ def short(text: str, words: int) -> str:
 
 def plural(n: int | None, one: str) -> str:
     """`n` and the noun, made plural unless n is 1 (NOT_RECORDED when n is unknown)."""
-    return f"{NOT_RECORDED if n is None else n} {one if n == 1 else one + 's'}"
+    many = one + ("es" if one.endswith(("s", "x", "ch", "sh")) else "s")
+    return f"{NOT_RECORDED if n is None else n} {one if n == 1 else many}"
 
 
 def label_filter(filter_by_label: bool | None, sides_without_label: Sequence[str]) -> LabelFilter:

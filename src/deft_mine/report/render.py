@@ -501,13 +501,15 @@ def _budget_section(v: _View, found: list[Finding], verdict: str, compact: bool)
               f"`{u.allocation_policy}`; each selected pool file is claimed by exactly one target. "
               + ("The budget was spent in full." if not short else
                  f"It fell short by {u.desired - u.retrieved} (warning `unique_count_short`)."))
-    rows = [(f"`{_cell(g.group)}`", g.quota, g.got, g.shortfall, f"`{g.reason}`" if g.reason else "—")
-            for g in u.groups]
-    yield 0, _table("Group | Quota | Got | Shortfall | Reason", rows)
+    stratified = u.allocation_policy == "class_stratified"
+    rows = [(f"`{_cell(g.group)}`", g.quota, g.got, *((g.from_non_rare,) if stratified else ()), g.shortfall,
+             f"`{g.reason}`" if g.reason else "—") for g in u.groups]
+    yield 0, _table("Group | Quota | Got | " + ("From non_rare | " if stratified else "") + "Shortfall | Reason", rows)
     yield 0, ("*Quota* is the group's share of the budget"
-              + (" (split over the rare classes and `non_rare` by the targets' class ratio)"
-                 if u.allocation_policy == "class_stratified" else "")
-              + ", *Got* the files it selected. A shortfall's reason: `pool_spent` (every file its pools hold "
+              + (" (split over the rare classes and `non_rare` by the targets' class ratio)" if stratified else "")
+              + ", *Got* the files it selected"
+              + (" (*From non_rare*: of those, taken from the `non_rare` pool once the class's own ran dry)"
+                 if stratified else "") + ". A shortfall's reason: `pool_spent` (every file its pools hold "
               "is selected), `class_empty` (the class has no pool rows; only the `non_rare` fallback fed it), "
               "`excluded` (excluded rows could have filled it).")
     if u.excluded_rows:

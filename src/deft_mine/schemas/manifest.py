@@ -81,6 +81,7 @@ class UniqueGroupFacts(BaseModel):
     group: str
     quota: int
     got: int
+    from_non_rare: int = 0  # of `got`, taken from the non_rare pool when the rare class's own ran dry
     shortfall: int = 0
     reason: str | None = None  # pool_spent | class_empty | excluded (None: not short)
 

@@ -162,7 +162,11 @@ def unique_facts(result: MatchResult, folder: Path, metric: Metric) -> UniqueFac
         got = result.per_class or {}
     else:
         quotas, got = {"global": result.desired_unique_count}, {"global": result.retrieved_unique_count}
+    final = Path(result.final_parquet)
+    subsets = tables.read_columns(final, ["subset"]).column("subset").to_pylist() \
+        if "subset" in tables.schema_of(final).names else []
     groups = [UniqueGroupFacts(group=name, quota=quota, got=got.get(name, 0),
+                               from_non_rare=subsets.count(f"{name}_fallback"),
                                shortfall=short[name].missing if name in short else 0,
                                reason=short[name].reason if name in short else None) for name, quota in quotas.items()]
     return UniqueFacts(
