@@ -308,6 +308,8 @@ def test_match_equals_local(cluster, tmp_path, case):
     keep = lambda r: r.model_dump(exclude={"backend", "timings", "output_dir", "final_parquet", "summary_path"})
     assert keep(on_ray) == keep(local)
     assert any(stage == "match" for stage, _, _ in events.progress_events)  # the shard searches were watched
+    told = [m for _, m in events.logs if "shard task(s)" in m]
+    assert told and int(told[0].split(", ")[1].split()[0]) > 1  # the pool was searched in several shards
     if case["keys"]["desired_unique_count"] == 18:
         assert any(p.retry for p in local.passes)  # the case does exercise the retries
     if case["keys"]["desired_unique_count"] == 30:
@@ -345,7 +347,7 @@ def test_a_unique_run_equals_local(cluster, images, tmp_path):
             overrides={**THUMB, "mode": "unique", "desired_unique_count": 9})
         found[backend] = folder
     assert pq.read_table(found["ray"] / "mined.parquet").equals(pq.read_table(found["local"] / "mined.parquet"))
-    _same_match_folders(found["local"] / "unique", found["ray"] / "unique")
+    _same_match_folders(found["local"] / "unique_matching", found["ray"] / "unique_matching")
 
 
 @pytest.fixture(scope="module")
