@@ -116,15 +116,17 @@ def test_a_missing_required_key_and_a_bad_argument_are_coded(sides):
     assert info.value.code == "invalid_arguments" and info.value.details["field"] == "backend"
 
 
-def test_ray_refuses_by_its_capabilities_before_any_work(sides):
+def test_ray_declares_the_action_and_is_dialled_only_after_the_spec_is_checked(sides):
+    """Ray runs the passes (tests/test_ray_backend.py compares it with local); a bad spec is refused
+    before the cluster is dialled."""
     import ray
 
+    from deft_mine.backends.ray import RayBackend
+
+    assert RayBackend.capabilities.runs_unique_matching
     with pytest.raises(DeftError) as info:
-        match(spec_path=sides / "unique_spec.yaml", overrides=["desired_unique_count=3"], backend="ray",
-              ray_address="10.255.255.1:6379")  # never dialled: the capability is checked first
-    assert info.value.code == "backend_unsupported" and info.value.details["backend"] == "ray"
-    assert "unique_neighbor_matching" in info.value.message and "backend=local" in info.value.fix
-    assert not ray.is_initialized() and not (sides / "matched").exists()
+        match(spec_path=sides / "unique_spec.yaml", backend="ray", ray_address="10.255.255.1:6379")
+    assert info.value.code == "spec_missing_value" and not ray.is_initialized()
 
 
 def test_the_task_is_the_tool(sides, capsys):

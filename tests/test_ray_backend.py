@@ -251,6 +251,143 @@ def test_two_rounds_with_a_history_ledger_equal_local(cluster, images, tmp_path,
     assert outcome["ray"][1][3][2] > 0  # round two met images round one had selected
 
 
+def _match_sides(folder: Path, pool: int, targets: int, seed: int) -> Path:
+    """A labelled pool in two parquet files (a folder: each file sharded on its own) with exact ties
+    (repeated vectors) and files named by several rows, labelled targets; a spec over them."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(max(3, pool // 3), 6))
+    vectors = base[rng.integers(0, len(base), pool)]  # repeated rows: exact ties between files
+    names = [f"p{i % (pool - 3):03d}.png" for i in range(pool)]  # the last rows name earlier files again
+    labels = [["dent", "ok", "ok", "scratch"][i % 4] for i in range(pool)]
+    (folder / "pool").mkdir(parents=True)
+    half = pool // 2
+    for name, rows in (("a.parquet", slice(0, half)), ("b.parquet", slice(half, pool))):
+        pq.write_table(pa.table({"filepath": names[rows], "label": labels[rows],
+                                 "embedding": pa.array(vectors[rows].astype(np.float32).tolist(),
+                                                       pa.list_(pa.float32()))}), folder / "pool" / name)
+    queries = np.concatenate([base[:2], rng.normal(size=(targets - 2, 6))])  # two targets on pool rows
+    pq.write_table(pa.table({"filepath": [f"t{i}.png" for i in range(targets)],
+                             "label": [["dent", "ok", "scratch"][i % 3] for i in range(targets)],
+                             "embedding": pa.array(queries.astype(np.float32).tolist(), pa.list_(pa.float32()))}),
+                   folder / "targets.parquet")
+    return folder
+
+
+def _same_match_folders(local: Path, on_ray: Path) -> None:
+    """Every file match wrote, equal: the per-pass parquets, final_unique_files, summary.json."""
+    names = sorted(p.name for p in local.iterdir())
+    assert names == sorted(p.name for p in on_ray.iterdir()) and "final_unique_files.parquet" in names
+    for name in names:
+        if name.endswith(".parquet"):
+            assert pq.read_table(on_ray / name).equals(pq.read_table(local / name)), name
+    assert json.loads((on_ray / "summary.json").read_text()) == json.loads((local / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("case", [
+    {"pool": 40, "targets": 5, "keys": {"desired_unique_count": 12}},
+    {"pool": 40, "targets": 6, "keys": {"desired_unique_count": 14, "allocation_policy": "class_stratified",
+                                        "rare_class_list": "dent,scratch", "distance_metric": "euclidean"}},
+    # many targets on a small pool: targets release their picks and are retried (the rollback passes)
+    {"pool": 24, "targets": 12, "keys": {"desired_unique_count": 18, "candidate_expansion_factor": 1,
+                                         "distance_metric": "manhattan"}},
+    # more wanted than the pool holds: a shortfall, the same on both
+    {"pool": 16, "targets": 4, "keys": {"desired_unique_count": 30}},
+], ids=["global", "class_stratified", "retries", "shortfall"])
+def test_match_equals_local(cluster, tmp_path, case):
+    from deft_mine.tools import match
+
+    folder = _match_sides(tmp_path, case["pool"], case["targets"], seed=case["pool"] + case["targets"])
+    common = {"source_path": str(folder / "pool"), "target_path": str(folder / "targets.parquet"),
+              "block_rows": "4", **{k: str(v) for k, v in case["keys"].items()}}
+    local = match(overrides={**common, "output_dir": str(tmp_path / "local")})
+    events = RecordingEvents()
+    on_ray = match(overrides={**common, "output_dir": str(tmp_path / "ray")}, backend="ray", ray_address=cluster,
+                   events=events)
+    _same_match_folders(tmp_path / "local", tmp_path / "ray")
+    assert on_ray.backend == "ray" and local.backend == "local"
+    keep = lambda r: r.model_dump(exclude={"backend", "timings", "output_dir", "final_parquet", "summary_path"})
+    assert keep(on_ray) == keep(local)
+    assert any(stage == "match" for stage, _, _ in events.progress_events)  # the shard searches were watched
+    told = [m for _, m in events.logs if "shard task(s)" in m]
+    assert told and int(told[0].split(", ")[1].split()[0]) > 1  # the pool was searched in several shards
+    if case["keys"]["desired_unique_count"] == 18:
+        assert any(p.retry for p in local.passes)  # the case does exercise the retries
+    if case["keys"]["desired_unique_count"] == 30:
+        assert local.shortfalls and [w.code for w in on_ray.warnings] == [w.code for w in local.warnings]
+
+
+def test_a_bad_pool_vector_in_match_is_named_as_locally(cluster, tmp_path):
+    from deft_mine.tools import match
+
+    folder = _match_sides(tmp_path, 40, 4, seed=3)
+    table = pq.read_table(folder / "pool" / "b.parquet")
+    column = table.column("embedding").to_pylist()
+    column[13] = [1.0, 2.0]  # a 2-d vector among 6-d ones, deep in the second file
+    pq.write_table(table.set_column(2, "embedding", pa.array(column, pa.list_(pa.float32()))), folder / "pool" / "b.parquet")
+    common = {"source_path": str(folder / "pool"), "target_path": str(folder / "targets.parquet"), "block_rows": "4",
+              "desired_unique_count": "10"}
+    errors = []
+    for backend in ("local", "ray"):
+        with pytest.raises(DeftError) as info:
+            match(overrides={**common, "output_dir": str(tmp_path / backend)}, backend=backend,
+                  **({"ray_address": cluster} if backend == "ray" else {}))
+        errors.append((info.value.code, info.value.message, info.value.details))
+    assert errors[0] == errors[1]
+    assert not (tmp_path / "ray" / "final_unique_files.parquet").exists()
+
+
+def test_a_unique_run_equals_local(cluster, images, tmp_path):
+    from deft_mine.tools.run import run
+
+    found = {}
+    for backend in ("local", "ray"):
+        folder = tmp_path / backend
+        run(images / "targets.parquet", images / "pool.parquet", run_dir=folder, no_store=True, backend=backend,
+            **({"ray_address": cluster} if backend == "ray" else {}),
+            overrides={**THUMB, "mode": "unique", "desired_unique_count": 9})
+        found[backend] = folder
+    assert pq.read_table(found["ray"] / "mined.parquet").equals(pq.read_table(found["local"] / "mined.parquet"))
+    _same_match_folders(found["local"] / "unique_matching", found["ray"] / "unique_matching")
+
+
+@pytest.fixture(scope="module")
+def text_model(tiny_siglip, tmp_path_factory) -> Path:
+    from test_text_embeddings import _with_tokenizer
+
+    return _with_tokenizer(tiny_siglip, tmp_path_factory.mktemp("ray_text") / "model")
+
+
+def test_text_embed_equals_local(cluster, text_model, tmp_path):
+    from test_text_embeddings import SENTENCES, write_texts
+
+    listing = write_texts(tmp_path / "texts.parquet", [SENTENCES[0], None, SENTENCES[1], "  ", SENTENCES[2]],
+                          note=list("abcde"))
+    spec = {"model": "SigLIP", "model_path": str(text_model), "batch_size": 2}
+    local = embed(listing, tmp_path / "local.parquet", overrides=spec, no_store=True)
+    on_ray = embed(listing, tmp_path / "ray.parquet", overrides=spec, no_store=True, backend="ray",
+                   ray_address=cluster)
+    assert pq.read_table(tmp_path / "ray.parquet").equals(pq.read_table(tmp_path / "local.parquet"))
+    assert pq.read_schema(tmp_path / "ray.parquet").metadata == pq.read_schema(tmp_path / "local.parquet").metadata
+    assert (on_ray.rows, on_ray.skipped, on_ray.skipped_by_reason) == (local.rows, local.skipped,
+                                                                       local.skipped_by_reason) == (
+        3, 2, {"null text": 1, "empty text": 1})
+    assert on_ray.skipped_examples == local.skipped_examples and on_ray.encoder == local.encoder
+    assert [w.model_dump() for w in on_ray.warnings] == [w.model_dump() for w in local.warnings]
+    assert on_ray.backend == "ray" and on_ray.cluster.workers == 1
+
+
+def test_run_with_text_equals_local(cluster, image_set, text_model):
+    from test_text_embeddings import SENTENCES
+    from deft_mine.tools.run import run
+
+    for backend in ("local", "ray"):
+        run(text=SENTENCES[:2], source=image_set / "pool.parquet", run_dir=image_set / backend, no_store=True,
+            overrides={"model": "SigLIP", "model_path": str(text_model), "batch_size": 2, "topn": 2},
+            backend=backend, **({"ray_address": cluster} if backend == "ray" else {}))
+    for name in ("target_embeddings.parquet", "mined.parquet"):
+        assert pq.read_table(image_set / "ray" / name).equals(pq.read_table(image_set / "local" / name)), name
+
+
 def test_without_ray_installed_the_refusal_says_how_to_install(images, tmp_path):
     code = ("import sys; sys.modules['ray'] = None\n"  # `import ray` now fails as if not installed
             "from deft_mine.cli import main\n"

@@ -135,11 +135,13 @@ def test_the_docker_backend_asks_its_image_for_text_before_the_run_folder(image_
     assert exc.value.code in ("image_missing", "docker_unavailable") and not (image_set / "run").exists()
 
 
-def test_the_ray_backend_declares_no_text_embedding():
+def test_the_ray_backend_embeds_text_in_a_task_not_in_this_process():
+    """Ray runs the text tower in a task on the cluster (tests/test_ray_backend.py compares it with local)."""
     from deft_mine.backends.local import LocalBackend
     from deft_mine.backends.ray import RayBackend
 
     assert LocalBackend.capabilities.embeds_text and not RayBackend.capabilities.embeds_text
+    assert RayBackend.capabilities.runs_text_embeddings
 
 
 @pytest.mark.e2e

@@ -48,6 +48,7 @@ class BackendMatch:
     summary: dict[str, Any]  # summary.json as written (the container's keys, then ours when the engine is ours)
     warnings: list[ToolWarning] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    cluster: ClusterFacts | None = None  # where it ran (backend ray)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ class Capabilities:
     reads_parquet_only: bool = False  # embed() hands the listing's file to a program that reads parquet only
     runs_unique_matching: bool = False  # match() runs `tmm unique_neighbor_matching` (docker: if the image has it)
     embeds_text: bool = False  # sentences go through a SigLIP/CLIP text tower in this process (text targets)
-    runs_text_embeddings: bool = False  # embed_text() runs `embedding text_embeddings` (docker: if the image has it)
+    runs_text_embeddings: bool = False  # embed_text() runs `embedding text_embeddings` (docker: if the image has it;
+    # ray: embed_texts in a task on the cluster)
 
 
 def match_unsupported(backend: str, why: str) -> DeftError:

@@ -1,4 +1,5 @@
-"""The Ray backend: embedding on Ray Data, exact mining as Ray tasks over pool shards; the local backend's answer."""
+"""The Ray backend: embedding on Ray Data, exact mining and unique matching's searches as Ray tasks over pool
+shards, sentences in one task; the local backend's answer."""
 
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
-from deft_mine.backends.base import BackendEmbed, BackendMatch, BackendMine, Capabilities, MineOutputs, \
-    match_unsupported
+from deft_mine.backends.base import BackendEmbed, BackendMatch, BackendMine, Capabilities, MineOutputs
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas.results import Check, ClusterFacts
@@ -25,7 +25,7 @@ from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, UniqueMatchingSpe
 if TYPE_CHECKING:
     from deft_mine.engine.listings import Listing
 
-DoneT = TypeVar("DoneT", BackendEmbed, BackendMine)
+DoneT = TypeVar("DoneT", BackendEmbed, BackendMine, BackendMatch)
 T = TypeVar("T")
 
 INSTALL_FIX = "pip install 'deft-mine[ray]'"
@@ -260,6 +260,30 @@ class HeadWatch:
             raise value
 
 
+def gather(ray: Any, refs: list[Any], watch: HeadWatch, tick: Callable[[list[int]], None]) -> list[Any]:
+    """The answers of the tasks `refs`, in their order: waited on a second at a time, the head
+    watched meanwhile, `tick(done)` (the indices answered so far) called at the start, after each
+    answer and each second of waiting (where a cancellation is met). Anything raised on the way
+    (cancelled, the cluster failing) cancels every task first: none runs on for nobody."""
+    index = {ref: i for i, ref in enumerate(refs)}
+    answers: dict[int, Any] = {}
+    try:
+        tick([])
+        waiting = list(refs)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=1.0)
+            if done:
+                answers[index[done[0]]] = ray.get(done[0])
+            else:
+                watch.check()
+            tick(sorted(answers))
+    except BaseException:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        raise
+    return [answers[i] for i in range(len(refs))]
+
+
 def cluster_cpus_gpus(ray: Any, watch: HeadWatch | None = None) -> tuple[float, float, int]:
     """The cluster's CPUs, GPUs and alive nodes (asked under `watch` while a step runs)."""
     def ask() -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -290,7 +314,8 @@ def as_data(exc: DeftError) -> dict[str, Any]:
 
 class RayBackend:
     name = "ray"
-    capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=False)
+    capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=False, runs_unique_matching=True,
+                                runs_text_embeddings=True)
 
     def __init__(self, address: str | None = None) -> None:
         self.address = wanted_address(address)
@@ -350,10 +375,21 @@ class RayBackend:
 
         return self._step(lambda ray, watch: mine_on_ray(ray, spec, source_path, target_path, outputs, events, watch))
 
+    def accepts_text(self) -> None:
+        """Sentences run here: the text tower runs in a task on the cluster."""
+
+    def embed_text(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
+                   store: Path | None) -> BackendEmbed:
+        from deft_mine.backends.ray_embed import embed_text_on_ray
+
+        return self._step(lambda ray, watch: embed_text_on_ray(ray, spec, listing, output_path, events, store, watch))
+
     def match(self, spec: UniqueMatchingSpec, events: Events) -> BackendMatch:
-        """Not on a cluster (capabilities say so; the tool refuses before this): the passes claim
-        files one target after another, which shards of the pool cannot do apart."""
-        raise match_unsupported(self.name, "the one-to-one passes are not distributed on Ray")
+        """The engine's passes here (the claims are one after another), each pass's pool search one
+        task per pool shard on the cluster."""
+        from deft_mine.backends.ray_match import match_on_ray
+
+        return self._step(lambda ray, watch: match_on_ray(ray, spec, events, watch))
 
     def _step(self, work: Callable[[Any, HeadWatch], tuple[DoneT, Workers]]) -> DoneT:
         """`work(ray, watch)` on the attached cluster, its failures coded; its answer says where

@@ -1,6 +1,7 @@
 """Embedding on Ray Data: the listing read in blocks, images read and decoded in CPU tasks, the
 encoder in an actor pool; the driver streams the results in listing order into the same parquet
-the local backend writes, reusing and filling the embedding store."""
+the local backend writes, reusing and filling the embedding store. Sentences (few) go through the
+text tower in one task, whose file the driver writes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import functools
 import os
 import pickle
 import queue
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -17,14 +19,16 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from deft_mine.backends.ray import HeadWatch, Workers, cluster_cpus_gpus
-from deft_mine.engine.embedding import EmbedStats, Prepared, Preparer, embedding_step, encode, timed
-from deft_mine.engine.encoders import Encoder, build_encoder, build_preprocessor
+from deft_mine.backends.base import BackendEmbed
+from deft_mine.backends.ray import HeadWatch, Workers, as_data, cluster_cpus_gpus, gather, task_error
+from deft_mine.engine import tables
+from deft_mine.engine.embedding import EmbedStats, Prepared, Preparer, embed_texts, embedding_step, encode, timed
+from deft_mine.engine.encoders import Encoder, build_encoder, build_preprocessor, build_text_encoder
 from deft_mine.engine.listings import Listing, filepaths_of
 from deft_mine.engine.store import Shelf
 from deft_mine.engine.tables import offer
 from deft_mine.errors import DeftError
-from deft_mine.events import Events
+from deft_mine.events import Events, RecordingEvents
 from deft_mine.schemas.specs import EmbeddingSpec
 
 READ_CPUS = 0.5
@@ -208,3 +212,50 @@ def embed_on_ray(ray: Any, spec: EmbeddingSpec, listing: Listing, output_path: P
         finally:
             results.close()
     return step.stats, Workers(plan.actors, len(used), plan.actors * plan.actor_gpus)
+
+
+def text_task(spec: EmbeddingSpec, listing: Listing, store: str | None, device: str) -> dict[str, Any]:
+    """A Ray task: the local backend's text step (embed_texts through the text tower, the store's text
+    shelf) into a file of the task's own, handed back whole with the facts and the log lines."""
+    import ray
+
+    events = RecordingEvents()
+    try:
+        t0 = time.perf_counter()
+        encoder = build_text_encoder(spec.model, spec.encoder_key()[1], device)
+        load_seconds = time.perf_counter() - t0
+        shelf = Shelf(Path(store), encoder.store_identity) if store is not None else None
+        with tempfile.TemporaryDirectory(prefix="deft-text-") as folder:
+            out = Path(folder) / "texts.parquet"
+            stats = embed_texts(listing, out, encoder, batch_size=spec.batch_size, events=events, shelf=shelf)
+            data = out.read_bytes()
+    except DeftError as exc:
+        return {"error": as_data(exc)}
+    return {"data": data, "embed": BackendEmbed(stats, encoder.identity, encoder.dim, encoder.device,
+                                                {"load_encoder": load_seconds, **stats.timings}),
+            "logs": events.logs, "node": ray.get_runtime_context().get_node_id()}
+
+
+def embed_text_on_ray(ray: Any, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
+                      store: Path | None, watch: HeadWatch) -> tuple[BackendEmbed, Workers]:
+    """Sentences through the text tower in one task on the cluster (a GPU's when the spec may use
+    one and the cluster has one); its file written here, as the local backend writes it."""
+    _, gpus, _ = cluster_cpus_gpus(ray, watch)
+    on_gpu = spec.device != "cpu" and gpus >= 1
+    # Without a GPU given, a cuda spec falls back as an encoder actor's does (auto: the CPU).
+    device = "auto" if spec.device.startswith("cuda") else spec.device
+    task = ray.remote(text_task).options(num_cpus=1, num_gpus=1 if on_gpu else 0, max_retries=3)
+    events.log("info", f"embedding {listing.rows} sentence(s) in one Ray task on a {'GPU' if on_gpu else 'CPU'}")
+    ref = task.remote(spec, listing, str(store) if store is not None else None, device)
+
+    def tick(done: list[int]) -> None:  # each second of waiting: where a cancellation is met
+        events.progress("embed", listing.rows if done else 0, listing.rows, "one task on the cluster")
+
+    found = gather(ray, [ref], watch, tick)[0]
+    if "error" in found:
+        raise task_error(found["error"])
+    for level, message in found["logs"]:
+        events.log(level, message)
+    with tables.atomic_output(output_path) as tmp:
+        Path(tmp).write_bytes(found["data"])
+    return found["embed"], Workers(1, 1, 1.0 if on_gpu else 0.0)

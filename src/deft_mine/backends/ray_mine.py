@@ -10,7 +10,7 @@ import numpy as np
 
 from deft_mine.backends.base import BackendMine, MineOutputs
 from deft_mine.backends.local import write_mining
-from deft_mine.backends.ray import HeadWatch, Workers, as_data, cluster_cpus_gpus, task_error
+from deft_mine.backends.ray import HeadWatch, Workers, as_data, cluster_cpus_gpus, gather, task_error
 from deft_mine.engine import tables
 from deft_mine.engine.mining import Prepared, Searched, finish, merge, pool_dim, prepare, search_range
 from deft_mine.engine.selection import mode_of
@@ -31,6 +31,12 @@ def plan_shards(total: int, block_rows: int, cpus: float) -> list[tuple[int, int
     count = max(1, min(blocks, _SHARDS_PER_CPU * max(1, int(cpus))))
     edges = np.linspace(0, blocks, count + 1).round().astype(int)
     return [(int(a) * block_rows, min(int(b) * block_rows, total)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def shard_task(ray: Any, work: Any) -> Any:
+    """`work` as a Ray task of one pool shard: one CPU, SPREAD (short tasks would otherwise pack
+    onto the driver's node), run again from the start when its worker dies."""
+    return ray.remote(work).options(num_cpus=1, scheduling_strategy="SPREAD", max_retries=_RETRIES)
 
 
 def search_shard(spec: MiningSpec, source_path: str, target_path: str, queries: np.ndarray, drop: np.ndarray,
@@ -56,34 +62,19 @@ def _search(ray: Any, prep: Prepared, events: Events, watch: HeadWatch) -> tuple
     shards = plan_shards(total, spec.block_rows, cpus)
     # Shards after the first check their blocks against the pool's first vector, as a local pass would.
     dim = pool_dim(prep.source_path, spec.source_embed_column_name) if total else None
-    # SPREAD: short tasks would otherwise pack onto the driver's node.
-    task = ray.remote(search_shard).options(num_cpus=1, scheduling_strategy="SPREAD", max_retries=_RETRIES)
+    task = shard_task(ray, search_shard)
     queries = ray.put(prep.queries)
     groups = prep.pool_groups
-    pending = {task.remote(spec, str(prep.source_path), str(prep.target_path), queries, prep.drop[a:b], a, b,
-                           dim if a else None, prep.query_groups, None if groups is None else groups[a:b]): i
-               for i, (a, b) in enumerate(shards)}
+    refs = [task.remote(spec, str(prep.source_path), str(prep.target_path), queries, prep.drop[a:b], a, b,
+                        dim if a else None, prep.query_groups, None if groups is None else groups[a:b])
+            for a, b in shards]
     events.log("info", f"mining {total} pool rows in {len(shards)} shard(s) on Ray")
-    results: dict[int, dict[str, Any]] = {}
-    rows = 0
-    try:
-        events.progress("mine", 0, total, f"0/{len(shards)} shards done on the cluster")
-        waiting = list(pending)
-        while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1, timeout=1.0)
-            if done:
-                index = pending[done[0]]
-                results[index] = ray.get(done[0])
-                rows += shards[index][1] - shards[index][0]
-            else:
-                watch.check()
-            # also each second of waiting: where a cancellation is met
-            events.progress("mine", rows, total, f"{len(results)}/{len(shards)} shards done on the cluster")
-    except BaseException:
-        for ref in pending:  # cancelled, or the cluster failed: no shard runs on for nobody
-            ray.cancel(ref, force=True)
-        raise
-    parts = [results[i] for i in sorted(results)]
+
+    def tick(done: list[int]) -> None:
+        rows = sum(shards[i][1] - shards[i][0] for i in done)
+        events.progress("mine", rows, total, f"{len(done)}/{len(shards)} shards done on the cluster")
+
+    parts = gather(ray, refs, watch, tick)
     for part in parts:  # the first bad shard in pool order: the error the local backend reports
         if "error" in part:
             raise task_error(part["error"])

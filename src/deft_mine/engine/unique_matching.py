@@ -6,15 +6,15 @@ import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from deft_mine.engine import detections, tables
 from deft_mine.engine.detections import NO_CLASSES, ImageClasses
-from deft_mine.engine.knn import RunningTopK, l2_normalise
-from deft_mine.engine.mining import label_keys, label_spellings, label_text
+from deft_mine.engine.knn import RunningTopK, TopKState, l2_normalise
+from deft_mine.engine.mining import _row_range, label_keys, label_spellings, label_text
 from deft_mine.engine.selection import claim_one_to_one, nearest_first
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts, warnings
@@ -153,11 +153,87 @@ _CACHE_PASSES = 2
 _CACHE_ENTRIES = 4 << 20
 
 
+@dataclass(frozen=True)
+class PoolPart:
+    """Rows [start, end) of one pool file; `first_row` is the pool row number of its row `start`."""
+
+    file: Path
+    start: int
+    end: int
+    first_row: int
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+
+class PoolSearch(Protocol):
+    """The passes' only pool-sized work: each query's exact top-k among the `free` pool rows (a mask
+    over every pool row) as exact keys and pool rows, ties to the lower row. The default searches
+    here (`search_pool`); a distributor may search parts of the pool apart and merge them by
+    (key, row), which is the same answer."""
+
+    def __call__(self, spec: UniqueMatchingSpec, files: list[Path], queries: np.ndarray, free: np.ndarray,
+                 k: int) -> TopKState: ...
+
+
+def pool_parts(files: list[Path]) -> list[PoolPart]:
+    """The pool's files, each one whole part, numbered on in file order."""
+    parts, seen = [], 0
+    for file in files:
+        rows = tables.num_rows(file)
+        parts.append(PoolPart(file, 0, rows, seen))
+        seen += rows
+    return parts
+
+
+def search_pool(spec: UniqueMatchingSpec, files: list[Path], queries: np.ndarray, free: np.ndarray,
+                k: int) -> TopKState:
+    """The in-process search: the whole pool, file by file."""
+    return search_parts(spec, pool_parts(files), queries, free, k)
+
+
+def search_parts(spec: UniqueMatchingSpec, parts: list[PoolPart], queries: np.ndarray, free: np.ndarray,
+                 k: int) -> TopKState:
+    """Exact top-k of the `queries` (L2-normalised) over the free rows of consecutive pool `parts`;
+    `free` marks the parts' rows, its first entry the first part's first row."""
+    base = parts[0].first_row if parts else 0
+    # One search for all queries: FAISS answers a block for many queries at once far faster than
+    # in groups, and knn gathers the pairs it rescores a slice at a time.
+    top = RunningTopK(queries, k, spec.distance_metric)
+    for ids, block in _part_blocks(spec, parts, queries.shape[1]):
+        keep = free[ids - base]
+        if keep.any():
+            top.add(*((block, ids) if keep.all() else (block[keep], ids[keep])))
+    return top.state
+
+
+def _part_blocks(spec: UniqueMatchingSpec, parts: list[PoolPart], dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The parts' vectors in blocks of block_rows (a part cut at block_rows multiples of its file
+    reads the blocks the whole file's search would), L2-normalised, with their pool rows."""
+    column = spec.source_embedding_column
+    for part in parts:
+        seen = part.first_row
+        whole = part.start == 0 and part.end == tables.num_rows(part.file)
+        batches = tables.iter_batches(part.file, spec.block_rows, [column]) if whole else \
+            _row_range(part.file, column, part.start, part.end, spec.block_rows)
+        for batch in batches:
+            vectors = tables.vectors_from_column(batch.column(column), path=part.file, name=column, first_row=seen,
+                                                 dim=None, field="source_path")
+            if vectors.shape[1] != dim:
+                raise DeftError("dimension_mismatch", f"source_path {part.file} column '{column}' holds "
+                                f"{vectors.shape[1]}-d vectors but the targets hold {dim}-d ones",
+                                fix="embed both sides with the same encoder", field="source_path",
+                                source_dim=int(vectors.shape[1]), target_dim=dim)
+            yield np.arange(seen, seen + len(vectors), dtype=np.int64), l2_normalise(vectors)
+            seen += len(vectors)
+
+
 class _Matcher:
     """The pool, the targets and who holds which pool file; `match` runs one subset's passes."""
 
-    def __init__(self, spec: UniqueMatchingSpec, pool: _Side, targets: _Side) -> None:
-        self.spec, self.pool, self.targets = spec, pool, targets
+    def __init__(self, spec: UniqueMatchingSpec, pool: _Side, targets: _Side, search: PoolSearch) -> None:
+        self.spec, self.pool, self.targets, self.search = spec, pool, targets, search
         encoded = pa.array(pool.paths, pa.string()).dictionary_encode()
         self.files = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         self.file_paths: list[str] = encoded.dictionary.to_pylist()
@@ -242,30 +318,10 @@ class _Matcher:
         """Exact top-k over the free pool rows (ties to the lower row), distances on the container's
         scale (cosine: 1 - similarity)."""
         metric = self.spec.distance_metric
-        # One search for all queries: FAISS answers a block for many queries at once far faster
-        # than in groups, and knn gathers the pairs it rescores a slice at a time.
-        top = RunningTopK(queries, k, metric)
-        for ids, block in self._pool_blocks(queries.shape[1]):
-            keep = free[ids]
-            if keep.any():
-                top.add(*((block, ids) if keep.all() else (block[keep], ids[keep])))
-        keys, rows = top.state.keys, top.state.ids
+        found = self.search(self.spec, self.pool.files, queries, free, k)
+        keys, rows = found.keys, found.ids
         dist = 1.0 + keys if metric is Metric.cosine else np.sqrt(keys) if metric is Metric.euclidean else keys
         return rows, dist
-
-    def _pool_blocks(self, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        column, seen = self.spec.source_embedding_column, 0
-        for file in self.pool.files:
-            for batch in tables.iter_batches(file, self.spec.block_rows, [column]):
-                vectors = tables.vectors_from_column(batch.column(column), path=file, name=column, first_row=seen,
-                                                     dim=None, field="source_path")
-                if vectors.shape[1] != dim:
-                    raise DeftError("dimension_mismatch", f"source_path {file} column '{column}' holds "
-                                    f"{vectors.shape[1]}-d vectors but the targets hold {dim}-d ones",
-                                    fix="embed both sides with the same encoder", field="source_path",
-                                    source_dim=int(vectors.shape[1]), target_dim=dim)
-                yield np.arange(seen, seen + len(vectors), dtype=np.int64), l2_normalise(vectors)
-                seen += len(vectors)
 
 
 def allocate_quotas(ratios: dict[str, float], budget: int) -> dict[str, int]:
@@ -281,8 +337,9 @@ def allocate_quotas(ratios: dict[str, float], budget: int) -> dict[str, int]:
     return quota
 
 
-def unique_match(spec: UniqueMatchingSpec) -> UniqueOutcome:
-    """Read both sides, match under the spec's policy, and say what was held and what fell short."""
+def unique_match(spec: UniqueMatchingSpec, search: PoolSearch = search_pool) -> UniqueOutcome:
+    """Read both sides, match under the spec's policy, and say what was held and what fell short;
+    every pass's pool search by `search` (default: here, in this process)."""
     stratified = spec.allocation_policy is AllocationPolicy.class_stratified
     pool = _read_side(spec, parquet_files(spec.source_path, "source_path"), "source_path", vectors=False,
                       need_label=stratified and not spec.source_detection_file)
@@ -293,7 +350,7 @@ def unique_match(spec: UniqueMatchingSpec) -> UniqueOutcome:
                         fix="give at least one target", field="target_path")
     classes = (_class_source(spec, pool, "source"), _class_source(spec, targets, "target"))
     excluded = _excluded(spec, pool.paths)
-    matcher = _Matcher(spec, pool, targets)
+    matcher = _Matcher(spec, pool, targets, search)
     if stratified:
         groups = _class_groups(spec, *classes)
         quotas, shortfall = _stratified(spec, matcher, groups, excluded)

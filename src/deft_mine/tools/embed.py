@@ -126,8 +126,8 @@ def require_text_embedding(spec: EmbeddingSpec, backend: Backend) -> None:
     (by its declared capability; docker: an image whose schema lacks `embedding text_embeddings`)
     or a model with no text tower (text_tower_missing)."""
     if not (backend.capabilities.embeds_text or backend.capabilities.runs_text_embeddings):
-        raise DeftError("backend_unsupported", f"text embedding (sentences as targets) runs on the local backend, "
-                        f"not on {backend.name}: the text tower runs in this process", field="backend",
+        raise DeftError("backend_unsupported", f"text embedding (sentences as targets) runs on the local and ray "
+                        f"backends, not on {backend.name}", field="backend",
                         fix="use backend=local (the default) for text targets", backend=backend.name)
     require_text_tower(spec.model, spec.encoder_key()[1])
     if not backend.capabilities.embeds_text:  # the image's own action: its schema asked first

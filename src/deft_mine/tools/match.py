@@ -43,8 +43,8 @@ def match_spec(spec: UniqueMatchingSpec, backend: Backend, ctx: ToolContext) -> 
     cannot run it or output_dir cannot be a folder."""
     ctx.check_paths(spec)
     if not backend.capabilities.runs_unique_matching:
-        raise match_unsupported(backend.name, "its one-to-one passes run in one process (backend local, or docker "
-                                "with an image that has the action)")
+        raise match_unsupported(backend.name, "its one-to-one passes need a backend that runs them (local, ray, "
+                                "or docker with an image that has the action)")
     out = Path(spec.output_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise DeftError("output_not_writable", f"output_dir {out} is a file, not a folder",

@@ -45,11 +45,11 @@ class UniquePaths:
 
 
 def refuse_early(mining: MiningSpec, backend: Backend, given: dict[str, Listing]) -> None:
-    """What unique mode can refuse before a run folder exists: a backend that cannot match (Ray),
+    """What unique mode can refuse before a run folder exists: a backend that cannot match,
     and class_stratified with a side that has no `label` to split the budget by."""
     if not backend.capabilities.runs_unique_matching:
-        raise match_unsupported(backend.name, "mode=unique's one-to-one passes run in one process (backend local, "
-                                "or docker with an image that has the action)")
+        raise match_unsupported(backend.name, "mode=unique's one-to-one passes need a backend that runs them "
+                                "(local, ray, or docker with an image that has the action)")
     if mining.allocation_policy is AllocationPolicy.class_stratified:
         for name, listing in given.items():
             if "label" not in listing.schema.names:
