@@ -27,7 +27,7 @@ from conftest import write_image
 from deft_mine.errors import DeftError
 from deft_mine.tools import embed, match, run
 from test_docker_backend import HOST_MOUNTS, _engine
-from test_docker_tao import IMAGES, fake_tao  # noqa: F401 - the fixture
+from test_docker_tao import fake_tao  # noqa: F401 - the fixture
 from test_text_embeddings import SENTENCES, _with_tokenizer, write_texts
 
 OLD_FAKE = "deft-mine-fake-tao:7.0.2"

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from deft_mine.engine.unique_matching import allocate_quotas, unique_match, write_outputs
+from deft_mine.engine.unique_matching import allocate_quotas, unique_match
 from deft_mine.errors import DeftError
 from deft_mine.schemas.specs import UniqueMatchingSpec, load_spec
 from deft_mine.task import main as task_main
