@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_unique_matching import _result, _same, _spec, _unit, _write, ref_subset
