@@ -18,6 +18,7 @@ from deft_mine import rules
 from deft_mine.engine import tables
 from deft_mine.engine.floor import FloorStage, best_matches, group_codes
 from deft_mine.engine.knn import GroupedTopK, RunningTopK, TopKState
+from deft_mine.engine.leaks import leak_mask
 from deft_mine.engine.selection import Candidates, mode_of
 from deft_mine.schemas import warnings
 from deft_mine.schemas.artifacts import MiningSummary
@@ -72,7 +73,7 @@ class Prepared:
     queries: np.ndarray
     pool_paths: pa.StringArray  # every pool row's filepath, lexically normal
     repeated: np.ndarray  # pool rows that repeat an earlier row's file
-    drop: np.ndarray  # pool rows left out before the search (targets, with exclude_targets)
+    drop: np.ndarray  # pool rows left out before the search (targets, with exclude_targets; leaks)
     in_pool: int  # pool files that are targets
     zero_targets: int  # targets with an all-zero vector, left out under cosine
     zero_examples: list[str]
@@ -139,11 +140,14 @@ def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
     # container does: mined.parquet lists each file once all the same) and which are targets.
     search_started = time.perf_counter()
     pool_paths, repeated, is_target = _pool_paths(source_path, target_set)
+    drop = is_target if spec.exclude_targets else np.zeros(len(pool_paths), dtype=bool)
+    if spec.leaks_parquet is not None:  # the leakage guard's rows (run --protect): never searched
+        drop = drop | leak_mask(pool_paths, tables.require_file(Path(spec.leaks_parquet), "leaks_parquet"))
     prep = Prepared(spec=spec, source_path=source_path, target_path=target_path, label_missing=label_missing,
                     label_filter=rules.label_filter(spec.filter_by_label, label_missing), targets=targets,
                     target_rows=target_rows,
                     queries=queries, pool_paths=pool_paths, repeated=repeated,
-                    drop=is_target if spec.exclude_targets else np.zeros(len(pool_paths), dtype=bool),
+                    drop=drop,
                     in_pool=int(is_target.sum()), zero_targets=int(flat.sum()), zero_examples=zero_examples,
                     started=started, search_started=search_started)
     if spec.label_mode == "per_label" and prep.label_filter is LabelFilter.applied:

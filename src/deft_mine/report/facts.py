@@ -114,6 +114,7 @@ class ReportFacts:
     image_roots: dict[str, str | None] = field(default_factory=dict)  # Side.input -> where its images resolve
     fingerprints: dict[Side, str | None] = field(default_factory=dict)  # each side's encoder identity hash
     image_allowed: Callable[[Path], bool] = lambda path: True  # which image files the pictures may read
+    leak_examples: list[dict[str, Any]] = field(default_factory=list)  # leaks.parquet's first rows
 
     def path(self, role: str) -> Path | None:
         """The file playing `role` in the run folder, if there is one."""
@@ -158,7 +159,7 @@ def gather(folder: Path, manifest: RunManifest | None, files: Files, missing: li
     for what, step in (("target labels", _labels), ("mined_pairs statistics", _pair_stats),
                        ("mined parquet checks", _check_mined), ("training rows", _check_training_rows),
                        ("ChangeNet listings", _changenet_sides), ("history budget", _history_budget),
-                       ("target sentences", _target_texts)):
+                       ("target sentences", _target_texts), ("leak examples", _leak_examples)):
         try:  # a fact that cannot be read is reported as unavailable, never a crash of the report
             step(facts, files)
         except Exception as exc:  # noqa: BLE001 - any unreadable file: say so, go on
@@ -456,6 +457,13 @@ def _changenet_sides(facts: ReportFacts, files: Files) -> None:
         lights = [x for x in dict.fromkeys(table.column("light").to_pylist()) if x is not None]
         facts.changenet[side] = ChangeNetSide(name, table.num_rows, len(set(table.column("csv_row").to_pylist())),
                                               lights)
+
+
+def _leak_examples(facts: ReportFacts, files: Files, shown: int = 5) -> None:
+    """The first leaks the guard left out (leaks.parquet), for the report's table of them."""
+    path = Path(facts.folder) / artifacts.LEAKS
+    if facts.manifest.leaks is not None and path.is_file():
+        facts.leak_examples = tables.read_columns(path, tables.schema_of(path).names).slice(0, shown).to_pylist()
 
 
 def _target_texts(facts: ReportFacts, files: Files) -> None:

@@ -199,6 +199,8 @@ def _assemble(facts: ReportFacts, found: list[Finding], verdict: str, level: int
         _sanity_section, _actions_section)))
     if v.unique is not None:  # mode=unique: how the budget was spent, after the mining step
         sections.insert(SECTIONS.index("Mining Run") + 1, ("Budget", _budget_section))
+    if v.m.leaks is not None:  # the leakage guard ran (or found a byte copy of a target): after the mining step
+        sections.insert([t for t, _ in sections].index("Mining Run") + 1, ("Leakage Guard", _leaks_section))
     if v.m.history is not None:  # iterative runs: before the actions, what earlier rounds took
         sections.insert(-1, ("History", _history_section))
     if v.m.training_rows is not None:  # a ChangeNet pool: the next round's training rows
@@ -720,6 +722,30 @@ def _history_section(v: _View, found: list[Finding], verdict: str, compact: bool
     yield 1, (f"The ledger records, per iteration, the selected paths ({identity}) and the "
               "SHA-256 of its candidate, output and summary files; re-running an iteration re-checks "
               "them, and no path is ever selected twice.")
+
+
+def _leaks_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:
+    """What the leakage guard protected, the pool rows it left out before the search, and (with a
+    threshold) where the pool's nearest protected scores lie."""
+    g = v.m.leaks
+    assert g is not None  # _assemble adds this section only when the guard ran
+    listed = ", ".join(_path_md(p) for p in g.protected_listings) or "no listing (`protect` not given)"
+    rule = "identical bytes (SHA-256)" + (f", or `{g.threshold_key}` = {_fmt(g.threshold)}" if g.threshold_key else "")
+    kinds = ", ".join(f"{n} `{kind}`" for kind, n in g.by_kind.items())
+    yield 0, (f"Protected: the targets and {listed}; {plural(g.protected_images, 'protected image')} in all. A pool "
+              f"row is a leak when it copies one ({rule}); leaks never reach the search. "
+              f"{plural(g.leaks_excluded, 'pool row')} of {g.pool} were left out ({kinds}), each listed with the "
+              f"image it copies in `leaks.parquet`" + (" (warning `leaks_excluded`)." if g.leaks_excluded else "."))
+    if v.facts.leak_examples:
+        score = "similarity" if g.knn_metric == "cosine" else "distance"
+        yield 0, _table(f"Pool file | Protected file | Kind | {score.capitalize()}", [
+            (_path_md(row["filepath"]), _path_md(row["protected_filepath"]), f"`{row['kind']}`",
+             "same bytes" if row.get(score) is None else _fmt(row[score])) for row in v.facts.leak_examples])
+    if g.nearest and sum(g.nearest["counts"]):
+        edges, counts = g.nearest["edges"], g.nearest["counts"]
+        bins = [f"{_fmt(edges[i])}–{_fmt(edges[i + 1])}: {int(n)}" for i, n in enumerate(counts) if n]
+        yield 0, (f"Each pool row's nearest protected {'similarity' if g.knn_metric == 'cosine' else 'distance'} "
+                  f"(to choose `{g.threshold_key}`): " + "; ".join(bins) + ".")
 
 
 def _training_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:

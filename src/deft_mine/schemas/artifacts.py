@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from enum import Enum
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -27,6 +28,18 @@ MINING_HISTORY_SUMMARY = "mining_history_summary.json"
 # Ours:
 TARGET_LISTING = "target_listing.parquet"  # each side's listing (engine/listings), as every step read it
 SOURCE_LISTING = "source_listing.parquet"
+LEAKS = "leaks.parquet"  # pool rows left out as copies of protected images (filepath, protected_filepath, kind, score)
+
+
+class LeakKind(str, Enum):
+    """Why a pool row is a leak (leaks.parquet's `kind`)."""
+
+    identical_bytes = "identical_bytes"  # its file's bytes are a protected image's (SHA-256)
+    similar = "similar"  # its vector is within leak_similarity / leak_distance of a protected image's
+
+
+PROTECTED_LISTING = "protected_listing.parquet"  # run --protect: the protected images (absolute paths), one listing
+PROTECTED_EMBEDDINGS = "protected_embeddings.parquet"  # ...embedded, with leak_similarity / leak_distance
 PAIRS = "mined_pairs.parquet"  # every (target, neighbour) pair: what the report draws
 MANIFEST = "run.json"  # every fact the report states
 REPORT = "Mining_Report.md"

@@ -281,6 +281,13 @@ class RunInput(ToolInput):
                     "embedded by the text tower of the same SigLIP/CLIP model as the pool; not with targets"),
         cli("--text", metavar="SENTENCE", repeat=True, help="a sentence to mine from instead of target images "
             "(repeatable; SigLIP/CLIP only; not with --targets)")] = None
+    protect: Annotated[list[str] | None, Field(
+        description="listings (parquet/CSV with filepath, or a ChangeNet CSV) of images that must never enter "
+                    "training, e.g. the validation and KPI test sets: a pool copy of one (identical bytes, or with "
+                    "leak_similarity / leak_distance a vector within it) is left out of the search and listed in "
+                    "leaks.parquet; the targets are always protected"), PathField(),
+        cli("--protect", metavar="PATH", repeat=True, help="a listing of images that must never enter training "
+            "(repeatable): their pool copies are left out of the search (leaks.parquet)")] = None
 
 
 class SelectInput(ToolInput):

@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from deft_mine.schemas.results import ClusterFacts, EncoderIdentity, ErrorInfo, SelectResult, TrainingRowsResult
+from deft_mine.schemas.results import (ClusterFacts, EncoderIdentity, ErrorInfo, LeakFacts, SelectResult,
+                                       TrainingRowsResult)
 from deft_mine.schemas.specs import LabelFilter
 from deft_mine.schemas.warnings import ToolWarning
 
@@ -155,6 +156,7 @@ class RunManifest(BaseModel):
     mining: MiningFacts = Field(default_factory=MiningFacts)
     history: HistoryFacts | None = None
     training_rows: TrainingRowsFacts | None = None  # set only with a ChangeNet pool (dump leaves it out else)
+    leaks: LeakFacts | None = None  # set only when the leakage guard ran or found a leak (else left out)
     artifacts: list[str] | None = None
     warnings: list[ToolWarning] = Field(default_factory=list)
     timings: dict[str, float] | None = None

@@ -257,6 +257,24 @@ class ReportResult(_Result):
                    if self.provenance_unavailable else ""))
 
 
+class LeakFacts(BaseModel):
+    """The leakage guard of a run: what it protected and which pool rows it left out (leaks.parquet)."""
+
+    protected_listings: list[str] = Field(default_factory=list, description="the protect listings (the targets "
+                                                                               "are protected besides)")
+    protected_images: int = Field(0, description="protected images compared: the targets and the listings' "
+                                                 "readable images")
+    knn_metric: str = "cosine"
+    threshold_key: str | None = Field(None, description="leak_similarity or leak_distance (None: bytes only)")
+    threshold: float | None = None
+    leaks_excluded: int = Field(0, description="pool rows left out of the search as leaks")
+    by_kind: dict[str, int] = Field(default_factory=dict, description="identical_bytes, similar")
+    pool: int = Field(0, description="pool rows the guard looked at")
+    leaks_parquet: str | None = None
+    nearest: dict[str, list[float]] | None = Field(
+        None, description="with a threshold: the histogram (edges, counts) of each pool row's nearest protected score")
+
+
 class RunResult(_Result):
     run_dir: str
     mined: int
@@ -271,6 +289,10 @@ class RunResult(_Result):
     # only a run whose pool is a ChangeNet CSV has training rows; other runs' results read as before
     training_rows: TrainingRowsResult | None = Field(
         None, description="mined_training_rows.csv (a ChangeNet pool)", exclude_if=lambda rows: rows is None)
+    # only a run whose guard found or looked for leaks has them; other runs' results read as before
+    leaks: LeakFacts | None = Field(
+        None, description="the leakage guard (run --protect, leak_similarity / leak_distance, or a byte copy of a "
+                          "target in the pool)", exclude_if=lambda leaks: leaks is None)
     report: ReportResult
     timings: dict[str, float] = Field(default_factory=dict)
 

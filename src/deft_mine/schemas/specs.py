@@ -252,7 +252,9 @@ RareClassList = Annotated[list[str], BeforeValidator(_class_names)]
 # Keys only one mode reads: the other refuses them rather than ignore them.
 UNIQUE_KEYS = ("desired_unique_count", "allocation_policy", "rare_class_list", "candidate_expansion_factor")
 NEAREST_KEYS = frozenset({"topn", "filter_by_label", "exclude_targets", "min_similarity", "max_distance",
-                          "distance_threshold", "floor_rule", "label_mode"})
+                          "distance_threshold", "floor_rule", "label_mode", "leak_similarity", "leak_distance",
+                          "leaks_parquet"})
+LEAK_KEYS = ("leak_similarity", "leak_distance", "leaks_parquet")  # the leakage guard's (mode=nearest)
 
 
 class MiningSpec(_Spec):
@@ -291,6 +293,18 @@ class MiningSpec(_Spec):
         "post_filter", description="with filter_by_label=true: post_filter (the TAO container's: top-n over the "
                                    "whole pool, then cross-label pairs dropped) | per_label (top-n among the pool "
                                    "rows of the target's own label)")
+    # The leakage guard (run --protect): pool rows near a protected image, left out before the search.
+    leak_similarity: float | None = Field(
+        None, ge=-1.0, le=1.0, allow_inf_nan=False,
+        description="cosine only: a pool image whose similarity to a protected image (a target, or one listed by "
+                    "run --protect) reaches it is a leak, left out of the search (default off)")
+    leak_distance: float | None = Field(
+        None, ge=0.0, allow_inf_nan=False,
+        description="euclidean / manhattan only: a pool image within this distance of a protected image is a "
+                    "leak, left out of the search (default off)")
+    leaks_parquet: Annotated[str | None, PathField()] = Field(
+        None, description="per-run: a parquet whose `filepath`s (pool rows) are left out of the search (run's "
+                          "leakage guard writes it: leaks.parquet)")
     # mode=unique: `tmm unique_neighbor_matching` in `run`, scored by knn_metric; None: the matcher's default.
     mode: Annotated[MiningMode, _choice(tuple(MiningMode), "mode", "spec_invalid", "set mode=nearest (each target's "
                     "topn nearest) or mode=unique (a budget of unique images)")] = Field(
@@ -343,6 +357,7 @@ class MiningSpec(_Spec):
         unique one loads back (it names no key that mode refuses)."""
         data = handler(self)
         drop = {"mode", *UNIQUE_KEYS} if self.mode is MiningMode.nearest else NEAREST_KEYS
+        drop = drop | {key for key in LEAK_KEYS if getattr(self, key) is None}  # the guard off reads as before it
         return {key: value for key, value in data.items() if key not in drop} if isinstance(data, dict) else data
 
     @model_validator(mode="after")
@@ -361,6 +376,7 @@ class MiningSpec(_Spec):
                 "scores similarities (higher is nearer)",
                 fix="use min_similarity=S (between -1 and 1) with knn_metric=cosine, or knn_metric=euclidean "
                     "or manhattan with max_distance", field="max_distance", knn_metric=self.knn_metric.value)
+        self._leak_key_fits()
         ours = "min_similarity" if self.knn_metric is Metric.cosine else "max_distance"
         if self.distance_threshold >= 0 and getattr(self, ours) is not None and not math.isclose(
                 getattr(self, ours), self._threshold_floor, abs_tol=1e-12):
@@ -381,6 +397,22 @@ class MiningSpec(_Spec):
                 "which needs filter_by_label=true",
                 fix="add filter_by_label=true, or leave label_mode out", field="label_mode")
         return self
+
+    def _leak_key_fits(self) -> None:
+        """The leak threshold in the metric's own terms: a similarity under cosine, a distance otherwise."""
+        cosine = self.knn_metric is Metric.cosine
+        wrong = "leak_distance" if cosine else "leak_similarity"
+        if getattr(self, wrong) is not None:
+            right = "leak_similarity=S (between -1 and 1)" if cosine else "leak_distance=D (0 or more)"
+            raise DeftError("spec_invalid", f"{wrong} does not apply to knn_metric={self.knn_metric.value}, which "
+                            f"scores {'similarities (higher is nearer)' if cosine else 'distances (lower is nearer)'}",
+                            fix=f"use {right} with knn_metric={self.knn_metric.value}", field=wrong,
+                            knn_metric=self.knn_metric.value)
+
+    @property
+    def leak_threshold(self) -> float | None:
+        """The similarity guard's limit on the metric's scale (None: off)."""
+        return self.leak_similarity if self.knn_metric is Metric.cosine else self.leak_distance
 
     @property
     def unique(self) -> bool:

@@ -13,6 +13,8 @@ WarningCode = Literal[
     "distance_threshold_inert", "label_null", "listing_empty", "texts_skipped", "unique_count_short",
     # raised by run with a ChangeNet pool (mined_training_rows.csv)
     "training_rows_left_out", "training_rows_leaked",
+    # raised by run's leakage guard (pool copies of protected images left out of the search)
+    "leaks_excluded",
     # raised by a selection against a history ledger (the DEFT loop's yield checks, the budget)
     "candidates_mostly_mined", "yield_collapsed", "budget_exhausted",
     # raised by the mining controls (a similarity floor, label_mode=per_label)
@@ -108,6 +110,17 @@ def store_shard_corrupt(store: str | None, shards: list[str]) -> ToolWarning:
     return ToolWarning(code="store_shard_corrupt", fields=["store"], details={"store": store, "shards": shards},
                        message=f"{len(shards)} shard(s) of the embedding store {store} failed their checksum "
                                f"and were set aside (renamed .corrupt-*); their images were embedded again")
+
+
+def leaks_excluded(by_kind: dict[str, int], pool: int, examples: list[str]) -> ToolWarning:
+    """Pool rows the leakage guard left out of the search (copies of protected images), by kind."""
+    total = sum(by_kind.values())
+    kinds = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in by_kind.items() if n)
+    every = "; every pool row is a leak, so nothing was mined" if total and total >= pool else ""
+    return ToolWarning(code="leaks_excluded", fields=["protect", "leak_similarity", "leak_distance"],
+                       details={"count": total, "by_kind": by_kind, "pool": pool, "examples": examples},
+                       message=f"{total} of {pool} pool rows copy a protected image ({kinds}) and were left out "
+                               f"of the search (leaks.parquet lists each with the image it copies){every}")
 
 
 def target_in_pool(count: int, excluded: bool | None) -> ToolWarning:

@@ -29,7 +29,7 @@ from deft_mine.schemas.results import (EmbedResult, ErrorInfo, MatchResult, Mine
                                        TrainingRowsResult)
 from deft_mine.schemas.warnings import ToolWarning
 from deft_mine.schemas.specs import EmbeddingSpec, LabelFilter, MiningSpec, load_spec, spec_to_yaml, split_overrides
-from deft_mine.tools import run_unique
+from deft_mine.tools import run_leaks, run_unique
 from deft_mine.tools.embed import embed_spec, require_text_embedding
 from deft_mine.tools.mine import mine_spec
 from deft_mine.tools.preflight import label_precheck
@@ -97,6 +97,12 @@ class RunFolder:
         except BaseException as exc:  # the folder says why it is incomplete, then the error goes on up
             self._record_stop(exc)
             raise
+
+    def record_mining_spec(self, mining: MiningSpec) -> None:
+        """The mining spec rewritten as it will mine (the leakage guard adds leaks_parquet before the search)."""
+        tables.write_text_atomic(self.path / artifacts.MINING_SPEC, spec_to_yaml(mining))
+        self.manifest.mining_spec = mining.model_dump(mode="json")
+        self._save()
 
     def finish(self) -> None:
         """run.json "finished", naming every artifact (the report comes after)."""
@@ -172,6 +178,11 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
                 ctx.policy.check_listing(listing)
     if sentences is not None or given["targets"].format == "text":
         require_text_embedding(embedding, backend)
+    # The leakage guard (mode=nearest, local or ray): its listings read and checked before any work.
+    guarded = run_leaks.applies(inputs, mining, backend, sentences is not None or given["targets"].format == "text")
+    protected = run_leaks.open_protected(inputs, embedding, changenet) if guarded else []
+    for listing in protected if ctx.policy is not None else ():
+        ctx.policy.check_listing(listing)
     validation = _training_options(inputs, given["source"])
     if inputs.history is not None:  # a bad budget or a damaged ledger costs no embedding
         check_history(Path(inputs.history).expanduser().absolute(), inputs.ledger_format,
@@ -202,6 +213,15 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
             backend, store, ctx.stage(f"embed {name}"), listing) for name, listing in sides.items()}
         _require_readable(embedded)
         tgt, src = embedded["targets"], embedded["source"]
+        leaks, leak_warnings, protect_embeds = None, [], []
+        if guarded:  # before the search: the leak rows go to the mining spec, whose search leaves them out
+            t0 = time.perf_counter()
+            leaks, leak_warnings, protect_embeds = run_leaks.guard(
+                inputs, protected, folder.path, mining, embedding, backend, store, ctx, sides["targets"], sides["source"])
+            if leaks is not None:
+                mining = mining.model_copy(update={"leaks_parquet": leaks.leaks_parquet})
+                folder.record_mining_spec(mining)
+            leak_seconds = time.perf_counter() - t0
         mine_result, matched = _mine(inputs, folder, mining, sides["source"], backend, ctx)
         selected, training, training_warnings = _select_and_train(inputs, folder, mining, sides["source"],
                                                                   validation, ctx, matched)
@@ -210,9 +230,13 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
             prechecked = [w for w in prechecked if w.code != "label_missing_in_pool"]
         manifest.warnings = [*prechecked, *(w.for_side("targets") for w in tgt.warnings),
                              *(w.for_side("source") for w in src.warnings),
+                             *(w.for_side("protect") for done in protect_embeds for w in done.warnings), *leak_warnings,
                              *mined_warnings, *(selected.warnings if selected else []), *training_warnings]
         manifest.timings = {"embed_targets": tgt.timings["total"], "embed_source": src.timings["total"],
                             "mine": (mine_result or matched).timings["total"], "total": time.perf_counter() - started}
+        if leaks is not None:
+            manifest.timings["leaks"] = leak_seconds
+            manifest.leaks = leaks
         _record_results(manifest, folder, tgt, src, mine_result, selected, mining, matched)
         if training is not None:
             manifest.training_rows = TrainingRowsFacts(**training.model_dump())
@@ -229,7 +253,8 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
                         f"with: deft-mine report {folder.path}", **exc.details) from exc
     mined = selected.newly_selected if selected else matched.retrieved_unique_count if matched else mine_result.mined
     return RunResult(run_dir=str(folder.path), mined=mined, mined_parquet=str(folder.mined), target_embed=tgt,
-                     source_embed=src, mine=mine_result, match=matched, select=selected, training_rows=training, report=written, timings=manifest.timings, warnings=manifest.warnings)
+                     source_embed=src, mine=mine_result, match=matched, select=selected, training_rows=training,
+                     leaks=manifest.leaks, report=written, timings=manifest.timings, warnings=manifest.warnings)
 
 
 def _mine(inputs: RunInput, folder: RunFolder, mining: MiningSpec, pool: Listing, backend: Backend,

@@ -1,0 +1,188 @@
+"""The leakage guard: the pool rows that copy a protected image (identical bytes, or a vector within a threshold), found exactly before the search."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from deft_mine.engine import tables
+from deft_mine.engine.images import digest, read_bytes, resolve_image_path
+from deft_mine.engine.knn import search
+from deft_mine.schemas.artifacts import LeakKind
+from deft_mine.schemas.specs import Metric
+
+TARGETS = "targets"  # the protected_listing of a target (the targets are always protected)
+_THREADS = 8  # stat and hash side by side: the time is the disk's
+
+
+@dataclass
+class Protected:
+    """The protected images, targets first: each as its listing wrote it, where it resolves, which
+    listing named it, and (with a leak threshold) its vector; `is_target`: a target's row."""
+
+    filepaths: list[str]
+    resolved: list[Path]
+    origins: list[str]
+    vectors: np.ndarray | None = None
+
+    @property
+    def is_target(self) -> np.ndarray:
+        return np.array([origin == TARGETS for origin in self.origins], bool)
+
+
+@dataclass
+class Pool:
+    """The searched pool as the guard reads it: its rows' filepaths (as written), where they resolve,
+    and which rows name a target file (those stay exclude_targets' business, never a leak of it)."""
+
+    filepaths: list[str]
+    resolved: list[Path]
+    names_target: np.ndarray
+
+
+@dataclass
+class Found:
+    """The leaks (leaks.parquet's rows, in pool order) and each pool row's nearest protected score
+    (NaN: none compared; None: no threshold, no vectors compared)."""
+
+    table: pa.Table
+    nearest: np.ndarray | None
+
+    def counts(self) -> dict[str, int]:
+        kinds = self.table.column("kind").to_pylist()
+        return {kind.value: kinds.count(kind.value) for kind in LeakKind}
+
+
+def score_column(metric: Metric) -> str:
+    """leaks.parquet's score column: a similarity under cosine, a distance otherwise."""
+    return "similarity" if metric.higher_is_nearer else "distance"
+
+
+def sizes(paths: list[Path]) -> np.ndarray:
+    """Each regular file's size in bytes, -1 where none can be read (missing, a folder, a pipe)."""
+    def size(path: Path) -> int:
+        try:
+            return path.stat().st_size if path.is_file() else -1
+        except OSError:
+            return -1
+    with ThreadPoolExecutor(_THREADS) as pool:
+        return np.fromiter(pool.map(size, paths, chunksize=256), np.int64, len(paths))
+
+
+def _digests(paths: list[Path]) -> list[bytes | None]:
+    """SHA-256 of each file's bytes (the embedding store's digest), None where it cannot be read."""
+    def one(path: Path) -> bytes | None:
+        data = read_bytes(str(path), path.parent)
+        return None if not isinstance(data, bytes) else digest(data)
+    with ThreadPoolExecutor(_THREADS) as pool:
+        return list(pool.map(one, paths, chunksize=16))
+
+
+def identical_bytes(pool: Pool, protected: Protected) -> np.ndarray:
+    """Per pool row, the first protected image whose bytes it repeats (-1: none). Identical bytes
+    have the same size, so only the files whose size a protected file shares are hashed; a pool row
+    that names a target file is compared with the protect listings only."""
+    found = np.full(len(pool.filepaths), -1, np.int64)
+    protected_sizes, pool_sizes = sizes(protected.resolved), sizes(pool.resolved)
+    shared = np.intersect1d(protected_sizes[protected_sizes >= 0], pool_sizes[pool_sizes >= 0])
+    if not len(shared):
+        return found
+    hashed = np.flatnonzero(np.isin(protected_sizes, shared))
+    first: dict[tuple[bytes, bool], int] = {}  # (digest, a target's) -> its first protected row
+    for row, key in zip(hashed.tolist(), _digests([protected.resolved[i] for i in hashed])):
+        if key is not None:
+            first.setdefault((key, protected.origins[row] == TARGETS), row)
+    rows = np.flatnonzero(np.isin(pool_sizes, shared))
+    for row, key in zip(rows.tolist(), _digests([pool.resolved[i] for i in rows])):
+        if key is None:
+            continue
+        # the targets come first among the protected: a target's copy names the target
+        mine = [first.get((key, False))] + ([] if pool.names_target[row] else [first.get((key, True))])
+        hits = [i for i in mine if i is not None]
+        if hits:
+            found[row] = min(hits)
+    return found
+
+
+def nearest_protected(blocks: Iterable[np.ndarray], protected: Protected, names_target: np.ndarray,
+                      metric: Metric) -> tuple[np.ndarray, np.ndarray]:
+    """Per pool row (its vectors given block by block, in pool order), its nearest protected image
+    and their exact float64 score (ties to the lower protected row; -1 and NaN: none to compare). A
+    pool row that names a target file is compared with the protect listings' images only."""
+    assert protected.vectors is not None
+    listed = np.flatnonzero(~protected.is_target)
+    rows_out, scores_out, start = [], [], 0
+    for block in blocks:
+        best = search(block, [protected.vectors], 1, metric)
+        rows, scores = best.indices[:, 0].copy(), best.scores[:, 0].copy()
+        own = np.flatnonzero(names_target[start:start + len(block)])
+        if len(own):
+            rows[own], scores[own] = -1, np.nan
+            if len(listed):
+                again = search(block[own], [protected.vectors[listed]], 1, metric)
+                rows[own], scores[own] = listed[again.indices[:, 0]], again.scores[:, 0]
+        rows_out.append(rows)
+        scores_out.append(scores)
+        start += len(block)
+    if not rows_out:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    return np.concatenate(rows_out), np.concatenate(scores_out)
+
+
+def find_leaks(pool: Pool, protected: Protected, metric: Metric, threshold: float | None,
+               blocks: Iterable[np.ndarray] = ()) -> Found:
+    """The leaks, in pool order: identical bytes first (always), then, with a threshold, the rows
+    whose nearest protected vector reaches it (a similarity at least it, or a distance at most it)."""
+    twin = identical_bytes(pool, protected)
+    nearest = scores = None
+    if threshold is not None:
+        nearest, scores = nearest_protected(blocks, protected, pool.names_target, metric)
+        reach = (scores >= threshold) if metric.higher_is_nearer else (scores <= threshold)
+        similar = (twin < 0) & (nearest >= 0) & np.nan_to_num(reach, nan=False).astype(bool)
+    else:
+        similar = np.zeros(len(pool.filepaths), bool)
+    rows = np.flatnonzero((twin >= 0) | similar)
+    which = np.where(twin[rows] >= 0, twin[rows], nearest[rows] if nearest is not None else -1)
+    kind = [LeakKind.identical_bytes.value if twin[r] >= 0 else LeakKind.similar.value for r in rows.tolist()]
+    score = [None if twin[r] >= 0 or scores is None else float(scores[r]) for r in rows.tolist()]
+    table = pa.table({
+        "filepath": pa.array([pool.filepaths[r] for r in rows.tolist()], pa.string()),
+        "source_row": pa.array(rows, pa.int64()),
+        "protected_filepath": pa.array([protected.filepaths[i] for i in which.tolist()], pa.string()),
+        "protected_listing": pa.array([protected.origins[i] for i in which.tolist()], pa.string()),
+        "kind": pa.array(kind, pa.string()),
+        score_column(metric): pa.array(score, pa.float64()),
+    })
+    return Found(table, scores)
+
+
+def pool_of(filepaths: list[str], images_root: Path, target_paths: Iterable[str]) -> Pool:
+    """The pool rows as the guard reads them; a row names a target when their paths are equal on
+    paper (as mining judges a target in the pool)."""
+    targets = {os.path.normpath(p) for p in target_paths}
+    return Pool(filepaths, [resolve_image_path(p, images_root) for p in filepaths],
+                np.array([os.path.normpath(p) in targets for p in filepaths], bool))
+
+
+def leak_mask(pool_paths: pa.StringArray, leaks_parquet: Path) -> np.ndarray:
+    """Which pool rows (their lexically normal filepaths) a leaks parquet lists: what the search leaves out."""
+    listed = tables.read_columns(leaks_parquet, ["filepath"]).column("filepath").combine_chunks()
+    normal = pa.array(sorted({os.path.normpath(str(p)) for p in listed.to_pylist() if p is not None}), pa.string())
+    return pc.is_in(pool_paths, value_set=normal).to_numpy(zero_copy_only=False)
+
+
+def histogram(scores: np.ndarray, metric: Metric, bins: int = 20) -> dict[str, list[float]]:
+    """The distribution of the pool rows' nearest protected scores (what helps choose the threshold):
+    bin edges over [-1, 1] under cosine, over [0, the largest] otherwise, and the counts."""
+    scores = scores[np.isfinite(scores)]
+    top = 1.0 if metric.higher_is_nearer else float(scores.max()) if len(scores) and scores.max() > 0 else 1.0
+    counts, edges = np.histogram(scores, bins=bins, range=(-1.0 if metric.higher_is_nearer else 0.0, top))
+    return {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}
+

@@ -1,0 +1,160 @@
+"""The run's leakage guard: protect listings checked at the door, protected images embedded, leaks.parquet written before the search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from deft_mine.backends import Backend
+from deft_mine.engine import leaks, tables
+from deft_mine.engine.images import resolve_image_path
+from deft_mine.engine.listings import FILEPATH, Listing, open_listing
+from deft_mine.engine.mining import pool_vectors
+from deft_mine.errors import DeftError
+from deft_mine.schemas import artifacts, warnings
+from deft_mine.schemas.inputs import ChangeNetOptions, RunInput
+from deft_mine.schemas.results import EmbedResult, LeakFacts
+from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
+from deft_mine.schemas.warnings import ToolWarning
+from deft_mine.tools.embed import embed_spec
+from deft_mine.tools.registry import ToolContext
+
+_EXAMPLES = 5
+
+
+def asked(inputs: RunInput, mining: MiningSpec) -> bool:
+    """Whether the guard was asked for (a protect listing or a leak threshold), not just on by default."""
+    return bool(inputs.protect) or mining.leak_threshold is not None
+
+
+def applies(inputs: RunInput, mining: MiningSpec, backend: Backend, sentences: bool) -> bool:
+    """Whether the guard runs: mode=nearest on a backend that mines in this process (local, ray),
+    image targets. What was asked of it where it cannot run is refused, naming why."""
+    if not asked(inputs, mining):
+        return not mining.unique and backend.name != "docker" and not sentences and mining.leaks_parquet is None
+    field = "protect" if inputs.protect else "leak_similarity" if mining.leak_similarity is not None else "leak_distance"
+    if mining.unique:
+        raise DeftError("spec_invalid", f"{field}: the leakage guard runs with mode=nearest; mode=unique (the "
+                        "budgeted matching) cannot leave pool rows out of its search yet",
+                        fix=f"leave {field} out with mode=unique, or mine with mode=nearest", field=field)
+    if backend.name == "docker":
+        raise DeftError("backend_unsupported", f"{field}: the docker backend's container searches the whole pool "
+                        "and cannot be told to leave the leak rows out", fix=f"use backend=local or backend=ray "
+                        f"for a guarded run, or leave {field} out", field=field, backend=backend.name)
+    if sentences:
+        raise DeftError("spec_invalid", f"{field}: the leakage guard compares images, and the targets are "
+                        "sentences", fix=f"give the protected images with --protect and target images, or leave "
+                        f"{field} out", field=field)
+    return True
+
+
+def open_protected(inputs: RunInput, embedding: EmbeddingSpec, changenet: ChangeNetOptions) -> list[Listing]:
+    """Each protect listing read at the door; one that names no readable file at all is refused
+    (a guard that guards nothing must not pass silently)."""
+    listings = []
+    for given in inputs.protect or ():
+        path = tables.require_file(Path(given).expanduser().absolute(), "protect")
+        listing = open_listing(path, "protect", embedding.images_root(path), changenet)
+        resolved = [p for _, _, p in listing.resolved() if p is not None]
+        if not (leaks.sizes(resolved) >= 0).any():
+            raise DeftError("no_readable_images", f"protect: none of the {listing.rows} images {path} lists can be "
+                            f"read (e.g. {resolved[0] if resolved else 'no filepath at all'}), so it would guard "
+                            "nothing", fix="check the listing's paths and image_root (relative paths resolve "
+                            "against it, else the listing's folder)", field="protect", path=str(path))
+        listings.append(listing)
+    return listings
+
+
+def protected_listing(listings: list[Listing], path: Path) -> Path:
+    """The protect listings as one filepath parquet (absolute paths; the path as written and the
+    listing that named it beside), which the run embeds with its own encoder."""
+    written, origin, absolute = [], [], []
+    for listing in listings:
+        for _, filepath, resolved in listing.resolved():
+            if resolved is not None:
+                written.append(filepath)
+                origin.append(str(listing.path))
+                absolute.append(str(resolved))
+    tables.write_table_atomic(path, pa.table({FILEPATH: pa.array(absolute, pa.string()),
+                                              "protected_filepath": pa.array(written, pa.string()),
+                                              "protected_listing": pa.array(origin, pa.string())}))
+    return path
+
+
+def guard(inputs: RunInput, listings: list[Listing], folder: Path, mining: MiningSpec, embedding: EmbeddingSpec,
+          backend: Backend, store: Path | None, ctx: ToolContext, targets: Listing, pool: Listing
+          ) -> tuple[LeakFacts | None, list[ToolWarning], list[EmbedResult]]:
+    """Find the leaks among the embedded pool rows and write leaks.parquet (when the guard was asked
+    for, or found a leak): the mining spec then names it, and the search leaves its rows out."""
+    threshold = mining.leak_threshold
+    embedded: list[EmbedResult] = []
+    protected_vectors = None
+    if listings:
+        listed = protected_listing(listings, folder / artifacts.PROTECTED_LISTING)
+        if threshold is not None:
+            done = embed_spec(embedding.model_copy(update={
+                "input_parquet": str(listed), "output_parquet": str(folder / artifacts.PROTECTED_EMBEDDINGS),
+                "image_root": None}), backend, store, ctx.stage("embed protected"))
+            if done.input_rows and not done.rows:
+                raise DeftError("no_readable_images", f"protect: none of the {done.input_rows} protected images could "
+                                "be embedded, so the similarity guard would guard nothing", field="protect",
+                                fix="check the protect listings' images", skipped_by_reason=done.skipped_by_reason)
+            embedded.append(done)
+    protected = _protected(folder, mining, listings, threshold is not None, targets.images_root)
+    pool_table = tables.read_columns(Path(str(mining.source_parquet)), [FILEPATH])
+    found_pool = leaks.pool_of([str(p) for p in pool_table.column(FILEPATH).to_pylist()], pool.images_root,
+                               protected.filepaths[:_count_targets(protected)])
+    blocks = pool_vectors(Path(str(mining.source_parquet)), mining.source_embed_column_name, mining.block_rows) \
+        if threshold is not None else ()
+    found = leaks.find_leaks(found_pool, protected, mining.knn_metric, threshold, blocks)
+    counts = found.counts()
+    if not asked(inputs, mining) and not found.table.num_rows:
+        return None, [], embedded
+    leaks_path = folder / artifacts.LEAKS
+    tables.write_table_atomic(leaks_path, found.table)
+    facts = LeakFacts(protected_listings=[str(listing.path) for listing in listings],
+                      protected_images=len(protected.filepaths), knn_metric=mining.knn_metric.value,
+                      threshold_key=None if threshold is None else
+                      "leak_similarity" if mining.knn_metric.higher_is_nearer else "leak_distance",
+                      threshold=threshold, leaks_excluded=found.table.num_rows, by_kind=counts,
+                      pool=len(found_pool.filepaths), leaks_parquet=str(leaks_path),
+                      nearest=None if found.nearest is None else leaks.histogram(found.nearest, mining.knn_metric))
+    raised = [] if not found.table.num_rows else [warnings.leaks_excluded(
+        counts, len(found_pool.filepaths), found.table.column(FILEPATH).to_pylist()[:_EXAMPLES])]
+    return facts, raised, embedded
+
+
+def _protected(folder: Path, mining: MiningSpec, listings: list[Listing], with_vectors: bool,
+               target_root: Path) -> leaks.Protected:
+    """The targets (as embedded: the readable ones), then the protect listings' images (as embedded
+    with a threshold, else every one listed): paths, where they resolve, which listing, vectors."""
+    target_path = Path(str(mining.target_parquet))
+    columns = [FILEPATH] + ([mining.target_embed_column_name] if with_vectors else [])
+    targets = tables.read_columns(target_path, columns)
+    paths = [str(p) for p in targets.column(FILEPATH).to_pylist()]
+    protected = leaks.Protected(paths, [resolve_image_path(p, target_root) for p in paths], [leaks.TARGETS] * len(paths))
+    vectors = [_vectors(targets, mining.target_embed_column_name, target_path)] if with_vectors else []
+    if listings:
+        given = folder / (artifacts.PROTECTED_EMBEDDINGS if with_vectors else artifacts.PROTECTED_LISTING)
+        table = tables.read_columns(given, [FILEPATH, "protected_filepath", "protected_listing"] +
+                                    (["embedding"] if with_vectors else []))
+        protected.filepaths += table.column("protected_filepath").to_pylist()
+        protected.resolved += [Path(p) for p in table.column(FILEPATH).to_pylist()]
+        protected.origins += table.column("protected_listing").to_pylist()
+        if with_vectors:
+            vectors.append(_vectors(table, "embedding", given))
+    if with_vectors:
+        protected.vectors = np.concatenate(vectors) if vectors else None
+    return protected
+
+
+def _vectors(table: pa.Table, column: str, path: Path) -> np.ndarray:
+    return tables.vectors_from_column(table.column(column), path=path, name=column, first_row=0, dim=None,
+                                      field="protect")
+
+
+def _count_targets(protected: leaks.Protected) -> int:
+    return int(protected.is_target.sum())
+

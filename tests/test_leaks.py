@@ -1,0 +1,238 @@
+"""The leakage guard (run --protect, leak_similarity / leak_distance): pool copies of protected images
+never reach the search, against a brute-force reference, through the Python call and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import write_image
+from deft_mine.engine import leaks
+from deft_mine.engine.knn import l2_normalise
+from deft_mine.errors import DeftError
+from deft_mine.schemas.specs import Metric, MiningSpec
+from deft_mine.tools.run import run
+
+THUMB = {"model": "thumbnail"}
+
+
+# --- the exact search, against brute force ----------------------------------------------------------
+
+def _brute_nearest(pool: np.ndarray, protected: np.ndarray, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
+    """Each pool row's nearest protected row in float64, ties to the lower protected row."""
+    p, q = pool.astype(np.float64), protected.astype(np.float64)
+    if metric is Metric.cosine:
+        # unit vectors as the engine stores them (float32), then exact float64 products
+        p, q = l2_normalise(pool).astype(np.float64), l2_normalise(protected).astype(np.float64)
+        scores = p @ q.T
+        near = -scores
+    else:
+        diff = p[:, None, :] - q[None, :, :]
+        scores = np.sqrt((diff ** 2).sum(-1)) if metric is Metric.euclidean else np.abs(diff).sum(-1)
+        near = scores
+    # a tie (equal up to float64 rounding of equal values): the lower protected row
+    best = np.argmax(near <= near.min(axis=1, keepdims=True) + 1e-12, axis=1)
+    return best, scores[np.arange(len(p)), best]
+
+
+@pytest.mark.parametrize("metric", list(Metric))
+def test_each_pool_rows_nearest_protected_is_exact_with_ties_to_the_lower_row(metric):
+    rng = np.random.default_rng(3)
+    protected = rng.integers(-3, 4, (40, 6)).astype(np.float32)
+    protected[7] = protected[31]  # a tie: the pool row near both names row 7
+    pool = np.concatenate([rng.integers(-3, 4, (300, 6)).astype(np.float32), protected[[31, 5]]])
+    names_target = np.zeros(len(pool), bool)
+    found = leaks.Protected([f"p{i}" for i in range(40)], [Path(f"/none/p{i}") for i in range(40)], ["v.parquet"] * 40, protected)
+    rows, scores = leaks.nearest_protected([pool[:128], pool[128:]], found, names_target, metric)
+    want_rows, want_scores = _brute_nearest(pool, protected, metric)
+    close = np.isclose(scores, want_scores, rtol=0, atol=1e-9)
+    assert close.all()
+    # where the brute force has an exact tie the lower row wins; elsewhere the same row
+    assert (rows == want_rows).all()
+    assert rows[300] == 7
+
+
+def test_a_row_naming_a_target_file_is_compared_with_the_protect_listings_only():
+    vectors = np.eye(4, dtype=np.float32)
+    protected = leaks.Protected(["t0", "v0"], [Path("/x/t0"), Path("/x/v0")], [leaks.TARGETS, "v.parquet"],
+                                vectors[[0, 1]])
+    pool = vectors[[0, 0]]
+    rows, scores = leaks.nearest_protected([pool], protected, np.array([True, False]), Metric.cosine)
+    assert rows.tolist() == [1, 0] and scores[0] == pytest.approx(0.0) and scores[1] == pytest.approx(1.0)
+
+
+# --- a run ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def guarded_set(tmp_path: Path) -> Path:
+    """Targets t0, t1; a validation image v0; a pool of six unrelated images plus: a byte copy of
+    t0 under another path, a byte copy of v0, a re-encoded v0 (same pixels, other bytes) and a
+    slightly noisy v1 copy (a near-copy the thumbnail encoder puts close)."""
+    for name, seed in (("t0", 100), ("t1", 101), ("v0", 200), ("v1", 201)):
+        write_image(tmp_path / "sets" / f"{name}.png", seed)
+    for i in range(6):
+        write_image(tmp_path / "pool" / f"p{i}.png", seed=i)
+    shutil.copyfile(tmp_path / "sets" / "t0.png", tmp_path / "pool" / "copy_t0.png")
+    shutil.copyfile(tmp_path / "sets" / "v0.png", tmp_path / "pool" / "copy_v0.png")
+    pixels = np.asarray(Image.open(tmp_path / "sets" / "v0.png"))
+    Image.fromarray(pixels).save(tmp_path / "pool" / "reenc_v0.png", compress_level=1)
+    noisy = np.clip(np.asarray(Image.open(tmp_path / "sets" / "v1.png")).astype(int) +
+                    np.random.default_rng(9).integers(-4, 5, pixels.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "pool" / "noisy_v1.png")
+    assert (tmp_path / "pool" / "reenc_v0.png").read_bytes() != (tmp_path / "sets" / "v0.png").read_bytes()
+    pool = [f"pool/p{i}.png" for i in range(6)] + ["pool/copy_t0.png", "pool/copy_v0.png", "pool/reenc_v0.png",
+                                                   "pool/noisy_v1.png"]
+    pq.write_table(pa.table({"filepath": ["sets/t0.png", "sets/t1.png"]}), tmp_path / "targets.parquet")
+    pq.write_table(pa.table({"filepath": pool}), tmp_path / "pool.parquet")
+    pq.write_table(pa.table({"filepath": ["sets/v0.png", "sets/v1.png"]}), tmp_path / "val.parquet")
+    return tmp_path
+
+
+def _leaks(run_dir: str) -> dict[str, tuple[str, str]]:
+    table = pq.read_table(Path(run_dir) / "leaks.parquet").to_pylist()
+    return {row["filepath"]: (row["protected_filepath"], row["kind"]) for row in table}
+
+
+def test_byte_copies_are_leaks_always_and_a_targets_copy_never_reaches_its_search(guarded_set):
+    result = run(guarded_set / "targets.parquet", guarded_set / "pool.parquet", run_dir=guarded_set / "r",
+                 protect=[str(guarded_set / "val.parquet")], overrides={**THUMB, "topn": 1})
+    assert _leaks(result.run_dir) == {"pool/copy_t0.png": ("sets/t0.png", "identical_bytes"),
+                                      "pool/copy_v0.png": ("sets/v0.png", "identical_bytes")}
+    mined = pq.read_table(result.mined_parquet).column("filepath").to_pylist()
+    assert not {"pool/copy_t0.png", "pool/copy_v0.png"} & set(mined)
+    # the byte copy was t0's nearest neighbour: the mined set holds the next one (brute force)
+    source = pq.read_table(Path(result.run_dir) / "source_embeddings.parquet")
+    target = pq.read_table(Path(result.run_dir) / "target_embeddings.parquet")
+    keep = [i for i, p in enumerate(source.column("filepath").to_pylist()) if p not in _leaks(result.run_dir)]
+    vectors = np.asarray(source.column("embedding").to_pylist())[keep]
+    queries = np.asarray(target.column("embedding").to_pylist())
+    best, _ = _brute_nearest(queries, vectors, Metric.cosine)
+    want = list(dict.fromkeys(source.column("filepath").to_pylist()[keep[b]] for b in best))
+    assert mined == want
+    (warning,) = [w for w in result.warnings if w.code == "leaks_excluded"]
+    assert warning.details["by_kind"] == {"identical_bytes": 2, "similar": 0}
+    manifest = json.loads((Path(result.run_dir) / "run.json").read_text())
+    assert manifest["leaks"]["leaks_excluded"] == 2 and result.leaks.leaks_excluded == 2
+    assert manifest["mining"]["summary"]["pool"] == 8  # ten rows, two left out
+    assert "leaks_parquet" in (Path(result.run_dir) / "mining_spec.yaml").read_text()
+    report = (Path(result.run_dir) / "Mining_Report.md").read_text()
+    assert "## Leakage Guard" in report and "`pool/copy_t0.png`" in report
+
+
+def test_leak_similarity_catches_re_encoded_and_near_copies(guarded_set):
+    result = run(guarded_set / "targets.parquet", guarded_set / "pool.parquet", run_dir=guarded_set / "r",
+                 protect=[str(guarded_set / "val.parquet")], overrides={**THUMB, "topn": 3, "leak_similarity": 0.9})
+    found = _leaks(result.run_dir)
+    assert found["pool/reenc_v0.png"] == ("sets/v0.png", "similar")
+    assert found["pool/noisy_v1.png"] == ("sets/v1.png", "similar")
+    assert found["pool/copy_t0.png"][1] == "identical_bytes"
+    # the reference: every pool row whose nearest protected cosine reaches 0.9, or whose bytes repeat one
+    source = pq.read_table(Path(result.run_dir) / "source_embeddings.parquet")
+    protected = np.concatenate([np.asarray(pq.read_table(Path(result.run_dir) / name).column("embedding").to_pylist())
+                                for name in ("target_embeddings.parquet", "protected_embeddings.parquet")])
+    _, scores = _brute_nearest(np.asarray(source.column("embedding").to_pylist()), protected, Metric.cosine)
+    paths = source.column("filepath").to_pylist()
+    assert set(found) == {p for p, s in zip(paths, scores) if s >= 0.9} | {"pool/copy_t0.png", "pool/copy_v0.png"}
+    table = pq.read_table(Path(result.run_dir) / "leaks.parquet")
+    assert table.column_names[:1] == ["filepath"] and "similarity" in table.column_names
+    mined = set(pq.read_table(result.mined_parquet).column("filepath").to_pylist())
+    assert not mined & set(found)
+    assert result.leaks.nearest is not None and sum(result.leaks.nearest["counts"]) == len(paths)
+
+
+def test_leak_similarity_without_protect_guards_the_targets(guarded_set):
+    result = run(guarded_set / "targets.parquet", guarded_set / "pool.parquet", run_dir=guarded_set / "r",
+                 overrides={**THUMB, "topn": 2, "leak_similarity": 0.99})
+    assert _leaks(result.run_dir) == {"pool/copy_t0.png": ("sets/t0.png", "identical_bytes")}
+    assert result.leaks.protected_listings == [] and result.leaks.threshold == 0.99
+
+
+def test_a_run_through_the_cli(guarded_set, capsys):
+    from deft_mine.cli import main
+
+    code = main(["run", "--targets", str(guarded_set / "targets.parquet"), "--source", str(guarded_set / "pool.parquet"),
+                 "--run-dir", str(guarded_set / "r"), "--protect", str(guarded_set / "val.parquet"), "--json",
+                 "model=thumbnail", "topn=2", "leak_similarity=0.99"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["leaks"]["by_kind"] == {"identical_bytes": 2, "similar": 2}
+    assert "pool/reenc_v0.png" in _leaks(result["run_dir"])
+
+
+def test_euclidean_takes_leak_distance(guarded_set):
+    result = run(guarded_set / "targets.parquet", guarded_set / "pool.parquet", run_dir=guarded_set / "r",
+                 protect=[str(guarded_set / "val.parquet")],
+                 overrides={**THUMB, "topn": 1, "knn_metric": "euclidean", "leak_distance": 1e-6})
+    assert _leaks(result.run_dir)["pool/reenc_v0.png"] == ("sets/v0.png", "similar")
+    assert "distance" in pq.read_table(Path(result.run_dir) / "leaks.parquet").column_names
+
+
+def test_a_pool_of_leaks_only_gives_an_empty_valid_answer(guarded_set):
+    pq.write_table(pa.table({"filepath": ["pool/copy_t0.png", "pool/copy_v0.png"]}), guarded_set / "leaky.parquet")
+    result = run(guarded_set / "targets.parquet", guarded_set / "leaky.parquet", run_dir=guarded_set / "r",
+                 protect=[str(guarded_set / "val.parquet")], overrides={**THUMB, "topn": 2})
+    assert result.mined == 0 and pq.read_table(result.mined_parquet).num_rows == 0
+    (warning,) = [w for w in result.warnings if w.code == "leaks_excluded"]
+    assert "every pool row is a leak" in warning.message
+    assert json.loads((Path(result.run_dir) / "run.json").read_text())["status"] == "finished"
+
+
+def test_without_a_guard_and_without_copies_nothing_changes(guarded_set):
+    pq.write_table(pa.table({"filepath": [f"pool/p{i}.png" for i in range(6)]}), guarded_set / "clean.parquet")
+    result = run(guarded_set / "targets.parquet", guarded_set / "clean.parquet", run_dir=guarded_set / "r",
+                 overrides={**THUMB, "topn": 2})
+    assert result.leaks is None and not (Path(result.run_dir) / "leaks.parquet").exists()
+    assert "leak" not in (Path(result.run_dir) / "mining_spec.yaml").read_text()
+    assert "leaks" not in json.loads((Path(result.run_dir) / "run.json").read_text())
+
+
+# --- refusals ---------------------------------------------------------------------------------------
+
+def _refused(guarded_set: Path, protect: list[str] | None = None, **overrides) -> DeftError:
+    with pytest.raises(DeftError) as exc:
+        run(guarded_set / "targets.parquet", guarded_set / "pool.parquet", run_dir=guarded_set / "r",
+            protect=protect, overrides={**THUMB, **overrides})
+    assert not (guarded_set / "r").exists()  # refused before a run folder exists
+    return exc.value
+
+
+def test_refusals_name_the_field(guarded_set):
+    error = _refused(guarded_set, [str(guarded_set / "absent.parquet")])
+    assert (error.code, error.details["field"]) == ("file_not_found", "protect")
+    pq.write_table(pa.table({"path": ["sets/v0.png"]}), guarded_set / "nofp.parquet")
+    error = _refused(guarded_set, [str(guarded_set / "nofp.parquet")])
+    assert (error.code, error.details["field"]) == ("column_missing", "protect")
+    pq.write_table(pa.table({"filepath": ["sets/gone.png", "sets/gone2.png"]}), guarded_set / "gone.parquet")
+    error = _refused(guarded_set, [str(guarded_set / "gone.parquet")])
+    assert (error.code, error.details["field"]) == ("no_readable_images", "protect")
+    error = _refused(guarded_set, leak_similarity=1.5)
+    assert error.details["field"] == "leak_similarity"
+    error = _refused(guarded_set, leak_distance=0.5)
+    assert (error.code, error.details["field"]) == ("spec_invalid", "leak_distance")
+    error = _refused(guarded_set, knn_metric="manhattan", leak_similarity=0.5)
+    assert (error.code, error.details["field"]) == ("spec_invalid", "leak_similarity")
+    error = _refused(guarded_set, knn_metric="manhattan", leak_distance=-1)
+    assert error.details["field"] == "leak_distance"
+    error = _refused(guarded_set, [str(guarded_set / "val.parquet")], mode="unique", desired_unique_count=2)
+    assert (error.code, error.details["field"]) == ("spec_invalid", "protect")
+
+
+def test_docker_refuses_a_guard_it_cannot_apply():
+    from deft_mine.schemas.inputs import RunInput
+    from deft_mine.tools.run_leaks import applies
+
+    docker = SimpleNamespace(name="docker")
+    inputs = RunInput(targets="t.parquet", source="s.parquet", run_dir="r", protect=["v.parquet"])
+    with pytest.raises(DeftError) as exc:
+        applies(inputs, MiningSpec(), docker, sentences=False)
+    assert (exc.value.code, exc.value.details["field"]) == ("backend_unsupported", "protect")
+    # unasked, the guard stays off on docker: the container's answer stands as before
+    assert not applies(RunInput(targets="t.parquet", source="s.parquet", run_dir="r"), MiningSpec(), docker, False)
