@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -229,7 +228,9 @@ def test_docker_refuses_a_guard_it_cannot_apply():
     from deft_mine.schemas.inputs import RunInput
     from deft_mine.tools.run_leaks import applies
 
-    docker = SimpleNamespace(name="docker")
+    from deft_mine.backends.docker import DockerBackend
+
+    docker = DockerBackend("nvcr.io/nvidia/tao/tao-toolkit:6.0.0-data-services")  # asked nothing of an engine here
     inputs = RunInput(targets="t.parquet", source="s.parquet", run_dir="r", protect=["v.parquet"])
     with pytest.raises(DeftError) as exc:
         applies(inputs, MiningSpec(), docker, sentences=False)

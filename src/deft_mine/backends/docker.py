@@ -77,7 +77,8 @@ class DockerBackend:
     # pairs: recomputed on the host; the image reads parquet listings only; unique matching and
     # text embeddings when the image has the action (match() and accepts_text() ask its schema first)
     capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=True, reads_parquet_only=True,
-                                runs_unique_matching=True, runs_text_embeddings=True)
+                                runs_unique_matching=True, runs_text_embeddings=True,
+                                leaves_rows_out=False)
 
     def __init__(self, image: str | None = None, mounts: list[str] | None = None,
                  network: str = "none") -> None:

@@ -33,14 +33,14 @@ def applies(inputs: RunInput, mining: MiningSpec, backend: Backend, sentences: b
     """Whether the guard runs: mode=nearest on a backend that mines in this process (local, ray),
     image targets. What was asked of it where it cannot run is refused, naming why."""
     if not asked(inputs, mining):
-        return not mining.unique and backend.name != "docker" and not sentences and mining.leaks_parquet is None
+        return not mining.unique and backend.capabilities.leaves_rows_out and not sentences and mining.leaks_parquet is None
     field = "protect" if inputs.protect else "leak_similarity" if mining.leak_similarity is not None else "leak_distance"
     if mining.unique:
         raise DeftError("spec_invalid", f"{field}: the leakage guard runs with mode=nearest; mode=unique (the "
                         "budgeted matching) cannot leave pool rows out of its search yet",
                         fix=f"leave {field} out with mode=unique, or mine with mode=nearest", field=field)
-    if backend.name == "docker":
-        raise DeftError("backend_unsupported", f"{field}: the docker backend's container searches the whole pool "
+    if not backend.capabilities.leaves_rows_out:
+        raise DeftError("backend_unsupported", f"{field}: the {backend.name} backend's program searches the whole pool "
                         "and cannot be told to leave the leak rows out", fix=f"use backend=local or backend=ray "
                         f"for a guarded run, or leave {field} out", field=field, backend=backend.name)
     if sentences:
