@@ -66,6 +66,11 @@ class MineOutputs:
         return self.mined.parent / artifacts.SUMMARY
 
     @property
+    def near_duplicates(self) -> Path:
+        """The mined images collapsed into one kept (near_duplicates.parquet), beside the mined parquet."""
+        return self.mined.parent / artifacts.NEAR_DUPLICATES
+
+    @property
     def raw(self) -> Path:
         """The k-NN output before the floor (mined_raw.parquet)."""
         return self.mined.parent / artifacts.MINED_RAW

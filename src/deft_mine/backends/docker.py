@@ -372,8 +372,10 @@ class DockerBackend:
 
 
 # Mining keys of ours the host applies when the image does not know them (the floor in any of its
-# three spellings and its rule, exclude_targets); label_mode=per_label it cannot apply afterwards (refused).
-_HOST_KEYS = ("distance_threshold", "min_similarity", "max_distance", "floor_rule", "exclude_targets")
+# three spellings and its rule, exclude_targets, the near-duplicate collapse); label_mode=per_label it
+# cannot apply afterwards (refused).
+_HOST_KEYS = ("distance_threshold", "min_similarity", "max_distance", "floor_rule", "exclude_targets",
+              "dedup_similarity", "dedup_distance")
 _REFUSED = ("label_mode",)
 
 

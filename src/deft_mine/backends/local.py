@@ -102,6 +102,8 @@ def write_mining(outcome: MiningOutcome, outputs: MineOutputs) -> BackendMine:
     outcome.summary.saved_to = str(outputs.mined)
     write_floor_stage(outcome, outputs, raw_only=True)  # the stages in the loop's order: before the floor first
     tables.write_table_atomic(outputs.mined, outcome.mined)
+    if outcome.near_duplicates is not None:
+        tables.write_table_atomic(outputs.near_duplicates, outcome.near_duplicates)
     if outputs.pairs is not None:
         tables.write_table_atomic(outputs.pairs, outcome.pairs)
     tables.write_text_atomic(outputs.summary, outcome.summary.text())

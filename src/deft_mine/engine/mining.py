@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from deft_mine import rules
-from deft_mine.engine import tables
+from deft_mine.engine import dedup, tables
 from deft_mine.engine.floor import FloorStage, best_matches, group_codes
 from deft_mine.engine.knn import GroupedTopK, RunningTopK, TopKState
 from deft_mine.engine.leaks import leak_mask
@@ -38,6 +38,7 @@ class MiningOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[ToolWarning] = field(default_factory=list)  # duplicate_paths, zero_vectors
     floor: FloorStage | None = None  # with a floor: the raw candidates and what it kept (the loop's files)
+    near_duplicates: pa.Table | None = None  # with dedup_similarity / dedup_distance: the images it collapsed
 
 
 def lexically_normal(filepath: str) -> str:
@@ -247,16 +248,42 @@ def finish(prep: Prepared, found: Searched) -> MiningOutcome:
     floor = None if raw is None else FloorStage(prep.spec.floor_rule, prep.spec.floor, raw, mined.num_rows, audit)
     if floor is not None:
         mined = floor.kept_table(mined)
+    unique = mined.num_rows
     pairs = _pairs_table(prep, cands, filtered.keep, None if prep.spec.floor is None else
                          filtered.agree & ~filtered.within)
     prep.timings["collect"] = time.perf_counter() - t0
-    summary = summarise(prep, found, cands, filtered, mined.num_rows)
+    mined, near_duplicates = near_duplicate_stage(prep, cands, filtered.keep, mined)
+    summary = summarise(prep, found, cands, filtered, unique)
+    if near_duplicates is not None:
+        summary.near_duplicates_removed, summary.mined = near_duplicates.num_rows, mined.num_rows
     raised += _control_warnings(prep, cands, filtered)
     if filtered.null_labels:
         raised.append(warnings.label_null(filtered.null_labels, int(cands.found.sum())))
     prep.timings["total"] = time.perf_counter() - prep.started
     return MiningOutcome(mined=mined, pairs=pairs, summary=summary, searched_rows=found.searched,
-                         label_missing=prep.label_missing, timings=prep.timings, warnings=raised, floor=floor)
+                         label_missing=prep.label_missing, timings=prep.timings, warnings=raised, floor=floor,
+                         near_duplicates=near_duplicates)
+
+
+def near_duplicate_stage(prep: Prepared, cands: Candidates, keep: np.ndarray,
+                         mined: pa.Table) -> tuple[pa.Table, pa.Table | None]:
+    """With dedup_similarity / dedup_distance, the mined images walked in their order (target
+    order, then rank), each dropped when it lies within the threshold of one kept before it: the
+    mined table left, and near_duplicates.parquet's table. An image's vector is its pool row's in
+    its first kept pair (as the floor's audit takes it), read back for just those rows."""
+    threshold = prep.spec.dedup
+    if threshold is None:
+        return mined, None
+    t0 = time.perf_counter()
+    t, r = np.nonzero(keep)
+    paths = pa.array(cands.paths[t, r].tolist(), pa.string()).dictionary_encode()
+    first = np.unique(paths.indices.to_numpy(zero_copy_only=False), return_index=True)[1]
+    at = pc.index_in(mined.column("filepath"), value_set=paths.dictionary).to_numpy(zero_copy_only=False)
+    vectors = _pool_rows_vectors(prep, cands.rows[t, r][first][at])
+    found = dedup.collapse(vectors, prep.spec.knn_metric, threshold)
+    prep.timings["dedup"] = time.perf_counter() - t0
+    return mined.filter(pa.array(found.keep)), dedup.table(mined.column("filepath").to_pylist(), found,
+                                                           prep.spec.knn_metric)
 
 
 def floor_stage(prep: Prepared, cands: Candidates,
@@ -306,9 +333,9 @@ def _best_targets(prep: Prepared, cands: Candidates, agree: np.ndarray, raw: pa.
 
 
 def _pool_rows_vectors(prep: Prepared, rows: np.ndarray) -> np.ndarray:
-    """The vectors of the given pool rows, in that order: only their rows are read (block by block)."""
+    """The vectors of the given pool rows, in that order: only the row groups holding them are read."""
     column, wanted = prep.spec.source_embed_column_name, np.unique(rows)
-    table = _take_rows(prep.source_path, wanted, [column], prep.spec.block_rows)
+    table = _take_rows(prep.source_path, wanted, [column], prep.spec.block_rows, by_row_group=True)
     vectors = tables.vectors_from_column(table.column(column), path=prep.source_path, name=column, first_row=0,
                                         dim=None, field="source_parquet")  # searched already: none is bad
     return vectors[np.searchsorted(wanted, rows)]
@@ -336,11 +363,17 @@ def candidates(prep: Prepared, found: Searched) -> Candidates:
         if source_labelled else None)
 
 
-def _take_rows(path: Path, rows: np.ndarray, columns: list[str], block_rows: int) -> pa.Table:
+def _take_rows(path: Path, rows: np.ndarray, columns: list[str], block_rows: int,
+               by_row_group: bool = False) -> pa.Table:
     """The given (sorted, unique) rows of `columns`, in that order, read block by block: a large
-    pool's filepath and label columns are never held whole (prepare already holds its paths)."""
+    pool's filepath and label columns are never held whole (prepare already holds its paths).
+    `by_row_group`: a parquet's row groups holding none of the rows are not read at all (worth
+    it for vectors, which dwarf the rest)."""
     taken, start = [], 0
-    for batch in tables.iter_batches(path, block_rows, columns):
+    batches = _row_groups_holding(path, rows, columns, block_rows) if by_row_group and not tables.is_csv(path) \
+        else ((None, batch) for batch in tables.iter_batches(path, block_rows, columns))
+    for first, batch in batches:
+        start = start if first is None else first
         lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
         if hi > lo:
             taken.append(pa.Table.from_batches([batch.take(pa.array(rows[lo:hi] - start))]))
@@ -349,6 +382,20 @@ def _take_rows(path: Path, rows: np.ndarray, columns: list[str], block_rows: int
             break
     schema = tables.schema_of(path)
     return pa.concat_tables(taken) if taken else pa.schema([schema.field(c) for c in columns]).empty_table()
+
+
+def _row_groups_holding(path: Path, rows: np.ndarray, columns: list[str],
+                        block_rows: int) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(first row, batch) over just the row groups of a parquet that hold any of the (sorted) rows."""
+    file = pq.ParquetFile(path, pre_buffer=False)
+    sizes = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
+    firsts = np.cumsum([0, *sizes])
+    hit = np.unique(np.searchsorted(firsts, rows, side="right") - 1)
+    for group in hit.tolist():
+        start = int(firsts[group])
+        for batch in file.iter_batches(batch_size=block_rows, row_groups=[group], columns=columns):
+            yield start, batch
+            start += batch.num_rows
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterable, Sequence
 from deft_mine import rules
 from deft_mine.report.facts import SPEC_PARQUETS, ReportFacts
 from deft_mine.rules import NOT_RECORDED, plural
-from deft_mine.schemas.artifacts import SUMMARY_MEANING, UNIQUE_EXCLUDE as EXCLUDE_NAME, UNIQUE_SPEC, MiningSummary
+from deft_mine.schemas.artifacts import (NEAR_DUPLICATES, SUMMARY_MEANING, UNIQUE_EXCLUDE as EXCLUDE_NAME, UNIQUE_SPEC,
+                                        MiningSummary)
 from deft_mine.schemas.manifest import EmbedFacts, InputFacts, RunManifest
 from deft_mine.schemas.inputs import LedgerFormat
 from deft_mine.schemas.specs import LabelFilter, Side, recorded_floor
@@ -141,6 +142,9 @@ class _View:
         self.floor_key, self.floor = recorded_floor(self.spec, self.metric) or (None, None)
         self.floor_rule = self.spec.get("floor_rule") or "pair"  # a run from before the choice: the pair rule
         self.unique = m.mining.unique  # None: mode=nearest (each target's topn nearest)
+        # the near-duplicate collapse's key and threshold, (None, None) when off
+        self.dedup_key, self.dedup = next(((key, self.spec[key]) for key in ("dedup_similarity", "dedup_distance")
+                                           if self.spec.get(key) is not None), (None, None))
 
 
 def _first(*values: Any) -> Any:
@@ -221,7 +225,8 @@ def _verdict_section(v: _View, found: list[Finding], verdict: str, compact: bool
         "failed": "the mined set must not be used: " + "; ".join(f.reason for f in found if f.severity == "failed") + ".",
     }[verdict]
     controls = ([f"label_mode={v.label_mode}"] if v.label_filter is LabelFilter.applied and v.label_mode else []) \
-        + ([f"{v.floor_key}={_fmt(v.floor)}"] if v.floor_key else [])  # the controls a run set beyond TAO's
+        + ([f"{v.floor_key}={_fmt(v.floor)}"] if v.floor_key else []) \
+        + ([f"{v.dedup_key}={_fmt(v.dedup)}"] if v.dedup_key else [])  # the controls a run set beyond TAO's
     params = (f"topn={_fmt(v.topn)}, knn_metric={_fmt(v.metric)}, filter_by_label={_flag(v.filter_by_label)}"
               + (f" ({v.label_filter})" if v.label_filter else "") + "".join(f", {c}" for c in controls))
     if v.unique is not None:
@@ -395,6 +400,8 @@ def _mine_command(v: _View, inline: bool = False) -> str:
     if v.floor_key:
         parts.append(f"{v.floor_key}={_fmt(v.floor)}")
         parts += [f"floor_rule={v.floor_rule}"] if v.floor_rule != "pair" else []
+    if v.dedup_key:
+        parts.append(f"{v.dedup_key}={_fmt(v.dedup)}")
     command = " ".join(parts)
     return f"`{command}`" if inline else f"```\n{command}\n```"
 
@@ -411,7 +418,7 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
                   f"`exclude_targets` = {_flag(v.exclude_targets)}"
                   + "".join(f", `{key}` = {_fmt(value)}" for key, value in (
                       ("label_mode", v.label_mode if v.label_filter is LabelFilter.applied else None),
-                      (v.floor_key, v.floor)) if key and value is not None) + ".")
+                      (v.floor_key, v.floor), (v.dedup_key, v.dedup)) if key and value is not None) + ".")
     if counts := v.summary.as_dict():
         table = _table("Count | Value | Meaning", [(f"`{key}`", _cell(value), SUMMARY_MEANING.get(key, ""))
                                                   for key, value in counts.items()])
@@ -422,6 +429,8 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     kept, dropped = v.summary.kept_pairs, v.summary.dropped_pairs
     if v.floor_key:
         yield 0, _floor_words(v)
+    if v.dedup_key:
+        yield 0, _dedup_words(v)
     within = f"Of {_fmt(v.summary.pairs)} pairs found"
     yield 0, "" if v.unique is not None else {
         LabelFilter.applied: (
@@ -476,6 +485,16 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     yield 2, ("When `topn` × targets exceeds the pool, targets necessarily share neighbours and "
               "the mined count falls below the request; that is normal, and the report states "
               "the actual number rather than the requested one.")
+
+
+def _dedup_words(v: _View) -> str:
+    """The near-duplicate collapse: its threshold, how many images it dropped, where they are listed."""
+    removed, near = v.summary.near_duplicates_removed, "similarity" if v.dedup_key == "dedup_similarity" else "distance"
+    return (f"Near-duplicate collapse (`{v.dedup_key}` = {_fmt(v.dedup)}): walking the mined images in order "
+            f"(target order, then rank), {plural(removed, 'image')} lay within that {near} of an image kept "
+            f"before {'it' if removed == 1 else 'them'} and {'was' if removed == 1 else 'were'} dropped, so "
+            f"{_fmt(v.mined_count)} distinct images remain; `{NEAR_DUPLICATES}` maps each dropped "
+            "image to the kept one (`duplicate_of`).")
 
 
 def _unique_mining_words(v: _View) -> Blocks:

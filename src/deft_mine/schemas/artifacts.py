@@ -41,6 +41,9 @@ class LeakKind(str, Enum):
 PROTECTED_LISTING = "protected_listing.parquet"  # run --protect: the protected images (absolute paths), one listing
 PROTECTED_EMBEDDINGS = "protected_embeddings.parquet"  # ...embedded, with leak_similarity / leak_distance
 PAIRS = "mined_pairs.parquet"  # every (target, neighbour) pair: what the report draws
+# With dedup_similarity / dedup_distance, beside the mined parquet: each collapsed image, the kept
+# image it was collapsed into (duplicate_of) and their similarity (cosine) or distance
+NEAR_DUPLICATES = "near_duplicates.parquet"
 MANIFEST = "run.json"  # every fact the report states
 REPORT = "Mining_Report.md"
 # Provenance, written with the report (TAO's packaging hook did the same):
@@ -100,6 +103,8 @@ class MiningSummary:
     dropped_pairs: int | None = _count("pairs whose labels differ (dropped)", "dropped")
     below_floor: int | None = _count("pairs the label filter kept that lie beyond distance_threshold (dropped)")
     duplicates_removed: int | None = _count("kept pairs that repeat an image already mined", "duplicates")
+    near_duplicates_removed: int | None = _count("mined images within dedup_similarity / dedup_distance of an "
+                                                 "image kept before them (collapsed into it)")
     mined: int | None = _count("unique images written to the mined parquet", "unique_mined")
     target_in_pool: int | None = _count("pool rows whose filepath is also a target")
     targets_without_neighbours: int | None = _count("targets that kept no pair (floor or per-label search)")

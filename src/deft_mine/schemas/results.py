@@ -128,6 +128,13 @@ class MineResult(_Result):
     min_similarity: float | None = Field(None, description="the cosine floor pairs had to reach (None: off)")
     max_distance: float | None = Field(None, description="the euclidean/manhattan ceiling pairs had to stay "
                                        "within (None: off)")
+    # written only when set, so a run without the collapse reads as it always has
+    dedup_similarity: float | None = Field(None, exclude_if=lambda value: value is None, description=(
+        "the cosine similarity at which a mined image was collapsed into one kept before it (None: off)"))
+    dedup_distance: float | None = Field(None, exclude_if=lambda value: value is None, description=(
+        "the euclidean/manhattan distance within which a mined image was collapsed into one kept before it"))
+    near_duplicates_parquet: str | None = Field(None, exclude_if=lambda value: value is None, description=(
+        "each collapsed image, the kept one it was collapsed into (duplicate_of), their similarity/distance"))
     encoder: EncoderIdentity | None = Field(None, description="shared identity of both inputs, if recorded")
     backend: str = "local"
     timings: dict[str, float] = Field(default_factory=dict)

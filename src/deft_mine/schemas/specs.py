@@ -253,8 +253,14 @@ RareClassList = Annotated[list[str], BeforeValidator(_class_names)]
 UNIQUE_KEYS = ("desired_unique_count", "allocation_policy", "rare_class_list", "candidate_expansion_factor")
 NEAREST_KEYS = frozenset({"topn", "filter_by_label", "exclude_targets", "min_similarity", "max_distance",
                           "distance_threshold", "floor_rule", "label_mode", "leak_similarity", "leak_distance",
-                          "leaks_parquet"})
+                          "leaks_parquet", "dedup_similarity", "dedup_distance"})
 LEAK_KEYS = ("leak_similarity", "leak_distance", "leaks_parquet")  # the leakage guard's (mode=nearest)
+# Keys on one metric's scale, as (cosine key, its noun; distance key, its noun): each refused under the other metric.
+SCALED_KEYS = (("min_similarity", "similarity floor", "max_distance", "distance ceiling"),
+               ("dedup_similarity", "similarity threshold", "dedup_distance", "distance threshold"),
+               ("leak_similarity", "similarity threshold", "leak_distance", "distance threshold"))
+# Keys written into a spec only when set: a spec without them reads as it did before they existed.
+_OMITTED_WHEN_OFF = ("dedup_similarity", "dedup_distance", *LEAK_KEYS)
 
 
 class MiningSpec(_Spec):
@@ -276,6 +282,14 @@ class MiningSpec(_Spec):
     max_distance: float | None = Field(
         None, ge=0.0, allow_inf_nan=False,
         description="euclidean / manhattan only: drop pairs farther than it, before de-duplication (default off)")
+    dedup_similarity: float | None = Field(
+        None, ge=-1.0, le=1.0, allow_inf_nan=False,
+        description="cosine only: drop a mined image whose similarity to one kept before it (target order, then "
+                    "rank) reaches it, listed in near_duplicates.parquet (default off)")
+    dedup_distance: float | None = Field(
+        None, ge=0.0, allow_inf_nan=False,
+        description="euclidean / manhattan only: drop a mined image within this distance of one kept before it "
+                    "(default off)")
     distance_threshold: float = Field(
         -1.0, allow_inf_nan=False,
         description="the TAO container's (main): the largest distance a kept pair may have, in the metric's own "
@@ -357,26 +371,15 @@ class MiningSpec(_Spec):
         unique one loads back (it names no key that mode refuses)."""
         data = handler(self)
         drop = {"mode", *UNIQUE_KEYS} if self.mode is MiningMode.nearest else NEAREST_KEYS
-        drop = drop | {key for key in LEAK_KEYS if getattr(self, key) is None}  # the guard off reads as before it
+        drop = drop | {key for key in _OMITTED_WHEN_OFF if getattr(self, key) is None}
         return {key: value for key, value in data.items() if key not in drop} if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _controls_fit(self) -> "MiningSpec":
         """A floor on the wrong scale, or a label mode without labels to search by, is refused:
         silently ignoring it would mine something other than what was asked."""
-        if self.min_similarity is not None and self.knn_metric is not Metric.cosine:
-            raise DeftError(
-                "spec_invalid", f"min_similarity is a cosine similarity floor, but knn_metric={self.knn_metric.value} "
-                "scores distances (lower is nearer)",
-                fix=f"use max_distance=D with knn_metric={self.knn_metric.value}, or knn_metric=cosine "
-                    "with min_similarity", field="min_similarity", knn_metric=self.knn_metric.value)
-        if self.max_distance is not None and self.knn_metric is Metric.cosine:
-            raise DeftError(
-                "spec_invalid", "max_distance is a distance ceiling (euclidean, manhattan), but knn_metric=cosine "
-                "scores similarities (higher is nearer)",
-                fix="use min_similarity=S (between -1 and 1) with knn_metric=cosine, or knn_metric=euclidean "
-                    "or manhattan with max_distance", field="max_distance", knn_metric=self.knn_metric.value)
-        self._leak_key_fits()
+        for keys in SCALED_KEYS:
+            self._on_its_scale(*keys)
         ours = "min_similarity" if self.knn_metric is Metric.cosine else "max_distance"
         if self.distance_threshold >= 0 and getattr(self, ours) is not None and not math.isclose(
                 getattr(self, ours), self._threshold_floor, abs_tol=1e-12):
@@ -398,21 +401,32 @@ class MiningSpec(_Spec):
                 fix="add filter_by_label=true, or leave label_mode out", field="label_mode")
         return self
 
-    def _leak_key_fits(self) -> None:
-        """The leak threshold in the metric's own terms: a similarity under cosine, a distance otherwise."""
-        cosine = self.knn_metric is Metric.cosine
-        wrong = "leak_distance" if cosine else "leak_similarity"
-        if getattr(self, wrong) is not None:
-            right = "leak_similarity=S (between -1 and 1)" if cosine else "leak_distance=D (0 or more)"
-            raise DeftError("spec_invalid", f"{wrong} does not apply to knn_metric={self.knn_metric.value}, which "
-                            f"scores {'similarities (higher is nearer)' if cosine else 'distances (lower is nearer)'}",
-                            fix=f"use {right} with knn_metric={self.knn_metric.value}", field=wrong,
-                            knn_metric=self.knn_metric.value)
+    def _on_its_scale(self, similar: str, similar_noun: str, distant: str, distant_noun: str) -> None:
+        """A cosine key under a distance metric, or a distance key under cosine, is refused naming the other."""
+        metric = self.knn_metric.value
+        if getattr(self, similar) is not None and self.knn_metric is not Metric.cosine:
+            raise DeftError(
+                "spec_invalid", f"{similar} is a cosine {similar_noun}, but knn_metric={metric} "
+                "scores distances (lower is nearer)",
+                fix=f"use {distant}=D with knn_metric={metric}, or knn_metric=cosine with {similar}",
+                field=similar, knn_metric=metric)
+        if getattr(self, distant) is not None and self.knn_metric is Metric.cosine:
+            raise DeftError(
+                "spec_invalid", f"{distant} is a {distant_noun} (euclidean, manhattan), but knn_metric=cosine "
+                "scores similarities (higher is nearer)",
+                fix=f"use {similar}=S (between -1 and 1) with knn_metric=cosine, or knn_metric=euclidean "
+                    f"or manhattan with {distant}", field=distant, knn_metric=metric)
 
     @property
     def leak_threshold(self) -> float | None:
         """The similarity guard's limit on the metric's scale (None: off)."""
         return self.leak_similarity if self.knn_metric is Metric.cosine else self.leak_distance
+
+    @property
+    def dedup(self) -> float | None:
+        """The near-duplicate threshold on the metric's own scale (dedup_similarity or
+        dedup_distance), None when off."""
+        return self.dedup_similarity if self.knn_metric is Metric.cosine else self.dedup_distance
 
     @property
     def unique(self) -> bool:

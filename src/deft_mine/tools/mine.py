@@ -21,8 +21,10 @@ def mine_pool(inputs: MineInput, ctx: ToolContext) -> MineResult:
     """For each target take the topn nearest pool images (exact; cosine, euclidean or
     manhattan), optionally drop pairs beyond a floor (min_similarity for cosine, max_distance
     otherwise) and keep only label-agreeing pairs (label_mode post_filter, or per_label: each
-    target searched among its own label's pool rows), de-duplicate, and write the unique
-    mined filepaths plus mining_summary.txt. Refuses two parquets embedded with different
+    target searched among its own label's pool rows), de-duplicate, optionally collapse near
+    duplicates (dedup_similarity / dedup_distance: a mined image within it of one kept before it
+    is dropped, listed in near_duplicates.parquet), and write the unique mined filepaths plus
+    mining_summary.txt. Refuses two parquets embedded with different
     encoders (encoder_mismatch). Warnings: filter_by_label_noop, provenance_unknown,
     pool_exhausted, target_in_pool, targets_without_neighbours, floor_removed_all,
     label_missing_in_pool."""
@@ -60,7 +62,9 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
         output_parquet=str(output), summary_path=str(outputs.summary), mined=summary.mined,
         summary=summary.as_dict(), knn_metric=spec.knn_metric.value, topn=spec.topn,
         filter_by_label=spec.filter_by_label, label_filter=summary.label_filter, label_mode=spec.label_mode,
-        min_similarity=spec.min_similarity, max_distance=spec.max_distance, encoder=identity,
+        min_similarity=spec.min_similarity, max_distance=spec.max_distance, dedup_similarity=spec.dedup_similarity,
+        dedup_distance=spec.dedup_distance,
+        near_duplicates_parquet=None if spec.dedup is None else str(outputs.near_duplicates), encoder=identity,
         backend=backend.name, timings=done.timings, cluster=done.cluster, warnings=found,
     )
 

@@ -1,0 +1,144 @@
+"""Near-duplicate collapse of the mined set: which mined images lie within the threshold of one kept before them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+# knn's own preparation and float64 pair scoring: a mined pair is judged on the vectors exactly
+# as the search used them (cosine: L2-normalised float32), scored the way every pair is scored.
+from deft_mine.engine.knn import _SCORE_OF_KEY, _exact_keys, _prepare
+from deft_mine.schemas.specs import Metric
+
+BLOCK_ROWS = 2048  # mined images walked at a time
+_COLUMNS = 8192  # images compared per product: a (2048 x 8192) float32 product is 64 MiB
+
+
+@dataclass
+class Collapse:
+    """Per mined image (in the mined order): the kept image it was collapsed into (-1: kept) and
+    its similarity or distance to it (NaN when kept)."""
+
+    duplicate_of: np.ndarray  # (n,) int64
+    scores: np.ndarray  # (n,) float64
+
+    @property
+    def keep(self) -> np.ndarray:
+        return self.duplicate_of < 0
+
+    @property
+    def removed(self) -> int:
+        return int((self.duplicate_of >= 0).sum())
+
+
+def collapse(vectors: np.ndarray, metric: Metric, threshold: float, block_rows: int = BLOCK_ROWS) -> Collapse:
+    """Walk the images in order and keep each one unless it lies within `threshold` (cosine:
+    similarity >= it; euclidean, manhattan: distance <= it) of an image already kept; a dropped
+    image maps to the kept one nearest to it (the earliest on a tie). Exact: the float32 products
+    only propose pairs (with an error margin), every verdict is the pair's float64 score."""
+    near = _Near(_prepare(vectors, metric), metric, threshold)
+    n = len(near.x)
+    duplicate_of, scores = np.full(n, -1, np.int64), np.full(n, np.nan)
+    kept = np.empty(n, np.int64)  # the images kept so far, in order
+    held = 0
+    for start in range(0, n, block_rows):
+        rows = np.arange(start, min(start + block_rows, n))
+        before = near.pairs(rows, kept[:held])  # within the threshold of an image kept in an earlier block
+        hit = np.zeros(len(rows), bool)
+        hit[before[0] - start] = True
+        open_rows = rows[~hit]  # only these can still be kept: the block's own walk decides them
+        inside = near.pairs(rows, open_rows, earlier_only=True)
+        keep_here = _walk(open_rows, inside)
+        # every row's nearest kept image: one of an earlier block, or one this block kept before it
+        mine = np.isin(inside[1], keep_here)
+        i, j, s = (np.concatenate([b, w[mine]]) for b, w in zip(before, inside))
+        first = _nearest(i, j, s, metric)
+        duplicate_of[i[first]], scores[i[first]] = j[first], s[first]
+        kept[held:held + len(keep_here)] = keep_here
+        held += len(keep_here)
+    return Collapse(duplicate_of, scores)
+
+
+def _walk(open_rows: np.ndarray, pairs: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """The keep rule within one block: in order, an open row is kept unless a row kept before it
+    lies within the threshold (`pairs`: (row, earlier row) within it). The kept rows, in order."""
+    later, earlier, _ = pairs
+    order = np.argsort(later, kind="stable")
+    later, earlier = later[order], earlier[order]
+    bounds = np.searchsorted(later, open_rows, side="left"), np.searchsorted(later, open_rows, side="right")
+    kept: set[int] = set()
+    for row, lo, hi in zip(open_rows.tolist(), *(b.tolist() for b in bounds)):
+        if lo == hi or kept.isdisjoint(earlier[lo:hi].tolist()):
+            kept.add(row)
+    return np.asarray(sorted(kept), np.int64)
+
+
+def _nearest(i: np.ndarray, j: np.ndarray, s: np.ndarray, metric: Metric) -> np.ndarray:
+    """Positions of each row's nearest partner among the pairs (i, j, score): the highest similarity
+    or the lowest distance, the earliest j on a tie."""
+    order = np.lexsort((j, -s if metric.higher_is_nearer else s, i))
+    return order[np.unique(i[order], return_index=True)[1]]
+
+
+class _Near:
+    """The pairs within the threshold between given rows of one prepared matrix: float32 products
+    propose (with a margin bounding their rounding error), float64 scores decide."""
+
+    def __init__(self, x: np.ndarray, metric: Metric, threshold: float) -> None:
+        self.x, self.metric, self.threshold = x, metric, threshold
+        self.norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+        self.squares = np.square(self.norms).astype(np.float32)
+        # a generous bound on a float32 key's relative error (knn's, widened for the few additions
+        # that turn a product into a squared distance); its scale: 1 for unit vectors, (|x| + |y|)^2 else
+        self.gamma = 2.0 * (x.shape[1] + 4) * float(np.finfo(np.float32).eps)
+
+    def pairs(self, rows: np.ndarray, cols: np.ndarray, earlier_only: bool = False
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, col, score) of every pair within the threshold (`earlier_only`: col < row)."""
+        found = []
+        block = self.x[rows]
+        for at in range(0, len(cols), _COLUMNS):
+            part = cols[at:at + _COLUMNS]
+            if earlier_only:
+                part = part[part < rows[-1]]
+                if not len(part):
+                    break
+            mask = self._proposed(block, rows, part)
+            if earlier_only:
+                mask &= part[None, :] < rows[:, None]
+            r, c = np.nonzero(mask)
+            if len(r):
+                found.append((rows[r], part[c]))
+        if not found:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
+        i, j = (np.concatenate(side) for side in zip(*found))
+        scores = _SCORE_OF_KEY[self.metric](_exact_keys(self.x, i, self.x, j, self.metric))
+        within = scores >= self.threshold if self.metric.higher_is_nearer else scores <= self.threshold
+        return i[within], j[within], scores[within]
+
+    def _proposed(self, block: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Pairs whose float32 product cannot rule them out."""
+        product = block @ self.x[cols].T
+        if self.metric is Metric.cosine:
+            return product >= self.threshold - 2.0 * self.gamma
+        # squared L2 from the product; manhattan is proposed by L2 (L2 <= L1, so L1 <= t needs L2 <= t)
+        reach = float(self.norms[rows].max() + self.norms[cols].max())
+        limit = self.threshold ** 2 + 2.0 * self.gamma * reach ** 2
+        product *= -2.0
+        product += self.squares[rows][:, None]
+        product += self.squares[cols][None, :]
+        return product <= limit
+
+
+def table(paths: list[str], found: Collapse, metric: Metric) -> pa.Table:
+    """near_duplicates.parquet: each dropped image (mined order), the kept image it was collapsed
+    into, and their similarity (cosine) or distance (euclidean, manhattan)."""
+    dropped = np.flatnonzero(~found.keep)
+    names = np.asarray(paths, dtype=object)
+    return pa.table({
+        "filepath": pa.array(names[dropped].tolist(), pa.string()),
+        "duplicate_of": pa.array(names[found.duplicate_of[dropped]].tolist(), pa.string()),
+        "similarity" if metric.higher_is_nearer else "distance": pa.array(found.scores[dropped], pa.float64()),
+    })

@@ -1,0 +1,213 @@
+"""Near-duplicate collapse of the mined set: the keep rule against a brute-force walk, end to end, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import THUMB_ID, write_embeddings, write_image
+from deft_mine.backends.local import write_mining
+from deft_mine.backends.base import MineOutputs
+from deft_mine.backends.ray_mine import plan_shards
+from deft_mine.cli import main as cli_main
+from deft_mine.engine.dedup import collapse
+from deft_mine.engine.mining import finish, merge, mine_files, prepare, search_range
+from deft_mine.errors import DeftError
+from deft_mine.report.render import count_words
+from deft_mine.events import NullEvents
+from deft_mine.schemas.specs import Metric, MiningSpec, load_spec
+from deft_mine.task import main as task_main
+from deft_mine.tools.mine import mine
+from deft_mine.tools.run import run
+
+
+def brute_walk(vectors: np.ndarray, metric: Metric, threshold: float) -> tuple[list[int], list[float]]:
+    """The rule as written: in order, drop an image within the threshold of any kept one (mapped to
+    the nearest kept, the earliest on a tie); one pair at a time, in float64."""
+    x = vectors.astype(np.float32)
+    if metric is Metric.cosine:
+        x = x / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), np.finfo(np.float32).tiny)[:, None]
+    x = x.astype(np.float32).astype(np.float64)
+    kept: list[int] = []
+    duplicate_of, scores = [-1] * len(x), [float("nan")] * len(x)
+    for i in range(len(x)):
+        best = None
+        for j in kept:
+            score = {Metric.cosine: lambda: float((x[i] * x[j]).sum()),
+                     Metric.euclidean: lambda: float(np.sqrt(np.square(x[i] - x[j]).sum())),
+                     Metric.manhattan: lambda: float(np.abs(x[i] - x[j]).sum())}[metric]()
+            within = score >= threshold if metric is Metric.cosine else score <= threshold
+            nearer = best is None or (score > best[1] if metric is Metric.cosine else score < best[1])
+            if within and nearer:
+                best = (j, score)
+        if best is None:
+            kept.append(i)
+        else:
+            duplicate_of[i], scores[i] = best
+    return duplicate_of, scores
+
+
+@pytest.mark.parametrize("metric,threshold", [(Metric.cosine, 0.9), (Metric.cosine, 0.5),
+                                              (Metric.euclidean, 1.0), (Metric.manhattan, 2.5)])
+@pytest.mark.parametrize("seed", range(6))
+def test_the_collapse_equals_the_brute_force_walk(metric, threshold, seed):
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(1, 140)), int(rng.integers(1, 24))  # odd sizes, blocks cut anywhere
+    centres = rng.normal(size=(max(1, n // 5), d))
+    vectors = np.round(centres[rng.integers(0, len(centres), n)] + rng.normal(scale=0.25, size=(n, d)), 1)
+    vectors[rng.integers(0, n, n // 4)] = vectors[0]  # exact copies: ties in similarity
+    got = collapse(vectors.astype(np.float32), metric, threshold, block_rows=int(rng.integers(1, 40)))
+    duplicate_of, scores = brute_walk(vectors, metric, threshold)
+    assert got.duplicate_of.tolist() == duplicate_of
+    np.testing.assert_allclose(got.scores, scores, rtol=0, atol=1e-12)
+
+
+def test_a_chain_keeps_its_ends_and_ties_go_to_the_earliest_kept():
+    angle = np.radians([0, 15, 30])  # A≈B and B≈C within 20 degrees, A and C not
+    chain = np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    got = collapse(chain, Metric.cosine, float(np.cos(np.radians(20))))
+    assert got.duplicate_of.tolist() == [-1, 0, -1]  # A kept, B dropped into A, C kept
+    # B lies exactly between two kept images A and C: it goes to A, the earlier
+    line = np.array([[0.0], [2.0], [1.0]])
+    got = collapse(line, Metric.euclidean, 1.0)
+    assert got.duplicate_of.tolist() == [-1, -1, 0] and got.scores[2] == 1.0
+    assert collapse(line, Metric.manhattan, 0.999).removed == 0  # the threshold itself is within, no more
+
+
+def _pool(tmp_path, metric_copies: float = 0.001):
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(12, 16))
+    pool = np.repeat(base, 3, axis=0) + rng.normal(scale=metric_copies, size=(36, 16))  # three near copies each
+    targets = base[:4] + rng.normal(scale=0.3, size=(4, 16))
+    write_embeddings(tmp_path / "pool.parquet", pool, identity=THUMB_ID)
+    write_embeddings(tmp_path / "targets.parquet", targets, identity=THUMB_ID)
+    return tmp_path / "pool.parquet", tmp_path / "targets.parquet"
+
+
+@pytest.mark.parametrize("metric,key,threshold", [("cosine", "dedup_similarity", 0.99),
+                                                  ("euclidean", "dedup_distance", 0.1),
+                                                  ("manhattan", "dedup_distance", 0.3)])
+def test_mine_drops_the_near_copies_and_lists_them(tmp_path, metric, key, threshold):
+    source, target = _pool(tmp_path)
+    common = dict(source_parquet=str(source), target_parquet=str(target))
+    plain = mine(output_parquet=str(tmp_path / "a" / "mined.parquet"),
+                 overrides={"topn": 8, "knn_metric": metric, **common})
+    done = mine(output_parquet=str(tmp_path / "b" / "mined.parquet"),
+                overrides={"topn": 8, "knn_metric": metric, key: threshold, **common})
+    before = pq.read_table(plain.output_parquet)
+    after = pq.read_table(done.output_parquet)
+    near = pq.read_table(tmp_path / "b" / "near_duplicates.parquet")
+    assert done.near_duplicates_parquet == str(tmp_path / "b" / "near_duplicates.parquet")
+    assert not (tmp_path / "a" / "near_duplicates.parquet").exists() and "near_duplicates_removed" not in plain.summary
+    # the reference: the plain mined order walked by brute force over the pool rows' vectors
+    vectors = np.asarray(pq.read_table(source).column("embedding").to_pylist())
+    row = {p: i for i, p in reversed(list(enumerate(pq.read_table(source).column("filepath").to_pylist())))}
+    paths = before.column("filepath").to_pylist()
+    duplicate_of, scores = brute_walk(vectors[[row[p] for p in paths]], Metric(metric), threshold)
+    assert after.column("filepath").to_pylist() == [p for p, d in zip(paths, duplicate_of) if d < 0]
+    assert near.column_names == ["filepath", "duplicate_of", "similarity" if metric == "cosine" else "distance"]
+    assert near.column("filepath").to_pylist() == [p for p, d in zip(paths, duplicate_of) if d >= 0]
+    assert near.column("duplicate_of").to_pylist() == [paths[d] for d in duplicate_of if d >= 0]
+    np.testing.assert_allclose(near.column(2).to_numpy(), [s for s, d in zip(scores, duplicate_of) if d >= 0],
+                               atol=1e-12, rtol=0)
+    assert near.num_rows > 0 and done.summary["near_duplicates_removed"] == near.num_rows
+    assert done.mined == after.num_rows == before.num_rows - near.num_rows
+    summary = (tmp_path / "b" / "mining_summary.txt").read_text().splitlines()
+    assert summary.index(f"near_duplicates_removed: {near.num_rows}") == summary.index(
+        f"duplicates_removed: {plain.summary['duplicates_removed']}") + 1
+
+
+def test_a_threshold_that_reaches_everything_leaves_one_image(tmp_path):
+    source, target = _pool(tmp_path)
+    for metric, key, threshold in (("cosine", "dedup_similarity", -1.0), ("euclidean", "dedup_distance", 1e6)):
+        done = mine(source_parquet=str(source), target_parquet=str(target),
+                    output_parquet=str(tmp_path / metric / "mined.parquet"),
+                    overrides={"topn": 10, "knn_metric": metric, key: threshold})
+        first = pq.read_table(tmp_path / metric / "near_duplicates.parquet").column("duplicate_of").unique()
+        assert done.mined == 1 and first.to_pylist() == pq.read_table(done.output_parquet).column(
+            "filepath").to_pylist()
+
+
+def test_sharded_searches_finish_as_the_local_one(tmp_path):
+    """Ray mining runs prepare, a search per shard, merge, finish and write_mining: the same files."""
+    source, target = _pool(tmp_path)
+    spec = MiningSpec(topn=9, dedup_similarity=0.99, block_rows=5)
+    local = mine_files(source, target, spec, NullEvents())
+    prep = prepare(source, target, spec)
+    parts = [search_range(spec, source, target, prep.queries, prep.drop[a:b], a, b, 16 if a else None)
+             for a, b in plan_shards(prep.total, spec.block_rows, 3)]
+    sharded = finish(prep, merge(parts, spec.topn))
+    write_mining(sharded, MineOutputs(tmp_path / "ray" / "mined.parquet"))
+    assert sharded.mined.equals(local.mined) and sharded.near_duplicates.equals(local.near_duplicates)
+    assert pq.read_table(tmp_path / "ray" / "near_duplicates.parquet").equals(local.near_duplicates)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"dedup_similarity": 0.9, "knn_metric": "euclidean"}, "dedup_similarity"),
+    ({"dedup_distance": 0.5}, "dedup_distance"),  # cosine
+    ({"dedup_similarity": 1.5}, "dedup_similarity"),
+    ({"dedup_distance": -0.1, "knn_metric": "manhattan"}, "dedup_distance"),
+    ({"dedup_similarity": 0.9, "mode": "unique", "desired_unique_count": 5}, "dedup_similarity"),
+])
+def test_a_threshold_on_the_wrong_scale_or_mode_is_refused(overrides, field):
+    with pytest.raises(DeftError) as refused:
+        load_spec(MiningSpec, None, [f"{k}={v}" for k, v in overrides.items()])
+    assert refused.value.code in {"spec_invalid", "spec_invalid_value"} and field in refused.value.message
+
+
+def test_a_spec_without_the_keys_reads_as_before(tmp_path):
+    from deft_mine.schemas.specs import spec_to_yaml
+
+    assert "dedup" not in spec_to_yaml(MiningSpec())
+    assert "dedup_similarity: 0.95" in spec_to_yaml(MiningSpec(dedup_similarity=0.95))
+
+
+def _images(tmp_path):
+    """Two targets and a pool holding each target's picture three times over (near copies)."""
+    for i in range(8):
+        write_image(tmp_path / "imgs" / f"{i}.png", seed=i)
+    for i in range(2, 8):
+        shutil.copy(tmp_path / "imgs" / f"{i}.png", tmp_path / "imgs" / f"{i}_copy.png")
+    (tmp_path / "targets.csv").write_text("filepath\nimgs/0.png\nimgs/1.png\n")
+    (tmp_path / "pool.csv").write_text("filepath\n" + "".join(f"imgs/{i}.png\nimgs/{i}_copy.png\n"
+                                                               for i in range(2, 8)))
+    return tmp_path / "targets.csv", tmp_path / "pool.csv"
+
+
+def test_run_collapses_before_history_and_reports_it(tmp_path):
+    targets, pool = _images(tmp_path)
+    ledger = tmp_path / "ledger.json"
+    done = run(targets, pool, run_dir=tmp_path / "r", history=ledger,
+               overrides={"model": "thumbnail", "topn": 12, "dedup_similarity": 0.999})
+    folder = tmp_path / "r"
+    near = pq.read_table(folder / "near_duplicates.parquet")
+    candidates = pq.read_table(folder / "mined_candidates.parquet").column("filepath").to_pylist()
+    assert near.num_rows == 6 and not set(near.column("filepath").to_pylist()) & set(candidates)
+    assert done.select.candidates == len(candidates) == 6 and done.mined == 6  # the budget never met a copy
+    manifest = json.loads((folder / "run.json").read_text())
+    assert manifest["mining"]["summary"]["near_duplicates_removed"] == 6
+    assert manifest["mining_spec"]["dedup_similarity"] == 0.999
+    report = (folder / "Mining_Report.md").read_text()
+    assert "Near-duplicate collapse (`dedup_similarity` = 0.999)" in report and "6 images lay within" in report
+    assert 600 <= done.report.words <= 1200 and done.report.words == count_words(report)
+
+
+def test_the_cli_and_the_task_entrypoint_take_the_key(tmp_path, capsys):
+    targets, pool = _images(tmp_path)
+    assert cli_main(["run", "--targets", str(targets), "--source", str(pool), "--run-dir", str(tmp_path / "c"),
+                     "model=thumbnail", "topn=12", "dedup_similarity=0.95", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mine"]["summary"]["near_duplicates_removed"] == 6 and result["mined"] == 6
+    folder = tmp_path / "c"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"source_parquet: {folder / 'source_embeddings.parquet'}\n"
+                    f"target_parquet: {folder / 'target_embeddings.parquet'}\n"
+                    f"output_parquet: {tmp_path / 't' / 'mined.parquet'}\ntopn: 12\n")
+    assert task_main(["tmm", "nearest_neighbors", "-e", str(spec), "dedup_similarity=0.95"]) == 0
+    assert pq.read_table(tmp_path / "t" / "near_duplicates.parquet").equals(
+        pq.read_table(folder / "near_duplicates.parquet"))
+    assert "near_duplicates_removed: 6" in (tmp_path / "t" / "mining_summary.txt").read_text()
