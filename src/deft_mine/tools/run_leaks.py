@@ -120,7 +120,8 @@ def guard(inputs: RunInput, listings: list[Listing], folder: Path, mining: Minin
                       "leak_similarity" if mining.knn_metric.higher_is_nearer else "leak_distance",
                       threshold=threshold, leaks_excluded=found.table.num_rows, by_kind=counts,
                       pool=len(found_pool.filepaths), leaks_parquet=str(leaks_path),
-                      nearest=None if found.nearest is None else leaks.histogram(found.nearest, mining.knn_metric))
+                      nearest=None if found.nearest is None else
+                      leaks.histogram(found.nearest, mining.knn_metric, threshold))
     raised = [] if not found.table.num_rows else [warnings.leaks_excluded(
         counts, len(found_pool.filepaths), found.table.column(FILEPATH).to_pylist()[:_EXAMPLES])]
     return facts, raised, embedded
