@@ -224,18 +224,25 @@ def test_refusals_name_the_field(guarded_set):
     assert (error.code, error.details["field"]) == ("spec_invalid", "protect")
 
 
-def test_docker_refuses_a_guard_it_cannot_apply():
+def test_docker_applies_the_guard_on_the_host_and_a_backend_that_cannot_is_refused():
+    """docker mines on the host with the leak rows left out (as it applies the floor; run against the
+    fake TAO image in test_docker_leaks.py); a backend whose search cannot leave rows out is refused."""
+    from dataclasses import replace
+
+    from deft_mine.backends.docker import _HOST_KEYS, DockerBackend
     from deft_mine.schemas.inputs import RunInput
     from deft_mine.tools.run_leaks import applies
 
-    from deft_mine.backends.docker import DockerBackend
-
     docker = DockerBackend("nvcr.io/nvidia/tao/tao-toolkit:6.0.0-data-services")  # asked nothing of an engine here
     inputs = RunInput(targets="t.parquet", source="s.parquet", run_dir="r", protect=["v.parquet"])
+    assert "leaks_parquet" in _HOST_KEYS
+    assert applies(inputs, MiningSpec(), docker, sentences=False)
+    assert applies(RunInput(targets="t.parquet", source="s.parquet", run_dir="r"), MiningSpec(), docker, False)
+    docker.capabilities = replace(docker.capabilities, leaves_rows_out=False)
     with pytest.raises(DeftError) as exc:
         applies(inputs, MiningSpec(), docker, sentences=False)
     assert (exc.value.code, exc.value.details["field"]) == ("backend_unsupported", "protect")
-    # unasked, the guard stays off on docker: the container's answer stands as before
+    # unasked, the guard stays off there: the program's answer stands as before
     assert not applies(RunInput(targets="t.parquet", source="s.parquet", run_dir="r"), MiningSpec(), docker, False)
 
 
