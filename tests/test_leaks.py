@@ -224,16 +224,77 @@ def test_refusals_name_the_field(guarded_set):
     assert (error.code, error.details["field"]) == ("spec_invalid", "protect")
 
 
-def test_docker_refuses_a_guard_it_cannot_apply():
+def test_docker_applies_the_guard_on_the_host_and_a_backend_that_cannot_is_refused():
+    """docker mines on the host with the leak rows left out (as it applies the floor; run against the
+    fake TAO image in test_docker_leaks.py); a backend whose search cannot leave rows out is refused."""
+    from dataclasses import replace
+
+    from deft_mine.backends.docker import _HOST_KEYS, DockerBackend
     from deft_mine.schemas.inputs import RunInput
     from deft_mine.tools.run_leaks import applies
 
-    from deft_mine.backends.docker import DockerBackend
-
     docker = DockerBackend("nvcr.io/nvidia/tao/tao-toolkit:6.0.0-data-services")  # asked nothing of an engine here
     inputs = RunInput(targets="t.parquet", source="s.parquet", run_dir="r", protect=["v.parquet"])
+    assert "leaks_parquet" in _HOST_KEYS
+    assert applies(inputs, MiningSpec(), docker, sentences=False)
+    assert applies(RunInput(targets="t.parquet", source="s.parquet", run_dir="r"), MiningSpec(), docker, False)
+    docker.capabilities = replace(docker.capabilities, leaves_rows_out=False)
     with pytest.raises(DeftError) as exc:
         applies(inputs, MiningSpec(), docker, sentences=False)
     assert (exc.value.code, exc.value.details["field"]) == ("backend_unsupported", "protect")
-    # unasked, the guard stays off on docker: the container's answer stands as before
+    # unasked, the guard stays off there: the program's answer stands as before
     assert not applies(RunInput(targets="t.parquet", source="s.parquet", run_dir="r"), MiningSpec(), docker, False)
+
+
+# --- the report's pictures --------------------------------------------------------------------------
+
+def test_the_histogram_bins_the_scores_own_range_with_the_threshold_inside():
+    got = leaks.histogram(np.array([0.2, 0.3, np.nan, 0.5]), Metric.cosine, threshold=0.9)
+    assert got["edges"][0] == 0.2 and got["edges"][-1] == 0.9 and sum(got["counts"]) == 3
+    got = leaks.histogram(np.array([0.99, 1.0]), Metric.cosine, threshold=None)
+    assert got["edges"][-1] == 1.0 and sum(got["counts"]) == 2
+    got = leaks.histogram(np.array([0.0, 0.0]), Metric.euclidean, threshold=None)
+    assert got["edges"][0] == 0.0 and got["counts"][0] == 2
+
+
+def test_the_report_draws_leak_pairs_and_the_nearest_histogram_within_its_words(guarded_set):
+    from deft_mine.report.pictures import CAPTION_LINES, GAP, LINE, PLACEHOLDER, TILE
+    from deft_mine.report.render import MAX_WORDS, MIN_WORDS, count_words
+    from deft_mine.schemas import artifacts
+    from deft_mine.tools.guards import PathPolicy
+    from deft_mine.tools.report import report
+
+    result = run(guarded_set / "targets.parquet", guarded_set / "pool.parquet", run_dir=guarded_set / "r",
+                 protect=[str(guarded_set / "val.parquet")], overrides={**THUMB, "topn": 3, "leak_similarity": 0.9})
+    folder = Path(result.run_dir)
+    assert {artifacts.LEAK_PAIRS_PICTURE, artifacts.LEAK_NEAREST_PICTURE} <= set(result.report.pictures)
+    text = (folder / artifacts.REPORT).read_text()
+    assert f"]({artifacts.LEAK_PAIRS_PICTURE})" in text and f"]({artifacts.LEAK_NEAREST_PICTURE})" in text
+    assert MIN_WORDS <= count_words(text) <= MAX_WORDS and result.report.words == count_words(text)
+    # three protected images copied (t0; v0 twice; v1), each a row: the protected image, then its copies
+    cell_w, cell_h = TILE + GAP, TILE + 6 + CAPTION_LINES * LINE + GAP
+    with Image.open(folder / artifacts.LEAK_PAIRS_PICTURE) as sheet:
+        assert sheet.size == (max(GAP + 3 * cell_w, 360), 36 + 3 * cell_h + GAP)
+        assert sheet.convert("RGB").getpixel((GAP + TILE // 2 + 10, 36 + TILE // 4)) != PLACEHOLDER
+    with Image.open(folder / artifacts.LEAK_NEAREST_PICTURE) as chart:
+        assert chart.size == (720, 400)
+    edges = result.leaks.nearest["edges"]
+    assert edges[0] <= 0.9 <= edges[-1]  # the threshold's line falls inside the bins drawn
+    # images outside the server's roots are never opened: grey tiles
+    report(folder, policy=PathPolicy([folder]))
+    with Image.open(folder / artifacts.LEAK_PAIRS_PICTURE) as sheet:
+        rgb = sheet.convert("RGB")
+        for column in (0, 1):
+            assert rgb.getpixel((GAP + column * cell_w + TILE // 2 + 10, 36 + TILE // 4)) == PLACEHOLDER
+
+
+def test_a_bytes_only_guard_draws_the_pairs_and_no_histogram(guarded_set):
+    from deft_mine.report.render import MAX_WORDS, MIN_WORDS, count_words
+    from deft_mine.schemas import artifacts
+
+    result = run(guarded_set / "targets.parquet", guarded_set / "pool.parquet", run_dir=guarded_set / "r",
+                 protect=[str(guarded_set / "val.parquet")], overrides={**THUMB, "topn": 2})
+    assert artifacts.LEAK_PAIRS_PICTURE in result.report.pictures
+    assert artifacts.LEAK_NEAREST_PICTURE not in result.report.pictures
+    assert MIN_WORDS <= result.report.words <= MAX_WORDS
+    assert result.report.words == count_words((Path(result.run_dir) / artifacts.REPORT).read_text())

@@ -19,6 +19,7 @@ import pytest
 from mcp_types import CallToolResult
 
 from conftest import THUMB_ID, write_embeddings, write_image
+from test_leaks import guarded_set  # noqa: F401 - the fixture: targets, a protect listing, a pool of copies
 from mcp_helpers import (LEGACY, MODERN, REFERENCES, TOOL_NAMES, SyncClient, compare_snapshot, ok, write_slow_image,
                          refused, stdio_params, tool_snapshot, warning)
 
@@ -122,6 +123,24 @@ def test_run_writes_a_run_folder(server: SyncClient, data: Path, root: Path) -> 
     assert manifest["mining"]["summary"] == sc["mine"]["summary"]
     assert sc["report"]["report_path"] == str(run_dir / "Mining_Report.md")
     assert (run_dir / "Mining_Report.md").is_file()
+
+
+def test_run_with_protect_leaves_the_leaks_out(server: SyncClient, root: Path, guarded_set: Path,
+                                              request: pytest.FixtureRequest) -> None:
+    """The leakage guard over the wire: a protect listing and leak_similarity as MCP arguments; the
+    pool's copies of the targets and of the validation images are left out, listed and warned."""
+    folder = root / request.node.name
+    shutil.copytree(guarded_set, folder)
+    sc = ok(server.call("run", {"targets": str(folder / "targets.parquet"), "source": str(folder / "pool.parquet"),
+                                "run_dir": str(folder / "run"), "protect": [str(folder / "val.parquet")],
+                                "overrides": {"model": "thumbnail", "topn": 2, "leak_similarity": 0.9}}))
+    assert sc["leaks"]["by_kind"] == {"identical_bytes": 2, "similar": 2}
+    assert warning(sc, "leaks_excluded")["details"]["by_kind"] == sc["leaks"]["by_kind"]
+    leaks = pq.read_table(folder / "run" / "leaks.parquet").column("filepath").to_pylist()
+    assert set(leaks) == {"pool/copy_t0.png", "pool/copy_v0.png", "pool/reenc_v0.png", "pool/noisy_v1.png"}
+    mined = pq.read_table(sc["mined_parquet"]).column("filepath").to_pylist()
+    assert mined and not set(mined) & set(leaks)
+    assert {"leak_pairs.png", "leak_nearest.png"} <= set(sc["report"]["pictures"])
 
 
 def test_report_rewrites_the_report_of_a_run_folder(server: SyncClient, data: Path) -> None:

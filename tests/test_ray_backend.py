@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_image
+from test_leaks import guarded_set  # noqa: F401 - the fixture: targets, a protect listing, a pool of copies
 from ray_helpers import RAY_CLI, free_port, own_head, ray_env, start_head, stop, summary_text
 from deft_mine.engine import tables
 from deft_mine.errors import DeftError
@@ -722,3 +723,19 @@ def test_a_lost_head_is_a_coded_error_and_the_run_folder_says_so(tmp_path):
     assert manifest["error"]["code"] == "ray_head_lost" and manifest["error"]["field"] == "ray_address"
     assert not (run_dir / "source_embeddings.parquet").exists() and not (run_dir / "mined.parquet").exists()
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_a_guarded_run_equals_local(cluster, guarded_set):
+    """The leakage guard (a protect listing, byte copies and leak_similarity) leaves the same pool rows
+    out on a cluster as here, so the mined set is the same."""
+    from deft_mine.tools.run import run
+
+    folder = guarded_set
+    for backend in ("local", "ray"):
+        result = run(folder / "targets.parquet", folder / "pool.parquet", run_dir=folder / backend, no_store=True,
+                     protect=[str(folder / "val.parquet")], backend=backend,
+                     **({"ray_address": cluster} if backend == "ray" else {}),
+                     overrides={**THUMB, "topn": 3, "leak_similarity": 0.9})
+        assert result.leaks is not None and result.leaks.by_kind == {"identical_bytes": 2, "similar": 2}
+    for name in ("protected_embeddings.parquet", "leaks.parquet", "mined.parquet", "mined_pairs.parquet"):
+        assert pq.read_table(folder / "ray" / name).equals(pq.read_table(folder / "local" / name)), name

@@ -77,8 +77,7 @@ class DockerBackend:
     # pairs: recomputed on the host; the image reads parquet listings only; unique matching and
     # text embeddings when the image has the action (match() and accepts_text() ask its schema first)
     capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=True, reads_parquet_only=True,
-                                runs_unique_matching=True, runs_text_embeddings=True,
-                                leaves_rows_out=False)
+                                runs_unique_matching=True, runs_text_embeddings=True)
 
     def __init__(self, image: str | None = None, mounts: list[str] | None = None,
                  network: str = "none") -> None:
@@ -372,10 +371,10 @@ class DockerBackend:
 
 
 # Mining keys of ours the host applies when the image does not know them (the floor in any of its
-# three spellings and its rule, exclude_targets, the near-duplicate collapse); label_mode=per_label it
-# cannot apply afterwards (refused).
+# three spellings and its rule, exclude_targets, the leakage guard's leaks_parquet: the rows its search
+# leaves out, the near-duplicate collapse); label_mode=per_label it cannot apply afterwards (refused).
 _HOST_KEYS = ("distance_threshold", "min_similarity", "max_distance", "floor_rule", "exclude_targets",
-              "dedup_similarity", "dedup_distance")
+              "leaks_parquet", "dedup_similarity", "dedup_distance")
 _REFUSED = ("label_mode",)
 
 

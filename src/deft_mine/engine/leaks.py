@@ -178,11 +178,20 @@ def leak_mask(pool_paths: pa.StringArray, leaks_parquet: Path) -> np.ndarray:
     return pc.is_in(pool_paths, value_set=normal).to_numpy(zero_copy_only=False)
 
 
-def histogram(scores: np.ndarray, metric: Metric, bins: int = 20) -> dict[str, list[float]]:
+def histogram(scores: np.ndarray, metric: Metric, threshold: float | None = None,
+              bins: int = 20) -> dict[str, list[float]]:
     """The distribution of the pool rows' nearest protected scores (what helps choose the threshold):
-    bin edges over [-1, 1] under cosine, over [0, the largest] otherwise, and the counts."""
+    bins over the scores' own range, widened to hold the threshold (so its line falls inside), and
+    capped to cosine's [-1, 1]; the edges and the counts."""
     scores = scores[np.isfinite(scores)]
-    top = 1.0 if metric.higher_is_nearer else float(scores.max()) if len(scores) and scores.max() > 0 else 1.0
-    counts, edges = np.histogram(scores, bins=bins, range=(-1.0 if metric.higher_is_nearer else 0.0, top))
+    bounds = ([float(scores.min()), float(scores.max())] if len(scores) else []) + \
+        ([] if threshold is None else [float(threshold)])
+    lo, hi = (min(bounds), max(bounds)) if bounds else (0.0, 1.0)
+    if hi - lo < 1e-9:  # one value: a bin around it
+        lo, hi = lo - 0.05, hi + 0.05
+    if metric.higher_is_nearer:
+        lo, hi = max(lo, -1.0), min(hi, 1.0)
+    else:
+        lo = max(lo, 0.0)
+    counts, edges = np.histogram(np.clip(scores, lo, hi), bins=bins, range=(lo, hi))
     return {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}
-

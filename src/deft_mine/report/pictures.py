@@ -16,6 +16,7 @@ from deft_mine.engine.images import LoadFailure, load_rgb, resolve_image_path
 from deft_mine.events import Events
 from deft_mine.report.facts import ReportFacts
 from deft_mine.report.render import labels_shown
+from deft_mine.schemas import artifacts
 from deft_mine.schemas.specs import LabelFilter, Side, recorded_floor
 from deft_mine.schemas.warnings import ToolWarning, picture_failed
 
@@ -55,7 +56,7 @@ def draw(facts: ReportFacts, events: Events) -> list[ToolWarning]:
     cannot be drawn is a warning, never a lost report."""
     failures: list[ToolWarning] = []
     for kind, drawer in (("contact_sheet", _contact_sheet), ("score_histogram", _histogram),
-                         ("labels", _label_chart)):
+                         ("labels", _label_chart)) + _LEAK_PICTURES:
         name = f"{kind}.png"
         try:
             if drawer(facts, Path(facts.folder) / name):
@@ -254,9 +255,11 @@ def contact_sheet(rows: Sequence[Sequence[Tile]], path: Path, title: str) -> Non
 
 
 def _draw_histogram(scores: np.ndarray, kept: np.ndarray | None, path: Path, title: str,
-                    axis_label: str, bins: int = 20, floor: float | None = None) -> None:
-    """Counts of `scores` in `bins` equal bins; with `kept`, kept (green) and dropped (red)
-    stacked; with a `floor`, a vertical line where it lies (the range widened to show it)."""
+                    axis_label: str, bins: int = 20, floor: float | None = None,
+                    edges: np.ndarray | None = None, what: str = "pairs", line_name: str = "floor") -> None:
+    """Counts of `scores` in `bins` equal bins (or in the `edges` given); with `kept`, kept (green)
+    and dropped (red) stacked, else `what` they count; with a `floor`, a vertical line where it lies
+    (the range widened to show it), named `line_name`."""
     width, height = 720, 400
     left, right, top, bottom = 64, 24, 64, 56
     image, pen = _canvas(width, height, title, (left, 12), width - left - right)
@@ -271,11 +274,13 @@ def _draw_histogram(scores: np.ndarray, kept: np.ndarray | None, path: Path, tit
     lo, hi = min(bounds), max(bounds)
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, bins + 1)
+    if edges is not None:  # bins counted already (the leakage guard's): drawn as they are
+        lo, hi, bins = float(edges[0]), float(edges[-1]), len(edges) - 1
+    edges = np.linspace(lo, hi, bins + 1) if edges is None else np.asarray(edges, np.float64)
     layers: list[tuple[np.ndarray, Colour, str]] = [
         (np.histogram(scores[kept], edges)[0], KEPT, f"kept ({int(kept.sum())})"),
         (np.histogram(scores[~kept], edges)[0], DROPPED, f"dropped ({int((~kept).sum())})"),
-    ] if kept is not None else [(np.histogram(scores, edges)[0], NEUTRAL, f"pairs ({scores.size})")]
+    ] if kept is not None else [(np.histogram(scores, edges)[0], NEUTRAL, f"{what} ({scores.size})")]
     total = sum(layer[0] for layer in layers)
     step = max(1, -(-int(total.max()) // 4))  # whole-number count ticks, about four of them
     peak = step * max(1, -(-int(total.max()) // step))
@@ -304,7 +309,7 @@ def _draw_histogram(scores: np.ndarray, kept: np.ndarray | None, path: Path, tit
         x = left + (floor - lo) / (hi - lo) * plot_w
         for y in range(top, top + plot_h, 8):  # dashed, so the bars behind it stay readable
             pen.line([(x, y), (x, min(y + 4, top + plot_h))], fill=FLOOR, width=2)
-        entries.append((FLOOR, f"floor {floor:.4g}"))
+        entries.append((FLOOR, f"{line_name} {floor:.4g}"))
     _legend(pen, left, entries, face)
     _save(image, path)
 
@@ -334,3 +339,69 @@ def _label_chart(facts: ReportFacts, path: Path) -> bool:
     pen.line([(left, top - 4), (left, top + row_h * max(len(labels), 1))], fill=INK)
     _save(image, path)
     return True
+
+
+# ----------------------------------------------------------------------------- the leakage guard's
+
+LEAK_SHEET_ROWS = 6  # protected images drawn on the leak sheet at most
+LEAK_SHEET_COPIES = 6  # pool copies drawn beside each at most
+LEAK_ROWS_READ = 5000  # leaks.parquet's first rows the sheet groups (a huge guard's sheet needs no more)
+
+
+def _leak_pairs(facts: ReportFacts, path: Path) -> bool:
+    """Each protected image (blue) beside the pool rows it kept out of the search (red), with the
+    leak's kind and score; the protect listings' images as the run resolved them."""
+    leaks_path, guard = Path(facts.folder) / artifacts.LEAKS, facts.manifest.leaks
+    if guard is None or not guard.leaks_excluded or not leaks_path.is_file():
+        return False
+    table = pq.ParquetFile(leaks_path).iter_batches(LEAK_ROWS_READ)
+    found = next(table).to_pylist()
+    score = "similarity" if guard.knn_metric == "cosine" else "distance"
+    where = _protected_paths(facts)
+    t_root, s_root = (Path(facts.image_roots.get(side.input) or facts.folder) for side in (Side.target, Side.source))
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for leak in found:
+        key = (leak["protected_filepath"], leak["protected_listing"])
+        if key in groups or len(groups) < LEAK_SHEET_ROWS:
+            groups.setdefault(key, []).append(leak)
+    rows = []
+    for (protected, listing), copies in groups.items():
+        target = listing == "targets"
+        lead = Tile(where.get((protected, listing), protected), t_root if target else Path(listing).parent,
+                    "target" if target else "protected", "" if target else Path(listing).name, TARGET_FRAME)
+        rows.append([lead] + [Tile(c["filepath"], s_root, "same bytes" if c.get(score) is None else
+                                   f"{score} {_score_text(c[score])}", c["kind"], DROPPED)
+                              for c in copies[:LEAK_SHEET_COPIES]])
+    for tile in (tile for row in rows for tile in row):
+        tile.allowed = facts.image_allowed(resolve_image_path(tile.filepath, tile.root))
+    shown = sum(len(r) - 1 for r in rows)
+    contact_sheet(rows, path, f"{shown} of {guard.leaks_excluded} leaks (red), each beside what it copies (blue)")
+    return True
+
+
+def _protected_paths(facts: ReportFacts) -> dict[tuple[str, str], str]:
+    """(path as its listing wrote it, listing) -> where the run found it (protected_listing.parquet)."""
+    path = Path(facts.folder) / artifacts.PROTECTED_LISTING
+    if not path.is_file():
+        return {}
+    table = tables.read_columns(path, ["filepath", "protected_filepath", "protected_listing"])
+    return {(w, o): a for a, w, o in zip(*(table.column(c).to_pylist() for c in table.column_names))}
+
+
+def _leak_nearest(facts: ReportFacts, path: Path) -> bool:
+    """The guard's histogram of each pool row's nearest protected score, its threshold marked."""
+    guard = facts.manifest.leaks
+    if guard is None or not guard.nearest or not sum(guard.nearest["counts"]):
+        return False
+    edges, counts = np.asarray(guard.nearest["edges"]), np.asarray(guard.nearest["counts"], np.int64)
+    cosine = guard.knn_metric == "cosine"
+    axis = ("cosine similarity to the nearest protected image (higher is nearer)" if cosine else
+            f"{guard.knn_metric} distance to the nearest protected image (lower is nearer)")
+    _draw_histogram(np.repeat((edges[:-1] + edges[1:]) / 2, counts), None, path,
+                    f"Nearest protected image of each of the {int(counts.sum())} pool rows", axis,
+                    floor=guard.threshold, edges=edges, what="pool rows", line_name=guard.threshold_key or "")
+    return True
+
+
+_LEAK_PICTURES = ((artifacts.LEAK_PAIRS_PICTURE.removesuffix(".png"), _leak_pairs),
+                  (artifacts.LEAK_NEAREST_PICTURE.removesuffix(".png"), _leak_nearest))

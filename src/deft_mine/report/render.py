@@ -760,11 +760,23 @@ def _leaks_section(v: _View, found: list[Finding], verdict: str, compact: bool) 
         yield 0, _table(f"Pool file | Protected file | Kind | {score.capitalize()}", [
             (_path_md(row["filepath"]), _path_md(row["protected_filepath"]), f"`{row['kind']}`",
              "same bytes" if row.get(score) is None else _fmt(row[score])) for row in v.facts.leak_examples])
+    pictures = v.facts.pictures
+    if "leak_pairs" in pictures:
+        yield 0, (f"![Leaks beside the protected images they copy]({pictures['leak_pairs']})\n\n"
+                  "Each row: a protected image (blue), then the pool rows left out as its copies (red), "
+                  "captioned with the kind and score.")
     if g.nearest and sum(g.nearest["counts"]):
         edges, counts = g.nearest["edges"], g.nearest["counts"]
-        bins = [f"{_fmt(edges[i])}–{_fmt(edges[i + 1])}: {int(n)}" for i, n in enumerate(counts) if n]
-        yield 0, (f"Each pool row's nearest protected {'similarity' if g.knn_metric == 'cosine' else 'distance'} "
-                  f"(to choose `{g.threshold_key}`): " + "; ".join(bins) + ".")
+        what = "similarity" if g.knn_metric == "cosine" else "distance"
+        if "leak_nearest" in pictures:
+            yield 0, (f"![Nearest protected {what} of each pool row]({pictures['leak_nearest']})\n\n"
+                      f"Each pool row's nearest protected {what}, the dashed line at `{g.threshold_key}`: "
+                      "rows past it are leaks; a gap before it means the threshold separates copies from "
+                      "the rest.")
+        else:
+            bins = [f"{_fmt(edges[i])}–{_fmt(edges[i + 1])}: {int(n)}" for i, n in enumerate(counts) if n]
+            yield 0, (f"Each pool row's nearest protected {what} (to choose `{g.threshold_key}`): "
+                      + "; ".join(bins) + ".")
 
 
 def _training_section(v: _View, found: list[Finding], verdict: str, compact: bool) -> Blocks:

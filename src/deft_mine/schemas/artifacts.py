@@ -40,6 +40,8 @@ class LeakKind(str, Enum):
 
 PROTECTED_LISTING = "protected_listing.parquet"  # run --protect: the protected images (absolute paths), one listing
 PROTECTED_EMBEDDINGS = "protected_embeddings.parquet"  # ...embedded, with leak_similarity / leak_distance
+LEAK_PAIRS_PICTURE = "leak_pairs.png"  # the report's sheet: protected images beside the pool rows that copy them
+LEAK_NEAREST_PICTURE = "leak_nearest.png"  # ...and each pool row's nearest protected score, the threshold marked
 PAIRS = "mined_pairs.parquet"  # every (target, neighbour) pair: what the report draws
 # With dedup_similarity / dedup_distance, beside the mined parquet: each collapsed image, the kept
 # image it was collapsed into (duplicate_of) and their similarity (cosine) or distance

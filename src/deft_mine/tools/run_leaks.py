@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,9 @@ def asked(inputs: RunInput, mining: MiningSpec) -> bool:
 
 
 def applies(inputs: RunInput, mining: MiningSpec, backend: Backend, sentences: bool) -> bool:
-    """Whether the guard runs: mode=nearest on a backend that mines in this process (local, ray),
-    image targets. What was asked of it where it cannot run is refused, naming why."""
+    """Whether the guard runs: mode=nearest on a backend that can leave pool rows out of its search
+    (local, ray; docker by mining on the host after the container's, as for the floor), image
+    targets. What was asked of it where it cannot run is refused, naming why."""
     if not asked(inputs, mining):
         return not mining.unique and backend.capabilities.leaves_rows_out and not sentences and mining.leaks_parquet is None
     field = "protect" if inputs.protect else "leak_similarity" if mining.leak_similarity is not None else "leak_distance"
@@ -96,7 +98,7 @@ def guard(inputs: RunInput, listings: list[Listing], folder: Path, mining: Minin
         if threshold is not None:
             done = embed_spec(embedding.model_copy(update={
                 "input_parquet": str(listed), "output_parquet": str(folder / artifacts.PROTECTED_EMBEDDINGS),
-                "image_root": None}), backend, store, ctx.stage("embed protected"))
+                "image_root": _common_folder(listings)}), backend, store, ctx.stage("embed protected"))
             if done.input_rows and not done.rows:
                 raise DeftError("no_readable_images", f"protect: none of the {done.input_rows} protected images could "
                                 "be embedded, so the similarity guard would guard nothing", field="protect",
@@ -120,7 +122,8 @@ def guard(inputs: RunInput, listings: list[Listing], folder: Path, mining: Minin
                       "leak_similarity" if mining.knn_metric.higher_is_nearer else "leak_distance",
                       threshold=threshold, leaks_excluded=found.table.num_rows, by_kind=counts,
                       pool=len(found_pool.filepaths), leaks_parquet=str(leaks_path),
-                      nearest=None if found.nearest is None else leaks.histogram(found.nearest, mining.knn_metric))
+                      nearest=None if found.nearest is None else
+                      leaks.histogram(found.nearest, mining.knn_metric, threshold))
     raised = [] if not found.table.num_rows else [warnings.leaks_excluded(
         counts, len(found_pool.filepaths), found.table.column(FILEPATH).to_pylist()[:_EXAMPLES])]
     return facts, raised, embedded
@@ -148,6 +151,13 @@ def _protected(folder: Path, mining: MiningSpec, listings: list[Listing], with_v
     if with_vectors:
         protected.vectors = np.concatenate(vectors) if vectors else None
     return protected
+
+
+def _common_folder(listings: list[Listing]) -> str:
+    """The folder holding every protected image (their paths are absolute): what a container mounts
+    to read them (docker's workspace spans the listing's folder and its image_root)."""
+    folders = [str(p.parent) for listing in listings for _, _, p in listing.resolved() if p is not None]
+    return os.path.commonpath(folders) if folders else str(listings[0].path.parent)
 
 
 def _vectors(table: pa.Table, column: str, path: Path) -> np.ndarray:
