@@ -156,24 +156,26 @@ class Floor:
 
 
 def suggest_floor(same: np.ndarray, cross: np.ndarray) -> Floor:
-    """The highest similarity s (rounded down to 4 decimals) such that the neighbour pairs below s
-    are mostly (over half) cross-label; None when even the farthest pairs mostly agree, or when the
-    pairs are mostly cross-label up to the nearest ones (the encoder does not separate the labels)."""
-    sims = np.concatenate([same, cross])
+    """The similarity that best splits the neighbour pairs: the fewest same-label pairs below it plus
+    cross-label pairs above it (equal cuts: the lowest, which keeps the most), rounded down to 4
+    decimals; below it, neighbours are mostly cross-label. None when the best cut is below every pair
+    (no floor needed) or above every pair (the encoder does not separate the labels)."""
+    sims = np.concatenate([same, cross]).astype(np.float64)
     agree = np.concatenate([np.ones(len(same), bool), np.zeros(len(cross), bool)])
     if not len(sims):
         return Floor(None, "no neighbour pairs were scored", 0)
-    order = np.lexsort((agree, sims))  # ascending similarity; at a tie, cross-label first (conservative)
+    order = np.argsort(sims, kind="stable")
     sims, agree = sims[order], agree[order]
-    share_below = np.cumsum(agree) / np.arange(1, len(sims) + 1)
-    mostly_cross = np.nonzero(share_below < 0.5)[0]
-    if not len(mostly_cross):
+    same_below = np.concatenate([[0], np.cumsum(agree)])  # cut c: the pairs [0, c) lie below it
+    cross_above = (~agree).sum() - np.concatenate([[0], np.cumsum(~agree)])
+    cuts = np.concatenate([[0], np.nonzero(sims[1:] > sims[:-1])[0] + 1, [len(sims)]])  # never inside a tie
+    best = int(cuts[np.argmin((same_below + cross_above)[cuts])])
+    if best == 0:
         return Floor(None, "even the least similar neighbours mostly share the label: no floor is needed", len(sims))
-    last = int(mostly_cross[-1])
-    if last == len(sims) - 1:
+    if best == len(sims):
         return Floor(None, "the neighbours are mostly cross-label at every similarity: the encoder does not "
                            "separate these labels, and no floor fixes that", len(sims))
-    value = math.floor(float(sims[last + 1]) * 1e4) / 1e4
+    value = math.floor(float(sims[best]) * 1e4) / 1e4
     below = sims < value
     return Floor(value, "below it, most neighbour pairs carry another label", len(sims), int(below.sum()),
                  float(1.0 - agree[below].mean()) if below.any() else None, int((~below).sum()),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 
 @dataclass(frozen=True)
@@ -340,6 +340,15 @@ EncoderChoice = Annotated[str | dict[str, Any], WithJsonSchema({"anyOf": [
 
 
 class ChooseInput(ToolInput):
+    @model_validator(mode="before")
+    @classmethod
+    def _unset_is_default(cls, data: Any) -> Any:
+        """An option the command line was not given arrives as None: the field's default holds then."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items()
+                    if v is not None or k not in cls.model_fields or cls.model_fields[k].default is None}
+        return data
+
     listing: Annotated[str, Field(
         description="labelled listing: parquet or CSV (filepath, label), or a ChangeNet CSV: the pool, or a "
                     "sample of it"), PathField(),
