@@ -62,10 +62,26 @@ def nearest(queries: np.ndarray, pool: np.ndarray, k: int, exclude_self: bool) -
         if exclude_self:
             rows = np.arange(len(block))
             block[rows, rows + start] = -np.inf
-        order = np.argsort(-block, axis=1, kind="stable")[:, :k]  # stable: equal scores keep row order
+        order = _top_k(-block, k)
         ids[start:start + len(block)] = order
         sims[start:start + len(block)] = np.take_along_axis(block, order, axis=1)
     return ids, sims
+
+
+def _top_k(keys: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k smallest keys' columns, ascending, ties to the lower column: a partition, then a
+    sort of those k alone; a row whose k-th key is tied with a key left outside is sorted whole."""
+    if k >= keys.shape[1]:
+        return np.argsort(keys, axis=1, kind="stable")[:, :k]
+    part = np.argpartition(keys, k - 1, axis=1)[:, :k]
+    chosen = np.take_along_axis(keys, part, axis=1)
+    kth = chosen.max(axis=1, keepdims=True)
+    order = np.lexsort((part, chosen), axis=1)
+    out = np.take_along_axis(part, order, axis=1)
+    straddle = np.nonzero((keys <= kth).sum(axis=1) > k)[0]  # ties across the cut: partition chose arbitrarily
+    if len(straddle):
+        out[straddle] = np.argsort(keys[straddle], axis=1, kind="stable")[:, :k]
+    return out
 
 
 @dataclass
