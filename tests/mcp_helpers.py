@@ -33,7 +33,7 @@ from deft_mine.server import ERROR_META_KEY
 REPO = Path(__file__).resolve().parents[1]
 SNAPSHOT = Path(__file__).parent / "snapshots" / "tools.json"
 REFERENCES = REPO / "src" / "deft_mine" / "references"
-TOOL_NAMES = ["embed", "match", "mine", "preflight", "report", "run", "select", "store_info"]
+TOOL_NAMES = ["choose", "embed", "match", "mine", "preflight", "report", "run", "select", "store_info"]
 #: The SDK default (`mode="auto"`) negotiates the newest protocol; "legacy" forces the
 #: initialize handshake (2025-11-25), the era in which a connection is a session.
 MODERN = "2026-07-28"

@@ -59,7 +59,7 @@ class RichEvents:
 
 
 # The subcommands in the order --help lists them: the tools, plus serve, demo and store.
-COMMANDS = ("embed", "mine", "match", "run", "serve", "preflight", "select", "report", "demo", "store")
+COMMANDS = ("embed", "mine", "match", "run", "choose", "serve", "preflight", "select", "report", "demo", "store")
 
 
 def _add_field(parser: argparse.ArgumentParser, groups: dict[str, Any], name: str, info: FieldInfo) -> None:

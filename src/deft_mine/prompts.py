@@ -46,6 +46,12 @@ def first_round(targets: Targets, source: Source, output_dir: OutputDir = "runs"
     return (
         f"Run a first DEFT mining round with the deft-mine tools: find, in the pool {source}, the images that "
         f"look most like the weak targets {targets}.\n\n"
+        + f"0. A new pool: before its first round, call `choose` with "
+        f"{_arguments(listing=source, targets=targets, output_dir=f'{output_dir}/choice')} (the pool, or a "
+        "labelled sample of it, needs a `label` column). It scores the candidate encoders on these images and "
+        "writes `embedding_spec.yaml` and `mining_spec.yaml`: pass their paths as `embedding_spec_path` and "
+        "`mining_spec_path` below. Tell the user the `pick`, the `suggested_topn` and whether it is a "
+        "`clear_winner`.\n"
         + _PREFLIGHT.format(args=_arguments(**common))
         + f"2. Call `run` with {_arguments(**common, **history)}. It embeds both sides with one encoder, mines "
         "and writes a new run folder with `Mining_Report.md`.\n"

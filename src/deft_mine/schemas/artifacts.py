@@ -64,6 +64,18 @@ UNIQUE_FOLDER = "unique_matching"
 UNIQUE_SPEC = "unique_matching_spec.yaml"
 UNIQUE_EXCLUDE = "previously_selected.parquet"
 
+# choose's output folder (it also writes EMBEDDING_SPEC and MINING_SPEC, ready for `run -e … -m …`)
+CHOICE = "choice.json"  # every score: each encoder's agreement by k and by label, the pick, the suggestions
+CHOICE_REPORT = "Encoder_Choice.md"  # the table, the pick, why, what would change it
+CHOICE_PLOT = "encoder_choice.png"  # agreement against k per encoder; same- vs cross-label similarities
+CHOICE_SAMPLE = "choice_sample.parquet"  # the label-stratified sample, as every encoder embedded it
+CHOICE_TARGETS = "choice_targets.parquet"  # the targets' listing, as every encoder embedded it
+
+
+def choice_embeddings(slug: str, targets: bool = False) -> str:
+    """One candidate encoder's embeddings of the sample (or of the targets) in choose's folder."""
+    return f"{'targets' if targets else 'sample'}_embeddings_{slug}.parquet"
+
 
 def unique_pass(subset: str, number: int, topn: int) -> str:
     """One pass's picks, as the container names them (subset: global, a class, CLASS_fallback, non_rare)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 
 @dataclass(frozen=True)
@@ -332,3 +332,67 @@ class StorePruneInput(ToolInput):
                        cli("--encoder")] = None
     older_than: Annotated[str | None, Field(description="remove shards older than this: 30d, 12h, 45m or 90s"),
                           cli("--older-than")] = None
+
+
+# One candidate encoder for `choose`: a model name, or the embedding spec's encoder keys.
+EncoderChoice = Annotated[str | dict[str, Any], WithJsonSchema({"anyOf": [
+    {"type": "string"}, {"additionalProperties": True, "type": "object"}]})]
+
+
+class ChooseInput(ToolInput):
+    @model_validator(mode="before")
+    @classmethod
+    def _unset_is_default(cls, data: Any) -> Any:
+        """An option the command line was not given arrives as None: the field's default holds then."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items()
+                    if v is not None or k not in cls.model_fields or cls.model_fields[k].default is None}
+        return data
+
+    listing: Annotated[str, Field(
+        description="labelled listing: parquet or CSV (filepath, label), or a ChangeNet CSV: the pool, or a "
+                    "sample of it"), PathField(),
+        cli("--listing", required=True, help="labelled listing: parquet or CSV (columns filepath, label), or a "
+                                             "ChangeNet CSV")]
+    output_dir: Annotated[str, Field(
+        description="folder for choice.json, embedding_spec.yaml, mining_spec.yaml, Encoder_Choice.md, the plot "
+                    "and each encoder's sample embeddings"), PathField(),
+        cli("--output-dir", required=True, help="folder for choice.json, the two specs, Encoder_Choice.md and "
+                                                "the plot")]
+    targets: Annotated[str | None, Field(
+        description="the round's labelled targets (optional): also scored by the share of each target's topn "
+                    "sample neighbours that share its label"), PathField(),
+        cli("--targets", help="the round's labelled targets (optional): each target's topn neighbours scored too")] = None
+    encoders: Annotated[list[EncoderChoice] | None, Field(
+        description="candidate encoders: model names (thumbnail, SigLIP, CLIP, DINOv2, hf) or spec keys, e.g. "
+                    "{\"model\": \"DINOv2\", \"pooling\": \"mean\"} or {\"model\": \"hf\", \"model_path\": "
+                    "\"/models/vit\"}; default: every built-in encoder whose weights load here, and thumbnail"),
+        cli("--encoder", metavar="ENCODER", repeat=True, help="a candidate encoder: a model name, or its spec keys "
+            "as 'model=DINOv2 pooling=mean' (repeatable; default: every built-in encoder whose weights load "
+            "here, and thumbnail)")] = None
+    sample: Annotated[int, Field(description="images in the label-stratified sample (every image when fewer), "
+                                             "at least 10", json_schema_extra={"minimum": 10}),
+                      cli("--sample")] = 2000
+    k_max: Annotated[int, Field(description="agreement is scored for k = 1 … k_max neighbours (below the sample "
+                                            "size)", json_schema_extra={"minimum": 1}), cli("--k-max")] = 20
+    topn: Annotated[int, Field(description="the topn the round will mine with: the encoders are compared there "
+                                           "(at most k_max)", json_schema_extra={"minimum": 1}), cli("--topn")] = 5
+    tolerance: Annotated[float, Field(description="the suggested topn is the largest n whose agreement stays "
+                                                  "within this of n = 1", ge=0.0, le=1.0),
+                         cli("--tolerance")] = 0.05
+    seed: Annotated[int, Field(description="the sample's seed: the same seed gives the same sample and scores"),
+                    cli("--seed")] = 0
+    image_root: Annotated[str | None, Field(
+        description="folder the listing's relative filepaths resolve against (default: the listing's folder)"),
+        PathField(), cli("--image-root")] = None
+    backend: Backend = "local"
+    image: Image = None
+    mounts: Mounts = None
+    ray_address: RayAddress = None
+    store: Store = None
+    no_store: NoStore = False
+    images_dir: ImagesDir = None
+    lights: Lights = None
+    image_ext: ImageExt = None
+    changenet_spec: ChangeNetSpec = None
+    skip_unresolved: SkipUnresolved = False

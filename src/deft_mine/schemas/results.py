@@ -395,3 +395,84 @@ class PreflightResult(_Result):
         if self.session_encoder:
             lines.append(f"session encoder: {self.session_encoder.model} {self.session_encoder.model_path}")
         return "\n".join(lines)
+
+
+class EncoderScore(BaseModel):
+    """One candidate encoder of `choose`: whether it loaded here, and its label agreement on the sample."""
+
+    name: str = Field(description="how the report names it, e.g. 'DINOv2 (mean)'")
+    spec: dict[str, Any] = Field(description="its embedding spec keys (model, model_path, pooling)")
+    available: bool
+    error: ErrorInfo | None = Field(None, description="why it is unavailable (it could not be built or run here)")
+    cost_rank: int = Field(description="the cost order ties fall back on: thumbnail 0 < DINOv2 1 < CLIP 2 < SigLIP 3 "
+                                       "< hf 4")
+    agreement: list[float] = Field(default_factory=list, description="macro label agreement at k = 1 … k_max")
+    standard_error: list[float] = Field(default_factory=list, description="its binomial standard error at each k")
+    at_topn: float | None = Field(None, description="macro label agreement at the intended topn")
+    at_topn_se: float | None = None
+    per_label: dict[str, list[float]] = Field(default_factory=dict, description="each scored label's agreement "
+                                              "at k = 1 … k_max")
+    target_agreement: float | None = Field(None, description="with targets: the mean share of each target's topn "
+                                           "sample neighbours sharing its label")
+    target_per_label: dict[str, float] = Field(default_factory=dict)
+    targets_scored: int = 0
+    same_label_similarity: dict[str, float] = Field(default_factory=dict, description="quantiles (p05 … p95) of "
+                                                    "the k_max neighbours' cosine similarity where labels agree")
+    cross_label_similarity: dict[str, float] = Field(default_factory=dict, description="… and where they differ")
+    seconds_per_image: float | None = Field(None, description="measured embedding time per embedded image "
+                                            "(None: every vector came from the store)")
+    embedded: int = 0
+    reused: int = 0
+    embeddings_parquet: str | None = None
+
+
+class FloorSuggestion(BaseModel):
+    """The suggested `min_similarity`: below it, the pick's neighbours are mostly cross-label."""
+
+    min_similarity: float | None = Field(description="None: no floor helps (see reason)")
+    reason: str
+    pairs: int = Field(description="neighbour pairs judged: each scored image's k_max nearest")
+    below: int = Field(0, description="pairs below the floor")
+    below_cross_label_share: float | None = None
+    above: int = Field(0, description="pairs at or above the floor")
+    above_same_label_share: float | None = None
+
+
+class ChooseResult(_Result):
+    output_dir: str
+    choice_json: str
+    embedding_spec: str = Field(description="the pick's embedding spec, for `run -e`")
+    mining_spec: str = Field(description="the suggested topn and floor, for `run -m`")
+    report: str = Field(description="Encoder_Choice.md")
+    plot: str
+    metric: str = Field("cosine", description="the neighbours' metric (cosine similarity, exact, float64)")
+    sample: int = Field(description="images sampled (every labelled image when fewer than asked)")
+    listing_rows: int
+    unlabelled: int = Field(description="listing rows with a null or blank label, never sampled")
+    sampled_per_label: dict[str, int]
+    scored_images: int = Field(description="sampled images whose label has two or more sampled images")
+    unscored_labels: list[str] = Field(description="labels with fewer than two sampled images: reported, not scored")
+    k_max: int
+    topn: int
+    seed: int
+    encoders: list[EncoderScore]
+    pick: str = Field(description="the encoder with the best agreement at topn (exact ties: the cheaper)")
+    clear_winner: bool = Field(description="false: the runner-up lies within two standard errors of the pick")
+    runner_up: str | None = None
+    margin: float | None = Field(None, description="the pick's agreement at topn less the runner-up's")
+    noise: float | None = Field(None, description="the standard error of that difference")
+    suggested_topn: int
+    tolerance: float
+    floor: FloorSuggestion
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    def text(self) -> str:
+        rows = [f"{e.name}: {e.at_topn:.3f} ± {e.at_topn_se:.3f}" if e.available and e.at_topn is not None
+                else f"{e.name}: unavailable ({e.error.code if e.error else '?'})" for e in self.encoders]
+        verdict = "" if self.clear_winner else f" (no clear winner: {self.runner_up} is within the noise)"
+        floor = (f"min_similarity={self.floor.min_similarity:.4f}" if self.floor.min_similarity is not None
+                 else "no floor")
+        return (f"label agreement at topn={self.topn} on {self.scored_images} of {self.sample} sampled images:\n  "
+                + "\n  ".join(rows)
+                + f"\npick: {self.pick}{verdict}; suggested topn={self.suggested_topn}, {floor}\n"
+                f"→ {self.report}")

@@ -10,6 +10,7 @@ from deft_mine.tools.report import report
 from deft_mine.tools.run import run
 from deft_mine.tools.select import select
 from deft_mine.tools.store import store_info, store_prune
+from deft_mine.tools.choose import choose  # noqa: E402,I001  after run: clients list it there
 
-__all__ = ["TOOLS", "Tool", "ToolContext", "embed", "match", "mine", "preflight", "report", "run", "select",
+__all__ = ["TOOLS", "Tool", "ToolContext", "choose", "embed", "match", "mine", "preflight", "report", "run", "select",
            "store_info", "store_prune"]
