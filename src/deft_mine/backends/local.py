@@ -25,7 +25,7 @@ from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, UniqueMatchingSpe
 class LocalBackend:
     name = "local"
     capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=False, runs_unique_matching=True,
-                                embeds_text=True)
+                                embeds_text=True, loads_encoders_here=True)
 
     def __init__(self) -> None:
         # A run embeds targets and pool with one encoder: load its weights once per process.

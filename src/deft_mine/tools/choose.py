@@ -62,7 +62,7 @@ def choose_encoder(inputs: ChooseInput, ctx: ToolContext) -> ChooseResult:
     started = time.perf_counter()
     _check_numbers(inputs)
     backend = resolve(inputs.backend_options())
-    if not backend.capabilities.embeds_text:  # the capability of running encoders in this process
+    if not backend.capabilities.loads_encoders_here:
         raise DeftError("backend_unsupported", f"choose loads each candidate encoder in this process, which the "
                         f"{backend.name} backend does not", fix="use backend=local (the default) for choose",
                         field="backend", backend=backend.name)
