@@ -1,5 +1,5 @@
 """Choosing the encoder: a label-stratified sample, and the exact leave-one-out label agreement of
-each encoder's cosine neighbours on it (brute force in float64, ties to the lower row)."""
+each encoder's cosine neighbours on it (engine/knn.py's exact search, ties to the lower row)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Sequence
 
 import numpy as np
 
-# Rows of the similarity matrix computed at a time: 1024 × sample float64 stays small.
-_BLOCK_ROWS = 1024
+from deft_mine.engine.knn import search
+from deft_mine.schemas.specs import Metric
+
 QUANTILES = (5, 25, 50, 75, 95)
 
 
@@ -44,44 +45,20 @@ def stratified_sample(keys: Sequence[str | None], size: int, seed: int) -> np.nd
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def unit_rows(vectors: np.ndarray) -> np.ndarray:
-    """Float64 L2-normalised rows; a zero vector stays zero (similarity 0 to everything)."""
-    v = np.asarray(vectors, dtype=np.float64)
-    norms = np.linalg.norm(v, axis=1, keepdims=True)
-    return np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
-
-
 def nearest(queries: np.ndarray, pool: np.ndarray, k: int, exclude_self: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's k most cosine-similar pool rows (ids, similarities), exact in float64, ties to
-    the lower pool row; `exclude_self`: queries are the pool, and a row is never its own neighbour."""
-    q, p = unit_rows(queries), unit_rows(pool)
-    ids = np.empty((len(q), k), dtype=np.int64)
-    sims = np.empty((len(q), k), dtype=np.float64)
-    for start in range(0, len(q), _BLOCK_ROWS):
-        block = q[start:start + _BLOCK_ROWS] @ p.T
-        if exclude_self:
-            rows = np.arange(len(block))
-            block[rows, rows + start] = -np.inf
-        order = _top_k(-block, k)
-        ids[start:start + len(block)] = order
-        sims[start:start + len(block)] = np.take_along_axis(block, order, axis=1)
-    return ids, sims
-
-
-def _top_k(keys: np.ndarray, k: int) -> np.ndarray:
-    """Each row's k smallest keys' columns, ascending, ties to the lower column: a partition, then a
-    sort of those k alone; a row whose k-th key is tied with a key left outside is sorted whole."""
-    if k >= keys.shape[1]:
-        return np.argsort(keys, axis=1, kind="stable")[:, :k]
-    part = np.argpartition(keys, k - 1, axis=1)[:, :k]
-    chosen = np.take_along_axis(keys, part, axis=1)
-    kth = chosen.max(axis=1, keepdims=True)
-    order = np.lexsort((part, chosen), axis=1)
-    out = np.take_along_axis(part, order, axis=1)
-    straddle = np.nonzero((keys <= kth).sum(axis=1) > k)[0]  # ties across the cut: partition chose arbitrarily
-    if len(straddle):
-        out[straddle] = np.argsort(keys[straddle], axis=1, kind="stable")[:, :k]
-    return out
+    """Each query's k most cosine-similar pool rows (ids, similarities): engine/knn.py's exact
+    search (float64 rescoring, ties to the lower pool row). `exclude_self`: the queries are the
+    pool, and a row is never its own neighbour (k + 1 searched, the row itself taken out; where
+    more than k identical rows hide it, the last)."""
+    found = search(np.asarray(queries, np.float32), [np.asarray(pool, np.float32)], k + exclude_self, Metric.cosine)
+    ids, sims = found.indices, found.scores
+    if not exclude_self:
+        return ids, sims
+    own = ids == np.arange(len(ids))[:, None]
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)  # the row's own slot, else the last
+    keep = np.ones(ids.shape, bool)
+    keep[np.arange(len(ids)), drop] = False
+    return ids[keep].reshape(len(ids), k), sims[keep].reshape(len(ids), k)
 
 
 @dataclass
