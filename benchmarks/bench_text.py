@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,27 @@ def end_to_end(encoder: TextEncoder, root: Path, texts: list[str], batch_size: i
     return stats, time.perf_counter() - t0, root / "output.parquet"
 
 
+def measure(encoder: TextEncoder, root: Path, texts: list[str], args: argparse.Namespace):
+    """Both sides `--repeat` times, their order swapped each round (load that comes and goes on a
+    shared machine falls on both), each side's best round kept: other work only ever slows a round."""
+    best_fwd, best_e2e = None, None
+    for round_ in range(args.repeat):
+        sides = ("forward", "end_to_end") if round_ % 2 == 0 else ("end_to_end", "forward")
+        for side in sides:
+            if side == "forward":
+                fwd = forward_only(encoder, texts, args.batch_size)
+                best_fwd = fwd if best_fwd is None or fwd[0] < best_fwd[0] else best_fwd
+            else:
+                e2e = end_to_end(encoder, root, texts, args.batch_size)
+                best_e2e = e2e if best_e2e is None or e2e[0].timings["total"] < best_e2e[0].timings["total"] \
+                    else best_e2e
+        if args.repeat > 1:
+            print(f"# round {round_ + 1}: forward {fwd[0]:.2f}s, end to end {e2e[0].timings['total']:.2f}s, "
+                  f"ratio {fwd[0] / e2e[0].timings['total']:.3f}; load average now {os.getloadavg()[0]:.2f}",
+                  flush=True)
+    return (*best_fwd, *best_e2e)
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--texts", type=int, default=2048, help="sentences to embed (default 2048)")
@@ -130,6 +152,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size, model and tokenizer (default 32000)")
     p.add_argument("--model", choices=("SigLIP", "CLIP"), default="SigLIP",
                    help="SigLIP (max length 64) or CLIP (77), random weights, offline")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of both sides, order swapped each round; the best of each is kept (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir and print its path")
     return p.parse_args(argv)
 
@@ -150,12 +174,11 @@ def main(argv: list[str] | None = None) -> int:
               f"max_length {encoder.max_length}, random weights; device={encoder.device}; dim={encoder.dim}; "
               f"tokenizer {type(encoder.tokenizer).__name__} (word level)")
         print(f"# data: {args.texts} sentences, {min(n_words)}-{max(n_words)} words (median "
-              f"{int(np.median(n_words))}; {sum(n + 2 > encoder.max_length for n in n_words)} cut at max_length), "
+              f"{int(np.median(n_words))}; {sum(n + len(TEMPLATE[args.model].split()) - 1 > encoder.max_length for n in n_words)} cut at max_length), "
               f"batch_size={args.batch_size}; set-up took {time.perf_counter() - t0:.1f}s; {root}")
         print(flush=True)
 
-        fwd_s, tokenize_s, fwd_vectors = forward_only(encoder, texts, args.batch_size)
-        stats, wall, output = end_to_end(encoder, root, texts, args.batch_size)
+        fwd_s, tokenize_s, fwd_vectors, stats, wall, output = measure(encoder, root, texts, args)
         timings = stats.timings
         fwd_tps = args.texts / fwd_s
         e2e_tps = stats.rows_out / timings["total"]
@@ -167,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.model:<7} {args.layers:>6} {encoder.device:>6} {args.texts:>6} {args.batch_size:>5} "
               f"{fwd_tps:>13.2f} {e2e_tps:>16.2f} {e2e_tps / fwd_tps:>6.3f}")
         print()
-        print(f"goal: end_to_end / forward >= {GOAL}")
+        print(f"goal: end_to_end / forward >= {GOAL}"
+              + (f" (best of {args.repeat} rounds each)" if args.repeat > 1 else "")
+              + f"; load average at the end: {os.getloadavg()[0]:.2f}")
         print(f"forward only: {fwd_s:.2f}s for {args.texts} texts (get_text_features on batches tokenized "
               f"beforehand); tokenizing them alone: {tokenize_s:.3f}s")
         print(f"end to end: rows_out={stats.rows_out} skipped={sum(stats.skipped_by_reason.values())} "
