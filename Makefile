@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_mining.py
 	$(PY) benchmarks/bench_unique.py
 	$(PY) benchmarks/bench_embedding.py
+	$(PY) benchmarks/bench_text.py
 	$(PY) benchmarks/bench_store.py
 
 clean:

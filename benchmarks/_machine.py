@@ -93,3 +93,42 @@ def write_vector_parquet(path: Path, rows: int, dim: int, seed: int, prefix: str
             writer.write_table(pa.table({
                 "filepath": pa.array([f"{prefix}/{i:07d}.jpg" for i in range(start, start + n)], pa.string()),
                 "embedding": tables.vector_array(vectors)}, schema=schema), row_group_size=row_group_rows)
+
+
+def torch_line() -> str:
+    """The machine line the encoder benchmarks add: torch's threads and device, numpy, pyarrow."""
+    import torch
+
+    return (f"torch {torch.__version__} threads={torch.get_num_threads()} "
+            f"interop={torch.get_num_interop_threads()} cuda={torch.cuda.is_available()}; "
+            f"numpy {np.__version__}; pyarrow {pa.__version__}")
+
+
+# A tower the benchmark does not measure: as small as transformers allows, so loading and the
+# encoder's probe pass cost next to nothing.
+TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                   num_attention_heads=4)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, vocab_size=99)
+
+
+def save_random_two_tower(folder: Path, model: str, vision: dict, text: dict, seed: int,
+                          **config: object) -> None:
+    """A SigLIP or CLIP (`model`) with the given tower configs and seeded random weights, and the
+    image processor sized to its vision tower, saved offline with save_pretrained."""
+    import torch
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, SiglipConfig, SiglipImageProcessor,
+                              SiglipModel)
+    from transformers.utils import logging as hf_logging
+
+    # Random weights trip harmless notices (token ids, the load report); the figures speak for the run.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    side = vision["image_size"]
+    if model == "CLIP":
+        CLIPModel(CLIPConfig(vision_config=vision, text_config=text, **config)).save_pretrained(folder)
+        CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}) \
+            .save_pretrained(folder)
+    else:
+        SiglipModel(SiglipConfig(vision_config=vision, text_config=text, **config)).save_pretrained(folder)
+        SiglipImageProcessor(size={"height": side, "width": side}).save_pretrained(folder)

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
-from _machine import machine_lines, scratch
+from _machine import TINY_TEXT, machine_lines, save_random_two_tower, scratch, torch_line
 from deft_mine.engine.embedding import embed_file
 from deft_mine.engine.encoders import build_encoder
 from deft_mine.engine.images import LoadFailure, load_rgb
@@ -28,21 +27,9 @@ WARM_UP_ROWS = 4
 
 def save_random_siglip(folder: Path, layers: int) -> None:
     """A SigLIP with a base-size vision tower (random weights) and a tiny text tower, saved offline."""
-    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
-    from transformers.utils import logging as hf_logging
-
-    # The tiny text tower trips harmless token-id warnings; the vision tower is what is measured.
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.manual_seed(SEED)
-    cfg = SiglipConfig(
-        vision_config=dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
-                           num_hidden_layers=layers, num_attention_heads=12),
-        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=4, vocab_size=99),
-    )
-    SiglipModel(cfg).save_pretrained(folder)
-    SiglipImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
+    save_random_two_tower(folder, "SigLIP", dict(image_size=224, patch_size=16, hidden_size=768,
+                                                 intermediate_size=3072, num_hidden_layers=layers,
+                                                 num_attention_heads=12), TINY_TEXT, SEED)
 
 
 def write_images(folder: Path, n: int) -> list[str]:
@@ -118,10 +105,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     print("# bench_embedding: embed_file end to end vs encoder.encode forward only")
-    for line in machine_lines(
-            f"torch {torch.__version__} threads={torch.get_num_threads()} "
-            f"interop={torch.get_num_interop_threads()} cuda={torch.cuda.is_available()}; "
-            f"numpy {np.__version__}; pyarrow {pa.__version__}"):
+    for line in machine_lines(torch_line()):
         print("#", line)
     with scratch("deft_bench_embedding_", args.keep) as root:
         t0 = time.perf_counter()
