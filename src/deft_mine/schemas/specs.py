@@ -263,6 +263,11 @@ SCALED_KEYS = (("min_similarity", "similarity floor", "max_distance", "distance 
 _OMITTED_WHEN_OFF = ("dedup_similarity", "dedup_distance", *LEAK_KEYS)
 
 
+# A threshold on a metric's scale: a cosine similarity, or a distance (euclidean, manhattan); None off.
+Similarity = Annotated[float | None, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
+Distance = Annotated[float | None, Field(ge=0.0, allow_inf_nan=False)]
+
+
 class MiningSpec(_Spec):
     """How to mine: the TAO `tmm nearest_neighbors` spec, plus per-run paths."""
 
@@ -276,19 +281,15 @@ class MiningSpec(_Spec):
     output_parquet: Annotated[str | None, PathField()] = None
     exclude_targets: BoolWord = Field(False, description="drop pool rows that are also targets")
     block_rows: int = Field(32768, ge=1, description="pool rows searched at a time (memory ~ 2-3 blocks)")
-    min_similarity: float | None = Field(
-        None, ge=-1.0, le=1.0, allow_inf_nan=False,
-        description="cosine only: drop pairs whose similarity is below it, before de-duplication (default off)")
-    max_distance: float | None = Field(
-        None, ge=0.0, allow_inf_nan=False,
-        description="euclidean / manhattan only: drop pairs farther than it, before de-duplication (default off)")
-    dedup_similarity: float | None = Field(
-        None, ge=-1.0, le=1.0, allow_inf_nan=False,
-        description="cosine only: drop a mined image whose similarity to one kept before it (target order, then "
+    min_similarity: Similarity = Field(
+        None, description="cosine only: drop pairs whose similarity is below it, before de-duplication (default off)")
+    max_distance: Distance = Field(
+        None, description="euclidean / manhattan only: drop pairs farther than it, before de-duplication (default off)")
+    dedup_similarity: Similarity = Field(
+        None, description="cosine only: drop a mined image whose similarity to one kept before it (target order, then "
                     "rank) reaches it, listed in near_duplicates.parquet (default off)")
-    dedup_distance: float | None = Field(
-        None, ge=0.0, allow_inf_nan=False,
-        description="euclidean / manhattan only: drop a mined image within this distance of one kept before it "
+    dedup_distance: Distance = Field(
+        None, description="euclidean / manhattan only: drop a mined image within this distance of one kept before it "
                     "(default off)")
     distance_threshold: float = Field(
         -1.0, allow_inf_nan=False,
@@ -308,13 +309,11 @@ class MiningSpec(_Spec):
                                    "whole pool, then cross-label pairs dropped) | per_label (top-n among the pool "
                                    "rows of the target's own label)")
     # The leakage guard (run --protect): pool rows near a protected image, left out before the search.
-    leak_similarity: float | None = Field(
-        None, ge=-1.0, le=1.0, allow_inf_nan=False,
-        description="cosine only: a pool image whose similarity to a protected image (a target, or one listed by "
+    leak_similarity: Similarity = Field(
+        None, description="cosine only: a pool image whose similarity to a protected image (a target, or one listed by "
                     "run --protect) reaches it is a leak, left out of the search (default off)")
-    leak_distance: float | None = Field(
-        None, ge=0.0, allow_inf_nan=False,
-        description="euclidean / manhattan only: a pool image within this distance of a protected image is a "
+    leak_distance: Distance = Field(
+        None, description="euclidean / manhattan only: a pool image within this distance of a protected image is a "
                     "leak, left out of the search (default off)")
     leaks_parquet: Annotated[str | None, PathField()] = Field(
         None, description="per-run: a parquet whose `filepath`s (pool rows) are left out of the search (run's "
