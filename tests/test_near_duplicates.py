@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from conftest import THUMB_ID, write_embeddings, write_image
 from deft_mine.backends.local import write_mining
@@ -109,7 +110,8 @@ def test_mine_drops_the_near_copies_and_lists_them(tmp_path, metric, key, thresh
     paths = before.column("filepath").to_pylist()
     duplicate_of, scores = brute_walk(vectors[[row[p] for p in paths]], Metric(metric), threshold)
     assert after.column("filepath").to_pylist() == [p for p, d in zip(paths, duplicate_of) if d < 0]
-    assert near.column_names == ["filepath", "duplicate_of", "similarity" if metric == "cosine" else "distance"]
+    assert near.column_names == ["filepath", "duplicate_of", "similarity" if metric == "cosine" else "distance", "kind"]
+    assert set(near.column("kind").to_pylist()) == {"similar"}  # no file: no bytes to repeat
     assert near.column("filepath").to_pylist() == [p for p, d in zip(paths, duplicate_of) if d >= 0]
     assert near.column("duplicate_of").to_pylist() == [paths[d] for d in duplicate_of if d >= 0]
     np.testing.assert_allclose(near.column(2).to_numpy(), [s for s, d in zip(scores, duplicate_of) if d >= 0],
@@ -167,11 +169,15 @@ def test_a_spec_without_the_keys_reads_as_before(tmp_path):
 
 
 def _images(tmp_path):
-    """Two targets and a pool holding each target's picture three times over (near copies)."""
+    """Two targets and a pool of six pictures, each twice: 2-4 byte for byte (identical files), 5-7
+    re-encoded (the same pixels in other bytes: near copies, similarity 1)."""
     for i in range(8):
         write_image(tmp_path / "imgs" / f"{i}.png", seed=i)
-    for i in range(2, 8):
+    for i in range(2, 5):
         shutil.copy(tmp_path / "imgs" / f"{i}.png", tmp_path / "imgs" / f"{i}_copy.png")
+    for i in range(5, 8):
+        with Image.open(tmp_path / "imgs" / f"{i}.png") as img:
+            img.save(tmp_path / "imgs" / f"{i}_copy.png", compress_level=1)
     (tmp_path / "targets.csv").write_text("filepath\nimgs/0.png\nimgs/1.png\n")
     (tmp_path / "pool.csv").write_text("filepath\n" + "".join(f"imgs/{i}.png\nimgs/{i}_copy.png\n"
                                                                for i in range(2, 8)))
@@ -188,11 +194,14 @@ def test_run_collapses_before_history_and_reports_it(tmp_path):
     candidates = pq.read_table(folder / "mined_candidates.parquet").column("filepath").to_pylist()
     assert near.num_rows == 6 and not set(near.column("filepath").to_pylist()) & set(candidates)
     assert done.select.candidates == len(candidates) == 6 and done.mined == 6  # the budget never met a copy
+    assert near.column("kind").to_pylist().count("identical_bytes") == 3
     manifest = json.loads((folder / "run.json").read_text())
-    assert manifest["mining"]["summary"]["near_duplicates_removed"] == 6
+    assert manifest["mining"]["summary"]["near_duplicates_removed"] == 3
+    assert manifest["mining"]["summary"]["identical_images"] == 3
     assert manifest["mining_spec"]["dedup_similarity"] == 0.999
     report = (folder / "Mining_Report.md").read_text()
-    assert "Near-duplicate collapse (`dedup_similarity` = 0.999)" in report and "6 images lay within" in report
+    assert "Near-duplicate collapse (`dedup_similarity` = 0.999)" in report and "3 images lay within" in report
+    assert "Identical files: 3 mined images repeated the bytes" in report
     assert 600 <= done.report.words <= 1200 and done.report.words == count_words(report)
 
 
@@ -201,13 +210,67 @@ def test_the_cli_and_the_task_entrypoint_take_the_key(tmp_path, capsys):
     assert cli_main(["run", "--targets", str(targets), "--source", str(pool), "--run-dir", str(tmp_path / "c"),
                      "model=thumbnail", "topn=12", "dedup_similarity=0.95", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["mine"]["summary"]["near_duplicates_removed"] == 6 and result["mined"] == 6
+    assert result["mine"]["summary"]["near_duplicates_removed"] == 3 and result["mined"] == 6
+    assert result["mine"]["summary"]["identical_images"] == 3
     folder = tmp_path / "c"
     spec = tmp_path / "spec.yaml"
     spec.write_text(f"source_parquet: {folder / 'source_embeddings.parquet'}\n"
                     f"target_parquet: {folder / 'target_embeddings.parquet'}\n"
                     f"output_parquet: {tmp_path / 't' / 'mined.parquet'}\ntopn: 12\n")
-    assert task_main(["tmm", "nearest_neighbors", "-e", str(spec), "dedup_similarity=0.95"]) == 0
+    # the pool's relative paths resolve against its listing's folder, which the task is told
+    assert task_main(["tmm", "nearest_neighbors", "-e", str(spec), "dedup_similarity=0.95",
+                      f"pool_image_root={tmp_path}"]) == 0
     assert pq.read_table(tmp_path / "t" / "near_duplicates.parquet").equals(
         pq.read_table(folder / "near_duplicates.parquet"))
-    assert "near_duplicates_removed: 6" in (tmp_path / "t" / "mining_summary.txt").read_text()
+    assert "near_duplicates_removed: 3\nidentical_images: 3" in (tmp_path / "t" / "mining_summary.txt").read_text()
+
+
+def brute_identical(paths: list[str], root) -> list[int]:
+    """Per path (in order), the first earlier path whose file's bytes are equal, read whole (-1: none)."""
+    seen: dict[bytes, int] = {}
+    out = []
+    for i, path in enumerate(paths):
+        full = root / path
+        data = full.read_bytes() if full.is_file() else None
+        first = seen.setdefault(data, i) if data is not None else i
+        out.append(first if first != i else -1)
+    return out
+
+
+def test_identical_files_are_mined_once_with_the_threshold_off(tmp_path):
+    targets, pool = _images(tmp_path)
+    done = run(targets, pool, run_dir=tmp_path / "r", overrides={"model": "thumbnail", "topn": 12})
+    folder = tmp_path / "r"
+    plain = pq.read_table(folder / "mined_pairs.parquet").column("filepath").to_pylist()
+    order = list(dict.fromkeys(plain))  # the mined order before the collapse: target order, then rank
+    twin = brute_identical(order, tmp_path)
+    near = pq.read_table(folder / "near_duplicates.parquet")
+    assert near.column("filepath").to_pylist() == [p for p, t in zip(order, twin) if t >= 0]
+    assert near.column("duplicate_of").to_pylist() == [order[t] for t in twin if t >= 0]
+    assert near.column("kind").to_pylist() == ["identical_bytes"] * 3 and near.column("similarity").null_count == 3
+    assert pq.read_table(folder / "mined.parquet").column("filepath").to_pylist() == \
+        [p for p, t in zip(order, twin) if t < 0]
+    assert done.mine.summary["identical_images"] == 3 and "near_duplicates_removed" not in done.mine.summary
+    assert done.mined == 9 and done.mine.near_duplicates_parquet == str(folder / "near_duplicates.parquet")
+    assert "identical_images: 3" in (folder / "mining_summary.txt").read_text()
+
+
+def test_a_pool_without_byte_copies_reads_as_before(tmp_path):
+    targets, pool = _images(tmp_path)
+    pool.write_text("filepath\n" + "".join(f"imgs/{i}.png\nimgs/{i}_copy.png\n" for i in range(5, 8)))
+    done = run(targets, pool, run_dir=tmp_path / "r", overrides={"model": "thumbnail", "topn": 12})
+    assert not (tmp_path / "r" / "near_duplicates.parquet").exists() and done.mined == 6
+    assert "identical_images" not in done.mine.summary and done.mine.near_duplicates_parquet is None
+
+
+def test_identical_against_brute_force_on_files(tmp_path):
+    from deft_mine.engine.dedup import identical
+
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(40):  # few distinct contents, several sizes shared by different bytes
+        content = bytes(rng.integers(0, 4, int(rng.integers(1, 4)), dtype=np.uint8))
+        (tmp_path / f"{i}.bin").write_bytes(content)
+        names.append(f"{i}.bin")
+    names += ["missing.bin", "0.bin"]  # an unreadable file, and a path repeated
+    assert identical(names, tmp_path).tolist() == brute_identical(names, tmp_path)

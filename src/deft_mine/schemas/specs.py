@@ -253,14 +253,14 @@ RareClassList = Annotated[list[str], BeforeValidator(_class_names)]
 UNIQUE_KEYS = ("desired_unique_count", "allocation_policy", "rare_class_list", "candidate_expansion_factor")
 NEAREST_KEYS = frozenset({"topn", "filter_by_label", "exclude_targets", "min_similarity", "max_distance",
                           "distance_threshold", "floor_rule", "label_mode", "leak_similarity", "leak_distance",
-                          "leaks_parquet", "dedup_similarity", "dedup_distance"})
+                          "leaks_parquet", "dedup_similarity", "dedup_distance", "pool_image_root"})
 LEAK_KEYS = ("leak_similarity", "leak_distance", "leaks_parquet")  # the leakage guard's (mode=nearest)
 # Keys on one metric's scale, as (cosine key, its noun; distance key, its noun): each refused under the other metric.
 SCALED_KEYS = (("min_similarity", "similarity floor", "max_distance", "distance ceiling"),
                ("dedup_similarity", "similarity threshold", "dedup_distance", "distance threshold"),
                ("leak_similarity", "similarity threshold", "leak_distance", "distance threshold"))
 # Keys written into a spec only when set: a spec without them reads as it did before they existed.
-_OMITTED_WHEN_OFF = ("dedup_similarity", "dedup_distance", *LEAK_KEYS)
+_OMITTED_WHEN_OFF = ("dedup_similarity", "dedup_distance", "pool_image_root", *LEAK_KEYS)
 
 
 class MiningSpec(_Spec):
@@ -319,6 +319,9 @@ class MiningSpec(_Spec):
     leaks_parquet: Annotated[str | None, PathField()] = Field(
         None, description="per-run: a parquet whose `filepath`s (pool rows) are left out of the search (run's "
                           "leakage guard writes it: leaks.parquet)")
+    pool_image_root: Annotated[str | None, PathField()] = Field(
+        None, description="per-run: where the pool's relative filepaths resolve, for telling mined images with "
+                          "identical bytes apart (run sets it; default: the source parquet's folder)")
     # mode=unique: `tmm unique_neighbor_matching` in `run`, scored by knn_metric; None: the matcher's default.
     mode: Annotated[MiningMode, _choice(tuple(MiningMode), "mode", "spec_invalid", "set mode=nearest (each target's "
                     "topn nearest) or mode=unique (a budget of unique images)")] = Field(
@@ -427,6 +430,10 @@ class MiningSpec(_Spec):
         """The near-duplicate threshold on the metric's own scale (dedup_similarity or
         dedup_distance), None when off."""
         return self.dedup_similarity if self.knn_metric is Metric.cosine else self.dedup_distance
+
+    def pool_root(self, source_path: Path) -> Path:
+        """Where the pool's relative filepaths resolve: pool_image_root, else the source parquet's folder."""
+        return Path(self.pool_image_root).expanduser().absolute() if self.pool_image_root else source_path.parent
 
     @property
     def unique(self) -> bool:
