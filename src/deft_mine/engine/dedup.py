@@ -138,6 +138,24 @@ class _Near:
         return product <= limit
 
 
+def within(a: np.ndarray, b: np.ndarray, metric: Metric, threshold: float,
+           block_rows: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, score) of every pair a[i], b[j] within the threshold, the vectors taken as given (the
+    caller prepares them: cosine needs unit rows); the same float32 proposal and float64 verdict."""
+    if not len(a) or not len(b):
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
+    near = _Near(np.ascontiguousarray(np.concatenate([a, b]), dtype=np.float32), metric, threshold)
+    cols = np.arange(len(a), len(a) + len(b))
+    found = [near.pairs(np.arange(at, min(at + block_rows, len(a))), cols) for at in range(0, len(a), block_rows)]
+    i, j, s = (np.concatenate(part) for part in zip(*found))
+    return i, j - len(a), s
+
+
+def nearest(i: np.ndarray, j: np.ndarray, s: np.ndarray, metric: Metric) -> np.ndarray:
+    """Positions of each i's nearest j among the pairs (the earliest j on a tie)."""
+    return _nearest(i, j, s, metric)
+
+
 def identical(paths: list[str], root: Path) -> np.ndarray:
     """Per image (in order), the first earlier image whose file has the same bytes (-1: none, or
     unreadable). Identical bytes have the same size: only files whose size another shares are hashed."""
