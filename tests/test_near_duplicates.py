@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from conftest import THUMB_ID, write_embeddings, write_image
 from deft_mine.backends.local import write_mining
@@ -109,7 +110,8 @@ def test_mine_drops_the_near_copies_and_lists_them(tmp_path, metric, key, thresh
     paths = before.column("filepath").to_pylist()
     duplicate_of, scores = brute_walk(vectors[[row[p] for p in paths]], Metric(metric), threshold)
     assert after.column("filepath").to_pylist() == [p for p, d in zip(paths, duplicate_of) if d < 0]
-    assert near.column_names == ["filepath", "duplicate_of", "similarity" if metric == "cosine" else "distance"]
+    assert near.column_names == ["filepath", "duplicate_of", "similarity" if metric == "cosine" else "distance", "kind"]
+    assert set(near.column("kind").to_pylist()) == {"similar"}  # no file: no bytes to repeat
     assert near.column("filepath").to_pylist() == [p for p, d in zip(paths, duplicate_of) if d >= 0]
     assert near.column("duplicate_of").to_pylist() == [paths[d] for d in duplicate_of if d >= 0]
     np.testing.assert_allclose(near.column(2).to_numpy(), [s for s, d in zip(scores, duplicate_of) if d >= 0],
@@ -151,7 +153,7 @@ def test_sharded_searches_finish_as_the_local_one(tmp_path):
     ({"dedup_distance": 0.5}, "dedup_distance"),  # cosine
     ({"dedup_similarity": 1.5}, "dedup_similarity"),
     ({"dedup_distance": -0.1, "knn_metric": "manhattan"}, "dedup_distance"),
-    ({"dedup_similarity": 0.9, "mode": "unique", "desired_unique_count": 5}, "dedup_similarity"),
+    ({"dedup_distance": 0.9, "mode": "unique", "desired_unique_count": 5}, "dedup_distance"),  # cosine
 ])
 def test_a_threshold_on_the_wrong_scale_or_mode_is_refused(overrides, field):
     with pytest.raises(DeftError) as refused:
@@ -167,11 +169,15 @@ def test_a_spec_without_the_keys_reads_as_before(tmp_path):
 
 
 def _images(tmp_path):
-    """Two targets and a pool holding each target's picture three times over (near copies)."""
+    """Two targets and a pool of six pictures, each twice: 2-4 byte for byte (identical files), 5-7
+    re-encoded (the same pixels in other bytes: near copies, similarity 1)."""
     for i in range(8):
         write_image(tmp_path / "imgs" / f"{i}.png", seed=i)
-    for i in range(2, 8):
+    for i in range(2, 5):
         shutil.copy(tmp_path / "imgs" / f"{i}.png", tmp_path / "imgs" / f"{i}_copy.png")
+    for i in range(5, 8):
+        with Image.open(tmp_path / "imgs" / f"{i}.png") as img:
+            img.save(tmp_path / "imgs" / f"{i}_copy.png", compress_level=1)
     (tmp_path / "targets.csv").write_text("filepath\nimgs/0.png\nimgs/1.png\n")
     (tmp_path / "pool.csv").write_text("filepath\n" + "".join(f"imgs/{i}.png\nimgs/{i}_copy.png\n"
                                                                for i in range(2, 8)))
@@ -188,11 +194,14 @@ def test_run_collapses_before_history_and_reports_it(tmp_path):
     candidates = pq.read_table(folder / "mined_candidates.parquet").column("filepath").to_pylist()
     assert near.num_rows == 6 and not set(near.column("filepath").to_pylist()) & set(candidates)
     assert done.select.candidates == len(candidates) == 6 and done.mined == 6  # the budget never met a copy
+    assert near.column("kind").to_pylist().count("identical_bytes") == 3
     manifest = json.loads((folder / "run.json").read_text())
-    assert manifest["mining"]["summary"]["near_duplicates_removed"] == 6
+    assert manifest["mining"]["summary"]["near_duplicates_removed"] == 3
+    assert manifest["mining"]["summary"]["identical_images"] == 3
     assert manifest["mining_spec"]["dedup_similarity"] == 0.999
     report = (folder / "Mining_Report.md").read_text()
-    assert "Near-duplicate collapse (`dedup_similarity` = 0.999)" in report and "6 images lay within" in report
+    assert "Near-duplicate collapse (`dedup_similarity` = 0.999)" in report and "3 images lay within" in report
+    assert "Identical files: 3 mined images repeated the bytes" in report
     assert 600 <= done.report.words <= 1200 and done.report.words == count_words(report)
 
 
@@ -201,13 +210,184 @@ def test_the_cli_and_the_task_entrypoint_take_the_key(tmp_path, capsys):
     assert cli_main(["run", "--targets", str(targets), "--source", str(pool), "--run-dir", str(tmp_path / "c"),
                      "model=thumbnail", "topn=12", "dedup_similarity=0.95", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["mine"]["summary"]["near_duplicates_removed"] == 6 and result["mined"] == 6
+    assert result["mine"]["summary"]["near_duplicates_removed"] == 3 and result["mined"] == 6
+    assert result["mine"]["summary"]["identical_images"] == 3
     folder = tmp_path / "c"
     spec = tmp_path / "spec.yaml"
     spec.write_text(f"source_parquet: {folder / 'source_embeddings.parquet'}\n"
                     f"target_parquet: {folder / 'target_embeddings.parquet'}\n"
                     f"output_parquet: {tmp_path / 't' / 'mined.parquet'}\ntopn: 12\n")
-    assert task_main(["tmm", "nearest_neighbors", "-e", str(spec), "dedup_similarity=0.95"]) == 0
+    # the pool's relative paths resolve against its listing's folder, which the task is told
+    assert task_main(["tmm", "nearest_neighbors", "-e", str(spec), "dedup_similarity=0.95",
+                      f"pool_image_root={tmp_path}"]) == 0
     assert pq.read_table(tmp_path / "t" / "near_duplicates.parquet").equals(
         pq.read_table(folder / "near_duplicates.parquet"))
-    assert "near_duplicates_removed: 6" in (tmp_path / "t" / "mining_summary.txt").read_text()
+    assert "near_duplicates_removed: 3\nidentical_images: 3" in (tmp_path / "t" / "mining_summary.txt").read_text()
+
+
+def brute_identical(paths: list[str], root) -> list[int]:
+    """Per path (in order), the first earlier path whose file's bytes are equal, read whole (-1: none)."""
+    seen: dict[bytes, int] = {}
+    out = []
+    for i, path in enumerate(paths):
+        full = root / path
+        data = full.read_bytes() if full.is_file() else None
+        first = seen.setdefault(data, i) if data is not None else i
+        out.append(first if first != i else -1)
+    return out
+
+
+def test_identical_files_are_mined_once_with_the_threshold_off(tmp_path):
+    targets, pool = _images(tmp_path)
+    done = run(targets, pool, run_dir=tmp_path / "r", overrides={"model": "thumbnail", "topn": 12})
+    folder = tmp_path / "r"
+    plain = pq.read_table(folder / "mined_pairs.parquet").column("filepath").to_pylist()
+    order = list(dict.fromkeys(plain))  # the mined order before the collapse: target order, then rank
+    twin = brute_identical(order, tmp_path)
+    near = pq.read_table(folder / "near_duplicates.parquet")
+    assert near.column("filepath").to_pylist() == [p for p, t in zip(order, twin) if t >= 0]
+    assert near.column("duplicate_of").to_pylist() == [order[t] for t in twin if t >= 0]
+    assert near.column("kind").to_pylist() == ["identical_bytes"] * 3 and near.column("similarity").null_count == 3
+    assert pq.read_table(folder / "mined.parquet").column("filepath").to_pylist() == \
+        [p for p, t in zip(order, twin) if t < 0]
+    assert done.mine.summary["identical_images"] == 3 and "near_duplicates_removed" not in done.mine.summary
+    assert done.mined == 9 and done.mine.near_duplicates_parquet == str(folder / "near_duplicates.parquet")
+    assert "identical_images: 3" in (folder / "mining_summary.txt").read_text()
+
+
+def test_a_pool_without_byte_copies_reads_as_before(tmp_path):
+    targets, pool = _images(tmp_path)
+    pool.write_text("filepath\n" + "".join(f"imgs/{i}.png\nimgs/{i}_copy.png\n" for i in range(5, 8)))
+    done = run(targets, pool, run_dir=tmp_path / "r", overrides={"model": "thumbnail", "topn": 12})
+    assert not (tmp_path / "r" / "near_duplicates.parquet").exists() and done.mined == 6
+    assert "identical_images" not in done.mine.summary and done.mine.near_duplicates_parquet is None
+
+
+def test_identical_against_brute_force_on_files(tmp_path):
+    from deft_mine.engine.dedup import identical
+
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(40):  # few distinct contents, several sizes shared by different bytes
+        content = bytes(rng.integers(0, 4, int(rng.integers(1, 4)), dtype=np.uint8))
+        (tmp_path / f"{i}.bin").write_bytes(content)
+        names.append(f"{i}.bin")
+    names += ["missing.bin", "0.bin"]  # an unreadable file, and a path repeated
+    assert identical(names, tmp_path).tolist() == brute_identical(names, tmp_path)
+
+
+# --- mode=unique: the rule while claiming --------------------------------------------------------
+
+def _unit32(x):
+    x = np.asarray(x, dtype=np.float32)
+    return (x / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), np.finfo(np.float32).tiny)[:, None]).astype(np.float64)
+
+
+def ref_unique(P, T, budget, metric, threshold, factor=5):
+    """tests/test_unique_matching.py's ref_global walked with the near-duplicate rule (pool paths
+    unique): a row within the threshold of a held row is not free; within a pass a target skips a
+    row within it of a row an earlier satisfied target of the pass, or itself, picked before.
+    Returns ({row: (target, distance)}, rows set aside)."""
+    import math
+
+    P, T = _unit32(P), _unit32(T)
+
+    def dist(q, x):
+        return {"cosine": lambda: 1.0 - float(q @ x), "euclidean": lambda: math.sqrt(float(((q - x) ** 2).sum())),
+                "manhattan": lambda: float(np.abs(q - x).sum())}[metric]()
+
+    def near(a, b):
+        if metric == "cosine":
+            return float(P[a] @ P[b]) >= threshold
+        return dist(P[a], P[b]) <= threshold
+
+    got, held, blocked = {}, [], set()
+    topn, current, number = math.ceil(budget / len(T)), list(range(len(T))), 0
+    while len(got) < budget:
+        blocked |= {r for r in range(len(P)) if r not in got and any(near(r, h) for h in held)}
+        free = [r for r in range(len(P)) if r not in got and r not in blocked]
+        if not free:
+            break
+        share = min(topn, len(free))
+        number += 1
+        k = min(factor * number * share, len(free))
+        taken, picks, failed = [], [], []
+        for t in current:
+            ranked = sorted(free, key=lambda r: (dist(T[t], P[r]), r))[:k]
+            tentative = []
+            for r in ranked:
+                if len(tentative) == share:
+                    break
+                if r in taken or r in tentative or any(near(r, x) for x in taken + tentative):
+                    continue
+                tentative.append(r)
+            if len(tentative) < share:
+                failed.append(t)
+                continue
+            taken += tentative
+            picks += [(dist(T[t], P[r]), f"p{r:03d}", r, t) for r in tentative]
+        for d, _, r, t in sorted(picks)[:budget - len(got)]:
+            got[r] = (t, d)
+            held.append(r)
+        current = failed if failed else (list(range(len(T))) if len(got) < budget else [])
+        if not picks and k >= len(free):
+            break
+    return got
+
+
+@pytest.mark.parametrize("metric,threshold", [("cosine", 0.95), ("euclidean", 0.35), ("manhattan", 1.2)])
+@pytest.mark.parametrize("seed", range(4))
+def test_unique_claiming_skips_near_copies_as_the_brute_force_does(tmp_path, metric, threshold, seed):
+    from deft_mine.engine.unique_matching import unique_match
+    from deft_mine.schemas.specs import UniqueMatchingSpec
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(12, 6))
+    P = centres[rng.integers(0, 12, 80)] + rng.normal(scale=0.15, size=(80, 6))  # clusters of near copies
+    T = centres[:4] + rng.normal(scale=0.3, size=(4, 6))
+    write_embeddings(tmp_path / "pool.parquet", P)
+    write_embeddings(tmp_path / "targets.parquet", T)
+    paths = pq.read_table(tmp_path / "pool.parquet").column("filepath").to_pylist()
+    budget = int(rng.integers(3, 14))
+    key = "dedup_similarity" if metric == "cosine" else "dedup_distance"
+    spec = UniqueMatchingSpec(source_path=str(tmp_path / "pool.parquet"), target_path=str(tmp_path / "targets.parquet"),
+                              output_dir=str(tmp_path / "out"), desired_unique_count=budget, distance_metric=metric,
+                              candidate_expansion_factor=int(rng.integers(1, 4)), block_rows=7, **{key: threshold})
+    outcome = unique_match(spec)
+    reference = ref_unique(P, T, budget, metric, threshold, spec.candidate_expansion_factor)
+    got = dict(zip(outcome.selected.column("filepath").to_pylist(), outcome.selected.column("distance").to_pylist()))
+    assert sorted(got) == sorted(paths[r] for r in reference)
+    for r, (_, d) in reference.items():
+        assert got[paths[r]] == pytest.approx(d, abs=1e-5)
+    # no two selected files lie within the threshold of each other
+    x = _unit32(P[[paths.index(p) for p in got]])
+    scores = x @ x.T if metric == "cosine" else None
+    if scores is not None:
+        assert (scores[~np.eye(len(x), dtype=bool)] < threshold).all()
+    near = outcome.near_duplicates
+    assert near is not None and outcome.summary["near_duplicates_removed"] == near.num_rows
+    assert set(near.column("duplicate_of").to_pylist()) <= set(got) and not set(near.column("filepath").to_pylist()) & set(got)
+
+
+def test_nvidias_unique_matching_is_never_asked_for_the_rule(tmp_path):
+    from deft_mine.backends.docker import _refuse_ours_only
+    from deft_mine.schemas.specs import UniqueMatchingSpec
+
+    base = dict(source_path="p", target_path="t", output_dir="o", desired_unique_count=3, distance_metric="cosine")
+    _refuse_ours_only(UniqueMatchingSpec(**base), "nvcr.io/nvidia/tao/tao-toolkit:data-services")
+    with pytest.raises(DeftError) as refused:
+        _refuse_ours_only(UniqueMatchingSpec(**base, dedup_similarity=0.9), "nvcr.io/nvidia/tao/tao-toolkit:data-services")
+    assert refused.value.code == "backend_unsupported" and "dedup_similarity" in refused.value.message
+
+
+def test_run_mode_unique_fills_the_budget_with_distinct_images(tmp_path):
+    targets, pool = _images(tmp_path)
+    done = run(targets, pool, run_dir=tmp_path / "u", overrides={
+        "model": "thumbnail", "mode": "unique", "desired_unique_count": 6, "dedup_similarity": 0.999})
+    mined = pq.read_table(tmp_path / "u" / "mined.parquet").column("filepath").to_pylist()
+    assert done.mined == 6 and sorted(p.replace("_copy", "") for p in mined) == [f"imgs/{i}.png" for i in range(2, 8)]
+    near = list((tmp_path / "u").glob("**/near_duplicates.parquet"))
+    assert len(near) == 1 and pq.read_table(near[0]).num_rows == 6
+    plain = run(targets, pool, run_dir=tmp_path / "p", overrides={
+        "model": "thumbnail", "mode": "unique", "desired_unique_count": 6})
+    assert len({p.replace("_copy", "") for p in pq.read_table(plain.mined_parquet).column("filepath").to_pylist()}) < 6

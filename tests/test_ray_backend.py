@@ -293,7 +293,9 @@ def _same_match_folders(local: Path, on_ray: Path) -> None:
                                          "distance_metric": "manhattan"}},
     # more wanted than the pool holds: a shortfall, the same on both
     {"pool": 16, "targets": 4, "keys": {"desired_unique_count": 30}},
-], ids=["global", "class_stratified", "retries", "shortfall"])
+    # the near-duplicate rule while claiming: the repeated vectors are near copies (near_duplicates.parquet)
+    {"pool": 40, "targets": 5, "keys": {"desired_unique_count": 10, "dedup_distance": 0.01}},
+], ids=["global", "class_stratified", "retries", "shortfall", "dedup"])
 def test_match_equals_local(cluster, tmp_path, case):
     from deft_mine.tools import match
 
@@ -313,6 +315,8 @@ def test_match_equals_local(cluster, tmp_path, case):
     assert told and int(told[0].split(", ")[1].split()[0]) > 1  # the pool was searched in several shards
     if case["keys"]["desired_unique_count"] == 18:
         assert any(p.retry for p in local.passes)  # the case does exercise the retries
+    if "dedup_distance" in case["keys"]:
+        assert pq.read_table(tmp_path / "local" / "near_duplicates.parquet").num_rows > 0
     if case["keys"]["desired_unique_count"] == 30:
         assert local.shortfalls and [w.code for w in on_ray.warnings] == [w.code for w in local.warnings]
 

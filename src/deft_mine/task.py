@@ -106,7 +106,8 @@ def _job_yaml(kind: type[_Spec], spec_path: str | None, overrides: list[str]) ->
         if exc.details.get("field") not in required or not exc.message.endswith("Field required"):
             raise  # a bad value is refused as in a run
     blank = kind.model_construct(**dict.fromkeys(required, "???"))
-    return OmegaConf.to_yaml(OmegaConf.create(blank.model_dump(mode="json", warnings=False)))
+    return OmegaConf.to_yaml(OmegaConf.create(blank.model_dump(mode="json", warnings=False,
+                                                                context={"all_keys": True})))
 
 
 if __name__ == "__main__":

@@ -459,7 +459,8 @@ UNIQUE_PATHS = ("source_path", "target_path", "exclude_path", "source_detection_
 
 def _refuse_ours_only(spec: UniqueMatchingSpec, image: str) -> None:
     """What NVIDIA's unique matching cannot be asked: classes from `label` (it reads COCO/KITTI
-    files only), and exclusion by full path alone (it also drops every file of the same name)."""
+    files only), exclusion by full path alone (it also drops every file of the same name), and the
+    near-duplicate rule while claiming."""
     if spec.allocation_policy is AllocationPolicy.class_stratified and not (
             spec.source_detection_file and spec.target_detection_file):
         raise unique_unsupported(image, "its class_stratified reads each image's classes from COCO/KITTI detection "
@@ -468,6 +469,9 @@ def _refuse_ours_only(spec: UniqueMatchingSpec, image: str) -> None:
     if spec.exclude_by is ExcludeBy.path:
         raise unique_unsupported(image, "its exclude_path also excludes every pool file of the same file name "
                                  "(exclude_by=path is deft-mine's)")
+    if spec.dedup is not None:
+        raise unique_unsupported(image, "it claims near-duplicate files side by side (dedup_similarity / "
+                                 "dedup_distance while claiming is deft-mine's)")
 
 
 def _entrypoint(client: Any, image: str) -> tuple[list[Any], bool]:

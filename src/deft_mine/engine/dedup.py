@@ -1,8 +1,9 @@
-"""Near-duplicate collapse of the mined set: which mined images lie within the threshold of one kept before them."""
+"""Near-duplicate collapse of the mined set: which mined images repeat the bytes of, or lie within the threshold of, one kept before them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +11,10 @@ import pyarrow as pa
 # knn's own preparation and float64 pair scoring: a mined pair is judged on the vectors exactly
 # as the search used them (cosine: L2-normalised float32), scored the way every pair is scored.
 from deft_mine.engine.knn import _SCORE_OF_KEY, _exact_keys, _prepare
+# the leakage guard's byte comparison: sizes first, SHA-256 only where a size is shared
+from deft_mine.engine.leaks import _digests, sizes
+from deft_mine.engine.images import resolve_image_path
+from deft_mine.schemas.artifacts import DuplicateKind
 from deft_mine.schemas.specs import Metric
 
 BLOCK_ROWS = 2048  # mined images walked at a time
@@ -23,6 +28,7 @@ class Collapse:
 
     duplicate_of: np.ndarray  # (n,) int64
     scores: np.ndarray  # (n,) float64
+    identical: np.ndarray | None = None  # (n,) bool: collapsed for identical bytes (its score NaN)
 
     @property
     def keep(self) -> np.ndarray:
@@ -132,13 +138,62 @@ class _Near:
         return product <= limit
 
 
+def within(a: np.ndarray, b: np.ndarray, metric: Metric, threshold: float,
+           block_rows: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, score) of every pair a[i], b[j] within the threshold, the vectors taken as given (the
+    caller prepares them: cosine needs unit rows); the same float32 proposal and float64 verdict."""
+    if not len(a) or not len(b):
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
+    near = _Near(np.ascontiguousarray(np.concatenate([a, b]), dtype=np.float32), metric, threshold)
+    cols = np.arange(len(a), len(a) + len(b))
+    found = [near.pairs(np.arange(at, min(at + block_rows, len(a))), cols) for at in range(0, len(a), block_rows)]
+    i, j, s = (np.concatenate(part) for part in zip(*found))
+    return i, j - len(a), s
+
+
+def nearest(i: np.ndarray, j: np.ndarray, s: np.ndarray, metric: Metric) -> np.ndarray:
+    """Positions of each i's nearest j among the pairs (the earliest j on a tie)."""
+    return _nearest(i, j, s, metric)
+
+
+def identical(paths: list[str], root: Path) -> np.ndarray:
+    """Per image (in order), the first earlier image whose file has the same bytes (-1: none, or
+    unreadable). Identical bytes have the same size: only files whose size another shares are hashed."""
+    resolved = [resolve_image_path(p, root) for p in paths]
+    size = sizes(resolved)
+    values, counts = np.unique(size[size >= 0], return_counts=True)
+    rows = np.flatnonzero(np.isin(size, values[counts > 1]))
+    found, first = np.full(len(paths), -1, np.int64), {}
+    for row, key in zip(rows.tolist(), _digests([resolved[i] for i in rows])):
+        if key is not None and (earlier := first.setdefault(key, row)) != row:
+            found[row] = earlier
+    return found
+
+
+def with_identical(twin: np.ndarray, near: Collapse | None) -> Collapse:
+    """Identical bytes first (`twin`: identical's answer), then the threshold's walk over the images
+    left (`near`, indexed among them): one collapse over every image."""
+    duplicate_of, scores = twin.copy(), np.full(len(twin), np.nan)
+    if near is not None:
+        rest = np.flatnonzero(twin < 0)
+        dropped = np.flatnonzero(~near.keep)
+        duplicate_of[rest[dropped]] = rest[near.duplicate_of[dropped]]
+        scores[rest[dropped]] = near.scores[dropped]
+    return Collapse(duplicate_of, scores, twin >= 0)
+
+
 def table(paths: list[str], found: Collapse, metric: Metric) -> pa.Table:
     """near_duplicates.parquet: each dropped image (mined order), the kept image it was collapsed
-    into, and their similarity (cosine) or distance (euclidean, manhattan)."""
+    into, their similarity (cosine) or distance (euclidean, manhattan; null for identical bytes,
+    not compared), and why (`kind`: identical_bytes or similar)."""
     dropped = np.flatnonzero(~found.keep)
     names = np.asarray(paths, dtype=object)
+    same = found.identical[dropped] if found.identical is not None else np.zeros(len(dropped), bool)
+    scores = np.where(same, np.nan, found.scores[dropped])
     return pa.table({
         "filepath": pa.array(names[dropped].tolist(), pa.string()),
         "duplicate_of": pa.array(names[found.duplicate_of[dropped]].tolist(), pa.string()),
-        "similarity" if metric.higher_is_nearer else "distance": pa.array(found.scores[dropped], pa.float64()),
+        "similarity" if metric.higher_is_nearer else "distance": pa.array(scores, pa.float64(), mask=same),
+        "kind": pa.array([(DuplicateKind.identical_bytes if s else DuplicateKind.similar).value for s in same.tolist()],
+                         pa.string()),
     })

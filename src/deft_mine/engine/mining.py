@@ -252,10 +252,12 @@ def finish(prep: Prepared, found: Searched) -> MiningOutcome:
     pairs = _pairs_table(prep, cands, filtered.keep, None if prep.spec.floor is None else
                          filtered.agree & ~filtered.within)
     prep.timings["collect"] = time.perf_counter() - t0
-    mined, near_duplicates = near_duplicate_stage(prep, cands, filtered.keep, mined)
+    mined, near_duplicates, identical = near_duplicate_stage(prep, cands, filtered.keep, mined)
     summary = summarise(prep, found, cands, filtered, unique)
-    if near_duplicates is not None:
-        summary.near_duplicates_removed, summary.mined = near_duplicates.num_rows, mined.num_rows
+    if near_duplicates is not None:  # counted when the collapse is on, or bytes repeat
+        summary.identical_images, summary.mined = identical, mined.num_rows
+        if prep.spec.dedup is not None:
+            summary.near_duplicates_removed = near_duplicates.num_rows - identical
     raised += _control_warnings(prep, cands, filtered)
     if filtered.null_labels:
         raised.append(warnings.label_null(filtered.null_labels, int(cands.found.sum())))
@@ -266,24 +268,30 @@ def finish(prep: Prepared, found: Searched) -> MiningOutcome:
 
 
 def near_duplicate_stage(prep: Prepared, cands: Candidates, keep: np.ndarray,
-                         mined: pa.Table) -> tuple[pa.Table, pa.Table | None]:
-    """With dedup_similarity / dedup_distance, the mined images walked in their order (target
-    order, then rank), each dropped when it lies within the threshold of one kept before it: the
-    mined table left, and near_duplicates.parquet's table. An image's vector is its pool row's in
-    its first kept pair (as the floor's audit takes it), read back for just those rows."""
-    threshold = prep.spec.dedup
-    if threshold is None:
-        return mined, None
+                         mined: pa.Table) -> tuple[pa.Table, pa.Table | None, int]:
+    """The mined images walked in their order (target order, then rank): one whose file's bytes
+    repeat an earlier mined image's is dropped (always), then with dedup_similarity / dedup_distance
+    one within the threshold of an image kept before it: the mined table left, near_duplicates.parquet's
+    table (None when the collapse is off and no bytes repeat), and the identical images. An image's
+    vector is its pool row's in its first kept pair (as the floor's audit takes it), read back for
+    just the rows the threshold judges."""
+    threshold, metric = prep.spec.dedup, prep.spec.knn_metric
     t0 = time.perf_counter()
-    t, r = np.nonzero(keep)
-    paths = pa.array(cands.paths[t, r].tolist(), pa.string()).dictionary_encode()
-    first = np.unique(paths.indices.to_numpy(zero_copy_only=False), return_index=True)[1]
-    at = pc.index_in(mined.column("filepath"), value_set=paths.dictionary).to_numpy(zero_copy_only=False)
-    vectors = _pool_rows_vectors(prep, cands.rows[t, r][first][at])
-    found = dedup.collapse(vectors, prep.spec.knn_metric, threshold)
+    names = mined.column("filepath").to_pylist()
+    twin = dedup.identical(names, prep.spec.pool_root(prep.source_path))
+    if threshold is None and not (twin >= 0).any():
+        return mined, None, 0
+    near = None
+    if threshold is not None:
+        t, r = np.nonzero(keep)
+        paths = pa.array(cands.paths[t, r].tolist(), pa.string()).dictionary_encode()
+        first = np.unique(paths.indices.to_numpy(zero_copy_only=False), return_index=True)[1]
+        at = pc.index_in(mined.column("filepath"), value_set=paths.dictionary).to_numpy(zero_copy_only=False)
+        vectors = _pool_rows_vectors(prep, cands.rows[t, r][first][at[twin < 0]])
+        near = dedup.collapse(vectors, metric, threshold)
+    found = dedup.with_identical(twin, near)
     prep.timings["dedup"] = time.perf_counter() - t0
-    return mined.filter(pa.array(found.keep)), dedup.table(mined.column("filepath").to_pylist(), found,
-                                                           prep.spec.knn_metric)
+    return mined.filter(pa.array(found.keep)), dedup.table(names, found, metric), int((twin >= 0).sum())
 
 
 def floor_stage(prep: Prepared, cands: Candidates,

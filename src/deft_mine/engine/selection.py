@@ -71,11 +71,14 @@ class Claimed:
     failed: list[int]  # queries that released their tentative picks
 
 
-def claim_one_to_one(rows: np.ndarray, files: np.ndarray, share: int) -> Claimed:
+def claim_one_to_one(rows: np.ndarray, files: np.ndarray, share: int,
+                     near: dict[int, set[int]] | None = None) -> Claimed:
     """The container's assignment over each query's candidates in rank order (`rows` (queries, k),
     -1 an empty or filtered-out slot; `files` each pool row's file number): queries in order, each takes its
     `share` nearest files no earlier query of this pass holds (a file listed twice counts once);
-    one that finds fewer takes none, so its tentative picks stay free for the queries after it."""
+    one that finds fewer takes none, so its tentative picks stay free for the queries after it.
+    `near` (the near-duplicate rule, ours): each file's near duplicates among the candidates; a file
+    one of which an earlier query holds, or this query picked before it, is not taken either."""
     held: set[int] = set()
     claimed = Claimed(picks=[], failed=[])
     # Each slot's file as plain ints up front: indexing numpy per slot would dominate the loop.
@@ -87,7 +90,8 @@ def claim_one_to_one(rows: np.ndarray, files: np.ndarray, share: int) -> Claimed
         for rank, file in enumerate(ranked):
             if len(slots) >= share:
                 break
-            if file >= 0 and file not in held and file not in mine:
+            if file >= 0 and file not in held and file not in mine and (
+                    near is None or not (twins := near.get(file)) or (twins.isdisjoint(held) and twins.isdisjoint(mine))):
                 slots.append(rank)
                 mine.add(file)
         if len(slots) < share:

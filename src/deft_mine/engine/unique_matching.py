@@ -11,10 +11,10 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import numpy as np
 import pyarrow as pa
 
-from deft_mine.engine import detections, tables
+from deft_mine.engine import dedup, detections, tables
 from deft_mine.engine.detections import NO_CLASSES, ImageClasses
 from deft_mine.engine.knn import RunningTopK, TopKState, l2_normalise
-from deft_mine.engine.mining import _row_range, label_keys, label_spellings, label_text
+from deft_mine.engine.mining import _row_range, _take_rows, label_keys, label_spellings, label_text
 from deft_mine.engine.selection import claim_one_to_one, nearest_first
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts, warnings
@@ -75,6 +75,7 @@ class UniqueOutcome:
     pool_paths: list[str]  # every pool row's filepath, in row order (the passes name rows)
     target_paths: list[str]
     warnings: list[ToolWarning] = field(default_factory=list)
+    near_duplicates: pa.Table | None = None  # with dedup_similarity / dedup_distance: the files set aside
 
 
 @dataclass
@@ -240,6 +241,7 @@ class _Matcher:
         self.held = np.zeros(len(self.file_paths), dtype=bool)
         self.owner: dict[int, tuple[int, float, str, str, int]] = {}  # file -> target, distance, class, subset, pass
         self.passes: list[PassRecord] = []
+        self.twins = _Twins(spec, pool) if spec.dedup is not None else None  # the near-duplicate rule (ours)
 
     def match(self, target_rows: np.ndarray, allowed: np.ndarray, budget: int, subset: str, group: str) -> int:
         """Up to `budget` files for these targets from the pool rows `allowed`: passes until the
@@ -254,18 +256,29 @@ class _Matcher:
         current, got, number = np.arange(len(target_rows)), 0, 0
         cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # target position -> its candidate rows, distances
         while got < budget:
-            free = allowed & ~self.held[self.files]
-            rows_left = int(free.sum())
+            # With the near-duplicate rule the rows within it of a held file are not free: those met
+            # among the candidates are set aside and the search asked again, until its top-k are all
+            # free (then they are the exact top-k of the free rows, whatever has not been met yet).
+            while True:
+                free = allowed & ~self.held[self.files] & (True if self.twins is None else ~self.twins.blocked)
+                rows_left = int(free.sum())
+                if not rows_left:
+                    break
+                share = min(topn, len(np.unique(self.files[free])))
+                k = min(self.spec.candidate_expansion_factor * (number + 1) * share, rows_left)
+                ahead = self.spec.candidate_expansion_factor * share * (number + _CACHE_PASSES)
+                wide = min(rows_left, max(k, min(ahead, _CACHE_ENTRIES // len(target_rows))))
+                rows, dist = self._candidates(target_rows, current, free, k, wide, cache)
+                if self.twins is None or not self.twins.block(rows, self.files, self.held):
+                    break
             if not rows_left:
                 break
-            share = min(topn, len(np.unique(self.files[free])))
             number += 1
-            k = min(self.spec.candidate_expansion_factor * number * share, rows_left)
-            ahead = self.spec.candidate_expansion_factor * share * (number + _CACHE_PASSES - 1)
-            wide = min(rows_left, max(k, min(ahead, _CACHE_ENTRIES // len(target_rows))))
-            rows, dist = self._candidates(target_rows, current, free, k, wide, cache)
-            claimed = claim_one_to_one(rows, self.files, share)
+            claimed = claim_one_to_one(rows, self.files, share,
+                                       None if self.twins is None else self.twins.among(rows, self.files))
             got += self._record(claimed, rows, dist, target_rows[current], budget - got, subset, group, number, share, k)
+            if self.twins is not None:  # the candidates a pick of this pass (now held) kept out, set aside
+                self.twins.block(rows, self.files, self.held)
             if claimed.failed:
                 current = current[claimed.failed]
             elif got < budget:
@@ -305,6 +318,8 @@ class _Matcher:
         files = self.files[picked]
         kept = nearest_first(near, [self.file_paths[f] for f in files.tolist()], room)
         self.held[files[kept]] = True
+        if self.twins is not None:
+            self.twins.hold(picked[kept])
         for i in kept.tolist():
             self.owner[int(files[i])] = (int(targets[query[i]]), float(near[i]), group, subset, number)
         self.passes.append(PassRecord(
@@ -322,6 +337,80 @@ class _Matcher:
         keys, rows = found.keys, found.ids
         dist = 1.0 + keys if metric is Metric.cosine else np.sqrt(keys) if metric is Metric.euclidean else keys
         return rows, dist
+
+
+class _Twins:
+    """The near-duplicate rule while claiming (ours): a pool row within dedup_similarity /
+    dedup_distance of a held file's row is never claimed. The vectors are the matcher's (L2-normalised),
+    read back for just the candidate rows; each row is compared once with each held row."""
+
+    def __init__(self, spec: UniqueMatchingSpec, pool: _Side) -> None:
+        self.spec, self.metric, self.threshold = spec, spec.distance_metric, float(spec.dedup)
+        self.parts = pool_parts(pool.files)
+        self.blocked = np.zeros(len(pool.paths), bool)
+        self.checked = np.zeros(len(pool.paths), np.int64)  # how many held rows each row was compared with
+        self.held_rows: list[int] = []  # the rows of the held files, in the order they were held
+        self.found: list[tuple[int, int, float]] = []  # (blocked row, held row it lies nearest, score)
+        self._vectors: dict[int, np.ndarray] = {}
+
+    def hold(self, rows: np.ndarray) -> None:
+        self.held_rows += [int(r) for r in rows]
+
+    def block(self, rows: np.ndarray, files: np.ndarray, held: np.ndarray) -> bool:
+        """Set aside the candidate rows (of files not `held`) within the threshold of a held row they
+        were not yet compared with; whether any was."""
+        cands = np.unique(rows[rows >= 0])
+        cands = cands[~self.blocked[cands] & ~held[files[cands]] & (self.checked[cands] < len(self.held_rows))]
+        any_new = False
+        for since in np.unique(self.checked[cands]).tolist():
+            these = cands[self.checked[cands] == since]
+            held = np.asarray(self.held_rows[since:], np.int64)
+            i, j, s = dedup.within(self.vectors(these), self.vectors(held), self.metric, self.threshold)
+            first = dedup.nearest(i, j + since, s, self.metric)  # the earliest held row on a tie
+            for a, b, score in zip(these[i[first]].tolist(), (j[first] + since).tolist(), s[first].tolist()):
+                self.blocked[a] = True
+                self.found.append((a, self.held_rows[b], score))
+            any_new |= bool(len(first))
+        self.checked[cands] = len(self.held_rows)
+        return any_new
+
+    def among(self, rows: np.ndarray, files: np.ndarray) -> dict[int, set[int]]:
+        """Each candidate file's near duplicates among this pass's other candidate files."""
+        cands = np.unique(rows[rows >= 0])
+        x = self.vectors(cands)
+        i, j, _ = dedup.within(x, x, self.metric, self.threshold)
+        fi, fj = files[cands[i]], files[cands[j]]
+        near: dict[int, set[int]] = {}
+        for a, b in zip(fi.tolist(), fj.tolist()):
+            if a != b:
+                near.setdefault(a, set()).add(b)
+        return near
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The given pool rows' vectors as the matcher scores them (L2-normalised), read once each."""
+        todo = np.array(sorted({int(r) for r in rows} - self._vectors.keys()), np.int64)
+        column = self.spec.source_embedding_column
+        for part in self.parts:
+            mine = todo[(todo >= part.first_row) & (todo < part.first_row + part.rows)]
+            if len(mine):
+                table = _take_rows(part.file, mine - part.first_row, [column], self.spec.block_rows, by_row_group=True)
+                read = l2_normalise(tables.vectors_from_column(table.column(column), path=part.file, name=column,
+                                                               first_row=0, dim=None, field="source_path"))
+                self._vectors.update(zip(mine.tolist(), read))
+        dim = len(next(iter(self._vectors.values()))) if self._vectors else 0
+        return np.stack([self._vectors[int(r)] for r in rows]) if len(rows) else np.zeros((0, dim), np.float32)
+
+    def table(self, paths: list[str]) -> pa.Table:
+        """near_duplicates.parquet: each pool file set aside (once, as first met), the held file it
+        lies nearest, their similarity (cosine) or distance."""
+        seen: set[str] = set()
+        rows = [(paths[a], paths[b], s) for a, b, s in self.found if not (paths[a] in seen or seen.add(paths[a]))]
+        return pa.table({
+            "filepath": pa.array([r[0] for r in rows], pa.string()),
+            "duplicate_of": pa.array([r[1] for r in rows], pa.string()),
+            "similarity" if self.metric.higher_is_nearer else "distance": pa.array([r[2] for r in rows], pa.float64()),
+            "kind": pa.array([artifacts.DuplicateKind.similar.value] * len(rows), pa.string()),
+        })
 
 
 def allocate_quotas(ratios: dict[str, float], budget: int) -> dict[str, int]:
@@ -361,10 +450,13 @@ def unique_match(spec: UniqueMatchingSpec, search: PoolSearch = search_pool) -> 
         quotas, groups = None, None
     selected = _selected(spec, matcher)
     summary = _summary(spec, matcher, selected, targets, pool, excluded, groups, quotas, shortfall, classes)
+    near = None if matcher.twins is None else matcher.twins.table(pool.paths)
+    if near is not None:
+        summary["near_duplicates_removed"] = near.num_rows
     raised = [warnings.unique_count_short(spec.desired_unique_count, selected.num_rows,
                                           [s.as_dict() for s in shortfall])] if shortfall else []
     return UniqueOutcome(selected=selected, passes=matcher.passes, summary=summary, shortfall=shortfall,
-                         pool_paths=pool.paths, target_paths=targets.paths, warnings=raised)
+                         pool_paths=pool.paths, target_paths=targets.paths, warnings=raised, near_duplicates=near)
 
 
 def _short(group: str, wanted: int, got: int, own: np.ndarray, excluded: np.ndarray, pools: np.ndarray
@@ -603,6 +695,8 @@ def write_outputs(spec: UniqueMatchingSpec, outcome: UniqueOutcome) -> Path:
                    "target": _raw_vectors(parquet_files(spec.target_path, "target_path"), spec.target_embedding_column)}
     for record in outcome.passes:
         tables.write_table_atomic(out / record.name, pass_table(outcome.pool_paths, outcome.target_paths, record, vectors))
+    if outcome.near_duplicates is not None:
+        tables.write_table_atomic(out / artifacts.NEAR_DUPLICATES, outcome.near_duplicates)
     tables.write_table_atomic(out / artifacts.UNIQUE_FINAL, outcome.selected)
     tables.write_text_atomic(out / artifacts.UNIQUE_SUMMARY, json.dumps(outcome.summary, indent=2, default=str))
     return out

@@ -429,6 +429,8 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     kept, dropped = v.summary.kept_pairs, v.summary.dropped_pairs
     if v.floor_key:
         yield 0, _floor_words(v)
+    if v.summary.identical_images:
+        yield 0, _identical_words(v)
     if v.dedup_key:
         yield 0, _dedup_words(v)
     within = f"Of {_fmt(v.summary.pairs)} pairs found"
@@ -485,6 +487,14 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     yield 2, ("When `topn` × targets exceeds the pool, targets necessarily share neighbours and "
               "the mined count falls below the request; that is normal, and the report states "
               "the actual number rather than the requested one.")
+
+
+def _identical_words(v: _View) -> str:
+    """Mined images whose files repeat an earlier mined image's bytes under another path: mined once."""
+    n = v.summary.identical_images or 0
+    return (f"Identical files: {plural(n, 'mined image')} repeated the bytes of an image mined before "
+            f"{'it' if n == 1 else 'them'} under another path and {'was' if n == 1 else 'were'} mined once "
+            f"(listed in `{NEAR_DUPLICATES}`, `kind` identical_bytes).")
 
 
 def _dedup_words(v: _View) -> str:

@@ -38,6 +38,13 @@ class LeakKind(str, Enum):
     similar = "similar"  # its vector is within leak_similarity / leak_distance of a protected image's
 
 
+class DuplicateKind(str, Enum):
+    """Why a mined image was collapsed into one kept before it (near_duplicates.parquet's `kind`)."""
+
+    identical_bytes = "identical_bytes"  # its file's bytes are the kept image's (always on)
+    similar = "similar"  # its vector is within dedup_similarity / dedup_distance of the kept image's
+
+
 PROTECTED_LISTING = "protected_listing.parquet"  # run --protect: the protected images (absolute paths), one listing
 PROTECTED_EMBEDDINGS = "protected_embeddings.parquet"  # ...embedded, with leak_similarity / leak_distance
 LEAK_PAIRS_PICTURE = "leak_pairs.png"  # the report's sheet: protected images beside the pool rows that copy them
@@ -119,6 +126,8 @@ class MiningSummary:
     duplicates_removed: int | None = _count("kept pairs that repeat an image already mined", "duplicates")
     near_duplicates_removed: int | None = _count("mined images within dedup_similarity / dedup_distance of an "
                                                  "image kept before them (collapsed into it)")
+    identical_images: int | None = _count("mined images whose bytes repeat an image mined before them under "
+                                          "another path (mined once)")
     mined: int | None = _count("unique images written to the mined parquet", "unique_mined")
     target_in_pool: int | None = _count("pool rows whose filepath is also a target")
     targets_without_neighbours: int | None = _count("targets that kept no pair (floor or per-label search)")

@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal, Mapping, Sequence, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializationInfo, ValidationError,
+                      model_serializer, model_validator)
 
 from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import PathField
@@ -251,16 +251,17 @@ RareClassList = Annotated[list[str], BeforeValidator(_class_names)]
 
 # Keys only one mode reads: the other refuses them rather than ignore them.
 UNIQUE_KEYS = ("desired_unique_count", "allocation_policy", "rare_class_list", "candidate_expansion_factor")
+BOTH_MODES_KEYS = ("dedup_similarity", "dedup_distance")  # the near-duplicate rule: collapse (nearest), claiming (unique)
 NEAREST_KEYS = frozenset({"topn", "filter_by_label", "exclude_targets", "min_similarity", "max_distance",
                           "distance_threshold", "floor_rule", "label_mode", "leak_similarity", "leak_distance",
-                          "leaks_parquet", "dedup_similarity", "dedup_distance"})
+                          "leaks_parquet", "pool_image_root"})
 LEAK_KEYS = ("leak_similarity", "leak_distance", "leaks_parquet")  # the leakage guard's (mode=nearest)
 # Keys on one metric's scale, as (cosine key, its noun; distance key, its noun): each refused under the other metric.
 SCALED_KEYS = (("min_similarity", "similarity floor", "max_distance", "distance ceiling"),
                ("dedup_similarity", "similarity threshold", "dedup_distance", "distance threshold"),
                ("leak_similarity", "similarity threshold", "leak_distance", "distance threshold"))
 # Keys written into a spec only when set: a spec without them reads as it did before they existed.
-_OMITTED_WHEN_OFF = ("dedup_similarity", "dedup_distance", *LEAK_KEYS)
+_OMITTED_WHEN_OFF = ("dedup_similarity", "dedup_distance", "pool_image_root", *LEAK_KEYS)
 
 
 # A threshold on a metric's scale: a cosine similarity, or a distance (euclidean, manhattan); None off.
@@ -318,6 +319,9 @@ class MiningSpec(_Spec):
     leaks_parquet: Annotated[str | None, PathField()] = Field(
         None, description="per-run: a parquet whose `filepath`s (pool rows) are left out of the search (run's "
                           "leakage guard writes it: leaks.parquet)")
+    pool_image_root: Annotated[str | None, PathField()] = Field(
+        None, description="per-run: where the pool's relative filepaths resolve, for telling mined images with "
+                          "identical bytes apart (run sets it; default: the source parquet's folder)")
     # mode=unique: `tmm unique_neighbor_matching` in `run`, scored by knn_metric; None: the matcher's default.
     mode: Annotated[MiningMode, _choice(tuple(MiningMode), "mode", "spec_invalid", "set mode=nearest (each target's "
                     "topn nearest) or mode=unique (a budget of unique images)")] = Field(
@@ -358,7 +362,7 @@ class MiningSpec(_Spec):
     def unique_spec(self, source_path: str, target_path: str, output_dir: str, exclude_path: str | None = None,
                     exclude_by: ExcludeBy = ExcludeBy.path_or_name) -> "UniqueMatchingSpec":
         """mode=unique as the `tmm unique_neighbor_matching` spec it runs (knn_metric is its distance_metric)."""
-        given = {key: getattr(self, key) for key in UNIQUE_KEYS if getattr(self, key) is not None}
+        given = {key: getattr(self, key) for key in (*UNIQUE_KEYS, *BOTH_MODES_KEYS) if getattr(self, key) is not None}
         return UniqueMatchingSpec(
             source_path=source_path, target_path=target_path, output_dir=output_dir, exclude_path=exclude_path,
             exclude_by=exclude_by, distance_metric=self.knn_metric, source_embedding_column=self.source_embed_column_name,
@@ -427,6 +431,10 @@ class MiningSpec(_Spec):
         dedup_distance), None when off."""
         return self.dedup_similarity if self.knn_metric is Metric.cosine else self.dedup_distance
 
+    def pool_root(self, source_path: Path) -> Path:
+        """Where the pool's relative filepaths resolve: pool_image_root, else the source parquet's folder."""
+        return Path(self.pool_image_root).expanduser().absolute() if self.pool_image_root else source_path.parent
+
     @property
     def unique(self) -> bool:
         return self.mode is MiningMode.unique
@@ -492,6 +500,42 @@ class UniqueMatchingSpec(_Spec):
                                                    "class, non_rare, or global): each target, then the pool "
                                                    "images it claimed with their distances")
     block_rows: int = Field(32768, ge=1, description="pool rows searched at a time")
+    # ours: the near-duplicate rule while claiming, on the matcher's L2-normalised vectors
+    dedup_similarity: float | None = Field(
+        None, ge=-1.0, le=1.0, allow_inf_nan=False,
+        description="cosine only (ours): a pool file within this similarity of a file already held is never "
+                    "claimed, listed in near_duplicates.parquet (default off)")
+    dedup_distance: float | None = Field(
+        None, ge=0.0, allow_inf_nan=False,
+        description="euclidean / manhattan only (ours): a pool file within this distance of a file already held "
+                    "is never claimed (default off)")
+
+    @property
+    def dedup(self) -> float | None:
+        """The near-duplicate threshold on the metric's own scale, None when off."""
+        return self.dedup_similarity if self.distance_metric is Metric.cosine else self.dedup_distance
+
+    @model_serializer(mode="wrap")
+    def _omit_off(self, handler: Any, info: SerializationInfo) -> Any:
+        """A spec without the collapse reads as it did before the keys existed (but a schema asked for
+        every key, context all_keys: --cfg=job's blank spec, lists them)."""
+        data = handler(self)
+        if (info.context or {}).get("all_keys"):
+            return data
+        drop = {key for key in ("dedup_similarity", "dedup_distance") if getattr(self, key) is None}
+        return {key: value for key, value in data.items() if key not in drop} if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _dedup_on_its_scale(self) -> "UniqueMatchingSpec":
+        if self.dedup_similarity is not None and self.distance_metric is not Metric.cosine:
+            raise DeftError("spec_invalid", f"dedup_similarity is a cosine similarity threshold, but distance_metric="
+                            f"{self.distance_metric.value} scores distances", field="dedup_similarity",
+                            fix=f"use dedup_distance=D with distance_metric={self.distance_metric.value}")
+        if self.dedup_distance is not None and self.distance_metric is Metric.cosine:
+            raise DeftError("spec_invalid", "dedup_distance is a distance threshold, but distance_metric=cosine "
+                            "scores similarities", field="dedup_distance",
+                            fix="use dedup_similarity=S (between -1 and 1) with distance_metric=cosine")
+        return self
 
     @model_validator(mode="after")
     def _policy_has_classes(self) -> "UniqueMatchingSpec":

@@ -64,7 +64,8 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
         filter_by_label=spec.filter_by_label, label_filter=summary.label_filter, label_mode=spec.label_mode,
         min_similarity=spec.min_similarity, max_distance=spec.max_distance, dedup_similarity=spec.dedup_similarity,
         dedup_distance=spec.dedup_distance,
-        near_duplicates_parquet=None if spec.dedup is None else str(outputs.near_duplicates), encoder=identity,
+        near_duplicates_parquet=None if spec.dedup is None and not summary.identical_images else
+        str(outputs.near_duplicates), encoder=identity,
         backend=backend.name, timings=done.timings, cluster=done.cluster, warnings=found,
     )
 
