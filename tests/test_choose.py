@@ -227,3 +227,17 @@ def test_the_command_line(listing: Path, tmp_path: Path, capsys: pytest.CaptureF
     printed = json.loads(capsys.readouterr().out)
     assert printed["pick"] == "thumbnail" and printed["tolerance"] == 0.1
     assert tables.num_rows(out / artifacts.CHOICE_SAMPLE) == 36
+
+
+@pytest.mark.e2e
+def test_one_call_through_the_mcp_server(listing: Path, tmp_path: Path):
+    """The typed tool over stdio: the same pick and files as the Python call, a refusal coded."""
+    from mcp_helpers import SyncClient, ok, refused, stdio_params
+
+    with SyncClient(stdio_params(tmp_path)) as client:
+        got = ok(client.call("choose", {"listing": str(listing), "output_dir": str(tmp_path / "chosen"),
+                                        "encoders": [{"model": "thumbnail"}], "sample": 36, "k_max": 5,
+                                        "no_store": True}))
+        assert got["pick"] == "thumbnail" and Path(got["output_dir"], artifacts.CHOICE).is_file()
+        refused(client.call("choose", {"listing": str(listing), "output_dir": str(tmp_path / "c2"),
+                                       "sample": 5}), "sample_too_small")
