@@ -167,8 +167,9 @@ def test_the_command_line(sides):
     assert result["retrieved_unique_count"] == 4 and result["final_parquet"].endswith("final_unique_files.parquet")
     assert pq.read_table(result["final_parquet"]).equals(_engine(sides, desired_unique_count=4).selected)
     done = subprocess.run([str(BIN / "deft-mine"), "match", "-e", str(sides / "unique_spec.yaml"),
-                           "desired_unique_count=4", "--backend", "ray"], capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "backend_unsupported" in done.stderr
+                           "desired_unique_count=4", "allocation_policy=class_stratified"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "spec_invalid" in done.stderr and "rare_class_list" in done.stderr
 
 
 @pytest.mark.e2e
@@ -179,5 +180,5 @@ def test_one_call_through_the_mcp_server(sides):
         got = ok(client.call("match", {"spec_path": "unique_spec.yaml", "overrides": {"desired_unique_count": 14}}))
         assert got["retrieved_unique_count"] == 12 and warning(got, "unique_count_short")["details"]["missing"] == 2
         assert Path(got["final_parquet"]).is_file()
-        refused(client.call("match", {"spec_path": "unique_spec.yaml", "overrides": {"desired_unique_count": 3},
-                                      "backend": "ray"}), "backend_unsupported")
+        refused(client.call("match", {"spec_path": "unique_spec.yaml", "overrides": {
+            "desired_unique_count": 3, "allocation_policy": "class_stratified"}}), "spec_invalid")
