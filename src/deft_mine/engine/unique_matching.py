@@ -249,7 +249,8 @@ class _Matcher:
         targets), candidates = factor x share x pass number, the targets that could not fill their
         share retried. Ours past the container (which stops short there): no limit of 8 passes; a
         pass that satisfies nobody goes on wider; the share shrinks to the files left when fewer
-        remain; with no target left to retry all targets go again."""
+        remain, and to what the failing targets could take when they saw every free row; with no
+        target left to retry all targets go again."""
         if not len(target_rows) or budget <= 0:
             return 0
         topn = -(-budget // len(target_rows))
@@ -279,12 +280,18 @@ class _Matcher:
             got += self._record(claimed, rows, dist, target_rows[current], budget - got, subset, group, number, share, k)
             if self.twins is not None:  # the candidates a pick of this pass (now held) kept out, set aside
                 self.twins.block(rows, self.files, self.held)
+            if claimed.failed and k >= rows_left:
+                # The failing targets saw every free row, so a wider search cannot help them. Without the
+                # near-duplicate rule they could take every free file no earlier target held, and the
+                # share already shrinks to the files left; with it, near copies among the free files
+                # count as files but cannot be taken together. So the share drops to the most any of
+                # them could take, and they go again (the first target of a pass always takes at least
+                # one file, so each such pass shrinks the share or holds a file: the loop ends).
+                topn = max(1, max(claimed.found))
             if claimed.failed:
                 current = current[claimed.failed]
             elif got < budget:
                 current = np.arange(len(target_rows))
-            if not claimed.picks and k >= rows_left:
-                break  # cannot happen (the first target always fills a share of the files left); never loop
         return got
 
     def _candidates(self, target_rows: np.ndarray, current: np.ndarray, free: np.ndarray, k: int, wide: int,
