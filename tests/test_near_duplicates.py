@@ -286,7 +286,8 @@ def _unit32(x):
 def ref_unique(P, T, budget, metric, threshold, factor=5):
     """tests/test_unique_matching.py's ref_global walked with the near-duplicate rule (pool paths
     unique): a row within the threshold of a held row is not free; within a pass a target skips a
-    row within it of a row an earlier satisfied target of the pass, or itself, picked before.
+    row within it of a row an earlier satisfied target of the pass, or itself, picked before; when
+    the targets that failed saw every free row, the share drops to the most any of them took.
     Returns ({row: (target, distance)}, rows set aside)."""
     import math
 
@@ -311,7 +312,7 @@ def ref_unique(P, T, budget, metric, threshold, factor=5):
         share = min(topn, len(free))
         number += 1
         k = min(factor * number * share, len(free))
-        taken, picks, failed = [], [], []
+        taken, picks, failed, found = [], [], [], []
         for t in current:
             ranked = sorted(free, key=lambda r: (dist(T[t], P[r]), r))[:k]
             tentative = []
@@ -323,15 +324,16 @@ def ref_unique(P, T, budget, metric, threshold, factor=5):
                 tentative.append(r)
             if len(tentative) < share:
                 failed.append(t)
+                found.append(len(tentative))
                 continue
             taken += tentative
             picks += [(dist(T[t], P[r]), f"p{r:03d}", r, t) for r in tentative]
         for d, _, r, t in sorted(picks)[:budget - len(got)]:
             got[r] = (t, d)
             held.append(r)
+        if failed and k >= len(free):  # they saw every free row: the share drops to what they could take
+            topn = max(1, max(found))
         current = failed if failed else (list(range(len(T))) if len(got) < budget else [])
-        if not picks and k >= len(free):
-            break
     return got
 
 
@@ -391,3 +393,64 @@ def test_run_mode_unique_fills_the_budget_with_distinct_images(tmp_path):
     plain = run(targets, pool, run_dir=tmp_path / "p", overrides={
         "model": "thumbnail", "mode": "unique", "desired_unique_count": 6})
     assert len({p.replace("_copy", "") for p in pq.read_table(plain.mined_parquet).column("filepath").to_pylist()}) < 6
+
+
+def _unique_spec(tmp_path, P, T, budget, **keys):
+    from deft_mine.schemas.specs import UniqueMatchingSpec
+
+    write_embeddings(tmp_path / "pool.parquet", P)
+    write_embeddings(tmp_path / "targets.parquet", T)
+    return UniqueMatchingSpec(source_path=str(tmp_path / "pool.parquet"), target_path=str(tmp_path / "targets.parquet"),
+                              output_dir=str(tmp_path / "out"), desired_unique_count=budget, **keys)
+
+
+@pytest.mark.parametrize("dedup", [{"dedup_similarity": 0.95}, {}])
+def test_a_lone_target_over_a_pool_with_a_near_pair_gets_every_usable_image(tmp_path, dedup):
+    """Pool A, A2 (a near copy of A), C; one target; a budget of 3. With the rule the target can
+    take 2 (A, C), not its share of 3: it must get those two, and the shortfall of 1 warned."""
+    from deft_mine.engine.unique_matching import unique_match
+
+    P = np.array([[1.0, 0.0, 0.0], [1.0, 0.01, 0.0], [0.0, 1.0, 0.0]])
+    spec = _unique_spec(tmp_path, P, np.array([[1.0, 0.2, 0.0]]), 3, distance_metric="cosine", **dedup)
+    outcome = unique_match(spec)
+    paths = pq.read_table(tmp_path / "pool.parquet").column("filepath").to_pylist()
+    got = sorted(outcome.selected.column("filepath").to_pylist())
+    if dedup:
+        assert got == sorted([paths[1], paths[2]])  # A2 lies nearer the target than A: it is held, A set aside
+        assert [s.as_dict() for s in outcome.shortfall] == [
+            {"group": "global", "wanted": 3, "got": 2, "missing": 1, "reason": "pool_spent"}]
+        assert [w.code for w in outcome.warnings] == ["unique_count_short"]
+        assert outcome.near_duplicates.column("filepath").to_pylist() == [paths[0]]
+    else:
+        assert got == sorted(paths) and not outcome.shortfall
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_small_pools_and_budgets_over_them_match_the_brute_force(tmp_path, seed):
+    """Few targets, pools of near-copy clusters, budgets up to past the pool: where the targets
+    cannot fill their share for the near copies, they still take what they can; over the pool,
+    every pool file is selected or set aside as a near copy of one selected."""
+    from deft_mine.engine.unique_matching import unique_match
+
+    rng = np.random.default_rng(1000 + seed)
+    metric = ["cosine", "euclidean", "manhattan"][seed % 3]
+    threshold = {"cosine": 0.95, "euclidean": 0.35, "manhattan": 1.2}[metric]
+    n, targets = int(rng.integers(3, 20)), int(rng.integers(1, 4))
+    centres = rng.normal(size=(5, 6))
+    P = centres[rng.integers(0, 5, n)] + rng.normal(scale=0.15, size=(n, 6))
+    T = centres[:targets] + rng.normal(scale=0.3, size=(targets, 6))
+    budget = int(rng.integers(1, n + 4))
+    key = "dedup_similarity" if metric == "cosine" else "dedup_distance"
+    spec = _unique_spec(tmp_path, P, T, budget, distance_metric=metric,
+                        candidate_expansion_factor=int(rng.integers(1, 4)), block_rows=5, **{key: threshold})
+    outcome = unique_match(spec)
+    paths = pq.read_table(tmp_path / "pool.parquet").column("filepath").to_pylist()
+    reference = ref_unique(P, T, budget, metric, threshold, spec.candidate_expansion_factor)
+    got = dict(zip(outcome.selected.column("filepath").to_pylist(), outcome.selected.column("distance").to_pylist()))
+    assert sorted(got) == sorted(paths[r] for r in reference) and got
+    for r, (_, d) in reference.items():
+        assert got[paths[r]] == pytest.approx(d, abs=1e-5)
+    set_aside = set(outcome.near_duplicates.column("filepath").to_pylist())
+    if budget >= n:
+        assert set(got) | set_aside == set(paths) and not set(got) & set_aside
+    assert bool(outcome.shortfall) == (len(got) < budget)

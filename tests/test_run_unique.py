@@ -284,3 +284,31 @@ def test_a_tao_skill_ledger_records_a_round_whose_pool_was_all_selected_before(a
     book = json.loads(ledger.read_text())
     assert [it.get("topn") for it in book["iterations"]] == [4, 4]  # ceil(14 / 4) both times
     assert pq.read_table(aoi / "r2" / "mined.parquet").num_rows == 0
+
+
+def test_the_near_duplicate_rule_is_counted_and_reported_where_its_list_lies(tmp_path):
+    """mode=unique with dedup_similarity: mining_summary.txt and run.json count the pool files set
+    aside, and the report says what the rule did while claiming and names unique_matching/'s list."""
+    import shutil
+
+    for i in range(6):
+        write_image(tmp_path / "imgs" / f"{i}.png", seed=200 + i)
+    for i in (2, 3):
+        shutil.copy(tmp_path / "imgs" / f"{i}.png", tmp_path / "imgs" / f"{i}_copy.png")
+    (tmp_path / "targets.csv").write_text("filepath\nimgs/0.png\nimgs/1.png\n")
+    (tmp_path / "pool.csv").write_text("filepath\n" + "".join(f"imgs/{n}.png\n" for n in
+                                                               ("2", "2_copy", "3", "3_copy", "4", "5")))
+    result = run(tmp_path / "targets.csv", tmp_path / "pool.csv", run_dir=tmp_path / "r", no_store=True,
+                 overrides={**UNIQUE, "desired_unique_count": "6", "dedup_similarity": "0.999"})
+    folder = Path(result.run_dir)
+    near = pq.read_table(folder / "unique_matching" / "near_duplicates.parquet")
+    assert near.num_rows == 2 and result.mined == 4 and not (folder / "near_duplicates.parquet").exists()
+    assert "near_duplicates_removed: 2" in (folder / "mining_summary.txt").read_text().splitlines()
+    manifest = _manifest(folder)
+    assert manifest["mining"]["summary"]["near_duplicates_removed"] == 2
+    assert manifest["mining"]["unique"]["near_duplicates_removed"] == 2
+    text = (folder / "Mining_Report.md").read_text()
+    assert "Near-duplicate rule (`dedup_similarity` = 0.999): 2 pool images lay within that similarity of a " \
+           "file already held and were never claimed" in text
+    assert "`unique_matching/near_duplicates.parquet`" in text and "not recorded images" not in text
+    assert "walking the mined images" not in text

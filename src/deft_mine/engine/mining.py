@@ -662,14 +662,19 @@ def label_text(labels: pa.Array | pa.ChunkedArray | list[Any]) -> pa.Array:
     return array if pa.types.is_string(array.type) else pc.cast(array, pa.string())
 
 
+def label_key(value: str | None) -> str | None:
+    """One label (as text, label_text's) as the TAO container compares it, wherever a label is
+    compared (the post-filter, per-label groups, the breakdowns, unique matching's classes):
+    `str(label).strip().upper()`, so ` missing` and `MISSING` agree. A null stays null and matches
+    nothing (the container's `str(None)` would make two nulls agree, by accident). Python's own
+    rule: exact, also where one letter upper-cases to two (ß is SS)."""
+    return None if value is None else value.strip().upper()
+
+
 def label_keys(labels: pa.Array | pa.ChunkedArray | list[Any]) -> pa.Array:
-    """Labels as the TAO container compares them, wherever a label is compared (the post-filter,
-    per-label groups, the breakdowns): `str(label).strip().upper()`, so ` missing` and `MISSING`
-    agree. A null stays null and matches nothing (the container's `str(None)` would make two
-    nulls agree, by accident). Python's own rule on each distinct label: exact, also where one
-    letter upper-cases to two (ß is SS)."""
+    """Labels as their keys (label_key), each distinct label once."""
     text = label_text(labels).dictionary_encode()
-    keys = pa.array([value.strip().upper() for value in text.dictionary.to_pylist()], pa.string())
+    keys = pa.array([label_key(value) for value in text.dictionary.to_pylist()], pa.string())
     return keys.take(text.indices)
 
 

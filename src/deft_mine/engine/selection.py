@@ -69,6 +69,7 @@ class Claimed:
 
     picks: list[tuple[int, list[int]]]  # (query, [its (query, rank) candidate slots])
     failed: list[int]  # queries that released their tentative picks
+    found: list[int]  # ...how many files each of them could take (fewer than the share)
 
 
 def claim_one_to_one(rows: np.ndarray, files: np.ndarray, share: int,
@@ -80,7 +81,7 @@ def claim_one_to_one(rows: np.ndarray, files: np.ndarray, share: int,
     `near` (the near-duplicate rule, ours): each file's near duplicates among the candidates; a file
     one of which an earlier query holds, or this query picked before it, is not taken either."""
     held: set[int] = set()
-    claimed = Claimed(picks=[], failed=[])
+    claimed = Claimed(picks=[], failed=[], found=[])
     # Each slot's file as plain ints up front: indexing numpy per slot would dominate the loop.
     slot_files = np.where(rows >= 0, np.asarray(files)[np.maximum(rows, 0)], -1).tolist() if rows.size else \
         [[] for _ in range(rows.shape[0])]
@@ -96,6 +97,7 @@ def claim_one_to_one(rows: np.ndarray, files: np.ndarray, share: int,
                 mine.add(file)
         if len(slots) < share:
             claimed.failed.append(query)
+            claimed.found.append(len(slots))
             continue
         held |= mine
         claimed.picks.append((query, slots))

@@ -14,7 +14,7 @@ import pyarrow as pa
 from deft_mine.engine import dedup, detections, tables
 from deft_mine.engine.detections import NO_CLASSES, ImageClasses
 from deft_mine.engine.knn import RunningTopK, TopKState, l2_normalise
-from deft_mine.engine.mining import _row_range, _take_rows, label_keys, label_spellings, label_text
+from deft_mine.engine.mining import _row_range, _take_rows, label_key, label_spellings, label_text
 from deft_mine.engine.selection import claim_one_to_one, nearest_first
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts, warnings
@@ -80,12 +80,11 @@ class UniqueOutcome:
 
 @dataclass
 class _Side:
-    """One side read whole but for the pool's vectors: its files, each row's filepath and label key."""
+    """One side read whole but for the pool's vectors: its files, each row's filepath and label."""
 
     files: list[Path]
     paths: list[str]
-    labels: pa.Array | None  # label keys (the container's rule); None without a `label` column
-    label_text: list[Any] | None
+    label_text: list[Any] | None  # labels as text; None without a `label` column
     vectors: np.ndarray | None  # the targets' vectors, L2-normalised (the pool's are streamed)
 
 
@@ -128,7 +127,6 @@ def _read_side(spec: UniqueMatchingSpec, files: list[Path], field_name: str, *, 
             dim, seen = blocks[-1].shape[1], seen + part.num_rows
         array = l2_normalise(np.concatenate(blocks)) if blocks else np.zeros((0, 0), np.float32)
     return _Side(files=files, paths=paths.to_pylist(),
-                 labels=label_keys(labels) if labels is not None else None,
                  label_text=labels.to_pylist() if labels is not None else None, vectors=array)
 
 
@@ -249,7 +247,8 @@ class _Matcher:
         targets), candidates = factor x share x pass number, the targets that could not fill their
         share retried. Ours past the container (which stops short there): no limit of 8 passes; a
         pass that satisfies nobody goes on wider; the share shrinks to the files left when fewer
-        remain; with no target left to retry all targets go again."""
+        remain, and to what the failing targets could take when they saw every free row; with no
+        target left to retry all targets go again."""
         if not len(target_rows) or budget <= 0:
             return 0
         topn = -(-budget // len(target_rows))
@@ -279,12 +278,18 @@ class _Matcher:
             got += self._record(claimed, rows, dist, target_rows[current], budget - got, subset, group, number, share, k)
             if self.twins is not None:  # the candidates a pick of this pass (now held) kept out, set aside
                 self.twins.block(rows, self.files, self.held)
+            if claimed.failed and k >= rows_left:
+                # The failing targets saw every free row, so a wider search cannot help them. Without the
+                # near-duplicate rule they could take every free file no earlier target held, and the
+                # share already shrinks to the files left; with it, near copies among the free files
+                # count as files but cannot be taken together. So the share drops to the most any of
+                # them could take, and they go again (the first target of a pass always takes at least
+                # one file, so each such pass shrinks the share or holds a file: the loop ends).
+                topn = max(1, max(claimed.found))
             if claimed.failed:
                 current = current[claimed.failed]
             elif got < budget:
                 current = np.arange(len(target_rows))
-            if not claimed.picks and k >= rows_left:
-                break  # cannot happen (the first target always fills a share of the files left); never loop
         return got
 
     def _candidates(self, target_rows: np.ndarray, current: np.ndarray, free: np.ndarray, k: int, wide: int,
@@ -490,7 +495,7 @@ class _Classes:
     file: str | None
     rows: list[ImageClasses]
     images: dict[str, ImageClasses]  # per distinct filepath: its rows' classes together
-    key: Callable[[str], str]
+    key: Callable[[str], str | None]
     listed: int | None = None  # rows whose image the detection file names (None: from label)
 
     def counts(self) -> dict[str, Any]:
@@ -499,10 +504,6 @@ class _Classes:
         out = {"from": self.source, "file": self.file, "rows": len(self.rows),
                "rows_without_class": sum(not c.names for c in self.rows)}
         return out if self.listed is None else {**out, "rows_not_in_file": len(self.rows) - self.listed}
-
-
-def _label_key(name: str) -> str:
-    return name.strip().upper()
 
 
 def _class_source(spec: UniqueMatchingSpec, side: _Side, name: str) -> _Classes | None:
@@ -520,11 +521,11 @@ def _class_source(spec: UniqueMatchingSpec, side: _Side, name: str) -> _Classes 
     rows, images = [], {}
     for path, text in zip(side.paths, side.label_text):
         if text not in made:
-            made[text] = ImageClasses(frozenset({spelled[_label_key(text)]}), (spelled[_label_key(text)],))
+            made[text] = ImageClasses(frozenset({spelled[label_key(text)]}), (spelled[label_key(text)],))
         rows.append(one := made[text])
         had = images.get(path)
         images[path] = one if had is None else ImageClasses(had.names | one.names, had.boxes + one.boxes)
-    return _Classes("label", None, rows, images, _label_key)
+    return _Classes("label", None, rows, images, label_key)
 
 
 def _members(classes: _Classes, rare: list[str]) -> dict[str, np.ndarray]:
@@ -546,8 +547,10 @@ def _class_groups(spec: UniqueMatchingSpec, pool: _Classes | None, targets: _Cla
 
 def _stratified(spec: UniqueMatchingSpec, matcher: _Matcher, groups: _Groups, excluded: np.ndarray
                 ) -> tuple[dict[str, Any], list[Shortfall]]:
-    """The container's order: each rare class (sorted) from its own pool, then from the non_rare
-    pool to fill its quota; then non_rare. A file belongs to the first class that takes it."""
+    """The container's order: each rare class in turn from its own pool, then from the non_rare
+    pool to fill its quota; then non_rare. A file belongs to the first class that takes it. The
+    classes go in rare_class_list's order: sorted only because the spec's validator sorts that
+    list (schemas/specs.py `_class_names`)."""
     total = len(groups.targets[NON_RARE])
     ratios = {name: float(np.sum(groups.targets[name])) / total for name in groups.rare}
     common_ratio = float(np.sum(groups.targets[NON_RARE])) / total

@@ -500,6 +500,13 @@ def _identical_words(v: _View) -> str:
 def _dedup_words(v: _View) -> str:
     """The near-duplicate collapse: its threshold, how many images it dropped, where they are listed."""
     removed, near = v.summary.near_duplicates_removed, "similarity" if v.dedup_key == "dedup_similarity" else "distance"
+    if (u := v.unique) is not None:  # mode=unique: the rule works while claiming, its list in the matcher's folder
+        removed = u.near_duplicates_removed if removed is None else removed
+        return (f"Near-duplicate rule (`{v.dedup_key}` = {_fmt(v.dedup)}): {plural(removed, 'pool image')} lay "
+                f"within that {near} of a file already held and {'was' if removed == 1 else 'were'} never claimed "
+                "(nor does a target take two files that close in one pass), so no two of the "
+                f"{_fmt(v.mined_count)} selected images lie that close; `{u.folder}/{NEAR_DUPLICATES}` maps each "
+                "image set aside to the held file it lies nearest (`duplicate_of`).")
     return (f"Near-duplicate collapse (`{v.dedup_key}` = {_fmt(v.dedup)}): walking the mined images in order "
             f"(target order, then rank), {plural(removed, 'image')} lay within that {near} of an image kept "
             f"before {'it' if removed == 1 else 'them'} and {'was' if removed == 1 else 'were'} dropped, so "

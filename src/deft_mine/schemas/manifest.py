@@ -101,6 +101,9 @@ class UniqueFacts(BaseModel):
     excluded_rows: int = 0  # pool rows exclude_path (the ledger's earlier selections) kept out
     passes: int = 0
     groups: list[UniqueGroupFacts] = Field(default_factory=list)
+    # with dedup_similarity / dedup_distance: pool files set aside as near copies of held ones (listed in
+    # the folder's near_duplicates.parquet); left out of run.json with the rule off
+    near_duplicates_removed: int | None = Field(None, exclude_if=lambda value: value is None)
 
 
 class MiningFacts(BaseModel):

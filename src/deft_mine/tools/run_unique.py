@@ -104,9 +104,11 @@ def match_run(mining: MiningSpec, paths: UniquePaths, exclude: Exclusion | None,
     final = tables.read_columns(Path(result.final_parquet), tables.schema_of(Path(result.final_parquet)).names)
     tables.write_table_atomic(paths.mined, final.select([c for c in MINED_COLUMNS if c in final.column_names]))
     tables.write_table_atomic(paths.pairs, pairs_table(final, paths, mining.knn_metric))
+    matched = json.loads(Path(result.summary_path).read_text(encoding="utf-8"))
     summary = artifacts.MiningSummary(
         queries=tables.num_rows(paths.targets), pool=tables.num_rows(paths.source), pairs=final.num_rows,
-        duplicates_removed=0, mined=final.num_rows, label_filter=LabelFilter.off)
+        duplicates_removed=0, near_duplicates_removed=matched.get("near_duplicates_removed"), mined=final.num_rows,
+        label_filter=LabelFilter.off)  # the rule's count is the matcher's (None: the rule was off)
     tables.write_text_atomic(paths.folder / artifacts.SUMMARY, summary.text())
     return result
 
@@ -174,4 +176,5 @@ def unique_facts(result: MatchResult, folder: Path, metric: Metric) -> UniqueFac
         desired=result.desired_unique_count, retrieved=result.retrieved_unique_count, coverage_pct=result.coverage_pct,
         distance_metric=str(summary.get("distance_metric") or metric.value), rare_classes=list(summary.get("rare_classes") or []),
         candidate_expansion_factor=summary.get("candidate_expansion_factor"),
-        excluded_rows=int(summary.get("excluded_rows") or 0), passes=len(result.passes), groups=groups)
+        excluded_rows=int(summary.get("excluded_rows") or 0), passes=len(result.passes), groups=groups,
+        near_duplicates_removed=summary.get("near_duplicates_removed"))
