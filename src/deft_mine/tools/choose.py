@@ -127,10 +127,9 @@ def _candidates(given: list[EncoderChoice] | None) -> list[tuple[str, dict[str, 
     embedding spec keys now; or the built-in ones, tried only where their weights are cached here."""
     if not given:
         return [(_name(keys), keys, keys["model"] != "thumbnail") for keys in DEFAULT_CANDIDATES]
+    keyed = [_keys_of(item, f"encoders[{index}]") for index, item in enumerate(given)]
     out, seen = [], set()
-    for index, item in enumerate(given):
-        keys = _keys_of(item, f"encoders[{index}]")
-        name = _name(keys)
+    for index, (keys, name) in enumerate(zip(keyed, _names(keyed))):
         if name in seen:
             raise DeftError("spec_invalid", f"encoders[{index}] ({name}) is named twice", field=f"encoders[{index}]",
                             fix="name each candidate encoder once")
@@ -167,14 +166,38 @@ def _keys_of(item: EncoderChoice, field: str) -> dict[str, Any]:
     return keys | {k: getattr(spec, k) for k in ("batch_size", "device") if k in item}
 
 
-def _name(keys: dict[str, Any]) -> str:
+def _name(keys: dict[str, Any], where: str | None = None) -> str:
+    """e.g. 'DINOv2 (mean)', 'hf vit (cls)': the model path's folder name (`where`: more of the path)."""
     model = keys["model"]
     if model == "thumbnail":
         return "thumbnail"
     path = str(keys.get("model_path", ""))
     default = next((c for c in DEFAULT_CANDIDATES if c["model"] == model), {})
-    where = "" if path == default.get("model_path") else f" {Path(path).name or path}"
+    where = "" if path == default.get("model_path") else f" {where or Path(path).name or path}"
     return f"{model}{where}" + (f" ({keys['pooling']})" if keys.get("pooling") else "")
+
+
+def _names(keyed: list[dict[str, Any]]) -> list[str]:
+    """Each candidate's name; where two different model paths end in the same folder name, each gets as
+    much of its path as tells it apart (the name is also its embeddings file's name)."""
+    names = [_name(keys) for keys in keyed]
+    for name in set(names):
+        clash = [i for i, other in enumerate(names) if other == name]
+        paths = {str(Path(keyed[i].get("model_path", ""))) for i in clash}
+        if len(paths) > 1:  # the same folder twice (however spelled) stays one name: refused as named twice
+            for i in clash:
+                names[i] = _name(keyed[i], _telling_tail(str(Path(keyed[i]["model_path"])), paths))
+    return names
+
+
+def _telling_tail(path: str, paths: set[str]) -> str:
+    """The fewest trailing parts of `path` that no other of `paths` ends with (else the whole path)."""
+    parts = Path(path).parts
+    others = [Path(other).parts for other in paths if other != path]
+    for depth in range(2, len(parts) + 1):
+        if all(other[-depth:] != parts[-depth:] for other in others):
+            return str(Path(*parts[-depth:]))
+    return path
 
 
 def _slug(name: str) -> str:
