@@ -310,6 +310,7 @@ def _fill(score: EncoderScore, vectors: np.ndarray, labels: list[str], target_pa
     score.agreement, score.standard_error = found.macro.tolist(), found.macro_se.tolist()
     score.at_topn, score.at_topn_se = float(found.macro[inputs.topn - 1]), float(found.macro_se[inputs.topn - 1])
     score.per_label = {name: values.tolist() for name, values in found.per_label.items()}
+    score.images = dict(found.images)
     score.same_label_similarity = choice.quantiles(found.same_similarities)
     score.cross_label_similarity = choice.quantiles(found.cross_similarities)
     if target_parquet is not None:
@@ -342,14 +343,15 @@ def _decide(inputs: ChooseInput, out: Path, scores: list[EncoderScore],
     floor = choice.suggest_floor(found[pick.name].same_similarities, found[pick.name].cross_similarities)
     sampled = [keys[r] for r in rows]
     per_label = {name: sampled.count(name) for name in sorted(set(sampled))}
+    # the counts the pick's score rests on: a sampled image that failed to embed is not among them
     return ChooseResult(
         output_dir=str(out), choice_json=str(out / artifacts.CHOICE),
         embedding_spec=str(out / artifacts.EMBEDDING_SPEC), mining_spec=str(out / artifacts.MINING_SPEC),
         report=str(out / artifacts.CHOICE_REPORT), plot=str(out / artifacts.CHOICE_PLOT),
         metric=Metric.cosine.value, sample=len(rows), listing_rows=listing_rows,
         unlabelled=sum(key is None for key in keys), sampled_per_label=per_label,
-        scored_images=sum(n for n in per_label.values() if n >= 2),
-        unscored_labels=[name for name, n in per_label.items() if n < 2], k_max=inputs.k_max, topn=inputs.topn,
+        scored_images=sum(pick.images.values()),
+        unscored_labels=[name for name in per_label if name not in pick.images], k_max=inputs.k_max, topn=inputs.topn,
         seed=inputs.seed, encoders=scores, pick=pick.name, clear_winner=clear,
         runner_up=runner.name if runner else None, margin=margin, noise=noise,
         suggested_topn=choice.suggest_topn(np.asarray(pick.agreement), inputs.tolerance), tolerance=inputs.tolerance,
