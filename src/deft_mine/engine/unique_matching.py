@@ -14,7 +14,8 @@ import pyarrow as pa
 from deft_mine.engine import dedup, detections, tables
 from deft_mine.engine.detections import NO_CLASSES, ImageClasses
 from deft_mine.engine.knn import RunningTopK, TopKState, l2_normalise
-from deft_mine.engine.mining import _row_range, _take_rows, label_keys, label_spellings, label_text
+from deft_mine.engine.mining import label_keys, label_spellings, label_text
+from deft_mine.engine.mining import row_range as _row_range, take_rows as _take_rows  # the body calls them so
 from deft_mine.engine.selection import claim_one_to_one, nearest_first
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts, warnings
