@@ -241,3 +241,32 @@ def test_one_call_through_the_mcp_server(listing: Path, tmp_path: Path):
         assert got["pick"] == "thumbnail" and Path(got["output_dir"], artifacts.CHOICE).is_file()
         refused(client.call("choose", {"listing": str(listing), "output_dir": str(tmp_path / "c2"),
                                        "sample": 5}), "sample_too_small")
+
+
+def test_two_models_in_folders_of_the_same_name_get_two_names_and_two_files(listing: Path, tmp_path: Path,
+                                                                            tiny_dinov2: Path):
+    import shutil
+
+    for parent in ("a", "b"):
+        shutil.copytree(tiny_dinov2, tmp_path / "m" / parent / "vit")
+    given = [dino(tmp_path / "m" / "a" / "vit"), dino(tmp_path / "m" / "b" / "vit"), "thumbnail"]
+    result = choose(listing=listing, output_dir=tmp_path / "out", encoders=given, sample=36, k_max=5, no_store=True)
+    names = [s.name for s in result.encoders]
+    assert names[:2] == ["DINOv2 a/vit (cls)", "DINOv2 b/vit (cls)"]
+    files = {s.embeddings_parquet for s in result.encoders}
+    assert len(files) == 3 and all(Path(f).is_file() for f in files)
+    with pytest.raises(DeftError) as caught:  # the same folder twice is still one candidate named twice
+        choose(listing=listing, output_dir=tmp_path / "out2", encoders=[given[0], given[0]], sample=36, k_max=5,
+               no_store=True)
+    assert caught.value.code == "spec_invalid" and caught.value.details["field"] == "encoders[1]"
+
+
+def test_the_counts_reported_are_the_images_the_score_rests_on(listing: Path, tmp_path: Path):
+    (tmp_path / "imgs" / "red_1.png").write_bytes(b"not a png")  # the sample holds it; embedding skips it
+    out = tmp_path / "out"
+    result = choose(listing=listing, output_dir=out, encoders=["thumbnail"], sample=36, k_max=5, no_store=True)
+    score = result.encoders[0]
+    assert result.sampled_per_label == {"BLUE": 12, "GREEN": 12, "RED": 12} and result.sample == 36
+    assert score.images == {"BLUE": 12, "GREEN": 12, "RED": 11}
+    assert result.scored_images == 35
+    assert "35 scored" in (out / artifacts.CHOICE_REPORT).read_text()

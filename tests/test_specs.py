@@ -116,3 +116,13 @@ def test_run_overrides_route_to_the_spec_that_owns_the_key():
     with pytest.raises(DeftError) as exc:
         split_overrides(["btach_size=4"])
     assert exc.value.code == "spec_unknown_key" and exc.value.details["closest"] == "batch_size"
+
+
+def test_spec_to_yaml_writes_spelled_values_in_place_and_leaves_excluded_keys_out():
+    from deft_mine.schemas.specs import UniqueMatchingSpec, spec_to_yaml
+
+    spec = UniqueMatchingSpec(source_path="/s.parquet", target_path="/t.parquet", output_dir="/o",
+                              desired_unique_count=5, rare_class_list=["scratch", "dent"])
+    assert "- scratch" in spec_to_yaml(spec)
+    assert "rare_class_list: ''\n" in spec_to_yaml(spec, None, {"rare_class_list": ""})
+    assert "rare_class_list" not in spec_to_yaml(spec, {"rare_class_list"}, {"rare_class_list": "dent,scratch"})

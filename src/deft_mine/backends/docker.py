@@ -321,16 +321,9 @@ class DockerBackend:
         """The spec the image gets: only the keys its schema takes (the rest are ours), none left
         unset (a typed schema refuses a null; its own default applies), and the values `spelled`
         as the image's schema types them."""
-        from omegaconf import OmegaConf
-
         path = output_path.parent / SPEC_FOLDER / f"{output_path.stem}.{name}"
         left_out = (set(type(spec).model_fields) - known) | {key for key, value in spec if value is None}
-        if not spelled:
-            tables.write_text_atomic(path, spec_to_yaml(spec, left_out))
-            return path
-        values = spec.model_dump(mode="json", exclude=left_out)
-        values.update({key: value for key, value in spelled.items() if key not in left_out})
-        tables.write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(values)))
+        tables.write_text_atomic(path, spec_to_yaml(spec, left_out, spelled))
         return path
 
     def _check_images(self, listing: Listing, workspace: Path) -> None:

@@ -4,7 +4,7 @@ each encoder's cosine neighbours on it (engine/knn.py's exact search, ties to th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -68,8 +68,7 @@ class Agreement:
     macro: np.ndarray  # (k_max,) mean over the scored labels of their mean per-image share
     macro_se: np.ndarray  # its binomial standard error
     per_label: dict[str, np.ndarray]  # each scored label's mean share
-    per_label_se: dict[str, np.ndarray]
-    images: dict[str, int]  # scored images per label
+    images: dict[str, int]  # the images each scored label's agreement rests on
     same_similarities: np.ndarray  # the k_max neighbours' similarities where labels agree
     cross_similarities: np.ndarray  # ... and where they differ
 
@@ -100,7 +99,7 @@ def agreement(vectors: np.ndarray, keys: Sequence[str], k_max: int) -> Agreement
     else:
         macro = macro_se = np.full(k_max, np.nan)
     queried = np.isin(labels, scored)
-    return Agreement(macro, macro_se, per_label, per_label_se, images,
+    return Agreement(macro, macro_se, per_label, images,
                      sims[queried][hits[queried]], sims[queried][~hits[queried]])
 
 
@@ -145,7 +144,6 @@ class Floor:
     below_cross: float | None = None
     above: int = 0
     above_same: float | None = None
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def suggest_floor(same: np.ndarray, cross: np.ndarray) -> Floor:

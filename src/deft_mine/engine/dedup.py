@@ -10,10 +10,9 @@ import pyarrow as pa
 
 # knn's own preparation and float64 pair scoring: a mined pair is judged on the vectors exactly
 # as the search used them (cosine: L2-normalised float32), scored the way every pair is scored.
-from deft_mine.engine.knn import _SCORE_OF_KEY, _exact_keys, _prepare
-# the leakage guard's byte comparison: sizes first, SHA-256 only where a size is shared
-from deft_mine.engine.leaks import _digests, sizes
-from deft_mine.engine.images import resolve_image_path
+from deft_mine.engine.knn import SCORE_OF_KEY, exact_keys, prepare
+# the byte comparison the leakage guard also makes: sizes first, SHA-256 only where a size is shared
+from deft_mine.engine.images import file_digests, file_sizes, resolve_image_path
 from deft_mine.schemas.artifacts import DuplicateKind
 from deft_mine.schemas.specs import Metric
 
@@ -44,7 +43,7 @@ def collapse(vectors: np.ndarray, metric: Metric, threshold: float, block_rows: 
     similarity >= it; euclidean, manhattan: distance <= it) of an image already kept; a dropped
     image maps to the kept one nearest to it (the earliest on a tie). Exact: the float32 products
     only propose pairs (with an error margin), every verdict is the pair's float64 score."""
-    near = _Near(_prepare(vectors, metric), metric, threshold)
+    near = _Near(prepare(vectors, metric), metric, threshold)
     n = len(near.x)
     duplicate_of, scores = np.full(n, -1, np.int64), np.full(n, np.nan)
     kept = np.empty(n, np.int64)  # the images kept so far, in order
@@ -60,7 +59,7 @@ def collapse(vectors: np.ndarray, metric: Metric, threshold: float, block_rows: 
         # every row's nearest kept image: one of an earlier block, or one this block kept before it
         mine = np.isin(inside[1], keep_here)
         i, j, s = (np.concatenate([b, w[mine]]) for b, w in zip(before, inside))
-        first = _nearest(i, j, s, metric)
+        first = nearest(i, j, s, metric)
         duplicate_of[i[first]], scores[i[first]] = j[first], s[first]
         kept[held:held + len(keep_here)] = keep_here
         held += len(keep_here)
@@ -81,7 +80,7 @@ def _walk(open_rows: np.ndarray, pairs: tuple[np.ndarray, np.ndarray, np.ndarray
     return np.asarray(sorted(kept), np.int64)
 
 
-def _nearest(i: np.ndarray, j: np.ndarray, s: np.ndarray, metric: Metric) -> np.ndarray:
+def nearest(i: np.ndarray, j: np.ndarray, s: np.ndarray, metric: Metric) -> np.ndarray:
     """Positions of each row's nearest partner among the pairs (i, j, score): the highest similarity
     or the lowest distance, the earliest j on a tie."""
     order = np.lexsort((j, -s if metric.higher_is_nearer else s, i))
@@ -120,7 +119,7 @@ class _Near:
         if not found:
             return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
         i, j = (np.concatenate(side) for side in zip(*found))
-        scores = _SCORE_OF_KEY[self.metric](_exact_keys(self.x, i, self.x, j, self.metric))
+        scores = SCORE_OF_KEY[self.metric](exact_keys(self.x, i, self.x, j, self.metric))
         within = scores >= self.threshold if self.metric.higher_is_nearer else scores <= self.threshold
         return i[within], j[within], scores[within]
 
@@ -151,20 +150,15 @@ def within(a: np.ndarray, b: np.ndarray, metric: Metric, threshold: float,
     return i, j - len(a), s
 
 
-def nearest(i: np.ndarray, j: np.ndarray, s: np.ndarray, metric: Metric) -> np.ndarray:
-    """Positions of each i's nearest j among the pairs (the earliest j on a tie)."""
-    return _nearest(i, j, s, metric)
-
-
 def identical(paths: list[str], root: Path) -> np.ndarray:
     """Per image (in order), the first earlier image whose file has the same bytes (-1: none, or
     unreadable). Identical bytes have the same size: only files whose size another shares are hashed."""
     resolved = [resolve_image_path(p, root) for p in paths]
-    size = sizes(resolved)
+    size = file_sizes(resolved)
     values, counts = np.unique(size[size >= 0], return_counts=True)
     rows = np.flatnonzero(np.isin(size, values[counts > 1]))
     found, first = np.full(len(paths), -1, np.int64), {}
-    for row, key in zip(rows.tolist(), _digests([resolved[i] for i in rows])):
+    for row, key in zip(rows.tolist(), file_digests([resolved[i] for i in rows])):
         if key is not None and (earlier := first.setdefault(key, row)) != row:
             found[row] = earlier
     return found

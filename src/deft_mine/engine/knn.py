@@ -42,7 +42,8 @@ class Neighbours:
 _PAIR_KEY = {Metric.cosine: lambda q, x: -(q * x).sum(axis=1),
              Metric.euclidean: lambda q, x: np.square(q - x).sum(axis=1),
              Metric.manhattan: lambda q, x: np.abs(q - x).sum(axis=1)}
-_SCORE_OF_KEY = {Metric.cosine: np.negative, Metric.euclidean: np.sqrt, Metric.manhattan: np.copy}
+SCORE_OF_KEY = {Metric.cosine: np.negative, Metric.euclidean: np.sqrt, Metric.manhattan: np.copy}
+"""A metric's score (similarity or distance) from its float64 key (lower: nearer)."""
 
 # Candidates asked of FAISS beyond k: enough that the error bound almost never forces a retry.
 _EXTRA = 16
@@ -72,7 +73,7 @@ class TopKState:
 
     def neighbours(self, metric: Metric) -> Neighbours:
         """The keys back on the metric's own scale."""
-        return Neighbours(indices=self.ids, scores=_SCORE_OF_KEY[metric](self.keys))
+        return Neighbours(indices=self.ids, scores=SCORE_OF_KEY[metric](self.keys))
 
 
 class RunningTopK:
@@ -83,7 +84,7 @@ class RunningTopK:
         if k < 1:
             raise ValueError("k must be at least 1")
         self.metric, self.k = metric, k
-        self.queries = _prepare(queries, metric)
+        self.queries = prepare(queries, metric)
         self.state = TopKState.empty(len(self.queries))
         self.seen = 0
 
@@ -92,7 +93,7 @@ class RunningTopK:
         which must keep increasing from block to block for the tie rule to hold."""
         if ids is None:
             ids = np.arange(self.seen, self.seen + len(block), dtype=np.int64)
-        block = _prepare(block, self.metric)
+        block = prepare(block, self.metric)
         if len(block) and len(self.queries):
             # Rows already holding k neighbours only need block rows that could beat the k-th
             # (ties go to the earlier, lower row); that spares most of the rescoring.
@@ -149,7 +150,8 @@ def search(queries: np.ndarray, pool_blocks: Iterable[np.ndarray], k: int, metri
     return top.result()
 
 
-def _prepare(vectors: np.ndarray, metric: Metric) -> np.ndarray:
+def prepare(vectors: np.ndarray, metric: Metric) -> np.ndarray:
+    """Vectors as the search compares them: L2-normalised float32 under cosine, contiguous float32 otherwise."""
     return l2_normalise(vectors) if metric is Metric.cosine else np.ascontiguousarray(vectors, dtype=np.float32)
 
 
@@ -186,8 +188,8 @@ def _block_topk(queries: np.ndarray, block: np.ndarray, k: int, metric: Metric,
             near, cand_done = near[:, :width], cand[done, :width].astype(np.int64)
             exact = np.full(near.shape, np.inf)
             pair_rows, pair_cols = np.nonzero(near)
-            exact[pair_rows, pair_cols] = _exact_keys(queries, rows[done][pair_rows], block,
-                                                      cand_done[pair_rows, pair_cols], metric)
+            exact[pair_rows, pair_cols] = exact_keys(queries, rows[done][pair_rows], block,
+                                                     cand_done[pair_rows, pair_cols], metric)
             cand_done[~near] = -1
             order = np.lexsort((cand_done, exact), axis=1)[:, :k]
             width = order.shape[1]
@@ -198,8 +200,8 @@ def _block_topk(queries: np.ndarray, block: np.ndarray, k: int, metric: Metric,
     return keys, ids
 
 
-def _exact_keys(queries: np.ndarray, query_rows: np.ndarray, vectors: np.ndarray, vector_rows: np.ndarray,
-                metric: Metric) -> np.ndarray:
+def exact_keys(queries: np.ndarray, query_rows: np.ndarray, vectors: np.ndarray, vector_rows: np.ndarray,
+               metric: Metric) -> np.ndarray:
     """Float64 key of each pair (queries[query_rows[i]], vectors[vector_rows[i]]), row by row,
     computed the same way for every pair so that equal vectors always get equal keys. The pairs
     are gathered a slice at a time: a wide top-k over many queries never copies them all at once."""

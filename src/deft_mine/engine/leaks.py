@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -13,13 +12,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from deft_mine.engine import tables
-from deft_mine.engine.images import digest, read_bytes, resolve_image_path
+from deft_mine.engine.images import file_digests, file_sizes, resolve_image_path
 from deft_mine.engine.knn import search
 from deft_mine.schemas.artifacts import LeakKind
 from deft_mine.schemas.specs import Metric
 
 TARGETS = "targets"  # the protected_listing of a target (the targets are always protected)
-_THREADS = 8  # stat and hash side by side: the time is the disk's
 
 
 @dataclass
@@ -65,42 +63,22 @@ def score_column(metric: Metric) -> str:
     return "similarity" if metric.higher_is_nearer else "distance"
 
 
-def sizes(paths: list[Path]) -> np.ndarray:
-    """Each regular file's size in bytes, -1 where none can be read (missing, a folder, a pipe)."""
-    def size(path: Path) -> int:
-        try:
-            return path.stat().st_size if path.is_file() else -1
-        except OSError:
-            return -1
-    with ThreadPoolExecutor(_THREADS) as pool:
-        return np.fromiter(pool.map(size, paths, chunksize=256), np.int64, len(paths))
-
-
-def _digests(paths: list[Path]) -> list[bytes | None]:
-    """SHA-256 of each file's bytes (the embedding store's digest), None where it cannot be read."""
-    def one(path: Path) -> bytes | None:
-        data = read_bytes(str(path), path.parent)
-        return None if not isinstance(data, bytes) else digest(data)
-    with ThreadPoolExecutor(_THREADS) as pool:
-        return list(pool.map(one, paths, chunksize=16))
-
-
 def identical_bytes(pool: Pool, protected: Protected) -> np.ndarray:
     """Per pool row, the first protected image whose bytes it repeats (-1: none). Identical bytes
     have the same size, so only the files whose size a protected file shares are hashed; a pool row
     that names a target file is compared with the protect listings only."""
     found = np.full(len(pool.filepaths), -1, np.int64)
-    protected_sizes, pool_sizes = sizes(protected.resolved), sizes(pool.resolved)
+    protected_sizes, pool_sizes = file_sizes(protected.resolved), file_sizes(pool.resolved)
     shared = np.intersect1d(protected_sizes[protected_sizes >= 0], pool_sizes[pool_sizes >= 0])
     if not len(shared):
         return found
     hashed = np.flatnonzero(np.isin(protected_sizes, shared))
     first: dict[tuple[bytes, bool], int] = {}  # (digest, a target's) -> its first protected row
-    for row, key in zip(hashed.tolist(), _digests([protected.resolved[i] for i in hashed])):
+    for row, key in zip(hashed.tolist(), file_digests([protected.resolved[i] for i in hashed])):
         if key is not None:
             first.setdefault((key, protected.origins[row] == TARGETS), row)
     rows = np.flatnonzero(np.isin(pool_sizes, shared))
-    for row, key in zip(rows.tolist(), _digests([pool.resolved[i] for i in rows])):
+    for row, key in zip(rows.tolist(), file_digests([pool.resolved[i] for i in rows])):
         if key is None:
             continue
         # the targets come first among the protected: a target's copy names the target

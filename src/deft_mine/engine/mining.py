@@ -343,7 +343,7 @@ def _best_targets(prep: Prepared, cands: Candidates, agree: np.ndarray, raw: pa.
 def _pool_rows_vectors(prep: Prepared, rows: np.ndarray) -> np.ndarray:
     """The vectors of the given pool rows, in that order: only the row groups holding them are read."""
     column, wanted = prep.spec.source_embed_column_name, np.unique(rows)
-    table = _take_rows(prep.source_path, wanted, [column], prep.spec.block_rows, by_row_group=True)
+    table = take_rows(prep.source_path, wanted, [column], prep.spec.block_rows, by_row_group=True)
     vectors = tables.vectors_from_column(table.column(column), path=prep.source_path, name=column, first_row=0,
                                         dim=None, field="source_parquet")  # searched already: none is bad
     return vectors[np.searchsorted(wanted, rows)]
@@ -359,8 +359,8 @@ def candidates(prep: Prepared, found: Searched) -> Candidates:
     # The filepath (and label) of just the rows found: the columns are small beside the vectors.
     wanted = np.unique(rows[found_mask])
     source_labelled = Side.source not in prep.label_missing
-    picked = _take_rows(prep.source_path, wanted, ["filepath"] + (["label"] if source_labelled else []),
-                        prep.spec.block_rows)
+    picked = take_rows(prep.source_path, wanted, ["filepath"] + (["label"] if source_labelled else []),
+                       prep.spec.block_rows)
     position = np.searchsorted(wanted, rows)
     target_labels = None if Side.target in prep.label_missing else \
         np.asarray(label_text(prep.targets.column("label")).to_pylist(), dtype=object)[:, None]
@@ -371,8 +371,8 @@ def candidates(prep: Prepared, found: Searched) -> Candidates:
         if source_labelled else None)
 
 
-def _take_rows(path: Path, rows: np.ndarray, columns: list[str], block_rows: int,
-               by_row_group: bool = False) -> pa.Table:
+def take_rows(path: Path, rows: np.ndarray, columns: list[str], block_rows: int,
+              by_row_group: bool = False) -> pa.Table:
     """The given (sorted, unique) rows of `columns`, in that order, read block by block: a large
     pool's filepath and label columns are never held whole (prepare already holds its paths).
     `by_row_group`: a parquet's row groups holding none of the rows are not read at all (worth
@@ -587,7 +587,7 @@ def pool_vectors(path: Path, column: str, block_rows: int, start: int = 0, end: 
     every block must have the first block's dimension (`dim`, when known)."""
     seen = start
     batches = tables.iter_batches(path, block_rows, [column]) if end is None else \
-        _row_range(path, column, start, end, block_rows)
+        row_range(path, column, start, end, block_rows)
     for batch in batches:
         vectors = tables.vectors_from_column(batch.column(column), path=path, name=column,
                                             first_row=seen, dim=dim, field="source_parquet")
@@ -604,7 +604,7 @@ def pool_dim(path: Path, column: str) -> int | None:
     return None
 
 
-def _row_range(path: Path, column: str, start: int, end: int, block_rows: int) -> Iterator[pa.Table]:
+def row_range(path: Path, column: str, start: int, end: int, block_rows: int) -> Iterator[pa.Table]:
     """Rows [start, end) of a parquet's `column` in blocks of `block_rows` (cut at start +
     multiples of it), reading only the row groups they lie in."""
     file = pq.ParquetFile(path, pre_buffer=False)

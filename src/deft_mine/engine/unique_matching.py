@@ -14,7 +14,7 @@ import pyarrow as pa
 from deft_mine.engine import dedup, detections, tables
 from deft_mine.engine.detections import NO_CLASSES, ImageClasses
 from deft_mine.engine.knn import RunningTopK, TopKState, l2_normalise
-from deft_mine.engine.mining import _row_range, _take_rows, label_key, label_spellings, label_text
+from deft_mine.engine.mining import label_key, label_spellings, label_text, row_range, take_rows
 from deft_mine.engine.selection import claim_one_to_one, nearest_first
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts, warnings
@@ -215,7 +215,7 @@ def _part_blocks(spec: UniqueMatchingSpec, parts: list[PoolPart], dim: int) -> I
         seen = part.first_row
         whole = part.start == 0 and part.end == tables.num_rows(part.file)
         batches = tables.iter_batches(part.file, spec.block_rows, [column]) if whole else \
-            _row_range(part.file, column, part.start, part.end, spec.block_rows)
+            row_range(part.file, column, part.start, part.end, spec.block_rows)
         for batch in batches:
             vectors = tables.vectors_from_column(batch.column(column), path=part.file, name=column, first_row=seen,
                                                  dim=None, field="source_path")
@@ -398,7 +398,7 @@ class _Twins:
         for part in self.parts:
             mine = todo[(todo >= part.first_row) & (todo < part.first_row + part.rows)]
             if len(mine):
-                table = _take_rows(part.file, mine - part.first_row, [column], self.spec.block_rows, by_row_group=True)
+                table = take_rows(part.file, mine - part.first_row, [column], self.spec.block_rows, by_row_group=True)
                 read = l2_normalise(tables.vectors_from_column(table.column(column), path=part.file, name=column,
                                                                first_row=0, dim=None, field="source_path"))
                 self._vectors.update(zip(mine.tolist(), read))

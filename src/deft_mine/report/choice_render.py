@@ -14,12 +14,13 @@ def _cell(value: float | None, digits: int = 3) -> str:
 def _row(score: EncoderScore, result: ChooseResult) -> str:
     if not score.available:
         why = score.error.message if score.error else "?"
-        return f"| {score.name} | unavailable: {why[:120]} | | | | |"
+        return f"| {score.name} | unavailable: {why[:120]} | | | | | |"
     speed = "reused" if score.seconds_per_image is None else f"{score.seconds_per_image * 1000:.1f} ms"
     target = _cell(score.target_agreement) + (f" ({score.targets_scored})" if score.targets_scored else "")
     mark = " **pick**" if score.name == result.pick else ""
     return (f"| {score.name}{mark} | {_cell(score.at_topn)} ± {_cell(score.at_topn_se)} | "
-            f"{_cell(score.agreement[0])} | {_cell(score.agreement[-1])} | {target} | {speed} |")
+            f"{_cell(score.agreement[0])} | {_cell(score.agreement[-1])} | {sum(score.images.values())} | {target} | "
+            f"{speed} |")
 
 
 def render_choice(result: ChooseResult) -> str:
@@ -30,10 +31,11 @@ def render_choice(result: ChooseResult) -> str:
         f"Leave-one-out label agreement on {result.sample} images sampled by label from {result.listing_rows} "
         f"(seed {result.seed}; {result.scored_images} scored): for each image, the share of its k nearest other "
         f"sampled images (exact {result.metric} similarity) that carry its label, averaged per label, then over "
-        f"the labels. ± is one binomial standard error.", "",
-        f"| encoder | agreement at topn={result.topn} | at k=1 | at k={result.k_max} | targets at topn | "
+        f"the labels. ± is one binomial standard error. An image that could not be read is left out: "
+        f"*scored* counts the images each score rests on.", "",
+        f"| encoder | agreement at topn={result.topn} | at k=1 | at k={result.k_max} | scored | targets at topn | "
         "embed / image |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
         *(_row(score, result) for score in result.encoders), "",
         "## Pick", "",
         f"**{result.pick}**: the best agreement at topn={result.topn} ({_cell(pick.at_topn)}).",
@@ -69,5 +71,6 @@ def render_choice(result: ChooseResult) -> str:
               "- A larger `sample` narrows the standard errors; a different `topn` may reorder close encoders.",
               "- An encoder listed as unavailable was not compared: make its weights available and run again."]
     if result.unscored_labels:
-        lines += ["", f"Not scored (fewer than two sampled images): {', '.join(result.unscored_labels)}."]
+        lines += ["", f"Not scored (fewer than two sampled images the pick could read): "
+                      f"{', '.join(result.unscored_labels)}."]
     return "\n".join(lines) + "\n"

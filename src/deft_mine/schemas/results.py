@@ -412,6 +412,9 @@ class EncoderScore(BaseModel):
     at_topn_se: float | None = None
     per_label: dict[str, list[float]] = Field(default_factory=dict, description="each scored label's agreement "
                                               "at k = 1 … k_max")
+    images: dict[str, int] = Field(default_factory=dict, description="the images each scored label's agreement "
+                                   "rests on: its sampled images that this encoder embedded (an unreadable one "
+                                   "is skipped)")
     target_agreement: float | None = Field(None, description="with targets: the mean share of each target's topn "
                                            "sample neighbours sharing its label")
     target_per_label: dict[str, float] = Field(default_factory=dict)
@@ -450,8 +453,10 @@ class ChooseResult(_Result):
     listing_rows: int
     unlabelled: int = Field(description="listing rows with a null or blank label, never sampled")
     sampled_per_label: dict[str, int]
-    scored_images: int = Field(description="sampled images whose label has two or more sampled images")
-    unscored_labels: list[str] = Field(description="labels with fewer than two sampled images: reported, not scored")
+    scored_images: int = Field(description="the images the pick's score rests on: sampled images it embedded whose "
+                                           "label has two or more of them")
+    unscored_labels: list[str] = Field(description="sampled labels with fewer than two images the pick embedded: "
+                                                   "reported, not scored")
     k_max: int
     topn: int
     seed: int

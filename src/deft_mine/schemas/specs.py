@@ -607,8 +607,12 @@ def load_spec(
         raise DeftError("spec_invalid", f"{where}: {field}: {message}", fix=fix, field=field) from exc
 
 
-def spec_to_yaml(spec: _Spec, exclude: set[str] | None = None) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(spec.model_dump(mode="json", exclude=exclude)))
+def spec_to_yaml(spec: _Spec, exclude: set[str] | None = None, spelled: Mapping[str, Any] | None = None) -> str:
+    """The spec as YAML, without the `exclude` keys; `spelled` values are written in place of the
+    spec's own (e.g. a list as the one string another schema types it), an excluded key still left out."""
+    values = spec.model_dump(mode="json", exclude=exclude)
+    values.update({key: value for key, value in (spelled or {}).items() if key not in (exclude or ())})
+    return OmegaConf.to_yaml(OmegaConf.create(values))
 
 
 def _dotlist(pairs: Sequence[str]) -> dict[str, Any]:

@@ -127,10 +127,9 @@ def _candidates(given: list[EncoderChoice] | None) -> list[tuple[str, dict[str, 
     embedding spec keys now; or the built-in ones, tried only where their weights are cached here."""
     if not given:
         return [(_name(keys), keys, keys["model"] != "thumbnail") for keys in DEFAULT_CANDIDATES]
+    keyed = [_keys_of(item, f"encoders[{index}]") for index, item in enumerate(given)]
     out, seen = [], set()
-    for index, item in enumerate(given):
-        keys = _keys_of(item, f"encoders[{index}]")
-        name = _name(keys)
+    for index, (keys, name) in enumerate(zip(keyed, _names(keyed))):
         if name in seen:
             raise DeftError("spec_invalid", f"encoders[{index}] ({name}) is named twice", field=f"encoders[{index}]",
                             fix="name each candidate encoder once")
@@ -167,14 +166,38 @@ def _keys_of(item: EncoderChoice, field: str) -> dict[str, Any]:
     return keys | {k: getattr(spec, k) for k in ("batch_size", "device") if k in item}
 
 
-def _name(keys: dict[str, Any]) -> str:
+def _name(keys: dict[str, Any], where: str | None = None) -> str:
+    """e.g. 'DINOv2 (mean)', 'hf vit (cls)': the model path's folder name (`where`: more of the path)."""
     model = keys["model"]
     if model == "thumbnail":
         return "thumbnail"
     path = str(keys.get("model_path", ""))
     default = next((c for c in DEFAULT_CANDIDATES if c["model"] == model), {})
-    where = "" if path == default.get("model_path") else f" {Path(path).name or path}"
+    where = "" if path == default.get("model_path") else f" {where or Path(path).name or path}"
     return f"{model}{where}" + (f" ({keys['pooling']})" if keys.get("pooling") else "")
+
+
+def _names(keyed: list[dict[str, Any]]) -> list[str]:
+    """Each candidate's name; where two different model paths end in the same folder name, each gets as
+    much of its path as tells it apart (the name is also its embeddings file's name)."""
+    names = [_name(keys) for keys in keyed]
+    for name in set(names):
+        clash = [i for i, other in enumerate(names) if other == name]
+        paths = {str(Path(keyed[i].get("model_path", ""))) for i in clash}
+        if len(paths) > 1:  # the same folder twice (however spelled) stays one name: refused as named twice
+            for i in clash:
+                names[i] = _name(keyed[i], _telling_tail(str(Path(keyed[i]["model_path"])), paths))
+    return names
+
+
+def _telling_tail(path: str, paths: set[str]) -> str:
+    """The fewest trailing parts of `path` that no other of `paths` ends with (else the whole path)."""
+    parts = Path(path).parts
+    others = [Path(other).parts for other in paths if other != path]
+    for depth in range(2, len(parts) + 1):
+        if all(other[-depth:] != parts[-depth:] for other in others):
+            return str(Path(*parts[-depth:]))
+    return path
 
 
 def _slug(name: str) -> str:
@@ -287,6 +310,7 @@ def _fill(score: EncoderScore, vectors: np.ndarray, labels: list[str], target_pa
     score.agreement, score.standard_error = found.macro.tolist(), found.macro_se.tolist()
     score.at_topn, score.at_topn_se = float(found.macro[inputs.topn - 1]), float(found.macro_se[inputs.topn - 1])
     score.per_label = {name: values.tolist() for name, values in found.per_label.items()}
+    score.images = dict(found.images)
     score.same_label_similarity = choice.quantiles(found.same_similarities)
     score.cross_label_similarity = choice.quantiles(found.cross_similarities)
     if target_parquet is not None:
@@ -319,14 +343,15 @@ def _decide(inputs: ChooseInput, out: Path, scores: list[EncoderScore],
     floor = choice.suggest_floor(found[pick.name].same_similarities, found[pick.name].cross_similarities)
     sampled = [keys[r] for r in rows]
     per_label = {name: sampled.count(name) for name in sorted(set(sampled))}
+    # the counts the pick's score rests on: a sampled image that failed to embed is not among them
     return ChooseResult(
         output_dir=str(out), choice_json=str(out / artifacts.CHOICE),
         embedding_spec=str(out / artifacts.EMBEDDING_SPEC), mining_spec=str(out / artifacts.MINING_SPEC),
         report=str(out / artifacts.CHOICE_REPORT), plot=str(out / artifacts.CHOICE_PLOT),
         metric=Metric.cosine.value, sample=len(rows), listing_rows=listing_rows,
         unlabelled=sum(key is None for key in keys), sampled_per_label=per_label,
-        scored_images=sum(n for n in per_label.values() if n >= 2),
-        unscored_labels=[name for name, n in per_label.items() if n < 2], k_max=inputs.k_max, topn=inputs.topn,
+        scored_images=sum(pick.images.values()),
+        unscored_labels=[name for name in per_label if name not in pick.images], k_max=inputs.k_max, topn=inputs.topn,
         seed=inputs.seed, encoders=scores, pick=pick.name, clear_winner=clear,
         runner_up=runner.name if runner else None, margin=margin, noise=noise,
         suggested_topn=choice.suggest_topn(np.asarray(pick.agreement), inputs.tolerance), tolerance=inputs.tolerance,

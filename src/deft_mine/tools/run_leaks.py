@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from deft_mine.backends import Backend
 from deft_mine.engine import leaks, tables
-from deft_mine.engine.images import resolve_image_path
+from deft_mine.engine.images import file_sizes, resolve_image_path
 from deft_mine.engine.listings import FILEPATH, Listing, open_listing
 from deft_mine.engine.mining import pool_vectors
 from deft_mine.errors import DeftError
@@ -60,7 +60,7 @@ def open_protected(inputs: RunInput, embedding: EmbeddingSpec, changenet: Change
         path = tables.require_file(Path(given).expanduser().absolute(), "protect")
         listing = open_listing(path, "protect", embedding.images_root(path), changenet)
         resolved = [p for _, _, p in listing.resolved() if p is not None]
-        if not (leaks.sizes(resolved) >= 0).any():
+        if not (file_sizes(resolved) >= 0).any():
             raise DeftError("no_readable_images", f"protect: none of the {listing.rows} images {path} lists can be "
                             f"read (e.g. {resolved[0] if resolved else 'no filepath at all'}), so it would guard "
                             "nothing", fix="check the listing's paths and image_root (relative paths resolve "
@@ -92,7 +92,6 @@ def guard(inputs: RunInput, listings: list[Listing], folder: Path, mining: Minin
     for, or found a leak): the mining spec then names it, and the search leaves its rows out."""
     threshold = mining.leak_threshold
     embedded: list[EmbedResult] = []
-    protected_vectors = None
     if listings:
         listed = protected_listing(listings, folder / artifacts.PROTECTED_LISTING)
         if threshold is not None:
