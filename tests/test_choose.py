@@ -164,6 +164,7 @@ def test_the_default_candidates_skip_what_is_not_cached(listing: Path, tmp_path:
     ({"k_max": 36}, "k_max_too_large", "k_max"),
     ({"sample": 100, "k_max": 36}, "k_max_too_large", "k_max"),  # only 36 labelled images
     ({"topn": 11, "k_max": 10}, "spec_invalid", "topn"),
+    ({"k_max": 0}, "spec_invalid", "k_max"),
     ({"backend": "docker"}, "backend_unsupported", "backend"),
     ({"encoders": [{"model": "DINOv2", "poolng": "mean"}]}, "spec_invalid", "encoders[0]"),
 ])
@@ -230,7 +231,7 @@ def test_the_command_line(listing: Path, tmp_path: Path, capsys: pytest.CaptureF
 
 
 @pytest.mark.e2e
-def test_one_call_through_the_mcp_server(listing: Path, tmp_path: Path):
+def test_one_call_through_the_mcp_server(listing: Path, tmp_path: Path, tiny_dinov2: Path):
     """The typed tool over stdio: the same pick and files as the Python call, a refusal coded."""
     from mcp_helpers import SyncClient, ok, refused, stdio_params
 
@@ -239,6 +240,14 @@ def test_one_call_through_the_mcp_server(listing: Path, tmp_path: Path):
                                         "encoders": [{"model": "thumbnail"}], "sample": 36, "k_max": 5,
                                         "no_store": True}))
         assert got["pick"] == "thumbnail" and Path(got["output_dir"], artifacts.CHOICE).is_file()
+        # choose compares encoders, so it binds the session to none: a second choice over two
+        # encoders, then a run with another encoder, both go through
+        two = ok(client.call("choose", {"listing": str(listing), "output_dir": str(tmp_path / "two"),
+                                        "encoders": [{"model": "thumbnail"}, dino(tiny_dinov2)], "sample": 36,
+                                        "k_max": 5, "no_store": True}))
+        assert [s["available"] for s in two["encoders"]] == [True, True]
+        ok(client.call("run", {"targets": str(listing), "source": str(listing), "run_dir": str(tmp_path / "r"),
+                               "overrides": dino(tiny_dinov2), "no_store": True}))
         refused(client.call("choose", {"listing": str(listing), "output_dir": str(tmp_path / "c2"),
                                        "sample": 5}), "sample_too_small")
 

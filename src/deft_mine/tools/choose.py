@@ -24,7 +24,7 @@ from deft_mine.schemas import artifacts
 from deft_mine.schemas.inputs import ChooseInput, EncoderChoice
 from deft_mine.schemas.results import ChooseResult, EncoderScore, ErrorInfo, FloorSuggestion
 from deft_mine.schemas.specs import EmbeddingSpec, Metric, MiningSpec, load_spec, spec_to_yaml
-from deft_mine.schemas.warnings import ToolWarning
+from deft_mine.schemas.warnings import ToolWarning, picture_failed
 from deft_mine.tools.embed import embed_spec
 from deft_mine.tools.registry import Tool, ToolContext, register
 
@@ -86,7 +86,8 @@ def choose_encoder(inputs: ChooseInput, ctx: ToolContext) -> ChooseResult:
     ctx.events.progress("choose", len(candidates), len(candidates), "scored")
     result = _decide(inputs, out, scores, found, pool.rows, keys, rows, warned)
     result.timings = {"total": time.perf_counter() - started}
-    _write(result, scores, found[result.pick], out, inputs.image_root)
+    root = str(Path(inputs.image_root).expanduser().absolute()) if inputs.image_root else None
+    _write(result, scores, found[result.pick], out, root)
     return result
 
 
@@ -94,8 +95,11 @@ def _check_numbers(inputs: ChooseInput) -> None:
     if inputs.sample < 10:
         raise DeftError("sample_too_small", f"sample={inputs.sample}: agreement on fewer than 10 images is noise",
                         fix="pass sample=10 or more (default 2000)", field="sample", sample=inputs.sample)
-    if inputs.k_max < 1 or inputs.k_max >= inputs.sample:
-        raise DeftError("k_max_too_large", f"k_max={inputs.k_max} must lie between 1 and sample - 1 "
+    if inputs.k_max < 1:
+        raise DeftError("spec_invalid", f"k_max={inputs.k_max}: agreement needs at least one neighbour",
+                        fix="pass k_max=1 or more (default 20)", field="k_max", k_max=inputs.k_max)
+    if inputs.k_max >= inputs.sample:
+        raise DeftError("k_max_too_large", f"k_max={inputs.k_max} must be at most sample - 1 "
                         f"({inputs.sample - 1}): each image's neighbours are the other sampled images",
                         fix=f"pass k_max below {inputs.sample} (default 20), or a larger sample", field="k_max",
                         k_max=inputs.k_max, sample=inputs.sample)
@@ -159,8 +163,9 @@ def _keys_of(item: EncoderChoice, field: str) -> dict[str, Any]:
                         "docker backend runs; choose runs locally", field=field,
                         fix="compare SigLIP, CLIP, DINOv2, hf or thumbnail here")
     keys = {"model": spec.model}
-    if spec.model != "thumbnail":
-        keys["model_path"] = spec.model_path
+    if spec.model != "thumbnail":  # a local folder absolute, so the written spec runs from any directory
+        local = Path(str(spec.model_path)).expanduser()
+        keys["model_path"] = str(local.absolute()) if local.exists() else spec.model_path
     if spec.asked_pooling is not None:
         keys["pooling"] = spec.asked_pooling
     return keys | {k: getattr(spec, k) for k in ("batch_size", "device") if k in item}
@@ -256,6 +261,7 @@ def _score(name: str, keys: dict[str, Any], probe: bool, inputs: ChooseInput, sa
         return score, None, []
     spec = EmbeddingSpec(**keys, image_root=inputs.image_root)
     embedded = out / artifacts.choice_embeddings(_slug(name))
+    ctx = dataclasses.replace(ctx, lock=None)  # choose compares encoders: it binds the session to none of them
     try:
         done = embed_spec(spec.model_copy(update={"input_parquet": str(sampled.path),
                                                   "output_parquet": str(embedded)}),
@@ -363,7 +369,8 @@ def _decide(inputs: ChooseInput, out: Path, scores: list[EncoderScore],
 
 def _write(result: ChooseResult, scores: list[EncoderScore], agreement: choice.Agreement, out: Path,
            image_root: str | None) -> None:
-    """The specs for `run`, the plot, Encoder_Choice.md and choice.json (last: it says the rest is there)."""
+    """The specs for `run`, the plot (one that fails is a warning on the result), Encoder_Choice.md and
+    choice.json (last: it says the rest is there)."""
     from deft_mine.report.choice_render import render_choice
 
     pick = next(s for s in scores if s.name == result.pick)
@@ -374,8 +381,11 @@ def _write(result: ChooseResult, scores: list[EncoderScore], agreement: choice.A
     mining = MiningSpec(topn=result.suggested_topn, knn_metric=Metric.cosine, **floor)
     tables.write_text_atomic(Path(result.mining_spec), spec_to_yaml(
         mining, exclude={"source_parquet", "target_parquet", "output_parquet", "leaks_parquet"}))
-    draw_choice(Path(result.plot), [(s.name, s.agreement) for s in scores if s.available], result.topn, pick.name,
-                agreement.same_similarities, agreement.cross_similarities, result.floor.min_similarity)
+    try:
+        draw_choice(Path(result.plot), [(s.name, s.agreement) for s in scores if s.available], result.topn,
+                    pick.name, agreement.same_similarities, agreement.cross_similarities, result.floor.min_similarity)
+    except Exception as exc:  # noqa: BLE001 - a picture is never worth losing the choice
+        result.warnings.append(picture_failed(Path(result.plot).name, exc))
     tables.write_text_atomic(Path(result.report), render_choice(result))
     tables.write_text_atomic(Path(result.choice_json), result.model_dump_json(indent=2))
 
