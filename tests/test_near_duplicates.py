@@ -276,6 +276,17 @@ def test_identical_against_brute_force_on_files(tmp_path):
     assert identical(names, tmp_path).tolist() == brute_identical(names, tmp_path)
 
 
+def test_a_byte_copy_of_an_image_the_walk_dropped_names_the_image_kept():
+    """a, b ~ a (the walk drops b), b2 = bytes of b: b2 must name a, which is kept, never b."""
+    from deft_mine.engine.dedup import Collapse, with_identical
+
+    twin = np.array([-1, -1, 1])  # b2 (row 2) repeats b's bytes (row 1)
+    walk = Collapse(np.array([-1, 0]), np.array([np.nan, 0.97]))  # over the rows left, a and b: b -> a
+    found = with_identical(twin, walk)
+    assert found.duplicate_of.tolist() == [-1, 0, 0] and found.keep.tolist() == [True, False, False]
+    assert all(found.keep[found.duplicate_of[~found.keep]])  # every dropped image names a kept one
+
+
 # --- mode=unique: the rule while claiming --------------------------------------------------------
 
 def _unit32(x):

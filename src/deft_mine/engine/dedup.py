@@ -166,13 +166,17 @@ def identical(paths: list[str], root: Path) -> np.ndarray:
 
 def with_identical(twin: np.ndarray, near: Collapse | None) -> Collapse:
     """Identical bytes first (`twin`: identical's answer), then the threshold's walk over the images
-    left (`near`, indexed among them): one collapse over every image."""
+    left (`near`, indexed among them): one collapse over every image, each dropped one naming a kept one."""
     duplicate_of, scores = twin.copy(), np.full(len(twin), np.nan)
     if near is not None:
         rest = np.flatnonzero(twin < 0)
         dropped = np.flatnonzero(~near.keep)
         duplicate_of[rest[dropped]] = rest[near.duplicate_of[dropped]]
         scores[rest[dropped]] = near.scores[dropped]
+        # a byte copy whose first copy the walk then dropped names the image that first copy went to
+        twins = np.flatnonzero(twin >= 0)
+        moved = duplicate_of[twin[twins]] >= 0
+        duplicate_of[twins[moved]] = duplicate_of[twin[twins[moved]]]
     return Collapse(duplicate_of, scores, twin >= 0)
 
 
