@@ -465,3 +465,18 @@ def test_small_pools_and_budgets_over_them_match_the_brute_force(tmp_path, seed)
     if budget >= n:
         assert set(got) | set_aside == set(paths) and not set(got) & set_aside
     assert bool(outcome.shortfall) == (len(got) < budget)
+
+
+def test_mine_over_the_roots_refuses_a_pool_naming_images_outside_them(tmp_path):
+    """Attack: an embedding parquet naming /etc files, so that the byte check (identical_images)
+    would stat and hash them for a client confined to its roots: refused, nothing written."""
+    from deft_mine.tools.guards import PathPolicy
+
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    write_embeddings(inside / "pool.parquet", np.eye(3), filepaths=["/etc/passwd", "/etc/hostname", "a.png"])
+    write_embeddings(inside / "t.parquet", np.eye(3)[:1], filepaths=["t.png"])
+    with pytest.raises(DeftError) as err:
+        mine(inside / "pool.parquet", inside / "t.parquet", inside / "out.parquet", policy=PathPolicy([inside]))
+    assert err.value.code == "path_outside_roots" and "/etc/passwd" in err.value.message
+    assert not (inside / "out.parquet").exists()

@@ -8,6 +8,7 @@ from deft_mine import rules
 from deft_mine.backends import Backend, resolve
 from deft_mine.backends.base import MineOutputs
 from deft_mine.engine import tables
+from deft_mine.engine.listings import open_listing
 from deft_mine.errors import DeftError
 from deft_mine.schemas.inputs import MineInput
 from deft_mine.schemas.results import EncoderIdentity, MineResult
@@ -44,6 +45,9 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
                             "run ... mode=unique`; for nearest mining leave mode out", field="mode")
     source = existing_input(spec, "source_parquet")
     target = existing_input(spec, "target_parquet")
+    if ctx.policy is not None and not loop_files:  # run checked its listings at the door
+        # the byte check (identical_images) opens the mined pool images: they must lie under the roots
+        ctx.policy.check_listing(open_listing(source, "source_parquet", spec.pool_root(source)))
     output = distinct_output(required_path(spec, "output_parquet"), "output_parquet", source, target)
     outputs = MineOutputs(output, pairs_path if backend.capabilities.writes_pairs else None, loop_files)
     found: list[ToolWarning] = []

@@ -180,9 +180,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         require_text_embedding(embedding, backend)
     # The leakage guard (mode=nearest, local or ray): its listings read and checked before any work.
     guarded = run_leaks.applies(inputs, mining, backend, sentences is not None or given["targets"].format == "text")
-    protected = run_leaks.open_protected(inputs, embedding, changenet) if guarded else []
-    for listing in protected if ctx.policy is not None else ():
-        ctx.policy.check_listing(listing)
+    protected = run_leaks.open_protected(inputs, embedding, changenet, ctx.policy) if guarded else []
     validation = _training_options(inputs, given["source"])
     if inputs.history is not None:  # a bad budget or a damaged ledger costs no embedding
         check_history(Path(inputs.history).expanduser().absolute(), inputs.ledger_format,

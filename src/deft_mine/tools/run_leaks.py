@@ -20,6 +20,7 @@ from deft_mine.schemas.results import EmbedResult, LeakFacts
 from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
 from deft_mine.schemas.warnings import ToolWarning
 from deft_mine.tools.embed import embed_spec
+from deft_mine.tools.guards import PathPolicy
 from deft_mine.tools.registry import ToolContext
 
 _EXAMPLES = 5
@@ -52,13 +53,17 @@ def applies(inputs: RunInput, mining: MiningSpec, backend: Backend, sentences: b
     return True
 
 
-def open_protected(inputs: RunInput, embedding: EmbeddingSpec, changenet: ChangeNetOptions) -> list[Listing]:
-    """Each protect listing read at the door; one that names no readable file at all is refused
-    (a guard that guards nothing must not pass silently)."""
+def open_protected(inputs: RunInput, embedding: EmbeddingSpec, changenet: ChangeNetOptions,
+                   policy: PathPolicy | None) -> list[Listing]:
+    """Each protect listing read at the door, its images checked against the server's roots before
+    any is looked at; one that names no readable file at all is refused (a guard that guards
+    nothing must not pass silently)."""
     listings = []
     for given in inputs.protect or ():
         path = tables.require_file(Path(given).expanduser().absolute(), "protect")
         listing = open_listing(path, "protect", embedding.images_root(path), changenet)
+        if policy is not None:
+            policy.check_listing(listing)
         resolved = [p for _, _, p in listing.resolved() if p is not None]
         if not (file_sizes(resolved) >= 0).any():
             raise DeftError("no_readable_images", f"protect: none of the {listing.rows} images {path} lists can be "
