@@ -434,7 +434,7 @@ def _near_duplicate_groups(facts: ReportFacts, path: Path) -> bool:
     for tile in (tile for row in rows for tile in row):
         tile.allowed = facts.image_allowed(resolve_image_path(tile.filepath, tile.root))
     shown = sum(len(r) - 1 for r in rows)
-    contact_sheet(rows, path, f"{shown} of {near.rows} collapsed images (red), each beside the one kept (green)")
+    contact_sheet(rows, path, f"Kept (green), collapsed (red): {shown} of {near.rows}")  # fits a one-pair sheet
     return True
 
 

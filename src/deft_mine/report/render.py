@@ -644,8 +644,8 @@ def _labels_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     if below is not None:
         defs += f" *Below floor* counts the pairs of that label's targets dropped by `{v.floor_key}`."
     if collapsed is not None:
-        defs += (f" *Collapsed* counts the images of `{near.name if near else NEAR_DUPLICATES}` (near duplicates and identical files, "
-                 "no longer mined) whose own pool `label` is that label.")
+        defs += (f" *Collapsed* counts the images of `{near.name if near else NEAR_DUPLICATES}` (near duplicates "
+                 "and identical files, no longer mined) whose own pool `label` is that label.")
     header = "Label | Targets | Mined (pool label) | Kept pairs | Share of kept pairs" + \
         (" | Below floor" if below is not None else "") + (" | Collapsed" if collapsed is not None else "")
     yield 0, _table(header, rows)
