@@ -391,3 +391,20 @@ def test_run_mode_unique_fills_the_budget_with_distinct_images(tmp_path):
     plain = run(targets, pool, run_dir=tmp_path / "p", overrides={
         "model": "thumbnail", "mode": "unique", "desired_unique_count": 6})
     assert len({p.replace("_copy", "") for p in pq.read_table(plain.mined_parquet).column("filepath").to_pylist()}) < 6
+
+
+@pytest.mark.e2e
+def test_one_run_with_the_collapse_through_the_mcp_server(tmp_path):
+    """dedup_similarity as an MCP argument over stdio: the counts in the result, the listing on disk."""
+    from mcp_helpers import SyncClient, ok, stdio_params
+
+    targets, pool = _images(tmp_path)
+    with SyncClient(stdio_params(tmp_path)) as client:
+        got = ok(client.call("run", {"targets": str(targets), "source": str(pool), "run_dir": str(tmp_path / "m"),
+                                     "no_store": True, "overrides": {"model": "thumbnail", "topn": 12,
+                                                                     "dedup_similarity": 0.999}}))
+    listing = tmp_path / "m" / "near_duplicates.parquet"
+    assert got["mine"]["summary"]["near_duplicates_removed"] == 3 and got["mine"]["summary"]["identical_images"] == 3
+    assert got["mine"]["near_duplicates_parquet"] == str(listing) and listing.is_file()
+    assert pq.read_table(listing).num_rows == 6 and got["mined"] == 6
+    assert "near_duplicates.png" in got["report"]["pictures"]
