@@ -502,6 +502,12 @@ def _identical_words(v: _View) -> str:
 def _dedup_words(v: _View) -> str:
     """The near-duplicate collapse: its threshold, how many images it dropped, where they are listed."""
     removed, near = v.summary.near_duplicates_removed, "similarity" if v.dedup_key == "dedup_similarity" else "distance"
+    if v.unique is not None:  # the matcher's summary.json holds the count; its listing, read by the report, too
+        removed = None if v.facts.near_duplicates is None else v.facts.near_duplicates.rows
+        return (f"Near-duplicate rule (`{v.dedup_key}` = {_fmt(v.dedup)}): while claiming, "
+                f"{plural(removed, 'pool file')} lay within that {near} of a file already held and "
+                f"{'was' if removed == 1 else 'were'} set aside, listed with it in "
+                f"`{v.facts.near_duplicates.name if v.facts.near_duplicates else NEAR_DUPLICATES}`.")
     return (f"Near-duplicate collapse (`{v.dedup_key}` = {_fmt(v.dedup)}): walking the mined images in order "
             f"(target order, then rank), {plural(removed, 'image')} lay within that {near} of an image kept "
             f"before {'it' if removed == 1 else 'them'} and {'was' if removed == 1 else 'were'} dropped, so "
