@@ -522,6 +522,19 @@ def test_a_run_that_collapsed_nothing_has_no_column_and_no_picture(tmp_path):
     assert "Collapsed" not in _label_table(report)[0] and "near_duplicates.png" not in done.report.pictures
 
 
+def test_mode_unique_reports_the_files_set_aside_from_the_matchers_listing(tmp_path):
+    targets, pool = _labelled_images(tmp_path)
+    done = run(targets, pool, run_dir=tmp_path / "u", overrides={
+        "model": "thumbnail", "mode": "unique", "desired_unique_count": 6, "dedup_similarity": 0.999})
+    report = (tmp_path / "u" / "Mining_Report.md").read_text()
+    near = pq.read_table(tmp_path / "u" / "unique_matching" / "near_duplicates.parquet")
+    assert (f"while claiming, {near.num_rows} pool files lay within that similarity of a file already held"
+            in report and "`unique_matching/near_duplicates.parquet`" in report)
+    header, rows = _label_table(report)
+    assert header[-1] == "Collapsed" and sum(int(cells[-1]) for cells in rows.values()) == near.num_rows
+    assert "near_duplicates.png" in done.report.pictures and 600 <= done.report.words <= 1200
+
+
 @pytest.mark.e2e
 def test_one_run_with_the_collapse_through_the_mcp_server(tmp_path):
     """dedup_similarity as an MCP argument over stdio: the counts in the result, the listing on disk."""
