@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -480,3 +481,161 @@ def test_mine_over_the_roots_refuses_a_pool_naming_images_outside_them(tmp_path)
         mine(inside / "pool.parquet", inside / "t.parquet", inside / "out.parquet", policy=PathPolicy([inside]))
     assert err.value.code == "path_outside_roots" and "/etc/passwd" in err.value.message
     assert not (inside / "out.parquet").exists()
+
+
+# --- the report: collapsed images per label, and the groups drawn ------------------------------------
+
+def _labelled_images(tmp_path):
+    """_images with labels: two classes, one of them spelled two ways in the pool (`b` and ` B`)."""
+    targets, pool = _images(tmp_path)
+    targets.write_text("filepath,label\nimgs/0.png,a\nimgs/1.png,b\n")
+    spelled = {2: ("a", "a"), 3: ("b", '" B"'), 4: ("a", "a"), 5: ("b", "b"), 6: ("a", "a"), 7: ('" B"', "b")}
+    pool.write_text("filepath,label\n" + "".join(f"imgs/{i}.png,{one}\nimgs/{i}_copy.png,{two}\n"
+                                                 for i, (one, two) in spelled.items()))
+    return targets, pool
+
+
+def _label_table(report: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The Per-Label Breakdown's table: its column titles, and each row's cells by its label."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| Label | Targets |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells
+    return header, rows
+
+
+def _tile_box(row: int, column: int) -> tuple[int, int]:
+    """Where contact_sheet puts a tile's top-left corner."""
+    from deft_mine.report.pictures import CAPTION_LINES, GAP, LINE, TILE
+
+    return GAP + column * (TILE + GAP), 36 + row * (TILE + 6 + CAPTION_LINES * LINE + GAP)
+
+
+def _thumbnail(path):
+    """A tile's picture of an image: the image fitted into the tile, centred."""
+    from PIL import ImageOps
+
+    from deft_mine.report.pictures import TILE
+
+    with Image.open(path) as img:
+        thumb = ImageOps.contain(img.convert("RGB"), (TILE, TILE), method=Image.Resampling.BICUBIC)
+    return np.asarray(thumb), ((TILE - thumb.width) // 2, (TILE - thumb.height) // 2)
+
+
+def _tile_pixels(sheet, row, column, thumb, offset):
+    x, y = _tile_box(row, column)
+    x, y = x + offset[0], y + offset[1]
+    return np.asarray(sheet)[y:y + thumb.shape[0], x:x + thumb.shape[1]]
+
+
+def test_the_report_counts_the_collapsed_images_per_label_and_draws_their_groups(tmp_path):
+    from deft_mine.report.pictures import CAPTION_LINES, GAP, LINE, NEAR_SHEET_COPIES, TILE
+
+    targets, pool = _labelled_images(tmp_path)
+    done = run(targets, pool, run_dir=tmp_path / "r", overrides={"model": "thumbnail", "topn": 12,
+                                                                 "dedup_similarity": 0.999})
+    folder = tmp_path / "r"
+    near = pq.read_table(folder / "near_duplicates.parquet").to_pylist()
+    assert len(near) == 6 and done.mine.summary["near_duplicates_removed"] == 3
+    # the reference: each collapsed image's own pool label, compared as the container compares labels
+    table = pcsv.read_csv(pool)
+    label_of = dict(zip(table.column("filepath").to_pylist(), table.column("label").to_pylist()))
+    expected: dict[str, int] = {}
+    for row in near:
+        key = str(label_of[row["filepath"]]).strip().upper()
+        expected[key] = expected.get(key, 0) + 1
+    assert len(expected) == 2  # both classes lost images: the test sees both counted
+    report = (folder / "Mining_Report.md").read_text()
+    header, rows = _label_table(report)
+    assert header[-1] == "Collapsed" and set(rows) == {"a", "b"}  # ` B` counted as `b`, the table's name
+    got = {label.upper(): int(cells[-1]) for label, cells in rows.items()}
+    assert got == expected and sum(got.values()) == len(near)
+    assert "*Collapsed* counts the images of `near_duplicates.parquet`" in report
+    assert 600 <= done.report.words <= 1200 and done.report.words == count_words(report)
+
+    # the picture: one row per kept image (in the file's order), its collapsed images beside it
+    assert "near_duplicates.png" in done.report.pictures
+    assert "![Mined images kept beside the ones collapsed into them](near_duplicates.png)" in report
+    groups: dict[str, list[str]] = {}
+    for row in near:
+        groups.setdefault(row["duplicate_of"], []).append(row["filepath"])
+    with Image.open(folder / "near_duplicates.png") as img:
+        assert img.format == "PNG" and img.mode == "RGB"
+        sheet = img.copy()
+    columns = 1 + min(NEAR_SHEET_COPIES, max(len(v) for v in groups.values()))
+    assert sheet.size == (max(GAP + columns * (TILE + GAP), 360),
+                          36 + len(groups) * (TILE + 6 + CAPTION_LINES * LINE + GAP) + GAP)
+    for r, (kept, dropped) in enumerate(groups.items()):
+        for c, name in enumerate([kept] + dropped[:NEAR_SHEET_COPIES]):
+            thumb, offset = _thumbnail(tmp_path / name)
+            assert np.array_equal(_tile_pixels(sheet, r, c, thumb, offset), thumb), (r, c, name)
+
+
+def test_images_outside_the_roots_are_grey_and_a_failed_picture_is_a_warning(tmp_path):
+    from deft_mine.report import write_report
+    from deft_mine.report.pictures import PLACEHOLDER, TILE
+
+    targets, pool = _labelled_images(tmp_path)
+    run(targets, pool, run_dir=tmp_path / "r", overrides={"model": "thumbnail", "topn": 12, "dedup_similarity": 0.999})
+    folder = tmp_path / "r"
+    result = write_report(folder, NullEvents(), image_allowed=lambda path: False)
+    assert "near_duplicates.png" in result.pictures
+    with Image.open(folder / "near_duplicates.png") as img:
+        sheet = np.asarray(img.convert("RGB"))
+    for c in range(2):  # the kept image and its first collapsed one: never opened, a grey tile
+        x, y = _tile_box(0, c)
+        assert tuple(sheet[y + TILE // 4, x + 4]) == PLACEHOLDER
+    # a picture that cannot be written: a warning, the report still written (its table too)
+    (folder / "near_duplicates.png").unlink()
+    (folder / "near_duplicates.png").mkdir()
+    result = write_report(folder, NullEvents())
+    failed = [w for w in result.warnings if w.code == "picture_failed"]
+    assert len(failed) == 1 and "near_duplicates.png" in failed[0].message
+    report = (folder / "Mining_Report.md").read_text()
+    assert "near_duplicates.png" not in result.pictures and "](near_duplicates.png)" not in report
+    assert _label_table(report)[0][-1] == "Collapsed" and 600 <= result.words <= 1200
+
+
+def test_a_run_that_collapsed_nothing_has_no_column_and_no_picture(tmp_path):
+    targets, pool = _labelled_images(tmp_path)
+    pool.write_text("filepath,label\n" + "".join(f"imgs/{i}.png,{'ab'[i % 2]}\n" for i in range(2, 8)))
+    done = run(targets, pool, run_dir=tmp_path / "r", overrides={"model": "thumbnail", "topn": 12,
+                                                                 "dedup_similarity": 0.999999})
+    report = (tmp_path / "r" / "Mining_Report.md").read_text()
+    assert done.mine.summary["near_duplicates_removed"] == 0
+    assert "Collapsed" not in _label_table(report)[0] and "near_duplicates.png" not in done.report.pictures
+
+
+def test_mode_unique_reports_the_files_set_aside_from_the_matchers_listing(tmp_path):
+    targets, pool = _labelled_images(tmp_path)
+    done = run(targets, pool, run_dir=tmp_path / "u", overrides={
+        "model": "thumbnail", "mode": "unique", "desired_unique_count": 6, "dedup_similarity": 0.999})
+    report = (tmp_path / "u" / "Mining_Report.md").read_text()
+    near = pq.read_table(tmp_path / "u" / "unique_matching" / "near_duplicates.parquet")
+    assert (f"{near.num_rows} pool images lay within that similarity of a file already held" in report
+            and "`unique_matching/near_duplicates.parquet`" in report)
+    header, rows = _label_table(report)
+    assert header[-1] == "Collapsed" and sum(int(cells[-1]) for cells in rows.values()) == near.num_rows
+    assert "near_duplicates.png" in done.report.pictures and 600 <= done.report.words <= 1200
+
+
+@pytest.mark.e2e
+def test_one_run_with_the_collapse_through_the_mcp_server(tmp_path):
+    """dedup_similarity as an MCP argument over stdio: the counts in the result, the listing on disk."""
+    from mcp_helpers import SyncClient, ok, stdio_params
+
+    targets, pool = _images(tmp_path)
+    with SyncClient(stdio_params(tmp_path)) as client:
+        got = ok(client.call("run", {"targets": str(targets), "source": str(pool), "run_dir": str(tmp_path / "m"),
+                                     "no_store": True, "overrides": {"model": "thumbnail", "topn": 12,
+                                                                     "dedup_similarity": 0.999}}))
+    listing = tmp_path / "m" / "near_duplicates.parquet"
+    assert got["mine"]["summary"]["near_duplicates_removed"] == 3 and got["mine"]["summary"]["identical_images"] == 3
+    assert got["mine"]["near_duplicates_parquet"] == str(listing) and listing.is_file()
+    assert pq.read_table(listing).num_rows == 6 and got["mined"] == 6
+    assert "near_duplicates.png" in got["report"]["pictures"]

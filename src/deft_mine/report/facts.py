@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from deft_mine.engine import tables
 from deft_mine.engine.images import resolve_image_path
-from deft_mine.engine.mining import count_labels, label_counts, label_spellings
+from deft_mine.engine.mining import count_labels, label_counts, label_keys, label_spellings, label_text
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts
@@ -90,6 +90,15 @@ class Budget:
 
 
 @dataclass
+class NearDuplicates:
+    """near_duplicates.parquet as the report reads it: the images collapsed into one kept."""
+
+    name: str  # its path relative to the run folder (mode=unique: in the matcher's folder)
+    rows: int  # images collapsed (near duplicates and identical files)
+    by_label: dict[str, int] | None = None  # collapsed images per pool label (None: the pool has no label)
+
+
+@dataclass
 class ReportFacts:
     folder: str  # the run folder, absolute; every file named in `files` lies in it
     manifest: RunManifest  # run.json, or one rebuilt from the folder (unknown facts None)
@@ -115,6 +124,7 @@ class ReportFacts:
     fingerprints: dict[Side, str | None] = field(default_factory=dict)  # each side's encoder identity hash
     image_allowed: Callable[[Path], bool] = lambda path: True  # which image files the pictures may read
     leak_examples: list[dict[str, Any]] = field(default_factory=list)  # leaks.parquet's first rows
+    near_duplicates: NearDuplicates | None = None  # None: nothing was collapsed (or no such file)
 
     def path(self, role: str) -> Path | None:
         """The file playing `role` in the run folder, if there is one."""
@@ -159,7 +169,8 @@ def gather(folder: Path, manifest: RunManifest | None, files: Files, missing: li
     for what, step in (("target labels", _labels), ("mined_pairs statistics", _pair_stats),
                        ("mined parquet checks", _check_mined), ("training rows", _check_training_rows),
                        ("ChangeNet listings", _changenet_sides), ("history budget", _history_budget),
-                       ("target sentences", _target_texts), ("leak examples", _leak_examples)):
+                       ("target sentences", _target_texts), ("leak examples", _leak_examples),
+                       ("near-duplicates", _near_duplicates)):
         try:  # a fact that cannot be read is reported as unavailable, never a crash of the report
             step(facts, files)
         except Exception as exc:  # noqa: BLE001 - any unreadable file: say so, go on
@@ -464,6 +475,30 @@ def _leak_examples(facts: ReportFacts, files: Files, shown: int = 5) -> None:
     path = Path(facts.folder) / artifacts.LEAKS
     if facts.manifest.leaks is not None and path.is_file():
         facts.leak_examples = tables.read_columns(path, tables.schema_of(path).names).slice(0, shown).to_pylist()
+
+
+def _near_duplicates(facts: ReportFacts, files: Files) -> None:
+    """The images the run collapsed (near_duplicates.parquet beside the mined parquet, or in the
+    matcher's folder) and how many of them each pool label lost, by the per-label table's names."""
+    folder, unique = Path(facts.folder), facts.manifest.mining.unique
+    path = next((p for p in (folder / artifacts.NEAR_DUPLICATES,
+                             None if unique is None else folder / unique.folder / artifacts.NEAR_DUPLICATES)
+                 if p is not None and p.is_file()), None)
+    if path is None:
+        return
+    dropped = tables.read_columns(path, ["filepath"]).column("filepath")
+    facts.near_duplicates = found = NearDuplicates(path.relative_to(folder).as_posix(), len(dropped))
+    pool = files.get("source_embeddings")
+    if not found.rows or pool is None or "label" not in tables.schema_of(pool).names:
+        return
+    # each dropped image's first pool row's label (as label_counts takes a mined image's), null if none
+    rows = tables.read_columns(pool, ["filepath", "label"])
+    first = pc.index_in(dropped.cast(pa.string()), value_set=rows.column("filepath").cast(pa.string()))
+    labels = label_text(rows.column("label").take(first)).to_pylist()
+    shown = [x for x in {**(facts.target_labels or {}), **(facts.mined_labels or {})} if x != "(null)"]
+    names = {key: seen[0] for key, seen in label_spellings(labels).items()} | \
+        dict(zip(label_keys(shown).to_pylist(), shown))  # a class keeps the name the table gives it
+    found.by_label = count_labels(labels, names)
 
 
 def _target_texts(facts: ReportFacts, files: Files) -> None:

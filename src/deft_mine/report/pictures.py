@@ -56,7 +56,7 @@ def draw(facts: ReportFacts, events: Events) -> list[ToolWarning]:
     cannot be drawn is a warning, never a lost report."""
     failures: list[ToolWarning] = []
     for kind, drawer in (("contact_sheet", _contact_sheet), ("score_histogram", _histogram),
-                         ("labels", _label_chart)) + _LEAK_PICTURES:
+                         ("labels", _label_chart)) + _LEAK_PICTURES + _NEAR_PICTURES:
         name = f"{kind}.png"
         try:
             if drawer(facts, Path(facts.folder) / name):
@@ -405,3 +405,37 @@ def _leak_nearest(facts: ReportFacts, path: Path) -> bool:
 
 _LEAK_PICTURES = ((artifacts.LEAK_PAIRS_PICTURE.removesuffix(".png"), _leak_pairs),
                   (artifacts.LEAK_NEAREST_PICTURE.removesuffix(".png"), _leak_nearest))
+
+
+# ----------------------------------------------------------------------------- the near-duplicate collapse's
+
+NEAR_SHEET_ROWS = 6  # kept images drawn on the near-duplicate sheet at most
+NEAR_SHEET_COPIES = 6  # images collapsed into each drawn beside it at most
+NEAR_ROWS_READ = 5000  # near_duplicates.parquet's first rows the sheet groups
+
+
+def _near_duplicate_groups(facts: ReportFacts, path: Path) -> bool:
+    """The first kept images that others were collapsed into (green), each beside those images
+    (red) with their similarity or distance to it and their kind; pool images as the run resolved them."""
+    near = facts.near_duplicates
+    if near is None or not near.rows:
+        return False
+    parquet = pq.ParquetFile(Path(facts.folder) / near.name)
+    score = "similarity" if "similarity" in parquet.schema_arrow.names else "distance"
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for dropped in next(parquet.iter_batches(NEAR_ROWS_READ)).to_pylist():
+        if dropped["duplicate_of"] in groups or len(groups) < NEAR_SHEET_ROWS:
+            groups.setdefault(dropped["duplicate_of"], []).append(dropped)
+    root = Path(facts.image_roots.get(Side.source.input) or facts.folder)
+    rows = [[Tile(kept, root, "kept", "", KEPT)]
+            + [Tile(d["filepath"], root, "same bytes" if d.get(score) is None else f"{score} {_score_text(d[score])}",
+                    d["kind"], DROPPED) for d in dropped[:NEAR_SHEET_COPIES]]
+            for kept, dropped in groups.items()]
+    for tile in (tile for row in rows for tile in row):
+        tile.allowed = facts.image_allowed(resolve_image_path(tile.filepath, tile.root))
+    shown = sum(len(r) - 1 for r in rows)
+    contact_sheet(rows, path, f"Kept (green), collapsed (red): {shown} of {near.rows}")  # fits a one-pair sheet
+    return True
+
+
+_NEAR_PICTURES = ((artifacts.NEAR_DUPLICATES_PICTURE.removesuffix(".png"), _near_duplicate_groups),)

@@ -433,6 +433,8 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
         yield 0, _identical_words(v)
     if v.dedup_key:
         yield 0, _dedup_words(v)
+    if "near_duplicates" in facts.pictures:
+        yield 0, _near_picture_words(v)
     within = f"Of {_fmt(v.summary.pairs)} pairs found"
     yield 0, "" if v.unique is not None else {
         LabelFilter.applied: (
@@ -512,6 +514,14 @@ def _dedup_words(v: _View) -> str:
             f"before {'it' if removed == 1 else 'them'} and {'was' if removed == 1 else 'were'} dropped, so "
             f"{_fmt(v.mined_count)} distinct images remain; `{NEAR_DUPLICATES}` maps each dropped "
             "image to the kept one (`duplicate_of`).")
+
+
+def _near_picture_words(v: _View) -> str:
+    """The sheet of collapsed groups: what a row shows."""
+    score = "similarity" if v.metric == "cosine" else "distance"
+    return (f"![Mined images kept beside the ones collapsed into them]({v.facts.pictures['near_duplicates']})\n\n"
+            f"Each row: a mined image kept (green), then the images collapsed into it (red), captioned with "
+            f"their {score} to it (`same bytes` for identical files) and their `kind`.")
 
 
 def _unique_mining_words(v: _View) -> Blocks:
@@ -619,14 +629,19 @@ def _labels_section(v: _View, found: list[Finding], verdict: str, compact: bool)
     kept = facts.pairs.kept_by_target_label if facts.pairs is not None else None
     below = facts.pairs.below_by_target_label if facts.pairs is not None and v.floor_key else None
     kept_total = sum(kept.values()) if kept else 0
-    shown, rest = labels_shown(targets, mined, 10 if compact else MAX_LABELS)
+    near = facts.near_duplicates
+    collapsed = near.by_label if near is not None and near.rows else None  # a column only when any was
+    # a label only collapsed images carry still gets a row, so the column adds up
+    shown, rest = labels_shown(targets, None if mined is None else dict.fromkeys(collapsed or (), 0) | mined,
+                               10 if compact else MAX_LABELS)
     rows = []
     for label in shown:
         n_mined, n_kept = (None if counts is None else counts.get(label, 0) for counts in (mined, kept))
         share = "n/a" if n_kept is None or not kept_total else f"{100.0 * n_kept / kept_total:.1f}%"
         rows.append((f"`{_cell(label)}`", targets.get(label, 0), "n/a" if n_mined is None else n_mined,
                      "n/a" if n_kept is None else n_kept, share)
-                    + ((below.get(label, 0),) if below is not None else ()))
+                    + ((below.get(label, 0),) if below is not None else ())
+                    + ((collapsed.get(label, 0),) if collapsed is not None else ()))
     defs = ("*Targets* counts the target rows with each label. *Mined (pool label)* counts the unique "
             f"images in `{v.mined_name}` whose own pool `label` is that label"
             + (" (n/a: the pool has no `label` column)" if mined is None else "")
@@ -635,8 +650,11 @@ def _labels_section(v: _View, found: list[Finding], verdict: str, compact: bool)
             + (" (n/a: no pairs file)" if kept is None else "") + ".")
     if below is not None:
         defs += f" *Below floor* counts the pairs of that label's targets dropped by `{v.floor_key}`."
+    if collapsed is not None:
+        defs += (f" *Collapsed* counts the images of `{near.name if near else NEAR_DUPLICATES}` (near duplicates "
+                 "and identical files, no longer mined) whose own pool `label` is that label.")
     header = "Label | Targets | Mined (pool label) | Kept pairs | Share of kept pairs" + \
-        (" | Below floor" if below is not None else "")
+        (" | Below floor" if below is not None else "") + (" | Collapsed" if collapsed is not None else "")
     yield 0, _table(header, rows)
     yield 0, defs
     if facts.merged_labels:

@@ -53,6 +53,7 @@ PAIRS = "mined_pairs.parquet"  # every (target, neighbour) pair: what the report
 # With dedup_similarity / dedup_distance, beside the mined parquet: each collapsed image, the kept
 # image it was collapsed into (duplicate_of) and their similarity (cosine) or distance
 NEAR_DUPLICATES = "near_duplicates.parquet"
+NEAR_DUPLICATES_PICTURE = "near_duplicates.png"  # the report's sheet: kept images beside the ones collapsed into them
 MANIFEST = "run.json"  # every fact the report states
 REPORT = "Mining_Report.md"
 # Provenance, written with the report (TAO's packaging hook did the same):
