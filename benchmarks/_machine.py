@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -132,3 +135,18 @@ def save_random_two_tower(folder: Path, model: str, vision: dict, text: dict, se
     else:
         SiglipModel(SiglipConfig(vision_config=vision, text_config=text, **config)).save_pretrained(folder)
         SiglipImageProcessor(size={"height": side, "width": side}).save_pretrained(folder)
+
+
+def add_worker_flags(parser: argparse.ArgumentParser) -> None:
+    """--keep, and the hidden flags a bench passes to itself to run one measurement as a worker."""
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir and print its path")
+    parser.add_argument("--_worker", dest="w_mode", help=argparse.SUPPRESS)
+    parser.add_argument("--_dir", dest="w_dir", help=argparse.SUPPRESS)
+
+
+def in_fresh_interpreter(script: str, mode: str, root: Path, flags: list[str], result: str | None = None) -> dict:
+    """One measurement in a fresh interpreter, so its peak RSS (VmHWM) is its own: `script --_worker
+    MODE --_dir ROOT FLAGS…`, then the JSON it wrote (root / result, default result_<mode>.json)."""
+    subprocess.run([sys.executable, os.path.abspath(script), "--_worker", mode, "--_dir", str(root), *flags],
+                   check=True)
+    return json.loads((root / (result or f"result_{mode}.json")).read_text())

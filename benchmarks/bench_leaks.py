@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from _machine import machine_lines, peak_rss_mib, scratch, write_vector_parquet
+from _machine import add_worker_flags, in_fresh_interpreter, machine_lines, peak_rss_mib, scratch, write_vector_parquet
 from deft_mine.schemas.specs import Metric, MiningSpec
 
 GOAL_RATIO, GOAL_MIB = 1.3, 1.5 * 1024
@@ -65,11 +63,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_worker(args: argparse.Namespace, root: Path, mode: str) -> dict:
-    """One measurement in a fresh interpreter, so its peak RSS (VmHWM) is its own."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", mode, "--_dir", str(root),
-           "--block-rows", str(args.block_rows), "--files", str(args.files), "--targets", str(args.targets)]
-    subprocess.run(cmd, check=True)
-    return json.loads((root / f"result_{mode}.json").read_text())
+    return in_fresh_interpreter(__file__, mode, root, ["--block-rows", str(args.block_rows), "--files", str(args.files),
+                                 "--targets", str(args.targets)])
 
 
 # --------------------------------------------------------------------------- data and the reference
@@ -126,9 +121,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-rows", type=int, default=32768, help="pool rows per block (default 32768)")
     p.add_argument("--check-rows", type=int, default=20000, help="subsample check: pool rows (default 20000)")
     p.add_argument("--files", type=int, default=100_000, help="byte check: tiny pool files (default 100000)")
-    p.add_argument("--keep", action="store_true", help="keep the temp dir and print its path")
-    p.add_argument("--_worker", dest="w_mode", help=argparse.SUPPRESS)
-    p.add_argument("--_dir", dest="w_dir", help=argparse.SUPPRESS)
+    add_worker_flags(p)
     return p.parse_args(argv)
 
 

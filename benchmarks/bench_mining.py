@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from _machine import machine_lines, peak_rss_mib, ru_maxrss_mib, scratch
+from _machine import add_worker_flags, in_fresh_interpreter, machine_lines, peak_rss_mib, ru_maxrss_mib, scratch
 from deft_mine.engine import knn, tables
 from deft_mine.schemas.specs import Metric, MiningSpec
 from deft_mine.engine.mining import mine_files
@@ -186,13 +183,10 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_worker(args: argparse.Namespace, root: Path, mode: str, metric: str, n_targets: int) -> dict:
-    """Run one measurement in a fresh interpreter so its peak RSS is its own."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", mode, "--_dir", str(root),
-           "--_targets", str(n_targets), "--metric", metric, "--pool", str(args.pool),
-           "--dim", str(args.dim), "--topn", str(args.topn), "--block-rows", str(args.block_rows),
-           "--repeat", str(args.repeat)]
-    subprocess.run(cmd, check=True)
-    return json.loads((root / f"result_{mode}_{metric}.json").read_text())
+    return in_fresh_interpreter(__file__, mode, root, [
+        "--_targets", str(n_targets), "--metric", metric, "--pool", str(args.pool), "--dim", str(args.dim),
+        "--topn", str(args.topn), "--block-rows", str(args.block_rows), "--repeat", str(args.repeat)],
+        f"result_{mode}_{metric}.json")
 
 
 # --------------------------------------------------------------------------- agreement
@@ -246,9 +240,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "writes for this dim)")
     p.add_argument("--repeat", type=int, default=1,
                    help="timed runs per side, best kept (default 1; peak RSS covers all of them)")
-    p.add_argument("--keep", action="store_true", help="keep the temp dir and print its path")
-    p.add_argument("--_worker", dest="w_mode", help=argparse.SUPPRESS)
-    p.add_argument("--_dir", dest="w_dir", help=argparse.SUPPRESS)
+    add_worker_flags(p)
     p.add_argument("--_targets", dest="w_targets", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from _machine import machine_lines, peak_rss_mib, scratch, write_vector_parquet
+from _machine import add_worker_flags, in_fresh_interpreter, machine_lines, peak_rss_mib, scratch, write_vector_parquet
 from deft_mine.engine.knn import l2_normalise
 from deft_mine.schemas.specs import AllocationPolicy, Metric, MiningSpec, UniqueMatchingSpec
 
@@ -62,11 +60,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_worker(args: argparse.Namespace, root: Path, mode: str) -> dict:
-    """One measurement in a fresh interpreter, so its peak RSS (VmHWM) is its own."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", mode, "--_dir", str(root),
-           "--desired", str(args.desired), "--block-rows", str(args.block_rows)]
-    subprocess.run(cmd, check=True)
-    return json.loads((root / f"result_{mode}.json").read_text())
+    return in_fresh_interpreter(__file__, mode, root, ["--desired", str(args.desired), "--block-rows", str(args.block_rows)])
 
 
 # --------------------------------------------------------------------------- brute-force references
@@ -179,9 +173,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-pool", type=int, default=20000, help="subsample check: pool rows (default 20000)")
     p.add_argument("--check-first", type=int, default=50,
                    help="first-pass check of the full run: how many first targets (default 50)")
-    p.add_argument("--keep", action="store_true", help="keep the temp dir and print its path")
-    p.add_argument("--_worker", dest="w_mode", help=argparse.SUPPRESS)
-    p.add_argument("--_dir", dest="w_dir", help=argparse.SUPPRESS)
+    add_worker_flags(p)
     return p.parse_args(argv)
 
 
