@@ -128,7 +128,7 @@ def test_the_docker_backend_asks_its_image_for_text_before_the_run_folder(image_
     from deft_mine.tools import run
 
     capabilities = resolve(BackendOptions(backend="docker", image="deft-mine:none")).capabilities
-    assert capabilities.runs_text_embeddings and not capabilities.embeds_text
+    assert capabilities.runs_text_embeddings
     with pytest.raises(DeftError) as exc:
         run(text=TEXTS, source=image_set / "pool.parquet", run_dir=image_set / "run", overrides=overrides(siglip),
             backend="docker", image="deft-mine:none")
@@ -140,8 +140,7 @@ def test_the_ray_backend_embeds_text_in_a_task_not_in_this_process():
     from deft_mine.backends.local import LocalBackend
     from deft_mine.backends.ray import RayBackend
 
-    assert LocalBackend.capabilities.embeds_text and not RayBackend.capabilities.embeds_text
-    assert RayBackend.capabilities.runs_text_embeddings
+    assert LocalBackend.capabilities.runs_text_embeddings and RayBackend.capabilities.runs_text_embeddings
 
 
 @pytest.mark.e2e

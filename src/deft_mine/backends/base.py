@@ -92,7 +92,6 @@ class Capabilities:
     reads_parquet_only: bool = False  # embed() hands the listing's file to a program that reads parquet only
     runs_unique_matching: bool = False  # match() runs `tmm unique_neighbor_matching` (docker: if the image has it)
     loads_encoders_here: bool = False  # embed() loads the encoder in this process (choose probes each candidate)
-    embeds_text: bool = False  # sentences go through a SigLIP/CLIP text tower in this process (text targets)
     leaves_rows_out: bool = True  # mine() can leave pool rows out (leaks): in deft-mine's code, or on the host
     runs_text_embeddings: bool = False  # embed_text() runs `embedding text_embeddings` (docker: if the image has it;
     # ray: embed_texts in a task on the cluster)

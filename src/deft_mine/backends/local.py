@@ -12,8 +12,8 @@ import pyarrow.csv as pacsv
 
 from deft_mine.backends.base import BackendEmbed, BackendMatch, BackendMine, Capabilities, MineOutputs
 from deft_mine.engine import tables
-from deft_mine.engine.embedding import EmbedStats, embed_file
-from deft_mine.engine.encoders import Encoder, build_encoder
+from deft_mine.engine.embedding import EmbedStats, embed_file, embed_texts
+from deft_mine.engine.encoders import Encoder, build_encoder, build_text_encoder
 from deft_mine.engine.listings import Listing
 from deft_mine.engine.mining import MiningOutcome, mine_files
 from deft_mine.engine.store import Shelf
@@ -25,7 +25,7 @@ from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, UniqueMatchingSpe
 class LocalBackend:
     name = "local"
     capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=False, runs_unique_matching=True,
-                                embeds_text=True, loads_encoders_here=True)
+                                runs_text_embeddings=True, loads_encoders_here=True)
 
     def __init__(self) -> None:
         # A run embeds targets and pool with one encoder: load its weights once per process.
@@ -79,6 +79,13 @@ class LocalBackend:
              events: Events) -> BackendMine:
         return write_mining(mine_files(source_path, target_path, spec, events=events), outputs)
 
+    def accepts_text(self) -> None:
+        """Sentences run here, in this process."""
+
+    def embed_text(self, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,
+                   store: Path | None) -> BackendEmbed:
+        return text_step(spec, listing, output_path, events, store, spec.device)
+
     def match(self, spec: UniqueMatchingSpec, events: Events) -> BackendMatch:
         from deft_mine.engine.unique_matching import unique_match, write_outputs
 
@@ -88,6 +95,20 @@ class LocalBackend:
         write_outputs(spec, outcome)
         t2 = time.perf_counter()
         return BackendMatch(outcome.summary, outcome.warnings, {"match": t1 - t0, "write": t2 - t1, "total": t2 - t0})
+
+
+def text_step(spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events, store: Path | None,
+              device: str) -> BackendEmbed:
+    """Sentences through the model's text tower in this process (local, and the Ray text task). The
+    store keys text vectors by SHA-256 of the UTF-8 text, on a shelf of their own (the identity with
+    the tokenizer settings), so text and image vectors never share keys."""
+    t0 = time.perf_counter()
+    events.log("info", f"loading the text tower of {spec.model} from {spec.encoder_key()[1]}")
+    encoder = build_text_encoder(spec.model, spec.encoder_key()[1], device)
+    load_seconds = time.perf_counter() - t0
+    shelf = Shelf(store, encoder.store_identity) if store is not None else None
+    stats = embed_texts(listing, output_path, encoder, batch_size=spec.batch_size, events=events, shelf=shelf)
+    return embedded_with(encoder, stats, load_seconds)
 
 
 def embedded_with(encoder: Encoder, stats: EmbedStats, load_seconds: float) -> BackendEmbed:

@@ -20,10 +20,11 @@ import numpy as np
 import pyarrow as pa
 
 from deft_mine.backends.base import BackendEmbed
+from deft_mine.backends.local import text_step
 from deft_mine.backends.ray import HeadWatch, Workers, as_data, cluster_cpus_gpus, gather, task_error
 from deft_mine.engine import tables
-from deft_mine.engine.embedding import EmbedStats, Prepared, Preparer, embed_texts, embedding_step, encode, timed
-from deft_mine.engine.encoders import Encoder, build_encoder, build_preprocessor, build_text_encoder
+from deft_mine.engine.embedding import EmbedStats, Prepared, Preparer, embedding_step, encode, timed
+from deft_mine.engine.encoders import Encoder, build_encoder, build_preprocessor
 from deft_mine.engine.listings import Listing, filepaths_of
 from deft_mine.engine.store import Shelf
 from deft_mine.engine.tables import offer
@@ -221,19 +222,13 @@ def text_task(spec: EmbeddingSpec, listing: Listing, store: str | None, device: 
 
     events = RecordingEvents()
     try:
-        t0 = time.perf_counter()
-        encoder = build_text_encoder(spec.model, spec.encoder_key()[1], device)
-        load_seconds = time.perf_counter() - t0
-        shelf = Shelf(Path(store), encoder.store_identity) if store is not None else None
         with tempfile.TemporaryDirectory(prefix="deft-text-") as folder:
             out = Path(folder) / "texts.parquet"
-            stats = embed_texts(listing, out, encoder, batch_size=spec.batch_size, events=events, shelf=shelf)
+            done = text_step(spec, listing, out, events, Path(store) if store is not None else None, device)
             data = out.read_bytes()
     except DeftError as exc:
         return {"error": as_data(exc)}
-    return {"data": data, "embed": BackendEmbed(stats, encoder.identity, encoder.dim, encoder.device,
-                                                {"load_encoder": load_seconds, **stats.timings}),
-            "logs": events.logs, "node": ray.get_runtime_context().get_node_id()}
+    return {"data": data, "embed": done, "logs": events.logs, "node": ray.get_runtime_context().get_node_id()}
 
 
 def embed_text_on_ray(ray: Any, spec: EmbeddingSpec, listing: Listing, output_path: Path, events: Events,

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 from typing import Iterator
 
 from deft_mine.backends import Backend, resolve
 from deft_mine.backends.base import BackendEmbed
 from deft_mine.engine import changenet as cn
-from deft_mine.engine.embedding import embed_texts
-from deft_mine.engine.encoders import build_text_encoder, require_text_tower
+from deft_mine.engine.encoders import require_text_tower
 from deft_mine.engine.listings import Listing, open_listing, open_text_listing, write_listing
-from deft_mine.engine.store import Shelf
 from deft_mine.errors import DeftError
 from deft_mine.schemas import warnings
 from deft_mine.schemas.inputs import ChangeNetOptions, EmbedInput
@@ -89,12 +86,11 @@ def embed_spec(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: T
 
 def _embed_text(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: ToolContext, listing: Listing,
                 output: Path) -> EmbedResult:
-    """A text listing through the text tower: in-process, or (docker) the image's `embedding
-    text_embeddings`; the session's encoder lock as for images (one model, one identity)."""
+    """A text listing through the backend's text tower (local: this process; ray: a task; docker: the
+    image's `embedding text_embeddings`); the session's encoder lock as for images (one model, one identity)."""
     require_text_embedding(spec, backend)
     with ctx.lock.bind(spec) if ctx.lock is not None else contextlib.nullcontext() as key:
-        embedded = _text_in_process(spec, store, ctx, listing, output) if backend.capabilities.embeds_text \
-            else backend.embed_text(spec, listing, output, ctx.events, store)
+        embedded = backend.embed_text(spec, listing, output, ctx.events, store)
         done = _result(embedded, output, backend.name, store)
         if ctx.lock is not None:
             ctx.lock.record(done.encoder, key)
@@ -107,31 +103,16 @@ def _embed_text(spec: EmbeddingSpec, backend: Backend, store: Path | None, ctx: 
     return done
 
 
-def _text_in_process(spec: EmbeddingSpec, store: Path | None, ctx: ToolContext, listing: Listing,
-                     output: Path) -> BackendEmbed:
-    """The text tower in this process. The store keys its vectors by SHA-256 of the UTF-8 text, on a
-    shelf of its own (the identity with the tokenizer settings), so text and image vectors never share keys."""
-    t0 = time.perf_counter()
-    ctx.events.log("info", f"loading the text tower of {spec.model} from {spec.encoder_key()[1]}")
-    encoder = build_text_encoder(spec.model, spec.encoder_key()[1], spec.device)
-    load_seconds = time.perf_counter() - t0
-    shelf = Shelf(store, encoder.store_identity) if store is not None else None
-    stats = embed_texts(listing, output, encoder, batch_size=spec.batch_size, events=ctx.events, shelf=shelf)
-    return BackendEmbed(stats, encoder.identity, encoder.dim, encoder.device, {"load_encoder": load_seconds,
-                                                                              **stats.timings})
-
-
 def require_text_embedding(spec: EmbeddingSpec, backend: Backend) -> None:
     """Refuse, before any work (`run`: before its folder exists), sentences a backend cannot embed
     (by its declared capability; docker: an image whose schema lacks `embedding text_embeddings`)
     or a model with no text tower (text_tower_missing)."""
-    if not (backend.capabilities.embeds_text or backend.capabilities.runs_text_embeddings):
+    if not backend.capabilities.runs_text_embeddings:
         raise DeftError("backend_unsupported", f"text embedding (sentences as targets) runs on the local and ray "
                         f"backends, not on {backend.name}", field="backend",
                         fix="use backend=local (the default) for text targets", backend=backend.name)
     require_text_tower(spec.model, spec.encoder_key()[1])
-    if not backend.capabilities.embeds_text:  # the image's own action: its schema asked first
-        backend.accepts_text()
+    backend.accepts_text()  # docker: the image's schema is asked for the action
 
 
 @contextlib.contextmanager
