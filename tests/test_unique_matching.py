@@ -159,20 +159,11 @@ def test_a_budget_over_the_pool_takes_every_pool_image_once_and_warns(tmp_path, 
     assert outcome.summary["shortfall"]["missing"] == 13
 
 
-def test_exclude_path_by_path_or_file_name_and_its_shortfall(tmp_path):
-    rng = np.random.default_rng(3)
-    paths = [f"d/p{i}.png" for i in range(6)]
-    P, T = rng.normal(size=(6, 3)), rng.normal(size=(2, 3))
-    _write(tmp_path / "pool.parquet", paths, P)
-    _write(tmp_path / "targets.parquet", ["t0", "t1"], T)
-    pq.write_table(pa.table({"filepath": ["d/p1.png", "elsewhere/p4.png"]}), tmp_path / "ex.parquet")
-    outcome = unique_match(_spec(tmp_path, desired_unique_count=6, exclude_path=tmp_path / "ex.parquet"))
-    _same(_result(outcome), ref_global(P, T, paths, ["t0", "t1"], 6, "euclidean",
-                                       excluded={"d/p1.png", "d/p4.png"}))
-    assert outcome.shortfall[0].reason == "excluded" and outcome.summary["excluded_rows"] == 2
-
-
-def test_exclude_by_path_leaves_a_file_of_the_same_name_elsewhere(tmp_path):
+@pytest.mark.parametrize(("by", "excluded"), [
+    (None, {"d/p1.png", "d/p4.png"}),  # the container's rule: full path, or file name either way
+    ("path", {"d/p1.png"}),  # ours: the full path only, a file of the same name elsewhere stays
+])
+def test_exclude_path_by_path_or_file_name_and_its_shortfall(tmp_path, by, excluded):
     rng = np.random.default_rng(3)
     paths = [f"d/p{i}.png" for i in range(6)]
     P, T = rng.normal(size=(6, 3)), rng.normal(size=(2, 3))
@@ -180,9 +171,11 @@ def test_exclude_by_path_leaves_a_file_of_the_same_name_elsewhere(tmp_path):
     _write(tmp_path / "targets.parquet", ["t0", "t1"], T)
     pq.write_table(pa.table({"filepath": ["d/p1.png", "elsewhere/p4.png"]}), tmp_path / "ex.parquet")
     outcome = unique_match(_spec(tmp_path, desired_unique_count=6, exclude_path=tmp_path / "ex.parquet",
-                                 exclude_by="path"))
-    _same(_result(outcome), ref_global(P, T, paths, ["t0", "t1"], 6, "euclidean", excluded={"d/p1.png"}))
-    assert outcome.summary["excluded_rows"] == 1
+                                 **({"exclude_by": by} if by else {})))
+    _same(_result(outcome), ref_global(P, T, paths, ["t0", "t1"], 6, "euclidean", excluded=excluded))
+    assert outcome.summary["excluded_rows"] == len(excluded)
+    if by is None:
+        assert outcome.shortfall[0].reason == "excluded"
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine", "manhattan"])
