@@ -34,7 +34,8 @@ def unique_spec(pool: Path, targets: Path, out: Path, desired: int, block_rows: 
 
 def worker(args: argparse.Namespace) -> None:
     from deft_mine.engine.mining import mine_files
-    from deft_mine.engine.unique_matching import unique_match, write_outputs
+    from deft_mine.engine.unique_matching import unique_match
+    from deft_mine.engine.unique_outputs import write_outputs
     from deft_mine.events import NullEvents
 
     root = Path(args.w_dir)

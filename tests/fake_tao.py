@@ -407,7 +407,8 @@ def unique_neighbor_matching(cfg: Config) -> None:
 
     import pandas as pd
 
-    from deft_mine.engine.unique_matching import unique_match, write_outputs
+    from deft_mine.engine.unique_matching import unique_match
+    from deft_mine.engine.unique_outputs import write_outputs
     from deft_mine.schemas.specs import UniqueMatchingSpec
 
     log = logging.getLogger("__main__")

@@ -87,7 +87,8 @@ class LocalBackend:
         return text_step(spec, listing, output_path, events, store, spec.device)
 
     def match(self, spec: UniqueMatchingSpec, events: Events) -> BackendMatch:
-        from deft_mine.engine.unique_matching import unique_match, write_outputs
+        from deft_mine.engine.unique_matching import unique_match
+        from deft_mine.engine.unique_outputs import write_outputs
 
         t0 = time.perf_counter()
         outcome = unique_match(spec)

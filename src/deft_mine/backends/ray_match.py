@@ -12,7 +12,9 @@ from deft_mine.backends.base import BackendMatch
 from deft_mine.backends.ray import HeadWatch, Workers, as_data, cluster_cpus_gpus, gather, task_error
 from deft_mine.backends.ray_mine import plan_shards, shard_task
 from deft_mine.engine.knn import TopKState
-from deft_mine.engine.unique_matching import PoolPart, pool_parts, search_parts, unique_match, write_outputs
+from deft_mine.engine.pool_search import PoolPart, pool_parts, search_parts
+from deft_mine.engine.unique_matching import unique_match
+from deft_mine.engine.unique_outputs import write_outputs
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas.specs import UniqueMatchingSpec

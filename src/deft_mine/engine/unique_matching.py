@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
 
 from deft_mine.engine import dedup, detections, tables
 from deft_mine.engine.detections import NO_CLASSES, ImageClasses
-from deft_mine.engine.knn import RunningTopK, TopKState, l2_normalise
-from deft_mine.engine.mining import label_key, label_spellings, label_text, row_range, take_rows
+from deft_mine.engine.knn import l2_normalise
+from deft_mine.engine.mining import label_key, label_spellings, label_text, take_rows
+from deft_mine.engine.pool_search import PoolSearch, pool_parts, search_pool
 from deft_mine.engine.selection import claim_one_to_one, nearest_first
 from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts, warnings
@@ -150,82 +150,6 @@ def _excluded(spec: UniqueMatchingSpec, paths: list[str]) -> np.ndarray:
 # instead of the pool), as long as all targets' lists together stay under _CACHE_ENTRIES (16 bytes each).
 _CACHE_PASSES = 2
 _CACHE_ENTRIES = 4 << 20
-
-
-@dataclass(frozen=True)
-class PoolPart:
-    """Rows [start, end) of one pool file; `first_row` is the pool row number of its row `start`."""
-
-    file: Path
-    start: int
-    end: int
-    first_row: int
-
-    @property
-    def rows(self) -> int:
-        return self.end - self.start
-
-
-class PoolSearch(Protocol):
-    """The passes' only pool-sized work: each query's exact top-k among the `free` pool rows (a mask
-    over every pool row) as exact keys and pool rows, ties to the lower row. The default searches
-    here (`search_pool`); a distributor may search parts of the pool apart and merge them by
-    (key, row), which is the same answer."""
-
-    def __call__(self, spec: UniqueMatchingSpec, files: list[Path], queries: np.ndarray, free: np.ndarray,
-                 k: int) -> TopKState: ...
-
-
-def pool_parts(files: list[Path]) -> list[PoolPart]:
-    """The pool's files, each one whole part, numbered on in file order."""
-    parts, seen = [], 0
-    for file in files:
-        rows = tables.num_rows(file)
-        parts.append(PoolPart(file, 0, rows, seen))
-        seen += rows
-    return parts
-
-
-def search_pool(spec: UniqueMatchingSpec, files: list[Path], queries: np.ndarray, free: np.ndarray,
-                k: int) -> TopKState:
-    """The in-process search: the whole pool, file by file."""
-    return search_parts(spec, pool_parts(files), queries, free, k)
-
-
-def search_parts(spec: UniqueMatchingSpec, parts: list[PoolPart], queries: np.ndarray, free: np.ndarray,
-                 k: int) -> TopKState:
-    """Exact top-k of the `queries` (L2-normalised) over the free rows of consecutive pool `parts`;
-    `free` marks the parts' rows, its first entry the first part's first row."""
-    base = parts[0].first_row if parts else 0
-    # One search for all queries: FAISS answers a block for many queries at once far faster than
-    # in groups, and knn gathers the pairs it rescores a slice at a time.
-    top = RunningTopK(queries, k, spec.distance_metric)
-    for ids, block in _part_blocks(spec, parts, queries.shape[1]):
-        keep = free[ids - base]
-        if keep.any():
-            top.add(*((block, ids) if keep.all() else (block[keep], ids[keep])))
-    return top.state
-
-
-def _part_blocks(spec: UniqueMatchingSpec, parts: list[PoolPart], dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The parts' vectors in blocks of block_rows (a part cut at block_rows multiples of its file
-    reads the blocks the whole file's search would), L2-normalised, with their pool rows."""
-    column = spec.source_embedding_column
-    for part in parts:
-        seen = part.first_row
-        whole = part.start == 0 and part.end == tables.num_rows(part.file)
-        batches = tables.iter_batches(part.file, spec.block_rows, [column]) if whole else \
-            row_range(part.file, column, part.start, part.end, spec.block_rows)
-        for batch in batches:
-            vectors = tables.vectors_from_column(batch.column(column), path=part.file, name=column, first_row=seen,
-                                                 dim=None, field="source_path")
-            if vectors.shape[1] != dim:
-                raise DeftError("dimension_mismatch", f"source_path {part.file} column '{column}' holds "
-                                f"{vectors.shape[1]}-d vectors but the targets hold {dim}-d ones",
-                                fix="embed both sides with the same encoder", field="source_path",
-                                source_dim=int(vectors.shape[1]), target_dim=dim)
-            yield np.arange(seen, seen + len(vectors), dtype=np.int64), l2_normalise(vectors)
-            seen += len(vectors)
 
 
 class _Matcher:
@@ -660,46 +584,4 @@ def _summary(spec: UniqueMatchingSpec, matcher: _Matcher, selected: pa.Table, ta
     out["shortfall"] = {"missing": desired - got, "groups": [s.as_dict() for s in shortfall]}
     out["class_sources"] = {side: None if found is None else found.counts()
                             for side, found in (("target", target_classes), ("source", pool_classes))}
-    return out
-
-
-def pass_table(outcome_pool: list[str], targets: list[str], record: PassRecord,
-               vectors: dict[str, np.ndarray] | None = None) -> pa.Table:
-    """A pass as the container writes it: target_filepath, then top{i}_source_filepath and
-    top{i}_distance for i in 1..topn (with save_embeddings, the vectors too)."""
-    columns: dict[str, pa.Array] = {"target_filepath": pa.array([targets[t] for t in record.target_rows], pa.string())}
-    if vectors is not None:
-        columns["target_embedding"] = tables.vector_array(vectors["target"][record.target_rows]) \
-            if record.target_rows else pa.array([], pa.list_(pa.float32()))
-    for i in range(record.topn):
-        columns[f"top{i + 1}_source_filepath"] = pa.array([outcome_pool[r[i]] for r in record.pool_rows], pa.string())
-        columns[f"top{i + 1}_distance"] = pa.array([d[i] for d in record.distances], pa.float64())
-        if vectors is not None:
-            picked = [r[i] for r in record.pool_rows]
-            columns[f"top{i + 1}_embed"] = tables.vector_array(vectors["source"][picked]) if picked else \
-                pa.array([], pa.list_(pa.float32()))
-    return pa.table(columns)
-
-
-def _raw_vectors(files: list[Path], column: str) -> np.ndarray:
-    """A side's vectors as written (save_embeddings keeps the container's: not normalised)."""
-    blocks = [tables.vectors_from_column(tables.read_columns(f, [column]).column(column), path=f, name=column,
-                                         first_row=0, dim=None) for f in files]
-    return np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
-
-
-def write_outputs(spec: UniqueMatchingSpec, outcome: UniqueOutcome) -> Path:
-    """The per-pass parquets, then final_unique_files.parquet, then summary.json (each atomic);
-    `visualize`'s pictures are the tool's (report/match_pictures.py), drawn from these files."""
-    out = Path(spec.output_dir).expanduser()
-    vectors = None
-    if spec.save_embeddings:
-        vectors = {"source": _raw_vectors(parquet_files(spec.source_path, "source_path"), spec.source_embedding_column),
-                   "target": _raw_vectors(parquet_files(spec.target_path, "target_path"), spec.target_embedding_column)}
-    for record in outcome.passes:
-        tables.write_table_atomic(out / record.name, pass_table(outcome.pool_paths, outcome.target_paths, record, vectors))
-    if outcome.near_duplicates is not None:
-        tables.write_table_atomic(out / artifacts.NEAR_DUPLICATES, outcome.near_duplicates)
-    tables.write_table_atomic(out / artifacts.UNIQUE_FINAL, outcome.selected)
-    tables.write_text_atomic(out / artifacts.UNIQUE_SUMMARY, json.dumps(outcome.summary, indent=2, default=str))
     return out
