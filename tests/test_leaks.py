@@ -100,11 +100,23 @@ def _leaks(run_dir: str) -> dict[str, tuple[str, str]]:
     return {row["filepath"]: (row["protected_filepath"], row["kind"]) for row in table}
 
 
-def test_byte_copies_are_leaks_always_and_a_targets_copy_never_reaches_its_search(guarded_set):
+SCOPES = pytest.mark.parametrize("scope", ["pool", "mined"])
+
+
+def _listed(run_dir: str, scope: str, every: dict[str, tuple[str, str]]) -> None:
+    """leak_scope=pool lists every leak in the pool; leak_scope=mined those among the rows it judged
+    (the search's candidates), each with the same verdict."""
+    found = _leaks(run_dir)
+    assert found == every if scope == "pool" else found.items() <= every.items()
+
+
+@SCOPES
+def test_byte_copies_are_leaks_always_and_a_targets_copy_never_reaches_its_search(guarded_set, scope):
     result = run(guarded_set / "targets.parquet", guarded_set / "pool.parquet", run_dir=guarded_set / "r",
-                 protect=[str(guarded_set / "val.parquet")], overrides={**THUMB, "topn": 1})
-    assert _leaks(result.run_dir) == {"pool/copy_t0.png": ("sets/t0.png", "identical_bytes"),
-                                      "pool/copy_v0.png": ("sets/v0.png", "identical_bytes")}
+                 protect=[str(guarded_set / "val.parquet")], overrides={**THUMB, "topn": 1, "leak_scope": scope})
+    _listed(result.run_dir, scope, {"pool/copy_t0.png": ("sets/t0.png", "identical_bytes"),
+                                    "pool/copy_v0.png": ("sets/v0.png", "identical_bytes")})
+    assert "pool/copy_t0.png" in _leaks(result.run_dir)  # t0's nearest neighbour: judged in either scope
     mined = pq.read_table(result.mined_parquet).column("filepath").to_pylist()
     assert not {"pool/copy_t0.png", "pool/copy_v0.png"} & set(mined)
     # the byte copy was t0's nearest neighbour: the mined set holds the next one (brute force)
@@ -117,21 +129,27 @@ def test_byte_copies_are_leaks_always_and_a_targets_copy_never_reaches_its_searc
     want = list(dict.fromkeys(source.column("filepath").to_pylist()[keep[b]] for b in best))
     assert mined == want
     (warning,) = [w for w in result.warnings if w.code == "leaks_excluded"]
-    assert warning.details["by_kind"] == {"identical_bytes": 2, "similar": 0}
+    count = len(_leaks(result.run_dir))
+    assert warning.details["by_kind"] == {"identical_bytes": count, "similar": 0}
     manifest = json.loads((Path(result.run_dir) / "run.json").read_text())
-    assert manifest["leaks"]["leaks_excluded"] == 2 and result.leaks.leaks_excluded == 2
-    assert manifest["mining"]["summary"]["pool"] == 8  # ten rows, two left out
-    assert "leaks_parquet" in (Path(result.run_dir) / "mining_spec.yaml").read_text()
+    assert manifest["leaks"]["leaks_excluded"] == count and result.leaks.leaks_excluded == count
+    assert manifest["leaks"]["scope"] == scope
+    assert manifest["mining"]["summary"]["pool"] == 10 - count  # ten rows, the leaks left out
+    spec = (Path(result.run_dir) / "mining_spec.yaml").read_text()
+    assert ("leaks_parquet" if scope == "pool" else "protected_parquet") in spec
     report = (Path(result.run_dir) / "Mining_Report.md").read_text()
     assert "## Leakage Guard" in report and "`pool/copy_t0.png`" in report
 
 
-def test_leak_similarity_catches_re_encoded_and_near_copies(guarded_set):
+@SCOPES
+def test_leak_similarity_catches_re_encoded_and_near_copies(guarded_set, scope):
     result = run(guarded_set / "targets.parquet", guarded_set / "pool.parquet", run_dir=guarded_set / "r",
-                 protect=[str(guarded_set / "val.parquet")], overrides={**THUMB, "topn": 3, "leak_similarity": 0.9})
+                 protect=[str(guarded_set / "val.parquet")],
+                 overrides={**THUMB, "topn": 3, "leak_similarity": 0.9, "leak_scope": scope})
     found = _leaks(result.run_dir)
-    assert found["pool/reenc_v0.png"] == ("sets/v0.png", "similar")
-    assert found["pool/noisy_v1.png"] == ("sets/v1.png", "similar")
+    if scope == "pool":
+        assert found["pool/reenc_v0.png"] == ("sets/v0.png", "similar")
+        assert found["pool/noisy_v1.png"] == ("sets/v1.png", "similar")
     assert found["pool/copy_t0.png"][1] == "identical_bytes"
     # the reference: every pool row whose nearest protected cosine reaches 0.9, or whose bytes repeat one
     source = pq.read_table(Path(result.run_dir) / "source_embeddings.parquet")
@@ -139,11 +157,19 @@ def test_leak_similarity_catches_re_encoded_and_near_copies(guarded_set):
                                 for name in ("target_embeddings.parquet", "protected_embeddings.parquet")])
     _, scores = _brute_nearest(np.asarray(source.column("embedding").to_pylist()), protected, Metric.cosine)
     paths = source.column("filepath").to_pylist()
-    assert set(found) == {p for p, s in zip(paths, scores) if s >= 0.9} | {"pool/copy_t0.png", "pool/copy_v0.png"}
+    every = {p for p, s in zip(paths, scores) if s >= 0.9} | {"pool/copy_t0.png", "pool/copy_v0.png"}
+    assert set(found) == every if scope == "pool" else set(found) <= every
+    # the answer is the same in both scopes: each target's topn nearest among the pool rows that are no leak
+    keep = [i for i, p in enumerate(paths) if p not in every]
+    queries = np.asarray(pq.read_table(Path(result.run_dir) / "target_embeddings.parquet").column("embedding").to_pylist())
+    near = l2_normalise(queries).astype(np.float64) @ l2_normalise(
+        np.asarray(source.column("embedding").to_pylist())[keep]).astype(np.float64).T
+    want = {paths[keep[j]] for row in near for j in np.lexsort((np.arange(len(keep)), -row))[:3]}
     table = pq.read_table(Path(result.run_dir) / "leaks.parquet")
     assert table.column_names[:1] == ["filepath"] and "similarity" in table.column_names
     mined = set(pq.read_table(result.mined_parquet).column("filepath").to_pylist())
-    assert not mined & set(found)
+    assert mined == want and not mined & every
+    # the histogram: every pool row (pool), or the fixed sample of them (mined: here the whole small pool)
     assert result.leaks.nearest is not None and sum(result.leaks.nearest["counts"]) == len(paths)
 
 
@@ -159,17 +185,17 @@ def test_a_run_through_the_cli(guarded_set, capsys):
 
     code = main(["run", "--targets", str(guarded_set / "targets.parquet"), "--source", str(guarded_set / "pool.parquet"),
                  "--run-dir", str(guarded_set / "r"), "--protect", str(guarded_set / "val.parquet"), "--json",
-                 "model=thumbnail", "topn=2", "leak_similarity=0.99"])
+                 "model=thumbnail", "topn=2", "leak_similarity=0.99", "leak_scope=pool"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["leaks"]["by_kind"] == {"identical_bytes": 2, "similar": 2}
+    assert result["leaks"]["by_kind"] == {"identical_bytes": 2, "similar": 2} and result["leaks"]["scope"] == "pool"
     assert "pool/reenc_v0.png" in _leaks(result["run_dir"])
 
 
 def test_euclidean_takes_leak_distance(guarded_set):
     result = run(guarded_set / "targets.parquet", guarded_set / "pool.parquet", run_dir=guarded_set / "r",
                  protect=[str(guarded_set / "val.parquet")],
-                 overrides={**THUMB, "topn": 1, "knn_metric": "euclidean", "leak_distance": 1e-6})
+                 overrides={**THUMB, "topn": 1, "knn_metric": "euclidean", "leak_distance": 1e-6, "leak_scope": "pool"})
     assert _leaks(result.run_dir)["pool/reenc_v0.png"] == ("sets/v0.png", "similar")
     assert "distance" in pq.read_table(Path(result.run_dir) / "leaks.parquet").column_names
 
@@ -265,7 +291,8 @@ def test_the_report_draws_leak_pairs_and_the_nearest_histogram_within_its_words(
     from deft_mine.tools.report import report
 
     result = run(guarded_set / "targets.parquet", guarded_set / "pool.parquet", run_dir=guarded_set / "r",
-                 protect=[str(guarded_set / "val.parquet")], overrides={**THUMB, "topn": 3, "leak_similarity": 0.9})
+                 protect=[str(guarded_set / "val.parquet")],
+                 overrides={**THUMB, "topn": 3, "leak_similarity": 0.9, "leak_scope": "pool"})
     folder = Path(result.run_dir)
     assert {artifacts.LEAK_PAIRS_PICTURE, artifacts.LEAK_NEAREST_PICTURE} <= set(result.report.pictures)
     text = (folder / artifacts.REPORT).read_text()

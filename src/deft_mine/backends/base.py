@@ -39,6 +39,7 @@ class BackendMine:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[ToolWarning] = field(default_factory=list)  # what the engine saw in the data
     cluster: ClusterFacts | None = None  # where it ran (backend ray)
+    leaks: Any = None  # the guard in the search (engine.mining.LeakOutcome): leaks.parquet written beside
 
 
 @dataclass
@@ -64,6 +65,11 @@ class MineOutputs:
     @property
     def summary(self) -> Path:
         return self.mined.parent / artifacts.SUMMARY
+
+    @property
+    def leaks(self) -> Path:
+        """The leaks the guard in the search found (leaks.parquet), beside the mined parquet."""
+        return self.mined.parent / artifacts.LEAKS
 
     @property
     def near_duplicates(self) -> Path:
@@ -93,6 +99,7 @@ class Capabilities:
     runs_unique_matching: bool = False  # match() runs `tmm unique_neighbor_matching` (docker: if the image has it)
     loads_encoders_here: bool = False  # embed() loads the encoder in this process (choose probes each candidate)
     leaves_rows_out: bool = True  # mine() can leave pool rows out (leaks): in deft-mine's code, or on the host
+    guards_in_search: bool = False  # mine() judges its candidates against protected_parquet (leak_scope=mined)
     runs_text_embeddings: bool = False  # embed_text() runs `embedding text_embeddings` (docker: if the image has it;
     # ray: embed_texts in a task on the cluster)
 

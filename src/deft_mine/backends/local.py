@@ -25,7 +25,8 @@ from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec, UniqueMatchingSpe
 class LocalBackend:
     name = "local"
     capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=False, runs_unique_matching=True,
-                                runs_text_embeddings=True, loads_encoders_here=True)
+                                runs_text_embeddings=True, loads_encoders_here=True,
+                                guards_in_search=True)
 
     def __init__(self) -> None:
         # A run embeds targets and pool with one encoder: load its weights once per process.
@@ -126,6 +127,8 @@ def write_mining(outcome: MiningOutcome, outputs: MineOutputs) -> BackendMine:
     tables.write_table_atomic(outputs.mined, outcome.mined)
     if outcome.near_duplicates is not None:
         tables.write_table_atomic(outputs.near_duplicates, outcome.near_duplicates)
+    if outcome.leaks is not None and (outcome.leaks.asked or outcome.leaks.table.num_rows):
+        tables.write_table_atomic(outputs.leaks, outcome.leaks.table)
     if outputs.pairs is not None:
         tables.write_table_atomic(outputs.pairs, outcome.pairs)
     tables.write_text_atomic(outputs.summary, outcome.summary.text())

@@ -315,7 +315,7 @@ def as_data(exc: DeftError) -> dict[str, Any]:
 class RayBackend:
     name = "ray"
     capabilities = Capabilities(writes_pairs=True, runs_tao_checkpoints=False, runs_unique_matching=True,
-                                runs_text_embeddings=True)
+                                runs_text_embeddings=True, guards_in_search=True)
 
     def __init__(self, address: str | None = None) -> None:
         self.address = wanted_address(address)

@@ -12,8 +12,8 @@ from deft_mine.backends.base import BackendMine, MineOutputs
 from deft_mine.backends.local import write_mining
 from deft_mine.backends.ray import HeadWatch, Workers, as_data, cluster_cpus_gpus, gather, task_error
 from deft_mine.engine import tables
-from deft_mine.engine.mining import Prepared, Searched, finish, merge, pool_dim, prepare, search_range
-from deft_mine.engine.selection import mode_of
+from deft_mine.engine.mining import (Prepared, Searched, finish, keeper, leak_stage, merge, pool_dim, prepare,
+                                     search_range, search_width)
 from deft_mine.errors import DeftError
 from deft_mine.events import Events
 from deft_mine.schemas.specs import MiningSpec
@@ -41,15 +41,16 @@ def shard_task(ray: Any, work: Any) -> Any:
 
 def search_shard(spec: MiningSpec, source_path: str, target_path: str, queries: np.ndarray, drop: np.ndarray,
                  start: int, end: int, dim: int | None, query_groups: np.ndarray | None = None,
-                 pool_groups: np.ndarray | None = None) -> dict[str, Any]:
+                 pool_groups: np.ndarray | None = None, kept: Any = None) -> dict[str, Any]:
     """A Ray task: the search of pool rows [start, end) (per_label: each query among its own label's rows,
-    by `query_groups` and `pool_groups`); a DeftError comes back as data (it does not survive pickling),
+    by `query_groups` and `pool_groups`; with the guard in the search, `kept` keeps its candidates'
+    vectors); a DeftError comes back as data (it does not survive pickling),
     raised on the driver for the first bad shard."""
     import ray
 
     try:
         found = search_range(spec, Path(source_path), Path(target_path), queries, drop, start, end, dim,
-                             query_groups=query_groups, pool_groups=pool_groups)
+                             query_groups=query_groups, pool_groups=pool_groups, kept=kept)
     except DeftError as exc:
         return {"error": as_data(exc)}
     return {"found": found, "node": ray.get_runtime_context().get_node_id()}
@@ -66,7 +67,7 @@ def _search(ray: Any, prep: Prepared, events: Events, watch: HeadWatch) -> tuple
     queries = ray.put(prep.queries)
     groups = prep.pool_groups
     refs = [task.remote(spec, str(prep.source_path), str(prep.target_path), queries, prep.drop[a:b], a, b,
-                        dim if a else None, prep.query_groups, None if groups is None else groups[a:b])
+                        dim if a else None, prep.query_groups, None if groups is None else groups[a:b], keeper(prep))
             for a, b in shards]
     events.log("info", f"mining {total} pool rows in {len(shards)} shard(s) on Ray")
 
@@ -78,7 +79,7 @@ def _search(ray: Any, prep: Prepared, events: Events, watch: HeadWatch) -> tuple
     for part in parts:  # the first bad shard in pool order: the error the local backend reports
         if "error" in part:
             raise task_error(part["error"])
-    return (merge([part["found"] for part in parts], mode_of(spec).candidates),
+    return (merge([part["found"] for part in parts], search_width(spec)),
             Workers(len(shards), len({part["node"] for part in parts})))
 
 
@@ -92,4 +93,4 @@ def mine_on_ray(ray: Any, spec: MiningSpec, source_path: Path, target_path: Path
     prep = prepare(source_path, target_path, spec)
     found, used = _search(ray, prep, events, watch)
     prep.timings["search"] = time.perf_counter() - prep.search_started
-    return write_mining(finish(prep, found), outputs), used
+    return write_mining(finish(prep, leak_stage(prep, found)), outputs), used

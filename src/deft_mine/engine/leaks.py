@@ -54,8 +54,13 @@ class Found:
     nearest: np.ndarray | None
 
     def counts(self) -> dict[str, int]:
-        kinds = self.table.column("kind").to_pylist()
-        return {kind.value: kinds.count(kind.value) for kind in LeakKind}
+        return kind_counts(self.table)
+
+
+def kind_counts(table: pa.Table) -> dict[str, int]:
+    """A leaks table's rows by kind (every kind named, 0 where none)."""
+    kinds = table.column("kind").to_pylist()
+    return {kind.value: kinds.count(kind.value) for kind in LeakKind}
 
 
 def score_column(metric: Metric) -> str:
@@ -63,30 +68,45 @@ def score_column(metric: Metric) -> str:
     return "similarity" if metric.higher_is_nearer else "distance"
 
 
-def identical_bytes(pool: Pool, protected: Protected) -> np.ndarray:
-    """Per pool row, the first protected image whose bytes it repeats (-1: none). Identical bytes
-    have the same size, so only the files whose size a protected file shares are hashed; a pool row
-    that names a target file is compared with the protect listings only."""
-    found = np.full(len(pool.filepaths), -1, np.int64)
-    protected_sizes, pool_sizes = file_sizes(protected.resolved), file_sizes(pool.resolved)
-    shared = np.intersect1d(protected_sizes[protected_sizes >= 0], pool_sizes[pool_sizes >= 0])
-    if not len(shared):
+class ProtectedBytes:
+    """The protected files' sizes, and the digests of those a pool file's size matches (hashed once,
+    when first needed): identical bytes have the same size, so most files are never hashed."""
+
+    def __init__(self, protected: Protected) -> None:
+        self.protected = protected
+        self.sizes = file_sizes(protected.resolved)
+        self.first: dict[tuple[bytes, bool], int] = {}  # (digest, a target's) -> its first protected row
+        self.hashed = np.zeros(len(self.sizes), bool)
+
+    def copies(self, pool: Pool) -> np.ndarray:
+        """Per pool row, the first protected image whose bytes it repeats (-1: none); a pool row that
+        names a target file is compared with the protect listings only."""
+        found = np.full(len(pool.filepaths), -1, np.int64)
+        pool_sizes = file_sizes(pool.resolved)
+        shared = np.intersect1d(self.sizes[self.sizes >= 0], pool_sizes[pool_sizes >= 0])
+        if not len(shared):
+            return found
+        fresh = np.flatnonzero(np.isin(self.sizes, shared) & ~self.hashed)
+        self.hashed[fresh] = True
+        for row, key in zip(fresh.tolist(), file_digests([self.protected.resolved[i] for i in fresh])):
+            if key is not None:
+                entry = (key, self.protected.origins[row] == TARGETS)
+                self.first[entry] = min(row, self.first.get(entry, row))
+        rows = np.flatnonzero(np.isin(pool_sizes, shared))
+        for row, key in zip(rows.tolist(), file_digests([pool.resolved[i] for i in rows])):
+            if key is None:
+                continue
+            # the targets come first among the protected: a target's copy names the target
+            mine = [self.first.get((key, False))] + ([] if pool.names_target[row] else [self.first.get((key, True))])
+            hits = [i for i in mine if i is not None]
+            if hits:
+                found[row] = min(hits)
         return found
-    hashed = np.flatnonzero(np.isin(protected_sizes, shared))
-    first: dict[tuple[bytes, bool], int] = {}  # (digest, a target's) -> its first protected row
-    for row, key in zip(hashed.tolist(), file_digests([protected.resolved[i] for i in hashed])):
-        if key is not None:
-            first.setdefault((key, protected.origins[row] == TARGETS), row)
-    rows = np.flatnonzero(np.isin(pool_sizes, shared))
-    for row, key in zip(rows.tolist(), file_digests([pool.resolved[i] for i in rows])):
-        if key is None:
-            continue
-        # the targets come first among the protected: a target's copy names the target
-        mine = [first.get((key, False))] + ([] if pool.names_target[row] else [first.get((key, True))])
-        hits = [i for i in mine if i is not None]
-        if hits:
-            found[row] = min(hits)
-    return found
+
+
+def identical_bytes(pool: Pool, protected: Protected) -> np.ndarray:
+    """Per pool row, the first protected image whose bytes it repeats (-1: none)."""
+    return ProtectedBytes(protected).copies(pool)
 
 
 def nearest_protected(blocks: Iterable[np.ndarray], protected: Protected, names_target: np.ndarray,
@@ -122,23 +142,38 @@ def find_leaks(pool: Pool, protected: Protected, metric: Metric, threshold: floa
     nearest = scores = None
     if threshold is not None:
         nearest, scores = nearest_protected(blocks, protected, pool.names_target, metric)
+    rows = np.arange(len(pool.filepaths))
+    return Found(leak_table(rows, pool.filepaths, twin, nearest, scores, protected, metric, threshold), scores)
+
+
+def reaches(scores: np.ndarray, metric: Metric, threshold: float) -> np.ndarray:
+    """Which scores reach the threshold (a similarity at least it, a distance at most it; NaN never)."""
+    with np.errstate(invalid="ignore"):
         reach = (scores >= threshold) if metric.higher_is_nearer else (scores <= threshold)
-        similar = (twin < 0) & (nearest >= 0) & np.nan_to_num(reach, nan=False).astype(bool)
-    else:
-        similar = np.zeros(len(pool.filepaths), bool)
-    rows = np.flatnonzero((twin >= 0) | similar)
-    which = np.where(twin[rows] >= 0, twin[rows], nearest[rows] if nearest is not None else -1)
-    kind = [LeakKind.identical_bytes.value if twin[r] >= 0 else LeakKind.similar.value for r in rows.tolist()]
-    score = [None if twin[r] >= 0 or scores is None else float(scores[r]) for r in rows.tolist()]
-    table = pa.table({
-        "filepath": pa.array([pool.filepaths[r] for r in rows.tolist()], pa.string()),
-        "source_row": pa.array(rows, pa.int64()),
+    return reach & np.isfinite(scores)
+
+
+def leak_table(rows: np.ndarray, filepaths: list[str], twin: np.ndarray, nearest: np.ndarray | None,
+               scores: np.ndarray | None, protected: Protected, metric: Metric, threshold: float | None) -> pa.Table:
+    """leaks.parquet's rows among the judged pool rows (`rows`, their `filepaths` and verdicts, in
+    pool order): a byte copy first (kind identical_bytes), else a nearest protected score reaching
+    the threshold (kind similar)."""
+    similar = np.zeros(len(rows), bool)
+    if threshold is not None and nearest is not None and scores is not None:
+        similar = (twin < 0) & (nearest >= 0) & reaches(scores, metric, threshold)
+    hit = np.flatnonzero((twin >= 0) | similar)
+    which = np.where(twin[hit] >= 0, twin[hit], nearest[hit] if nearest is not None else -1)
+    copy = twin[hit] >= 0
+    return pa.table({
+        "filepath": pa.array([filepaths[i] for i in hit.tolist()], pa.string()),
+        "source_row": pa.array(rows[hit], pa.int64()),
         "protected_filepath": pa.array([protected.filepaths[i] for i in which.tolist()], pa.string()),
         "protected_listing": pa.array([protected.origins[i] for i in which.tolist()], pa.string()),
-        "kind": pa.array(kind, pa.string()),
-        score_column(metric): pa.array(score, pa.float64()),
+        "kind": pa.array([LeakKind.identical_bytes.value if c else LeakKind.similar.value for c in copy.tolist()],
+                         pa.string()),
+        score_column(metric): pa.array([None if c or scores is None else float(scores[i])
+                                        for c, i in zip(copy.tolist(), hit.tolist())], pa.float64()),
     })
-    return Found(table, scores)
 
 
 def pool_of(filepaths: list[str], images_root: Path, target_paths: Iterable[str]) -> Pool:

@@ -18,7 +18,8 @@ from deft_mine import rules
 from deft_mine.engine import dedup, tables
 from deft_mine.engine.floor import FloorStage, best_matches, group_codes
 from deft_mine.engine.knn import GroupedTopK, RunningTopK, TopKState
-from deft_mine.engine.leaks import leak_mask
+from deft_mine.engine.leak_search import Guard, Kept, exclude_leaks, read_protected, sample_rows, slack
+from deft_mine.engine.leaks import TARGETS, leak_mask
 from deft_mine.engine.selection import Candidates, mode_of
 from deft_mine.schemas import warnings
 from deft_mine.schemas.artifacts import MiningSummary
@@ -39,6 +40,21 @@ class MiningOutcome:
     warnings: list[ToolWarning] = field(default_factory=list)  # duplicate_paths, zero_vectors
     floor: FloorStage | None = None  # with a floor: the raw candidates and what it kept (the loop's files)
     near_duplicates: pa.Table | None = None  # with dedup_similarity / dedup_distance: the images it collapsed
+    leaks: LeakOutcome | None = None  # with the guard in the search (protected_parquet): what it judged and found
+
+
+@dataclass
+class LeakOutcome:
+    """The guard inside the search: leaks.parquet's table (the leaks among the rows it judged), how many
+    rows it judged, and the nearest protected score of a fixed sample of pool rows (the histogram's)."""
+
+    table: pa.Table
+    judged: int
+    sample: np.ndarray
+    pool: int  # pool rows the search could take (not left out before it)
+    protected: int  # protected images: the targets, and the protect listings'
+    listings: list[str]  # the protect listings (by the path run recorded)
+    asked: bool  # a threshold or a protect listing (else only target byte copies are looked for)
 
 
 def lexically_normal(filepath: str) -> str:
@@ -54,9 +70,59 @@ def mine_files(source_path: Path, target_path: Path, spec: MiningSpec, events: E
     events.progress("mine", 0, prep.total)
     found = search_range(spec, source_path, target_path, prep.queries, prep.drop,
                          on_block=lambda seen: events.progress("mine", seen, prep.total),
-                         query_groups=prep.query_groups, pool_groups=prep.pool_groups)
+                         query_groups=prep.query_groups, pool_groups=prep.pool_groups, kept=keeper(prep))
     prep.timings["search"] = time.perf_counter() - prep.search_started
-    return finish(prep, found)
+    return finish(prep, leak_stage(prep, found))
+
+
+def search_width(spec: MiningSpec) -> int:
+    """Candidates each query asks the search for: the mode's, and with the guard in the search some
+    more (room for leaks among them)."""
+    k = mode_of(spec).candidates
+    return k + slack(k) if spec.protected_parquet is not None else k
+
+
+def keeper(prep: Prepared) -> Kept | None:
+    """With the guard in the search: what keeps the candidates' vectors (and the histogram's sample) as the pool streams."""
+    return None if prep.guard is None else Kept(sample_rows(prep.total))
+
+
+def leak_stage(prep: Prepared, found: Searched) -> Searched:
+    """With the guard in the search: the leaks among the candidates judged and taken out (queries a leak
+    left short searched again without them), so the answer is the top-k of the pool without its leaks."""
+    guard = prep.guard
+    if guard is None:
+        return found
+    t0, k = time.perf_counter(), mode_of(prep.spec).candidates
+
+    def research(queries: np.ndarray, leak: np.ndarray) -> tuple[TopKState, Kept]:
+        groups = None if prep.query_groups is None else prep.query_groups[queries]
+        again = search_range(prep.spec, prep.source_path, prep.target_path, prep.queries[queries], prep.drop | leak,
+                             query_groups=groups, pool_groups=prep.pool_groups, kept=Kept(np.zeros(0, np.int64)))
+        assert again.state is not None and again.kept is not None
+        return again.state, again.kept
+
+    def judge_all() -> None:
+        column, seen = prep.spec.source_embed_column_name, 0
+        for vectors in pool_vectors(prep.source_path, column, prep.spec.block_rows):
+            rows = np.arange(seen, seen + len(vectors))
+            rows = rows[~prep.drop[rows]]
+            guard.judge(rows, vectors[rows - seen] if guard.threshold is not None else None)
+            seen += len(vectors)
+
+    kept = found.kept or Kept(np.zeros(0, np.int64))
+    if found.state is not None:
+        found.state, kept = exclude_leaks(found.state, kept, guard, k, lambda rows: _pool_rows_vectors(prep, rows),
+                                          research, judge_all)
+    sample = kept.sample_of()
+    rows = np.concatenate(kept.sample_rows) if kept.sample_rows else np.zeros(0, np.int64)
+    found.searched -= int(guard.leak.sum())
+    listings = list(dict.fromkeys(o for o in guard.protected.origins if o != TARGETS))
+    prep.leaks = LeakOutcome(guard.table(), int(guard.judged.sum()), guard.nearest_scores(rows, sample),
+                             int((~prep.drop).sum()), len(guard.protected.origins), listings,
+                             guard.threshold is not None or bool(listings))
+    prep.timings["leaks"] = time.perf_counter() - t0
+    return found
 
 
 @dataclass
@@ -86,6 +152,8 @@ class Prepared:
     query_groups: np.ndarray | None = None
     pool_groups: np.ndarray | None = None
     missing_in_pool: dict[str, int] = field(default_factory=dict)  # target label -> targets, no pool row has it
+    guard: Guard | None = None  # with protected_parquet: the leakage guard, judging the search's candidates
+    leaks: LeakOutcome | None = None  # ...and what it judged and found
 
     @property
     def total(self) -> int:
@@ -102,6 +170,7 @@ class Searched:
     searched: int = 0  # ...of them searched
     flat: int = 0  # all-zero vectors left out under cosine
     flat_rows: list[list[int]] = field(default_factory=list)  # per block with any, its first three
+    kept: Kept | None = None  # with the guard in the search: the candidates' vectors, kept as the pool streamed
 
 
 def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
@@ -153,6 +222,10 @@ def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
                     started=started, search_started=search_started)
     if spec.label_mode == "per_label" and prep.label_filter is LabelFilter.applied:
         _label_groups(prep)
+    if spec.protected_parquet is not None:  # the leakage guard, judging the search's candidates as it goes
+        prep.guard = Guard(read_protected(Path(spec.protected_parquet), spec.leak_threshold is not None),
+                           spec.knn_metric, spec.leak_threshold, spec.pool_root(source_path),
+                           [str(p) for p in pool_paths.to_pylist()])
     return prep
 
 
@@ -174,19 +247,20 @@ def _label_groups(prep: Prepared) -> None:
 def search_range(spec: MiningSpec, source_path: Path, target_path: Path, queries: np.ndarray, drop: np.ndarray,
                  start: int = 0, end: int | None = None, dim: int | None = None,
                  on_block: Callable[[int], None] | None = None, query_groups: np.ndarray | None = None,
-                 pool_groups: np.ndarray | None = None) -> Searched:
+                 pool_groups: np.ndarray | None = None, kept: Kept | None = None) -> Searched:
     """The exact top-n of every query within pool rows [start, end) (the whole pool by
     default), read block by block: `drop` marks this range's rows to leave out, and under
     cosine all-zero vectors are left out and counted. `dim` is the pool's vector length when
     the range does not start at row 0 (every block must match the first). `on_block` hears
     the pool row reached after each block. With `query_groups` and this range's `pool_groups`
-    (label_mode=per_label) each query is searched among the rows of its own group only."""
+    (label_mode=per_label) each query is searched among the rows of its own group only. `kept`
+    (the guard in the search) keeps the candidates' vectors as they stream past."""
     metric, column = spec.knn_metric, spec.source_embed_column_name
     top: RunningTopK | GroupedTopK | None = None
     if len(queries):
-        k = mode_of(spec).candidates
+        k = search_width(spec)
         top = RunningTopK(queries, k, metric) if query_groups is None else GroupedTopK(queries, query_groups, k, metric)
-    found = Searched(state=None)
+    found = Searched(state=None, kept=kept)
     seen = start
     for vectors in tables.read_ahead(pool_vectors(source_path, column, spec.block_rows, start, end, dim)):
         if len(queries) and len(vectors) and vectors.shape[1] != queries.shape[1]:
@@ -215,6 +289,8 @@ def search_range(spec: MiningSpec, source_path: Path, target_path: Path, queries
             vectors, ids, *groups = (part[~skip] for part in (vectors, ids, *groups))
         if top is not None:
             top.add(vectors, ids, *groups)
+            if kept is not None:
+                kept.update(top.state.ids, vectors, ids)
         found.searched += len(ids)
         seen += rows
         if on_block is not None:
@@ -234,6 +310,8 @@ def merge(parts: list[Searched], k: int) -> Searched:
         merged.searched += part.searched
         merged.flat += part.flat
         merged.flat_rows += part.flat_rows
+        if part.kept is not None:
+            merged.kept = part.kept if merged.kept is None else merged.kept.merged(part.kept)
     return merged
 
 
@@ -264,7 +342,7 @@ def finish(prep: Prepared, found: Searched) -> MiningOutcome:
     prep.timings["total"] = time.perf_counter() - prep.started
     return MiningOutcome(mined=mined, pairs=pairs, summary=summary, searched_rows=found.searched,
                          label_missing=prep.label_missing, timings=prep.timings, warnings=raised, floor=floor,
-                         near_duplicates=near_duplicates)
+                         near_duplicates=near_duplicates, leaks=prep.leaks)
 
 
 def near_duplicate_stage(prep: Prepared, cands: Candidates, keep: np.ndarray,

@@ -47,6 +47,7 @@ class DuplicateKind(str, Enum):
 
 PROTECTED_LISTING = "protected_listing.parquet"  # run --protect: the protected images (absolute paths), one listing
 PROTECTED_EMBEDDINGS = "protected_embeddings.parquet"  # ...embedded, with leak_similarity / leak_distance
+PROTECTED = "protected.parquet"  # the guard in the search: the targets, then the protect listings' images (and vectors)
 LEAK_PAIRS_PICTURE = "leak_pairs.png"  # the report's sheet: protected images beside the pool rows that copy them
 LEAK_NEAREST_PICTURE = "leak_nearest.png"  # ...and each pool row's nearest protected score, the threshold marked
 PAIRS = "mined_pairs.parquet"  # every (target, neighbour) pair: what the report draws

@@ -114,6 +114,29 @@ class EmbedResult(_Result):
                 + f"columns: {', '.join(self.columns)}")
 
 
+class LeakFacts(BaseModel):
+    """The leakage guard of a run: what it protected and which pool rows it left out (leaks.parquet)."""
+
+    protected_listings: list[str] = Field(default_factory=list, description="the protect listings (the targets "
+                                                                               "are protected besides)")
+    protected_images: int = Field(0, description="protected images compared: the targets and the listings' "
+                                                 "readable images")
+    knn_metric: str = "cosine"
+    threshold_key: str | None = Field(None, description="leak_similarity or leak_distance (None: bytes only)")
+    threshold: float | None = None
+    leaks_excluded: int = Field(0, description="pool rows left out of the search as leaks")
+    by_kind: dict[str, int] = Field(default_factory=dict, description="identical_bytes, similar")
+    pool: int = Field(0, description="pool rows the guard looked at")
+    leaks_parquet: str | None = None
+    nearest: dict[str, list[float]] | None = Field(
+        None, description="with a threshold: the histogram (edges, counts) of each pool row's nearest protected score "
+                          "(leak_scope=mined: of a fixed sample of pool rows)")
+    scope: str = Field("pool", description="pool (every pool row judged) | mined (the rows the search would take, "
+                                           "and what a leak among them pulled in: the same answer)")
+    pool_rows: int | None = Field(None, description="leak_scope=mined: the pool rows the search could take")
+    sample: int | None = Field(None, description="leak_scope=mined: the pool rows the histogram samples")
+
+
 class MineResult(_Result):
     output_parquet: str
     summary_path: str
@@ -135,6 +158,8 @@ class MineResult(_Result):
         "the euclidean/manhattan distance within which a mined image was collapsed into one kept before it"))
     near_duplicates_parquet: str | None = Field(None, exclude_if=lambda value: value is None, description=(
         "each collapsed image, the kept one it was collapsed into (duplicate_of), their similarity/distance"))
+    leaks: LeakFacts | None = Field(None, exclude_if=lambda value: value is None, description=(
+        "with protected_parquet: the leakage guard in the search, what it judged and left out (leaks.parquet)"))
     encoder: EncoderIdentity | None = Field(None, description="shared identity of both inputs, if recorded")
     backend: str = "local"
     timings: dict[str, float] = Field(default_factory=dict)
@@ -262,24 +287,6 @@ class ReportResult(_Result):
                 + (f"\nfacts unavailable: {', '.join(self.missing_facts)}" if self.missing_facts else "")
                 + (f"\nprovenance unavailable: {'; '.join(self.provenance_unavailable)}"
                    if self.provenance_unavailable else ""))
-
-
-class LeakFacts(BaseModel):
-    """The leakage guard of a run: what it protected and which pool rows it left out (leaks.parquet)."""
-
-    protected_listings: list[str] = Field(default_factory=list, description="the protect listings (the targets "
-                                                                               "are protected besides)")
-    protected_images: int = Field(0, description="protected images compared: the targets and the listings' "
-                                                 "readable images")
-    knn_metric: str = "cosine"
-    threshold_key: str | None = Field(None, description="leak_similarity or leak_distance (None: bytes only)")
-    threshold: float | None = None
-    leaks_excluded: int = Field(0, description="pool rows left out of the search as leaks")
-    by_kind: dict[str, int] = Field(default_factory=dict, description="identical_bytes, similar")
-    pool: int = Field(0, description="pool rows the guard looked at")
-    leaks_parquet: str | None = None
-    nearest: dict[str, list[float]] | None = Field(
-        None, description="with a threshold: the histogram (edges, counts) of each pool row's nearest protected score")
 
 
 class RunResult(_Result):

@@ -231,6 +231,15 @@ def _class_names(value: Any) -> Any:
     return sorted({str(item).strip().lower() for item in items if str(item).strip()})
 
 
+class LeakScope(StrEnum):
+    """Which pool rows the leakage guard judges: `mined` those the search would take (each target's
+    topn and what a leak among them pulls in: the same answer as judging every row, at a fraction of
+    the cost); `pool` every row, so leaks.parquet lists every leak in the pool (an audit)."""
+
+    mined = "mined"
+    pool = "pool"
+
+
 class MiningMode(StrEnum):
     """What `run` mines: `nearest` each target's topn nearest pool images (`tmm nearest_neighbors`);
     `unique` a budget of unique pool images, each claimed by one target (`tmm unique_neighbor_matching`)."""
@@ -254,8 +263,8 @@ UNIQUE_KEYS = ("desired_unique_count", "allocation_policy", "rare_class_list", "
 BOTH_MODES_KEYS = ("dedup_similarity", "dedup_distance")  # the near-duplicate rule: collapse (nearest), claiming (unique)
 NEAREST_KEYS = frozenset({"topn", "filter_by_label", "exclude_targets", "min_similarity", "max_distance",
                           "distance_threshold", "floor_rule", "label_mode", "leak_similarity", "leak_distance",
-                          "leaks_parquet", "pool_image_root"})
-LEAK_KEYS = ("leak_similarity", "leak_distance", "leaks_parquet")  # the leakage guard's (mode=nearest)
+                          "leaks_parquet", "leak_scope", "protected_parquet", "pool_image_root"})
+LEAK_KEYS = ("leak_similarity", "leak_distance", "leaks_parquet", "leak_scope", "protected_parquet")  # the leakage guard's (mode=nearest)
 # Keys on one metric's scale, as (cosine key, its noun; distance key, its noun): each refused under the other metric.
 SCALED_KEYS = (("min_similarity", "similarity floor", "max_distance", "distance ceiling"),
                ("dedup_similarity", "similarity threshold", "dedup_distance", "distance threshold"),
@@ -319,6 +328,14 @@ class MiningSpec(_Spec):
     leaks_parquet: Annotated[str | None, PathField()] = Field(
         None, description="per-run: a parquet whose `filepath`s (pool rows) are left out of the search (run's "
                           "leakage guard writes it: leaks.parquet)")
+    leak_scope: Annotated[LeakScope | None, _choice(
+        tuple(LeakScope), "leak_scope", "spec_invalid",
+        "set leak_scope=mined (judge the rows the search would take) or leak_scope=pool (every pool row)")] = Field(
+        None, description="the leakage guard judges: mined (default: the rows the search would take; the same "
+                          "answer, at a fraction of the cost) | pool (every pool row: leaks.parquet lists every leak)")
+    protected_parquet: Annotated[str | None, PathField()] = Field(
+        None, description="per-run: the protected images (the targets, then run --protect's; with a leak threshold "
+                          "their vectors), which the search judges its candidates against (run writes it)")
     pool_image_root: Annotated[str | None, PathField()] = Field(
         None, description="per-run: where the pool's relative filepaths resolve, for telling mined images with "
                           "identical bytes apart (run sets it; default: the source parquet's folder)")

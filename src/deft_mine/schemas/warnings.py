@@ -112,14 +112,17 @@ def store_shard_corrupt(store: str | None, shards: list[str]) -> ToolWarning:
                                f"and were set aside (renamed .corrupt-*); their images were embedded again")
 
 
-def leaks_excluded(by_kind: dict[str, int], pool: int, examples: list[str]) -> ToolWarning:
-    """Pool rows the leakage guard left out of the search (copies of protected images), by kind."""
+def leaks_excluded(by_kind: dict[str, int], pool: int, examples: list[str], judged: int | None = None) -> ToolWarning:
+    """Pool rows the leakage guard left out of the search (copies of protected images), by kind; `judged`
+    (leak_scope=mined): the pool rows it judged, those the search would have taken."""
     total = sum(by_kind.values())
+    among = f"{pool} pool rows" if judged is None else f"the {judged} pool rows the search reached (of {pool})"
     kinds = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in by_kind.items() if n)
     every = "; every pool row is a leak, so nothing was mined" if total and total >= pool else ""
     return ToolWarning(code="leaks_excluded", fields=["protect", "leak_similarity", "leak_distance"],
-                       details={"count": total, "by_kind": by_kind, "pool": pool, "examples": examples},
-                       message=f"{total} of {pool} pool rows copy a protected image ({kinds}) and were left out "
+                       details={"count": total, "by_kind": by_kind, "pool": pool, "examples": examples,
+                                **({} if judged is None else {"judged": judged})},
+                       message=f"{total} of {among} copy a protected image ({kinds}) and were left out "
                                f"of the search (leaks.parquet lists each with the image it copies){every}")
 
 

@@ -14,6 +14,7 @@ from deft_mine.schemas.inputs import MineInput
 from deft_mine.schemas.results import EncoderIdentity, MineResult
 from deft_mine.schemas.specs import MiningSpec, Side
 from deft_mine.schemas.warnings import ToolWarning
+from deft_mine.tools import run_leaks
 from deft_mine.tools._common import distinct_output, existing_input, required_path, spec_with_paths
 from deft_mine.tools.registry import Tool, ToolContext, register
 
@@ -55,6 +56,10 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
     backend.accepts(spec)
     done = backend.mine(spec, source, target, outputs, ctx.events)
     found.extend(done.warnings)
+    leaks = None
+    if done.leaks is not None and (done.leaks.asked or done.leaks.table.num_rows):  # the guard in the search
+        leaks, raised = run_leaks.in_search_facts(done.leaks, spec, outputs.leaks)
+        found.extend(raised)
     summary = done.summary
     found += [ruling.warning for ruling in rules.rule(rules.Facts(
         topn=spec.topn, queries=summary.queries or 0, pool=done.searched_rows, mined=summary.mined,
@@ -69,7 +74,7 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
         min_similarity=spec.min_similarity, max_distance=spec.max_distance, dedup_similarity=spec.dedup_similarity,
         dedup_distance=spec.dedup_distance,
         near_duplicates_parquet=None if spec.dedup is None and not summary.identical_images else
-        str(outputs.near_duplicates), encoder=identity,
+        str(outputs.near_duplicates), leaks=leaks, encoder=identity,
         backend=backend.name, timings=done.timings, cluster=done.cluster, warnings=found,
     )
 

@@ -213,16 +213,19 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
             backend, store, ctx.stage(f"embed {name}"), listing) for name, listing in sides.items()}
         _require_readable(embedded)
         tgt, src = embedded["targets"], embedded["source"]
-        leaks, leak_warnings, protect_embeds = None, [], []
+        leaks, leak_warnings, protect_embeds, leak_seconds = None, [], [], 0.0
         if guarded:  # before the search: the leak rows go to the mining spec, whose search leaves them out
             t0 = time.perf_counter()
-            leaks, leak_warnings, protect_embeds = run_leaks.guard(
+            leaks, leak_warnings, protect_embeds, guarded_mining = run_leaks.guard(
                 inputs, protected, folder.path, mining, embedding, backend, store, ctx, sides["targets"], sides["source"])
-            if leaks is not None:
-                mining = mining.model_copy(update={"leaks_parquet": leaks.leaks_parquet})
+            if guarded_mining != mining:
+                mining = guarded_mining
                 folder.record_mining_spec(mining)
             leak_seconds = time.perf_counter() - t0
         mine_result, matched = _mine(inputs, folder, mining, sides["source"], backend, ctx)
+        if mine_result is not None and mine_result.leaks is not None:  # the guard in the search (leak_scope=mined)
+            leaks = mine_result.leaks
+            leak_seconds += mine_result.timings.get("leaks", 0.0)
         selected, training, training_warnings = _select_and_train(inputs, folder, mining, sides["source"],
                                                                   validation, ctx, matched)
         mined_warnings = (mine_result or matched).warnings

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from deft_mine.backends import Backend
 from deft_mine.engine import leaks, tables
+from deft_mine.engine.leak_search import write_protected
 from deft_mine.engine.images import file_sizes, resolve_image_path
 from deft_mine.engine.listings import FILEPATH, Listing, open_listing
 from deft_mine.engine.mining import pool_vectors
@@ -17,7 +19,7 @@ from deft_mine.errors import DeftError
 from deft_mine.schemas import artifacts, warnings
 from deft_mine.schemas.inputs import ChangeNetOptions, RunInput
 from deft_mine.schemas.results import EmbedResult, LeakFacts
-from deft_mine.schemas.specs import EmbeddingSpec, MiningSpec
+from deft_mine.schemas.specs import EmbeddingSpec, LeakScope, MiningSpec
 from deft_mine.schemas.warnings import ToolWarning
 from deft_mine.tools.embed import embed_spec
 from deft_mine.tools.guards import PathPolicy
@@ -92,9 +94,11 @@ def protected_listing(listings: list[Listing], path: Path) -> Path:
 
 def guard(inputs: RunInput, listings: list[Listing], folder: Path, mining: MiningSpec, embedding: EmbeddingSpec,
           backend: Backend, store: Path | None, ctx: ToolContext, targets: Listing, pool: Listing
-          ) -> tuple[LeakFacts | None, list[ToolWarning], list[EmbedResult]]:
-    """Find the leaks among the embedded pool rows and write leaks.parquet (when the guard was asked
-    for, or found a leak): the mining spec then names it, and the search leaves its rows out."""
+          ) -> tuple[LeakFacts | None, list[ToolWarning], list[EmbedResult], MiningSpec]:
+    """The protected images made ready, and the mining spec that guards them. leak_scope=mined (local,
+    ray): protected.parquet, which the search judges its candidates against (the facts come with the
+    mining). leak_scope=pool (or a backend whose search cannot judge): every pool row judged now and
+    leaks.parquet written (when the guard was asked for, or found a leak), whose rows the search leaves out."""
     threshold = mining.leak_threshold
     embedded: list[EmbedResult] = []
     if listings:
@@ -109,6 +113,9 @@ def guard(inputs: RunInput, listings: list[Listing], folder: Path, mining: Minin
                                 fix="check the protect listings' images", skipped_by_reason=done.skipped_by_reason)
             embedded.append(done)
     protected = _protected(folder, mining, listings, threshold is not None, targets.images_root)
+    if backend.capabilities.guards_in_search and mining.leak_scope is not LeakScope.pool:
+        write_protected(protected, folder / artifacts.PROTECTED)
+        return None, [], embedded, mining.model_copy(update={"protected_parquet": str(folder / artifacts.PROTECTED)})
     pool_table = tables.read_columns(Path(str(mining.source_parquet)), [FILEPATH])
     found_pool = leaks.pool_of([str(p) for p in pool_table.column(FILEPATH).to_pylist()], pool.images_root,
                                protected.filepaths[:_count_targets(protected)])
@@ -117,7 +124,7 @@ def guard(inputs: RunInput, listings: list[Listing], folder: Path, mining: Minin
     found = leaks.find_leaks(found_pool, protected, mining.knn_metric, threshold, blocks)
     counts = found.counts()
     if not asked(inputs, mining) and not found.table.num_rows:
-        return None, [], embedded
+        return None, [], embedded, mining
     leaks_path = folder / artifacts.LEAKS
     tables.write_table_atomic(leaks_path, found.table)
     facts = LeakFacts(protected_listings=[str(listing.path) for listing in listings],
@@ -130,7 +137,26 @@ def guard(inputs: RunInput, listings: list[Listing], folder: Path, mining: Minin
                       leaks.histogram(found.nearest, mining.knn_metric, threshold))
     raised = [] if not found.table.num_rows else [warnings.leaks_excluded(
         counts, len(found_pool.filepaths), found.table.column(FILEPATH).to_pylist()[:_EXAMPLES])]
-    return facts, raised, embedded
+    return facts, raised, embedded, mining.model_copy(update={"leaks_parquet": str(leaks_path)})
+
+
+def in_search_facts(outcome: Any, mining: MiningSpec, path: Path) -> tuple[LeakFacts, list[ToolWarning]]:
+    """The guard in the search (leak_scope=mined; `outcome` the engine's LeakOutcome): its facts, and its
+    warning when it left a leak out."""
+    table = outcome.table
+    counts = leaks.kind_counts(table)
+    threshold = mining.leak_threshold
+    facts = LeakFacts(protected_listings=outcome.listings, protected_images=outcome.protected,
+                      knn_metric=mining.knn_metric.value, threshold_key=None if threshold is None else
+                      "leak_similarity" if mining.knn_metric.higher_is_nearer else "leak_distance",
+                      threshold=threshold, leaks_excluded=table.num_rows, by_kind=counts, pool=outcome.judged,
+                      leaks_parquet=str(path) if path.exists() else None, scope=LeakScope.mined.value,
+                      pool_rows=outcome.pool, sample=len(outcome.sample) if threshold is not None else None,
+                      nearest=None if threshold is None else leaks.histogram(outcome.sample, mining.knn_metric,
+                                                                                   threshold))
+    raised = [] if not table.num_rows else [warnings.leaks_excluded(
+        counts, outcome.pool, table.column(FILEPATH).to_pylist()[:_EXAMPLES], judged=outcome.judged)]
+    return facts, raised
 
 
 def _protected(folder: Path, mining: MiningSpec, listings: list[Listing], with_vectors: bool,

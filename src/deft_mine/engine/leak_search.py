@@ -1,0 +1,221 @@
+"""The leakage guard inside the search (leak_scope=mined): the candidates' vectors kept as the pool streams
+past, each judged once, and the targets a leak left short of topn searched again without the leaks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from deft_mine.engine import tables
+from deft_mine.engine.images import resolve_image_path
+from deft_mine.engine.knn import TopKState
+from deft_mine.engine.leaks import TARGETS, Pool, Protected, ProtectedBytes, leak_table, nearest_protected, reaches
+from deft_mine.schemas.specs import Metric
+
+SAMPLE_ROWS = 4096  # pool rows whose nearest protected score draws the report's histogram
+KEEP_BYTES = 1 << 30  # candidate vectors kept while streaming beyond this are read back from the file instead
+
+
+def slack(k: int) -> int:
+    """Candidates asked of the search beyond k when the guard judges them: room for a few leaks per
+    target before it must search again."""
+    return max(8, min(k, 64))
+
+
+@dataclass
+class Kept:
+    """Pool rows' vectors kept as the search streamed past: the rows in any query's running top-k
+    (until they leave it) and a fixed sample of rows (the histogram's)."""
+
+    sample: np.ndarray  # the sample's pool rows, ascending
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    vectors: np.ndarray | None = None
+    sample_rows: list[np.ndarray] = field(default_factory=list)
+    sample_vectors: list[np.ndarray] = field(default_factory=list)
+    overflow: bool = False  # the candidates outgrew KEEP_BYTES: read them back instead
+
+    def update(self, state_ids: np.ndarray, block: np.ndarray, ids: np.ndarray) -> None:
+        """After a block went into the running top-k (`state_ids`): keep the block's rows that entered
+        it, forget the kept rows it pushed out, and keep the block's sample rows."""
+        at = np.isin(ids, self.sample)
+        if at.any():
+            self.sample_rows.append(ids[at])
+            self.sample_vectors.append(np.array(block[at], np.float32))
+        if self.overflow:
+            return
+        current = np.unique(state_ids[state_ids >= 0])
+        stay, new = np.isin(self.rows, current), np.isin(ids, current)
+        vectors = block[new] if self.vectors is None else np.concatenate([self.vectors[stay], block[new]])
+        self.rows, self.vectors = np.concatenate([self.rows[stay], ids[new]]), vectors
+        if vectors.nbytes > KEEP_BYTES:
+            self.overflow, self.rows, self.vectors = True, np.zeros(0, np.int64), None
+
+    def merged(self, other: Kept) -> Kept:
+        """Two searches' kept rows as one (shards of one pool, or a search again of some queries)."""
+        both = Kept(self.sample, sample_rows=self.sample_rows + other.sample_rows,
+                    sample_vectors=self.sample_vectors + other.sample_vectors,
+                    overflow=self.overflow or other.overflow)
+        if not both.overflow:
+            parts = [p for p in (self, other) if p.vectors is not None]
+            if parts:
+                both.rows = np.concatenate([p.rows for p in parts])
+                both.vectors = np.concatenate([p.vectors for p in parts])
+        return both
+
+    def vectors_of(self, rows: np.ndarray, read_back: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """The vectors of pool rows the search kept (read back from the file when it could not keep them)."""
+        if self.overflow or self.vectors is None:
+            return read_back(rows)
+        order = np.argsort(self.rows, kind="stable")
+        at = order[np.searchsorted(self.rows[order], rows)]
+        return self.vectors[at]
+
+    def sample_of(self) -> np.ndarray:
+        """The kept sample rows' vectors (those the search saw: not left out)."""
+        if not self.sample_vectors:
+            return np.zeros((0, 0), np.float32)
+        return np.concatenate(self.sample_vectors)
+
+
+def sample_rows(total: int) -> np.ndarray:
+    """The histogram's pool rows: a fixed (seeded) uniform sample, so a run repeats exactly."""
+    if total <= SAMPLE_ROWS:
+        return np.arange(total, dtype=np.int64)
+    return np.sort(np.random.default_rng(0).choice(total, SAMPLE_ROWS, replace=False)).astype(np.int64)
+
+
+class Guard:
+    """The leak rule for pool rows as the search reaches them: the protected images (the targets, and
+    the protect listings' images), each pool row judged once; what it found, in pool order."""
+
+    def __init__(self, protected: Protected, metric: Metric, threshold: float | None, pool_root: Path,
+                 pool_paths: list[str]) -> None:
+        self.protected, self.metric, self.threshold = protected, metric, threshold
+        self.pool_root, self.pool_paths = pool_root, pool_paths
+        self.bytes = ProtectedBytes(protected)
+        targets = {os.path.normpath(p) for p, o in zip(protected.filepaths, protected.origins) if o == TARGETS}
+        self.names_target = np.array([p in targets for p in pool_paths], bool)
+        self.leak = np.zeros(len(pool_paths), bool)
+        self.judged = np.zeros(len(pool_paths), bool)
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]] = []
+
+    def judge(self, rows: np.ndarray, vectors: np.ndarray | None) -> None:
+        """Judge pool rows not judged before (their vectors, given when a threshold is set)."""
+        fresh = ~self.judged[rows]
+        rows = rows[fresh]
+        if not len(rows):
+            return
+        paths = [self.pool_paths[r] for r in rows.tolist()]
+        pool = Pool(paths, [resolve_image_path(p, self.pool_root) for p in paths], self.names_target[rows])
+        twin = self.bytes.copies(pool)
+        nearest = scores = None
+        if self.threshold is not None and vectors is not None:
+            nearest, scores = nearest_protected([vectors[fresh]], self.protected, pool.names_target, self.metric)
+            self.leak[rows[(nearest >= 0) & reaches(scores, self.metric, self.threshold)]] = True
+        self.leak[rows[twin >= 0]] = True
+        self.judged[rows] = True
+        self._parts.append((rows, twin, nearest, scores))
+
+    def nearest_scores(self, rows: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """The nearest protected score of each of these pool rows (the histogram's), leaks or not."""
+        if self.threshold is None or not len(rows):
+            return np.zeros(0, np.float64)
+        return nearest_protected([vectors], self.protected, self.names_target[rows], self.metric)[1]
+
+    def table(self) -> pa.Table:
+        """leaks.parquet: the leaks among the judged rows, in pool order."""
+        parts = self._parts or [(np.zeros(0, np.int64), np.zeros(0, np.int64), None, None)]
+        rows = np.concatenate([p[0] for p in parts])
+        twin = np.concatenate([p[1] for p in parts])
+        with_vectors = self.threshold is not None and all(p[2] is not None for p in parts) and self._parts
+        nearest = np.concatenate([p[2] for p in parts]) if with_vectors else None
+        scores = np.concatenate([p[3] for p in parts]) if with_vectors else None
+        order = np.argsort(rows, kind="stable")
+        pick = (lambda a: None if a is None else a[order])
+        return leak_table(rows[order], [self.pool_paths[r] for r in rows[order].tolist()], twin[order],
+                          pick(nearest), pick(scores), self.protected, self.metric, self.threshold)
+
+
+def first_k(state: TopKState, leak: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, which of its entries are the first k that are no leak (in rank order), and how
+    many entries it has that are no leak."""
+    ids = state.ids
+    ok = (ids >= 0) & ~leak[np.maximum(ids, 0)]
+    return ok & (np.cumsum(ok, axis=1) <= k), ok.sum(axis=1)
+
+
+def trimmed(state: TopKState, leak: np.ndarray, k: int) -> TopKState:
+    """Each query's first k entries that are no leak, k wide (empty slots: row -1, key inf)."""
+    take, _ = first_k(state, leak, k)
+    keys = np.full((len(state.ids), k), np.inf)
+    ids = np.full((len(state.ids), k), -1, np.int64)
+    slot = np.cumsum(take, axis=1) - 1
+    q, c = np.nonzero(take)
+    keys[q, slot[q, c]], ids[q, slot[q, c]] = state.keys[q, c], state.ids[q, c]
+    return TopKState(keys, ids)
+
+
+def write_protected(protected: Protected, path: Path) -> None:
+    """The protected images as the search reads them: where each resolves, as its listing wrote it,
+    which listing (targets first), and its vector when a threshold is set."""
+    columns = {"filepath": pa.array([str(p) for p in protected.resolved], pa.string()),
+               "protected_filepath": pa.array(protected.filepaths, pa.string()),
+               "protected_listing": pa.array(protected.origins, pa.string())}
+    if protected.vectors is not None:
+        columns["embedding"] = tables.vector_array(protected.vectors)
+    tables.write_table_atomic(path, pa.table(columns))
+
+
+def read_protected(path: Path, with_vectors: bool) -> Protected:
+    """The protected images a run wrote (protected.parquet: the targets first, then the protect listings')."""
+    columns = ["filepath", "protected_filepath", "protected_listing"] + (["embedding"] if with_vectors else [])
+    table = tables.read_columns(tables.require_file(path, "protected_parquet"), columns)
+    protected = Protected(table.column("protected_filepath").to_pylist(),
+                          [Path(p) for p in table.column("filepath").to_pylist()],
+                          table.column("protected_listing").to_pylist())
+    if with_vectors:
+        protected.vectors = tables.vectors_from_column(table.column("embedding"), path=path, name="embedding",
+                                                       first_row=0, dim=None, field="protected_parquet")
+    return protected
+
+
+def settle(state: TopKState, kept: Kept, guard: Guard, k: int, read_back: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Judge, in rounds, each query's first k entries that are no known leak, until they are all judged
+    (a leak found pulls the next entry in): the rows the answer would take are then all clean."""
+    while True:
+        take, _ = first_k(state, guard.leak, k)
+        need = np.unique(state.ids[take])
+        need = need[~guard.judged[need]]
+        if not len(need):
+            return
+        guard.judge(need, kept.vectors_of(need, read_back) if guard.threshold is not None else None)
+
+
+def exclude_leaks(state: TopKState, kept: Kept, guard: Guard, k: int, read_back: Callable[[np.ndarray], np.ndarray],
+                  research: Callable[[np.ndarray, np.ndarray], tuple[TopKState, Kept]],
+                  judge_all: Callable[[], None]) -> tuple[TopKState, Kept]:
+    """The search's candidates (k + slack per query) with the leaks taken out, k per query: exactly
+    the top-k of the pool without its leaks. A query whose list ran out of clean entries is searched
+    again without the leaks found; if that too runs out, the whole pool is judged and it is searched
+    once more, which cannot run out (so at most two more passes, for the queries that need them)."""
+    for attempt in range(3):
+        settle(state, kept, guard, k, read_back)
+        _, clean = first_k(state, guard.leak, k)
+        full = state.ids[:, -1] >= 0 if state.ids.shape[1] else np.zeros(len(state.ids), bool)
+        short = np.flatnonzero((clean < k) & full)  # a full list: more rows may follow
+        if not len(short) or attempt == 2:
+            break
+        if attempt == 1:
+            judge_all()
+        again, more = research(short, guard.leak)
+        keys, ids = state.keys.copy(), state.ids.copy()
+        width = again.keys.shape[1]  # fewer rows left than the search's width: the rest stay empty
+        keys[short], ids[short] = np.inf, -1
+        keys[short, :width], ids[short, :width] = again.keys, again.ids
+        state, kept = TopKState(keys, ids), kept.merged(more)
+    return trimmed(state, guard.leak, k), kept
