@@ -729,17 +729,24 @@ def test_a_lost_head_is_a_coded_error_and_the_run_folder_says_so(tmp_path):
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp file left
 
 
-def test_a_guarded_run_equals_local(cluster, guarded_set):
+@pytest.mark.parametrize("scope", ["mined", "pool"])
+def test_a_guarded_run_equals_local(cluster, guarded_set, scope):
     """The leakage guard (a protect listing, byte copies and leak_similarity) leaves the same pool rows
-    out on a cluster as here, so the mined set is the same."""
+    out on a cluster as here, so the mined set is the same: judged in the search (leak_scope=mined: the
+    shards keep their candidates' vectors, the driver judges them) or over the whole pool first."""
     from deft_mine.tools.run import run
 
     folder = guarded_set
+    kinds = {}
     for backend in ("local", "ray"):
         result = run(folder / "targets.parquet", folder / "pool.parquet", run_dir=folder / backend, no_store=True,
                      protect=[str(folder / "val.parquet")], backend=backend,
                      **({"ray_address": cluster} if backend == "ray" else {}),
-                     overrides={**THUMB, "topn": 3, "leak_similarity": 0.9})
-        assert result.leaks is not None and result.leaks.by_kind == {"identical_bytes": 2, "similar": 2}
+                     overrides={**THUMB, "topn": 3, "leak_similarity": 0.9, "leak_scope": scope})
+        assert result.leaks is not None and result.leaks.scope == scope
+        kinds[backend] = result.leaks.by_kind
+    assert kinds["ray"] == kinds["local"] and kinds["local"]["identical_bytes"] >= 1
+    if scope == "pool":
+        assert kinds["local"] == {"identical_bytes": 2, "similar": 2}
     for name in ("protected_embeddings.parquet", "leaks.parquet", "mined.parquet", "mined_pairs.parquet"):
         assert pq.read_table(folder / "ray" / name).equals(pq.read_table(folder / "local" / name)), name

@@ -232,6 +232,12 @@ class DockerBackend:
             done = mine_files(source_path, target_path, spec, events=events)
             if on_host:
                 return write_mining(done, outputs)
+            if done.near_duplicates is not None:  # mined files with identical bytes (identical_images, always
+                # on): the host's answer, which mines each once; the image's is kept as a record
+                os.replace(outputs.mined, outputs.mined.parent / artifacts.MINED_RAW)
+                events.log("info", f"{done.summary.identical_images} mined file(s) repeat another's bytes: "
+                                   "mined once, on the host")
+                return write_mining(done, outputs)
             tables.write_table_atomic(outputs.pairs, done.pairs)
             if done.floor is not None:  # the loop checks kept_count against the file the image wrote
                 done.floor.kept = tables.num_rows(outputs.mined)
@@ -365,9 +371,10 @@ class DockerBackend:
 
 # Mining keys of ours the host applies when the image does not know them (the floor in any of its
 # three spellings and its rule, exclude_targets, the leakage guard's leaks_parquet: the rows its search
-# leaves out, the near-duplicate collapse); label_mode=per_label it cannot apply afterwards (refused).
+# leaves out, or protected_parquet: what a `mine` spec's search judges its candidates against, the
+# near-duplicate collapse); label_mode=per_label it cannot apply afterwards (refused).
 _HOST_KEYS = ("distance_threshold", "min_similarity", "max_distance", "floor_rule", "exclude_targets",
-              "leaks_parquet", "dedup_similarity", "dedup_distance")
+              "leaks_parquet", "protected_parquet", "dedup_similarity", "dedup_distance")
 _REFUSED = ("label_mode",)
 
 

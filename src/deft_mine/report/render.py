@@ -786,9 +786,12 @@ def _leaks_section(v: _View, found: list[Finding], verdict: str, compact: bool) 
     listed = ", ".join(_path_md(p) for p in g.protected_listings) or "no listing (`protect` not given)"
     rule = "identical bytes (SHA-256)" + (f", or `{g.threshold_key}` = {_fmt(g.threshold)}" if g.threshold_key else "")
     kinds = ", ".join(f"{n} `{kind}`" for kind, n in g.by_kind.items())
+    judged = (f"of {g.pool}" if g.scope == "pool" else
+              f"among the {g.pool} the search would have taken (`leak_scope=mined`: the same answer as judging all "
+              f"{g.pool_rows})")
     yield 0, (f"Protected: the targets and {listed}; {plural(g.protected_images, 'protected image')} in all. A pool "
-              f"row is a leak when it copies one ({rule}); leaks never reach the search. "
-              f"{plural(g.leaks_excluded, 'pool row')} of {g.pool} were left out ({kinds}), each listed with the "
+              f"row is a leak when it copies one ({rule}); leaks never reach the answer. "
+              f"{plural(g.leaks_excluded, 'pool row')} {judged} were left out ({kinds}), each listed with the "
               f"image it copies in `leaks.parquet`" + (" (warning `leaks_excluded`)." if g.leaks_excluded else "."))
     if v.facts.leak_examples:
         score = "similarity" if g.knn_metric == "cosine" else "distance"
@@ -803,6 +806,8 @@ def _leaks_section(v: _View, found: list[Finding], verdict: str, compact: bool) 
     if g.nearest and sum(g.nearest["counts"]):
         edges, counts = g.nearest["edges"], g.nearest["counts"]
         what = "similarity" if g.knn_metric == "cosine" else "distance"
+        if g.sample is not None and g.pool_rows is not None and g.sample < g.pool_rows:
+            yield 0, f"The distribution below is of a fixed uniform sample of {g.sample} pool rows."
         if "leak_nearest" in pictures:
             yield 0, (f"![Nearest protected {what} of each pool row]({pictures['leak_nearest']})\n\n"
                       f"Each pool row's nearest protected {what}, the dashed line at `{g.threshold_key}`: "
