@@ -246,8 +246,6 @@ def test_refusals_name_the_field(guarded_set):
     assert (error.code, error.details["field"]) == ("spec_invalid", "leak_similarity")
     error = _refused(guarded_set, knn_metric="manhattan", leak_distance=-1)
     assert error.details["field"] == "leak_distance"
-    error = _refused(guarded_set, [str(guarded_set / "val.parquet")], mode="unique", desired_unique_count=2)
-    assert (error.code, error.details["field"]) == ("spec_invalid", "protect")
 
 
 def test_docker_applies_the_guard_on_the_host_and_a_backend_that_cannot_is_refused():

@@ -154,7 +154,8 @@ def test_with_history_a_file_name_shared_across_boards_excludes_only_the_file_se
     for board in (1, 2, 3):
         for part in ("C1", "R7"):
             write_image(tmp_path / "imgs" / f"B{board}" / f"{part}.png", seed=10 * board + len(part) + ord(part[0]))
-    write_image(tmp_path / "imgs" / "t.png", seed=99)
+    # (seed 99 would be B3/C1.png's own bytes: a byte copy of the target, which the guard keeps out)
+    write_image(tmp_path / "imgs" / "t.png", seed=999)
     pq.write_table(pa.table({"filepath": ["imgs/t.png"]}), tmp_path / "targets.parquet")
     pool = [f"imgs/B{b}/{p}.png" for b in (1, 2, 3) for p in ("C1", "R7")]
     pq.write_table(pa.table({"filepath": pool}), tmp_path / "pool.parquet")

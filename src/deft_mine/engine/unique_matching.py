@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable
 
@@ -13,6 +14,7 @@ import pyarrow as pa
 from deft_mine.engine import dedup, detections, tables
 from deft_mine.engine.detections import NO_CLASSES, ImageClasses
 from deft_mine.engine.knn import l2_normalise
+from deft_mine.engine.leaks import leak_mask
 from deft_mine.engine.mining import label_key, label_spellings, label_text, take_rows
 from deft_mine.engine.pool_search import PoolSearch, pool_parts, search_pool
 from deft_mine.engine.selection import claim_one_to_one, nearest_first
@@ -144,6 +146,14 @@ def _excluded(spec: UniqueMatchingSpec, paths: list[str]) -> np.ndarray:
             names |= {str(value), PurePosixPath(str(value)).name} if by_name else {str(value)}
     return np.fromiter((p in names or (by_name and PurePosixPath(p).name in names) for p in paths), dtype=bool,
                        count=len(paths))
+
+
+def _leaked(spec: UniqueMatchingSpec, paths: list[str]) -> np.ndarray:
+    """Pool rows the leakage guard's leaks_parquet lists (by their lexically normal full path)."""
+    if not spec.leaks_parquet:
+        return np.zeros(len(paths), dtype=bool)
+    normal = pa.array([os.path.normpath(p) for p in paths], pa.string())
+    return leak_mask(normal, tables.require_file(Path(spec.leaks_parquet).expanduser(), "leaks_parquet"))
 
 
 # A search keeps each target's candidates for this many passes' k (the retries then read them back
@@ -368,6 +378,8 @@ def unique_match(spec: UniqueMatchingSpec, search: PoolSearch = search_pool) -> 
                         fix="give at least one target", field="target_path")
     classes = (_class_source(spec, pool, "source"), _class_source(spec, targets, "target"))
     excluded = _excluded(spec, pool.paths)
+    leaked = _leaked(spec, pool.paths)
+    excluded = excluded | leaked  # a leak is never selected, as an excluded row is not
     matcher = _Matcher(spec, pool, targets, search)
     if stratified:
         groups = _class_groups(spec, *classes)
@@ -379,6 +391,8 @@ def unique_match(spec: UniqueMatchingSpec, search: PoolSearch = search_pool) -> 
         quotas, groups = None, None
     selected = _selected(spec, matcher)
     summary = _summary(spec, matcher, selected, targets, pool, excluded, groups, quotas, shortfall, classes)
+    if spec.leaks_parquet:  # ours: the leak rows the guard left out (among excluded_rows)
+        summary["leaks_excluded"] = int(leaked.sum())
     near = None if matcher.twins is None else matcher.twins.table(pool.paths)
     if near is not None:
         summary["near_duplicates_removed"] = near.num_rows

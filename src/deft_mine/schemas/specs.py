@@ -260,11 +260,11 @@ RareClassList = Annotated[list[str], BeforeValidator(_class_names)]
 
 # Keys only one mode reads: the other refuses them rather than ignore them.
 UNIQUE_KEYS = ("desired_unique_count", "allocation_policy", "rare_class_list", "candidate_expansion_factor")
-BOTH_MODES_KEYS = ("dedup_similarity", "dedup_distance")  # the near-duplicate rule: collapse (nearest), claiming (unique)
+# the near-duplicate rule: collapse (nearest), claiming (unique); the leak rows: left out of the search, or the matching
+BOTH_MODES_KEYS = ("dedup_similarity", "dedup_distance", "leaks_parquet")
 NEAREST_KEYS = frozenset({"topn", "filter_by_label", "exclude_targets", "min_similarity", "max_distance",
-                          "distance_threshold", "floor_rule", "label_mode", "leak_similarity", "leak_distance",
-                          "leaks_parquet", "leak_scope", "protected_parquet", "pool_image_root"})
-LEAK_KEYS = ("leak_similarity", "leak_distance", "leaks_parquet", "leak_scope", "protected_parquet")  # the leakage guard's (mode=nearest)
+                          "distance_threshold", "floor_rule", "label_mode", "protected_parquet", "pool_image_root"})
+LEAK_KEYS = ("leak_similarity", "leak_distance", "leaks_parquet", "leak_scope", "protected_parquet")  # the leakage guard's
 # Keys on one metric's scale, as (cosine key, its noun; distance key, its noun): each refused under the other metric.
 SCALED_KEYS = (("min_similarity", "similarity floor", "max_distance", "distance ceiling"),
                ("dedup_similarity", "similarity threshold", "dedup_distance", "distance threshold"),
@@ -373,6 +373,10 @@ class MiningSpec(_Spec):
                                 "spends a budget of desired_unique_count unique images, one target each, and would "
                                 "ignore it", fix=f"leave {key} out with mode=unique, or use mode=nearest",
                                 field=key, mode=self.mode.value)
+        if self.leak_scope is LeakScope.mined:
+            raise DeftError("spec_invalid", "leak_scope=mined judges the candidates of a nearest search; mode=unique "
+                            "claims in passes, so its guard judges every pool row", fix="leave leak_scope out (or "
+                            "set leak_scope=pool) with mode=unique", field="leak_scope", mode=self.mode.value)
         self.unique_spec("", "", "")  # the matcher's own rules judge its keys (class_stratified needs classes)
         return self
 
@@ -500,6 +504,9 @@ class UniqueMatchingSpec(_Spec):
         tuple(ExcludeBy), "exclude_by", "spec_invalid", "set exclude_by=path_or_name or exclude_by=path")] = Field(
         ExcludeBy.path_or_name, description="path_or_name (the container's: an exclude row's full path or file "
                                             "name) | path (ours: its full path only)")
+    leaks_parquet: Annotated[str | None, PathField()] = Field(
+        None, description="ours, per-run: a parquet whose `filepath`s (pool rows, by full path) are never selected "
+                          "(run's leakage guard writes it: leaks.parquet)")
     source_detection_file: Annotated[str | None, PathField()] = Field(
         None, description="the pool's classes: a COCO json or a KITTI label folder (detection_format); an image "
                           "matched by full path, file name or stem (KITTI: stem); without it, each row's `label`")

@@ -34,16 +34,18 @@ def asked(inputs: RunInput, mining: MiningSpec) -> bool:
 
 
 def applies(inputs: RunInput, mining: MiningSpec, backend: Backend, sentences: bool) -> bool:
-    """Whether the guard runs: mode=nearest on a backend that can leave pool rows out of its search
-    (local, ray; docker by mining on the host after the container's, as for the floor), image
-    targets. What was asked of it where it cannot run is refused, naming why."""
+    """Whether the guard runs: image targets, on a backend that can leave pool rows out of its search
+    (mode=nearest: local, ray, and docker by mining on the host after the container's, as for the
+    floor; mode=unique: deft-mine's matcher, local or ray). What was asked of it where it cannot run is
+    refused, naming why."""
+    ours = not mining.unique or backend.capabilities.guards_in_search  # mode=unique: deft-mine's matcher only
     if not asked(inputs, mining):
-        return not mining.unique and backend.capabilities.leaves_rows_out and not sentences and mining.leaks_parquet is None
+        return ours and backend.capabilities.leaves_rows_out and not sentences and mining.leaks_parquet is None
     field = "protect" if inputs.protect else "leak_similarity" if mining.leak_similarity is not None else "leak_distance"
-    if mining.unique:
-        raise DeftError("spec_invalid", f"{field}: the leakage guard runs with mode=nearest; mode=unique (the "
-                        "budgeted matching) cannot leave pool rows out of its search yet",
-                        fix=f"leave {field} out with mode=unique, or mine with mode=nearest", field=field)
+    if not ours:
+        raise DeftError("backend_unsupported", f"{field}: with mode=unique the {backend.name} backend's matcher "
+                        "cannot be told to leave the leak rows out", fix=f"use backend=local or backend=ray for a "
+                        f"guarded mode=unique run, or leave {field} out", field=field, backend=backend.name)
     if not backend.capabilities.leaves_rows_out:
         raise DeftError("backend_unsupported", f"{field}: the {backend.name} backend's program searches the whole pool "
                         "and cannot be told to leave the leak rows out", fix=f"use backend=local or backend=ray "
@@ -113,7 +115,7 @@ def guard(inputs: RunInput, listings: list[Listing], folder: Path, mining: Minin
                                 fix="check the protect listings' images", skipped_by_reason=done.skipped_by_reason)
             embedded.append(done)
     protected = _protected(folder, mining, listings, threshold is not None, targets.images_root)
-    if backend.capabilities.guards_in_search and mining.leak_scope is not LeakScope.pool:
+    if backend.capabilities.guards_in_search and mining.leak_scope is not LeakScope.pool and not mining.unique:
         write_protected(protected, folder / artifacts.PROTECTED)
         return None, [], embedded, mining.model_copy(update={"protected_parquet": str(folder / artifacts.PROTECTED)})
     pool_table = tables.read_columns(Path(str(mining.source_parquet)), [FILEPATH])
