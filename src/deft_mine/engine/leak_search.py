@@ -22,9 +22,10 @@ KEEP_BYTES = 1 << 30  # candidate vectors kept while streaming beyond this are r
 
 
 def slack(k: int) -> int:
-    """Candidates asked of the search beyond k when the guard judges them: room for a few leaks per
-    target before it must search again."""
-    return max(8, min(k, 64))
+    """Candidates asked of the search beyond k when the guard judges them: room for many leaks per
+    target (a component re-captured a dozen times) before it must search the pool again. Only the
+    first k clean ones are ever judged, so the room costs little: a wider running top-k."""
+    return max(32, min(2 * k, 256))
 
 
 @dataclass
