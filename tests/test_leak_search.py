@@ -116,9 +116,9 @@ class Reference:
 
 
 def reference(case: Case, metric: Metric, h: int | None, topn: int, per_label: bool = False,
-              byte_leaks: dict[int, int] | None = None, exclude_targets: bool = False) -> Reference:
-    """Leaks: a byte copy (`byte_leaks`: pool row -> protected row), or a nearest protected score that
-    reaches the threshold, a pool row naming a target compared with the protect listing only.
+              exclude_targets: bool = False) -> Reference:
+    """Leaks: a nearest protected score that reaches the threshold (byte copies: the test that writes
+    files judges them itself), a pool row naming a target compared with the protect listing only.
     `exclude_targets`: the rows naming a target are never searched."""
     protected = case.protected
     names_target = np.isin(case.pool_names, case.target_names)
@@ -132,8 +132,6 @@ def reference(case: Case, metric: Metric, h: int | None, topn: int, per_label: b
     if h is not None:
         limit = score_at(h, metric)
         leak = np.isfinite(best) & ((score >= limit) if metric is Metric.cosine else (score <= limit))
-    for row in (byte_leaks or {}):
-        leak[row] = True
     near = keys(case.targets, case.pool, metric)
     if per_label:
         near[np.asarray(case.target_labels)[:, None] != np.asarray(case.pool_labels)[None, :]] = np.inf
@@ -478,6 +476,22 @@ def test_pools_smaller_than_the_search_width(tmp_path, metric, pool_rows, topn, 
     ref = reference(case, metric, 2, topn)
     outcome = mine(case, metric, 2, topn, block_rows=block_rows)
     assert_answer(outcome, case, ref, metric)
+
+
+@pytest.mark.parametrize("metric", list(Metric))
+def test_without_a_protect_listing_a_row_naming_a_target_is_never_a_vector_leak(tmp_path, metric):
+    """The targets only protected: the pool row naming t0 (t0's own vector) has nothing to be compared
+    with, so it stays, t0's nearest; t0's near copies under other names are leaks."""
+    rng = np.random.default_rng(6)
+    t = signs(rng, 2)
+    rows = [flipped(t[i % 2], i % 5, rng) for i in range(20)] + [t[0]]
+    case = Case(tmp_path, t, np.zeros((0, D), np.float32), np.array(rows, np.float32),
+                [f"p{i}.png" for i in range(20)] + ["t0.png"]).write()
+    ref = reference(case, metric, 2, 3)
+    assert not ref.leak[20] and ref.leak.any()
+    outcome = mine(case, metric, 2, 3, block_rows=4)
+    assert_answer(outcome, case, ref, metric)
+    assert ref.rows[0][0] == 20
 
 
 def test_no_targets_mine_nothing(tmp_path):
