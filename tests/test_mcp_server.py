@@ -134,12 +134,14 @@ def test_run_with_protect_leaves_the_leaks_out(server: SyncClient, root: Path, g
     sc = ok(server.call("run", {"targets": str(folder / "targets.parquet"), "source": str(folder / "pool.parquet"),
                                 "run_dir": str(folder / "run"), "protect": [str(folder / "val.parquet")],
                                 "overrides": {"model": "thumbnail", "topn": 2, "leak_similarity": 0.9}}))
-    assert sc["leaks"]["by_kind"] == {"identical_bytes": 2, "similar": 2}
+    # leak_scope=mined (the default): the leaks among the rows the search would take are judged and listed
+    assert sc["leaks"]["scope"] == "mined" and sc["leaks"]["by_kind"]["identical_bytes"] >= 1
     assert warning(sc, "leaks_excluded")["details"]["by_kind"] == sc["leaks"]["by_kind"]
+    every = {"pool/copy_t0.png", "pool/copy_v0.png", "pool/reenc_v0.png", "pool/noisy_v1.png"}
     leaks = pq.read_table(folder / "run" / "leaks.parquet").column("filepath").to_pylist()
-    assert set(leaks) == {"pool/copy_t0.png", "pool/copy_v0.png", "pool/reenc_v0.png", "pool/noisy_v1.png"}
+    assert "pool/copy_t0.png" in leaks and set(leaks) <= every
     mined = pq.read_table(sc["mined_parquet"]).column("filepath").to_pylist()
-    assert mined and not set(mined) & set(leaks)
+    assert mined and not set(mined) & every
     assert {"leak_pairs.png", "leak_nearest.png"} <= set(sc["report"]["pictures"])
 
 

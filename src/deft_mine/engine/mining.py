@@ -106,7 +106,10 @@ def leak_stage(prep: Prepared, found: Searched) -> Searched:
         column, seen = prep.spec.source_embed_column_name, 0
         for vectors in pool_vectors(prep.source_path, column, prep.spec.block_rows):
             rows = np.arange(seen, seen + len(vectors))
-            rows = rows[~prep.drop[rows]]
+            searched = ~prep.drop[rows]
+            if prep.spec.knn_metric is Metric.cosine:  # all-zero rows were never searched (nor counted)
+                searched &= vectors.any(axis=1)
+            rows = rows[searched]
             guard.judge(rows, vectors[rows - seen] if guard.threshold is not None else None)
             seen += len(vectors)
 
