@@ -2,7 +2,8 @@
 """The leakage guard's cost: mining 1,000 targets at topn 10 with the guard in the search (leak_scope=mined,
 10k protected images: the targets and a protect listing's) beside the same mining without it, each in a fresh
 interpreter (time, peak RSS); the guarded answer against a float64 brute-force reference on a subsample of
-targets; optionally the whole-pool scan (leak_scope=pool); and the always-on byte-copy check on tiny files."""
+targets; optionally the whole-pool scan (leak_scope=pool); and the byte-copy check over a whole pool of tiny
+files (leak_scope=pool, docker, mode=unique)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,18 @@ PLANTED = 500  # listed protected images that are near-copies of pool rows sprea
 NOISE = 0.1  # a near-copy: a vector plus this much noise per element (cosine about 0.995 at 768 dims)
 DEPTH = 200  # the reference ranks each checked target's topn + DEPTH nearest pool rows
 # What each checked target (cycling) has planted: listed near-copies of its pool rows at these float64
-# ranks (0: its nearest). Up to 10 the leaks fit the search's slack; 16 of its first 19 run it out of
-# clean candidates, so it is searched again. COPY: the target itself is a near-copy of a pool row, which
-# is then a leak of the target's own (the targets are protected too).
+# ranks (0: its nearest); the flood: --flood leaks among its first --flood + 3 rows (the default 16 fits
+# the search's room for leaks at topn 10; more runs it out of clean candidates, so it is searched
+# again). COPY: the target itself is a near-copy of a pool row, which is then a leak of the target's own
+# (the targets are protected too).
 COPY = "copy"
-PATTERNS: tuple = ((), (0,), (0, 2, 5), tuple(range(10)), tuple(range(15)) + (18,), COPY)
+
+
+def patterns(flood: int) -> tuple:
+    return ((), (0,), (0, 2, 5), tuple(range(10)), tuple(range(flood - 1)) + (flood + 2,), COPY)
+
+
+PATTERNS: tuple = patterns(16)
 
 
 # --------------------------------------------------------------------------- workers (one per process)
@@ -68,7 +76,7 @@ def worker(args: argparse.Namespace) -> None:
                                  pool_vectors(root / "pool.parquet", "embedding", args.block_rows))
         np.save(root / "guard_nearest.npy", found.nearest)
         result["leaks"] = found.table.num_rows
-    elif args.w_mode == "bytes":  # a default run's check: every pool and target file stat'ed, equal sizes hashed
+    elif args.w_mode == "bytes":  # leak_scope=pool's byte check: every pool and target file stat'ed, equal sizes hashed
         pool = leaks.pool_of([f"pool/{i:06d}.png" for i in range(args.files)], root / "tiny", [])
         targets = [f"targets/{i:04d}.png" for i in range(args.targets)]
         protected = leaks.Protected(targets, [root / "tiny" / t for t in targets], [leaks.TARGETS] * len(targets))
@@ -267,6 +275,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=768, help="vector length (default 768)")
     p.add_argument("--block-rows", type=int, default=32768, help="pool rows per block (default 32768)")
     p.add_argument("--check-targets", type=int, default=50, help="exactness: targets checked (default 50)")
+    p.add_argument("--flood", type=int, default=16, help="leaks planted among the first flood + 3 rows of every "
+                   "sixth checked target (default 16: within the search's room at topn 10; more: searched again)")
     p.add_argument("--pool-scope", action="store_true",
                    help="also time the whole-pool scan (leak_scope=pool; about 10x the mining)")
     p.add_argument("--check-rows", type=int, default=20000, help="--pool-scope check: pool rows (default 20000)")
@@ -299,6 +309,8 @@ def line(name: str, r: dict, extra: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    global PATTERNS
+    PATTERNS = patterns(args.flood)
     if args.w_mode:
         worker(args)
         return
@@ -335,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         write_tiny_files(root, args)
         print(f"# wrote {args.files} + {args.targets} tiny files in {time.perf_counter() - t0:.1f}s", flush=True)
         tiny = run_worker(args, root, "bytes")
-        print(f"byte-copy check (default run): {tiny['seconds']:.2f} s for {args.files} pool + {args.targets} target "
+        print(f"byte-copy check (whole pool): {tiny['seconds']:.2f} s for {args.files} pool + {args.targets} target "
               f"files ({1e6 * tiny['seconds'] / (args.files + args.targets):.0f} us a file; leaks {tiny['leaks']}); "
               f"peak {tiny['peak_MiB']:.0f} MiB")
         ok = ok and ratio <= GOAL_RATIO and guarded["peak_MiB"] <= GOAL_MIB and tiny["leaks"] == 1

@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from deft_mine.engine import tables
 from deft_mine.engine.images import resolve_image_path
@@ -22,20 +23,38 @@ KEEP_BYTES = 1 << 30  # candidate vectors kept while streaming beyond this are r
 
 
 def slack(k: int) -> int:
-    """Candidates asked of the search beyond k when the guard judges them: room for many leaks per
-    target (a component re-captured a dozen times) before it must search the pool again. Only the
-    first k clean ones are ever judged, so the room costs little: a wider running top-k."""
-    return max(32, min(2 * k, 256))
+    """Candidates asked of the search beyond k when the guard judges them: room for a dozen or more
+    leaks per target (a component re-captured again and again) before the pool must be searched
+    again. Only the first k clean ones are ever judged; the room costs a wider running top-k (more
+    candidates rescored in float64), which is why it is not wider still."""
+    return max(16, min(k, 256))
+
+
+def _members(rows: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Which of `rows` are in `sorted_set` (ascending, unique): a binary search, no sort of either."""
+    if not len(sorted_set):
+        return np.zeros(len(rows), bool)
+    at = np.minimum(np.searchsorted(sorted_set, rows), len(sorted_set) - 1)
+    return sorted_set[at] == rows
+
+
+@dataclass
+class _Chunk:
+    """One block's rows that entered the running top-k, their vectors, and which are in it still."""
+
+    rows: np.ndarray
+    vectors: np.ndarray
+    alive: np.ndarray
 
 
 @dataclass
 class Kept:
     """Pool rows' vectors kept as the search streamed past: the rows in any query's running top-k
-    (until they leave it) and a fixed sample of rows (the histogram's)."""
+    (until they leave it) and a fixed sample of rows (the histogram's). Each block's entrants stay in a
+    chunk of their own, compacted once half of it has left the top-k, so no block copies what came before."""
 
     sample: np.ndarray  # the sample's pool rows, ascending
-    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    vectors: np.ndarray | None = None
+    chunks: list[_Chunk] = field(default_factory=list)
     sample_rows: list[np.ndarray] = field(default_factory=list)
     sample_vectors: list[np.ndarray] = field(default_factory=list)
     overflow: bool = False  # the candidates outgrew KEEP_BYTES: read them back instead
@@ -43,38 +62,47 @@ class Kept:
     def update(self, state_ids: np.ndarray, block: np.ndarray, ids: np.ndarray) -> None:
         """After a block went into the running top-k (`state_ids`): keep the block's rows that entered
         it, forget the kept rows it pushed out, and keep the block's sample rows."""
-        at = np.isin(ids, self.sample)
+        at = _members(ids, self.sample)
         if at.any():
             self.sample_rows.append(ids[at])
-            self.sample_vectors.append(np.array(block[at], np.float32))
+            self.sample_vectors.append(np.ascontiguousarray(block[at], np.float32))  # a fancy index: a copy already
         if self.overflow:
             return
         current = np.unique(state_ids[state_ids >= 0])
-        stay, new = np.isin(self.rows, current), np.isin(ids, current)
-        vectors = block[new] if self.vectors is None else np.concatenate([self.vectors[stay], block[new]])
-        self.rows, self.vectors = np.concatenate([self.rows[stay], ids[new]]), vectors
-        if vectors.nbytes > KEEP_BYTES:
-            self.overflow, self.rows, self.vectors = True, np.zeros(0, np.int64), None
+        for chunk in self.chunks:
+            chunk.alive = _members(chunk.rows, current)
+            if 2 * chunk.alive.sum() < len(chunk.rows):
+                chunk.rows, chunk.vectors = chunk.rows[chunk.alive], chunk.vectors[chunk.alive]
+                chunk.alive = np.ones(len(chunk.rows), bool)
+        self.chunks = [chunk for chunk in self.chunks if len(chunk.rows)]
+        new = _members(ids, current)
+        if new.any():
+            self.chunks.append(_Chunk(ids[new], np.ascontiguousarray(block[new], np.float32),
+                                      np.ones(int(new.sum()), bool)))
+        if sum(chunk.vectors.nbytes for chunk in self.chunks) > KEEP_BYTES:
+            self.overflow, self.chunks = True, []
 
     def merged(self, other: Kept) -> Kept:
         """Two searches' kept rows as one (shards of one pool, or a search again of some queries)."""
-        both = Kept(self.sample, sample_rows=self.sample_rows + other.sample_rows,
-                    sample_vectors=self.sample_vectors + other.sample_vectors,
-                    overflow=self.overflow or other.overflow)
-        if not both.overflow:
-            parts = [p for p in (self, other) if p.vectors is not None]
-            if parts:
-                both.rows = np.concatenate([p.rows for p in parts])
-                both.vectors = np.concatenate([p.vectors for p in parts])
-        return both
+        overflow = self.overflow or other.overflow
+        return Kept(self.sample, [] if overflow else self.chunks + other.chunks, self.sample_rows + other.sample_rows,
+                    self.sample_vectors + other.sample_vectors, overflow)
 
     def vectors_of(self, rows: np.ndarray, read_back: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """The vectors of pool rows the search kept (read back from the file when it could not keep them)."""
-        if self.overflow or self.vectors is None:
+        if self.overflow or not self.chunks:
             return read_back(rows)
-        order = np.argsort(self.rows, kind="stable")
-        at = order[np.searchsorted(self.rows[order], rows)]
-        return self.vectors[at]
+        kept = np.concatenate([chunk.rows for chunk in self.chunks])
+        order = np.argsort(kept, kind="stable")
+        at = order[np.searchsorted(kept[order], rows)]
+        # a row is found in the chunk that holds it (alive or not: its vector is the same either way)
+        starts = np.cumsum([0] + [len(chunk.rows) for chunk in self.chunks])
+        which = np.searchsorted(starts, at, side="right") - 1
+        out = np.empty((len(rows), self.chunks[0].vectors.shape[1]), np.float32)
+        for c, chunk in enumerate(self.chunks):
+            mine = which == c
+            out[mine] = chunk.vectors[at[mine] - starts[c]]
+        return out
 
     def sample_of(self) -> np.ndarray:
         """The kept sample rows' vectors (those the search saw: not left out)."""
@@ -95,12 +123,13 @@ class Guard:
     the protect listings' images), each pool row judged once; what it found, in pool order."""
 
     def __init__(self, protected: Protected, metric: Metric, threshold: float | None, pool_root: Path,
-                 pool_paths: list[str]) -> None:
+                 pool_paths: pa.StringArray) -> None:
         self.protected, self.metric, self.threshold = protected, metric, threshold
-        self.pool_root, self.pool_paths = pool_root, pool_paths
+        self.pool_root, self.pool_paths = pool_root, pool_paths  # lexically normal, read whole by the search
         self.bytes = ProtectedBytes(protected)
         targets = {os.path.normpath(p) for p, o in zip(protected.filepaths, protected.origins) if o == TARGETS}
-        self.names_target = np.array([p in targets for p in pool_paths], bool)
+        self.names_target = pc.is_in(pool_paths, value_set=pa.array(sorted(targets), pa.string())).to_numpy(
+            zero_copy_only=False)
         self.leak = np.zeros(len(pool_paths), bool)
         self.judged = np.zeros(len(pool_paths), bool)
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]] = []
@@ -111,7 +140,7 @@ class Guard:
         rows = rows[fresh]
         if not len(rows):
             return
-        paths = [self.pool_paths[r] for r in rows.tolist()]
+        paths = self.paths_of(rows)
         pool = Pool(paths, [resolve_image_path(p, self.pool_root) for p in paths], self.names_target[rows])
         twin = self.bytes.copies(pool)
         nearest = scores = None
@@ -121,6 +150,9 @@ class Guard:
         self.leak[rows[twin >= 0]] = True
         self.judged[rows] = True
         self._parts.append((rows, twin, nearest, scores))
+
+    def paths_of(self, rows: np.ndarray) -> list[str]:
+        return [str(p) for p in self.pool_paths.take(pa.array(rows, pa.int64())).to_pylist()]
 
     def nearest_scores(self, rows: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         """The nearest protected score of each of these pool rows (the histogram's), leaks or not."""
@@ -138,7 +170,7 @@ class Guard:
         scores = np.concatenate([p[3] for p in parts]) if with_vectors else None
         order = np.argsort(rows, kind="stable")
         pick = (lambda a: None if a is None else a[order])
-        return leak_table(rows[order], [self.pool_paths[r] for r in rows[order].tolist()], twin[order],
+        return leak_table(rows[order], self.paths_of(rows[order]), twin[order],
                           pick(nearest), pick(scores), self.protected, self.metric, self.threshold)
 
 

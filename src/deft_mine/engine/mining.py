@@ -227,8 +227,7 @@ def prepare(source_path: Path, target_path: Path, spec: MiningSpec) -> Prepared:
         _label_groups(prep)
     if spec.protected_parquet is not None:  # the leakage guard, judging the search's candidates as it goes
         prep.guard = Guard(read_protected(Path(spec.protected_parquet), spec.leak_threshold is not None),
-                           spec.knn_metric, spec.leak_threshold, spec.pool_root(source_path),
-                           [str(p) for p in pool_paths.to_pylist()])
+                           spec.knn_metric, spec.leak_threshold, spec.pool_root(source_path), pool_paths)
     return prep
 
 
