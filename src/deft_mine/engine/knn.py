@@ -38,10 +38,27 @@ class Neighbours:
     scores: np.ndarray  # (queries, k) float64: cosine similarity, L2 or L1 distance
 
 
-# Each metric's exact float64 key of (query, vector) pairs row by row, and its score from a key.
-_PAIR_KEY = {Metric.cosine: lambda q, x: -(q * x).sum(axis=1),
-             Metric.euclidean: lambda q, x: np.square(q - x).sum(axis=1),
-             Metric.manhattan: lambda q, x: np.abs(q - x).sum(axis=1)}
+def _cosine_key(q: np.ndarray, x: np.ndarray) -> np.ndarray:
+    q *= x
+    return -q.sum(axis=1)
+
+
+def _euclidean_key(q: np.ndarray, x: np.ndarray) -> np.ndarray:
+    q -= x
+    np.square(q, out=q)
+    return q.sum(axis=1)
+
+
+def _manhattan_key(q: np.ndarray, x: np.ndarray) -> np.ndarray:
+    q -= x
+    np.abs(q, out=q)
+    return q.sum(axis=1)
+
+
+# Each metric's exact float64 key of (query, vector) pairs row by row, and its score from a key. `q` is
+# the queries' float64 copy, worked in place; `x` stays float32: each element is widened exactly as it
+# is used, so the keys equal those of two float64 copies, without making the second one.
+_PAIR_KEY = {Metric.cosine: _cosine_key, Metric.euclidean: _euclidean_key, Metric.manhattan: _manhattan_key}
 SCORE_OF_KEY = {Metric.cosine: np.negative, Metric.euclidean: np.sqrt, Metric.manhattan: np.copy}
 """A metric's score (similarity or distance) from its float64 key (lower: nearer)."""
 
@@ -209,8 +226,7 @@ def exact_keys(queries: np.ndarray, query_rows: np.ndarray, vectors: np.ndarray,
     step = max(1, _RESCORE_BYTES // max(1, queries.shape[1] * 16))
     for start in range(0, len(query_rows), step):
         part = slice(start, start + step)
-        out[part] = _PAIR_KEY[metric](queries[query_rows[part]].astype(np.float64),
-                                      vectors[vector_rows[part]].astype(np.float64))
+        out[part] = _PAIR_KEY[metric](queries[query_rows[part]].astype(np.float64), vectors[vector_rows[part]])
     return out
 
 
