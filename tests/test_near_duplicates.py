@@ -617,7 +617,10 @@ def test_mode_unique_reports_the_files_set_aside_from_the_matchers_listing(tmp_p
         "model": "thumbnail", "mode": "unique", "desired_unique_count": 6, "dedup_similarity": 0.999})
     report = (tmp_path / "u" / "Mining_Report.md").read_text()
     near = pq.read_table(tmp_path / "u" / "unique_matching" / "near_duplicates.parquet")
-    assert (f"{near.num_rows} pool images lay within that similarity of a file already held" in report
+    kinds = near.column("kind").to_pylist()  # the byte copies (2-4) identical_bytes, the re-encoded (5-7) similar
+    assert kinds.count("identical_bytes") == kinds.count("similar") == 3
+    assert ("3 pool images lay within that similarity of a file already held" in report
+            and "3 pool images repeated the bytes of a file already held" in report
             and "`unique_matching/near_duplicates.parquet`" in report)
     header, rows = _label_table(report)
     assert header[-1] == "Collapsed" and sum(int(cells[-1]) for cells in rows.values()) == near.num_rows

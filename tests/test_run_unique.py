@@ -290,12 +290,14 @@ def test_a_tao_skill_ledger_records_a_round_whose_pool_was_all_selected_before(a
 def test_the_near_duplicate_rule_is_counted_and_reported_where_its_list_lies(tmp_path):
     """mode=unique with dedup_similarity: mining_summary.txt and run.json count the pool files set
     aside, and the report says what the rule did while claiming and names unique_matching/'s list."""
-    import shutil
+    from PIL import Image
 
     for i in range(6):
         write_image(tmp_path / "imgs" / f"{i}.png", seed=200 + i)
-    for i in (2, 3):
-        shutil.copy(tmp_path / "imgs" / f"{i}.png", tmp_path / "imgs" / f"{i}_copy.png")
+    for i in (2, 3):  # re-encoded: the same pixels in other bytes (byte copies are identical_images' business)
+        with Image.open(tmp_path / "imgs" / f"{i}.png") as image:
+            image.save(tmp_path / "imgs" / f"{i}_copy.png", compress_level=1)
+        assert (tmp_path / "imgs" / f"{i}_copy.png").read_bytes() != (tmp_path / "imgs" / f"{i}.png").read_bytes()
     (tmp_path / "targets.csv").write_text("filepath\nimgs/0.png\nimgs/1.png\n")
     (tmp_path / "pool.csv").write_text("filepath\n" + "".join(f"imgs/{n}.png\n" for n in
                                                                ("2", "2_copy", "3", "3_copy", "4", "5")))
@@ -313,3 +315,27 @@ def test_the_near_duplicate_rule_is_counted_and_reported_where_its_list_lies(tmp
            "file already held and were never claimed" in text
     assert "`unique_matching/near_duplicates.parquet`" in text and "not recorded images" not in text
     assert "walking the mined images" not in text
+
+
+def test_files_with_identical_bytes_are_claimed_once_whatever_the_threshold(tmp_path):
+    """mode=unique without dedup_*: a pool file that repeats a held file's bytes is never claimed
+    (identical_images, always on, as mode=nearest mines such files once), listed with kind
+    identical_bytes; the budget goes to distinct files."""
+    import shutil
+
+    for i in range(5):
+        write_image(tmp_path / "imgs" / f"{i}.png", seed=300 + i)
+    shutil.copy(tmp_path / "imgs" / "2.png", tmp_path / "imgs" / "2_copy.png")
+    (tmp_path / "targets.csv").write_text("filepath\nimgs/0.png\n")
+    (tmp_path / "pool.csv").write_text("filepath\n" + "".join(f"imgs/{n}.png\n" for n in ("1", "2", "2_copy", "3", "4")))
+    result = run(tmp_path / "targets.csv", tmp_path / "pool.csv", run_dir=tmp_path / "r", no_store=True,
+                 overrides={**UNIQUE, "desired_unique_count": "5"})
+    folder = Path(result.run_dir)
+    mined = pq.read_table(folder / "mined.parquet").column("filepath").to_pylist()
+    assert result.mined == 4 and len({"imgs/2.png", "imgs/2_copy.png"} & set(mined)) == 1
+    near = pq.read_table(folder / "unique_matching" / "near_duplicates.parquet").to_pylist()
+    assert [(r["kind"], r["similarity"]) for r in near] == [("identical_bytes", None)]
+    assert {near[0]["filepath"], near[0]["duplicate_of"]} == {"imgs/2.png", "imgs/2_copy.png"}
+    assert "identical_images: 1" in (folder / "mining_summary.txt").read_text().splitlines()
+    summary = json.loads((folder / "unique_matching" / "summary.json").read_text())
+    assert summary["identical_images"] == 1 and "near_duplicates_removed" not in summary

@@ -195,3 +195,56 @@ def table(paths: list[str], found: Collapse, metric: Metric) -> pa.Table:
         "kind": pa.array([(DuplicateKind.identical_bytes if s else DuplicateKind.similar).value for s in same.tolist()],
                          pa.string()),
     })
+
+
+class SameBytes:
+    """Pool rows' files compared by their bytes as the rows are met (mode=unique's claiming): each file
+    stat'ed once, and hashed once, only when its size meets a held or fellow file's."""
+
+    def __init__(self, paths: list[str], root: Path) -> None:
+        self.paths, self.root = paths, root
+        self._size: dict[int, int] = {}
+        self._digest: dict[int, bytes | None] = {}
+        self._held: dict[int, list[int]] = {}  # size -> held rows of that size, in the order held
+
+    def _sizes(self, rows: list[int]) -> list[int]:
+        new = [r for r in dict.fromkeys(rows) if r not in self._size]
+        if new:
+            self._size.update(zip(new, file_sizes([resolve_image_path(self.paths[r], self.root) for r in new]).tolist()))
+        return [self._size[r] for r in rows]
+
+    def _digests(self, rows: list[int]) -> list[bytes | None]:
+        new = [r for r in dict.fromkeys(rows) if r not in self._digest]
+        if new:
+            self._digest.update(zip(new, file_digests([resolve_image_path(self.paths[r], self.root) for r in new])))
+        return [self._digest[r] for r in rows]
+
+    def hold(self, rows: list[int]) -> None:
+        for row, size in zip(rows, self._sizes(rows)):
+            if size >= 0:
+                self._held.setdefault(size, []).append(row)
+
+    def copies(self, rows: list[int]) -> dict[int, int]:
+        """Each of these rows whose file repeats a held file's bytes, and the first such held row."""
+        met = [r for r, size in zip(rows, self._sizes(rows)) if size in self._held]
+        if not met:
+            return {}
+        held = [h for size in {self._size[r] for r in met} for h in self._held[size]]
+        first: dict[bytes, int] = {}
+        for row, key in zip(held, self._digests(held)):
+            if key is not None:
+                first.setdefault(key, row)  # the first held with these bytes (a size's rows in the order held)
+        return {r: first[key] for r, key in zip(met, self._digests(met)) if key is not None and key in first}
+
+    def groups(self, rows: list[int]) -> list[list[int]]:
+        """These rows in groups of identical bytes (groups of two or more only)."""
+        by_size: dict[int, list[int]] = {}
+        for row, size in zip(rows, self._sizes(rows)):
+            if size >= 0:
+                by_size.setdefault(size, []).append(row)
+        alike = [r for same in by_size.values() if len(same) > 1 for r in same]
+        by_key: dict[bytes, list[int]] = {}
+        for row, key in zip(alike, self._digests(alike)):
+            if key is not None:
+                by_key.setdefault(key, []).append(row)
+        return [same for same in by_key.values() if len(same) > 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 import os
@@ -173,7 +174,7 @@ class _Matcher:
         self.held = np.zeros(len(self.file_paths), dtype=bool)
         self.owner: dict[int, tuple[int, float, str, str, int]] = {}  # file -> target, distance, class, subset, pass
         self.passes: list[PassRecord] = []
-        self.twins = _Twins(spec, pool) if spec.dedup is not None else None  # the near-duplicate rule (ours)
+        self.twins = _Twins(spec, pool)  # identical bytes, and with dedup_* the near-duplicate rule (ours)
 
     def match(self, target_rows: np.ndarray, allowed: np.ndarray, budget: int, subset: str, group: str) -> int:
         """Up to `budget` files for these targets from the pool rows `allowed`: passes until the
@@ -193,7 +194,7 @@ class _Matcher:
             # among the candidates are set aside and the search asked again, until its top-k are all
             # free (then they are the exact top-k of the free rows, whatever has not been met yet).
             while True:
-                free = allowed & ~self.held[self.files] & (True if self.twins is None else ~self.twins.blocked)
+                free = allowed & ~self.held[self.files] & ~self.twins.blocked
                 rows_left = int(free.sum())
                 if not rows_left:
                     break
@@ -202,16 +203,15 @@ class _Matcher:
                 ahead = self.spec.candidate_expansion_factor * share * (number + _CACHE_PASSES)
                 wide = min(rows_left, max(k, min(ahead, _CACHE_ENTRIES // len(target_rows))))
                 rows, dist = self._candidates(target_rows, current, free, k, wide, cache)
-                if self.twins is None or not self.twins.block(rows, self.files, self.held):
+                if not self.twins.block(rows, self.files, self.held):
                     break
             if not rows_left:
                 break
             number += 1
             claimed = claim_one_to_one(rows, self.files, share,
-                                       None if self.twins is None else self.twins.among(rows, self.files))
+                                       self.twins.among(rows, self.files) or None)
             got += self._record(claimed, rows, dist, target_rows[current], budget - got, subset, group, number, share, k)
-            if self.twins is not None:  # the candidates a pick of this pass (now held) kept out, set aside
-                self.twins.block(rows, self.files, self.held)
+            self.twins.block(rows, self.files, self.held)  # the candidates a pick of this pass (now held) kept out
             if claimed.failed and k >= rows_left:
                 # The failing targets saw every free row, so a wider search cannot help them. Without the
                 # near-duplicate rule they could take every free file no earlier target held, and the
@@ -257,8 +257,7 @@ class _Matcher:
         files = self.files[picked]
         kept = nearest_first(near, [self.file_paths[f] for f in files.tolist()], room)
         self.held[files[kept]] = True
-        if self.twins is not None:
-            self.twins.hold(picked[kept])
+        self.twins.hold(picked[kept])
         for i in kept.tolist():
             self.owner[int(files[i])] = (int(targets[query[i]]), float(near[i]), group, subset, number)
         self.passes.append(PassRecord(
@@ -279,12 +278,15 @@ class _Matcher:
 
 
 class _Twins:
-    """The near-duplicate rule while claiming (ours): a pool row within dedup_similarity /
-    dedup_distance of a held file's row is never claimed. The vectors are the matcher's (L2-normalised),
-    read back for just the candidate rows; each row is compared once with each held row."""
+    """The near-duplicate rules while claiming (ours): a pool row whose file repeats a held file's bytes
+    (always), or (with dedup_similarity / dedup_distance) lies within the threshold of a held file's
+    row, is never claimed. The vectors are the matcher's (L2-normalised), read back for just the
+    candidate rows; each row is compared once with each held row."""
 
     def __init__(self, spec: UniqueMatchingSpec, pool: _Side) -> None:
-        self.spec, self.metric, self.threshold = spec, spec.distance_metric, float(spec.dedup)
+        self.spec, self.metric = spec, spec.distance_metric
+        self.threshold = None if spec.dedup is None else float(spec.dedup)
+        self.same = dedup.SameBytes(pool.paths, spec.pool_root())
         self.parts = pool_parts(pool.files)
         self.blocked = np.zeros(len(pool.paths), bool)
         self.checked = np.zeros(len(pool.paths), np.int64)  # how many held rows each row was compared with
@@ -294,13 +296,21 @@ class _Twins:
 
     def hold(self, rows: np.ndarray) -> None:
         self.held_rows += [int(r) for r in rows]
+        self.same.hold([int(r) for r in rows])
 
     def block(self, rows: np.ndarray, files: np.ndarray, held: np.ndarray) -> bool:
-        """Set aside the candidate rows (of files not `held`) within the threshold of a held row they
-        were not yet compared with; whether any was."""
+        """Set aside the candidate rows (of files not `held`) whose bytes repeat a held file's, or within
+        the threshold of a held row they were not yet compared with; whether any was."""
         cands = np.unique(rows[rows >= 0])
-        cands = cands[~self.blocked[cands] & ~held[files[cands]] & (self.checked[cands] < len(self.held_rows))]
-        any_new = False
+        cands = cands[~self.blocked[cands] & ~held[files[cands]]]
+        copies = self.same.copies(cands.tolist())
+        for a, b in copies.items():
+            self.blocked[a] = True
+            self.found.append((a, b, float("nan")))  # identical bytes: not compared
+        any_new = bool(copies)
+        if self.threshold is None:
+            return any_new
+        cands = cands[~self.blocked[cands] & (self.checked[cands] < len(self.held_rows))]
         for since in np.unique(self.checked[cands]).tolist():
             these = cands[self.checked[cands] == since]
             held = np.asarray(self.held_rows[since:], np.int64)
@@ -314,11 +324,16 @@ class _Twins:
         return any_new
 
     def among(self, rows: np.ndarray, files: np.ndarray) -> dict[int, set[int]]:
-        """Each candidate file's near duplicates among this pass's other candidate files."""
+        """Each candidate file's near duplicates (identical bytes, or within the threshold) among this
+        pass's other candidate files."""
         cands = np.unique(rows[rows >= 0])
-        x = self.vectors(cands)
-        i, j, _ = dedup.within(x, x, self.metric, self.threshold)
-        fi, fj = files[cands[i]], files[cands[j]]
+        pairs = [(a, b) for same in self.same.groups(cands.tolist()) for a in same for b in same]
+        i, j = (np.asarray(side, np.int64) for side in zip(*pairs)) if pairs else (np.zeros(0, np.int64),) * 2
+        fi, fj = files[i], files[j]
+        if self.threshold is not None:
+            x = self.vectors(cands)
+            i, j, _ = dedup.within(x, x, self.metric, self.threshold)
+            fi, fj = np.concatenate([fi, files[cands[i]]]), np.concatenate([fj, files[cands[j]]])
         near: dict[int, set[int]] = {}
         for a, b in zip(fi.tolist(), fj.tolist()):
             if a != b:
@@ -341,14 +356,18 @@ class _Twins:
 
     def table(self, paths: list[str]) -> pa.Table:
         """near_duplicates.parquet: each pool file set aside (once, as first met), the held file it
-        lies nearest, their similarity (cosine) or distance."""
+        repeats the bytes of (kind identical_bytes, no score) or lies nearest (similar: their similarity
+        (cosine) or distance)."""
         seen: set[str] = set()
         rows = [(paths[a], paths[b], s) for a, b, s in self.found if not (paths[a] in seen or seen.add(paths[a]))]
+        same = [math.isnan(r[2]) for r in rows]
+        kinds = artifacts.DuplicateKind
         return pa.table({
             "filepath": pa.array([r[0] for r in rows], pa.string()),
             "duplicate_of": pa.array([r[1] for r in rows], pa.string()),
-            "similarity" if self.metric.higher_is_nearer else "distance": pa.array([r[2] for r in rows], pa.float64()),
-            "kind": pa.array([artifacts.DuplicateKind.similar.value] * len(rows), pa.string()),
+            "similarity" if self.metric.higher_is_nearer else "distance": pa.array(
+                [None if s else r[2] for r, s in zip(rows, same)], pa.float64()),
+            "kind": pa.array([(kinds.identical_bytes if s else kinds.similar).value for s in same], pa.string()),
         })
 
 
@@ -393,9 +412,14 @@ def unique_match(spec: UniqueMatchingSpec, search: PoolSearch = search_pool) -> 
     summary = _summary(spec, matcher, selected, targets, pool, excluded, groups, quotas, shortfall, classes)
     if spec.leaks_parquet:  # ours: the leak rows the guard left out (among excluded_rows)
         summary["leaks_excluded"] = int(leaked.sum())
-    near = None if matcher.twins is None else matcher.twins.table(pool.paths)
-    if near is not None:
-        summary["near_duplicates_removed"] = near.num_rows
+    near = matcher.twins.table(pool.paths)
+    identical = near.column("kind").to_pylist().count(artifacts.DuplicateKind.identical_bytes.value)
+    if spec.dedup is not None:  # ours, counted when the rule is on (files set aside as near copies)
+        summary["near_duplicates_removed"] = near.num_rows - identical
+    if spec.dedup is not None or identical:  # ours: files set aside for repeating a held file's bytes
+        summary["identical_images"] = identical
+    else:
+        near = None
     raised = [warnings.unique_count_short(spec.desired_unique_count, selected.num_rows,
                                           [s.as_dict() for s in shortfall])] if shortfall else []
     return UniqueOutcome(selected=selected, passes=matcher.passes, summary=summary, shortfall=shortfall,

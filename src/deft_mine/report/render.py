@@ -494,6 +494,10 @@ def _mining_section(v: _View, found: list[Finding], verdict: str, compact: bool)
 def _identical_words(v: _View) -> str:
     """Mined images whose files repeat an earlier mined image's bytes under another path: mined once."""
     n = v.summary.identical_images or 0
+    if (u := v.unique) is not None:  # mode=unique: set aside while claiming, listed in the matcher's folder
+        return (f"Identical files: {plural(n, 'pool image')} repeated the bytes of a file already held and "
+                f"{'was' if n == 1 else 'were'} never claimed (listed in `{u.folder}/{NEAR_DUPLICATES}`, `kind` "
+                "identical_bytes).")
     return (f"Identical files: {plural(n, 'mined image')} repeated the bytes of an image mined before "
             f"{'it' if n == 1 else 'them'} under another path and {'was' if n == 1 else 'were'} mined once "
             f"(listed in `{NEAR_DUPLICATES}`, `kind` identical_bytes).")

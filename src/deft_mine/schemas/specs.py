@@ -261,9 +261,9 @@ RareClassList = Annotated[list[str], BeforeValidator(_class_names)]
 # Keys only one mode reads: the other refuses them rather than ignore them.
 UNIQUE_KEYS = ("desired_unique_count", "allocation_policy", "rare_class_list", "candidate_expansion_factor")
 # the near-duplicate rule: collapse (nearest), claiming (unique); the leak rows: left out of the search, or the matching
-BOTH_MODES_KEYS = ("dedup_similarity", "dedup_distance", "leaks_parquet")
+BOTH_MODES_KEYS = ("dedup_similarity", "dedup_distance", "leaks_parquet", "pool_image_root")
 NEAREST_KEYS = frozenset({"topn", "filter_by_label", "exclude_targets", "min_similarity", "max_distance",
-                          "distance_threshold", "floor_rule", "label_mode", "protected_parquet", "pool_image_root"})
+                          "distance_threshold", "floor_rule", "label_mode", "protected_parquet"})
 LEAK_KEYS = ("leak_similarity", "leak_distance", "leaks_parquet", "leak_scope", "protected_parquet")  # the leakage guard's
 # Keys on one metric's scale, as (cosine key, its noun; distance key, its noun): each refused under the other metric.
 SCALED_KEYS = (("min_similarity", "similarity floor", "max_distance", "distance ceiling"),
@@ -507,6 +507,9 @@ class UniqueMatchingSpec(_Spec):
     leaks_parquet: Annotated[str | None, PathField()] = Field(
         None, description="ours, per-run: a parquet whose `filepath`s (pool rows, by full path) are never selected "
                           "(run's leakage guard writes it: leaks.parquet)")
+    pool_image_root: Annotated[str | None, PathField()] = Field(
+        None, description="ours: where the pool's relative filepaths resolve, for telling files with identical bytes "
+                          "apart while claiming (run sets it; default: source_path's folder)")
     source_detection_file: Annotated[str | None, PathField()] = Field(
         None, description="the pool's classes: a COCO json or a KITTI label folder (detection_format); an image "
                           "matched by full path, file name or stem (KITTI: stem); without it, each row's `label`")
@@ -546,8 +549,17 @@ class UniqueMatchingSpec(_Spec):
         data = handler(self)
         if (info.context or {}).get("all_keys"):
             return data
-        drop = {key for key in ("dedup_similarity", "dedup_distance") if getattr(self, key) is None}
+        drop = {key for key in ("dedup_similarity", "dedup_distance", "leaks_parquet", "pool_image_root")
+                if getattr(self, key) is None}
         return {key: value for key, value in data.items() if key not in drop} if isinstance(data, dict) else data
+
+    def pool_root(self) -> Path:
+        """Where the pool's relative filepaths resolve: pool_image_root, else source_path's folder (or
+        source_path itself, a folder of parquets)."""
+        if self.pool_image_root:
+            return Path(self.pool_image_root).expanduser().absolute()
+        source = Path(self.source_path).expanduser().absolute()
+        return source if source.is_dir() else source.parent
 
     @model_validator(mode="after")
     def _dedup_on_its_scale(self) -> "UniqueMatchingSpec":

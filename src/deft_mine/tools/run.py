@@ -198,8 +198,8 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
     mining = mining.model_copy(update={"source_parquet": str(folder.embeddings["source"]),
                                        "target_parquet": str(folder.embeddings["targets"]),
                                        "output_parquet": str(folder.candidates)})
-    if not mining.unique:  # where the pool's relative paths resolve: mined byte copies are found by their files
-        mining = mining.model_copy(update={"pool_image_root": str(given["source"].images_root)})
+    # where the pool's relative paths resolve: mined (or claimed) byte copies are found by their files
+    mining = mining.model_copy(update={"pool_image_root": str(given["source"].images_root)})
     store = ctx.store_for(inputs.store, inputs.no_store)
     described = Inputs(**{name: InputFacts(path=str(s.path), format=s.format, rows=s.rows, columns=s.schema.names,
                                            has_label="label" in s.schema.names,

@@ -108,6 +108,7 @@ def match_run(mining: MiningSpec, paths: UniquePaths, exclude: Exclusion | None,
     summary = artifacts.MiningSummary(
         queries=tables.num_rows(paths.targets), pool=tables.num_rows(paths.source), pairs=final.num_rows,
         duplicates_removed=0, near_duplicates_removed=matched.get("near_duplicates_removed"), mined=final.num_rows,
+        identical_images=matched.get("identical_images"),
         label_filter=LabelFilter.off)  # the rule's count is the matcher's (None: the rule was off)
     tables.write_text_atomic(paths.folder / artifacts.SUMMARY, summary.text())
     return result
