@@ -392,7 +392,7 @@ def test_vectors_read_back_from_the_file_give_the_same_answer(tmp_path, metric, 
     assert_answer(outcome, case, ref, metric)
     assert read_back  # every vector judged was read back from the pool file
     # the histogram's sample is kept whatever the budget: here the whole small pool
-    assert len(outcome.leaks.sample) == len(case.pool)
+    assert len(outcome.leaks.sample_scores) == len(case.pool)
 
 
 # --- 7: the two scopes agree --------------------------------------------------------------------------
@@ -416,6 +416,28 @@ def test_the_mined_and_pool_scopes_give_the_same_answer(tmp_path, metric, case_o
     assert listed and len(listed) <= len(every)
     for row in listed:
         assert row == every[row["source_row"]]
+
+
+@pytest.mark.parametrize("metric", list(Metric))
+def test_a_file_on_two_rows_is_out_when_either_row_leaks(tmp_path, metric):
+    """One filepath on two rows with different vectors: one row a copy of v0 (a leak), the other a
+    target's nearest (no leak of its own). leaks_parquet leaves out every row of a listed path, and so
+    does the guard in the search: the file is never mined, in either scope."""
+    rng = np.random.default_rng(17)
+    t, v = signs(rng, 2), signs(rng, 2)
+    rows = [v[0].copy(), flipped(t[0], 3, rng)] + [flipped(t[i % 2], 5 + i % 3, rng) for i in range(10)]
+    names = ["p.png", "p.png"] + [f"q{i}.png" for i in range(10)]
+    case = Case(tmp_path, t, v, np.array(rows, np.float32), names).write()
+    mined_scope = mine(case, metric, 0, 2)
+    assert "p.png" not in mined_scope.mined.column("filepath").to_pylist()
+    pool = pool_of(case.pool_names, tmp_path, case.target_names)
+    found = find_leaks(pool, case.protected, metric, score_at(0, metric),
+                       pool_vectors(tmp_path / "pool.parquet", "embedding", 5))
+    pq.write_table(found.table, tmp_path / "leaks.parquet")
+    spec = MiningSpec(topn=2, knn_metric=metric, block_rows=7, leaks_parquet=str(tmp_path / "leaks.parquet"))
+    pool_scope = mine_files(tmp_path / "pool.parquet", tmp_path / "targets.parquet", spec, NullEvents())
+    assert mined_scope.mined.equals(pool_scope.mined) and mined_scope.pairs.equals(pool_scope.pairs)
+    assert mined_scope.searched_rows == pool_scope.searched_rows == len(rows) - 2
 
 
 # --- 8: byte copies ---------------------------------------------------------------------------------

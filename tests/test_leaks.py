@@ -270,6 +270,28 @@ def test_docker_applies_the_guard_on_the_host_and_a_backend_that_cannot_is_refus
     assert not applies(RunInput(targets="t.parquet", source="s.parquet", run_dir="r"), MiningSpec(), docker, False)
 
 
+def test_a_leak_scope_that_cannot_hold_is_refused_not_ignored():
+    """leak_scope=mined where the search cannot judge its candidates (docker), leak_scope with sentences
+    as targets, and protected_parquet (the guard in the search) beside leak_scope=pool: each refused."""
+    from deft_mine.backends.docker import DockerBackend
+    from deft_mine.backends.local import LocalBackend
+    from deft_mine.schemas.inputs import RunInput
+    from deft_mine.tools.run_leaks import applies
+
+    plain = RunInput(targets="t.parquet", source="s.parquet", run_dir="r")
+    docker = DockerBackend("nvcr.io/nvidia/tao/tao-toolkit:6.0.0-data-services")
+    with pytest.raises(DeftError) as exc:
+        applies(plain, MiningSpec(leak_scope="mined"), docker, sentences=False)
+    assert (exc.value.code, exc.value.details["field"]) == ("backend_unsupported", "leak_scope")
+    assert applies(plain, MiningSpec(leak_scope="pool"), docker, sentences=False)  # docker judges the whole pool
+    with pytest.raises(DeftError) as exc:
+        applies(plain, MiningSpec(leak_scope="pool"), LocalBackend(), sentences=True)
+    assert (exc.value.code, exc.value.details["field"]) == ("spec_invalid", "leak_scope")
+    with pytest.raises(DeftError) as exc:
+        MiningSpec(protected_parquet="protected.parquet", leak_scope="pool")
+    assert (exc.value.code, exc.value.details["field"]) == ("spec_invalid", "leak_scope")
+
+
 # --- the report's pictures --------------------------------------------------------------------------
 
 def test_the_histogram_bins_the_scores_own_range_with_the_threshold_inside():

@@ -27,7 +27,7 @@ CONTROL_ACTIONS: dict[str, str] = {
     "training_rows_left_out": "Look at the left-out components (the warning lists examples by reason): give a "
                               "non-PASS row its golden image, restore a missing light, or pass "
                               "`--pass-golden self` for PASS rows of an OK-only pool; they stay in mined.parquet.",
-    "leaks_excluded": "Nothing to undo: the copies of protected images never reached the search; leaks.parquet "
+    "leaks_excluded": "Nothing to undo: the copies of protected images were never mined; leaks.parquet "
                       "names each with the image it copies. Take them out of the pool for good, and check the "
                       "`similar` ones against the nearest-protected histogram if leak_similarity seems loose.",
     "training_rows_leaked": "Nothing to undo: the rows equal to validation rows were left out of "

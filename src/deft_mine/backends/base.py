@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from deft_mine.engine.embedding import EmbedStats
+from deft_mine.engine.leak_search import LeakOutcome
 from deft_mine.engine.listings import Listing
 from deft_mine.events import Events
 from deft_mine.schemas import artifacts
@@ -39,7 +40,7 @@ class BackendMine:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[ToolWarning] = field(default_factory=list)  # what the engine saw in the data
     cluster: ClusterFacts | None = None  # where it ran (backend ray)
-    leaks: Any = None  # the guard in the search (engine.mining.LeakOutcome): leaks.parquet written beside
+    leaks: LeakOutcome | None = None  # the guard in the search: leaks.parquet written beside
 
 
 @dataclass

@@ -127,7 +127,7 @@ def write_mining(outcome: MiningOutcome, outputs: MineOutputs) -> BackendMine:
     tables.write_table_atomic(outputs.mined, outcome.mined)
     if outcome.near_duplicates is not None:
         tables.write_table_atomic(outputs.near_duplicates, outcome.near_duplicates)
-    if outcome.leaks is not None and (outcome.leaks.asked or outcome.leaks.table.num_rows):
+    if outcome.leaks is not None and outcome.leaks.reported:
         tables.write_table_atomic(outputs.leaks, outcome.leaks.table)
     if outputs.pairs is not None:
         tables.write_table_atomic(outputs.pairs, outcome.pairs)

@@ -12,6 +12,7 @@ from deft_mine.backends.base import BackendMine, MineOutputs
 from deft_mine.backends.local import write_mining
 from deft_mine.backends.ray import HeadWatch, Workers, as_data, cluster_cpus_gpus, gather, task_error
 from deft_mine.engine import tables
+from deft_mine.engine.leak_search import Kept
 from deft_mine.engine.mining import (Prepared, Searched, finish, keeper, leak_stage, merge, pool_dim, prepare,
                                      search_range, search_width)
 from deft_mine.errors import DeftError
@@ -41,7 +42,7 @@ def shard_task(ray: Any, work: Any) -> Any:
 
 def search_shard(spec: MiningSpec, source_path: str, target_path: str, queries: np.ndarray, drop: np.ndarray,
                  start: int, end: int, dim: int | None, query_groups: np.ndarray | None = None,
-                 pool_groups: np.ndarray | None = None, kept: Any = None) -> dict[str, Any]:
+                 pool_groups: np.ndarray | None = None, kept: Kept | None = None) -> dict[str, Any]:
     """A Ray task: the search of pool rows [start, end) (per_label: each query among its own label's rows,
     by `query_groups` and `pool_groups`; with the guard in the search, `kept` keeps its candidates'
     vectors); a DeftError comes back as data (it does not survive pickling),

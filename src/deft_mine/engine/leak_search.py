@@ -22,6 +22,25 @@ SAMPLE_ROWS = 4096  # pool rows whose nearest protected score draws the report's
 KEEP_BYTES = 1 << 30  # candidate vectors kept while streaming beyond this are read back from the file instead
 
 
+@dataclass
+class LeakOutcome:
+    """The guard inside the search: leaks.parquet's table (the leaks among the rows it judged), how many
+    rows it judged, and the nearest protected score of a fixed sample of pool rows (the histogram's)."""
+
+    table: pa.Table
+    judged: int
+    sample_scores: np.ndarray
+    pool: int  # pool rows the search could take (not left out before it, nor all-zero under cosine)
+    protected: int  # protected images: the targets, and the protect listings'
+    listings: list[str]  # the protect listings (by the path run recorded)
+    asked: bool  # a threshold or a protect listing (else only the targets' byte copies are looked for)
+
+    @property
+    def reported(self) -> bool:
+        """Whether a result names it (and leaks.parquet is written): asked for, or it found a leak."""
+        return self.asked or self.table.num_rows > 0
+
+
 def slack(k: int) -> int:
     """Candidates asked of the search beyond k when the guard judges them: room for a dozen or more
     leaks per target (a component re-captured again and again) before the pool must be searched
@@ -82,26 +101,34 @@ class Kept:
         if sum(chunk.vectors.nbytes for chunk in self.chunks) > KEEP_BYTES:
             self.overflow, self.chunks = True, []
 
-    def merged(self, other: Kept) -> Kept:
-        """Two searches' kept rows as one (shards of one pool, or a search again of some queries)."""
-        overflow = self.overflow or other.overflow
-        return Kept(self.sample, [] if overflow else self.chunks + other.chunks, self.sample_rows + other.sample_rows,
+    def merged(self, other: Kept | None) -> Kept:
+        """Two searches' kept rows as one (shards of one pool, or a search again of some queries); past
+        KEEP_BYTES together, read back from the file instead."""
+        if other is None:
+            return self
+        chunks = self.chunks + other.chunks
+        overflow = self.overflow or other.overflow or sum(c.vectors.nbytes for c in chunks) > KEEP_BYTES
+        return Kept(self.sample, [] if overflow else chunks, self.sample_rows + other.sample_rows,
                     self.sample_vectors + other.sample_vectors, overflow)
 
     def vectors_of(self, rows: np.ndarray, read_back: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        """The vectors of pool rows the search kept (read back from the file when it could not keep them)."""
+        """The vectors of these pool rows: those the search kept from it, the rest (all of them when it
+        could not keep them) read back from the file."""
         if self.overflow or not self.chunks:
             return read_back(rows)
         kept = np.concatenate([chunk.rows for chunk in self.chunks])
         order = np.argsort(kept, kind="stable")
-        at = order[np.searchsorted(kept[order], rows)]
+        at = order[np.minimum(np.searchsorted(kept[order], rows), len(kept) - 1)]
+        found = kept[at] == rows
         # a row is found in the chunk that holds it (alive or not: its vector is the same either way)
         starts = np.cumsum([0] + [len(chunk.rows) for chunk in self.chunks])
         which = np.searchsorted(starts, at, side="right") - 1
         out = np.empty((len(rows), self.chunks[0].vectors.shape[1]), np.float32)
         for c, chunk in enumerate(self.chunks):
-            mine = which == c
+            mine = found & (which == c)
             out[mine] = chunk.vectors[at[mine] - starts[c]]
+        if not found.all():  # e.g. another row of a candidate's file, never a candidate itself
+            out[~found] = read_back(rows[~found])
         return out
 
     def sample_of(self) -> np.ndarray:
@@ -130,6 +157,10 @@ class Guard:
         targets = {os.path.normpath(p) for p, o in zip(protected.filepaths, protected.origins) if o == TARGETS}
         self.names_target = pc.is_in(pool_paths, value_set=pa.array(sorted(targets), pa.string())).to_numpy(
             zero_copy_only=False)
+        # rows naming one file share its verdict (as leaks_parquet leaves out every row of a listed path)
+        encoded = pool_paths.dictionary_encode()
+        self.files = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        self.repeats = len(encoded.dictionary) < len(pool_paths)  # some file on more than one row
         self.leak = np.zeros(len(pool_paths), bool)
         self.judged = np.zeros(len(pool_paths), bool)
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]] = []
@@ -150,9 +181,26 @@ class Guard:
         self.leak[rows[twin >= 0]] = True
         self.judged[rows] = True
         self._parts.append((rows, twin, nearest, scores))
+        if self.repeats and self.leak[rows].any():  # every row of a leaking file is out
+            self.leak |= np.isin(self.files, self.files[rows[self.leak[rows]]])
+
+    def with_siblings(self, rows: np.ndarray) -> np.ndarray:
+        """These pool rows and every other row naming the same file (judged together: a file leaks
+        when any of its rows does)."""
+        if not self.repeats or not len(rows):
+            return rows
+        return np.flatnonzero(np.isin(self.files, self.files[rows]))
 
     def paths_of(self, rows: np.ndarray) -> list[str]:
+        """These pool rows' (lexically normal) filepaths."""
         return [str(p) for p in self.pool_paths.take(pa.array(rows, pa.int64())).to_pylist()]
+
+    def outcome(self, kept: Kept, pool: int) -> LeakOutcome:
+        """What the guard judged and found, the histogram's sample scored (with a threshold)."""
+        rows = np.concatenate(kept.sample_rows) if kept.sample_rows else np.zeros(0, np.int64)
+        listings = list(dict.fromkeys(o for o in self.protected.origins if o != TARGETS))
+        return LeakOutcome(self.table(), int(self.judged.sum()), self.nearest_scores(rows, kept.sample_of()), pool,
+                           len(self.protected.origins), listings, self.threshold is not None or bool(listings))
 
     def nearest_scores(self, rows: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         """The nearest protected score of each of these pool rows (the histogram's), leaks or not."""
@@ -222,7 +270,7 @@ def settle(state: TopKState, kept: Kept, guard: Guard, k: int, read_back: Callab
     (a leak found pulls the next entry in): the rows the answer would take are then all clean."""
     while True:
         take, _ = first_k(state, guard.leak, k)
-        need = np.unique(state.ids[take])
+        need = guard.with_siblings(np.unique(state.ids[take]))
         need = need[~guard.judged[need]]
         if not len(need):
             return
@@ -230,7 +278,7 @@ def settle(state: TopKState, kept: Kept, guard: Guard, k: int, read_back: Callab
 
 
 def exclude_leaks(state: TopKState, kept: Kept, guard: Guard, k: int, read_back: Callable[[np.ndarray], np.ndarray],
-                  research: Callable[[np.ndarray, np.ndarray], tuple[TopKState, Kept]],
+                  research: Callable[[np.ndarray, np.ndarray], tuple[TopKState, Kept | None]],
                   judge_all: Callable[[], None]) -> tuple[TopKState, Kept]:
     """The search's candidates (k + slack per query) with the leaks taken out, k per query: exactly
     the top-k of the pool without its leaks. A query whose list ran out of clean entries is searched
@@ -250,5 +298,5 @@ def exclude_leaks(state: TopKState, kept: Kept, guard: Guard, k: int, read_back:
         width = again.keys.shape[1]  # fewer rows left than the search's width: the rest stay empty
         keys[short], ids[short] = np.inf, -1
         keys[short, :width], ids[short, :width] = again.keys, again.ids
-        state, kept = TopKState(keys, ids), kept.merged(more)
+        state, kept = TopKState(keys, ids), kept.merged(more)  # (no vectors kept without a threshold)
     return trimmed(state, guard.leak, k), kept

@@ -18,8 +18,8 @@ from deft_mine import rules
 from deft_mine.engine import dedup, tables
 from deft_mine.engine.floor import FloorStage, best_matches, group_codes
 from deft_mine.engine.knn import GroupedTopK, RunningTopK, TopKState
-from deft_mine.engine.leak_search import Guard, Kept, exclude_leaks, read_protected, sample_rows, slack
-from deft_mine.engine.leaks import TARGETS, leak_mask
+from deft_mine.engine.leak_search import Guard, Kept, LeakOutcome, exclude_leaks, read_protected, sample_rows, slack
+from deft_mine.engine.leaks import leak_mask
 from deft_mine.engine.selection import Candidates, mode_of
 from deft_mine.schemas import warnings
 from deft_mine.schemas.artifacts import MiningSummary
@@ -41,20 +41,6 @@ class MiningOutcome:
     floor: FloorStage | None = None  # with a floor: the raw candidates and what it kept (the loop's files)
     near_duplicates: pa.Table | None = None  # with dedup_similarity / dedup_distance: the images it collapsed
     leaks: LeakOutcome | None = None  # with the guard in the search (protected_parquet): what it judged and found
-
-
-@dataclass
-class LeakOutcome:
-    """The guard inside the search: leaks.parquet's table (the leaks among the rows it judged), how many
-    rows it judged, and the nearest protected score of a fixed sample of pool rows (the histogram's)."""
-
-    table: pa.Table
-    judged: int
-    sample: np.ndarray
-    pool: int  # pool rows the search could take (not left out before it)
-    protected: int  # protected images: the targets, and the protect listings'
-    listings: list[str]  # the protect listings (by the path run recorded)
-    asked: bool  # a threshold or a protect listing (else only target byte copies are looked for)
 
 
 def lexically_normal(filepath: str) -> str:
@@ -83,8 +69,9 @@ def search_width(spec: MiningSpec) -> int:
 
 
 def keeper(prep: Prepared) -> Kept | None:
-    """With the guard in the search: what keeps the candidates' vectors (and the histogram's sample) as the pool streams."""
-    return None if prep.guard is None else Kept(sample_rows(prep.total))
+    """With the guard's vector check in the search: what keeps the candidates' vectors (and the histogram's
+    sample) as the pool streams (the byte check alone, every default run's, needs no vector)."""
+    return None if prep.guard is None or prep.guard.threshold is None else Kept(sample_rows(prep.total))
 
 
 def leak_stage(prep: Prepared, found: Searched) -> Searched:
@@ -98,8 +85,9 @@ def leak_stage(prep: Prepared, found: Searched) -> Searched:
     def research(queries: np.ndarray, leak: np.ndarray) -> tuple[TopKState, Kept]:
         groups = None if prep.query_groups is None else prep.query_groups[queries]
         again = search_range(prep.spec, prep.source_path, prep.target_path, prep.queries[queries], prep.drop | leak,
-                             query_groups=groups, pool_groups=prep.pool_groups, kept=Kept(np.zeros(0, np.int64)))
-        assert again.state is not None and again.kept is not None
+                             query_groups=groups, pool_groups=prep.pool_groups,
+                             kept=None if guard.threshold is None else Kept(np.zeros(0, np.int64)))
+        assert again.state is not None
         return again.state, again.kept
 
     def judge_all() -> None:
@@ -117,13 +105,9 @@ def leak_stage(prep: Prepared, found: Searched) -> Searched:
     if found.state is not None:
         found.state, kept = exclude_leaks(found.state, kept, guard, k, lambda rows: _pool_rows_vectors(prep, rows),
                                           research, judge_all)
-    sample = kept.sample_of()
-    rows = np.concatenate(kept.sample_rows) if kept.sample_rows else np.zeros(0, np.int64)
-    found.searched -= int(guard.leak.sum())
-    listings = list(dict.fromkeys(o for o in guard.protected.origins if o != TARGETS))
-    prep.leaks = LeakOutcome(guard.table(), int(guard.judged.sum()), guard.nearest_scores(rows, sample),
-                             int((~prep.drop).sum()), len(guard.protected.origins), listings,
-                             guard.threshold is not None or bool(listings))
+    searchable = found.searched  # the rows the search could take: not left out before it, nor all-zero (cosine)
+    found.searched -= int((guard.leak & ~prep.drop).sum())
+    prep.leaks = guard.outcome(kept, searchable)
     prep.timings["leaks"] = time.perf_counter() - t0
     return found
 

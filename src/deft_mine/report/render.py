@@ -791,8 +791,8 @@ def _leaks_section(v: _View, found: list[Finding], verdict: str, compact: bool) 
     rule = "identical bytes (SHA-256)" + (f", or `{g.threshold_key}` = {_fmt(g.threshold)}" if g.threshold_key else "")
     kinds = ", ".join(f"{n} `{kind}`" for kind, n in g.by_kind.items())
     judged = (f"of {g.pool}" if g.scope == "pool" else
-              f"among the {g.pool} the search would have taken (`leak_scope=mined`: the same answer as judging all "
-              f"{g.pool_rows})")
+              f"among the {g.pool} it judged: the rows the search would have taken (`leak_scope=mined`: the same "
+              f"answer as judging all {g.pool_rows})")
     yield 0, (f"Protected: the targets and {listed}; {plural(g.protected_images, 'protected image')} in all. A pool "
               f"row is a leak when it copies one ({rule}); leaks never reach the answer. "
               f"{plural(g.leaks_excluded, 'pool row')} {judged} were left out ({kinds}), each listed with the "

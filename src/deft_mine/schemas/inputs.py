@@ -284,10 +284,10 @@ class RunInput(ToolInput):
     protect: Annotated[list[str] | None, Field(
         description="listings (parquet/CSV with filepath, or a ChangeNet CSV) of images that must never enter "
                     "training, e.g. the validation and KPI test sets: a pool copy of one (identical bytes, or with "
-                    "leak_similarity / leak_distance a vector within it) is left out of the search and listed in "
+                    "leak_similarity / leak_distance a vector within it) is never mined and is listed in "
                     "leaks.parquet; the targets are always protected"), PathField(),
         cli("--protect", metavar="PATH", repeat=True, help="a listing of images that must never enter training "
-            "(repeatable): their pool copies are left out of the search (leaks.parquet)")] = None
+            "(repeatable): their pool copies are never mined (leaks.parquet)")] = None
 
 
 class SelectInput(ToolInput):

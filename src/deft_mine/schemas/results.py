@@ -124,7 +124,7 @@ class LeakFacts(BaseModel):
     knn_metric: str = "cosine"
     threshold_key: str | None = Field(None, description="leak_similarity or leak_distance (None: bytes only)")
     threshold: float | None = None
-    leaks_excluded: int = Field(0, description="pool rows left out of the search as leaks")
+    leaks_excluded: int = Field(0, description="pool rows left out as leaks (never mined)")
     by_kind: dict[str, int] = Field(default_factory=dict, description="identical_bytes, similar")
     pool: int = Field(0, description="pool rows the guard looked at")
     leaks_parquet: str | None = None

@@ -260,7 +260,7 @@ RareClassList = Annotated[list[str], BeforeValidator(_class_names)]
 
 # Keys only one mode reads: the other refuses them rather than ignore them.
 UNIQUE_KEYS = ("desired_unique_count", "allocation_policy", "rare_class_list", "candidate_expansion_factor")
-# the near-duplicate rule: collapse (nearest), claiming (unique); the leak rows: left out of the search, or the matching
+# the near-duplicate rule: collapse (nearest), claiming (unique); the leak rows: never mined, nor claimed
 BOTH_MODES_KEYS = ("dedup_similarity", "dedup_distance", "leaks_parquet", "pool_image_root")
 NEAREST_KEYS = frozenset({"topn", "filter_by_label", "exclude_targets", "min_similarity", "max_distance",
                           "distance_threshold", "floor_rule", "label_mode", "protected_parquet"})
@@ -321,10 +321,10 @@ class MiningSpec(_Spec):
     # The leakage guard (run --protect): pool rows near a protected image, left out before the search.
     leak_similarity: Similarity = Field(
         None, description="cosine only: a pool image whose similarity to a protected image (a target, or one listed by "
-                    "run --protect) reaches it is a leak, left out of the search (default off)")
+                    "run --protect) reaches it is a leak, never mined (default off)")
     leak_distance: Distance = Field(
         None, description="euclidean / manhattan only: a pool image within this distance of a protected image is a "
-                    "leak, left out of the search (default off)")
+                    "leak, never mined (default off)")
     leaks_parquet: Annotated[str | None, PathField()] = Field(
         None, description="per-run: a parquet whose `filepath`s (pool rows) are left out of the search (run's "
                           "leakage guard writes it: leaks.parquet)")
@@ -397,6 +397,17 @@ class MiningSpec(_Spec):
         drop = {"mode", *UNIQUE_KEYS} if self.mode is MiningMode.nearest else NEAREST_KEYS
         drop = drop | {key for key in _OMITTED_WHEN_OFF if getattr(self, key) is None}
         return {key: value for key, value in data.items() if key not in drop} if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _one_leak_scope(self) -> "MiningSpec":
+        """protected_parquet is the guard in the search (leak_scope=mined); a spec asking for the whole
+        pool to be judged is refused rather than guarded the other way."""
+        if self.protected_parquet is not None and self.leak_scope is LeakScope.pool:
+            raise DeftError("spec_invalid", "leak_scope=pool judges every pool row before the search (run writes "
+                            "leaks_parquet for that), while protected_parquet has the search judge its own "
+                            "candidates", fix="leave leak_scope out with protected_parquet, or give leaks_parquet "
+                            "instead", field="leak_scope")
+        return self
 
     @model_validator(mode="after")
     def _controls_fit(self) -> "MiningSpec":

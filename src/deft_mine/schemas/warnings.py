@@ -13,7 +13,7 @@ WarningCode = Literal[
     "distance_threshold_inert", "label_null", "listing_empty", "texts_skipped", "unique_count_short",
     # raised by run with a ChangeNet pool (mined_training_rows.csv)
     "training_rows_left_out", "training_rows_leaked",
-    # raised by run's leakage guard (pool copies of protected images left out of the search)
+    # raised by run's leakage guard (pool copies of protected images, never mined)
     "leaks_excluded",
     # raised by a selection against a history ledger (the DEFT loop's yield checks, the budget)
     "candidates_mostly_mined", "yield_collapsed", "budget_exhausted",
@@ -113,7 +113,7 @@ def store_shard_corrupt(store: str | None, shards: list[str]) -> ToolWarning:
 
 
 def leaks_excluded(by_kind: dict[str, int], pool: int, examples: list[str], judged: int | None = None) -> ToolWarning:
-    """Pool rows the leakage guard left out of the search (copies of protected images), by kind; `judged`
+    """Pool rows the leakage guard left out (copies of protected images, never mined), by kind; `judged`
     (leak_scope=mined): the pool rows it judged, those the search would have taken."""
     total = sum(by_kind.values())
     among = f"{pool} pool rows" if judged is None else f"the {judged} pool rows the search reached (of {pool})"
@@ -122,8 +122,8 @@ def leaks_excluded(by_kind: dict[str, int], pool: int, examples: list[str], judg
     return ToolWarning(code="leaks_excluded", fields=["protect", "leak_similarity", "leak_distance"],
                        details={"count": total, "by_kind": by_kind, "pool": pool, "examples": examples,
                                 **({} if judged is None else {"judged": judged})},
-                       message=f"{total} of {among} copy a protected image ({kinds}) and were left out "
-                               f"of the search (leaks.parquet lists each with the image it copies){every}")
+                       message=f"{total} of {among} copy a protected image ({kinds}) and were left out, "
+                               f"never mined (leaks.parquet lists each with the image it copies){every}")
 
 
 def target_in_pool(count: int, excluded: bool | None) -> ToolWarning:

@@ -57,7 +57,7 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
     done = backend.mine(spec, source, target, outputs, ctx.events)
     found.extend(done.warnings)
     leaks = None
-    if done.leaks is not None and (done.leaks.asked or done.leaks.table.num_rows):  # the guard in the search
+    if done.leaks is not None and done.leaks.reported:  # the guard in the search
         leaks, raised = run_leaks.in_search_facts(done.leaks, spec, outputs.leaks)
         found.extend(raised)
     summary = done.summary

@@ -99,7 +99,7 @@ class RunFolder:
             raise
 
     def record_mining_spec(self, mining: MiningSpec) -> None:
-        """The mining spec rewritten as it will mine (the leakage guard adds leaks_parquet before the search)."""
+        """The mining spec rewritten as it will mine (the leakage guard adds protected_parquet or leaks_parquet)."""
         tables.write_text_atomic(self.path / artifacts.MINING_SPEC, spec_to_yaml(mining))
         self.manifest.mining_spec = mining.model_dump(mode="json")
         self._save()

@@ -1,17 +1,16 @@
-"""The run's leakage guard: protect listings checked at the door, protected images embedded, leaks.parquet written before the search."""
+"""The run's leakage guard: protect listings checked at the door, protected images embedded, and either protected.parquet for the search to judge its candidates against or leaks.parquet of the whole pool, written before the search."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from deft_mine.backends import Backend
 from deft_mine.engine import leaks, tables
-from deft_mine.engine.leak_search import write_protected
+from deft_mine.engine.leak_search import LeakOutcome, write_protected
 from deft_mine.engine.images import file_sizes, resolve_image_path
 from deft_mine.engine.listings import FILEPATH, Listing, open_listing
 from deft_mine.engine.mining import pool_vectors
@@ -29,8 +28,8 @@ _EXAMPLES = 5
 
 
 def asked(inputs: RunInput, mining: MiningSpec) -> bool:
-    """Whether the guard was asked for (a protect listing or a leak threshold), not just on by default."""
-    return bool(inputs.protect) or mining.leak_threshold is not None
+    """Whether the guard was asked for (a protect listing, a leak threshold or a leak_scope), not just on by default."""
+    return bool(inputs.protect) or mining.leak_threshold is not None or mining.leak_scope is not None
 
 
 def applies(inputs: RunInput, mining: MiningSpec, backend: Backend, sentences: bool) -> bool:
@@ -41,7 +40,8 @@ def applies(inputs: RunInput, mining: MiningSpec, backend: Backend, sentences: b
     ours = not mining.unique or backend.capabilities.guards_in_search  # mode=unique: deft-mine's matcher only
     if not asked(inputs, mining):
         return ours and backend.capabilities.leaves_rows_out and not sentences and mining.leaks_parquet is None
-    field = "protect" if inputs.protect else "leak_similarity" if mining.leak_similarity is not None else "leak_distance"
+    field = "protect" if inputs.protect else "leak_similarity" if mining.leak_similarity is not None else \
+        "leak_distance" if mining.leak_distance is not None else "leak_scope"
     if not ours:
         raise DeftError("backend_unsupported", f"{field}: with mode=unique the {backend.name} backend's matcher "
                         "cannot be told to leave the leak rows out", fix=f"use backend=local or backend=ray for a "
@@ -54,6 +54,11 @@ def applies(inputs: RunInput, mining: MiningSpec, backend: Backend, sentences: b
         raise DeftError("spec_invalid", f"{field}: the leakage guard compares images, and the targets are "
                         "sentences", fix=f"give the protected images with --protect and target images, or leave "
                         f"{field} out", field=field)
+    if mining.leak_scope is LeakScope.mined and not backend.capabilities.guards_in_search:
+        raise DeftError("backend_unsupported", f"leak_scope=mined: the {backend.name} backend's program searches "
+                        "the whole pool, so its guard judges every pool row first", fix="leave leak_scope out (or "
+                        "set leak_scope=pool) on this backend, or use backend=local or backend=ray",
+                        field="leak_scope", backend=backend.name)
     return True
 
 
@@ -142,7 +147,7 @@ def guard(inputs: RunInput, listings: list[Listing], folder: Path, mining: Minin
     return facts, raised, embedded, mining.model_copy(update={"leaks_parquet": str(leaks_path)})
 
 
-def in_search_facts(outcome: Any, mining: MiningSpec, path: Path) -> tuple[LeakFacts, list[ToolWarning]]:
+def in_search_facts(outcome: LeakOutcome, mining: MiningSpec, path: Path) -> tuple[LeakFacts, list[ToolWarning]]:
     """The guard in the search (leak_scope=mined; `outcome` the engine's LeakOutcome): its facts, and its
     warning when it left a leak out."""
     table = outcome.table
@@ -153,8 +158,8 @@ def in_search_facts(outcome: Any, mining: MiningSpec, path: Path) -> tuple[LeakF
                       "leak_similarity" if mining.knn_metric.higher_is_nearer else "leak_distance",
                       threshold=threshold, leaks_excluded=table.num_rows, by_kind=counts, pool=outcome.judged,
                       leaks_parquet=str(path) if path.exists() else None, scope=LeakScope.mined.value,
-                      pool_rows=outcome.pool, sample=len(outcome.sample) if threshold is not None else None,
-                      nearest=None if threshold is None else leaks.histogram(outcome.sample, mining.knn_metric,
+                      pool_rows=outcome.pool, sample=len(outcome.sample_scores) if threshold is not None else None,
+                      nearest=None if threshold is None else leaks.histogram(outcome.sample_scores, mining.knn_metric,
                                                                                    threshold))
     raised = [] if not table.num_rows else [warnings.leaks_excluded(
         counts, outcome.pool, table.column(FILEPATH).to_pylist()[:_EXAMPLES], judged=outcome.judged)]
