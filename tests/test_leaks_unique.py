@@ -42,11 +42,29 @@ def test_a_guarded_unique_run_never_claims_a_leak_and_spends_the_budget_on_the_r
     assert "## Leakage Guard" in (Path(result.run_dir) / "Mining_Report.md").read_text()
 
 
-def test_a_default_unique_run_leaves_a_targets_byte_copy_out(guarded_set):
+def test_a_default_unique_run_leaves_a_targets_byte_copy_out_as_it_claims(guarded_set):
+    """No guard asked: the matcher checks each candidate's bytes against the targets' as it claims (no
+    pass over the whole pool), so the copy of t0 is never claimed and is listed in unique_matching/."""
     result = run(guarded_set / "targets.parquet", guarded_set / "pool.parquet", run_dir=guarded_set / "r",
                  overrides={**UNIQUE, "desired_unique_count": 10})
-    assert _leaks(result.run_dir) == {"pool/copy_t0.png": ("sets/t0.png", "identical_bytes")}
+    listed = Path(result.run_dir) / "unique_matching" / "leaks.parquet"
+    assert result.leaks is not None and result.leaks.leaks_parquet == str(listed) and result.leaks.scope == "mined"
+    rows = pq.read_table(listed).to_pylist()
+    assert [(r["filepath"], r["protected_filepath"], r["kind"]) for r in rows] == [
+        ("pool/copy_t0.png", "sets/t0.png", "identical_bytes")]
     assert "pool/copy_t0.png" not in _mined(result.run_dir) and len(_mined(result.run_dir)) == 9
+    assert not (Path(result.run_dir) / "leaks.parquet").exists()  # no whole-pool scan ran
+    assert "protected_parquet" in (Path(result.run_dir) / "unique_matching" / "unique_matching_spec.yaml").read_text()
+    assert "leaks_excluded" in [w.code for w in result.warnings]
+
+
+def test_a_default_unique_run_without_copies_says_nothing_of_leaks(guarded_set):
+    paths = [p for p in pq.read_table(guarded_set / "pool.parquet").column("filepath").to_pylist() if "copy" not in p]
+    pq.write_table(pa.table({"filepath": paths}), guarded_set / "clean.parquet")
+    result = run(guarded_set / "targets.parquet", guarded_set / "clean.parquet", run_dir=guarded_set / "r",
+                 overrides={**UNIQUE, "desired_unique_count": 4})
+    assert result.leaks is None and not (Path(result.run_dir) / "unique_matching" / "leaks.parquet").exists()
+    assert "leaks" not in json.loads((Path(result.run_dir) / "run.json").read_text())
 
 
 def test_leak_scope_mined_is_refused_with_mode_unique(guarded_set):

@@ -472,9 +472,9 @@ def _refuse_ours_only(spec: UniqueMatchingSpec, image: str) -> None:
     if spec.dedup is not None:
         raise unique_unsupported(image, "it claims near-duplicate files side by side (dedup_similarity / "
                                  "dedup_distance while claiming is deft-mine's)")
-    if spec.leaks_parquet:
+    if spec.leaks_parquet or spec.protected_parquet:
         raise unique_unsupported(image, "it cannot be told to leave the leakage guard's rows out (leaks_parquet "
-                                 "is deft-mine's)")
+                                 "and protected_parquet are deft-mine's)")
 
 
 def _entrypoint(client: Any, image: str) -> tuple[list[Any], bool]:

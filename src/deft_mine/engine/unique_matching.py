@@ -15,6 +15,7 @@ import pyarrow as pa
 from deft_mine.engine import dedup, detections, tables
 from deft_mine.engine.detections import NO_CLASSES, ImageClasses
 from deft_mine.engine.knn import l2_normalise
+from deft_mine.engine.leak_search import Guard, Kept, LeakOutcome, read_protected
 from deft_mine.engine.leaks import leak_mask
 from deft_mine.engine.mining import label_key, label_spellings, label_text, take_rows
 from deft_mine.engine.pool_search import PoolSearch, pool_parts, search_pool
@@ -79,6 +80,7 @@ class UniqueOutcome:
     target_paths: list[str]
     warnings: list[ToolWarning] = field(default_factory=list)
     near_duplicates: pa.Table | None = None  # with dedup_similarity / dedup_distance: the files set aside
+    leaks: LeakOutcome | None = None  # with protected_parquet: the candidates that copy a protected file's bytes
 
 
 @dataclass
@@ -287,6 +289,10 @@ class _Twins:
         self.spec, self.metric = spec, spec.distance_metric
         self.threshold = None if spec.dedup is None else float(spec.dedup)
         self.same = dedup.SameBytes(pool.paths, spec.pool_root())
+        # the leakage guard's byte check as candidates are met (protected_parquet: the run's, no threshold)
+        self.guard = None if not spec.protected_parquet else Guard(
+            read_protected(Path(spec.protected_parquet).expanduser(), False), spec.distance_metric, None,
+            spec.pool_root(), pa.array([os.path.normpath(p) for p in pool.paths], pa.string()))
         self.parts = pool_parts(pool.files)
         self.blocked = np.zeros(len(pool.paths), bool)
         self.checked = np.zeros(len(pool.paths), np.int64)  # how many held rows each row was compared with
@@ -303,11 +309,17 @@ class _Twins:
         the threshold of a held row they were not yet compared with; whether any was."""
         cands = np.unique(rows[rows >= 0])
         cands = cands[~self.blocked[cands] & ~held[files[cands]]]
+        leaked = np.zeros(0, np.int64)
+        if self.guard is not None:  # a copy of a protected image: a leak, never claimed (leaks.parquet)
+            self.guard.judge(cands, None)
+            leaked = cands[self.guard.leak[cands]]
+            self.blocked[leaked] = True
+            cands = cands[~self.guard.leak[cands]]
         copies = self.same.copies(cands.tolist())
         for a, b in copies.items():
             self.blocked[a] = True
             self.found.append((a, b, float("nan")))  # identical bytes: not compared
-        any_new = bool(copies)
+        any_new = bool(copies) or bool(len(leaked))
         if self.threshold is None:
             return any_new
         cands = cands[~self.blocked[cands] & (self.checked[cands] < len(self.held_rows))]
@@ -412,6 +424,11 @@ def unique_match(spec: UniqueMatchingSpec, search: PoolSearch = search_pool) -> 
     summary = _summary(spec, matcher, selected, targets, pool, excluded, groups, quotas, shortfall, classes)
     if spec.leaks_parquet:  # ours: the leak rows the guard left out (among excluded_rows)
         summary["leaks_excluded"] = int(leaked.sum())
+    guard = matcher.twins.guard
+    leaks = None if guard is None else guard.outcome(Kept(np.zeros(0, np.int64)), len(pool.paths))
+    if leaks is not None:  # ours: the claimed candidates that copy a protected image's bytes, never claimed
+        summary["leaks_excluded"] = summary.get("leaks_excluded", 0) + leaks.table.num_rows
+        summary["leaks_judged"] = leaks.judged
     near = matcher.twins.table(pool.paths)
     identical = near.column("kind").to_pylist().count(artifacts.DuplicateKind.identical_bytes.value)
     if spec.dedup is not None:  # ours, counted when the rule is on (files set aside as near copies)
@@ -423,7 +440,8 @@ def unique_match(spec: UniqueMatchingSpec, search: PoolSearch = search_pool) -> 
     raised = [warnings.unique_count_short(spec.desired_unique_count, selected.num_rows,
                                           [s.as_dict() for s in shortfall])] if shortfall else []
     return UniqueOutcome(selected=selected, passes=matcher.passes, summary=summary, shortfall=shortfall,
-                         pool_paths=pool.paths, target_paths=targets.paths, warnings=raised, near_duplicates=near)
+                         pool_paths=pool.paths, target_paths=targets.paths, warnings=raised, near_duplicates=near,
+                         leaks=leaks)
 
 
 def _short(group: str, wanted: int, got: int, own: np.ndarray, excluded: np.ndarray, pools: np.ndarray

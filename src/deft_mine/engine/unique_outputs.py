@@ -51,6 +51,8 @@ def write_outputs(spec: UniqueMatchingSpec, outcome: UniqueOutcome) -> Path:
         tables.write_table_atomic(out / record.name, pass_table(outcome.pool_paths, outcome.target_paths, record, vectors))
     if outcome.near_duplicates is not None:
         tables.write_table_atomic(out / artifacts.NEAR_DUPLICATES, outcome.near_duplicates)
+    if outcome.leaks is not None and outcome.leaks.reported:
+        tables.write_table_atomic(out / artifacts.LEAKS, outcome.leaks.table)
     tables.write_table_atomic(out / artifacts.UNIQUE_FINAL, outcome.selected)
     tables.write_text_atomic(out / artifacts.UNIQUE_SUMMARY, json.dumps(outcome.summary, indent=2, default=str))
     return out

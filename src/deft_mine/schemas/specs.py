@@ -261,9 +261,9 @@ RareClassList = Annotated[list[str], BeforeValidator(_class_names)]
 # Keys only one mode reads: the other refuses them rather than ignore them.
 UNIQUE_KEYS = ("desired_unique_count", "allocation_policy", "rare_class_list", "candidate_expansion_factor")
 # the near-duplicate rule: collapse (nearest), claiming (unique); the leak rows: never mined, nor claimed
-BOTH_MODES_KEYS = ("dedup_similarity", "dedup_distance", "leaks_parquet", "pool_image_root")
+BOTH_MODES_KEYS = ("dedup_similarity", "dedup_distance", "leaks_parquet", "protected_parquet", "pool_image_root")
 NEAREST_KEYS = frozenset({"topn", "filter_by_label", "exclude_targets", "min_similarity", "max_distance",
-                          "distance_threshold", "floor_rule", "label_mode", "protected_parquet"})
+                          "distance_threshold", "floor_rule", "label_mode"})
 LEAK_KEYS = ("leak_similarity", "leak_distance", "leaks_parquet", "leak_scope", "protected_parquet")  # the leakage guard's
 # Keys on one metric's scale, as (cosine key, its noun; distance key, its noun): each refused under the other metric.
 SCALED_KEYS = (("min_similarity", "similarity floor", "max_distance", "distance ceiling"),
@@ -375,8 +375,9 @@ class MiningSpec(_Spec):
                                 field=key, mode=self.mode.value)
         if self.leak_scope is LeakScope.mined:
             raise DeftError("spec_invalid", "leak_scope=mined judges the candidates of a nearest search; mode=unique "
-                            "claims in passes, so its guard judges every pool row", fix="leave leak_scope out (or "
-                            "set leak_scope=pool) with mode=unique", field="leak_scope", mode=self.mode.value)
+                            "claims in passes: its guard checks each candidate's bytes as it claims, and with a leak "
+                            "threshold judges every pool row first", fix="leave leak_scope out (or set "
+                            "leak_scope=pool) with mode=unique", field="leak_scope", mode=self.mode.value)
         self.unique_spec("", "", "")  # the matcher's own rules judge its keys (class_stratified needs classes)
         return self
 
@@ -518,6 +519,9 @@ class UniqueMatchingSpec(_Spec):
     leaks_parquet: Annotated[str | None, PathField()] = Field(
         None, description="ours, per-run: a parquet whose `filepath`s (pool rows, by full path) are never selected "
                           "(run's leakage guard writes it: leaks.parquet)")
+    protected_parquet: Annotated[str | None, PathField()] = Field(
+        None, description="ours, per-run: the protected images (run writes protected.parquet); a candidate whose file "
+                          "repeats one's bytes is never claimed, and is listed in output_dir's leaks.parquet")
     pool_image_root: Annotated[str | None, PathField()] = Field(
         None, description="ours: where the pool's relative filepaths resolve, for telling files with identical bytes "
                           "apart while claiming (run sets it; default: source_path's folder)")
@@ -560,8 +564,8 @@ class UniqueMatchingSpec(_Spec):
         data = handler(self)
         if (info.context or {}).get("all_keys"):
             return data
-        drop = {key for key in ("dedup_similarity", "dedup_distance", "leaks_parquet", "pool_image_root")
-                if getattr(self, key) is None}
+        drop = {key for key in ("dedup_similarity", "dedup_distance", "leaks_parquet", "protected_parquet",
+                                "pool_image_root") if getattr(self, key) is None}
         return {key: value for key, value in data.items() if key not in drop} if isinstance(data, dict) else data
 
     def pool_root(self) -> Path:

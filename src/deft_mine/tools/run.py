@@ -226,6 +226,10 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
         if mine_result is not None and mine_result.leaks is not None:  # the guard in the search (leak_scope=mined)
             leaks = mine_result.leaks
             leak_seconds += mine_result.timings.get("leaks", 0.0)
+        claimed = None if matched is None else run_unique.claimed_leaks(matched, mining)
+        if claimed is not None and claimed.reported:  # mode=unique: the byte guard as the matcher claimed
+            leaks, raised = run_leaks.in_search_facts(claimed, mining, Path(matched.output_dir) / artifacts.LEAKS)
+            leak_warnings = [*leak_warnings, *raised]
         selected, training, training_warnings = _select_and_train(inputs, folder, mining, sides["source"],
                                                                   validation, ctx, matched)
         mined_warnings = (mine_result or matched).warnings

@@ -120,7 +120,8 @@ def guard(inputs: RunInput, listings: list[Listing], folder: Path, mining: Minin
                                 fix="check the protect listings' images", skipped_by_reason=done.skipped_by_reason)
             embedded.append(done)
     protected = _protected(folder, mining, listings, threshold is not None, targets.images_root)
-    if backend.capabilities.guards_in_search and mining.leak_scope is not LeakScope.pool and not mining.unique:
+    if backend.capabilities.guards_in_search and mining.leak_scope is not LeakScope.pool and not (
+            mining.unique and threshold is not None):  # unique: bytes as it claims; a threshold needs the scan
         write_protected(protected, folder / artifacts.PROTECTED)
         return None, [], embedded, mining.model_copy(update={"protected_parquet": str(folder / artifacts.PROTECTED)})
     pool_table = tables.read_columns(Path(str(mining.source_parquet)), [FILEPATH])

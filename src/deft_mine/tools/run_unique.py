@@ -15,6 +15,8 @@ from deft_mine.backends import Backend
 from deft_mine.backends.base import match_unsupported
 from deft_mine.engine import ledger as ledgers
 from deft_mine.engine import tables
+from deft_mine.engine.leak_search import LeakOutcome, read_protected
+from deft_mine.engine.leaks import TARGETS, leak_table
 from deft_mine.engine.listings import Listing
 from deft_mine.engine.mining import label_text
 from deft_mine.errors import DeftError
@@ -179,3 +181,20 @@ def unique_facts(result: MatchResult, folder: Path, metric: Metric) -> UniqueFac
         candidate_expansion_factor=summary.get("candidate_expansion_factor"),
         excluded_rows=int(summary.get("excluded_rows") or 0), passes=len(result.passes), groups=groups,
         near_duplicates_removed=summary.get("near_duplicates_removed"))
+
+
+def claimed_leaks(result: MatchResult, mining: MiningSpec) -> LeakOutcome | None:
+    """The byte guard the matcher applied as it claimed (protected_parquet): what it judged and found,
+    read back from unique_matching/ (leaks.parquet, summary.json) and the protected images."""
+    if mining.protected_parquet is None:
+        return None
+    summary = json.loads(Path(result.summary_path).read_text(encoding="utf-8"))
+    listed = Path(result.output_dir) / artifacts.LEAKS
+    table = tables.read_columns(listed, tables.schema_of(listed).names) if listed.exists() else None
+    protected = read_protected(Path(mining.protected_parquet), False)
+    listings = list(dict.fromkeys(o for o in protected.origins if o != TARGETS))
+    if table is None:  # nothing found: an empty table of leaks.parquet's columns
+        table = leak_table(np.zeros(0, np.int64), [], np.zeros(0, np.int64), None, None, protected, mining.knn_metric,
+                           None)
+    return LeakOutcome(table, int(summary.get("leaks_judged") or 0), np.zeros(0), int(summary.get("pool_rows") or 0),
+                       len(protected.origins), listings, bool(listings))
