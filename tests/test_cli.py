@@ -29,7 +29,7 @@ def task(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 RUN_FILES = {"Mining_Report.md", "contact_sheet.png", "score_histogram.png", "labels.png", "embedding_spec.yaml", "mining_spec.yaml", "target_embeddings.parquet",
              "source_embeddings.parquet", "mined.parquet", "mining_summary.txt", "run.json",
              "mined_pairs.parquet", "mining_config", "session.jsonl", "target_listing.parquet",
-             "source_listing.parquet"}
+             "source_listing.parquet", "protected.parquet"}
 
 
 def test_run_writes_a_timestamped_run_folder_and_prints_it_last(image_set):
