@@ -153,14 +153,9 @@ def within(a: np.ndarray, b: np.ndarray, metric: Metric, threshold: float,
 def identical(paths: list[str], root: Path) -> np.ndarray:
     """Per image (in order), the first earlier image whose file has the same bytes (-1: none, or
     unreadable). Identical bytes have the same size: only files whose size another shares are hashed."""
-    resolved = [resolve_image_path(p, root) for p in paths]
-    size = file_sizes(resolved)
-    values, counts = np.unique(size[size >= 0], return_counts=True)
-    rows = np.flatnonzero(np.isin(size, values[counts > 1]))
-    found, first = np.full(len(paths), -1, np.int64), {}
-    for row, key in zip(rows.tolist(), file_digests([resolved[i] for i in rows])):
-        if key is not None and (earlier := first.setdefault(key, row)) != row:
-            found[row] = earlier
+    found = np.full(len(paths), -1, np.int64)
+    for same in SameBytes(paths, root).groups(list(range(len(paths)))):  # each group's rows ascending
+        found[same[1:]] = same[0]
     return found
 
 
