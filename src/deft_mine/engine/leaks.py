@@ -53,9 +53,6 @@ class Found:
     table: pa.Table
     nearest: np.ndarray | None
 
-    def counts(self) -> dict[str, int]:
-        return kind_counts(self.table)
-
 
 def kind_counts(table: pa.Table) -> dict[str, int]:
     """A leaks table's rows by kind (every kind named, 0 where none)."""

@@ -58,7 +58,7 @@ def mine_spec(spec: MiningSpec, backend: Backend, ctx: ToolContext, pairs_path: 
     found.extend(done.warnings)
     leaks = None
     if done.leaks is not None and done.leaks.reported:  # the guard in the search
-        leaks, raised = run_leaks.in_search_facts(done.leaks, spec, outputs.leaks)
+        leaks, raised = run_leaks.leak_facts(done.leaks, spec, outputs.leaks)
         found.extend(raised)
     summary = done.summary
     found += [ruling.warning for ruling in rules.rule(rules.Facts(

@@ -228,7 +228,7 @@ def run_workflow(inputs: RunInput, ctx: ToolContext) -> RunResult:
             leak_seconds += mine_result.timings.get("leaks", 0.0)
         claimed = None if matched is None else run_unique.claimed_leaks(matched, mining)
         if claimed is not None and claimed.reported:  # mode=unique: the byte guard as the matcher claimed
-            leaks, raised = run_leaks.in_search_facts(claimed, mining, Path(matched.output_dir) / artifacts.LEAKS)
+            leaks, raised = run_leaks.leak_facts(claimed, mining, Path(matched.output_dir) / artifacts.LEAKS)
             leak_warnings = [*leak_warnings, *raised]
         selected, training, training_warnings = _select_and_train(inputs, folder, mining, sides["source"],
                                                                   validation, ctx, matched)

@@ -130,40 +130,34 @@ def guard(inputs: RunInput, listings: list[Listing], folder: Path, mining: Minin
     blocks = pool_vectors(Path(str(mining.source_parquet)), mining.source_embed_column_name, mining.block_rows) \
         if threshold is not None else ()
     found = leaks.find_leaks(found_pool, protected, mining.knn_metric, threshold, blocks)
-    counts = found.counts()
-    if not asked(inputs, mining) and not found.table.num_rows:
+    rows = len(found_pool.filepaths)
+    outcome = LeakOutcome(found.table, rows, np.zeros(0) if found.nearest is None else found.nearest, rows,
+                          len(protected.filepaths), [str(listing.path) for listing in listings], asked(inputs, mining))
+    if not outcome.reported:
         return None, [], embedded, mining
     leaks_path = folder / artifacts.LEAKS
     tables.write_table_atomic(leaks_path, found.table)
-    facts = LeakFacts(protected_listings=[str(listing.path) for listing in listings],
-                      protected_images=len(protected.filepaths), knn_metric=mining.knn_metric.value,
-                      threshold_key=None if threshold is None else
-                      "leak_similarity" if mining.knn_metric.higher_is_nearer else "leak_distance",
-                      threshold=threshold, leaks_excluded=found.table.num_rows, by_kind=counts,
-                      pool=len(found_pool.filepaths), leaks_parquet=str(leaks_path),
-                      nearest=None if found.nearest is None else
-                      leaks.histogram(found.nearest, mining.knn_metric, threshold))
-    raised = [] if not found.table.num_rows else [warnings.leaks_excluded(
-        counts, len(found_pool.filepaths), found.table.column(FILEPATH).to_pylist()[:_EXAMPLES])]
+    facts, raised = leak_facts(outcome, mining, leaks_path, LeakScope.pool)
     return facts, raised, embedded, mining.model_copy(update={"leaks_parquet": str(leaks_path)})
 
 
-def in_search_facts(outcome: LeakOutcome, mining: MiningSpec, path: Path) -> tuple[LeakFacts, list[ToolWarning]]:
-    """The guard in the search (leak_scope=mined; `outcome` the engine's LeakOutcome): its facts, and its
-    warning when it left a leak out."""
-    table = outcome.table
+def leak_facts(outcome: LeakOutcome, mining: MiningSpec, path: Path,
+               scope: LeakScope = LeakScope.mined) -> tuple[LeakFacts, list[ToolWarning]]:
+    """What the guard judged and found (`scope` pool: every pool row, before the search; mined: the rows
+    the search or the matcher met), as the result's facts, and its warning when it left a leak out."""
+    table, threshold, mined = outcome.table, mining.leak_threshold, scope is LeakScope.mined
     counts = leaks.kind_counts(table)
-    threshold = mining.leak_threshold
     facts = LeakFacts(protected_listings=outcome.listings, protected_images=outcome.protected,
                       knn_metric=mining.knn_metric.value, threshold_key=None if threshold is None else
                       "leak_similarity" if mining.knn_metric.higher_is_nearer else "leak_distance",
                       threshold=threshold, leaks_excluded=table.num_rows, by_kind=counts, pool=outcome.judged,
-                      leaks_parquet=str(path) if path.exists() else None, scope=LeakScope.mined.value,
-                      pool_rows=outcome.pool, sample=len(outcome.sample_scores) if threshold is not None else None,
+                      leaks_parquet=str(path) if path.exists() else None, scope=scope.value,
+                      pool_rows=outcome.pool if mined else None,
+                      sample=len(outcome.sample_scores) if mined and threshold is not None else None,
                       nearest=None if threshold is None else leaks.histogram(outcome.sample_scores, mining.knn_metric,
-                                                                                   threshold))
+                                                                             threshold))
     raised = [] if not table.num_rows else [warnings.leaks_excluded(
-        counts, outcome.pool, table.column(FILEPATH).to_pylist()[:_EXAMPLES], judged=outcome.judged)]
+        counts, outcome.pool, table.column(FILEPATH).to_pylist()[:_EXAMPLES], judged=outcome.judged if mined else None)]
     return facts, raised
 
 
